@@ -1,0 +1,35 @@
+"""bimedix: bilingual English/Arabic medical chat models on Mixture-of-Experts LLMs (BiMediX, arXiv 2402.13253).
+
+Public objects are imported lazily, so ``import bimedix`` stays fast and optional dependencies
+(openai, lm_eval, bitsandbytes) load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FEATURES": "bimedix.data.schema",
+    "RecordError": "bimedix.data.schema",
+    "make_record": "bimedix.data.schema",
+    "validate_record": "bimedix.data.schema",
+    "read_records": "bimedix.data.io",
+    "write_jsonl": "bimedix.data.io",
+    "load_mixtral_tokenizer": "bimedix.data.tokenizer",
+    "VICUNA_TEMPLATE": "bimedix.training.template",
+    "to_messages": "bimedix.training.template",
+    "build_tiny_model": "bimedix.training.tiny",
+    "save_tiny_model": "bimedix.training.tiny",
+    "resource_path": "bimedix.resources",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bimedix' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Reading and writing record files: JSON Lines in, atomic JSON Lines / JSON out.
+
+Reading tolerates what real files carry (a UTF-8 BOM, CRLF line endings, blank lines) and turns
+everything else (bad JSON, bytes that are not UTF-8) into a `RecordError` naming ``file:line``.
+Writing goes to a temporary file in the same folder and is renamed into place, so a crash never
+leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .schema import RecordError, validate_record
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, decoded_object)`` for every non-blank line of a JSON Lines file.
+
+    Args:
+        path (`str | os.PathLike`): the file to read.
+
+    Raises:
+        `RecordError`: for a line that is not valid JSON or not UTF-8, naming ``path:line``.
+    """
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8",
+                                  path=str(path), record=line_no) from None
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                yield line_no, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                                  record=line_no) from None
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield validated, normalised schema records from a JSON Lines file."""
+    for line_no, obj in iter_jsonl(path):
+        yield validate_record(obj, path=str(path), line=line_no)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing and rename it over ``path`` on success.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Atomically write ``records`` as JSON Lines (UTF-8, Arabic kept readable); return the count."""
+    count = 0
+    with atomic_open(path) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented UTF-8 JSON."""
+    with atomic_open(path) as handle:
+        json.dump(obj, handle, ensure_ascii=False, indent=2)
+        handle.write("\n")

@@ -1,0 +1,229 @@
+"""The one conversation schema every BiMed1.3M sample converts into, and its validator.
+
+A record is a plain ``dict``::
+
+    {
+        "id": "medmcqa-en-7f1c...",          # unique within a dataset
+        "source": "medmcqa",                 # converter / source name
+        "task": "mcqa",                      # mcqa | qa | chat
+        "language": "en",                    # en | ar
+        "conversations": [                   # Vicuna style, human first, gpt last, alternating
+            {"from": "human", "value": "..."},
+            {"from": "gpt", "value": "..."},
+        ],
+        "system": None,                      # optional system prompt
+        "license": "MIT",                    # licence of the source the text came from
+        "meta": {...},                       # see `META_FIELDS`
+    }
+
+`FEATURES` is the matching `datasets.Features`; `normalize_record` fills every optional field so that
+records of all sources share one Arrow schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from datasets import Features, List, Value
+
+ROLES = ("human", "gpt")
+TASKS = ("mcqa", "qa", "chat")
+LANGUAGES = ("en", "ar")
+REVIEW_STATES = ("unreviewed", "queued", "approved", "edited", "rejected")
+
+TRANSLATION_FEATURES = {
+    "model": Value("string"),
+    "score": Value("float32"),
+    "rounds": Value("int32"),
+    "reviewed": Value("bool"),
+    "review_state": Value("string"),
+    "source_id": Value("string"),
+}
+GENERATION_FEATURES = {
+    "model": Value("string"),
+    "prompt_version": Value("string"),
+    "source_id": Value("string"),
+}
+META_FEATURES = {
+    "original_id": Value("string"),
+    "subject": Value("string"),
+    "answer": Value("string"),
+    "options": List(Value("string")),
+    "translation": TRANSLATION_FEATURES,
+    "generation": GENERATION_FEATURES,
+}
+FEATURES = Features(
+    {
+        "id": Value("string"),
+        "source": Value("string"),
+        "task": Value("string"),
+        "language": Value("string"),
+        "conversations": List({"from": Value("string"), "value": Value("string")}),
+        "system": Value("string"),
+        "license": Value("string"),
+        "meta": META_FEATURES,
+    }
+)
+META_FIELDS = tuple(META_FEATURES)
+REQUIRED_FIELDS = ("id", "source", "task", "language", "conversations")
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+class RecordError(ValueError):
+    """A record that breaks the schema; its message names the file, the record and the field.
+
+    Args:
+        message (`str`): what is wrong and, where possible, how to fix it.
+        path (`str`, *optional*): the file the record came from.
+        record (`str | int`, *optional*): the record's line number (int) or id (str).
+        field (`str`, *optional*): the dotted field name, e.g. ``conversations[2].from``.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, record: str | int | None = None,
+                 field: str | None = None):
+        self.reason = message
+        self.path = path
+        self.record = record
+        self.field = field
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = str(self.path) if self.path else "<input>"
+        if isinstance(self.record, int):
+            where += f":{self.record}"
+        elif self.record is not None:
+            where += f": record {self.record!r}"
+        if self.field:
+            where += f": field `{self.field}`"
+        return f"{where}: {self.reason}"
+
+    def located(self, *, path: str | None = None, record: str | int | None = None) -> RecordError:
+        """Return a copy with the file and record filled in where they were unknown."""
+        return RecordError(self.reason, path=self.path or path,
+                           record=self.record if self.record is not None else record, field=self.field)
+
+
+def validate_record(record: Any, *, path: str | None = None, line: int | None = None) -> dict:
+    """Check one record against the schema and return it normalised (see `normalize_record`).
+
+    Args:
+        record (`Any`): the decoded record.
+        path (`str`, *optional*): the file it came from, for the error message.
+        line (`int`, *optional*): its line number in that file, for the error message.
+
+    Returns:
+        `dict`: the record with every optional field present.
+
+    Raises:
+        `RecordError`: naming the file, the record (line or id) and the field at fault.
+    """
+    where = line if line is not None else (record.get("id") if isinstance(record, Mapping) else None)
+
+    def fail(field: str | None, message: str) -> RecordError:
+        return RecordError(message, path=path, record=where, field=field)
+
+    if not isinstance(record, Mapping):
+        raise fail(None, f"expected a JSON object, got {type(record).__name__}")
+    missing = [name for name in REQUIRED_FIELDS if name not in record or record[name] in (None, "")]
+    if missing:
+        raise fail(missing[0], f"missing required field (found: {sorted(record)})")
+    for name in ("id", "source"):
+        if not isinstance(record[name], str):
+            raise fail(name, f"must be a string, got {record[name]!r}")
+    if record["task"] not in TASKS:
+        raise fail("task", f"unknown task {record['task']!r}; expected one of {list(TASKS)}")
+    if record["language"] not in LANGUAGES:
+        raise fail("language", f"unknown language {record['language']!r}; expected one of {list(LANGUAGES)}")
+    _validate_conversations(record["conversations"], fail)
+    for name in ("system", "license"):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            raise fail(name, f"must be a string or null, got {record[name]!r}")
+    meta = record.get("meta") or {}
+    if not isinstance(meta, Mapping):
+        raise fail("meta", f"must be an object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - set(META_FIELDS))
+    if unknown:
+        raise fail(f"meta.{unknown[0]}", f"unknown meta field; expected some of {list(META_FIELDS)}")
+    options = meta.get("options")
+    if options is not None:
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o.strip() for o in options):
+            raise fail("meta.options", f"must be a non-empty list of non-empty strings, got {options!r}")
+    answer = meta.get("answer")
+    if answer is not None:
+        allowed = OPTION_LETTERS[: len(options)] if options else OPTION_LETTERS
+        if not isinstance(answer, str) or answer not in allowed:
+            raise fail("meta.answer", f"answer letter {answer!r} is not one of {list(allowed)}")
+    if record["task"] == "mcqa" and (options is None or answer is None):
+        raise fail("meta.options" if options is None else "meta.answer", "an mcqa record needs meta.options and meta.answer")
+    for block, features in (("translation", TRANSLATION_FEATURES), ("generation", GENERATION_FEATURES)):
+        value = meta.get(block)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise fail(f"meta.{block}", f"must be an object, got {type(value).__name__}")
+        extra = sorted(set(value) - set(features))
+        if extra:
+            raise fail(f"meta.{block}.{extra[0]}", f"unknown field; expected some of {list(features)}")
+    translation = meta.get("translation") or {}
+    score = translation.get("score")
+    if score is not None and not (isinstance(score, (int, float)) and 0 <= score <= 100):
+        raise fail("meta.translation.score", f"must be a number in 0..100, got {score!r}")
+    state = translation.get("review_state")
+    if state is not None and state not in REVIEW_STATES:
+        raise fail("meta.translation.review_state", f"unknown state {state!r}; expected one of {list(REVIEW_STATES)}")
+    return normalize_record(record)
+
+
+def normalize_record(record: Mapping) -> dict:
+    """Return a copy of ``record`` with every optional field present (``None`` where unset)."""
+    meta = dict(record.get("meta") or {})
+    out_meta = {name: meta.get(name) for name in META_FIELDS}
+    for block, features in (("translation", TRANSLATION_FEATURES), ("generation", GENERATION_FEATURES)):
+        if out_meta[block] is not None:
+            out_meta[block] = {name: out_meta[block].get(name) for name in features}
+    return {
+        "id": record["id"],
+        "source": record["source"],
+        "task": record["task"],
+        "language": record["language"],
+        "conversations": [{"from": turn["from"], "value": turn["value"]} for turn in record["conversations"]],
+        "system": record.get("system"),
+        "license": record.get("license"),
+        "meta": out_meta,
+    }
+
+
+def make_record(
+    *,
+    id: str,
+    source: str,
+    task: str,
+    language: str,
+    conversations: list[dict],
+    license: str | None = None,
+    system: str | None = None,
+    **meta: Any,
+) -> dict:
+    """Build a validated record; keyword arguments beyond the top-level fields go into ``meta``."""
+    return validate_record(
+        {"id": id, "source": source, "task": task, "language": language, "conversations": conversations,
+         "system": system, "license": license, "meta": meta}
+    )
+
+
+def _validate_conversations(conversations: Any, fail) -> None:
+    if not isinstance(conversations, list) or not conversations:
+        raise fail("conversations", f"must be a non-empty list of turns, got {conversations!r:.80}")
+    for index, turn in enumerate(conversations):
+        field = f"conversations[{index}]"
+        if not isinstance(turn, Mapping):
+            raise fail(field, f"must be an object with `from` and `value`, got {turn!r:.80}")
+        expected = ROLES[index % 2]
+        if turn.get("from") != expected:
+            raise fail(f"{field}.from", f"expected {expected!r} (turns alternate, human first), got {turn.get('from')!r}")
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise fail(f"{field}.value", f"must be a non-empty string, got {value!r:.80}")
+    if conversations[-1]["from"] != "gpt":
+        raise fail(f"conversations[{len(conversations) - 1}].from", "a conversation must end with a `gpt` turn")

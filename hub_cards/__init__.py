@@ -1,0 +1,1 @@
+"""Hub card templates shipped with bimedix (installed as `bimedix.hub_cards`)."""
