@@ -54,3 +54,19 @@ def tiny_model_dir(tmp_path_factory, _bimedix_cache) -> Path:
     from bimedix.training.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-mixtral"), arch="mixtral", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A saved PEFT LoRA adapter (attention + router + fused experts, r=4) on `tiny_model_dir`, with tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                        init_lora_weights=False)
+    output_dir = tmp_path_factory.mktemp("tiny-adapter")
+    get_peft_model(model, config).save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(output_dir)
+    return output_dir
