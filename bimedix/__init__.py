@@ -24,6 +24,12 @@ _EXPORTS = {
     "build_tiny_model": "bimedix.training.tiny",
     "save_tiny_model": "bimedix.training.tiny",
     "resource_path": "bimedix.resources",
+    "CONVERTERS": "bimedix.data.converters",
+    "SOURCE_INFO": "bimedix.data.converters",
+    "MCQAItem": "bimedix.data.mcqa",
+    "render_mcqa": "bimedix.data.mcqa",
+    "item_to_record": "bimedix.data.mcqa",
+    "RejectLog": "bimedix.data.rejects",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -78,14 +78,16 @@ class RecordError(ValueError):
         path (`str`, *optional*): the file the record came from.
         record (`str | int`, *optional*): the record's line number (int) or id (str).
         field (`str`, *optional*): the dotted field name, e.g. ``conversations[2].from``.
+        raw (`Any`, *optional*): the offending record as read (written to rejects files).
     """
 
     def __init__(self, message: str, *, path: str | None = None, record: str | int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, raw: Any = None):
         self.reason = message
         self.path = path
         self.record = record
         self.field = field
+        self.raw = raw  # the offending record as read, kept for rejects files
         super().__init__(self._format())
 
     def _format(self) -> str:
@@ -101,7 +103,7 @@ class RecordError(ValueError):
     def located(self, *, path: str | None = None, record: str | int | None = None) -> RecordError:
         """Return a copy with the file and record filled in where they were unknown."""
         return RecordError(self.reason, path=self.path or path,
-                           record=self.record if self.record is not None else record, field=self.field)
+                           record=self.record if self.record is not None else record, field=self.field, raw=self.raw)
 
 
 def validate_record(record: Any, *, path: str | None = None, line: int | None = None) -> dict:
