@@ -1,0 +1,303 @@
+"""Supervised fine-tuning of an MoE chat model: a thin layer over TRL's `SFTTrainer`, PEFT and accelerate.
+
+Configuration is TRL's own dataclasses plus `BimedixArguments` for what TRL lacks, parsed by
+`make_parser` from a YAML recipe and CLI flags (unknown keys are errors)::
+
+    accelerate launch recipes/sft.py --config recipes/tiny/sft.yaml [--key value ...]
+    bimedix sft --config recipes/tiny/sft.yaml [--key value ...]
+
+What bimedix adds to TRL: LoRA targets from a preset (`bimedix.training.targets`), the Vicuna chat
+template with ``{% generation %}`` markers for ``assistant_only_loss``, schema-record datasets turned
+into ``messages``, a tiny random MoE for CPU runs, a check that every batch has trained tokens, and
+the router load by language (`bimedix.training.router_stats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from .targets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+CHAT_TEMPLATES = ("vicuna", "model")
+
+
+@dataclass
+class BimedixArguments:
+    """bimedix options for SFT that TRL's `SFTConfig`, `ModelConfig` and `ScriptArguments` do not have."""
+
+    tiny_model: str | None = field(
+        default=None,
+        metadata={"help": "Train a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                          "llama) built in-process with the Mixtral tokenizer, instead of `model_name_or_path`. "
+                          "For CPU runs and tests; nothing is downloaded."},
+    )
+    lora_preset: str = field(
+        default="paper",
+        metadata={"help": f"LoRA targets when `lora_target_modules`/`lora_target_parameters` are unset: "
+                          f"{', '.join(PRESETS)} (paper = q,k,v + router + experts)."},
+    )
+    chat_template: str = field(
+        default="vicuna",
+        metadata={"help": "`vicuna`: the BiMediX Vicuna v1.1 template with generation markers; `model`: keep the "
+                          "tokenizer's own template."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt for records that have none (none by default, as in the paper)."}
+    )
+    router_report: bool = field(
+        default=True,
+        metadata={"help": "For MoE models, log the expert load per layer by sample language and write "
+                          "`router_load.json` in `output_dir`."},
+    )
+
+    def __post_init__(self):
+        from .tiny import TINY_CONFIGS
+
+        if self.tiny_model is not None and self.tiny_model not in TINY_CONFIGS:
+            raise ValueError(f"tiny_model={self.tiny_model!r} is not one of {sorted(TINY_CONFIGS)}.")
+        if self.lora_preset not in PRESETS:
+            raise ValueError(f"lora_preset={self.lora_preset!r} is not one of {sorted(PRESETS)}.")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_template={self.chat_template!r} is not one of {list(CHAT_TEMPLATES)}.")
+
+
+DATACLASS_TYPES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, BimedixArguments)
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlParser:
+    """Return the `TrlParser` shared by ``recipes/sft.py`` and ``bimedix sft`` (YAML, then CLI overrides)."""
+    if subparsers is not None:
+        return subparsers.add_parser("sft", help="Fine-tune an MoE model", dataclass_types=DATACLASS_TYPES)
+    return TrlParser(DATACLASS_TYPES)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
+    return make_parser().parse_args_and_config(argv)
+
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
+         mixture_args: DatasetMixtureConfig, bimedix_args: BimedixArguments, callbacks: list | None = None):
+    """Train, save the adapter (or model) and the router report; return the trainer.
+
+    Args:
+        script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe (see `parse_args`).
+        callbacks (`list[TrainerCallback]`, *optional*): extra trainer callbacks.
+    """
+    from trl import SFTTrainer
+
+    tokenizer = load_tokenizer(model_args, bimedix_args)
+    dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
+    model = load_model(model_args, training_args, bimedix_args)
+    peft_config = make_peft_config(model, model_args, bimedix_args)
+    callbacks = list(callbacks or [])
+    if bimedix_args.router_report and is_moe(model):
+        from .router_stats import RouterLoadCallback
+
+        callbacks.append(RouterLoadCallback(tokenizer))
+    trainer = SFTTrainer(
+        model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+    )
+    trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
+    trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+    logger.info("Saved to %s", training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def load_tokenizer(model_args: ModelConfig, bimedix_args: BimedixArguments):
+    """The tokenizer of the model (the Mixtral one for tiny models), with the Vicuna template if asked."""
+    from transformers import AutoTokenizer
+
+    from ..data.tokenizer import load_mixtral_tokenizer
+    from .template import apply_vicuna_template
+
+    if bimedix_args.tiny_model:
+        tokenizer = load_mixtral_tokenizer()
+    else:
+        _require_model(model_args, bimedix_args)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    if bimedix_args.chat_template == "vicuna":
+        apply_vicuna_template(tokenizer)
+    return tokenizer
+
+
+def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: BimedixArguments):
+    """Build the tiny model in-process, or load ``model_name_or_path`` (4/8-bit when the recipe asks)."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import get_quantization_config
+
+    from .tiny import build_tiny_model
+
+    if bimedix_args.tiny_model:
+        return build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed)
+    _require_model(model_args, bimedix_args)
+    quantization_config = get_quantization_config(model_args)
+    kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
+                  dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code", False),
+                  quantization_config=quantization_config,
+                  device_map={"": PartialState().local_process_index} if quantization_config is not None else None)
+    kwargs.update(training_args.model_init_kwargs or {})
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArguments):
+    """The `LoraConfig` of the recipe (preset or explicit lists), or None for full fine-tuning."""
+    from .targets import build_lora_config
+
+    if not model_args.use_peft:
+        return None
+    return build_lora_config(
+        model, preset=bimedix_args.lora_preset, r=model_args.lora_r, alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
+        target_parameters=model_args.lora_target_parameters, use_rslora=model_args.use_rslora,
+        modules_to_save=model_args.lora_modules_to_save,
+    )
+
+
+def load_sft_dataset(script_args: ScriptArguments, mixture_args: DatasetMixtureConfig,
+                     system_prompt: str | None = None):
+    """Load the recipe's data as a `DatasetDict` with a ``messages`` column.
+
+    Each mixture entry (or ``dataset_name``) may be a schema-record JSONL file or folder of them (validated;
+    errors name file, line and field), a built Parquet folder, or anything `datasets.load_dataset` takes
+    (a Hub id, ``json`` + ``data_files``). Schema records (Vicuna ``conversations``) become ``messages``
+    with `bimedix.training.template.to_messages`; ``fraction`` mixes as in TRL's `get_dataset`.
+    """
+    from datasets import DatasetDict, concatenate_datasets
+    from trl.scripts.utils import DatasetConfig
+
+    configs = list(mixture_args.datasets)
+    if not configs:
+        if not script_args.dataset_name:
+            raise ValueError("No data: set `datasets:` (a mixture) or `dataset_name` in the recipe.")
+        configs = [DatasetConfig(path=script_args.dataset_name, name=script_args.dataset_config,
+                                 split=script_args.dataset_train_split)]
+    parts = [_as_messages(_load_one(config), system_prompt, config.path) for config in configs]
+    fractions = [config.fraction for config in configs]
+    if any(f is not None for f in fractions):
+        if any(f is None for f in fractions):
+            raise ValueError("`fraction` must be set for every dataset of the mixture or for none.")
+        weights = [f / sum(fractions) for f in fractions]
+        total = min(len(part) / w for part, w in zip(parts, weights) if w > 0)
+        parts = [part.select(range(round(w * total))) for part, w in zip(parts, weights)]
+    train = concatenate_datasets(parts)
+    if mixture_args.test_split_size is not None:
+        split = train.train_test_split(test_size=mixture_args.test_split_size, seed=0)
+        return DatasetDict({script_args.dataset_train_split: split["train"], script_args.dataset_test_split: split["test"]})
+    return DatasetDict({script_args.dataset_train_split: train})
+
+
+def is_moe(model) -> bool:
+    """True when the model routes tokens to experts (its config has ``output_router_logits``)."""
+    return hasattr(model.config.get_text_config(), "output_router_logits")
+
+
+class RequireTrainedTokens:
+    """Wrap a data collator and fail on a batch with no trained token (all labels -100).
+
+    Such a batch means the template or truncation hides every assistant turn: the loss would be NaN or
+    silently zero. The check costs one comparison over the labels.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        if not (batch["labels"] != -100).any():
+            raise RuntimeError(
+                f"A training batch of {len(examples)} example(s) has no trained token (every label is -100). "
+                "Check that `assistant_only_loss` has a template with {% generation %} markers "
+                "(`chat_template: vicuna`) and that `max_length` keeps the assistant turns."
+            )
+        return batch
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _require_model(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    if not model_args.model_name_or_path:
+        raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
+
+
+def _resume_value(value: str | bool | None) -> str | bool | None:
+    """``true``/``last`` resume from the newest checkpoint in ``output_dir``; a path resumes from it."""
+    if isinstance(value, str) and value.lower() in ("true", "last"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", ""):
+        return None
+    return value
+
+
+def _resolve_path(path: str) -> Path:
+    """``bimedix:recipes/...`` (or ``bimedix:<path in the package>``) → the installed file; else the path."""
+    from ..resources import resource_path
+
+    if not path.startswith("bimedix:"):
+        return Path(path)
+    kind, _, rest = path.removeprefix("bimedix:").partition("/")
+    return resource_path(kind, *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind, *rest.split("/"))
+
+
+def _load_one(config):
+    """One mixture entry as a `Dataset`."""
+    from datasets import Dataset, load_dataset
+
+    from ..data.io import read_records
+    from ..data.schema import FEATURES, normalize_record
+
+    path = _resolve_path(config.path)
+    record_files = []
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        record_files = [path]
+    elif path.is_dir() and not config.data_files and not list(path.rglob("*.parquet")):
+        record_files = sorted(path.rglob("*.jsonl"))
+    if record_files:
+        records = [normalize_record(r) for f in record_files for r in read_records(f)]
+        if not records:
+            raise ValueError(f"{config.path}: no records found.")
+        return Dataset.from_list(records, features=FEATURES)
+    if path.is_dir() and not config.data_files and not (path / "README.md").is_file():
+        files = sorted(str(p) for p in path.rglob("*.parquet"))
+        return load_dataset("parquet", data_files=files, split=config.split)
+    return load_dataset(str(path) if path.exists() else config.path, name=config.name, data_dir=config.data_dir, data_files=config.data_files,
+                        split=config.split)
+
+
+def _as_messages(dataset, system_prompt: str | None, source: str):
+    """Keep only a ``messages`` column, converting schema records with `to_messages`."""
+    from .template import to_messages
+
+    columns = dataset.column_names
+    if "conversations" in columns:
+        def convert(record: Mapping) -> dict:
+            return {"messages": to_messages(record, system=system_prompt)}
+    elif "messages" in columns:
+        def convert(record: Mapping) -> dict:
+            messages = list(record["messages"])
+            if system_prompt and messages and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            return {"messages": messages}
+    else:
+        raise ValueError(f"{source}: no `conversations` (schema records) or `messages` column (found: {columns}).")
+    return dataset.map(convert, remove_columns=columns, desc=f"Formatting {os.path.basename(source)}")
