@@ -74,12 +74,14 @@ def dataset_dir(tmp_path_factory) -> Path:
 def bench_dir(tmp_path_factory) -> Path:
     from datasets import Dataset
 
+    from bimedix.eval.bench import make_row, row_features
+
     path = tmp_path_factory.mktemp("bench")
     for subset, n in (("medqa", 3), ("pubmedqa", 2)):
-        rows = [{"id": f"{subset}-{i}", "question": "سؤال؟", "options": ["أ", "ب"], "answer": "A", "subject": None,
-                 "source": subset, "subset": subset, "language": "ar", "license": "MIT",
-                 "translation": {"engine": "gpt-4o", "score": 80.0, "reviewed": i == 0}} for i in range(n)]
-        Dataset.from_list(rows).to_parquet(str(path / subset / "test-00000.parquet"))
+        rows = [make_row(id=f"{subset}-{i}", language="ar", source=subset, subject="", question="سؤال؟",
+                         options=["أ", "ب"], answer="A", license="MIT", engine="gpt-4o", score=80.0, reviewed=i == 0)
+                for i in range(n)]
+        Dataset.from_list(rows, features=row_features()).to_parquet(str(path / subset / "test.parquet"))
     return path
 
 

@@ -116,7 +116,8 @@ def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
     """Count rows by language, task, source/licence and translation provenance from a dataset folder's Parquet.
 
     Works on BiMed records (schema of `bimedix.data.schema`, provenance in ``meta.translation``) and on
-    arabic-bench rows (flat ``source``/``subset``/``translation`` columns).
+    bench rows (`bimedix.eval.bench.make_row`: ``translation_engine``/``translation_reviewed`` columns, one
+    folder per subset).
     """
     import pyarrow.parquet as pq
 
@@ -134,21 +135,19 @@ def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
             language = row.get("language") or "ar"
             languages[language] += 1
             task_language[(row.get("task") or "mcqa", language)] += 1
-            subset = row.get("subset") or row.get("config")
-            if subset:
-                subsets[subset] += 1
+            subsets[row.get("subset") or path.parent.name] += 1
             key = (row.get("source") or "unknown", row.get("license"))
             entry = sources.setdefault(key, SourceCount(key[0], key[1], 0))
             entry.count += 1
             entry.languages[language] = entry.languages.get(language, 0) + 1
             meta = row.get("meta") or {}
-            translation = meta.get("translation") or row.get("translation")
+            translation = meta.get("translation") or _flat_translation(row)
             if translation:
                 translated += 1
                 reviewed += bool(translation.get("reviewed"))
                 review_states[translation.get("review_state") or
                               ("reviewed" if translation.get("reviewed") else "unreviewed")] += 1
-                models[translation.get("model") or translation.get("engine") or "unknown"] += 1
+                models[translation.get("model") or "unknown"] += 1
             generated += bool(meta.get("generation"))
     return DatasetSummary(
         files=files, total=total, by_language=dict(languages), by_task_language=dict(task_language),
@@ -272,6 +271,13 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}).") from None
+
+
+def _flat_translation(row: dict) -> dict | None:
+    """Translation provenance of an arabic-bench row (``translation_engine``/``_reviewed`` columns), if any."""
+    if not row.get("translation_engine"):
+        return None
+    return {"model": row["translation_engine"], "reviewed": row.get("translation_reviewed")}
 
 
 def _readme_configs(readme: Path) -> list[dict]:

@@ -1,0 +1,301 @@
+"""Publishing to the Hugging Face Hub: stage a folder with its card, gate licences, push only what changed.
+
+`push` has two halves. `stage` writes exactly the folder that would be uploaded (the weights or data
+files plus a README card rendered by `bimedix.hub.cards`); ``--dry-run DIR`` stops there. `sync_folder`
+then makes the repository revision mirror that folder with one ``create_commit``: files whose content
+matches the remote (git blob id, or LFS sha256) are skipped, remote files the folder lacks are deleted,
+and when nothing differs no commit is made, so pushing unchanged content twice is a no-op.
+
+Licence policy for data pushes (``dataset``, ``bench``), per source, from the rows' ``source``/``license``:
+
+- forbidden (`FORBIDDEN_SOURCES`, e.g. MedArabiQ, whose licence forbids redistribution): always refused;
+- research-only (no licence stated, e.g. LiveQA, MedicationQA, MedAraBench, or an unknown licence):
+  refused unless ``acknowledge_research_only=True`` (``--acknowledge-research-only``); the card then lists them;
+- open licences, copyleft included (GPL-3.0 Medical Meadow): allowed; the card lists every licence and says
+  that share-alike terms apply to those rows.
+
+The token is never printed or logged: it is read by `huggingface_hub` (``HF_TOKEN`` or ``hf auth login``),
+and every message that leaves `push` (exceptions and log records) has it masked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cards import (
+    DatasetSummary,
+    is_hub_id,
+    render_bench_card,
+    render_dataset_card,
+    render_model_card,
+    summarize_dataset,
+)
+
+logger = logging.getLogger(__name__)
+
+KINDS = {"adapter": "model", "model": "model", "dataset": "dataset", "bench": "dataset"}
+# Files that make up each kind of repository (globs relative to the source folder); README.md is rendered.
+ALLOW_PATTERNS = {
+    "adapter": ["adapter_config.json", "adapter_model*.safetensors", "tokenizer*", "special_tokens_map.json",
+                "chat_template.jinja", "generation_config.json"],
+    "model": ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+              "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
+    "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png", "decontamination.jsonl"],
+    "bench": ["**/*.parquet"],
+}
+FORBIDDEN_SOURCES = {
+    "medarabiq": "its licence allows internal non-commercial research only and forbids redistribution",
+}
+# Licence strings under which redistribution is allowed (copyleft and non-commercial terms travel with the rows).
+OPEN_LICENSE = re.compile(r"^(mit|apache[- ]2\.0|bsd-[23]-clause|cc0-1\.0|cc-by(-sa|-nc|-nc-sa|-nd|-nc-nd)?-[34]\.0|"
+                          r"l?gpl-[23](\.0)?(-only|-or-later)?|odc-by|pddl|unlicense)$", re.IGNORECASE)
+
+
+class LicenseError(ValueError):
+    """Data whose licence forbids redistribution (or is research-only and not acknowledged)."""
+
+
+@dataclass
+class PushResult:
+    """What `push` did.
+
+    Attributes:
+        folder (`Path`): the staged folder (the ``--dry-run`` folder, or a temporary one that is removed).
+        files (`list[str]`): paths in the staged folder, relative, sorted.
+        uploaded (`list[str]`): files added or changed by the commit (empty for a dry run or no change).
+        deleted (`list[str]`): remote files removed by the commit.
+        commit_url (`str`, *optional*): the new commit, ``None`` for a dry run or when nothing changed.
+        warnings (`list[str]`): licence notes (copyleft, acknowledged research-only sources).
+    """
+
+    folder: Path
+    files: list[str]
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    commit_url: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def push(
+    kind: str,
+    source: str | os.PathLike,
+    *,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: str | os.PathLike | None = None,
+    acknowledge_research_only: bool = False,
+    eval_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+) -> PushResult:
+    """Stage ``source`` as a ``kind`` repository and push it to ``repo_id`` (or only write it, for a dry run).
+
+    Args:
+        kind (`str`): ``"adapter"``, ``"model"``, ``"dataset"`` or ``"bench"``.
+        source (`str` or `os.PathLike`): the adapter/model folder, the ``build-data`` output, or the bench folder.
+        repo_id (`str`): ``ORG/NAME`` on the Hub.
+        private (`bool`, *optional*, defaults to `False`): create the repository private (if it does not exist).
+        revision (`str`, *optional*): branch to push to (created from the default branch if missing).
+        dry_run (`str` or `os.PathLike`, *optional*): write the staged folder here and contact nobody.
+        acknowledge_research_only (`bool`, *optional*, defaults to `False`): allow data from research-only sources.
+        eval_dir, data_dir, base_model, license: card inputs, see `bimedix.hub.cards.render_model_card`.
+
+    Returns:
+        `PushResult`.
+
+    Raises:
+        `LicenseError`: data from a source whose licence forbids redistribution.
+        `RuntimeError`: the Hub refused a call (message with the token masked).
+    """
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ValueError(f"--repo-id {repo_id!r} is not of the form ORG/NAME.")
+    if kind in ("adapter", "model") and not dry_run:
+        base = base_model or _adapter_base(Path(source))
+        if kind == "adapter" and not (base and is_hub_id(base)):
+            raise ValueError(f"the adapter's base model {base!r} is not a Hub id, so nobody could load the adapter "
+                             "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
+    if dry_run:
+        folder = Path(dry_run)
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
+        warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
+                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license)
+        return PushResult(folder=folder, files=_list_files(folder), warnings=warnings)
+    with tempfile.TemporaryDirectory(prefix="bimedix-push-") as tmp:
+        folder = Path(tmp)
+        warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
+                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license)
+        result = sync_folder(folder, repo_id=repo_id, repo_type=KINDS[kind], private=private, revision=revision,
+                             commit_message=f"Upload {kind} with bimedix")
+        result.warnings = warnings
+        return result
+
+
+def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *, repo_id: str,
+          acknowledge_research_only: bool = False, eval_dir=None, data_dir=None, base_model: str | None = None,
+          license: str = "apache-2.0") -> list[str]:
+    """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered ``README.md``.
+
+    Returns:
+        `list[str]`: licence notes to show the user (the push goes ahead with them).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown push kind {kind!r}; choose one of {sorted(KINDS)}.")
+    source = Path(source)
+    if kind == "bench" and (source / "arabic-bench").is_dir():
+        source = source / "arabic-bench"  # a whole `build-bench` output: publish its Arabic benchmark
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: folder not found.")
+    warnings: list[str] = []
+    if kind in ("dataset", "bench"):
+        warnings = check_licenses(summarize_dataset(source), acknowledge_research_only=acknowledge_research_only)
+        card = (render_dataset_card if kind == "dataset" else render_bench_card)(source, repo_id=repo_id)
+    else:
+        card = render_model_card(source, repo_id=repo_id, base_model=base_model, eval_dir=eval_dir,
+                                 data_dir=data_dir, license=license)
+    files = sorted({path for pattern in ALLOW_PATTERNS[kind] for path in source.glob(pattern) if path.is_file()})
+    if not files:
+        raise FileNotFoundError(f"{source}: nothing to push for `{kind}` (looked for {ALLOW_PATTERNS[kind]}).")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        target = output_dir / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    card.save(output_dir / "README.md")
+    return warnings
+
+
+def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool = False) -> list[str]:
+    """Apply the licence policy (module docstring) to a dataset's sources.
+
+    Returns:
+        `list[str]`: notes for sources that pass with conditions (copyleft, acknowledged research-only).
+
+    Raises:
+        `LicenseError`: listing every offending source with its licence and row count, and the fix.
+    """
+    forbidden, research_only, notes = [], [], []
+    for entry in summary.sources:
+        label = f"{entry.source} ({entry.license or 'no licence stated'}, {entry.count:,} rows)"
+        if entry.source.lower() in FORBIDDEN_SOURCES:
+            forbidden.append(f"{label}: {FORBIDDEN_SOURCES[entry.source.lower()]}")
+        elif not _redistributable(entry.source, entry.license):
+            research_only.append(label)
+        elif re.match(r"(l?gpl|cc-by(-nc)?-sa)", entry.license or "", re.IGNORECASE):
+            notes.append(f"{label}: copyleft, the pushed rows stay under {entry.license}")
+    if forbidden:
+        raise LicenseError("refusing to push data whose licence forbids redistribution: " + "; ".join(forbidden)
+                           + ". Rebuild the dataset without these sources.")
+    if research_only and not acknowledge_research_only:
+        raise LicenseError("refusing to push data from research-only sources (no licence that allows "
+                           f"redistribution): {'; '.join(research_only)}. Rebuild without them, or pass "
+                           "--acknowledge-research-only if you have the right to share them (the card will list them).")
+    notes += [f"{label}: research-only, pushed because you acknowledged it" for label in research_only]
+    return notes
+
+
+def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "model", private: bool = False,
+                revision: str | None = None, commit_message: str = "Upload with bimedix") -> PushResult:
+    """Make ``repo_id`` (at ``revision``) mirror ``folder`` in one commit, or make no commit if nothing differs.
+
+    Every network call goes through `huggingface_hub.HfApi` (``create_repo(exist_ok=True)``, ``create_branch``,
+    ``list_repo_tree``, ``create_commit``); errors come back as `RuntimeError` with the token masked.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+    from huggingface_hub.hf_api import RepoFile
+
+    token = get_token()
+    if not token:
+        raise RuntimeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run DIR).")
+    folder = Path(folder)
+    files = _list_files(folder)
+    with _masking(token):
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision,
+                                                                     repo_type=repo_type)
+                  if isinstance(entry, RepoFile)}
+        changed = [path for path in files if not _same_content(folder / path, remote.get(path))]
+        stale = sorted(set(remote) - set(files) - {".gitattributes"})
+        if not changed and not stale:
+            logger.info("%s is up to date: no commit made", repo_id)
+            return PushResult(folder=folder, files=files)
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in changed]
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+        info = api.create_commit(repo_id, operations=operations, commit_message=commit_message,
+                                 repo_type=repo_type, revision=revision)
+    return PushResult(folder=folder, files=files, uploaded=changed, deleted=stale, commit_url=str(info.commit_url))
+
+
+def _adapter_base(source: Path) -> str | None:
+    import json
+
+    config = source / "adapter_config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
+
+
+def _redistributable(source: str, license: str | None) -> bool:
+    """Open licence string, and not marked non-redistributable in `bimedix.data.converters.SOURCE_INFO`."""
+    from ..data.converters import SOURCE_INFO
+
+    info = SOURCE_INFO.get(source)
+    if info is not None and not info.redistributable:
+        return False
+    return bool(OPEN_LICENSE.match((license or "").strip()))
+
+
+def _list_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder).as_posix()) for p in folder.rglob("*") if p.is_file())
+
+
+def _same_content(path: Path, remote) -> bool:
+    """Whether a local file equals a remote `RepoFile`: LFS sha256 for LFS files, git blob id otherwise."""
+    if remote is None or remote.size != path.stat().st_size:
+        return False
+    data = path.read_bytes()
+    if remote.lfs is not None:
+        return hashlib.sha256(data).hexdigest() == remote.lfs.sha256
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote.blob_id
+
+
+class _MaskFilter(logging.Filter):
+    def __init__(self, secret: str):
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, "***"), None
+        return True
+
+
+@contextlib.contextmanager
+def _masking(token: str) -> Iterator[None]:
+    """Mask ``token`` in log records (every handler of the root and huggingface_hub loggers) and in errors."""
+    handlers = [*logging.getLogger().handlers, *logging.getLogger("huggingface_hub").handlers]
+    mask = _MaskFilter(token)
+    for handler in handlers:
+        handler.addFilter(mask)
+    try:
+        yield
+    except Exception as err:  # re-raised with the secret masked; the original (with its traceback) is dropped
+        message = f"{type(err).__name__}: {err}".replace(token, "***")
+        raise RuntimeError(f"push to the Hub failed: {message}") from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(mask)
