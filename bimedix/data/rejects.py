@@ -177,8 +177,8 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
                    on_error: OnError = None) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(first_line_number, row)`` for each row of a CSV/TSV file, header included.
 
-    Quoted cells may span lines; CRLF or LF endings, a missing final newline and a UTF-8 BOM are all
-    accepted. A row that touches bytes that are not UTF-8 (e.g. cp1256) is a bad record: it goes
+    Quoted cells may span lines (their line breaks come back as ``\\n``); CRLF or LF endings, a missing final
+    newline and a UTF-8 BOM are all accepted. A row that touches bytes that are not UTF-8 (e.g. cp1256) is a bad record: it goes
     through ``on_error`` and reading continues.
     """
     bad_lines: dict[int, str] = {}
@@ -211,5 +211,5 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
         if bad:
             report(RecordError(bad[0], path=str(path), record=start, raw=row), on_error)
         elif row:
-            yield start, row
+            yield start, [cell.replace("\r\n", "\n").replace("\r", "\n") for cell in row]
         start = end + 1

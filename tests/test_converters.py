@@ -1,0 +1,221 @@
+"""Every source converter on real files (exact counts, known content), the fixtures, bad input, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bimedix.cli import main
+from bimedix.data.converters import CONVERTERS, SOURCE_INFO, convert
+from bimedix.data.io import read_records
+from bimedix.data.rejects import RejectLog
+from bimedix.data.schema import RecordError, validate_record
+
+LIVEQA = "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test.xml"
+MEDQA = "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl"
+
+# source, path under shared data, options, records written, records rejected
+REAL = {
+    "pubmedqa": ("pubmedqa/data/ori_pqal.json", {}, 900, 0),
+    "medmcqa": ("medmcqa/data/dev.json", {}, 3346, 0),
+    "medqa": (MEDQA, {}, 1018, 0),
+    "mmlu": ("mmlu_medical/data/test", {}, 871, 0),
+    "mmlu-ar": ("mmlu_medical_arabic_acegpt/MMLUArabic/test", {}, 715, 156),
+    "medarabench": ("medarabench/medarabench-test_split.csv", {}, 4927, 32),
+    "meadow": ("medical_meadow_wikidoc_patient_info/medical_meadow_small.json", {}, 5942, 0),
+    "liveqa": (LIVEQA, {}, 104, 0),
+    "medicationqa": ("medicationqa/MedInfo2019-QA-Medications.xlsx", {}, 690, 0),
+    "mentalqa": ("mentalqa/Train_Dev.tsv", {}, 350, 0),
+}
+
+# source, record id (or index), text in the human turn, start of the gpt turn, meta subject
+SPOT = [
+    ("pubmedqa", "pubmedqa-26163474", "Is there a connection between sublingual varices and hypertension?", "Yes", None),
+    ("medmcqa", "medmcqa-b944ada9-d776-4c2a-9180-3ae5f393f72d", "glomerular capillaries",
+     "A. The oncotic pressure of the fluid leaving the capillaries", "Physiology"),
+    ("medqa", 1, "Two weeks after undergoing an emergency cardiac catherization", "B. Cholesterol embolization", None),
+    ("mmlu", 0, 'A "dished face" profile is often associated with',
+     "B. a recessive maxilla due to failure of elongation of the cranial base.", "anatomy"),
+    ("mmlu-ar", 0, "الوجه المحدب", "ب. عظمة فكية مهجورة", "anatomy"),
+    ("medarabench", "medarabench-1", "عضلات الكم المدوره للكتف", "ج. وحدة منها ترتكز على الحديبية الصغرى", "Anatomy"),
+    ("meadow", 0, "What are the symptoms of Allergy?", "Allergy symptoms vary, but may include:", None),
+    ("liveqa", "liveqa-TQ1", "Noonan syndrome\n\nWhat are the references with noonan syndrome and polycystic renal disease",
+     "Noonan's syndrome is an eponymic designation", "noonan syndrome"),
+    ("liveqa", "liveqa-TQ2", "Zolmitriptan tabkets 5mg", "Zolmitriptan tablets are available as 2.5 mg", None),
+    ("medicationqa", 0, "how does rivatigmine and otc sleep medicine interact",
+     "tell your doctor and pharmacist what prescription", "rivastigmine"),
+    ("mentalqa", 0, "هل يعتبر الخوف من عدم الإنجاب", "سد تى نعم ان هناك العديد من القلق", None),
+]
+
+
+@pytest.fixture(scope="module")
+def converted(shared_data):
+    """Each real source converted once (skip mode), as ``{source: (records, rejects)}``."""
+    out = {}
+    for source, (path, options, _, _) in REAL.items():
+        with RejectLog() as rejects:
+            records = list(convert(source, shared_data / path, on_error=rejects, **options))
+        out[source] = (records, rejects)
+    return out
+
+
+def test_registry_names_are_the_contract():
+    assert set(CONVERTERS) == {"pubmedqa", "medmcqa", "medqa", "healthcaremagic", "icliniq", "meadow", "umls",
+                               "liveqa", "medicationqa", "mentalqa", "medarabench", "mmlu-ar", "mmlu"}
+    assert set(SOURCE_INFO) == set(CONVERTERS)
+    assert {name for name, info in SOURCE_INFO.items() if info.permissive} == {
+        "pubmedqa", "medmcqa", "medqa", "mmlu", "mmlu-ar", "mentalqa"}
+    assert not any(SOURCE_INFO[name].redistributable for name in ("liveqa", "medicationqa", "medarabench"))
+
+
+@pytest.mark.parametrize("source", sorted(REAL))
+def test_real_counts_and_schema(converted, source):
+    records, rejects = converted[source]
+    _, _, written, rejected = REAL[source]
+    info = SOURCE_INFO[source]
+    assert (len(records), rejects.count) == (written, rejected)
+    assert len({r["id"] for r in records}) == len(records)
+    assert all(r["source"] == source and r["task"] == info.task and r["language"] == info.language
+               and r["license"] == info.license for r in records)
+    assert validate_record(records[-1]) == records[-1]
+
+
+@pytest.mark.parametrize("source, key, human, gpt, subject", SPOT)
+def test_real_content(converted, source, key, human, gpt, subject):
+    records = converted[source][0]
+    record = records[key] if isinstance(key, int) else next(r for r in records if r["id"] == key)
+    turns = record["conversations"]
+    assert human in turns[0]["value"] and turns[1]["value"].startswith(gpt)
+    assert record["meta"]["subject"] == subject or subject is None
+
+
+def test_pubmedqa_with_ground_truth_split(shared_data):
+    path = shared_data / REAL["pubmedqa"][0]
+    truth = shared_data / "pubmedqa/data/test_ground_truth.json"
+    assert sum(1 for _ in convert("pubmedqa", path, ground_truth=truth, split="test")) == 400
+    with pytest.raises(ValueError, match="unsupported option"):
+        convert("pubmedqa", path, cop_base=0)
+
+
+def test_liveqa_summaries_file_and_both_answer_tags(shared_data):
+    other = shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test-Questions-w-summaries.xml"
+    records = list(convert("liveqa", other))
+    assert len(records) == 104 and records[0]["id"] == "liveqa-TQ1"
+    assert records[0]["conversations"][1]["value"].startswith("Noonan's syndrome")  # a <RefAnswer>
+    assert "\t" not in records[0]["conversations"][1]["value"]
+
+
+# --- fixtures for sources not in shared data (see tests/fixtures/sources/README.md) -----------------------------
+
+@pytest.mark.parametrize("source, name, count, human_start, gpt_start", [
+    ("healthcaremagic", "HealthCareMagic-100k.json", 3, "Hi doctor, I am 34", "Hello, thanks for your query."),
+    ("icliniq", "iCliniq.json", 2, "Hello doctor, my 5-year-old son", "Hello, welcome to icliniq.com."),
+    ("meadow", "medical_meadow_flashcards.json", 2, "What is the mechanism of action of metformin?", "Metformin lowers"),
+    ("meadow", "medical_meadow_health_advice.json", 1,
+     "Please answer with one of the option in the bracket\n\nQ: Does regular walking", "A: yes"),
+    ("umls", "umls_release.json", 2, "Answer the question about the medical concept.\n\nWhat is the definition",
+     "Bradycardia is"),
+])
+def test_fixture_sources(fixtures_dir, source, name, count, human_start, gpt_start):
+    records = list(convert(source, fixtures_dir / "sources" / name))
+    assert len(records) == count and len({r["id"] for r in records}) == count
+    assert records[0]["conversations"][0]["value"].startswith(human_start)
+    assert records[0]["conversations"][1]["value"].startswith(gpt_start)
+    assert all(r["task"] == "qa" and r["language"] == "en" and r["id"].startswith(f"{source}-") for r in records)
+    assert records == list(convert(source, fixtures_dir / "sources" / name))  # stable ids
+    if source == "umls":
+        assert [r["meta"]["original_id"] for r in records] == ["101", "102"]  # the medqa row is not umls
+    if source == "icliniq":
+        assert "answer_chatgpt" not in json.dumps(records) and "probably a viral fever" not in json.dumps(records)
+
+
+def test_language_override(fixtures_dir):
+    record = next(convert("healthcaremagic", fixtures_dir / "sources" / "HealthCareMagic-100k.json", language="ar"))
+    assert record["language"] == "ar"
+
+
+# --- bad input: raise names file:record:field, skip sets it aside and keeps the rest -----------------------------
+
+GOOD_MEDMCQA = {"id": "a", "question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 1}
+GOOD_QA = {"instruction": "Answer this question truthfully", "input": "What is X?", "output": "X is Y."}
+
+
+def _jsonl(*lines: str | bytes) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+
+
+CORRUPT = [
+    # source, file name, bytes, bad record position, field, message, records that still come through
+    ("medmcqa", "dev.json", _jsonl(json.dumps(GOOD_MEDMCQA), '{"id": "b", "question": ', json.dumps({**GOOD_MEDMCQA, "id": "c"})),
+     2, None, "invalid JSON", 2),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({k: v for k, v in GOOD_MEDMCQA.items() if k != "question"}),
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "question", "missing", 1),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "cop": 7}), json.dumps({**GOOD_MEDMCQA, "id": "c"})),
+     1, "cop", "not in 1..4", 1),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "opa": "", "opb": "", "opc": "", "opd": ""}),
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "opa", "all options are empty", 1),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "question": "سؤال"}, ensure_ascii=False).encode("cp1256"),
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, None, "not valid UTF-8", 1),
+    ("mmlu", "anatomy_test.csv", "Q1,a,b,c,d,A\r\n".encode() + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
+     2, None, "not valid UTF-8", 2),
+    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer", "not one of the option", 2),
+    ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nسؤال\t\t['A']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
+     2, "answer", "is empty", 1),
+    ("meadow", "meadow.json", json.dumps([GOOD_QA, {"instruction": "Answer this question truthfully", "input": "Q"},
+                                          GOOD_QA]).encode(), "[1]", "output", "missing", 2),
+]
+
+
+@pytest.mark.parametrize("source, name, data, where, field, message, kept", CORRUPT)
+def test_bad_records_raise_or_skip(tmp_path, source, name, data, where, field, message, kept):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(RecordError, match=message) as caught:
+        list(convert(source, path))
+    assert (caught.value.path, caught.value.record) == (str(path), where)
+    if field is not None:
+        assert caught.value.field == field
+    expected = f"{path}:{where}" if isinstance(where, int) else f"{path}: record {where!r}"
+    assert str(caught.value).startswith(expected)
+    with RejectLog(tmp_path / "rejects.jsonl") as rejects:
+        records = list(convert(source, path, on_error=rejects))
+    assert len(records) == kept and rejects.count == 1
+    [entry] = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert entry["path"] == str(path) and entry["record"] == where and message in entry["reason"]
+    assert entry["raw"] is not None
+
+
+@pytest.mark.parametrize("source, name, data", [
+    ("medmcqa", "dev.json", b"\xef\xbb\xbf" + _jsonl(json.dumps(GOOD_MEDMCQA)).replace(b"\n", b"\r\n")),
+    ("mmlu", "anatomy_test.csv", b"\xef\xbb\xbfQ1,a,b,c,d,A\r\n\"Q\r\n2\",a,b,c,d,B"),
+    ("mentalqa", "Train_Dev.tsv", b"\xef\xbb\xbfquestion\tanswer\tfinal_QT\tfinal_AS\r\nQ\tA\t['A']\t['1']\r\n"),
+    ("meadow", "meadow.json", b"\xef\xbb\xbf" + json.dumps([GOOD_QA]).encode()),
+])
+def test_bom_and_crlf_are_accepted(tmp_path, source, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    records = list(convert(source, path))
+    assert records and not any("\r" in turn["value"] or "\ufeff" in turn["value"]
+                               for record in records for turn in record["conversations"])
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------------
+
+def test_cli_convert_raise_and_skip(tmp_path, capsys):
+    source = tmp_path / "dev.json"
+    source.write_bytes(_jsonl(json.dumps(GOOD_MEDMCQA), "{oops", json.dumps({**GOOD_MEDMCQA, "id": "c", "cop": 4})))
+    out = tmp_path / "out" / "medmcqa.jsonl"
+    assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out)]) == 2
+    assert f"{source}:2: invalid JSON" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out), "--on-error", "skip"]) == 0
+    assert "read 3, written 2, rejected 1" in capsys.readouterr().out
+    records = list(read_records(out))
+    assert [r["meta"]["answer"] for r in records] == ["A", "D"]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "medmcqa.rejects.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["raw"]) for r in rejects] == [(2, "{oops")]
+
+
+def test_cli_convert_unknown_source(tmp_path, capsys):
+    assert main(["convert", "nope", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "unknown source 'nope'" in capsys.readouterr().err
