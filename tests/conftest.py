@@ -70,3 +70,19 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     get_peft_model(model, config).save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(output_dir)
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def eval_bench_dir(tmp_path_factory, fixtures_dir) -> Path:
+    """An eval data folder with all nine subsets in English and Arabic: the bundled slice (real rows) plus
+    the BiMediX-layout Arabic fixtures for MedQA, MedMCQA and PubMedQA (`tests/fixtures/bimedix_arabic`)."""
+    from bimedix.eval.arabic_bench import import_bimedix_arabic
+    from bimedix.eval.bench import read_bench, subset_of, write_bench
+
+    tables = read_bench()
+    for row in import_bimedix_arabic(fixtures_dir / "bimedix_arabic"):
+        if subset_of(row) in ("medqa", "medmcqa", "pubmedqa"):
+            tables.setdefault((subset_of(row), "ar"), []).append(row)
+    output = tmp_path_factory.mktemp("eval-bench")
+    write_bench(tables, output)
+    return output

@@ -1,0 +1,84 @@
+"""``bimedix eval`` (lm-eval on the bimedix tasks, paper-shaped tables) and ``bimedix build-bench``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` and ``build-bench``."""
+    run = subparsers.add_parser(
+        "eval", help="evaluate a model on the English / Arabic / bilingual medical benchmarks (lm-eval)",
+        description="Run the packaged lm-eval tasks, write lm-eval's JSON, print tables shaped like the "
+                    "paper's Tables 2-4 next to its reported rows, and write them as markdown (tables.md).")
+    run.add_argument("--model", required=True, help="local model folder or Hub id")
+    run.add_argument("--peft", default=None, metavar="ADAPTER", help="PEFT adapter folder trained on --model")
+    run.add_argument("--tasks", default="auto",
+                     help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
+                          "bimedix_table2|3|4, bimedix_<subset>_<en|ar>, or lm-eval tasks such as "
+                          "arabic_leaderboard_arabic_mmlu_anatomy; 'auto' (default): every subset the data has")
+    run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    run.add_argument("--limit", type=float, default=None, help="questions per task (a fraction if < 1)")
+    run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    run.add_argument("--data-dir", default=None,
+                     help="folder written by `bimedix build-bench` (or its Hub id); default: the bundled slice")
+    run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
+    run.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    run.add_argument("--output", required=True, help="folder for results.json, samples, consistency.json, tables.md")
+    run.set_defaults(func=_eval)
+
+    build = subparsers.add_parser(
+        "build-bench", help="build the evaluation data (English + the Arabic benchmark) from original files",
+        description="Read the original benchmark files under their original relative paths (the layout of "
+                    "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder is "
+                    "the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
+    build.add_argument("--sources", required=True, help="folder holding the original benchmark files")
+    build.add_argument("--output", required=True, help="evaluation data folder to write")
+    build.add_argument("--translations", default=None,
+                       help="JSON Lines of translated Arabic MCQA records (from the translation pipeline)")
+    build.add_argument("--bimedix-arabic", default=None,
+                       help="folder with local copies of BiMediX's Arabic eval sets (medqa-test_arabic/, ...)")
+    build.add_argument("--subsets", default=None, help="comma-separated subsets to build (default: all found)")
+    build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
+    build.add_argument("--on-error", choices=("raise", "skip"), default="skip",
+                       help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
+    build.set_defaults(func=_build_bench)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bimedix.eval.run import evaluate
+    from bimedix.eval.tables import format_tables
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    results = evaluate(args.model, peft=args.peft, tasks=args.tasks, backend=args.backend, data_dir=args.data_dir,
+                       limit=limit, num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
+                       output_dir=args.output)
+    name = args.peft or args.model
+    print(format_tables(results, model_name=name.rstrip("/").rsplit("/", 1)[-1]))
+    print(f"wrote {args.output}/results.json, samples_*.jsonl, consistency.json, tables.md")
+    return 0
+
+
+def _build_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bimedix.data.rejects import RejectLog, on_error_for
+    from bimedix.eval.arabic_bench import collect_arabic_rows
+    from bimedix.eval.bench import build_bench
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    arabic = []
+    if args.translations or args.bimedix_arabic:
+        arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic))
+    subsets = args.subsets.split(",") if args.subsets else None
+    with RejectLog(output / "rejects.jsonl" if args.on_error == "skip" else None) as rejects:
+        counts = build_bench(args.sources, output, limit=args.limit, subsets=subsets, arabic_rows=arabic,
+                             on_error=on_error_for(args.on_error, rejects))
+    for config, n in sorted(counts.items()):
+        print(f"{config:32s} {n:6d}")
+    if rejects.count:
+        print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
+    print(f"wrote {output} (Arabic benchmark: {output / 'arabic-bench'})")
+    return 0

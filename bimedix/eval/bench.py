@@ -1,0 +1,333 @@
+"""The evaluation data: build it from the original benchmark files, lay it out Hub-ready, load one subset.
+
+A bench folder (written by `build_bench`, shipped as a small slice in ``bimedix/eval/data``) is one
+Hub-style dataset whose configs are ``<subset>_<en|ar>``; its ``arabic-bench/`` sub-folder is the
+stand-alone Arabic benchmark (configs one per subset plus ``all``), ready to push as ``BiMediX/arabic-bench``::
+
+    OUT/README.md                       configs: mmlu_anatomy_en, ..., medqa_ar, ...
+    OUT/english/<subset>/test.parquet
+    OUT/arabic-bench/README.md          configs: mmlu_anatomy, ..., pubmedqa, all (+ medarabench)
+    OUT/arabic-bench/<subset>/test.parquet
+
+Every row has the same columns (`ROW_FEATURES`); English and Arabic rows of one question share ``id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MMLU_SUBJECTS = ("clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
+                 "professional_medicine", "anatomy")
+# The nine subsets in the column order of the paper's Tables 2-4, with the paper's column labels.
+PAPER_SUBSETS = {
+    "mmlu_clinical_knowledge": "Cli-KG",
+    "mmlu_college_biology": "C-Bio",
+    "mmlu_college_medicine": "C-Med",
+    "mmlu_medical_genetics": "Med-Gen",
+    "mmlu_professional_medicine": "Pro-Med",
+    "mmlu_anatomy": "Ana",
+    "medmcqa": "MedMCQA",
+    "medqa": "MedQA",
+    "pubmedqa": "PubmedQA",
+}
+EXTRA_SUBSETS = ("medarabench",)  # Arabic only, research use (no licence stated upstream)
+LANGUAGES = ("en", "ar")
+PUBMEDQA_OPTIONS = {"en": ["yes", "no", "maybe"], "ar": ["نعم", "لا", "ربما"]}
+ENGLISH_DIR, ARABIC_DIR = "english", "arabic-bench"
+
+# Original relative paths under --sources (the layout of ../shared/data and of the upstream repositories).
+SOURCE_PATHS = {
+    "mmlu_en": "mmlu_medical/data/test/{subject}_test.csv",
+    "mmlu_ar": "mmlu_medical_arabic_acegpt/MMLUArabic/test/{subject}_test.csv",
+    "medmcqa": "medmcqa/data/dev.json",
+    "medqa": "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl",
+    "pubmedqa": "pubmedqa/data/ori_pqal.json",
+    "pubmedqa_truth": "pubmedqa/data/test_ground_truth.json",
+    "medarabench": "medarabench/medarabench-test_split.csv",
+}
+ACEGPT_ENGINE = "AceGPT MMLUArabic (GPT machine translation)"
+
+
+def row_features():
+    """The `datasets.Features` of every bench row (English and Arabic alike)."""
+    from datasets import Features, List, Value
+
+    return Features({
+        "id": Value("string"),
+        "language": Value("string"),
+        "source": Value("string"),
+        "subject": Value("string"),
+        "question": Value("string"),
+        "context": Value("string"),
+        "options": List(Value("string")),
+        "answer": Value("string"),
+        "translation_engine": Value("string"),
+        "translation_score": Value("float32"),
+        "translation_reviewed": Value("bool"),
+        "provenance": Value("string"),
+        "license": Value("string"),
+    })
+
+
+def make_row(*, id: str, language: str, source: str, subject: str, question: str, options: list[str],
+             answer: str, context: str = "", license: str | None = None, engine: str | None = None,
+             score: float | None = None, reviewed: bool | None = None) -> dict:
+    """Build one bench row; ``provenance`` says whether the text is original or a (reviewed) machine translation."""
+    if engine is None:
+        provenance = "original"
+    else:
+        provenance = "machine-translated, reviewed" if reviewed else "machine-translated, unreviewed"
+    return {"id": id, "language": language, "source": source, "subject": subject, "question": question,
+            "context": context or "", "options": list(options), "answer": answer,
+            "translation_engine": engine, "translation_score": score, "translation_reviewed": reviewed,
+            "provenance": provenance, "license": license}
+
+
+def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = None,
+                subsets: Iterable[str] | None = None, arabic_rows: Iterable[dict] = (),
+                on_error: Callable[[Exception], None] | None = None) -> dict[str, int]:
+    """Build a bench folder from the original benchmark files found under ``sources``.
+
+    Every source present is used; missing ones are skipped with an INFO message. English subsets come
+    from the originals; Arabic MMLU from AceGPT's MMLUArabic (rows paired with the English ones, rows
+    corrupted upstream dropped); other Arabic subsets from ``arabic_rows`` (translated records or an
+    import of BiMediX's Hub files, see `bimedix.eval.arabic_bench`); MedAraBench as its own config.
+
+    Args:
+        sources (`str | Path`): folder holding the originals under their original relative paths.
+        output (`str | Path`): the bench folder to write (created; existing Parquet files are replaced).
+        limit (`int`, *optional*): keep the first ``limit`` rows per subset (the bundled slice uses 15).
+        subsets (`Iterable[str]`, *optional*): build only these subsets (default: every one found).
+        arabic_rows (`Iterable[dict]`, *optional*): extra Arabic rows (`make_row` shape) to add.
+        on_error (`Callable`, *optional*): called with each bad source record; by default it raises.
+
+    Returns:
+        `dict[str, int]`: rows written per config (``<subset>_<language>``).
+    """
+    sources, output = Path(sources), Path(output)
+    if not sources.is_dir():
+        raise FileNotFoundError(f"--sources {sources} is not a folder")
+    tables: dict[tuple[str, str], list[dict]] = {}
+    wanted = None if subsets is None else set(subsets)
+    if wanted is not None and wanted - set(PAPER_SUBSETS) - set(EXTRA_SUBSETS):
+        raise ValueError(f"unknown subset(s) {sorted(wanted - set(PAPER_SUBSETS) - set(EXTRA_SUBSETS))}; "
+                         f"choose from {[*PAPER_SUBSETS, *EXTRA_SUBSETS]}")
+    for (subset, language), rows in read_sources(sources, on_error, subsets=wanted):
+        tables[subset, language] = rows
+    extra: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in arabic_rows:
+        extra.setdefault((subset_of(row), "ar"), {})[row["id"]] = row
+    for key, rows in extra.items():  # imported / translated rows replace rows with the same id
+        tables[key] = list(({row["id"]: row for row in tables.get(key, [])} | rows).values())
+    if not tables:
+        raise ValueError(f"no benchmark file found under {sources}; expected any of "
+                         f"{sorted(set(SOURCE_PATHS.values()))} (the layout of the original repositories)")
+    if wanted is not None:
+        tables = {key: rows for key, rows in tables.items() if key[0] in wanted}
+    _pair_arabic_with_english(tables)
+    if limit is not None:
+        tables = _first_paired(tables, limit)
+    return write_bench(tables, output)
+
+
+def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -> dict[str, int]:
+    """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per config."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    output = Path(output)
+    counts = {}
+    for (subset, language), rows in sorted(tables.items()):
+        folder = output / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset
+        folder.mkdir(parents=True, exist_ok=True)
+        table = Dataset.from_list(rows, features=row_features()).data.table
+        pq.write_table(table, folder / "test.parquet")
+        counts[f"{subset}_{language}"] = len(rows)
+    _write_cards(output, tables)
+    return counts
+
+
+def read_bench(data_dir: str | Path | None = None) -> dict[tuple[str, str], list[dict]]:
+    """Every subset of a bench folder as ``{(subset, language): rows}`` (e.g. to extend it and `write_bench` again)."""
+    import pyarrow.parquet as pq
+
+    tables = {}
+    for config in available_configs(data_dir):
+        subset, language = config.rsplit("_", 1)
+        tables[subset, language] = pq.read_table(subset_path(subset, language, data_dir)).to_pylist()
+    return tables
+
+
+def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
+    """Load one subset × language as a ``DatasetDict({"test": ...})``.
+
+    Args:
+        subset (`str`): e.g. ``"medqa"`` or ``"mmlu_anatomy"``.
+        language (`str`): ``"en"`` or ``"ar"``.
+        data_dir (`str | Path`, *optional*): a bench folder, or the Hub id of one (then the config
+            ``<subset>_<language>`` is loaded). Defaults to the slice bundled with the package.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    path = subset_path(subset, language, data_dir)
+    if path is None:  # a Hub id
+        return DatasetDict({"test": load_dataset(str(data_dir), f"{subset}_{language}", split="test")})
+    import pyarrow.parquet as pq
+
+    return DatasetDict({"test": Dataset(pq.read_table(path))})
+
+
+def subset_path(subset: str, language: str, data_dir: str | Path | None = None) -> Path | None:
+    """The Parquet file of one subset in a bench folder, or ``None`` when ``data_dir`` is a Hub id.
+
+    Raises:
+        `ValueError`: the folder exists but lacks this subset (the message says how to add it).
+    """
+    root = bundled_data_dir() if data_dir is None else Path(data_dir)
+    if data_dir is not None and not root.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(data_dir)):
+        return None
+    path = root / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset / "test.parquet"
+    if not path.is_file():
+        what = "English" if language == "en" else "Arabic"
+        hint = ("build it with `bimedix build-bench --sources DIR --output DIR` from the original files"
+                if language == "en" else
+                "add translated records (`bimedix build-bench --translations FILE`) or BiMediX's published "
+                "Arabic set (`--bimedix-arabic DIR`)")
+        raise ValueError(f"evaluation data folder {root} has no {what} subset {subset!r} (missing {path}); {hint}, "
+                         f"or pick tasks whose subsets it has: {', '.join(available_configs(root)) or 'none'}")
+    return path
+
+
+def available_configs(data_dir: str | Path | None = None) -> list[str]:
+    """The ``<subset>_<language>`` configs present in a bench folder."""
+    root = bundled_data_dir() if data_dir is None else Path(data_dir)
+    found = []
+    for folder, language in ((ENGLISH_DIR, "en"), (ARABIC_DIR, "ar")):
+        found += [f"{p.parent.name}_{language}" for p in sorted((root / folder).glob("*/test.parquet"))]
+    return found
+
+
+def bundled_data_dir() -> Path:
+    """The small benchmark slice shipped with the package (MIT / Apache-2.0 sources only)."""
+    from bimedix.resources import resource_path
+
+    return resource_path("bimedix", "eval", "data")
+
+
+def subset_of(row: dict) -> str:
+    """The bench subset a row belongs to (``mmlu_<subject>`` for MMLU, else its source)."""
+    return f"mmlu_{row['subject']}" if row["source"] == "mmlu" else row["source"]
+
+
+def read_sources(sources: Path, on_error: Callable[[Exception], None] | None = None, *,
+                 subsets: set[str] | None = None) -> Iterator[tuple[tuple[str, str], list[dict]]]:
+    """Yield ``((subset, language), rows)`` for every original benchmark file present under ``sources``.
+
+    Rows of AceGPT's Arabic MMLU that were corrupted upstream (see `bimedix.data.mcqa.read_mmlu`) are
+    dropped and counted in the log; other bad records go to ``on_error`` (by default they raise).
+    """
+    from bimedix.data import mcqa
+
+    for subject in MMLU_SUBJECTS:
+        subset = f"mmlu_{subject}"
+        if subsets is not None and subset not in subsets:
+            continue
+        for language in LANGUAGES:
+            path = sources / SOURCE_PATHS[f"mmlu_{language}"].format(subject=subject)
+            if not path.is_file():
+                logger.info("skipping %s (%s): %s not found", subset, language, path)
+                continue
+            dropped: list[Exception] = []
+            items = mcqa.read_mmlu(path, language=language, subject=subject,
+                                   on_error=_drop_corrupted(dropped, on_error) if language == "ar" else on_error)
+            engine = ACEGPT_ENGINE if language == "ar" else None
+            rows = [_item_row(item, subset, language, engine=engine) for item in items]
+            if dropped:
+                logger.warning("%s: dropped %d rows corrupted upstream, kept %d", path, len(dropped), len(rows))
+            yield (subset, language), rows
+    readers = {
+        "medmcqa": lambda p: mcqa.read_medmcqa(p, cop_base=1, on_error=on_error),
+        "medqa": lambda p: mcqa.read_medqa(p, on_error=on_error),
+        "pubmedqa": lambda p: mcqa.read_pubmedqa(p, sources / SOURCE_PATHS["pubmedqa_truth"], split="test",
+                                                 on_error=on_error),
+        "medarabench": lambda p: mcqa.read_medarabench(p, on_error=on_error),
+    }
+    for subset, reader in readers.items():
+        if subsets is not None and subset not in subsets:
+            continue
+        path = sources / SOURCE_PATHS[subset]
+        if not path.is_file():
+            logger.info("skipping %s: %s not found", subset, path)
+            continue
+        language = "ar" if subset == "medarabench" else "en"
+        yield (subset, language), [_item_row(item, subset, language) for item in reader(path)]
+
+
+def row_id(subset: str, original_id: str) -> str:
+    """The bench ``id`` of a question: ``<subset>-<original id>``, where a ``<file>:<row>`` id keeps the row
+    number only, so English and Arabic copies of the same file row (and their translations) share it."""
+    return f"{subset}-{str(original_id).rsplit(':', 1)[-1]}"
+
+
+# ----------------------------------------------------------------------------- private helpers
+
+
+def _item_row(item: Any, subset: str, language: str, engine: str | None = None) -> dict:
+    options = list(item.options)
+    if subset == "pubmedqa":
+        options = PUBMEDQA_OPTIONS[language]
+    mmlu = subset.startswith("mmlu_")
+    return make_row(id=row_id(subset, item.original_id), language=language, source="mmlu" if mmlu else subset,
+                    subject=subset.removeprefix("mmlu_") if mmlu else (item.subject or subset), question=item.question, options=options,
+                    answer=item.answer, context=item.context or "", license=item.license,
+                    engine=engine, reviewed=False if engine else None)
+
+
+def _drop_corrupted(dropped: list[Exception], on_error):
+    """An ``on_error`` for AceGPT's Arabic MMLU: collect rows corrupted upstream, pass other errors on."""
+    def handle(err: Exception) -> None:
+        if "corrupted upstream" in str(err):
+            dropped.append(err)
+        elif on_error is None:
+            raise err
+        else:
+            on_error(err)
+    return handle
+
+
+def _pair_arabic_with_english(tables: dict) -> None:
+    """Order Arabic rows like their English twins (same ``id``), so ``--limit N`` evaluates the same questions."""
+    for (subset, language), rows in tables.items():
+        english = tables.get((subset, "en"))
+        if language != "ar" or english is None:
+            continue
+        order = {row["id"]: index for index, row in enumerate(english)}
+        rows.sort(key=lambda row: order.get(row["id"], len(order)))
+
+
+def _first_paired(tables: dict, limit: int) -> dict:
+    """Keep ``limit`` rows per subset, preferring questions present in both languages."""
+    kept = {}
+    for (subset, language), rows in tables.items():
+        other = tables.get((subset, "ar" if language == "en" else "en"))
+        if other is None:
+            kept[subset, language] = rows[:limit]
+            continue
+        shared = {row["id"] for row in rows} & {row["id"] for row in other}
+        kept[subset, language] = [row for row in rows if row["id"] in shared][:limit]
+    return kept
+
+
+def _write_cards(output: Path, tables: dict) -> None:
+    from bimedix.eval.arabic_bench import arabic_card, bench_card
+
+    (output / "README.md").write_text(bench_card(tables), encoding="utf-8")
+    arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
+    if arabic:
+        (output / ARABIC_DIR / "README.md").write_text(arabic_card(arabic), encoding="utf-8")
