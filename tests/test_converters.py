@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bimedix.cli import main
-from bimedix.data.converters import CONVERTERS, SOURCE_INFO, convert
+from bimedix.data.converters import BUNDLED, CONVERTERS, SOURCE_INFO, bundled_path, convert
 from bimedix.data.io import read_records
 from bimedix.data.rejects import RejectLog
 from bimedix.data.schema import RecordError, validate_record
@@ -219,3 +219,25 @@ def test_cli_convert_raise_and_skip(tmp_path, capsys):
 def test_cli_convert_unknown_source(tmp_path, capsys):
     assert main(["convert", "nope", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
+
+
+# --- bundled data ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source, written, rejected", [
+    ("pubmedqa", 35, 0), ("medmcqa", 100, 0), ("medqa", 40, 0), ("mmlu", 30, 0), ("mmlu-ar", 27, 3), ("mentalqa", 60, 0),
+])
+def test_bundled_sources_convert(source, written, rejected):
+    assert set(BUNDLED) <= {name for name, info in SOURCE_INFO.items() if info.permissive}
+    with RejectLog() as rejects:
+        records = list(convert(source, bundled_path(BUNDLED[source]), on_error=rejects))
+    assert (len(records), rejects.count) == (written, rejected)
+
+
+def test_bundled_folders_carry_licence_and_attribution():
+    root = bundled_path()
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for path in BUNDLED.values():
+        folder = root / path.split("/")[0]
+        assert (folder / "ATTRIBUTION.md").is_file() and any(folder.glob("LICENSE*")), folder
+        assert f"`{path.split('/')[0]}/" in readme
+    assert not (root / "medarabench").exists() and "MedArabiQ" in readme

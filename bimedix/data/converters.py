@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..resources import resource_path
 from .mcqa import (
     LICENSES,
     item_to_record,
@@ -112,6 +113,31 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("mentalqa", "qa", "ar", "MIT", True, True,
                "MentalQA (hasanhuz/MentalQA): Train_Dev.tsv with header question, answer, final_QT, final_AS"),
 )}
+
+
+#: Where each bundled source file lives under `bundled_path()` (see ``bimedix/data/bundled/README.md``).
+BUNDLED = {
+    "pubmedqa": "pubmedqa/ori_pqal.json",
+    "medmcqa": "medmcqa/dev.json",
+    "medqa": "medqa/phrases_no_exclude_test.jsonl",
+    "mmlu": "mmlu/dev",
+    "mmlu-ar": "mmlu_arabic/dev",
+    "mentalqa": "mentalqa/Train_Dev.tsv",
+}
+
+
+def bundled_path(*parts: str) -> Path:
+    """Return the path of the bundled data folder, or of a file in it.
+
+    Examples:
+
+    ```python
+    >>> records = list(convert("medmcqa", bundled_path(BUNDLED["medmcqa"])))
+    >>> len(records)
+    100
+    ```
+    """
+    return resource_path("bimedix", "data", "bundled", *parts)
 
 
 def convert(source: str, path: str | os.PathLike, *, language: str | None = None, on_error: OnError = None,
