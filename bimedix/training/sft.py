@@ -148,7 +148,9 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     from .tiny import build_tiny_model
 
     if bimedix_args.tiny_model:
-        return build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed)
+        model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed)
+        model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"  # `bimedix merge --base`
+        return model
     _require_model(model_args, bimedix_args)
     quantization_config = get_quantization_config(model_args)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,

@@ -1,0 +1,125 @@
+"""Merge a LoRA adapter into its base model, with proof that the merge kept every delta.
+
+MoE merges have silently dropped expert deltas in other tools. `merge_adapter` computes logits on
+sample prompts three times, with the base model, with the adapter on top, and with the merged model,
+and refuses to write anything when merged and adapter logits differ by more than ``tolerance``
+(1e-3 in fp32). The report (``merge_report.json`` next to the weights) records both distances, so a
+reader sees that the merge changed the model and matches the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..data.io import write_json
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = (
+    "USER: What are the early symptoms of type 2 diabetes? ASSISTANT:",
+    "USER: ما هي أعراض ارتفاع ضغط الدم؟ ASSISTANT:",
+    "USER: A 45-year-old man has crushing chest pain radiating to the left arm. What is the next step? ASSISTANT:",
+    "USER: هل يمكن تناول الإيبوبروفين مع الباراسيتامول؟ ASSISTANT:",
+)
+
+
+def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike | None, *,
+                  tolerance: float = 1e-3, dtype: str = "float32", prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> dict:
+    """Merge ``adapter_dir`` into ``base``, check the logits, and save the merged model with safetensors.
+
+    Args:
+        base (`str`): the base model: a local folder, a Hub id in the cache, or ``tiny:<arch>[:<seed>]`` for a
+            `bimedix.training.tiny` model (what the tiny recipe trains; its adapter records this name).
+        adapter_dir (`str | os.PathLike`): a PEFT adapter folder (``adapter_config.json`` + weights).
+        output_dir (`str | os.PathLike`, *optional*): where to write; ``None`` checks without writing.
+        tolerance (`float`, *optional*, defaults to `1e-3`): largest allowed |merged - adapter| logit difference.
+        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load and merge in (the tolerance is for fp32).
+        prompts (`tuple[str, ...]`, *optional*): the texts whose logits are compared.
+
+    Returns:
+        `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``, ...).
+
+    Raises:
+        `RuntimeError`: when the merged model does not reproduce the adapter model; nothing is written.
+    """
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter folder.")
+    model = load_base_model(base, getattr(torch, dtype))
+    tokenizer = _load_tokenizer(adapter_dir, base)
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base_logits = _logits(model, batch)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        adapter_logits = _logits(peft_model, batch)
+        merged = peft_model.merge_and_unload()
+        merged_logits = _logits(merged, batch)
+    report = {
+        "base": base, "adapter": str(adapter_dir), "dtype": dtype, "prompts": len(prompts), "tolerance": tolerance,
+        "max_abs_diff_merged_vs_adapter": float((merged_logits - adapter_logits).abs().max()),
+        "max_abs_diff_merged_vs_base": float((merged_logits - base_logits).abs().max()),
+        "max_abs_diff_adapter_vs_base": float((adapter_logits - base_logits).abs().max()),
+    }
+    if not report["max_abs_diff_merged_vs_adapter"] <= tolerance:
+        raise RuntimeError(
+            f"Refusing to write the merged model: its logits differ from the adapter model's by "
+            f"{report['max_abs_diff_merged_vs_adapter']:.3g} (> tolerance {tolerance:g}) on {len(prompts)} prompts, "
+            "so some adapter deltas (often the experts' or the router's) were not merged. "
+            f"Merged vs base differ by {report['max_abs_diff_merged_vs_base']:.3g}."
+        )
+    if report["max_abs_diff_adapter_vs_base"] == 0:
+        logger.warning("The adapter in %s does not change the base model's logits (untrained adapter?).", adapter_dir)
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        merged.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        report["output_dir"] = str(output_dir)
+        write_json(output_dir / "merge_report.json", report)
+        logger.info("Merged model written to %s", output_dir)
+    return report
+
+
+def load_base_model(base: str, dtype: torch.dtype = torch.float32):
+    """Load a base model by name: ``tiny:<arch>[:<seed>]``, a local folder or a cached Hub id."""
+    from transformers import AutoModelForCausalLM
+
+    from .tiny import build_tiny_model
+
+    if base.startswith("tiny:"):
+        arch, _, seed = base.removeprefix("tiny:").partition(":")
+        return build_tiny_model(arch, seed=int(seed or 0)).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+
+
+def _load_tokenizer(adapter_dir: Path, base: str):
+    from transformers import AutoTokenizer
+
+    from ..data.tokenizer import load_mixtral_tokenizer
+
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    elif base.startswith("tiny:"):
+        tokenizer = load_mixtral_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _logits(model, batch) -> torch.Tensor:
+    logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()]
+
+
+def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model an adapter was trained on, as recorded in its ``adapter_config.json``."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path")
