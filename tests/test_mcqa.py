@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -44,6 +45,32 @@ def test_pubmedqa_splits_and_content(shared_data):
     assert first.context and first.explanation and first.id == "pubmedqa-26163474"
     with pytest.raises(ValueError, match="needs ground_truth"):
         next(read_pubmedqa(path, split="test"))
+
+
+@pytest.mark.parametrize("layout, decisions, count", [
+    ("ori_pqaa.json", ["yes", "no"], 2),          # PQA-A: generated yes/no labels
+    ("ori_pqau.json", [None, None], 0),           # PQA-U: no final_decision at all
+    ("ori_pqau.json", ["unlabeled", "yes"], 1),
+])
+def test_pubmedqa_artificial_and_unlabeled_layouts(tmp_path, caplog, layout, decisions, count):
+    entry = {"QUESTION": "Does X help?", "CONTEXTS": ["Background.", "Results."], "LABELS": ["B", "R"],
+             "MESHES": [], "LONG_ANSWER": "X helps."}
+    data = {str(pmid): {**entry, **({"final_decision": d} if d else {})} for pmid, d in zip((11, 12), decisions)}
+    path = tmp_path / layout
+    path.write_text(json.dumps(data))
+    caplog.set_level(logging.INFO, logger="bimedix.data.mcqa")
+    items = list(read_pubmedqa(path))
+    assert len(items) == count
+    assert all(i.context == "Background.\nResults." and i.explanation == "X helps." for i in items)
+    if count < len(decisions):
+        assert "without a yes/no/maybe decision" in caplog.text
+
+
+def test_pubmedqa_bad_decision_names_pmid(tmp_path):
+    path = tmp_path / "ori_pqal.json"
+    path.write_text(json.dumps({"123": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "perhaps"}}))
+    with pytest.raises(RecordError, match=r"ori_pqal\.json: record '123': field `final_decision`: decision 'perhaps'"):
+        list(read_pubmedqa(path))
 
 
 def test_medmcqa_real(shared_data):
