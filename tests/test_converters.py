@@ -241,3 +241,41 @@ def test_bundled_folders_carry_licence_and_attribution():
         assert (folder / "ATTRIBUTION.md").is_file() and any(folder.glob("LICENSE*")), folder
         assert f"`{path.split('/')[0]}/" in readme
     assert not (root / "medarabench").exists() and "MedArabiQ" in readme
+
+
+def test_liveqa_bad_question_and_bad_xml(tmp_path):
+    path = tmp_path / "live.xml"
+    path.write_text('<Set><NLM-QUESTION qid="Q1"><Original-Question><SUBJECT>flu</SUBJECT><MESSAGE>Is it bad?</MESSAGE>'
+                    '</Original-Question><ReferenceAnswers/></NLM-QUESTION>'
+                    '<NLM-QUESTION qid="Q2"><Original-Question><MESSAGE>Dose?</MESSAGE></Original-Question>'
+                    '<ReferenceAnswers><RefAnswer aid="Q2A1"><ANSWER>Ask your\n\t\tpharmacist.</ANSWER></RefAnswer>'
+                    '</ReferenceAnswers></NLM-QUESTION></Set>')
+    with pytest.raises(RecordError, match=r"live\.xml: record 'Q1': field `ReferenceAnswers`"):
+        list(convert("liveqa", path))
+    errors: list[RecordError] = []
+    [record] = convert("liveqa", path, on_error=errors.append)
+    assert record["conversations"][0]["value"] == "Dose?"
+    assert record["conversations"][1]["value"] == "Ask your pharmacist." and len(errors) == 1
+    path.write_text("<Set><NLM-QUESTION>")
+    with pytest.raises(RecordError, match="not well-formed XML"):
+        list(convert("liveqa", path, on_error=errors.append))
+
+
+def test_medicationqa_bad_rows(tmp_path):
+    from openpyxl import Workbook
+
+    workbook = Workbook()
+    sheet = workbook.active
+    for row in (["Question", "Focus (Drug)", "Question Type", "Answer"], ["what is it for", "aspirin", "Usage", "Pain."],
+                ["how much", "ibuprofen", "Dose", None], [None, None, None, None]):
+        sheet.append(row)
+    path = tmp_path / "meds.xlsx"
+    workbook.save(path)
+    with pytest.raises(RecordError, match=r"meds\.xlsx:3: field `Answer`: is empty"):
+        list(convert("medicationqa", path))
+    with RejectLog() as rejects:
+        records = list(convert("medicationqa", path, on_error=rejects))
+    assert [r["meta"]["subject"] for r in records] == ["aspirin"] and rejects.count == 1
+    path.write_text("not a workbook")
+    with pytest.raises(RecordError, match="cannot read as .xlsx"):
+        list(convert("medicationqa", path))

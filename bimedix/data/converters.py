@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import xml.etree.ElementTree as ET
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -265,10 +266,11 @@ def convert_liveqa(path, *, language=None, on_error=None) -> Iterator[dict]:
 def convert_medicationqa(path, *, language=None, on_error=None) -> Iterator[dict]:
     """MedicationQA xlsx → qa records (``Question`` → ``Answer``, ``Focus (Drug)`` as subject)."""
     from openpyxl import load_workbook
+    from openpyxl.utils.exceptions import InvalidFileException
 
     try:
         workbook = load_workbook(path, read_only=True, data_only=True)
-    except Exception as err:  # openpyxl raises zipfile/KeyError/InvalidFileException for non-xlsx input
+    except (InvalidFileException, zipfile.BadZipFile, KeyError) as err:
         raise RecordError(f"cannot read as .xlsx ({type(err).__name__}: {err})", path=str(path)) from None
     try:
         rows = workbook.worksheets[0].iter_rows(values_only=True)

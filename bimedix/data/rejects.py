@@ -25,6 +25,7 @@ Examples:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -111,8 +112,9 @@ class RejectLog:
         self.reasons[error.reason] += 1
         logger.info("rejected %s", error)
         if self._handle is not None:
+            raw = dataclasses.asdict(error.raw) if dataclasses.is_dataclass(error.raw) else error.raw
             entry = {"path": error.path, "record": error.record, "field": error.field, "reason": error.reason,
-                     "error": str(error), "raw": error.raw}
+                     "error": str(error), "raw": raw}
             self._handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
 
