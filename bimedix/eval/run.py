@@ -70,9 +70,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
 
     from .consistency import bilingual_consistency
 
-    names = auto_tasks(data_dir) if tasks == "auto" else resolve_tasks(tasks)
+    names, manager = resolve_tasks(auto_tasks(data_dir) if tasks == "auto" else tasks, data_dir)
     check_data(names, data_dir)
-    manager = task_manager(names, data_dir)
     if isinstance(model, LM):
         if peft is not None:
             raise ValueError("pass an adapter with a model path, not with a ready LM object")
@@ -83,6 +82,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         if peft is not None:
             check_adapter(model, peft)
         lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args)
+    logging.getLogger("lm_eval.api.task").addFilter(_quiet_custom_dataset_notice)
     results = lm_eval.simple_evaluate(
         model=lm, model_args=lm_args, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
         batch_size=batch_size, device=None if backend == "vllm" else (device or _default_device()),
@@ -114,8 +114,12 @@ def auto_tasks(data_dir: str | Path | None = None) -> list[str]:
     return names
 
 
-def resolve_tasks(tasks: str | Iterable[str]) -> list[str]:
-    """Split and check task names: ``bimedix_*`` tasks/groups or lm-eval built-in ones.
+def resolve_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None):
+    """Split and check task names; return them with the `TaskManager` that loads them.
+
+    ``bimedix_*`` names come from the packaged YAMLs (``include_defaults=False``); lm-eval's own tasks
+    (e.g. ``arabic_leaderboard_arabic_mmlu_anatomy``) are indexed only when another name is asked for.
+    The manager hands ``data_dir`` to the bimedix tasks as metadata.
 
     Raises:
         `ValueError`: for a name neither knows, with the closest bimedix names.
@@ -125,29 +129,21 @@ def resolve_tasks(tasks: str | Iterable[str]) -> list[str]:
     names = [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
     if not names:
         raise ValueError("no task given; try --tasks bimedix_bilingual")
-    ours = TaskManager(include_path=str(tasks_dir()), include_defaults=False).all_tasks
-    others = [name for name in names if name not in ours]
-    if others:
-        builtin = TaskManager(include_defaults=True).all_tasks
-        unknown = [name for name in others if name not in builtin]
-        if unknown:
-            hints = {name: difflib.get_close_matches(name, ours, n=3) for name in unknown}
-            groups = sorted(name for name in ours if not name.endswith(("_en", "_ar")))
-            raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); bimedix groups: {', '.join(groups)}; "
-                             "tasks: bimedix_<subset>_<en|ar>; or any lm-eval task such as "
-                             "arabic_leaderboard_arabic_mmlu_anatomy")
-    return names
-
-
-def task_manager(names: list[str], data_dir: str | Path | None = None):
-    """A `TaskManager` over the packaged tasks (and lm-eval's own when a name needs them) reading ``data_dir``."""
-    from lm_eval.tasks import TaskManager
-
     metadata = {"data_dir": str(data_dir)} if data_dir is not None else None
-    ours = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
-    if all(name in ours.all_tasks for name in names):
-        return ours
-    return TaskManager(include_path=str(tasks_dir()), include_defaults=True, metadata=metadata)
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+    ours = manager.all_tasks
+    others = [name for name in names if name not in ours]
+    unknown = [name for name in others if name.startswith("bimedix_")]
+    if others and not unknown:
+        manager = TaskManager(include_path=str(tasks_dir()), include_defaults=True, metadata=metadata)
+        unknown = [name for name in others if name not in manager.all_tasks]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, ours, n=3) for name in unknown}
+        groups = sorted(name for name in ours if not name.endswith(("_en", "_ar")))
+        raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); bimedix groups: {', '.join(groups)}; "
+                         "tasks: bimedix_<subset>_<en|ar>; or any lm-eval task such as "
+                         "arabic_leaderboard_arabic_mmlu_anatomy")
+    return names, manager
 
 
 def leaf_subsets(names: list[str]) -> list[tuple[str, str]]:
@@ -254,6 +250,11 @@ def write_results(results: dict, output_dir: str | Path, *, model_name: str = "m
 
 
 # ----------------------------------------------------------------------------- private helpers
+
+
+def _quiet_custom_dataset_notice(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's per-task hint about ``--metadata`` for ``custom_dataset`` tasks (ours pass ``data_dir``)."""
+    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
 def _default_device() -> str:

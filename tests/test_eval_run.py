@@ -1,0 +1,78 @@
+"""``bimedix eval`` end to end on a tiny random MoE (with and without a LoRA adapter), and its plain errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bimedix.cli import main
+from bimedix.eval.bench import PAPER_SUBSETS
+from bimedix.eval.run import backend_model_args, check_adapter, evaluate, resolve_tasks
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_model_dir, eval_bench_dir, tmp_path_factory):
+    """One CLI run over every paper task (bimedix_bilingual = all 18 tasks), 2 questions each."""
+    output = tmp_path_factory.mktemp("eval-out")
+    code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_bilingual", "--limit", "2",
+                 "--data-dir", str(eval_bench_dir), "--device", "cpu", "--output", str(output)])
+    assert code == 0
+    return output
+
+
+def test_tiny_moe_completes_every_task_and_writes_lm_eval_json_and_tables(cli_run):
+    results = json.loads((cli_run / "results.json").read_text(encoding="utf-8"))
+    for subset in PAPER_SUBSETS:
+        for language in ("en", "ar"):
+            task = f"bimedix_{subset}_{language}"
+            assert results["n-samples"][task]["effective"] == 2, task
+            assert 0.0 <= results["results"][task]["acc,none"] <= 1.0
+            assert (cli_run / f"samples_{task}.jsonl").is_file()
+    assert "bimedix_bilingual" in results["results"] and "bimedix_medqa_bilingual" in results["groups"]
+    tables = (cli_run / "tables.md").read_text(encoding="utf-8")
+    for title in ("Table 2: Bilingual", "Table 3: Arabic", "Table 4: English"):
+        assert title in tables
+    assert "| BiMediX (Bilingual) (reported) | 70.6 |" in tables and "not all nine" not in tables
+    consistency = json.loads((cli_run / "consistency.json").read_text(encoding="utf-8"))
+    assert consistency["all"]["n"] == 18 and 0.0 <= consistency["all"]["agreement"] <= 1.0
+
+
+def test_tiny_moe_with_saved_lora_adapter(tiny_model_dir, tiny_adapter_dir, eval_bench_dir, tmp_path):
+    results = evaluate(str(tiny_model_dir), peft=str(tiny_adapter_dir), tasks="bimedix_medqa_bilingual",
+                       data_dir=eval_bench_dir, limit=2, device="cpu", output_dir=tmp_path)
+    assert results["config"]["model_args"]["peft"] == str(tiny_adapter_dir)
+    assert results["n-samples"]["bimedix_medqa_ar"]["effective"] == 2
+    assert "medqa" in results["bimedix_consistency"]
+
+
+def test_adapter_for_another_base_model_is_refused(tiny_adapter_dir, tmp_path):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}), encoding="utf-8")
+    with pytest.raises(ValueError, match="was trained on base model"):
+        check_adapter(str(other), str(tiny_adapter_dir))
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
+        check_adapter(str(other), str(other))
+
+
+def test_vllm_backend_gets_the_adapter_rank(tiny_model_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for rank, pattern, expected in ((128, {}, 128), (4, {"experts": 100}, 128), (16, {}, 16)):
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": str(tiny_model_dir), "r": rank, "rank_pattern": pattern}), encoding="utf-8")
+        args = backend_model_args("vllm", str(tiny_model_dir), peft=str(adapter))
+        assert args == {"pretrained": str(tiny_model_dir), "lora_local_path": str(adapter), "max_lora_rank": expected}
+    assert backend_model_args("hf", "m", peft="a")["peft"] == "a"
+
+
+def test_unknown_task_and_missing_subset_are_plain_cli_errors(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['bimedix_medqa_fr'\].*bimedix_medqa_ar"):
+        resolve_tasks("bimedix_medqa_fr")
+    names, manager = resolve_tasks("bimedix_en, arabic_leaderboard_arabic_mmlu_anatomy")
+    assert names == ["bimedix_en", "arabic_leaderboard_arabic_mmlu_anatomy"]  # lm-eval's own task side by side
+    assert "arabic_leaderboard_arabic_mmlu_anatomy" in manager.all_tasks
+    code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_ar", "--output", str(tmp_path)])
+    assert code == 2
+    assert "no Arabic subset 'medmcqa'" in capsys.readouterr().err
