@@ -279,3 +279,11 @@ def test_medicationqa_bad_rows(tmp_path):
     path.write_text("not a workbook")
     with pytest.raises(RecordError, match="cannot read as .xlsx"):
         list(convert("medicationqa", path))
+
+
+def test_instruction_sources_accept_json_lines(tmp_path):
+    path = tmp_path / "release.json"  # JSON Lines despite the extension
+    path.write_text(json.dumps({**GOOD_QA, "source": "umls", "sample_id": 5}) + "\n{broken\n")
+    errors: list[RecordError] = []
+    [record] = convert("umls", path, on_error=errors.append)
+    assert record["meta"]["original_id"] == "5" and [e.record for e in errors] == [2]

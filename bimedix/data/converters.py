@@ -341,8 +341,13 @@ def _mcqa(items: Iterable, language: str | None, on_error: OnError) -> Iterator[
 
 
 def _json_records(path, on_error: OnError) -> Iterator[tuple[str | int, Any]]:
-    """Records of a JSON list (located as ``[index]``) or of a JSON Lines file (located by line)."""
-    if Path(path).suffix == ".jsonl":
+    """Records of a JSON list (located as ``[index]``) or of a JSON Lines file (located by line).
+
+    The layout is told by the first character, not the extension: some ``.json`` files are JSON Lines.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"{"):
         yield from read_jsonl(path, on_error=on_error)
         return
     data = read_json(path)
