@@ -1,0 +1,143 @@
+"""`bimedix build-data`: configs and counts through `datasets.load_dataset`, balance, resumption, atomicity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from bimed_sources import EXPECTED, write_sources
+
+from bimedix.data.build import Counts, build_data
+from bimedix.data.recipe import load_data_recipe
+from bimedix.data.schema import FEATURES, RecordError
+from bimedix.resources import resource_path
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, mixtral_tokenizer):
+    """The hand-made recipe built once with ``on_error="skip"``: (recipe path, output folder, result)."""
+    root = tmp_path_factory.mktemp("bimed-build")
+    recipe = write_sources(root / "sources")
+    result = build_data(recipe, root / "out", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    return recipe, root / "out", result
+
+
+def test_load_dataset_configs_and_counts(built):
+    import datasets
+
+    _, out, _ = built
+    assert sorted(datasets.get_dataset_config_names(str(out))) == sorted(EXPECTED["configs"])
+    cache = out.parent / "hf-cache"
+    for config, count in EXPECTED["configs"].items():
+        data = datasets.load_dataset(str(out), config, split="train", cache_dir=str(cache))
+        assert len(data) == count, config
+        assert data.features == FEATURES
+    arabic = datasets.load_dataset(str(out), "ar", split="train", cache_dir=str(cache))
+    assert set(arabic["language"]) == {"ar"}
+    assert "ar-qa-leaked" not in arabic["id"]
+
+
+def test_counts_balance_and_match_hand_count(built):
+    _, out, result = built
+    assert dataclasses.asdict(result.counts) == EXPECTED["counts"]
+    assert result.counts.balanced
+    for counts in result.sources.values():
+        assert counts.balanced
+    assert result.sources["en_qa"].dropped_ratio == 4  # 10 clean English QA → 6 for 1:2 with 3 Arabic
+    summary = json.loads((out / "stats.json").read_text())
+    assert summary["counts"]["balanced"] and summary["counts"]["written"] == 18
+    for name in ("README.md", "stats.md", "stats.png", "decontamination.jsonl", "duplicates.jsonl", "rejects.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    rejected = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["field"]) for r in rejected] == [(4, "conversations")]
+    assert rejected[0]["raw"]["id"] == "en-qa-bad"
+
+
+def test_ratio_is_one_to_two_per_task(built):
+    _, _, result = built
+    for task in ("mcqa", "qa", "chat"):
+        assert result.stats.cell(task, "en").samples == 2 * result.stats.cell(task, "ar").samples
+
+
+def test_rerun_skips_finished_shards(built, mixtral_tokenizer):
+    recipe, out, first = built
+    shards = sorted(out.glob("data/*/*/*.parquet"))
+    converted = sorted((out / ".work" / "sources").glob("*.jsonl"))
+    before = {path: path.stat().st_mtime_ns for path in [*shards, *converted]}
+    again = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    assert again.shards_written == 0 and again.shards_skipped == len(shards) == first.shards_written
+    assert {path: path.stat().st_mtime_ns for path in before} == before
+    assert again.counts == first.counts and again.stats.to_dict() == first.stats.to_dict()
+
+
+def test_crash_mid_write_leaves_no_partial_shard(built, tmp_path, mixtral_tokenizer, monkeypatch):
+    import pyarrow.parquet as pq
+
+    recipe, _, first = built
+    out = tmp_path / "out"
+    from bimedix.data import build as build_module
+
+    calls = {"n": 0}
+    original = build_module.DataStats.update
+
+    def crash_on_second_shard(self, records, tokenizer, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash while writing a shard")
+        return original(self, records, tokenizer, **kwargs)
+
+    monkeypatch.setattr(build_module.DataStats, "update", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    finished = sorted(out.glob("data/**/*.parquet"))
+    assert len(finished) == 1 and pq.read_table(finished[0]).num_rows > 0
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(build_module.DataStats, "update", original)
+    resumed = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    assert resumed.shards_skipped == 1 and resumed.counts == first.counts
+
+
+def test_on_error_raise_names_file_record_field(tmp_path, mixtral_tokenizer):
+    recipe = write_sources(tmp_path / "sources")
+    with pytest.raises(RecordError, match=r"en_qa\.jsonl:4: field `conversations`"):
+        build_data(recipe, tmp_path / "out", tokenizer=mixtral_tokenizer, progress=False)
+    assert not list((tmp_path / "out").glob("data/**/*.parquet"))
+
+
+def test_cli_build_data_and_stats(built, tmp_path, capsys):
+    from bimedix.cli import main
+
+    recipe, out, _ = built
+    assert main(["stats", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| Total | All | 18 |" in printed and "read 27 = written 18" in printed
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "data", copy / "data")
+    assert main(["stats", str(copy)]) == 0  # no stats.json: counted from the Parquet files
+    assert "| Total | All | 18 |" in capsys.readouterr().out
+    assert main(["build-data", "--recipe", str(recipe), "--output", str(out), "--on-error", "skip",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "Total: read 27 = written 18 + rejected 1" in printed and "0 written" in printed
+
+
+def test_recipe_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsources:\n  - {name: a, path: a.jsonl, wieght: 0.5}\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown key `sources\[0\]\.wieght`"):
+        load_data_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["mini", "bimed1.3m"])
+def test_shipped_recipes_parse(name):
+    recipe = load_data_recipe(name)
+    assert recipe.mix.ratio == 0.5 and recipe.sources and recipe.decontaminate.benchmarks
+    assert Path(recipe.recipe_path) == resource_path("recipes", "data", f"{name}.yaml")
+
+
+def test_counts_equation_reports_imbalance():
+    counts = Counts(read=3, written=1, rejected=1)
+    assert not counts.balanced and "DOES NOT BALANCE" in counts.equation()
