@@ -34,6 +34,11 @@ _EXPORTS = {
     "render_mcqa": "bimedix.data.mcqa",
     "item_to_record": "bimedix.data.mcqa",
     "RejectLog": "bimedix.data.rejects",
+    "ChatSession": "bimedix.chat",
+    "push": "bimedix.hub.push",
+    "render_model_card": "bimedix.hub.cards",
+    "render_dataset_card": "bimedix.hub.cards",
+    "render_bench_card": "bimedix.hub.cards",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

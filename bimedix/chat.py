@@ -1,0 +1,182 @@
+"""Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks, `run_chat` for the terminal.
+
+Conversations are rendered with the Vicuna template the models are trained on
+(`bimedix.training.template.VICUNA_TEMPLATE`). Each user turn picks the system prompt of its own language
+(`detect_language`), so Arabic in gets an Arabic instruction to answer in Arabic, and a switch of language
+mid-conversation switches the reply language. The default system prompts are short and say the model is
+not a doctor; pass ``system=`` to replace them.
+
+Examples:
+
+```python
+>>> from bimedix.chat import ChatSession
+>>> chat = ChatSession.from_pretrained("runs/quickstart/base-model", peft="runs/quickstart/adapter")
+>>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):
+...     print(piece, end="", flush=True)
+>>> chat.reset()
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+
+from .training.template import VICUNA_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+# The Arabic prompt and notice were written by the bimedix developers; no professional translator reviewed them.
+SYSTEM_PROMPTS = {
+    "en": ("You are BiMediX, a bilingual medical assistant. Answer in English, clearly and briefly, and ask for "
+           "details when you need them. You are not a doctor and this is not medical advice: for diagnosis, "
+           "treatment or emergencies, the user must see a qualified health professional."),
+    "ar": ("أنت BiMediX، مساعد طبي ثنائي اللغة. أجب باللغة العربية بوضوح وإيجاز، واطلب التفاصيل عند الحاجة. "
+           "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو العلاج أو في الحالات الطارئة يجب مراجعة مختص صحي مؤهل."),
+}
+NOTICE = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
+          "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.\n"
+          "Type /reset to start over, /exit to quit.")
+_ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def detect_language(text: str) -> str:
+    """Return ``"ar"`` when ``text`` has at least as many Arabic letters as Latin ones (and some), else ``"en"``."""
+    arabic = sum(char.isalpha() for char in _ARABIC.findall(text))  # letters only, not Arabic-Indic digits
+    return "ar" if arabic and arabic >= len(_LATIN.findall(text)) else "en"
+
+
+class ChatSession:
+    """A multi-turn, streaming chat over a causal LM (optionally with a PEFT adapter).
+
+    Args:
+        model (`PreTrainedModel`): the model (a `peft.PeftModel` works too).
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        system (`str`, *optional*): one system prompt for every turn; by default `SYSTEM_PROMPTS` in the
+            language of each user turn.
+        max_new_tokens (`int`, *optional*, defaults to `256`): reply length limit.
+        temperature (`float`, *optional*, defaults to `0.0`): ``0`` decodes greedily; above it samples.
+        top_p (`float`, *optional*, defaults to `0.9`): nucleus sampling mass when sampling.
+    """
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 0.9):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.history: list[dict[str, str]] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str, peft: str | None = None, *, device: str | None = None,
+                        **kwargs) -> ChatSession:
+        """Load ``model`` (a folder or Hub id), optionally with the PEFT adapter ``peft``, on ``device``.
+
+        The tokenizer comes from the adapter folder when it has one, else from the model. Other keyword
+        arguments go to `ChatSession`.
+        """
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device)
+        tokenizer_source = model
+        if peft:
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, peft).to(device)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(peft)
+                tokenizer_source = peft
+            except OSError:
+                tokenizer = AutoTokenizer.from_pretrained(model)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        logger.info("chat model %s%s, tokenizer from %s, on %s", model, f" + adapter {peft}" if peft else "",
+                    tokenizer_source, device)
+        return cls(base, tokenizer, **kwargs)
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        """The chat messages a reply to ``text`` is generated from: system prompt, history, then ``text``."""
+        system = self.system if self.system is not None else SYSTEM_PROMPTS[detect_language(text)]
+        return [{"role": "system", "content": system}, *self.history, {"role": "user", "content": text}]
+
+    def prompt(self, text: str) -> str:
+        """The exact prompt string (Vicuna template, generation prompt included) sent for ``text``."""
+        return self.tokenizer.apply_chat_template(self.messages(text), chat_template=VICUNA_TEMPLATE,
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def stream(self, text: str) -> Iterator[str]:
+        """Generate the reply to ``text`` piece by piece; the full exchange joins the history at the end."""
+        from transformers import TextIteratorStreamer
+
+        inputs = self.tokenizer(self.prompt(text), return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
+            if self.temperature > 0 else {"do_sample": False}
+        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens,
+                      pad_token_id=self.tokenizer.eos_token_id if self.tokenizer.pad_token_id is None
+                      else self.tokenizer.pad_token_id, **sampling)
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                self.model.generate(**kwargs)
+            except BaseException as err:  # handed to the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def send(self, text: str) -> str:
+        """Generate the whole reply to ``text`` and return it."""
+        return "".join(self.stream(text)).strip()
+
+    def reset(self) -> None:
+        """Forget the conversation."""
+        self.history.clear()
+
+
+def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
+             write: Callable[..., None] | None = None) -> None:
+    """Terminal loop: prints the notice, streams replies, handles ``/reset`` and ``/exit`` (and Ctrl-D/Ctrl-C).
+
+    Args:
+        session (`ChatSession`): the conversation.
+        read (`Callable`, *optional*, defaults to `input`): returns the next user line given a prompt.
+        write (`Callable`, *optional*, defaults to `print`): prints (accepts ``end`` and ``flush``).
+    """
+    read, write = read or input, write or print
+    write(NOTICE)
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write()
+            return
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            write("(conversation cleared)")
+            continue
+        write("bimedix> ", end="", flush=True)
+        for piece in session.stream(text):
+            write(piece, end="", flush=True)
+        write()
