@@ -157,7 +157,7 @@ CORRUPT = [
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "opa", "all options are empty", 1),
     ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "question": "سؤال"}, ensure_ascii=False).encode("cp1256"),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, None, "not valid UTF-8", 1),
-    ("mmlu", "anatomy_test.csv", "Q1,a,b,c,d,A\r\n".encode() + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
+    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\n" + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
      2, None, "not valid UTF-8", 2),
     ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer", "not one of the option", 2),
     ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nسؤال\t\t['A']\t['1']\nس\tج\t['A']\t['1']\n".encode(),

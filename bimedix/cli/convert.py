@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--on-error skip, which writes each of them with its reason to the rejects file.")
     parser.add_argument("source", metavar="SOURCE",
                         help="source name: pubmedqa, medmcqa, medqa, mmlu, mmlu-ar, medarabench, healthcaremagic, "
-                             "icliniq, meadow, umls, liveqa, medicationqa, mentalqa (bimedix.data.converters.CONVERTERS)")
-    parser.add_argument("--input", required=True, type=Path, help="the original file (a folder for mmlu / mmlu-ar)")
+                             "icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
+    parser.add_argument("--input", required=True, type=Path,
+                        help="the original file (a folder for mmlu / mmlu-ar)")
     parser.add_argument("--output", required=True, type=Path, help="where to write the records (.jsonl)")
     parser.add_argument("--language", choices=["en", "ar"], help="record language (default: the source's)")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
                                                 ("cop_base", args.cop_base)) if value is not None}
     rejects_path = None
     if args.on_error == "skip":
-        rejects_path = args.rejects or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".rejects.jsonl")
+        default = args.output.with_name(args.output.name.removesuffix(".jsonl") + ".rejects.jsonl")
+        rejects_path = args.rejects or default
     elif args.rejects is not None:
         raise ValueError("--rejects only applies with --on-error skip")
     with RejectLog(rejects_path) as rejects:
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         except RecordError as err:
             raise RecordError(f"{err.reason} (rerun with --on-error skip to set bad records aside)", path=err.path,
                               record=err.record, field=err.field) from None
-    print(f"{args.source}: read {written + rejects.count}, written {written}, rejected {rejects.count} -> {args.output}")
+    print(f"{args.source}: read {written + rejects.count}, written {written}, rejected {rejects.count} "
+          f"-> {args.output}")
     if rejects_path is not None:
         print(f"rejects: {rejects_path}")
         for reason, count in rejects.reasons.most_common(5):

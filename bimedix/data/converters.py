@@ -99,7 +99,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
                "AceGPT MMLUArabic (FreedomIntelligence/AceGPT): machine translation of MMLU, same CSV layout"),
     SourceInfo("medarabench", "mcqa", "ar", LICENSES["medarabench"], False, False,
                "MedAraBench (nyuad-cai/MedAraBench): medarabench-test_split.csv, options A-F"),
-    SourceInfo("healthcaremagic", "qa", "en", "none stated (ChatDoctor; HealthCareMagic.com content)", False, False,
+    SourceInfo("healthcaremagic", "qa", "en", "none stated (ChatDoctor; HealthCareMagic.com content)",
+               False, False,
                "ChatDoctor HealthCareMagic-100k: JSON list of {instruction, input, output}"),
     SourceInfo("icliniq", "qa", "en", "none stated (ChatDoctor; iCliniq.com content)", False, False,
                "ChatDoctor iCliniq: JSON list of {input, answer_icliniq, answer_chatgpt, answer_chatdoctor}"),
@@ -172,32 +173,38 @@ def convert(source: str, path: str | os.PathLike, *, language: str | None = None
         raise ValueError(f"{source}: unsupported option(s) {sorted(options)} ({err})") from None
 
 
-def convert_pubmedqa(path, *, language=None, on_error=None, ground_truth=None, split="all") -> Iterator[dict]:
+def convert_pubmedqa(path: str | os.PathLike, *, language: str | None = None, on_error: OnError = None,
+                     ground_truth: str | os.PathLike | None = None, split: str = "all") -> Iterator[dict]:
     """PubMedQA → mcqa records (see `bimedix.data.mcqa.read_pubmedqa`)."""
     return _mcqa(read_pubmedqa(path, ground_truth, split=split, on_error=on_error), language, on_error)
 
 
-def convert_medmcqa(path, *, language=None, on_error=None, cop_base=1) -> Iterator[dict]:
+def convert_medmcqa(path: str | os.PathLike, *, language: str | None = None, on_error: OnError = None,
+                    cop_base: int = 1) -> Iterator[dict]:
     """MedMCQA → mcqa records with the explanation after the answer (see `bimedix.data.mcqa.read_medmcqa`)."""
     return _mcqa(read_medmcqa(path, cop_base=int(cop_base), on_error=on_error), language, on_error)
 
 
-def convert_medqa(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_medqa(path: str | os.PathLike, *, language: str | None = None,
+                  on_error: OnError = None) -> Iterator[dict]:
     """MedQA-USMLE → mcqa records (see `bimedix.data.mcqa.read_medqa`)."""
     return _mcqa(read_medqa(path, on_error=on_error), language, on_error)
 
 
-def convert_mmlu(path, *, language=None, on_error=None, subject=None, source_language="en") -> Iterator[dict]:
+def convert_mmlu(path: str | os.PathLike, *, language: str | None = None, on_error: OnError = None,
+                 subject: str | None = None, source_language: str = "en") -> Iterator[dict]:
     """MMLU CSVs (English, or AceGPT's Arabic with ``source_language="ar"``) → mcqa records."""
     return _mcqa(read_mmlu(path, language=source_language, subject=subject, on_error=on_error), language, on_error)
 
 
-def convert_medarabench(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_medarabench(path: str | os.PathLike, *, language: str | None = None,
+                        on_error: OnError = None) -> Iterator[dict]:
     """MedAraBench → Arabic mcqa records (see `bimedix.data.mcqa.read_medarabench`)."""
     return _mcqa(read_medarabench(path, on_error=on_error), language, on_error)
 
 
-def convert_instructions(path, *, source: str, language=None, on_error=None) -> Iterator[dict]:
+def convert_instructions(path: str | os.PathLike, *, source: str, language: str | None = None,
+                         on_error: OnError = None) -> Iterator[dict]:
     """``{instruction, input, output}`` records (HealthCareMagic, Medical Meadow, UMLS) → qa records."""
     seen: Counter[str] = Counter()
     for where, obj in _json_records(path, on_error):
@@ -212,15 +219,18 @@ def convert_instructions(path, *, source: str, language=None, on_error=None) -> 
             if instruction and instruction not in GENERIC_INSTRUCTIONS:
                 question = f"{instruction}\n\n{question}" if question else instruction
             if not question:
-                raise fail("input", f"no question: `input` is empty and `instruction` is boilerplate {instruction!r}")
+                raise fail("input", "no question: `input` is empty and `instruction` is boilerplate "
+                                    f"{instruction!r}")
             answer = _required(obj, "output", fail)
-            original_id = str(obj["sample_id"]) if obj.get("sample_id") is not None else f"{Path(path).name}:{where}"
+            sample_id = obj.get("sample_id")
+            original_id = str(sample_id) if sample_id is not None else f"{Path(path).name}:{where}"
             yield _qa_record(source, path, where, question, answer, language, seen=seen, original_id=original_id)
         except RecordError as err:
             report(err, on_error)
 
 
-def convert_icliniq(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_icliniq(path: str | os.PathLike, *, language: str | None = None,
+                    on_error: OnError = None) -> Iterator[dict]:
     """ChatDoctor iCliniq (``input`` → ``answer_icliniq``; ``{instruction, input, output}`` also accepted)."""
     seen: Counter[str] = Counter()
     for where, obj in _json_records(path, on_error):
@@ -236,7 +246,8 @@ def convert_icliniq(path, *, language=None, on_error=None) -> Iterator[dict]:
             report(err, on_error)
 
 
-def convert_liveqa(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
+                   on_error: OnError = None) -> Iterator[dict]:
     """LiveQA TREC-2017 medical XML → one qa record per question with its first reference answer."""
     try:
         root = ET.parse(path).getroot()
@@ -263,7 +274,8 @@ def convert_liveqa(path, *, language=None, on_error=None) -> Iterator[dict]:
             report(err, on_error)
 
 
-def convert_medicationqa(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_medicationqa(path: str | os.PathLike, *, language: str | None = None,
+                         on_error: OnError = None) -> Iterator[dict]:
     """MedicationQA xlsx → qa records (``Question`` → ``Answer``, ``Focus (Drug)`` as subject)."""
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
@@ -296,7 +308,8 @@ def convert_medicationqa(path, *, language=None, on_error=None) -> Iterator[dict
         workbook.close()
 
 
-def convert_mentalqa(path, *, language=None, on_error=None) -> Iterator[dict]:
+def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
+                     on_error: OnError = None) -> Iterator[dict]:
     """MentalQA ``Train_Dev.tsv`` → Arabic qa records (``question`` → ``answer``)."""
     rows = read_delimited(path, delimiter="\t", on_error=on_error)
     header_line, header = next(rows, (1, []))

@@ -135,7 +135,8 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
         raise RecordError(f"expected a JSON object keyed by PMID, got {type(data).__name__}", path=str(path))
     labels = read_json(ground_truth) if ground_truth is not None else {}
     if not isinstance(labels, dict):
-        raise RecordError(f"expected a JSON object PMID -> label, got {type(labels).__name__}", path=str(ground_truth))
+        raise RecordError(f"expected a JSON object PMID -> label, got {type(labels).__name__}",
+                          path=str(ground_truth))
     unlabeled = 0
     for pmid, entry in data.items():
         if split == "test" and pmid not in labels or split == "train" and pmid in labels:
@@ -179,7 +180,8 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1, on_error: OnErro
         on_error (`OnError`, *optional*): ``None`` raises on a bad record; a callable receives it instead.
     """
     if cop_base not in (0, 1):
-        raise ValueError(f"cop_base must be 1 (original MedMCQA files) or 0 (Hugging Face export), got {cop_base!r}")
+        raise ValueError(f"cop_base must be 1 (original MedMCQA files) or 0 (Hugging Face export), "
+                         f"got {cop_base!r}")
     for line, obj in read_jsonl(path, on_error=on_error):
         fail = failer(path, line, obj)
         try:
@@ -194,8 +196,9 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1, on_error: OnErro
                 raise fail("cop", f"answer index {cop!r} is not in {cop_base}..{cop_base + len(options) - 1} "
                                   f"(cop_base={cop_base}; the original files are 1-based, the Hub export 0-based)")
             yield MCQAItem(id=f"medmcqa-{original_id}", source="medmcqa", language="en",
-                           question=_text(obj, "question", fail), options=options, answer=OPTION_LETTERS[cop - cop_base],
-                           subject=_optional_text(obj.get("subject_name")), explanation=_optional_text(obj.get("exp")),
+                           question=_text(obj, "question", fail), options=options,
+                           answer=OPTION_LETTERS[cop - cop_base], subject=_optional_text(obj.get("subject_name")),
+                           explanation=_optional_text(obj.get("exp")),
                            original_id=original_id, license=LICENSES["medmcqa"], line=line)
         except RecordError as err:
             report(err, on_error)
@@ -271,9 +274,11 @@ def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | N
                 options = _options(list(zip("ABCD", row[1:5])), fail)
                 answer = _letter(row[5], options, "answer", fail)
                 if language == "ar" and _is_ip_spoofing(question, options):
-                    raise fail("question", "corrupted upstream translation: question and options were replaced by an "
-                                           "'IP spoofing' computer-security item, so the gold letter is meaningless")
-                yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source, language=language,
+                    raise fail("question", "corrupted upstream translation: question and options were replaced "
+                                           "by an 'IP spoofing' computer-security item, so the gold letter is "
+                                           "meaningless")
+                yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source,
+                               language=language,
                                question=question, options=options, answer=answer, subject=file_subject,
                                original_id=f"{file.name}:{row_no}", license=LICENSES[source], line=line)
             except RecordError as err:
@@ -292,7 +297,8 @@ def read_medarabench(path: str | os.PathLike, *, on_error: OnError = None) -> It
     required = ["Question Number", "Question", *(f"Option {k}" for k in "ABCDEF"), "Correct Answer"]
     missing = [name for name in required if name not in header]
     if missing:
-        raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path), record=header_line)
+        raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path),
+                          record=header_line)
     column = {name: index for index, name in enumerate(header)}
     for line, row in rows:
         cell = dict(zip(header, row))
@@ -343,7 +349,8 @@ def render_mcqa(item: MCQAItem, language: str | None = None) -> list[dict]:
         raise ValueError(f"no MCQA prompts for language {language!r}; expected one of {sorted(PROMPTS)}")
     prompts, letters = PROMPTS[language], LETTERS[language]
     if len(item.options) > len(letters):
-        raise ValueError(f"item {item.id!r} has {len(item.options)} options; at most {len(letters)} can be lettered")
+        raise ValueError(f"item {item.id!r} has {len(item.options)} options; at most {len(letters)} "
+                         "can be lettered")
     if item.context is not None:
         human = prompts["context"].format(context=item.context, question=item.question)
         text = item.answer_text
@@ -372,10 +379,11 @@ def item_to_record(item: MCQAItem, language: str | None = None) -> dict:
     """
     language = language or item.language
     try:
-        return make_record(id=item.id if language == item.language else f"{item.id}-{language}", source=item.source,
-                           task="mcqa", language=language, conversations=render_mcqa(item, language),
-                           license=item.license or None, original_id=item.original_id or None, subject=item.subject,
-                           answer=item.answer, options=list(item.options))
+        return make_record(id=item.id if language == item.language else f"{item.id}-{language}",
+                           source=item.source, task="mcqa", language=language,
+                           conversations=render_mcqa(item, language), license=item.license or None,
+                           original_id=item.original_id or None, subject=item.subject, answer=item.answer,
+                           options=list(item.options))
     except RecordError as err:
         raise err.located(record=item.line if item.line is not None else item.id) from None
 

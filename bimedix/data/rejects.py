@@ -49,8 +49,9 @@ def report(error: RecordError, on_error: OnError) -> None:
     on_error(error)
 
 
-def failer(path: str | os.PathLike, record: str | int | None, raw: Any = None) -> Callable[[str | None, str], RecordError]:
-    """Return ``fail(field, message)``, which builds a `RecordError` located at ``path:record`` carrying ``raw``."""
+def failer(path: str | os.PathLike, record: str | int | None,
+           raw: Any = None) -> Callable[[str | None, str], RecordError]:
+    """Return ``fail(field, message)``: it builds a `RecordError` located at ``path:record`` carrying ``raw``."""
 
     def fail(field: str | None, message: str) -> RecordError:
         return RecordError(message, path=str(path), record=record, field=field, raw=raw)
@@ -147,8 +148,8 @@ def read_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                report(RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8",
-                                   path=str(path), record=line_no, raw=raw.decode("utf-8", "replace")), on_error)
+                report(RecordError(_not_utf8(err), path=str(path), record=line_no,
+                                   raw=raw.decode("utf-8", "replace")), on_error)
                 continue
             text = text.strip()
             if not text:
@@ -156,8 +157,8 @@ def read_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
-                report(RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path), record=line_no,
-                                   raw=text), on_error)
+                report(RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                                   record=line_no, raw=text), on_error)
                 continue
             yield line_no, obj
 
@@ -168,8 +169,7 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle)
     except UnicodeDecodeError as err:
-        raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8",
-                          path=str(path)) from None
+        raise RecordError(_not_utf8(err), path=str(path)) from None
     except json.JSONDecodeError as err:
         raise RecordError(f"invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})",
                           path=str(path)) from None
@@ -180,8 +180,8 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
     """Yield ``(first_line_number, row)`` for each row of a CSV/TSV file, header included.
 
     Quoted cells may span lines (their line breaks come back as ``\\n``); CRLF or LF endings, a missing final
-    newline and a UTF-8 BOM are all accepted. A row that touches bytes that are not UTF-8 (e.g. cp1256) is a bad record: it goes
-    through ``on_error`` and reading continues.
+    newline and a UTF-8 BOM are all accepted. A row that touches bytes that are not UTF-8 (e.g. cp1256) is
+    a bad record: it goes through ``on_error`` and reading continues.
     """
     bad_lines: dict[int, str] = {}
 
@@ -193,7 +193,7 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    bad_lines[line_no] = f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
+                    bad_lines[line_no] = _not_utf8(err)
                     yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(lines(), delimiter=delimiter)
@@ -215,3 +215,7 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
         elif row:
             yield start, [cell.replace("\r\n", "\n").replace("\r", "\n") for cell in row]
         start = end + 1
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
