@@ -45,7 +45,8 @@ SPOT = [
     ("liveqa", "liveqa-TQ2", "Zolmitriptan tabkets 5mg", "Zolmitriptan tablets are available as 2.5 mg", None),
     ("medicationqa", 0, "how does rivatigmine and otc sleep medicine interact",
      "tell your doctor and pharmacist what prescription", "rivastigmine"),
-    ("mentalqa", 0, "هل يعتبر الخوف من عدم الإنجاب", "سد تى نعم ان هناك العديد من القلق", None),
+    ("mentalqa", 0, "هل يعتبر الخوف من عدم الإنجاب", "سد تى نعم ان هناك العديد من القلق",
+     "diagnosis, epidemiology"),
 ]
 
 
@@ -162,6 +163,8 @@ CORRUPT = [
     ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer", "not one of the option", 2),
     ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nسؤال\t\t['A']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
      2, "answer", "is empty", 1),
+    ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nس\tج\t['Q']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
+     2, "final_QT", "are not among", 1),
     ("meadow", "meadow.json", json.dumps([GOOD_QA, {"instruction": "Answer this question truthfully", "input": "Q"},
                                           GOOD_QA]).encode(), "[1]", "output", "missing", 2),
 ]

@@ -25,6 +25,7 @@ Ids are ``<source>-<original id>`` where the source has one and a content hash o
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -60,6 +61,10 @@ GENERIC_INSTRUCTIONS = frozenset({
     "Answer this question truthfully",
     "If you are a doctor, please answer the medical questions based on the patient's description.",
 })
+
+#: MentalQA question types (``final_QT``), from the dataset's README.
+MENTALQA_TYPES = {"A": "diagnosis", "B": "treatment", "C": "anatomy and physiology", "D": "epidemiology",
+                  "E": "healthy lifestyle", "F": "provider choices", "Z": "other"}
 
 
 @dataclass(frozen=True)
@@ -310,7 +315,11 @@ def convert_medicationqa(path: str | os.PathLike, *, language: str | None = None
 
 def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
                      on_error: OnError = None) -> Iterator[dict]:
-    """MentalQA ``Train_Dev.tsv`` → Arabic qa records (``question`` → ``answer``)."""
+    """MentalQA ``Train_Dev.tsv`` → Arabic qa records (``question`` → ``answer``).
+
+    The question-type labels (``final_QT``, a Python-list string such as ``"['A', 'D']"``) become
+    ``meta.subject`` as names, e.g. ``"diagnosis, epidemiology"``; an unreadable label is a bad record.
+    """
     rows = read_delimited(path, delimiter="\t", on_error=on_error)
     header_line, header = next(rows, (1, []))
     header = [name.strip() for name in header]
@@ -326,8 +335,9 @@ def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
                 raise fail(None, f"expected {len(header)} tab-separated columns, got {len(row)}")
             question = _required(cell, "question", fail)
             answer = _required(cell, "answer", fail)
+            types = _mentalqa_types(cell["final_QT"], fail) if "final_QT" in cell else None
             yield _qa_record("mentalqa", path, line, question, answer, language, seen=seen,
-                             original_id=f"{Path(path).name}:{line}")
+                             original_id=f"{Path(path).name}:{line}", subject=types)
         except RecordError as err:
             report(err, on_error)
 
@@ -403,6 +413,18 @@ def _required(obj: dict, field: str, fail) -> str:
     if not value:
         raise fail(field, "is empty")
     return value
+
+
+def _mentalqa_types(value: str, fail) -> str | None:
+    """``"['A', 'D']"`` (or ``"A, D"``) → ``"diagnosis, epidemiology"``."""
+    text = value.strip()
+    try:
+        letters = ast.literal_eval(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+    except (ValueError, SyntaxError):
+        raise fail("final_QT", f"not a list of labels: {value!r:.80}") from None
+    if not isinstance(letters, list) or not all(isinstance(x, str) and x.strip() in MENTALQA_TYPES for x in letters):
+        raise fail("final_QT", f"labels {value!r:.80} are not among {sorted(MENTALQA_TYPES)}")
+    return ", ".join(MENTALQA_TYPES[x.strip()] for x in letters) or None
 
 
 def _xml_text(node: ET.Element | None) -> str:
