@@ -169,7 +169,7 @@ def test_dataset_card_counts_come_from_the_rows(tmp_path, dataset_dir):
     text = loaded.text
     n_en = sum(r["language"] == "en" for r in records)
     assert f"| **total** | {n_en} | {len(records) - n_en} | {len(records)} |" in text
-    assert "| meadow | GPL-3.0 | gpl-3.0 | 2 | 2 | 0 |" in text
+    assert "| meadow | GPL-3.0 | gpl-3.0 | 2 | 2 | 0 | Medical Meadow" in text
     assert "Copyleft" in text and "unreviewed machine translation" in text
     assert "| mcqa | en | 6 |" in text  # stats.md embedded
 
@@ -190,6 +190,7 @@ def test_bench_card(tmp_path, bench_dir):
     for key in DATASET_REQUIRED:
         assert data.get(key), f"missing {key}"
     assert data["task_categories"] == ["question-answering"]
+    assert data["language"] == ["ar"] and data["multilinguality"] == ["monolingual", "translation"]
     assert data["translation_review"] == {"machine_translated": 5, "human_reviewed": 2}
     assert "| medqa | 3 |" in card.text and "| **total** | 5 |" in card.text
 

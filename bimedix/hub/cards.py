@@ -316,11 +316,13 @@ def _dataset_card_data(summary: DatasetSummary, configs: list[dict], pretty_name
     language_creators = ["found"] + (["machine-generated"] if summary.translated or summary.generated else [])
     if summary.reviewed:
         language_creators.append("expert-generated")
+    languages = [language for language in LANGUAGES if summary.by_language.get(language)]
     return DatasetCardData(
-        language=LANGUAGES, license=licences[0] if len(licences) == 1 else licences, pretty_name=pretty_name,
+        language=languages, license=licences[0] if len(licences) == 1 else licences, pretty_name=pretty_name,
         annotations_creators=["found"] + (["machine-generated"] if summary.generated else []),
         language_creators=language_creators,
-        multilinguality=["multilingual", "translation"] if summary.translated else ["multilingual"],
+        multilinguality=(["multilingual"] if len(languages) > 1 else ["monolingual"])
+        + (["translation"] if summary.translated else []),
         size_categories=[_size_category(summary.total)],
         source_datasets=[f"extended|{s}" for s in sorted({s.source for s in summary.sources})],
         task_categories=task_categories, task_ids=task_ids, configs=configs,
@@ -342,10 +344,15 @@ def _composition_table(summary: DatasetSummary) -> str:
 
 
 def _source_table(summary: DatasetSummary) -> str:
-    rows = ["| source | licence (as stated) | Hub licence id | rows | en | ar |", "|---|---|---|---:|---:|---:|"]
+    from ..data.converters import SOURCE_INFO
+
+    rows = ["| source | licence (as stated) | Hub licence id | rows | en | ar | upstream |",
+            "|---|---|---|---:|---:|---:|---|"]
     for s in summary.sources:
+        info = SOURCE_INFO.get(s.source)
         rows.append(f"| {s.source} | {s.license or 'not stated'} | {hub_license(s.license)} | {s.count:,} | "
-                    f"{s.languages.get('en', 0):,} | {s.languages.get('ar', 0):,} |")
+                    f"{s.languages.get('en', 0):,} | {s.languages.get('ar', 0):,} | "
+                    f"{info.description.replace('|', '/') if info else ''} |")
     return "\n".join(rows)
 
 
@@ -363,8 +370,9 @@ def _licence_text(summary: DatasetSummary) -> str:
 def _translation_text(summary: DatasetSummary) -> str:
     arabic = summary.by_language.get("ar", 0)
     if not summary.translated:
-        return (f"None of the {arabic:,} Arabic rows carries machine-translation provenance: they are "
-                "Arabic as published by their source.")
+        return (f"None of the {arabic:,} Arabic rows was translated by bimedix (no translation provenance): "
+                "their Arabic is as published by their sources, which may itself be a machine translation "
+                "(see *upstream* in the table above).")
     share = summary.reviewed / summary.translated
     lines = [f"{summary.translated:,} rows are **machine-translated** from English; "
              f"{summary.reviewed:,} of them ({share:.1%}) were reviewed by a human and "
