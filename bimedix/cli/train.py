@@ -1,0 +1,126 @@
+"""``bimedix targets | show-mask | sft | merge | estimate-memory``: fine-tuning commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    """Add the training sub-commands."""
+    p = subparsers.add_parser("targets", help="show which weights a LoRA preset adapts and the trainable share")
+    p.add_argument("model", help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached Hub id")
+    p.add_argument("--preset", default="paper", help="paper | attention | experts | all (default: paper)")
+    p.add_argument("--r", type=int, default=128, help="LoRA rank (default: 128, the paper's)")
+    p.add_argument("--alpha", type=int, default=64, help="LoRA alpha (default: 64)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_targets)
+
+    p = subparsers.add_parser("show-mask", help="print a training sample with its trained tokens highlighted")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", help="an SFT recipe YAML: its data, template, system prompt and max_length")
+    source.add_argument("--data", help="a schema-record JSONL file (or anything `datasets` loads)")
+    p.add_argument("--index", type=int, default=0, help="row to show (default: 0)")
+    p.add_argument("--model", help="tokenizer to use with --data (default: the Mixtral tokenizer)")
+    p.add_argument("--max_length", type=int, help="truncate like SFTConfig.max_length")
+    p.add_argument("--plain", action="store_true", help="mark trained spans with [[ ]] instead of colour")
+    p.set_defaults(func=_show_mask)
+
+    # '-' is not an option prefix here, so every flag reaches TrlParser untouched (it owns --help too)
+    p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)", add_help=False,
+                              prefix_chars="+",
+                              description="Run `bimedix sft --config RECIPE.yaml [--key value ...]`; "
+                                          "`bimedix sft --help` lists every key.")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE and --key value flags")
+    p.set_defaults(func=_sft)
+
+    p = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model after a logit check")
+    p.add_argument("--base", help="base model (folder, Hub id, or tiny:<arch>:<seed>); default: the adapter's")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    p.add_argument("--output", required=True, help="output folder for the merged safetensors model")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |merged - adapter| logit difference")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_merge)
+
+    p = subparsers.add_parser("estimate-memory", help="memory a recipe needs, from the model config only")
+    p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_estimate_memory)
+
+
+def _targets(args) -> int:
+    from bimedix.training.targets import build_lora_config, describe_targets, lora_table, meta_model
+
+    model = meta_model(args.model)
+    config = build_lora_config(model, args.preset, r=args.r, alpha=args.alpha)
+    rows, trainable, total = lora_table(model, config)
+    if args.json:
+        print(json.dumps({"rows": rows, "trainable": trainable, "total": total,
+                          "target_modules": sorted(config.target_modules or []),
+                          "target_parameters": sorted(config.target_parameters or [])}, indent=1))
+        return 0
+    print(f"{'name':<52} {'kind':<9} {'group':<14} {'shape':<18} {'LoRA params':>12}")
+    for row in rows:
+        print(f"{row['name']:<52} {row['kind']:<9} {row['group']:<14} {'x'.join(map(str, row['shape'])):<18} "
+              f"{row['lora_params']:>12,}")
+    print()
+    for group, count in describe_targets(rows).items():
+        print(f"{group:<14} {count:>15,}")
+    print(f"target_modules={sorted(config.target_modules or [])} target_parameters="
+          f"{sorted(config.target_parameters or [])} r={args.r} alpha={args.alpha}")
+    print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    return 0
+
+
+def _show_mask(args) -> int:
+    from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
+    from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+    from trl.scripts.utils import DatasetConfig
+
+    if args.recipe:
+        script, training, model_args, mixture, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])
+        max_length = args.max_length or training.max_length
+    else:
+        script, model_args = ScriptArguments(), ModelConfig(model_name_or_path=args.model)
+        mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=args.data)])
+        bimedix = BimedixArguments(tiny_model=None if args.model else "mixtral")
+        max_length = args.max_length
+    tokenizer = load_tokenizer(model_args, bimedix)
+    dataset = load_sft_dataset(script, mixture, system_prompt=bimedix.system_prompt)[script.dataset_train_split]
+    if not 0 <= args.index < len(dataset):
+        raise ValueError(f"--index {args.index} is out of range: the data has {len(dataset)} rows.")
+    ids, mask = assistant_token_mask(tokenizer, dataset[args.index]["messages"], max_length=max_length)
+    print(render_mask(tokenizer, ids, mask, plain=args.plain))
+    print(f"\n[row {args.index}: {mask_summary(mask)}]")
+    return 0
+
+
+def _sft(args) -> int:
+    from bimedix.training.sft import main, make_parser
+
+    parser = make_parser()
+    parser.prog = "bimedix sft"
+    main(*parser.parse_args_and_config(args.args))
+    return 0
+
+
+def _merge(args) -> int:
+    from bimedix.training.merge import adapter_base_name, merge_adapter
+
+    base = args.base or adapter_base_name(args.adapter)
+    if not base:
+        raise ValueError(f"{args.adapter}/adapter_config.json names no base model: pass --base.")
+    report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype)
+    print(f"merged {args.adapter} into {base} -> {args.output}")
+    print(f"max |merged - adapter| logit difference: {report['max_abs_diff_merged_vs_adapter']:.3g} "
+          f"(tolerance {args.tolerance:g}); max |merged - base|: {report['max_abs_diff_merged_vs_base']:.3g}")
+    return 0
+
+
+def _estimate_memory(args) -> int:
+    from bimedix.training.memory import estimate_memory, format_report
+
+    report = estimate_memory(args.recipe)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
