@@ -88,7 +88,11 @@ class BenchmarkIndex:
             self.items.append(item)
         self._index = {gram: tuple(ids) for gram, ids in postings.items() if len(ids) <= max_item_frequency}
         self._sizes = [sum(1 for gram in grams if gram in self._index) for grams in item_grams]
-        self._gram_sizes = sorted({len(gram) for gram in self._index})
+        # Questions shorter than `ngram` words: looked up by their first word, so one pass finds them all.
+        self._short: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+        for gram in self._index:
+            if len(gram) < ngram:
+                self._short[gram[0]].append(gram)
         logger.info("decontamination index: %d benchmark items, %d n-grams (%d boilerplate n-grams ignored)",
                     len(self.items), len(self._index), len(postings) - len(self._index))
 
@@ -104,10 +108,15 @@ class BenchmarkIndex:
         """
         words = (text if normalized else normalize_for_match(text)).split()
         hits: Counter[int] = Counter()
-        for size in self._gram_sizes:
-            for gram in _ngrams(words, size, short=False):
-                for item_id in self._index.get(gram, ()):
-                    hits[item_id] += 1
+        grams = _ngrams(words, self.ngram, short=False)
+        if self._short:
+            for position, word in enumerate(words):
+                for gram in self._short.get(word, ()):
+                    if tuple(words[position:position + len(gram)]) == gram:
+                        grams.add(gram)
+        for gram in grams:
+            for item_id in self._index.get(gram, ()):
+                hits[item_id] += 1
         best = None
         for item_id, matched in hits.items():
             overlap = matched / self._sizes[item_id]

@@ -14,6 +14,7 @@ so 1.3M records fit in well under a gigabyte (see ``benchmarks/data_prep.py``).
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -68,7 +69,7 @@ class Deduplicator:
         self.num_perm = num_perm
         self.shingle = shingle
         self.bands, self.rows = optimal_bands(threshold, num_perm)
-        self._permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+        self._permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32", hashfunc=zlib.crc32).permutations
         self._seed = seed
         self._exact: dict[int, str] = {}
         self._buckets: set[int] = set()
@@ -98,7 +99,7 @@ class Deduplicator:
         size = min(self.shingle, len(words)) or 1
         shingles = {" ".join(words[i:i + size]).encode() for i in range(max(len(words) - size + 1, 1))}
         minhash = MinHash(num_perm=self.num_perm, seed=self._seed, permutations=self._permutations,
-                          scheme="affine32")
+                          scheme="affine32", hashfunc=zlib.crc32)  # stable across runs, ~3x faster than sha1
         minhash.update_batch(list(shingles))
         values = minhash.hashvalues.astype(np.uint64)
         return [_hash64(band.tobytes() + bytes([index]))
