@@ -211,8 +211,8 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
-                   [[spec.name, spec.weight, spec.on_error] for spec in recipe.sources], [_content_hash(p) for p in benchmark_files],
-                   on_error, _FORMAT_VERSION])
+                   [[spec.name, spec.weight, spec.on_error] for spec in recipe.sources],
+                   [_content_hash(p) for p in benchmark_files], on_error, _FORMAT_VERSION])
     clean_path = work_dir / f"clean-{key}.jsonl"
     manifest_path = work_dir / f"clean-{key}.json"
     source_rejects = [Path(shard["rejects"]) for shard in shards if shard["rejects"]]
