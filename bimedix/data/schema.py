@@ -39,11 +39,13 @@ TRANSLATION_FEATURES = {
     "reviewed": Value("bool"),
     "review_state": Value("string"),
     "source_id": Value("string"),
+    "cost_usd": Value("float64"),
 }
 GENERATION_FEATURES = {
     "model": Value("string"),
     "prompt_version": Value("string"),
     "source_id": Value("string"),
+    "cost_usd": Value("float64"),
 }
 META_FEATURES = {
     "original_id": Value("string"),

@@ -1,0 +1,191 @@
+"""``bimedix translate``, ``generate-chats``, ``review export|import`` and ``fake-openai-server``: the LLM data engines.
+
+Re-running ``translate`` or ``generate-chats`` with the same ``--output`` resumes: finished records are
+skipped and recorded requests come from the cache (``OUT.llm.sqlite``) for free. Exit status 0 means
+every record is in the output or the rejects file; 3 means the run stopped early (budget reached, or
+records left by transient errors) and a re-run continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+INCOMPLETE = 3
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``translate``, ``generate-chats``, ``review`` and ``fake-openai-server`` sub-commands."""
+    translate = subparsers.add_parser(
+        "translate", help="translate English records into Arabic with an LLM (score, refine, queue for review)",
+        description="English->Arabic translation over any OpenAI-compatible endpoint: translate each whole "
+                    "conversation, check invariants (option letters, numbers, units, drug names), score 0-100 with "
+                    "an LLM judge, refine below --threshold for up to --max-rounds. Resumable; outputs are "
+                    "machine translations marked in meta.translation.")
+    _endpoint_arguments(translate)
+    translate.add_argument("--threshold", type=float, default=80.0, help="judge score to reach (0-100, default 80)")
+    translate.add_argument("--max-rounds", type=int, default=3, help="translate + refine rounds per record (default 3)")
+    translate.add_argument("--judge-attempts", type=int, default=3,
+                           help="tries to get a well-formed judgement per round (default 3)")
+    translate.add_argument("--review-fraction", type=float, default=0.05,
+                           help="share of passing records queued for human review (default 0.05)")
+    translate.add_argument("--drug-names", type=Path,
+                           help="text file, one drug name per line, that must survive verbatim")
+    translate.set_defaults(func=_translate)
+
+    chats = subparsers.add_parser(
+        "generate-chats", help="generate MCQA-grounded doctor-patient chats with an LLM",
+        description="For every MCQA record, generate a multi-turn chat grounded in the question, options, answer and "
+                    "explanation (paper Fig. 2); validate it and regenerate up to --max-attempts times. Resumable.")
+    _endpoint_arguments(chats)
+    chats.add_argument("--min-turns", type=int, default=4, help="fewest human/gpt exchanges (default 4)")
+    chats.add_argument("--max-turns", type=int, default=8, help="most human/gpt exchanges (default 8)")
+    chats.add_argument("--max-attempts", type=int, default=3,
+                       help="generations per record before rejecting (default 3)")
+    chats.set_defaults(func=_generate_chats)
+
+    review = subparsers.add_parser("review", help="export translations for human review, import the reviews")
+    actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = actions.add_parser("export", help="write the review queue (CSV or JSONL)",
+                                description="Queue every translation below --threshold plus a seeded --fraction of "
+                                            "the rest, one row per turn and option.")
+    export.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
+    export.add_argument("--output", required=True, type=Path, help="the queue, .csv or .jsonl")
+    export.add_argument("--source", type=Path, help="the English input, to show originals next to translations")
+    export.add_argument("--fraction", type=float, default=0.05, help="share of passing records sampled (default 0.05)")
+    export.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    export.add_argument("--threshold", type=float, default=80.0, help="score below which all are queued (default 80)")
+    export.set_defaults(func=_review_export)
+    apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
+                               description="Check the whole review file (nothing is applied if any row is bad), "
+                                           "apply edits and decisions, mark records reviewed, append the audit trail.")
+    apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
+    apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
+    apply.add_argument("--output", required=True, type=Path, help="all records with reviews applied (.jsonl)")
+    apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
+    apply.add_argument("--audit", type=Path, help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
+    apply.set_defaults(func=_review_import)
+
+    server = subparsers.add_parser(
+        "fake-openai-server", help="run a scripted local OpenAI-compatible server (dry runs, no real model)",
+        description="Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry runs of "
+                    "translate / generate-chats. Not a model: its Arabic is letter-substituted English.")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--latency", type=float, default=0.0, help="seconds each completion waits (default 0)")
+    server.set_defaults(func=_fake_server)
+
+
+def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, type=Path, help="input records (.jsonl, .parquet or a saved dataset)")
+    parser.add_argument("--output", required=True, type=Path, help="output records (.jsonl); re-run to resume")
+    parser.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    parser.add_argument("--model", required=True, help="model name sent with each request")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key (default OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    parser.add_argument("--rpm", type=int, help="requests-per-minute limit")
+    parser.add_argument("--tpm", type=int, help="tokens-per-minute limit")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--max-retries", type=int, default=6, help="retries on transient failures (default 6)")
+    parser.add_argument("--budget-usd", type=float, help="stop before the ledger of this run's cache exceeds this")
+    parser.add_argument("--prices", type=Path, help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides')
+    parser.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (half price, slower)")
+    parser.add_argument("--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls")
+    parser.add_argument("--cache", type=Path, help="request cache and ledger (default: OUTPUT with .llm.sqlite)")
+    parser.add_argument("--prompts", help="folder with prompt YAMLs overriding the shipped ones")
+    parser.add_argument("--seed", type=int, default=0, help="request and sampling seed (default 0)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="completion limit per request (default 4096)")
+    parser.add_argument("--no-json-mode", action="store_true",
+                        help="do not send response_format=json_object (for servers without it)")
+
+
+def _client(args: argparse.Namespace):
+    from ..llm.cache import RequestCache
+    from ..llm.client import ClientConfig, LLMClient, load_prices
+
+    config = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                          concurrency=args.concurrency, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+                          timeout=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
+                          prices=load_prices(args.prices) if args.prices else {}, batch=args.batch_api,
+                          batch_poll_interval=args.batch_poll_interval)
+    cache_path = args.cache or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".llm.sqlite")
+    return LLMClient(config, RequestCache(cache_path))
+
+
+def _run(args: argparse.Namespace, engine) -> int:
+    import asyncio
+
+    from ..llm.runner import rejects_path
+
+    client = _client(args)
+
+    async def main():
+        try:
+            return await engine(client)
+        finally:
+            await client.aclose()
+            client.cache.close()
+
+    summary = asyncio.run(main())
+    print(f"{args.command}: {summary.total} records: {summary.skipped} already done, {summary.accepted} written, "
+          f"{summary.rejected} rejected -> {args.output}")
+    print(f"requests sent {summary.sent}; cost this run ${summary.cost_usd:.4f}; ledger ${summary.ledger_usd:.4f}")
+    if summary.rejected:
+        print(f"rejects: {rejects_path(args.output)}")
+    if summary.stopped:
+        print(f"stopped early: {summary.stopped}; re-run with a higher --budget-usd to continue")
+    for failure in summary.failed[:5]:
+        print(f"left for the next run: {failure}")
+    return 0 if summary.complete else INCOMPLETE
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from ..llm.translation import TranslationConfig, translate_file
+
+    drugs = frozenset()
+    if args.drug_names:
+        drugs = frozenset(line.strip() for line in args.drug_names.read_text(encoding="utf-8").splitlines()
+                          if line.strip() and not line.startswith("#"))
+    config = TranslationConfig(threshold=args.threshold, max_rounds=args.max_rounds, judge_attempts=args.judge_attempts,
+                               review_fraction=args.review_fraction, seed=args.seed, drug_names=drugs,
+                               max_tokens=args.max_tokens, json_mode=not args.no_json_mode, prompts_dir=args.prompts)
+    return _run(args, lambda client: translate_file(args.input, args.output, client, config))
+
+
+def _generate_chats(args: argparse.Namespace) -> int:
+    from ..llm.dialogue import DialogueConfig, generate_chats_file
+
+    config = DialogueConfig(min_turns=args.min_turns, max_turns=args.max_turns, max_attempts=args.max_attempts,
+                            seed=args.seed, max_tokens=args.max_tokens, json_mode=not args.no_json_mode,
+                            prompts_dir=args.prompts)
+    return _run(args, lambda client: generate_chats_file(args.input, args.output, client, config))
+
+
+def _review_export(args: argparse.Namespace) -> int:
+    from ..llm.review import export_review_queue
+
+    count = export_review_queue(args.input, args.output, source=args.source, fraction=args.fraction, seed=args.seed,
+                                threshold=args.threshold)
+    print(f"review export: {count} records queued -> {args.output}")
+    return 0
+
+
+def _review_import(args: argparse.Namespace) -> int:
+    from ..llm.review import import_reviews
+
+    summary = import_reviews(args.input, args.reviews, args.output, reviewer=args.reviewer, audit=args.audit)
+    print(f"review import: {summary.reviewed} records reviewed ({summary.approved} approved, {summary.edited} edited, "
+          f"{summary.rejected} rejected); {summary.undecided_rows} rows left undecided -> {args.output}")
+    return 0
+
+
+def _fake_server(args: argparse.Namespace) -> int:
+    from ..llm.fake_server import FakeOpenAIServer
+
+    server = FakeOpenAIServer(latency=args.latency, port=args.port)
+    print(f"fake OpenAI-compatible server on {server.base_url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,87 @@
+"""OpenAI Batch API mode: submit parked requests as a batch job, wait for it, record the results (half price).
+
+In batch mode `LLMClient.complete` parks every cache miss in the database and raises `Deferred`;
+`run_batches` then (1) writes the parked requests as Batch JSONL (``custom_id`` = cache key), uploads it
+with ``purpose="batch"`` and creates a ``/v1/chat/completions`` batch, remembering its id in the
+database in the same transaction that marks the requests submitted; (2) polls every open batch until it
+ends; (3) downloads the output file and records each answer in the cache and ledger at the batch price.
+A run killed while waiting finds its open batches in the database and keeps polling them instead of
+submitting again. Requests a batch did not answer go back to the pool and are resubmitted next pass.
+The few management calls (upload, create, poll, download) use the SDK's own retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from .cache import CachedResponse, RequestCache
+
+if TYPE_CHECKING:
+    from .client import LLMClient
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUESTS_PER_BATCH = 50_000
+TERMINAL_STATES = ("completed", "failed", "expired", "cancelled")
+
+
+async def run_batches(openai_client, cache: RequestCache, client: LLMClient, *, poll_interval: float = 30.0,
+                      completion_window: str = "24h") -> int:
+    """Submit unsubmitted parked requests, wait for every open batch, record the answers; return how many.
+
+    Args:
+        openai_client (`openai.AsyncOpenAI`): the SDK client.
+        cache (`RequestCache`): where parked requests wait and answers are recorded.
+        client (`LLMClient`): prices the answers (batch discount applied).
+        poll_interval (`float`, *optional*, defaults to `30`): seconds between status checks.
+        completion_window (`str`, *optional*, defaults to `"24h"`): the Batch API completion window.
+    """
+    api = openai_client.with_options(max_retries=5)
+    pending = cache.unsubmitted()
+    for start in range(0, len(pending), MAX_REQUESTS_PER_BATCH):
+        chunk = pending[start:start + MAX_REQUESTS_PER_BATCH]
+        lines = "".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
+                                   ensure_ascii=False) + "\n" for key, body in chunk)
+        uploaded = await api.files.create(file=("bimedix-batch.jsonl", lines.encode(), "application/jsonl"),
+                                          purpose="batch")
+        batch = await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                         completion_window=completion_window)
+        cache.record_batch(batch.id, uploaded.id, [key for key, _ in chunk])
+        logger.info("submitted batch %s with %d requests", batch.id, len(chunk))
+    recorded = 0
+    for batch_id in cache.open_batches():
+        batch = await api.batches.retrieve(batch_id)
+        while batch.status not in TERMINAL_STATES:
+            await asyncio.sleep(poll_interval)
+            batch = await api.batches.retrieve(batch_id)
+        if batch.status != "completed":
+            logger.warning("batch %s ended %s; its unanswered requests will be resubmitted", batch_id, batch.status)
+        if batch.output_file_id:
+            content = await api.files.content(batch.output_file_id)
+            recorded += _record_output(content.text, cache, client)
+        cache.close_batch(batch_id)
+    return recorded
+
+
+def _record_output(text: str, cache: RequestCache, client: LLMClient) -> int:
+    recorded = 0
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        response = item.get("response") or {}
+        body = response.get("body") or {}
+        if response.get("status_code") != 200 or not body.get("choices"):
+            logger.warning("batch output line %d (%s) failed: %s", line_no, item.get("custom_id"),
+                           item.get("error") or response.get("status_code"))
+            continue
+        choice, usage = body["choices"][0], body.get("usage") or {}
+        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        cache.put(item["custom_id"], client.config.model, CachedResponse(
+            choice["message"].get("content") or "", choice.get("finish_reason") or "stop", prompt_tokens,
+            completion_tokens, client.cost(prompt_tokens, completion_tokens, batch=True)), mode="batch")
+        recorded += 1
+    return recorded

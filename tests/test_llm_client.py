@@ -1,0 +1,183 @@
+"""LLMClient against a real local OpenAI-compatible server through the real openai SDK: faults, cache, ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from llm_support import MODEL, PRICES, api_key_fixture, make_client, server_fixture  # noqa: F401 - fixtures
+
+from bimedix.llm.cache import RequestCache
+from bimedix.llm.client import BudgetExceeded, ClientConfig, Deferred, LLMClient, LLMError, load_prices
+from bimedix.llm.fake_server import FakeOpenAIServer, Fault
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def _complete(client, messages=MESSAGES, **kwargs):
+    async def go():
+        try:
+            return await client.complete(messages, max_tokens=kwargs.pop("max_tokens", 32), **kwargs)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("faults", [
+    [Fault("status", 500)],
+    [Fault("status", 503), Fault("status", 502)],
+    [Fault("status", 429, {"retry-after-ms": "50"})],
+    [Fault("delay", delay=1.0)],  # past the 0.3 s timeout
+    [Fault("reset")],
+    [Fault("malformed")],
+    [Fault("truncated")],
+    [Fault("reset"), Fault("malformed"), Fault("status", 500)],
+], ids=["500", "503-502", "429", "timeout", "reset", "malformed", "truncated", "mixed"])
+def test_transient_faults_are_retried_then_succeed(server, api_key, tmp_path, faults):
+    server.inject(*faults)
+    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=0.3)
+    completion = _complete(client)
+    assert completion.text == "echo: Say hello." and completion.finish_reason == "stop" and not completion.cached
+    assert server.count() == len(faults) + 1
+    assert client.retried == len(faults)
+    assert client.cache.get(completion.key) is not None
+
+
+def test_retry_after_header_is_honoured(server, api_key, tmp_path):
+    server.inject(Fault("status", 429, {"Retry-After": "1"}))
+    client = make_client(server.base_url, tmp_path / "c.sqlite", backoff_base=0.001)
+    start = time.monotonic()
+    _complete(client)
+    assert time.monotonic() - start >= 1.0
+    assert server.count() == 2
+
+
+def test_retries_stop_after_max_retries(server, api_key, tmp_path):
+    server.inject(*[Fault("status", 503)] * 5)
+    client = make_client(server.base_url, tmp_path / "c.sqlite", max_retries=2)
+    with pytest.raises(LLMError, match="gave up after 3 attempts.*HTTP 503") as info:
+        _complete(client)
+    assert info.value.transient and info.value.status == 503
+    assert server.count() == 3
+    assert client.cache.total_cost() == 0
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+def test_client_errors_fail_fast(server, api_key, tmp_path, status):
+    server.inject(Fault("status", status))
+    client = make_client(server.base_url, tmp_path / "c.sqlite")
+    with pytest.raises(LLMError, match=f"HTTP {status}.*not retried") as info:
+        _complete(client)
+    assert not info.value.transient
+    assert server.count() == 1
+
+
+def test_length_finish_is_returned_and_cached_not_retried(server, api_key, tmp_path):
+    server.inject(Fault("length"))
+    client = make_client(server.base_url, tmp_path / "c.sqlite")
+    completion = _complete(client)
+    assert completion.finish_reason == "length"
+    assert server.count() == 1
+    again = _complete(make_client(server.base_url, tmp_path / "c.sqlite"))
+    assert again.cached and again.finish_reason == "length" and server.count() == 1
+
+
+def test_cache_hit_sends_nothing_and_ledger_matches_served_usage(server, api_key, tmp_path):
+    first = _complete(make_client(server.base_url, tmp_path / "c.sqlite"), seed=3, temperature=0.0)
+    second = _complete(make_client(server.base_url, tmp_path / "c.sqlite"), seed=3, temperature=0.0)
+    assert second.cached and second.text == first.text and second.cost_usd == first.cost_usd
+    assert server.count() == 1
+    # the cache key is the hash of the exact body the server received
+    assert server.log[0].body_hash == first.key
+    other = _complete(make_client(server.base_url, tmp_path / "c.sqlite"), seed=4, temperature=0.0)
+    assert not other.cached and server.count() == 2
+    prompt, completion = server.served_usage()
+    cache = RequestCache(tmp_path / "c.sqlite")
+    assert cache.usage() == (prompt, completion)
+    price = PRICES[MODEL]
+    assert cache.total_cost() == pytest.approx((prompt * price["input"] + completion * price["output"]) / 1e6)
+
+
+def test_budget_stops_before_sending(server, api_key, tmp_path):
+    client = make_client(server.base_url, tmp_path / "c.sqlite", budget_usd=0.001)
+    with pytest.raises(BudgetExceeded, match="budget of \\$0.0010"):
+        _complete(client, max_tokens=1000)  # worst case 1000 output tokens * $2/1M = $0.002 > $0.001
+    assert server.count() == 0
+    assert _complete(make_client(server.base_url, tmp_path / "c.sqlite", budget_usd=0.001), max_tokens=100).text
+
+
+def test_budget_needs_a_price(server, api_key, tmp_path):
+    with pytest.raises(ValueError, match="no price for model 'unknown-model'.*--prices"):
+        LLMClient(ClientConfig(base_url=server.base_url, model="unknown-model", budget_usd=1.0),
+                  RequestCache(tmp_path / "c.sqlite"))
+
+
+def test_missing_key_is_a_clear_error(server, monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("MY_KEY", raising=False)
+    with pytest.raises(ValueError, match="environment variable MY_KEY is not set"):
+        make_client(server.base_url, tmp_path / "c.sqlite", api_key_env="MY_KEY")
+
+
+def test_api_key_never_written_or_logged(server, api_key, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.inject(Fault("status", 500), Fault("status", 401))
+    client = make_client(server.base_url, tmp_path / "c.sqlite")
+    with pytest.raises(LLMError) as info:
+        _complete(client)
+    _complete(make_client(server.base_url, tmp_path / "c.sqlite"), seed=1)
+    assert api_key not in str(info.value) and api_key not in caplog.text
+    for path in tmp_path.iterdir():
+        assert api_key.encode() not in path.read_bytes(), path
+
+
+def test_concurrency_is_bounded(api_key, tmp_path):
+    with FakeOpenAIServer(latency=0.2) as slow:
+        client = make_client(slow.base_url, tmp_path / "c.sqlite", concurrency=2)
+
+        async def go():
+            try:
+                return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=8)
+                                              for i in range(4)))
+            finally:
+                await client.aclose()
+
+        start = time.monotonic()
+        results = asyncio.run(go())
+        assert len(results) == 4 and time.monotonic() - start >= 0.4  # two waves of two
+        assert slow.count() == 4
+
+
+def test_batch_mode_parks_then_collects_at_half_price(api_key, tmp_path):
+    with FakeOpenAIServer(batch_polls=2) as batch_server:
+        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+
+        async def go():
+            try:
+                with pytest.raises(Deferred):
+                    await client.complete(MESSAGES, max_tokens=16)
+                recorded = await client.flush_batch()
+                return recorded, await client.complete(MESSAGES, max_tokens=16)
+            finally:
+                await client.aclose()
+
+        recorded, completion = asyncio.run(go())
+        assert recorded == 1 and completion.cached and completion.text == "echo: Say hello."
+        assert batch_server.count() == 0 and batch_server.count("batch") == 1
+        assert batch_server.count("/v1/files") == 1 and batch_server.count("/v1/batches") == 1
+        prompt, output = batch_server.served_usage()
+        assert client.cache.total_cost() == pytest.approx((prompt * 1.0 + output * 2.0) / 1e6 / 2)
+        assert client.cache.unsubmitted() == [] and client.cache.open_batches() == []
+
+
+def test_price_table_override(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text('{"my-model": {"input": 3, "output": 4}}')
+    prices = load_prices(path)
+    assert prices["my-model"] == {"input": 3, "output": 4} and "gpt-4o-mini" in prices
+    path.write_text('{"my-model": {"input": 3}}')
+    with pytest.raises(ValueError, match="price of 'my-model' must be"):
+        load_prices(path)

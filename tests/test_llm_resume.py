@@ -1,0 +1,136 @@
+"""Crash safety: kill -9 the translate CLI at random points, resume, and account for every record and request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+from llm_support import (  # noqa: F401 - fixtures
+    MODEL,
+    PRICES,
+    SECRET,
+    api_key_fixture,
+    make_client,
+    mcqa_record,
+    read_jsonl,
+    server_fixture,
+    write_jsonl,
+)
+
+from bimedix.llm.cache import RequestCache
+from bimedix.llm.fake_server import FakeOpenAIServer
+from bimedix.llm.translation import TranslationConfig, translate_file
+
+RECORDS = 14
+CONCURRENCY = 4
+
+
+def _command(base_url: str, tmp_path) -> list[str]:
+    return [sys.executable, "-m", "bimedix", "translate", "--input", str(tmp_path / "en.jsonl"),
+            "--output", str(tmp_path / "out" / "ar.jsonl"), "--base-url", base_url, "--model", MODEL,
+            "--prices", str(tmp_path / "prices.json"), "--concurrency", str(CONCURRENCY), "--timeout", "10"]
+
+
+def _wait_for(predicate, process, timeout=60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_kill9_at_random_points_then_resume(api_key, tmp_path):
+    rng = random.Random(20240222)
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(RECORDS)])
+    (tmp_path / "prices.json").write_text(json.dumps(PRICES))
+    cache_path = tmp_path / "out" / "ar.llm.sqlite"
+    env = {**os.environ, "OPENAI_API_KEY": SECRET}
+    snapshots, kills, stderr = [], 0, []
+    with FakeOpenAIServer(latency=0.02) as server:
+        command = _command(server.base_url, tmp_path)
+        for _ in range(3):
+            target = server.count() + rng.randint(2, 14)
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _wait_for(lambda: server.count() >= target, process)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+            out, err = process.communicate()
+            stderr.append(out + err)
+            time.sleep(0.1)  # let requests in flight at the kill reach the server log
+            snapshots.append((server.count(), RequestCache(cache_path).keys()))
+        final = subprocess.run(command, env=env, capture_output=True, timeout=120)
+        stderr.append(final.stdout + final.stderr)
+        assert final.returncode == 0, final.stderr.decode()[-2000:]
+        log = list(server.log)
+    assert kills >= 2
+
+    # 0 lost, 0 duplicated
+    written = read_jsonl(tmp_path / "out" / "ar.jsonl")
+    rejected = read_jsonl(tmp_path / "out" / "ar.rejects.jsonl")
+    sources = [r["meta"]["translation"]["source_id"] for r in written] + [r["source_id"] for r in rejected]
+    assert sorted(sources) == [f"demo-en-{i:03d}" for i in range(RECORDS)]
+
+    # 0 requests repeated for finished work: nothing recorded before a kill is requested after it
+    for count_at_kill, recorded in snapshots:
+        repeated = [item for item in log[count_at_kill:] if item.body_hash in recorded]
+        assert repeated == []
+
+    # only requests in flight at a kill may have been served twice
+    served = [item for item in log if item.outcome in ("ok", "length")]
+    assert len(served) - len({item.body_hash for item in served}) <= kills * CONCURRENCY
+
+    # the ledger is the served usage of every recorded request, priced
+    cache = RequestCache(cache_path)
+    keys = cache.keys()
+    usage = {item.body_hash: (item.prompt_tokens, item.completion_tokens) for item in served}
+    assert keys <= set(usage)
+    assert cache.usage() == tuple(map(sum, zip(*(usage[key] for key in keys))))
+    prompt, completion = cache.usage()
+    assert abs(cache.total_cost() - (prompt * 1.0 + completion * 2.0) / 1e6) < 1e-9
+
+    # the same result as an uninterrupted run, and the key is nowhere
+    with FakeOpenAIServer() as clean_server:
+        client = make_client(clean_server.base_url, tmp_path / "clean" / "ar.llm.sqlite", concurrency=CONCURRENCY)
+
+        async def clean_run():
+            try:
+                await translate_file(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", client,
+                                     TranslationConfig())
+            finally:
+                await client.aclose()
+
+        asyncio.run(clean_run())
+    clean = read_jsonl(tmp_path / "clean" / "ar.jsonl")
+    assert sorted(map(json.dumps, clean)) == sorted(map(json.dumps, written))
+    assert all(SECRET.encode() not in blob for blob in stderr)
+    for path in (tmp_path / "out").iterdir():
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_half_written_last_line_is_dropped_and_redone_from_cache(server, api_key, tmp_path):
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(3)])
+
+    def run():
+        client = make_client(server.base_url, tmp_path / "ar.llm.sqlite")
+
+        async def go():
+            try:
+                return await translate_file(tmp_path / "en.jsonl", tmp_path / "ar.jsonl", client, TranslationConfig())
+            finally:
+                await client.aclose()
+
+        return asyncio.run(go())
+
+    run()
+    sent = server.count()
+    lines = (tmp_path / "ar.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "ar.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2], encoding="utf-8")
+    summary = run()
+    assert summary.skipped == 1 and summary.accepted == 2 and summary.sent == 0 and server.count() == sent
+    assert sorted(read_jsonl(tmp_path / "ar.jsonl"), key=json.dumps) == sorted(
+        [json.loads(line) for line in lines], key=json.dumps)

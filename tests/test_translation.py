@@ -1,0 +1,207 @@
+"""Translation loop: invariants, judge parsing, refinement, provenance, end to end over the fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from llm_support import (  # noqa: F401 - fixtures
+    MODEL,
+    api_key_fixture,
+    make_client,
+    mcqa_record,
+    read_jsonl,
+    server_fixture,
+    write_jsonl,
+)
+
+from bimedix.data.schema import validate_record
+from bimedix.llm.fake_server import FakeOpenAIServer, Reply, default_responder
+from bimedix.llm.invariants import check_invariants, protected_terms
+from bimedix.llm.translation import TranslationConfig, arabic_id, translate_file
+
+SOURCE = {"turns": ["Question: a 45-year-old has 7.5 mmol/L glucose.\nA. Metformin 500 mg\nB. Insulin",
+                    "B. Insulin\n\nExplanation: HbA1c above 9%."],
+          "options": ["Metformin 500 mg", "Insulin"]}
+KEEP = protected_terms(SOURCE["turns"] + SOURCE["options"], {"metformin"})
+GOOD = {"turns": ["سؤال: مريض عمره ٤٥ عاماً، سكر 7٫5 mmol/L.\nA. Metformin 500 mg\nB. إنسولين",
+                  "ب. إنسولين\n\nالشرح: HbA1c أعلى من ٩٪."],
+        "options": ["Metformin 500 mg", "إنسولين"]}
+
+
+def _broken(field: str, index: int, value: str) -> dict:
+    out = json.loads(json.dumps(GOOD))
+    out[field][index] = value
+    return out
+
+
+def test_protected_terms_cover_drugs_units_and_codes():
+    assert {"Metformin", "mg", "mmol/L", "HbA1c"} <= set(KEEP)
+
+
+def test_good_translation_keeps_invariants():
+    assert check_invariants(SOURCE, GOOD, KEEP) == []
+
+
+@pytest.mark.parametrize("translation, expected", [
+    (_broken("turns", 1, "ج. إنسولين\n\nالشرح: HbA1c أعلى من ٩٪."), "turn 1: option letters changed from [B] to [C]"),
+    (_broken("turns", 0, "سؤال: مريض عمره ٤٥ عاماً، سكر 7٫5 mmol/L.\nA. Metformin 500 mg"),
+     "turn 0: option letters changed from [A, B] to [A]"),
+    ({"turns": GOOD["turns"], "options": GOOD["options"][:1]}, "2 options in the source but 1 in the translation"),
+    (_broken("turns", 0, GOOD["turns"][0].replace("٤٥", "٥٤")), "turn 0: numbers missing or changed: ['45']"),
+    (_broken("options", 0, "ميتفورمين 500 mg"), "option 0: protected terms not kept verbatim: ['Metformin']"),
+    (_broken("turns", 0, GOOD["turns"][0].replace("mmol/L", "ملمول/لتر")), "protected terms not kept verbatim"),
+], ids=["answer-letter", "dropped-option-line", "dropped-option", "number", "drug-name", "unit"])
+def test_invariant_violations_are_caught(translation, expected):
+    problems = check_invariants(SOURCE, translation, KEEP)
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("english, arabic", [
+    ("medqa-en-0001", "medqa-ar-0001"), ("mmlu-en", "mmlu-ar"), ("medqa-4ac4432d", "medqa-4ac4432d-ar"),
+    ("x-enzyme-1", "x-enzyme-1-ar"),
+])
+def test_arabic_id(english, arabic):
+    assert arabic_id(english) == arabic
+
+
+def _translate(server, tmp_path, records, **config):
+    input_path = write_jsonl(tmp_path / "en.jsonl", records)
+    client = make_client(server.base_url, tmp_path / "out.llm.sqlite")
+
+    async def go():
+        try:
+            return await translate_file(input_path, tmp_path / "out.jsonl", client, TranslationConfig(**config))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def _scripted(translate=None, judge=None):
+    """Default responder with the translate/refine or judge answers replaced by callables of (payload, n)."""
+    calls = {"translate": 0, "judge": 0}
+
+    def respond(body):
+        payload = json.loads(body["messages"][-1]["content"].split("\n", 1)[1])
+        kind = "judge" if payload["task"] == "judge" else "translate"
+        calls[kind] += 1
+        override = judge if kind == "judge" else translate
+        if override is not None:
+            answer = override(payload, calls[kind])
+            if answer is not None:
+                return answer
+        return default_responder(body)
+
+    return respond
+
+
+def test_end_to_end_provenance_and_review_state(api_key, tmp_path):
+    with FakeOpenAIServer(_scripted(judge=lambda payload, n: Reply('{"score": 91, "comments": "ok"}'))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(i) for i in range(4)], review_fraction=0.0)
+    assert summary.complete and summary.accepted == 4 and summary.sent == 8  # translate + judge per record
+    for record in read_jsonl(tmp_path / "out.jsonl"):
+        record = validate_record(record)
+        info = record["meta"]["translation"]
+        assert record["language"] == "ar" and record["id"] == info["source_id"].replace("-en-", "-ar-")
+        assert info["model"] == MODEL and info["score"] == 91 and info["rounds"] == 1
+        assert info["reviewed"] is False and info["review_state"] == "unreviewed" and info["cost_usd"] > 0
+        assert record["meta"]["answer"] == "B" and len(record["meta"]["options"]) == 4
+
+
+def _fake_translation(payload: dict) -> dict:
+    return json.loads(default_responder({"messages": [{"content": json.dumps(payload)}]}).text)
+
+
+def _numbered(payload: dict, n: int) -> Reply:
+    """A fresh (still invariant-preserving) translation on every call, as a real model would give."""
+    out = _fake_translation(payload)
+    out["turns"][0] += " !" * n
+    return Reply(json.dumps(out, ensure_ascii=False))
+
+
+def test_low_score_refines_up_to_max_rounds_keeps_best_and_queues(api_key, tmp_path):
+    scores = iter([55, 70, 62])
+    with FakeOpenAIServer(_scripted(translate=_numbered, judge=lambda p, n: Reply(json.dumps(
+            {"score": next(scores), "comments": "fix terms"})))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(0)], max_rounds=3)
+    assert summary.accepted == 1 and summary.sent == 6
+    info = read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]
+    assert info["score"] == 70 and info["rounds"] == 3 and info["review_state"] == "queued"
+
+
+def test_invariant_violation_fails_the_round_and_refinement_fixes_it(api_key, tmp_path):
+    def translate(payload, n):
+        if n == 1:  # first round changes the answer letter of the gpt turn
+            out = _fake_translation(payload)
+            out["turns"][1] = out["turns"][1].replace("B.", "C.", 1)
+            return Reply(json.dumps(out, ensure_ascii=False))
+        assert payload["task"] == "refine" and "option letters changed from [B] to [C]" in payload["comments"]
+        return None
+
+    with FakeOpenAIServer(_scripted(translate=translate,
+                                    judge=lambda p, n: Reply('{"score": 88, "comments": ""}'))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(0)])
+    assert summary.accepted == 1 and summary.sent == 3  # bad translate (not judged), refine, judge
+    info = read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]
+    assert info["rounds"] == 2 and info["score"] == 88
+
+
+@pytest.mark.parametrize("bad", ["not json at all", '{"comments": "no score"}', '{"score": 140}', '{"score": "high"}'])
+def test_malformed_judgement_is_retried_then_recorded_as_failure(api_key, tmp_path, bad):
+    with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply(bad))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(0)], max_rounds=2, judge_attempts=2)
+    assert summary.accepted == 0 and summary.rejected == 1
+    assert summary.sent == 2 * (1 + 2)  # per round: one translation, two judge attempts
+    reject = read_jsonl(tmp_path / "out.rejects.jsonl")[0]
+    assert reject["source_id"] == "demo-en-000" and "judge output malformed 2 times" in reject["reason"]
+    assert read_jsonl(tmp_path / "out.jsonl") == []
+
+
+def test_judge_recovers_on_second_attempt(api_key, tmp_path):
+    with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply("oops" if n == 1 else '{"score": 95}'))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(0)])
+    assert summary.accepted == 1 and summary.sent == 3
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]["score"] == 95
+
+
+def test_truncated_translation_is_a_failed_round(api_key, tmp_path):
+    with FakeOpenAIServer(_scripted(translate=lambda p, n: Reply('{"turns": ["نص', "length") if n == 1 else None,
+                                    judge=lambda p, n: Reply('{"score": 90}'))) as server:
+        summary = _translate(server, tmp_path, [mcqa_record(0)])
+    assert summary.accepted == 1
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]["rounds"] == 2
+
+
+def test_non_english_records_are_rejected_not_sent(server, api_key, tmp_path):
+    record = dict(mcqa_record(0), language="ar")
+    summary = _translate(server, tmp_path, [record])
+    assert summary.rejected == 1 and server.count() == 0
+
+
+def test_cached_rerun_pays_nothing(server, api_key, tmp_path):
+    records = [mcqa_record(i) for i in range(3)]
+    _translate(server, tmp_path, records)
+    sent, first = server.count(), (tmp_path / "out.jsonl").read_text()
+    (tmp_path / "out.jsonl").unlink()
+    (tmp_path / "out.rejects.jsonl").unlink()
+    summary = _translate(server, tmp_path, records)
+    assert server.count() == sent and summary.sent == 0 and summary.cost_usd == 0
+    assert sorted(first.splitlines()) == sorted((tmp_path / "out.jsonl").read_text().splitlines())
+
+
+def test_batch_api_translation(api_key, tmp_path):
+    with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply('{"score": 90}'))) as server:
+        input_path = write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(3)])
+        client = make_client(server.base_url, tmp_path / "out.llm.sqlite", batch=True, batch_poll_interval=0.01)
+
+        async def go():
+            try:
+                return await translate_file(input_path, tmp_path / "out.jsonl", client, TranslationConfig())
+            finally:
+                await client.aclose()
+
+        summary = asyncio.run(go())
+        assert summary.accepted == 3 and server.count() == 0
+        assert server.count("/v1/batches") == 2 and server.count("batch") == 6  # translate round, judge round
