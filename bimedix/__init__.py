@@ -45,6 +45,16 @@ _EXPORTS = {
     "render_model_card": "bimedix.hub.cards",
     "render_dataset_card": "bimedix.hub.cards",
     "render_bench_card": "bimedix.hub.cards",
+    "ClientConfig": "bimedix.llm.client",
+    "LLMClient": "bimedix.llm.client",
+    "RequestCache": "bimedix.llm.cache",
+    "TranslationConfig": "bimedix.llm.translation",
+    "translate_file": "bimedix.llm.translation",
+    "DialogueConfig": "bimedix.llm.dialogue",
+    "generate_chats_file": "bimedix.llm.dialogue",
+    "export_review_queue": "bimedix.llm.review",
+    "import_reviews": "bimedix.llm.review",
+    "FakeOpenAIServer": "bimedix.llm.fake_server",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

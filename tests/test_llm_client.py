@@ -30,7 +30,7 @@ def _complete(client, messages=MESSAGES, **kwargs):
     [Fault("status", 500)],
     [Fault("status", 503), Fault("status", 502)],
     [Fault("status", 429, {"retry-after-ms": "50"})],
-    [Fault("delay", delay=1.0)],  # past the 0.3 s timeout
+    [Fault("delay", delay=4.0)],  # past the 1.5 s timeout
     [Fault("reset")],
     [Fault("malformed")],
     [Fault("truncated")],
@@ -38,7 +38,7 @@ def _complete(client, messages=MESSAGES, **kwargs):
 ], ids=["500", "503-502", "429", "timeout", "reset", "malformed", "truncated", "mixed"])
 def test_transient_faults_are_retried_then_succeed(server, api_key, tmp_path, faults):
     server.inject(*faults)
-    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=0.3)
+    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=1.5)
     completion = _complete(client)
     assert completion.text == "echo: Say hello." and completion.finish_reason == "stop" and not completion.cached
     assert server.count() == len(faults) + 1
@@ -181,3 +181,18 @@ def test_price_table_override(tmp_path):
     path.write_text('{"my-model": {"input": 3}}')
     with pytest.raises(ValueError, match="price of 'my-model' must be"):
         load_prices(path)
+
+
+def test_rate_limiter_spaces_requests_and_tokens():
+    from bimedix.llm.client import _RateLimiter
+
+    async def timed(limiter, tokens):
+        start = time.monotonic()
+        for amount in tokens:
+            await limiter.acquire(amount)
+        return time.monotonic() - start
+
+    assert asyncio.run(timed(_RateLimiter(None, None), [10] * 50)) < 0.05
+    assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1])) < 0.05
+    assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1, 1])) >= 0.2
+    assert asyncio.run(timed(_RateLimiter(None, 100, window=0.2), [60, 60])) >= 0.2

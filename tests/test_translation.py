@@ -17,6 +17,7 @@ from llm_support import (  # noqa: F401 - fixtures
 )
 
 from bimedix.data.schema import validate_record
+from bimedix.llm.cache import RequestCache
 from bimedix.llm.fake_server import FakeOpenAIServer, Reply, default_responder
 from bimedix.llm.invariants import check_invariants, protected_terms
 from bimedix.llm.translation import TranslationConfig, arabic_id, translate_file
@@ -205,3 +206,27 @@ def test_batch_api_translation(api_key, tmp_path):
         summary = asyncio.run(go())
         assert summary.accepted == 3 and server.count() == 0
         assert server.count("/v1/batches") == 2 and server.count("batch") == 6  # translate round, judge round
+
+
+
+def test_budget_stops_cleanly_then_cli_rerun_finishes(server, api_key, tmp_path, capsys):
+    from bimedix.cli import main
+
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(6)])
+    (tmp_path / "prices.json").write_text(json.dumps({MODEL: {"input": 1.0, "output": 2.0}}))
+    (tmp_path / "drugs.txt").write_text("# one per line\nglargine\n")
+    command = ["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+               "--base-url", server.base_url, "--model", MODEL, "--prices", str(tmp_path / "prices.json"),
+               "--drug-names", str(tmp_path / "drugs.txt"), "--concurrency", "2", "--max-tokens", "1000"]
+    # each request may cost up to $0.002 (1000 output tokens at $2/1M): a $0.006 budget stops early
+    assert main(command + ["--budget-usd", "0.006"]) == 3
+    out = capsys.readouterr().out
+    assert "stopped early: budget of $0.0060 reached" in out
+    ledger = RequestCache(tmp_path / "ar.llm.sqlite").total_cost()
+    assert 0 < ledger <= 0.006
+    partial = len(read_jsonl(tmp_path / "ar.jsonl"))
+    assert partial < 6
+    assert main(command + ["--budget-usd", "1"]) == 0
+    records = read_jsonl(tmp_path / "ar.jsonl")
+    assert sorted(r["meta"]["translation"]["source_id"] for r in records) == [f"demo-en-{i:03d}" for i in range(6)]
+    assert all("glargine" in r["meta"]["options"][1] for r in records)  # a protected drug name kept verbatim

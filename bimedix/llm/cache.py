@@ -5,6 +5,8 @@ messages and sampling parameters, never the API key). The row *is* the ledger en
 ledger are written in one transaction, so a process killed at any moment has either recorded a response
 and its cost or neither, and a resumed run never pays twice for a response it has recorded.
 Requests parked for the Batch API live in ``pending`` until their batch's output is collected.
+``records`` keeps the finished result (output or reject line) of each input record, keyed by the hash
+of the input line and the engine's settings, so a re-run rebuilds its output without re-running the engine.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a committed row survives the process being
 killed (``kill -9``); only an operating-system crash can lose the last commits.
@@ -31,6 +33,12 @@ CREATE TABLE IF NOT EXISTS responses (
     cost_usd REAL NOT NULL,
     mode TEXT NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT PRIMARY KEY,
+    source_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    line TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending (
     key TEXT PRIMARY KEY,
@@ -106,6 +114,24 @@ class RequestCache:
     def keys(self) -> set[str]:
         """Every recorded request key."""
         return {row[0] for row in self._db.execute("SELECT key FROM responses")}
+
+    def put_record(self, key: str, source_id: str, kind: str, line: str) -> None:
+        """Record the finished result of one input record (``kind`` is ``"output"`` or ``"reject"``)."""
+        self._db.execute("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?)", (key, source_id, kind, line))
+
+    def record_index(self) -> dict[str, tuple[str, str]]:
+        """``{key: (source_id, kind)}`` of every finished record result."""
+        return {key: (source_id, kind) for key, source_id, kind in
+                self._db.execute("SELECT key, source_id, kind FROM records")}
+
+    def record_lines(self, keys: list[str]) -> dict[str, str]:
+        """The stored result lines of ``keys``."""
+        lines = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            lines.update(self._db.execute(f"SELECT key, line FROM records WHERE key IN ({marks})", chunk))
+        return lines
 
     def add_pending(self, key: str, body: dict) -> None:
         """Park a request for the Batch API (a no-op if it is already parked)."""

@@ -272,6 +272,7 @@ class LLMClient:
         return self._openai
 
     async def _send(self, body: dict, *, estimate_tokens: int) -> CachedResponse:
+        import httpx2
         import openai
 
         client = self._client()
@@ -282,8 +283,8 @@ class LLMClient:
                 await self._limiter.acquire(estimate_tokens)
                 async with self._semaphore:
                     self.sent += 1
-                    response = await client.chat.completions.create(**body)
-                return _parse(response)
+                    response = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+                return _parse(response.content)
             except openai.APIStatusError as err:
                 status = err.status_code
                 reason = f"HTTP {status}: {_error_message(err)}"
@@ -295,8 +296,8 @@ class LLMClient:
                 reason, status = f"timed out after {self.config.timeout:g} s", None
             except openai.APIConnectionError as err:
                 reason, status = f"connection failed ({_root_cause(err)})", None
-            except (_MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError) as err:
-                reason, status = f"malformed response body ({type(err).__name__}: {str(err)[:120]})", None
+            except _MalformedResponse as err:
+                reason, status = f"malformed response body ({str(err)[:160]})", None
             if attempt + 1 == attempts:
                 raise LLMError(f"{self.config.base_url}: gave up after {attempts} attempts; last error: {reason}",
                                status=status, transient=True)
@@ -312,20 +313,18 @@ class _MalformedResponse(Exception):
     pass
 
 
-def _parse(response) -> CachedResponse:
-    """Pull text, finish reason and usage out of a ChatCompletion, or raise `_MalformedResponse`."""
-    if isinstance(response, str):
-        raise _MalformedResponse(f"not a chat completion: {response[:80]!r}")
-    choices = getattr(response, "choices", None)
-    usage = getattr(response, "usage", None)
-    if not choices or usage is None:
-        raise _MalformedResponse("no choices or no usage in the body")
-    message = getattr(choices[0], "message", None)
-    text = getattr(message, "content", None)
+def _parse(content: bytes) -> CachedResponse:
+    """Pull text, finish reason and usage out of a chat-completion body, or raise `_MalformedResponse`."""
+    try:
+        data = json.loads(content)
+        choice = data["choices"][0]
+        text, usage = choice["message"]["content"], data["usage"]
+        prompt_tokens, completion_tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise _MalformedResponse(f"{type(err).__name__}: {err}; body starts {content[:80]!r}") from None
     if not isinstance(text, str):
-        raise _MalformedResponse("the first choice has no text content")
-    return CachedResponse(text, choices[0].finish_reason or "stop", int(usage.prompt_tokens or 0),
-                          int(usage.completion_tokens or 0), 0.0)
+        raise _MalformedResponse(f"the first choice has no text content; body starts {content[:80]!r}")
+    return CachedResponse(text, choice.get("finish_reason") or "stop", prompt_tokens, completion_tokens, 0.0)
 
 
 def _retry_after(headers) -> float | None:
@@ -364,10 +363,10 @@ def _estimate_tokens(messages: list[dict]) -> int:
 
 
 class _RateLimiter:
-    """Sliding one-minute window over requests and tokens; a no-op when both limits are ``None``."""
+    """Sliding ``window``-second window (a minute) over requests and tokens; a no-op when both limits are ``None``."""
 
-    def __init__(self, rpm: int | None, tpm: int | None):
-        self.rpm, self.tpm = rpm, tpm
+    def __init__(self, rpm: int | None, tpm: int | None, window: float = 60.0):
+        self.rpm, self.tpm, self.window = rpm, tpm, window
         self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._tokens = 0
 
@@ -376,7 +375,7 @@ class _RateLimiter:
             return
         while True:
             now = time.monotonic()
-            while self._window and now - self._window[0][0] >= 60:
+            while self._window and now - self._window[0][0] >= self.window:
                 self._tokens -= self._window.popleft()[1]
             fits_rpm = self.rpm is None or len(self._window) < self.rpm
             fits_tpm = self.tpm is None or not self._window or self._tokens + tokens <= self.tpm
@@ -384,4 +383,4 @@ class _RateLimiter:
                 self._window.append((now, tokens))
                 self._tokens += tokens
                 return
-            await asyncio.sleep(60 - (now - self._window[0][0]) + 0.01)
+            await asyncio.sleep(self.window - (now - self._window[0][0]) + 0.001)

@@ -23,7 +23,7 @@ from ..data.arabic import normalize_for_match
 from ..data.schema import OPTION_LETTERS, make_record
 from .client import LLMClient
 from .prompts import load_prompt
-from .runner import Accepted, Rejected, RunSummary, load_input, run_records
+from .runner import Accepted, Rejected, RunSummary, engine_fingerprint, run_records
 from .translation import parse_json_object
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,11 @@ class DialogueGenerator:
         self.prompt = load_prompt("dialogue", config.prompts_dir)
         self.response_format = {"type": "json_object"} if config.json_mode else None
 
+    @property
+    def fingerprint(self) -> str:
+        """Model, settings and prompt: what a record's result depends on besides the record."""
+        return engine_fingerprint("generate-chats", self.client.config.model, self.config, [self.prompt])
+
     async def __call__(self, record: dict) -> Accepted | Rejected:
         meta, config = record["meta"], self.config
         if not meta.get("options") or not meta.get("answer"):
@@ -185,9 +190,9 @@ async def generate_chats_file(input_path: str | os.PathLike, output_path: str | 
     Returns:
         `RunSummary`: what the run did.
     """
-    records = load_input(input_path)
     generator = DialogueGenerator(client, config)
-    return await run_records(records, generator, output=output_path, client=client, desc="generate-chats",
+    return await run_records(input_path, generator, output=output_path, client=client, desc="generate-chats",
+                             fingerprint=generator.fingerprint,
                              source_id_of=lambda record: record["meta"]["generation"]["source_id"])
 
 

@@ -209,6 +209,11 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        wbufsize = 1 << 16  # headers and body leave in one write, flushed after each request
+
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle/delayed-ACK stalls
 
         def log_message(self, format, *args) -> None:  # noqa: A002 - http.server's signature
             logger.debug("fake server: " + format, *args)

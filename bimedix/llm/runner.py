@@ -1,28 +1,33 @@
 """Run an LLM engine over a file of records, resumably: the shared loop of `translation` and `dialogue`.
 
-Resumption has two layers. The request cache (`bimedix.llm.cache`) records every paid response, so
-no finished request is ever sent again. The output JSON Lines file is appended one finished record at
-a time (written and flushed, so it survives ``kill -9``; fsync'd every second and at the end) and
-rejected records go to ``OUT.rejects.jsonl`` with their reason. On start, a half-written last line is
-cut off and every source id already in either file is skipped, so re-running the same command neither
-loses nor duplicates a record; records that were finished but not written are rebuilt from the cache
-for free. Output order is completion order, not input order.
+Resumption has three layers, all in the run's SQLite database (`bimedix.llm.cache`) and output files:
+
+* every paid response is recorded (with its cost) before it is used, so no finished request is sent again;
+* every finished record's result line is committed to the database *before* it is appended to the output
+  (or to ``OUT.rejects.jsonl``), keyed by the hash of the input line and the engine's ``fingerprint``;
+* output lines are written and flushed one record at a time (they survive ``kill -9``; fsync'd every
+  second and at the end). On start, a half-written last line is cut off and every source id already in
+  the output or rejects file is skipped; results in the database but missing from the files are written
+  from the database. Re-running the same command thus neither loses nor duplicates a record nor pays
+  twice, and a re-run after deleting the output rebuilds it from the database without the engine.
+
+Output order is completion order, not input order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ..data.io import read_records
-from ..data.schema import validate_record
+from ..data.schema import RecordError, validate_record
 from .client import BudgetExceeded, Deferred, LLMClient, LLMError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ class RunSummary:
         cost_usd (`float`): USD this run added to the ledger.
         ledger_usd (`float`): the ledger total after the run.
         sent (`int`): requests sent to the endpoint (retries included).
+        rebuilt (`int`): records written from results kept in the cache database, without the engine.
     """
 
     total: int = 0
@@ -72,6 +78,7 @@ class RunSummary:
     cost_usd: float = 0.0
     ledger_usd: float = 0.0
     sent: int = 0
+    rebuilt: int = 0
 
     @property
     def complete(self) -> bool:
@@ -79,29 +86,13 @@ class RunSummary:
         return self.skipped + self.accepted + self.rejected == self.total
 
 
-def load_input(path: str | os.PathLike) -> list[dict]:
-    """Read and validate every input record before any request is sent (JSON Lines, Parquet or a saved dataset).
-
-    Records whose id repeats an earlier one are dropped with a warning.
-
-    Raises:
-        `RecordError`: naming file, record and field for the first bad record.
-    """
-    path = Path(path)
-    if path.is_dir() or path.suffix == ".parquet":
-        import datasets
-
-        data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
-        records = [validate_record(row, path=str(path), line=index) for index, row in enumerate(data)]
-    else:
-        records = list(read_records(path))
-    unique: dict[str, dict] = {}
-    for record in records:
-        if record["id"] in unique:
-            logger.warning("%s: duplicate id %r; keeping the first record", path, record["id"])
-            continue
-        unique[record["id"]] = record
-    return list(unique.values())
+def engine_fingerprint(engine: str, model: str, config, prompts) -> str:
+    """A stable string of an engine's name, model, settings dataclass and prompt templates."""
+    settings = {name: sorted(value) if isinstance(value, (set, frozenset)) else value
+                for name, value in asdict(config).items() if name != "prompts_dir"}
+    templates = {prompt.name: [prompt.version, prompt.system, prompt.user] for prompt in prompts}
+    return json.dumps({"engine": engine, "model": model, "settings": settings, "prompts": templates},
+                      sort_keys=True, ensure_ascii=False)
 
 
 def rejects_path(output: str | os.PathLike) -> Path:
@@ -110,16 +101,22 @@ def rejects_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
 
 
-async def run_records(records: list[dict], process: Callable[[dict], Awaitable[Accepted | Rejected]], *,
-                      output: str | os.PathLike, client: LLMClient, source_id_of: Callable[[dict], str],
-                      desc: str) -> RunSummary:
-    """Apply ``process`` to every record not finished yet, writing results as they finish.
+async def run_records(input_path: str | os.PathLike, process: Callable[[dict], Awaitable[Accepted | Rejected]], *,
+                      output: str | os.PathLike, client: LLMClient, fingerprint: str,
+                      source_id_of: Callable[[dict], str], desc: str) -> RunSummary:
+    """Apply ``process`` to every input record not finished yet, writing results as they finish.
+
+    Every input record is read and validated before the first request. Records whose result is already
+    in the cache database (same input line, same ``fingerprint``) are written from there without
+    running the engine.
 
     Args:
-        records (`list[dict]`): the validated input records.
+        input_path (`str | os.PathLike`): schema records (JSON Lines, Parquet or a saved dataset).
         process (`Callable`): the engine for one record; it raises the client's exceptions.
         output (`str | os.PathLike`): the output JSON Lines file (appended; rejects go to `rejects_path`).
-        client (`LLMClient`): its concurrency sets the number of workers.
+        client (`LLMClient`): its concurrency sets the number of workers; its cache keeps the results.
+        fingerprint (`str`): the engine's model, settings and prompts; a change re-runs the engine
+            (its requests still come from the cache when unchanged).
         source_id_of (`Callable[[dict], str]`): reads the source id back from an output record.
         desc (`str`): progress bar label.
 
@@ -132,17 +129,19 @@ async def run_records(records: list[dict], process: Callable[[dict], Awaitable[A
     rejected_file = rejects_path(output)
     done = _finished_ids(output, lambda line: source_id_of(json.loads(line)))
     done |= _finished_ids(rejected_file, lambda line: json.loads(line)["source_id"])
-    summary = RunSummary(total=len(records), skipped=sum(1 for r in records if r["id"] in done))
+    summary = RunSummary()
+    replay, todo = _plan(Path(input_path), fingerprint, client.cache.record_index(), done, summary)
     start_ledger, start_sent = client.spent_usd, client.sent
     fatal: list[BaseException] = []
     with open(output, "a", encoding="utf-8") as out, open(rejected_file, "a", encoding="utf-8") as rej:
         writer = _Writer(out, rej)
         try:
+            _replay(replay, client, writer, summary)
             if client.config.batch:
                 await client.flush_batch()  # collect batches a killed run left open
             while True:
-                todo = [r for r in records if r["id"] not in done]
-                deferred = await _one_pass(todo, process, client, writer, done, summary, fatal, desc)
+                pending = [(key, record) for key, record in todo if record["id"] not in done]
+                deferred = await _one_pass(pending, process, client, writer, done, summary, fatal, desc)
                 if fatal or summary.stopped or not deferred:
                     break
                 logger.info("%d records wait on the Batch API", deferred)
@@ -159,18 +158,88 @@ async def run_records(records: list[dict], process: Callable[[dict], Awaitable[A
     return summary
 
 
-async def _one_pass(todo: list[dict], process, client: LLMClient, writer: _Writer, done: set[str],
+def _plan(path: Path, fingerprint: str, index: dict[str, tuple[str, str]], done: set[str],
+          summary: RunSummary) -> tuple[list[tuple[str, str]], list[tuple[str, dict]]]:
+    """Split the input into results to replay from the cache and records to run; validate the latter."""
+    base = hashlib.sha256(fingerprint.encode())
+    replay, todo, seen = [], [], set()
+    for where, raw in _raw_inputs(path):
+        digest = base.copy()
+        digest.update(raw)
+        key = digest.hexdigest()
+        if key in index:
+            source_id, kind = index[key]
+            record = None
+        else:
+            record = _decode(raw, path, where)
+            source_id = record["id"]
+        if source_id in seen:
+            logger.warning("%s:%s: duplicate id %r; keeping the first record", path, where, source_id)
+            continue
+        seen.add(source_id)
+        summary.total += 1
+        if source_id in done:
+            summary.skipped += 1
+        elif record is None:
+            replay.append((key, kind))
+        else:
+            todo.append((key, record))
+    return replay, todo
+
+
+def _replay(replay: list[tuple[str, str]], client: LLMClient, writer: _Writer, summary: RunSummary) -> None:
+    """Write cached results in bulk."""
+    for start in range(0, len(replay), 5000):
+        chunk = replay[start:start + 5000]
+        lines = client.cache.record_lines([key for key, _ in chunk])
+        outputs = [lines[key] for key, kind in chunk if kind == "output"]
+        rejects = [lines[key] for key, kind in chunk if kind == "reject"]
+        writer.write_many(outputs, rejects)
+        summary.accepted += len(outputs)
+        summary.rejected += len(rejects)
+        summary.rebuilt += len(chunk)
+
+
+def _raw_inputs(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line or row, raw JSON bytes)`` of every input record."""
+    if path.is_dir() or path.suffix == ".parquet":
+        import datasets
+
+        data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
+        for index, row in enumerate(data):
+            yield index, json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
+        return
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            raw = raw.strip()
+            if raw:
+                yield line_no, raw
+
+
+def _decode(raw: bytes, path: Path, where: int) -> dict:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path=str(path), record=where) from None
+    except json.JSONDecodeError as err:
+        raise RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path), record=where) from None
+    return validate_record(obj, path=str(path), line=where)
+
+
+async def _one_pass(todo: list[tuple[str, dict]], process, client: LLMClient, writer: _Writer, done: set[str],
                     summary: RunSummary, fatal: list[BaseException], desc: str) -> int:
     queue: asyncio.Queue = asyncio.Queue()
-    for record in todo:
-        queue.put_nowait(record)
+    for item in todo:
+        queue.put_nowait(item)
     deferred = 0
     bar = client.progress(len(todo), desc)
 
     async def worker() -> None:
         nonlocal deferred
         while not queue.empty():
-            record = queue.get_nowait()
+            key, record = queue.get_nowait()
             if fatal or summary.stopped:
                 return
             try:
@@ -192,11 +261,14 @@ async def _one_pass(todo: list[dict], process, client: LLMClient, writer: _Write
                     fatal.append(err)
                     return
             if isinstance(result, Accepted):
-                writer.write_output(result.record)
+                kind, line = "output", json.dumps(result.record, ensure_ascii=False)
                 summary.accepted += 1
             else:
-                writer.write_reject(result)
+                kind, line = "reject", json.dumps({"source_id": result.source_id, "reason": result.reason,
+                                                   "cost_usd": result.cost_usd}, ensure_ascii=False)
                 summary.rejected += 1
+            client.cache.put_record(key, record["id"], kind, line)  # committed before it is written out
+            writer.write_many([line] if kind == "output" else [], [line] if kind == "reject" else [])
             done.add(record["id"])
             bar.update(1)
             client.show_cost(bar)
@@ -216,16 +288,12 @@ class _Writer:
         self.out, self.rej = out, rej
         self.last_sync = time.monotonic()
 
-    def write_output(self, record: dict) -> None:
-        self._write(self.out, json.dumps(record, ensure_ascii=False))
-
-    def write_reject(self, reject: Rejected) -> None:
-        self._write(self.rej, json.dumps({"source_id": reject.source_id, "reason": reject.reason,
-                                          "cost_usd": reject.cost_usd}, ensure_ascii=False))
-
-    def _write(self, handle: IO, line: str) -> None:
-        handle.write(line + "\n")
-        handle.flush()
+    def write_many(self, outputs: list[str], rejects: list[str]) -> None:
+        """Append result lines (each already JSON) and flush; fsync at most once a second."""
+        for handle, lines in ((self.out, outputs), (self.rej, rejects)):
+            if lines:
+                handle.write("\n".join(lines) + "\n")
+                handle.flush()
         if time.monotonic() - self.last_sync > 1.0:
             self._sync()
 

@@ -27,7 +27,7 @@ from .client import Completion, LLMClient
 from .invariants import check_invariants, protected_terms
 from .prompts import load_prompt
 from .review import sampled_for_review
-from .runner import Accepted, Rejected, RunSummary, load_input, run_records
+from .runner import Accepted, Rejected, RunSummary, engine_fingerprint, run_records
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,11 @@ class Translator:
         self.config = config
         self.prompts = {name: load_prompt(name, config.prompts_dir) for name in ("translate", "refine", "judge")}
         self.response_format = {"type": "json_object"} if config.json_mode else None
+
+    @property
+    def fingerprint(self) -> str:
+        """Model, settings and prompts: what a record's result depends on besides the record."""
+        return engine_fingerprint("translate", self.client.config.model, self.config, self.prompts.values())
 
     async def __call__(self, record: dict) -> Accepted | Rejected:
         if record["language"] != "en":
@@ -183,9 +188,9 @@ async def translate_file(input_path: str | os.PathLike, output_path: str | os.Pa
     Returns:
         `RunSummary`: what the run did.
     """
-    records = load_input(input_path)
     translator = Translator(client, config)
-    return await run_records(records, translator, output=output_path, client=client, desc="translate",
+    return await run_records(input_path, translator, output=output_path, client=client, desc="translate",
+                             fingerprint=translator.fingerprint,
                              source_id_of=lambda record: record["meta"]["translation"]["source_id"])
 
 
