@@ -196,3 +196,34 @@ def test_rate_limiter_spaces_requests_and_tokens():
     assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1])) < 0.05
     assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1, 1])) >= 0.2
     assert asyncio.run(timed(_RateLimiter(None, 100, window=0.2), [60, 60])) >= 0.2
+
+
+def test_batch_killed_while_waiting_is_polled_not_resubmitted(api_key, tmp_path):
+    with FakeOpenAIServer(batch_polls=10_000) as batch_server:
+        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+
+        async def interrupted():
+            try:
+                with pytest.raises(Deferred):
+                    await client.complete(MESSAGES, max_tokens=16)
+                with pytest.raises(TimeoutError):  # the run dies while the batch is in progress
+                    await asyncio.wait_for(client.flush_batch(), 0.3)
+            finally:
+                await client.aclose()
+
+        asyncio.run(interrupted())
+        assert len(client.cache.open_batches()) == 1 and batch_server.count("/v1/batches") == 1
+        for batch in batch_server._batches.values():
+            batch["_polls"] = 0  # the provider finishes the job
+        resumed = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+
+        async def resume():
+            try:
+                recorded = await resumed.flush_batch()
+                return recorded, await resumed.complete(MESSAGES, max_tokens=16)
+            finally:
+                await resumed.aclose()
+
+        recorded, completion = asyncio.run(resume())
+        assert recorded == 1 and completion.cached
+        assert batch_server.count("/v1/batches") == 1 and batch_server.count("/v1/files") == 1

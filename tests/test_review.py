@@ -162,3 +162,11 @@ def test_cli_export(files, tmp_path, capsys):
     assert "5 records queued" in capsys.readouterr().out
     assert {json.loads(line)["id"] for line in (tmp_path / "q.jsonl").open()} == {
         arabic_id(mcqa_record(i)["id"]) for i, s in enumerate(SCORES) if s < 90}
+
+
+def test_records_without_translation_provenance_are_not_queued(tmp_path):
+    original = dict(_translated(0, 10), id="native-ar-1")
+    original["meta"] = dict(original["meta"], translation=None)
+    path = write_jsonl(tmp_path / "mixed.jsonl", [original, _translated(1, 10)])
+    assert export_review_queue(path, tmp_path / "q.jsonl", fraction=1.0) == 1
+    assert {row["id"] for row in read_jsonl(tmp_path / "q.jsonl")} == {"demo-ar-001"}

@@ -230,3 +230,24 @@ def test_budget_stops_cleanly_then_cli_rerun_finishes(server, api_key, tmp_path,
     records = read_jsonl(tmp_path / "ar.jsonl")
     assert sorted(r["meta"]["translation"]["source_id"] for r in records) == [f"demo-en-{i:03d}" for i in range(6)]
     assert all("glargine" in r["meta"]["options"][1] for r in records)  # a protected drug name kept verbatim
+
+
+def test_saved_dataset_input(server, api_key, tmp_path):
+    from datasets import Dataset
+
+    from bimedix.data.schema import FEATURES
+
+    Dataset.from_list([mcqa_record(i) for i in range(2)], features=FEATURES).save_to_disk(str(tmp_path / "en_ds"))
+    client = make_client(server.base_url, tmp_path / "out.llm.sqlite")
+
+    async def go():
+        try:
+            return await translate_file(tmp_path / "en_ds", tmp_path / "out.jsonl", client, TranslationConfig())
+        finally:
+            await client.aclose()
+
+    summary = asyncio.run(go())
+    assert summary.total == 2 and summary.complete and summary.sent > 0
+    written = {r["meta"]["translation"]["source_id"] for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert written | {r["source_id"] for r in read_jsonl(tmp_path / "out.rejects.jsonl")} == {"demo-en-000",
+                                                                                              "demo-en-001"}

@@ -128,7 +128,8 @@ def _run(args: argparse.Namespace, engine) -> int:
 
     summary = asyncio.run(main())
     print(f"{args.command}: {summary.total} records: {summary.skipped} already done, {summary.accepted} written, "
-          f"{summary.rejected} rejected -> {args.output}")
+          f"{summary.rejected} rejected ({summary.rebuilt} of them from finished results in the cache) "
+          f"-> {args.output}")
     print(f"requests sent {summary.sent}; cost this run ${summary.cost_usd:.4f}; ledger ${summary.ledger_usd:.4f}")
     if summary.rejected:
         print(f"rejects: {rejects_path(args.output)}")

@@ -109,8 +109,8 @@ def validate_dialogue(conversation: object, options: list[str], answer: str, con
         problems.append(f"{total} characters in all (allowed {config.max_total_chars})")
     assistant = [turn["value"] for index, turn in enumerate(conversation) if index % 2 == 1]
     correct = options[OPTION_LETTERS.index(answer)]
-    said = normalize_for_match(" ".join(assistant))
-    if normalize_for_match(correct) not in said:
+    said = f' {normalize_for_match(" ".join(assistant))} '
+    if f" {normalize_for_match(correct)} " not in said:
         problems.append(f"the correct answer {correct!r} is never stated")
     problems += _endorsed_wrong_options(assistant, options, correct)
     return problems

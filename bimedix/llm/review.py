@@ -41,8 +41,8 @@ def sampled_for_review(record_id: str, fraction: float, seed: int = 0) -> bool:
 
 def needs_review(record: dict, *, threshold: float, fraction: float, seed: int) -> bool:
     """Whether a translated record belongs in the review queue (never once it has been reviewed)."""
-    info = record["meta"].get("translation") or {}
-    if info.get("reviewed"):
+    info = record["meta"].get("translation")
+    if not info or info.get("reviewed"):  # not a machine translation, or already reviewed
         return False
     score = info.get("score")
     return (score is None or score < threshold or info.get("review_state") == "queued"
