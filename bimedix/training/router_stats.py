@@ -11,9 +11,10 @@ The language of a sample is read from its tokens, because TRL's packing keeps on
 tokens contain Arabic letters, English otherwise. The Mixtral tokenizer spends about one token per
 Arabic letter, so Arabic samples are far above the threshold even with an English system prompt.
 
-At every logging step the callback adds, per layer, the total-variation distance between the English
-and Arabic expert distributions and each language's busiest-expert share to the trainer's logs; at the
-end it writes the full per-layer, per-expert loads to a JSON report.
+At every logging step the callback logs (through ``trainer.log``, so every configured logger and
+``state.log_history`` get it), per layer, the total-variation distance between the English and Arabic
+expert distributions and each language's busiest-expert share, counted since the start of training;
+at the end it writes the full per-layer, per-expert loads to a JSON report.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,12 +74,19 @@ class RouterLoadCallback(TrainerCallback):
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): the training tokenizer (to tell Arabic tokens).
+        log (`Callable[[dict], None]`, *optional*): where the per-step summary goes, normally ``trainer.log``
+            (the trainer's loggers and ``state.log_history``); without it only the JSON report is written.
         report_path (`str | os.PathLike`, *optional*): the JSON report; defaults to
             ``<output_dir>/router_load.json``.
+
+    Example:
+        >>> trainer.add_callback(RouterLoadCallback(tokenizer, log=trainer.log))
     """
 
-    def __init__(self, tokenizer, report_path: str | os.PathLike | None = None):
+    def __init__(self, tokenizer, log: Callable[[dict], None] | None = None,
+                 report_path: str | os.PathLike | None = None):
         self.arabic = arabic_token_table(tokenizer)
+        self.log = log
         self.report_path = Path(report_path) if report_path else None
         self.counts: torch.Tensor | None = None  # (languages, layers, experts)
         self.top_k = 1
@@ -95,9 +104,9 @@ class RouterLoadCallback(TrainerCallback):
                          decoder.register_forward_hook(self._after_forward)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.counts is None or "loss" not in logs:
-            return
-        logs.update(self.summary(self._gathered(args)))
+        # right after the trainer's own training log; our entry carries no "loss", so this does not recurse
+        if logs and "loss" in logs and self.log is not None and self.counts is not None:
+            self.log(self.summary(self._gathered(args)))
 
     def on_train_end(self, args, state, control, **kwargs):
         for handle in self._handles:

@@ -15,6 +15,7 @@ the router load by language (`bimedix.training.router_stats`).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -99,17 +100,19 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
     peft_config = make_peft_config(model, model_args, bimedix_args)
-    callbacks = list(callbacks or [])
-    if bimedix_args.router_report and is_moe(model):
-        from .router_stats import RouterLoadCallback
-
-        callbacks.append(RouterLoadCallback(tokenizer))
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
+    if bimedix_args.router_report and is_moe(model):
+        from transformers import Trainer
+
+        from .router_stats import RouterLoadCallback
+
+        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry too
+        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
     trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
@@ -149,7 +152,8 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
 
     if bimedix_args.tiny_model:
         model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed)
-        model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"  # `bimedix merge --base`
+        # recorded by PEFT as the adapter's base model, which `bimedix merge` rebuilds
+        model.name_or_path = model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
         return model
     _require_model(model_args, bimedix_args)
     quantization_config = get_quantization_config(model_args)

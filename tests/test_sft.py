@@ -1,0 +1,139 @@
+"""The tiny SFT recipe end to end on CPU: adapter groups move, router report, exact resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from bimedix.resources import resource_path
+from bimedix.training.sft import main, parse_args
+from bimedix.training.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = str(resource_path("recipes", "tiny", "sft.yaml"))
+SMALL = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "96",
+         "--logging_steps", "1", "--warmup_steps", "1"]
+
+
+def _run(output_dir, *flags, callbacks=None):
+    return main(*parse_args(["--config", RECIPE, "--output_dir", str(output_dir), *SMALL, *flags]),
+                callbacks=callbacks)
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+class StopAt(TrainerCallback):
+    """Stop training after ``step`` optimizer steps (as if the job were killed after that checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Four uninterrupted steps of the tiny recipe, checkpointing every two."""
+    output = tmp_path_factory.mktemp("sft-full")
+    return output, _run(output, "--max_steps", "4", "--save_steps", "2")
+
+
+def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
+    output, trainer = full_run
+    model = trainer.model
+    moved = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            group = ("router" if ".gate" in name else "experts" if ".experts" in name
+                     else name.rsplit(".", 1)[-1])
+            moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
+    assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
+    fresh = build_tiny_model("mixtral", seed=42).state_dict()
+    frozen = {name.replace(".base_layer", ""): param for name, param in model.get_base_model().named_parameters()
+              if "lora_" not in name}
+    assert frozen.keys() == fresh.keys()
+    assert all(torch.equal(param, fresh[name]) for name, param in frozen.items())
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny:mixtral:42" and config["r"] == 8
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+
+
+def test_router_load_by_language_is_logged_and_reported(full_run):
+    output, trainer = full_run
+    report = json.loads((output / "router_load.json").read_text())
+    assert report["top_k"] == 2
+    for language in ("en", "ar"):
+        counts = torch.tensor(report["languages"][language]["counts"])
+        assert counts.shape == (2, 4) and counts.sum() > 0
+        assert counts.sum() == report["languages"][language]["token_assignments"]
+        # every token picks exactly top_k experts in every layer
+        assert counts[0].sum() == counts[1].sum() and counts[0].sum() % 2 == 0
+    losses = [e for e in trainer.state.log_history if "loss" in e]
+    router = [e for e in trainer.state.log_history if "router/layer1/en_max_share" in e]
+    assert all("aux_loss" in e for e in losses) and [e["step"] for e in router] == [1, 2, 3, 4]
+    assert "router/layer0/tv_en_ar" in router[-1] and "router/layer1/ar_max_share" in router[-1]
+
+
+def test_language_of_a_sample_is_read_from_its_tokens(mixtral_tokenizer):
+    from bimedix.data.io import read_records
+    from bimedix.training.router_stats import arabic_token_table, sample_languages
+    from bimedix.training.template import to_messages
+
+    arabic = arabic_token_table(mixtral_tokenizer)
+    for record in read_records(resource_path("recipes", "tiny", "data", "train.jsonl")):
+        ids = torch.tensor(mixtral_tokenizer.apply_chat_template(
+            to_messages(record, system="You are a careful medical assistant."), tokenize=True, return_dict=True
+        )["input_ids"])
+        language = sample_languages(ids, torch.zeros_like(ids), arabic)[0].item()
+        assert ("en", "ar")[language] == record["language"], record["id"]
+
+
+def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
+    _, uninterrupted = full_run
+    expected = _losses(uninterrupted)
+    stopped = _run(tmp_path, "--max_steps", "4", "--save_steps", "2", callbacks=[StopAt(2)])
+    assert stopped.state.global_step == 2 and (tmp_path / "checkpoint-2").is_dir()
+    resumed = _run(tmp_path, "--max_steps", "4", "--save_steps", "2",
+                   "--resume_from_checkpoint", str(tmp_path / "checkpoint-2"))
+    losses = _losses(resumed)  # steps 1-2 come from checkpoint-2's trainer state, 3-4 were trained after resuming
+    assert sorted(losses) == [1, 2, 3, 4] and resumed.state.global_step == 4
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+    assert _losses(stopped) == {1: expected[1], 2: expected[2]}
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "\nlora_rank: 16\n")
+    with pytest.raises(ValueError, match="lora_rank"):
+        parse_args(["--config", str(recipe)])
+    with pytest.raises(ValueError, match="no_such_flag"):
+        parse_args(["--config", RECIPE, "--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="lora_preset='experts_only'"):
+        parse_args(["--config", RECIPE, "--lora_preset", "experts_only"])
+
+
+def test_two_processes_both_ranks_finish(full_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(REPO / "recipes" / "sft.py"), "--config", RECIPE, "--output_dir", str(tmp_path), *SMALL,
+               "--max_steps", "2", "--save_strategy", "no"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    epochs = re.findall(r"'epoch': '([0-9.]+)'", result.stdout + result.stderr)
+    # each step consumes twice the rows of the single-process run: both ranks trained
+    single = next(e["epoch"] for e in full_run[1].state.log_history if e.get("step") == 2 and "loss" in e)
+    assert float(epochs[-1]) == pytest.approx(2 * single, abs=1e-3)
