@@ -128,3 +128,28 @@ def test_non_mcqa_record_is_rejected_without_requests(server, api_key, tmp_path)
 def test_config_is_checked():
     with pytest.raises(ValueError, match="min_turns <= max_turns"):
         DialogueConfig(min_turns=5, max_turns=3)
+
+
+def test_cli_with_overridden_prompt(server, api_key, tmp_path, capsys):
+    from bimedix.cli import main
+    from bimedix.resources import resource_path
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    shipped = resource_path("bimedix", "llm", "prompts", "dialogue.yaml").read_text(encoding="utf-8")
+    (prompts / "dialogue.yaml").write_text(shipped.replace("version: dialogue-v1", "version: dialogue-clinic-v2"))
+    write_jsonl(tmp_path / "mcqa.jsonl", [mcqa_record(i) for i in range(2)])
+    code = main(["generate-chats", "--input", str(tmp_path / "mcqa.jsonl"), "--output", str(tmp_path / "chats.jsonl"),
+                 "--base-url", server.base_url, "--model", MODEL, "--prompts", str(prompts), "--min-turns", "3"])
+    assert code == 0 and "2 written" in capsys.readouterr().out
+    records = read_jsonl(tmp_path / "chats.jsonl")
+    assert {r["meta"]["generation"]["prompt_version"] for r in records} == {"dialogue-clinic-v2"}
+    assert all(len(r["conversations"]) == 6 for r in records)
+
+
+def test_prompt_without_payload_is_refused(tmp_path):
+    from bimedix.llm.prompts import load_prompt
+
+    (tmp_path / "dialogue.yaml").write_text("version: x\nsystem: s\nuser: no payload here\n")
+    with pytest.raises(ValueError, match="dialogue.yaml: field `user` must include"):
+        load_prompt("dialogue", tmp_path)

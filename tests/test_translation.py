@@ -251,3 +251,25 @@ def test_saved_dataset_input(server, api_key, tmp_path):
     written = {r["meta"]["translation"]["source_id"] for r in read_jsonl(tmp_path / "out.jsonl")}
     assert written | {r["source_id"] for r in read_jsonl(tmp_path / "out.rejects.jsonl")} == {"demo-en-000",
                                                                                               "demo-en-001"}
+
+
+def test_record_level_400_is_rejected_transient_left_for_rerun_and_401_stops(server, api_key, tmp_path):
+    from bimedix.llm.client import LLMError
+    from bimedix.llm.fake_server import Fault
+
+    records = [mcqa_record(0)]
+    server.inject(Fault("status", 400))
+    (tmp_path / "a").mkdir()
+    summary = _translate(server, tmp_path / "a", records)
+    assert summary.rejected == 1 and "HTTP 400" in read_jsonl(tmp_path / "a" / "out.rejects.jsonl")[0]["reason"]
+
+    (tmp_path / "b").mkdir()
+    server.inject(*[Fault("status", 503)] * 4)  # make_client allows 3 retries: 4 failures exhaust them
+    summary = _translate(server, tmp_path / "b", records)
+    assert not summary.complete and summary.failed and "gave up after 4 attempts" in summary.failed[0]
+    assert _translate(server, tmp_path / "b", records).complete  # the re-run finishes it
+
+    (tmp_path / "c").mkdir()
+    server.inject(Fault("status", 401))
+    with pytest.raises(LLMError, match="HTTP 401"):
+        _translate(server, tmp_path / "c", [mcqa_record(i) for i in range(3)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def load_prompt(name: str, override_dir: str | os.PathLike | None = None) -> Pro
     for key in ("version", "system", "user"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise ValueError(f"{path}: field `{key}` must be a non-empty string")
-    if "payload" not in data["user"]:
+    if not re.search(r"\{\{\s*payload\s*\}\}", data["user"]):
         raise ValueError(f"{path}: field `user` must include {{{{ payload }}}}, the task's JSON")
     try:
         return PromptTemplate(name, data["version"].strip(), data["system"], data["user"])
