@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -90,39 +89,57 @@ def bench_build(records: list[dict], count: int, folder: Path) -> None:
         f"    - {{name: medqa-test, reader: medqa, path: {bundled}/medqa/phrases_no_exclude_test.jsonl}}\n"
         f"    - {{name: medmcqa-dev, reader: medmcqa, path: {bundled}/medmcqa/dev.json}}\n")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe), "--output",
-                           str(folder / "out"), "--no-progress"], capture_output=True, text=True)
+    log = folder / "build.log"
+    with open(log, "w") as handle:
+        child = subprocess.Popen([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe), "--output",
+                                  str(folder / "out"), "--no-progress"], stdout=handle, stderr=subprocess.STDOUT)
+        peak = 0.0
+        while child.poll() is None:  # VmHWM: the child's own peak (ru_maxrss would include the parent's at fork)
+            peak = max(peak, _status_mb(child.pid, "VmHWM"))
+            time.sleep(0.2)
     elapsed = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"build-data failed:\n{done.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    total = [line for line in done.stdout.splitlines() if line.startswith("Total:")]
+    output = log.read_text()
+    if child.returncode:
+        raise RuntimeError(f"build-data failed:\n{output[-3000:]}")
+    total = [line for line in output.splitlines() if line.startswith("Total:")]
     print(f"build-data on {count:,} records (repeated real records): {elapsed:,.0f} s "
           f"({count / elapsed:,.0f} records/s), peak RSS {peak:,.0f} MB (target <= 2048 MB)")
-    print(f"  {total[0] if total else done.stdout[-500:]}")
+    print(f"  {total[0] if total else output[-500:]}")
 
 
 def bench_index(records: list[dict], count: int) -> None:
     code = (
-        "import random, resource, sys, json\n"
+        "import random, sys, json\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from data_prep import _status_mb\n"
         "from bimedix.data.dedup import Deduplicator\n"
         "words = json.loads(sys.stdin.read())\n"
         "rng = random.Random(0)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = _status_mb('self', 'VmRSS')\n"
         "dedup = Deduplicator()\n"
         f"for i in range({count}):\n"
-        "    text = ' '.join(rng.choices(words, k=60))\n"
-        "    assert dedup.check({'id': str(i), 'conversations': [{'from': 'human', 'value': text}]}) is None or True\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(before / 1024, after / 1024, len(dedup._exact))\n"
+        "    dedup.check({'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': ' '.join(rng.choices(words, k=60))}]})\n"
+        "print(before, _status_mb('self', 'VmHWM'), len(dedup._exact))\n"
     )
     words = sorted({w for r in records for t in r["conversations"] for w in t["value"].split()})
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(words), capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], input=json.dumps(words),
+                          capture_output=True, text=True, check=True)
     before, after, kept = done.stdout.split()
-    print(f"dedup index with {int(kept):,} distinct records kept: peak RSS {float(after):,.0f} MB "
-          f"(process before indexing {float(before):,.0f} MB; {time.perf_counter() - start:,.0f} s)")
+    print(f"dedup index with {int(kept):,} distinct records kept: peak RSS {float(after):,.0f} MB, of which "
+          f"{float(after) - float(before):,.0f} MB for the index ({time.perf_counter() - start:,.0f} s)")
+
+
+def _status_mb(pid: int | str, field: str) -> float:
+    """A memory field (``VmHWM`` peak, ``VmRSS`` current) of ``/proc/<pid>/status``, in MB (0 once gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:  # the process has exited
+        return 0.0
+    return 0.0
 
 
 def main() -> None:

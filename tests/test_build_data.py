@@ -54,6 +54,9 @@ def test_counts_balance_and_match_hand_count(built):
     rejected = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["record"], r["field"]) for r in rejected] == [(4, "conversations")]
     assert rejected[0]["raw"]["id"] == "en-qa-bad"
+    duplicates = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    assert [(d["id"], d["kind"], d["kept_id"]) for d in duplicates] == [
+        ("en-qa-exact-copy", "exact", "en-qa-1"), ("en-qa-near-copy", "near", "en-qa-2")]
 
 
 def test_ratio_is_one_to_two_per_task(built):

@@ -53,7 +53,8 @@ def test_dedup_removes_exact_and_near_duplicates_but_not_distinct_items():
     words = originals[7]["conversations"][1]["value"].split()
     words[50] = "changed"
     near = _record("near", originals[7]["conversations"][0]["value"], " ".join(words))
-    assert dedup.check(near).kind == "near"
+    found = dedup.check(near)
+    assert found.kind == "near" and found.kept_id == "r7"
     assert dedup.check(_record("new", _words(rng, 20), _words(rng, 120))) is None
 
 

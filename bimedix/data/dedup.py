@@ -6,9 +6,9 @@ Arabic-Indic digits). Exact duplicates share a 64-bit hash of that text. Near du
 band of their MinHash signature (locality-sensitive hashing with the bands and rows that best fit
 the Jaccard ``threshold``); the first record seen wins, so recipe order sets priority.
 
-The index is streaming and compact: one 64-bit integer per band per kept record in a Python set,
-about 60 bytes each, instead of ``datasketch.MinHashLSH``'s per-bucket sets (kilobytes per record),
-so 1.3M records fit in well under a gigabyte (see ``benchmarks/data_prep.py``).
+The index is streaming and compact: one 64-bit band key per band per kept record in a dict pointing at
+the kept record's id (shared, not copied), instead of ``datasketch.MinHashLSH``'s per-bucket sets and
+byte-string keys (kilobytes per record); ``benchmarks/data_prep.py`` measures it at 1.3M records.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ class Duplicate:
 
     Attributes:
         kind (`str`): ``"exact"`` or ``"near"``.
-        kept_id (`str | None`): the id of the earlier record it duplicates (exact duplicates only).
+        kept_id (`str`): the id of the earlier (kept) record it duplicates; for a near duplicate, the first
+            kept record found in a shared LSH band.
     """
 
     kind: Literal["exact", "near"]
-    kept_id: str | None
+    kept_id: str
 
 
 def record_text(record: Mapping) -> str:
@@ -72,7 +73,7 @@ class Deduplicator:
         self._permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32", hashfunc=zlib.crc32).permutations
         self._seed = seed
         self._exact: dict[int, str] = {}
-        self._buckets: set[int] = set()
+        self._buckets: dict[int, str] = {}
 
     def check(self, record: Mapping, text: str | None = None) -> Duplicate | None:
         """Return a `Duplicate` if ``record`` repeats an earlier one; otherwise index it and return `None`.
@@ -87,10 +88,13 @@ class Deduplicator:
         if kept is not None:
             return Duplicate("exact", kept)
         band_keys = self.band_keys(text)
-        if any(key in self._buckets for key in band_keys):
-            return Duplicate("near", None)
-        self._exact[digest] = record["id"]
-        self._buckets.update(band_keys)
+        for key in band_keys:
+            kept = self._buckets.get(key)
+            if kept is not None:
+                return Duplicate("near", kept)
+        record_id = record["id"]
+        self._exact[digest] = record_id
+        self._buckets.update(dict.fromkeys(band_keys, record_id))
         return None
 
     def band_keys(self, text: str) -> list[int]:
