@@ -144,3 +144,23 @@ def test_shipped_recipes_parse(name):
 def test_counts_equation_reports_imbalance():
     counts = Counts(read=3, written=1, rejected=1)
     assert not counts.balanced and "DOES NOT BALANCE" in counts.equation()
+
+
+def test_changed_source_is_reconverted_alone(tmp_path, mixtral_tokenizer):
+    recipe = write_sources(tmp_path / "sources")
+    out = tmp_path / "out"
+    build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    converted = out / ".work" / "sources"
+    before = {path.name: path.stat().st_mtime_ns for path in converted.glob("*.json")}
+    chat = tmp_path / "sources" / "chat.jsonl"
+    extra = json.loads(chat.read_text().splitlines()[0])
+    extra.update(id="chat-en-new", conversations=[{"from": "human", "value": "A brand new question about sleep"},
+                                                  {"from": "gpt", "value": "A brand new answer about sleep"}])
+    chat.write_text(chat.read_text() + json.dumps(extra) + "\n")
+    result = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    after = {path.name: path.stat().st_mtime_ns for path in converted.glob("*.json")}
+    unchanged = {name for name in before if not name.startswith("chat-")}
+    assert {name: after[name] for name in unchanged} == {name: before[name] for name in unchanged}
+    assert len([name for name in after if name.startswith("chat-")]) == 1  # the stale conversion is gone
+    assert result.counts.read == EXPECTED["counts"]["read"] + 1 and result.counts.balanced
+    assert len(list((out / ".work").glob("clean-*.jsonl"))) == 4  # clean, decontamination, duplicates, rejects

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -222,6 +223,7 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     else:
         manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress)
         write_json(manifest_path, manifest)
+        _remove_stale(work_dir, "clean", key)
     rejects = source_rejects + [work_dir / f"clean-{key}.rejects.jsonl"]
     return Prepared(recipe, work_dir, key, clean_path, manifest["plan"], manifest["ranges"],
                     {name: Counts(**counts) for name, counts in manifest["counts"].items()}, rejects)
@@ -270,6 +272,7 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     manifest = {"name": spec.name, "key": key, "path": str(stem.with_suffix(".jsonl")), "written": written,
                 "rejected": rejects.count, "rejects": str(rejects_path) if rejects_path else None}
     write_json(manifest_path, manifest)
+    _remove_stale(folder, spec.name, key)
     return manifest
 
 
@@ -480,6 +483,14 @@ def _decontamination_summary(output: Path) -> dict[str, int]:
     for _, entry in read_jsonl(output / "decontamination.jsonl"):
         counts[entry["benchmark"]] = counts.get(entry["benchmark"], 0) + 1
     return counts
+
+
+def _remove_stale(folder: Path, stem: str, key: str) -> None:
+    """Delete the cache files of ``stem`` made under other keys (inputs or settings that have changed)."""
+    pattern = re.compile(rf"{re.escape(stem)}-(?!{key})[0-9a-f]{{16}}\..*")
+    for path in folder.iterdir():
+        if pattern.fullmatch(path.name):
+            path.unlink()
 
 
 def _copy(source: Path, target: Path) -> None:
