@@ -135,3 +135,18 @@ def test_stub_preferring_gold_scores_one_and_pools_bilingual(real_bench, stub_lm
     assert results["results"]["bimedix_mmlu_anatomy_bilingual"]["acc,none"] == 1.0
     consistency = results["bimedix_consistency"]
     assert consistency["mmlu_anatomy"]["agreement"] == 1.0 and consistency["all"]["n"] == 40
+
+
+def test_request_cache_lets_a_rerun_resume_without_asking_the_model_again(stub_lm, tmp_path):
+    class CountingStub(stub_lm):
+        calls = 0
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            CountingStub.calls += len(requests)
+            return super().loglikelihood(requests, disable_tqdm)
+
+    first = evaluate(CountingStub(prefer="A"), tasks="bimedix_medqa_en", limit=3, cache=tmp_path / "cache")
+    asked = CountingStub.calls
+    second = evaluate(CountingStub(prefer="A"), tasks="bimedix_medqa_en", limit=3, cache=tmp_path / "cache")
+    assert asked == 12 and CountingStub.calls == asked  # 3 questions x 4 options, all answered from the cache
+    assert second["results"]["bimedix_medqa_en"]["acc,none"] == first["results"]["bimedix_medqa_en"]["acc,none"]

@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
     run.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     run.add_argument("--output", required=True, help="folder for results.json, samples, consistency.json, tables.md")
+    run.add_argument("--cache", default=None, metavar="PATH",
+                     help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -53,7 +55,7 @@ def _eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     results = evaluate(args.model, peft=args.peft, tasks=args.tasks, backend=args.backend, data_dir=args.data_dir,
                        limit=limit, num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
-                       output_dir=args.output)
+                       output_dir=args.output, cache=args.cache)
     name = args.peft or args.model
     print(format_tables(results, model_name=name.rstrip("/").rsplit("/", 1)[-1]))
     print(f"wrote {args.output}/results.json, samples_*.jsonl, consistency.json, tables.md")

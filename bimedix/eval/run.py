@@ -35,7 +35,8 @@ def tasks_dir() -> Path:
 def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] = DEFAULT_TASKS,
              backend: str = "hf", data_dir: str | Path | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int | str = 1, device: str | None = None,
-             model_args: dict[str, Any] | None = None, output_dir: str | Path | None = None) -> dict:
+             model_args: dict[str, Any] | None = None, output_dir: str | Path | None = None,
+             cache: str | Path | None = None) -> dict:
     """Evaluate a model on bimedix tasks with lm-eval and return lm-eval's results (with per-sample logs).
 
     Args:
@@ -52,6 +53,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         model_args (`dict`, *optional*): extra backend arguments (e.g. ``{"dtype": "bfloat16"}``).
         output_dir (`str | Path`, *optional*): where to write ``results.json`` (lm-eval JSON),
             ``samples_<task>.jsonl``, ``consistency.json`` and ``tables.md``.
+        cache (`str | Path`, *optional*): lm-eval's request cache (SQLite, ``use_cache``): answered requests
+            are stored as they finish, so an interrupted run resumes where it stopped.
 
     Returns:
         `dict`: lm-eval's results dict plus ``"bimedix_consistency"`` (see `bimedix.eval.consistency`).
@@ -86,7 +89,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
     results = lm_eval.simple_evaluate(
         model=lm, model_args=lm_args, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
         batch_size=batch_size, device=None if backend == "vllm" else (device or _default_device()),
-        log_samples=True)
+        log_samples=True, use_cache=None if cache is None else str(cache))
     if results is None:  # only non-zero ranks of a distributed run get None
         return {}
     results["bimedix_consistency"] = bilingual_consistency(results.get("samples", {}))
