@@ -227,6 +227,7 @@ class LLMClient:
                                  f"next request could cost up to ${estimate:.4f})")
         if self.config.batch:
             self.cache.add_pending(key, body)
+            self._reserved += estimate  # until the batch is collected
             raise Deferred(key)
         self._reserved += estimate
         try:
@@ -246,7 +247,7 @@ class LLMClient:
         from .batch import run_batches
 
         recorded = await run_batches(self._client(), self.cache, self, poll_interval=self.config.batch_poll_interval)
-        self._spent = self.cache.total_cost()
+        self._spent, self._reserved = self.cache.total_cost(), 0.0
         return recorded
 
     def progress(self, total: int, desc: str) -> tqdm:

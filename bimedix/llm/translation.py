@@ -108,14 +108,14 @@ class Translator:
         current, feedback, score = None, None, None
         for round_no in range(1, config.max_rounds + 1):
             rounds = round_no
-            if current is None and round_no == 1:
+            if round_no == 1:
                 payload = {"task": "translate", **source, "keep": keep}
                 prompt = self.prompts["translate"]
             else:
                 payload = {"task": "refine", **source, "keep": keep, "translation": current, "score": score,
                            "comments": feedback or "The previous attempt failed; translate again."}
                 prompt = self.prompts["refine"]
-            completion = await self._ask(prompt.render(payload), config.max_tokens, attempt=0)
+            completion = await self._ask(prompt.render(payload), config.max_tokens, seed=config.seed + round_no - 1)
             cost += completion.cost_usd
             candidate, problem = _parse_translation(completion, source)
             if problem is None:
@@ -142,17 +142,19 @@ class Translator:
             return Rejected(record["id"], "; ".join(failures), cost)
         return Accepted(self._output(record, best[0], best[1], rounds, cost))
 
-    async def _ask(self, messages: list[dict], max_tokens: int, *, attempt: int) -> Completion:
-        temperature = self.config.temperature if attempt == 0 else max(self.config.temperature, 0.7)
-        return await self.client.complete(messages, max_tokens=max_tokens, temperature=temperature,
-                                          seed=self.config.seed + attempt, response_format=self.response_format)
+    async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int, resample: bool = False) -> Completion:
+        """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different answer."""
+        temperature = max(self.config.temperature, 0.7) if resample else self.config.temperature
+        return await self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                          response_format=self.response_format)
 
     async def _judge(self, source: dict, candidate: dict) -> tuple[tuple[float, str] | str, float]:
         """Return ``((score, comments), cost)``, or ``(reason, cost)`` if every attempt was malformed."""
         messages = self.prompts["judge"].render({"task": "judge", "source": source, "translation": candidate})
         cost, reasons = 0.0, []
         for attempt in range(self.config.judge_attempts):
-            completion = await self._ask(messages, self.config.judge_max_tokens, attempt=attempt)
+            completion = await self._ask(messages, self.config.judge_max_tokens, seed=self.config.seed + attempt,
+                                         resample=attempt > 0)
             cost += completion.cost_usd
             judged = _parse_judgement(completion)
             if not isinstance(judged, str):
