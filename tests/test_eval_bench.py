@@ -31,6 +31,7 @@ def test_build_bench_writes_every_subset_present_and_loads_with_datasets(built, 
     assert {f"{s}_en" for s in PAPER_SUBSETS} <= configs
     assert {"medqa_ar", "medmcqa_ar", "pubmedqa_ar", "mmlu_anatomy_ar", "medarabench_ar"} <= configs
     medqa = load_dataset(str(built), "medqa_en", split="test")
+    assert len(medqa) == 10  # --limit 10, although only 3 have an Arabic twin (those come first)
     first = json.loads((shared_data / SOURCE_PATHS["medqa"]).read_text(encoding="utf-8").splitlines()[0])
     assert medqa[0]["question"] == first["question"] and medqa[0]["answer"] == first["answer_idx"]
     assert medqa[0]["options"] == [first["options"][k] for k in "ABCD"] and medqa[0]["provenance"] == "original"

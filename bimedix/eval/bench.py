@@ -312,15 +312,13 @@ def _pair_arabic_with_english(tables: dict) -> None:
 
 
 def _first_paired(tables: dict, limit: int) -> dict:
-    """Keep ``limit`` rows per subset, preferring questions present in both languages."""
+    """Keep ``limit`` rows per subset: questions present in both languages first, then the others."""
     kept = {}
     for (subset, language), rows in tables.items():
-        other = tables.get((subset, "ar" if language == "en" else "en"))
-        if other is None:
-            kept[subset, language] = rows[:limit]
-            continue
-        shared = {row["id"] for row in rows} & {row["id"] for row in other}
-        kept[subset, language] = [row for row in rows if row["id"] in shared][:limit]
+        other = tables.get((subset, "ar" if language == "en" else "en"), [])
+        twins = {row["id"] for row in other}
+        paired = [row for row in rows if row["id"] in twins]
+        kept[subset, language] = (paired + [row for row in rows if row["id"] not in twins])[:limit]
     return kept
 
 
