@@ -6,7 +6,7 @@ PEFT adapts fused expert parameters (`target_parameters=["mlp.experts.gate_up_pr
 folds into one `baddbmm` only for a single adapter on fp32 weights — still writing a full-size tensor.
 `ExpertLoraWrapper` is a `ParamWrapper` with the same parameters and state-dict keys whose forward, in
 ``"folded"`` mode, runs each routed expert on its own tokens with the low-rank factors applied to the
-activations, reading 4-bit experts one expert at a time (`bimedix.training.quantize.expert_linear`).
+activations (grouped GEMMs; 4-bit experts are dequantized just in time, `quantize.grouped_expert_linear`).
 ``"peft"`` mode keeps PEFT's own path (plus the fix it needs on 4-bit experts). Adapters trained in
 either mode are identical PEFT adapters.
 
@@ -29,7 +29,7 @@ from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .quantize import _is_3d_expert_parameter, expert_linear
+from .quantize import _is_3d_expert_parameter, grouped_expert_linear, grouped_mm
 
 logger = logging.getLogger(__name__)
 
@@ -139,49 +139,49 @@ def folded_experts_forward(
     top_k_weights: torch.Tensor,
     lora: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] | None = None,
 ) -> torch.Tensor:
-    """The transformers eager experts forward with LoRA folded into the activations.
+    """transformers' `grouped_mm` experts forward with LoRA folded into the activations.
+
+    Token-expert pairs are sorted by expert; each projection is one grouped GEMM with the (dense or
+    just-in-time dequantized 4-bit) expert stack plus, per adapter, two thin grouped GEMMs ``(x·Aᵀ)·Bᵀ``.
 
     Args:
-        experts (`nn.Module`): a fused experts module (dense or 4-bit from `quantize_experts`).
+        experts (`nn.Module`): a fused experts module (dense, or 4-bit from `quantize_experts`).
         hidden_states (`torch.Tensor`): (tokens, hidden).
         top_k_index (`torch.Tensor`): (tokens, k) routed expert ids.
         top_k_weights (`torch.Tensor`): (tokens, k) routing weights.
         lora (`dict`, *optional*): parameter name → ``[(A, B, scaling), ...]`` (see `ExpertLoraWrapper`).
     """
     lora = lora or {}
+    num_tokens, hidden_dim = hidden_states.shape
+    num_top_k = top_k_index.size(-1)
     has_gate = getattr(experts, "has_gate", True)
     up_name = "gate_up_proj" if has_gate else "up_proj"
-    up = _lora_linear(experts, up_name, lora.get(up_name, []), hidden_states.dtype)
-    down = _lora_linear(experts, "down_proj", lora.get("down_proj", []), hidden_states.dtype)
-    num_experts = experts.num_experts
 
-    final_hidden_states = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit.flatten().tolist():
-        if expert_idx == num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current = up(hidden_states[token_idx], expert_idx)
-        current = experts._apply_gate(current) if has_gate else experts.act_fn(current)
-        current = down(current, expert_idx)
-        current = current * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
-    return final_hidden_states
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    current = hidden_states[perm // num_top_k]
+
+    current = _lora_grouped_linear(experts, up_name, lora.get(up_name, []), current, offsets, expert_ids)
+    current = experts._apply_gate(current) if has_gate else experts.act_fn(current)
+    current = _lora_grouped_linear(experts, "down_proj", lora.get("down_proj", []), current, offsets, expert_ids)
+    current = current * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return current[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
-def _lora_linear(experts: nn.Module, param_name: str, factors: list, dtype: torch.dtype):
-    base = expert_linear(experts, param_name)
-    bias = getattr(experts, f"{param_name}_bias", None) if getattr(experts, "has_bias", False) else None
-    factors = [(a.to(dtype), b.to(dtype), scaling) for a, b, scaling in factors]
-
-    def linear(x: torch.Tensor, e: int) -> torch.Tensor:
-        out = base(x, e)
-        if bias is not None:
-            out = out + bias[e]
-        for weight_a, weight_b, scaling in factors:
-            out = out + (x @ weight_a[e].T) @ weight_b[e].T * scaling
-        return out
-
-    return linear
+def _lora_grouped_linear(experts: nn.Module, param_name: str, factors: list, x: torch.Tensor,
+                         offsets: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    out = grouped_expert_linear(experts, param_name)(x, offsets)
+    if getattr(experts, "has_bias", False):
+        out = out + getattr(experts, f"{param_name}_bias")[expert_ids]
+    for weight_a, weight_b, scaling in factors:
+        # grouped GEMMs need 16-byte aligned strides: pad the rank to a multiple of 8 with zeros (exact)
+        pad = -weight_a.shape[1] % 8
+        weight_a = nn.functional.pad(weight_a.to(out.dtype), (0, 0, 0, pad)).contiguous()  # (E, r, in)
+        weight_b = nn.functional.pad(weight_b.to(out.dtype), (0, pad)).contiguous()  # (E, out, r)
+        low_rank = grouped_mm(x.to(out.dtype), weight_a.transpose(-2, -1), offsets)
+        out = out + grouped_mm(low_rank, weight_b.transpose(-2, -1), offsets) * scaling
+    return out

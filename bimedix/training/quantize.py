@@ -5,9 +5,9 @@ transformers 5 stores an MoE layer's experts as fused 3-D parameters (`mlp.exper
 about 97% of Mixtral's weights stay in bf16. `quantize_experts` packs those parameters to NF4 with double
 quantization through bitsandbytes' own parametrization (`replace_parameter_4bit`), so that they stay 4-bit
 at rest, any experts implementation still reads ``experts.gate_up_proj`` (dequantized on access), and the
-state dict carries bitsandbytes' quant-state keys. `expert_linear` computes one expert's matmul from the
-packed bytes (dequantizing just that expert, again in backward), which is what the folded expert-LoRA
-path in `bimedix.training.expert_lora` uses so that a whole dequantized expert stack is never kept.
+state dict carries bitsandbytes' quant-state keys. `grouped_expert_linear` runs the grouped expert matmul
+from the packed bytes (dequantizing just in time, and again in backward): the folded expert-LoRA path in
+`bimedix.training.expert_lora` uses it, so no dequantized expert stack is kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -157,42 +157,30 @@ def is_quantized(module: nn.Module, param_name: str) -> bool:
     return _bnb_parametrization(module, param_name) is not None
 
 
-def expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """Return ``linear(x, e)`` computing ``x @ W[e]ᵀ`` for expert ``e`` of the fused parameter ``param_name``.
+def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped GEMM).
 
-    For a 4-bit parameter only expert ``e`` is dequantized, and it is dequantized again in backward instead of
-    being kept for it (like bitsandbytes' `MatMul4Bit`), so activations hold packed bytes, not bf16 weights.
+    ``offsets`` are the cumulative row counts per expert (int32), as in transformers' `grouped_mm` experts.
+    A 4-bit parameter is dequantized for the call and again in backward instead of being kept for it
+    (like bitsandbytes' `MatMul4Bit`), so saved activations hold packed bytes, not a bf16 expert stack.
     Experts stored transposed (``experts.is_transposed``, shape (E, in, out)) are handled.
     """
     transposed = getattr(experts, "is_transposed", False)
     parametrization = _bnb_parametrization(experts, param_name)
     if parametrization is None:
         weight = getattr(experts, param_name)
-        if transposed:
-            return lambda x, e: x @ weight[e]
-        return lambda x, e: nn.functional.linear(x, weight[e])
-
-    from bitsandbytes import functional as bnbf
-
-    state = parametrization.quant_state
+        return lambda x, offsets: grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
     packed = experts.parametrizations[param_name].original
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    absmax = absmax.float()
-    num_experts, rows, cols = state.shape
-    per_expert = rows * cols
+    state = parametrization.quant_state
+    return lambda x, offsets: _Dequantize4bitGroupedLinear.apply(x, offsets, packed, state, transposed)
 
-    def linear(x: torch.Tensor, e: int) -> torch.Tensor:
-        start = e * per_expert
-        return _Dequantize4bitLinear.apply(
-            x,
-            packed[start // 2:(start + per_expert) // 2],
-            absmax[start // state.blocksize:(start + per_expert) // state.blocksize],
-            (rows, cols, state.blocksize, state.quant_type, state.dtype, transposed),
-        )
 
-    return linear
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``x[rows of e] @ weight[e]`` for every expert ``e`` (weight (E, in, out)), in ``weight``'s dtype."""
+    # transformers' dispatcher: torch's grouped GEMM where the device/dtype/version allows it, else a loop.
+    from transformers.integrations.moe import _grouped_mm
+
+    return _grouped_mm(x, weight, offsets)
 
 
 def dequantize_experts(model: nn.Module) -> list[str]:
@@ -250,33 +238,24 @@ def _experts_parametrization_class() -> type:
     return ExpertsBnb4bitParametrization
 
 
-class _Dequantize4bitLinear(torch.autograd.Function):
-    """``x @ W[e]ᵀ`` from packed 4-bit bytes; saves the packed slice, not the dequantized weight."""
+class _Dequantize4bitGroupedLinear(torch.autograd.Function):
+    """Grouped ``x @ W[e]ᵀ`` from a 4-bit expert stack; saves the packed bytes, not the dequantized weight."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, meta):
-        ctx.save_for_backward(packed, absmax)
-        ctx.meta = meta
-        weight = _dequantize_slice(packed, absmax, meta).to(x.dtype)
-        return x @ weight if meta[-1] else nn.functional.linear(x, weight)
+    def forward(ctx, x, offsets, packed, state, transposed):
+        ctx.save_for_backward(offsets, packed)
+        ctx.state, ctx.transposed = state, transposed
+        weight = _flat_dequantize(packed, state).to(x.dtype)
+        return grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
 
     @staticmethod
     def backward(ctx, grad_output):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        packed, absmax = ctx.saved_tensors
-        weight = _dequantize_slice(packed, absmax, ctx.meta).to(grad_output.dtype)
-        grad_input = grad_output @ weight.T if ctx.meta[-1] else grad_output @ weight
-        return grad_input, None, None, None
-
-
-def _dequantize_slice(packed: torch.Tensor, absmax: torch.Tensor, meta: tuple) -> torch.Tensor:
-    from bitsandbytes import functional as bnbf
-
-    rows, cols, blocksize, quant_type, dtype, _ = meta
-    state = bnbf.QuantState(absmax=absmax, shape=torch.Size((rows * cols // blocksize, blocksize)), dtype=dtype,
-                            blocksize=blocksize, quant_type=quant_type)
-    return bnbf.dequantize_4bit(packed, quant_state=state).reshape(rows, cols)
+            return None, None, None, None, None
+        offsets, packed = ctx.saved_tensors
+        weight = _flat_dequantize(packed, ctx.state).to(grad_output.dtype)
+        grad_input = grouped_mm(grad_output, weight.transpose(-2, -1) if ctx.transposed else weight, offsets)
+        return grad_input, None, None, None, None
 
 
 def _flat_dequantize(quantized: torch.Tensor, state) -> torch.Tensor:
