@@ -227,3 +227,10 @@ def test_batch_killed_while_waiting_is_polled_not_resubmitted(api_key, tmp_path)
         recorded, completion = asyncio.run(resume())
         assert recorded == 1 and completion.cached
         assert batch_server.count("/v1/batches") == 1 and batch_server.count("/v1/files") == 1
+
+
+def test_max_completion_tokens_field(server, api_key, tmp_path):
+    seen = []
+    server.responder = lambda body: seen.append(sorted(body)) or "ok"
+    _complete(make_client(server.base_url, tmp_path / "c.sqlite", max_tokens_field="max_completion_tokens"))
+    assert seen == [["max_completion_tokens", "messages", "model"]]

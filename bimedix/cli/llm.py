@@ -95,6 +95,8 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="folder with prompt YAMLs overriding the shipped ones")
     parser.add_argument("--seed", type=int, default=0, help="request and sampling seed (default 0)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="completion limit per request (default 4096)")
+    parser.add_argument("--max-tokens-field", choices=["max_tokens", "max_completion_tokens"], default="max_tokens",
+                        help="request field carrying --max-tokens (OpenAI reasoning models: max_completion_tokens)")
     parser.add_argument("--no-json-mode", action="store_true",
                         help="do not send response_format=json_object (for servers without it)")
 
@@ -107,7 +109,7 @@ def _client(args: argparse.Namespace):
                           concurrency=args.concurrency, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                           timeout=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
                           prices=load_prices(args.prices) if args.prices else {}, batch=args.batch_api,
-                          batch_poll_interval=args.batch_poll_interval)
+                          batch_poll_interval=args.batch_poll_interval, max_tokens_field=args.max_tokens_field)
     cache_path = args.cache or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".llm.sqlite")
     return LLMClient(config, RequestCache(cache_path))
 

@@ -99,6 +99,8 @@ class ClientConfig:
             shipped table (``bimedix/llm/prices.json``).
         batch (`bool`, *optional*, defaults to `False`): park cache misses for the Batch API (half price).
         batch_poll_interval (`float`, *optional*, defaults to `30`): seconds between batch status checks.
+        max_tokens_field (`str`, *optional*, defaults to `"max_tokens"`): the request field of the completion
+            limit; OpenAI's reasoning models want ``"max_completion_tokens"``.
     """
 
     base_url: str
@@ -115,6 +117,7 @@ class ClientConfig:
     prices: dict = field(default_factory=dict)
     batch: bool = False
     batch_poll_interval: float = 30.0
+    max_tokens_field: str = "max_tokens"
 
     def __post_init__(self):
         if self.concurrency < 1:
@@ -123,6 +126,9 @@ class ClientConfig:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.budget_usd is not None and self.budget_usd < 0:
             raise ValueError(f"budget_usd must be >= 0, got {self.budget_usd}")
+        if self.max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError("max_tokens_field must be max_tokens or max_completion_tokens, "
+                             f"got {self.max_tokens_field!r}")
 
 
 def load_prices(path: str | os.PathLike | None = None) -> dict:
@@ -213,8 +219,8 @@ class LLMClient:
             `BudgetExceeded`: the request could take the ledger past ``budget_usd``.
             `Deferred`: batch mode parked the request.
         """
-        body = self.request_body(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                 response_format=response_format)
+        body = self.request_body(messages, temperature=temperature, seed=seed, response_format=response_format,
+                                 **{self.config.max_tokens_field: max_tokens})
         key = request_key(body)
         hit = self.cache.get(key)
         if hit is not None:
