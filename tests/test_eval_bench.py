@@ -7,13 +7,22 @@ import json
 import re
 
 import pytest
-from datasets import load_dataset
+from datasets import load_dataset as _load_dataset
 
 from bimedix.cli import main
 from bimedix.data.mcqa import item_to_record, read_medqa
 from bimedix.eval.arabic_bench import ArabicBench, import_bimedix_arabic, rows_from_records
 from bimedix.eval.bench import (PAPER_SUBSETS, SOURCE_PATHS, available_configs, build_bench, bundled_data_dir,
                                 read_bench, subset_path)
+
+
+def load_dataset(folder: str, config: str, split: str):
+    """`datasets.load_dataset` with a fresh cache: its cache key ignores the files' content, so a folder name
+    reused by another test run would otherwise return that run's rows."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        return _load_dataset(folder, config, split=split, cache_dir=cache, keep_in_memory=True)
 
 
 @pytest.fixture(scope="module")
