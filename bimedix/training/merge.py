@@ -50,8 +50,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter folder.")
+    _adapter_config(adapter_dir)
     model = load_base_model(base, getattr(torch, dtype))
     tokenizer = _load_tokenizer(adapter_dir, base)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
@@ -121,5 +120,11 @@ def _logits(model, batch) -> torch.Tensor:
 
 def adapter_base_name(adapter_dir: str | os.PathLike) -> str | None:
     """The base model an adapter was trained on, as recorded in its ``adapter_config.json``."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return config.get("base_model_name_or_path")
+    return _adapter_config(Path(adapter_dir)).get("base_model_name_or_path")
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: not a PEFT adapter folder.")
+    return json.loads(path.read_text())

@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -163,7 +165,9 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
     from peft import get_peft_model
 
     by_name = {t.name: t for t in find_targets(model)}
-    peft_model = get_peft_model(model, lora_config)
+    on_meta = next(model.parameters()).device.type == "meta"
+    with torch.device("meta") if on_meta else contextlib.nullcontext():  # adapters of a meta model: no memory
+        peft_model = get_peft_model(model, lora_config)
     rows = []
     for module_name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A"):
@@ -276,6 +280,11 @@ def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -
     if full_names or not selected:
         return sorted(selected)
     pool = [n for n, _ in model.named_modules()] if kind == "module" else [n for n, _ in model.named_parameters()]
+    matching: dict[str, set[str]] = defaultdict(set)  # suffix -> names it matches (PEFT: equal or ends with .suffix)
+    for name in pool:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            matching[".".join(parts[i:])].add(name)
     chosen = set(selected)
     suffixes: set[str] = set()
     for name in selected:
@@ -284,8 +293,7 @@ def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -
         parts = name.split(".")
         for i in range(len(parts) - (1 if kind == "module" else 2), -1, -1):
             suffix = ".".join(parts[i:])
-            matches = {n for n in pool if n == suffix or n.endswith("." + suffix)}
-            if matches <= chosen:
+            if matching[suffix] <= chosen:
                 suffixes.add(suffix)
                 break
     return sorted(suffixes)

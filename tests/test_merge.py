@@ -1,0 +1,87 @@
+"""Merging a LoRA adapter on router + fused experts: the deltas survive, a broken merge is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from bimedix.training.merge import merge_adapter
+from bimedix.training.targets import build_lora_config
+from bimedix.training.tiny import build_tiny_model
+
+IDS = torch.tensor([[1, 2223, 725, 28747, 6312, 28709, 13, 330]])
+
+
+def _adapter(tmp_path, groups: list[str], seed: int = 0):
+    """A paper-preset adapter whose lora_B is random in ``groups`` and zero elsewhere (as if only they trained)."""
+    model = get_peft_model(build_tiny_model("mixtral", seed=0), build_lora_config(build_tiny_model(), "paper", r=4))
+    generator = torch.Generator().manual_seed(seed)
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
+            weight = module.lora_B["default"].weight
+            with torch.no_grad():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 if group in groups else 0)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("groups", [["experts"], ["router"], ["q_proj", "k_proj", "v_proj", "router", "experts"]],
+                         ids=["experts", "router", "paper"])
+def test_merged_model_keeps_expert_and_router_deltas(tiny_model_dir, tmp_path, groups):
+    peft_model, adapter_dir = _adapter(tmp_path, groups)
+    report = merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged")
+    assert report["max_abs_diff_merged_vs_adapter"] <= 1e-3
+    assert report["max_abs_diff_merged_vs_base"] > 1e-2  # the deltas are in the merged weights
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        adapter_logits = peft_model(IDS).logits
+        merged_logits, base_logits = merged(IDS).logits, base(IDS).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)
+    assert (merged_logits - base_logits).abs().max() > 1e-2
+    merged_state, base_state = merged.state_dict(), base.state_dict()
+    changed = {name for name in base_state if not torch.equal(merged_state[name], base_state[name])}
+    expected = {"experts": {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}, "router": {"mlp.gate.weight"},
+                "q_proj": {"self_attn.q_proj.weight"}, "k_proj": {"self_attn.k_proj.weight"},
+                "v_proj": {"self_attn.v_proj.weight"}}
+    assert changed == {f"model.layers.{i}.{suffix}" for i in (0, 1) for g in groups for suffix in expected[g]}
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["tolerance"] == 1e-3
+
+
+def test_broken_merge_is_refused_and_nothing_is_written(tiny_model_dir, tmp_path, monkeypatch):
+    """Simulate a merge that drops the fused-expert deltas (as other tools have done silently)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    _, adapter_dir = _adapter(tmp_path, ["experts"])
+    monkeypatch.setattr(ParamWrapper, "merge", lambda self, *args, **kwargs: None)
+    with pytest.raises(RuntimeError, match="Refusing to write the merged model"):
+        merge_adapter(str(tiny_model_dir), adapter_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adapter_reloads_with_identical_logits(tmp_path):
+    peft_model, adapter_dir = _adapter(tmp_path, ["q_proj", "router", "experts"])
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter_dir.iterdir()}
+    reloaded = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=0), adapter_dir)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, peft_model(IDS).logits)
+
+
+def test_cli_merge_uses_the_adapters_recorded_tiny_base(tmp_path, capsys):
+    from bimedix.cli import main
+
+    _, adapter_dir = _adapter(tmp_path, ["router"])
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "tiny:mixtral:0"  # what the tiny recipe records
+    config_file.write_text(json.dumps(config))
+    assert main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "out")]) == 0
+    assert "max |merged - adapter| logit difference" in capsys.readouterr().out
+    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "not a PEFT adapter folder" in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""Every YAML under recipes/ parses into the dataclasses that read it; unknown keys are errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from bimedix.resources import resource_path
+
+RECIPES = resource_path("recipes")
+SFT_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml")
+                     if "accelerate_configs" not in p.parts and "data" not in p.relative_to(RECIPES).parts)
+
+
+def test_there_are_sft_recipes():
+    assert {p.relative_to(RECIPES).as_posix() for p in SFT_RECIPES} >= {"tiny/sft.yaml",
+                                                                       "bimedix-mixtral/sft_qlora.yaml"}
+
+
+@pytest.mark.parametrize("recipe", SFT_RECIPES, ids=lambda p: p.relative_to(RECIPES).as_posix())
+def test_sft_recipe_parses(recipe):
+    from bimedix.training.sft import parse_args
+
+    script, training, model, mixture, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true"])
+    assert training.assistant_only_loss and bimedix.chat_template == "vicuna"
+    assert mixture.datasets or script.dataset_name
+    assert model.model_name_or_path or bimedix.tiny_model
+
+
+def test_paper_recipe_has_the_papers_hyper_parameters():
+    from bimedix.training.sft import parse_args
+
+    _, training, model, _, bimedix = parse_args(
+        ["--config", str(RECIPES / "bimedix-mixtral" / "sft_qlora.yaml"), "--use_cpu", "true"])
+    assert (model.lora_r, model.lora_alpha, bimedix.lora_preset, model.load_in_4bit) == (128, 64, "paper", True)
+    assert (training.learning_rate, str(training.lr_scheduler_type.value), training.warmup_steps) == (2e-4, "cosine", 10)
+    assert training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps == 16  # 8 GPUs
+    assert (training.gradient_accumulation_steps, training.num_train_epochs) == (2, 2)
+    assert training.activation_checkpointing and training.bf16 and training.optim.value == "adamw_torch"
+
+
+@pytest.mark.parametrize("config", sorted((RECIPES / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_config_loads(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes == 8 and loaded.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("recipe", sorted((RECIPES / "data").glob("*.yaml")), ids=lambda p: p.name)
+def test_data_recipe_loads(recipe):
+    from bimedix.data.recipe import load_data_recipe
+
+    assert load_data_recipe(recipe).sources
