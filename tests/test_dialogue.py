@@ -60,6 +60,17 @@ def test_invalid_dialogues_are_caught(conversation, expected):
     assert any(expected in problem for problem in problems), problems
 
 
+@pytest.mark.parametrize("text, leaks", [
+    ("The answer is B.", True), ("Option A is right.", True), ("choice (C) fits", True), ("see (D)", True),
+    ("The answer is A defect in iron absorption.", False), ("Vitamin B12 is low.", False),
+    ("An answer: C-reactive protein is raised.", False),
+])
+def test_letter_leak_detection(text, leaks):
+    chat = _chat("Let us see. " + text, "The most likely diagnosis is iron deficiency anaemia.")
+    problems = validate_dialogue(chat, OPTIONS, "A", CONFIG)
+    assert any("refers to an option by letter" in p for p in problems) == leaks, problems
+
+
 def test_negated_wrong_option_is_fine():
     chat = _chat("Thalassaemia trait is not the most likely diagnosis here.",
                  "The most likely diagnosis is iron deficiency anaemia.")

@@ -29,7 +29,9 @@ from .translation import parse_json_object
 logger = logging.getLogger(__name__)
 
 _ROLES = {"human": "human", "user": "human", "patient": "human", "gpt": "gpt", "assistant": "gpt", "doctor": "gpt"}
-_LEAK = re.compile(r"\b(?i:option|choice|answer)s?\s*(?i:is\s*)?[:(]?\s*[A-J]\b(?![.'’]\w)|\(\s*[A-J]\s*\)")
+# "option B", "choice (C)", "(D)", "the answer is B" -- but not "the answer is A defect in ..." (an article)
+_LEAK = re.compile(r"\b(?i:option|choice)s?\s*\(?[A-J]\b(?![-.'’]\w)|\(\s*[A-J]\s*\)"
+                   r"|\b(?i:answer)\s*(?i:is\s*)?:?\s*(?:[B-J]|A(?!\s+[a-z]))\b(?![-.'’]\w)")
 _ENDORSE = re.compile(r"\b(?:answer is|correct answer|correct option|right answer|most likely|best answer|"
                       r"diagnosis is|treatment of choice|is correct|is the cause)\b", re.IGNORECASE)
 _NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrect|wrong|rather than|instead of|"

@@ -384,11 +384,17 @@ def fake_arabic(text: str, keep: set[str] | frozenset[str] = frozenset()) -> str
 
     def swap(match: re.Match) -> str:
         word = match.group(0)
-        if word in keep or word.isupper() or len(word) == 1 or any(ch.isdigit() for ch in word):
+        if word.isupper() or len(word) == 1 or any(ch.isdigit() for ch in word):
             return word
         return "".join(_LETTERS.get(ch, ch) for ch in word.lower())
 
-    return re.sub(r"[A-Za-z][A-Za-z0-9]*(?:/[A-Za-z]+)?", swap, text)
+    if not keep:
+        return re.sub(r"[A-Za-z][A-Za-z0-9]*", swap, text)
+    protected = re.compile("(" + "|".join(rf"(?<![A-Za-z0-9]){re.escape(term)}(?![A-Za-z0-9])"
+                                          for term in sorted(keep, key=len, reverse=True)) + ")")
+    parts = protected.split(text)  # odd positions are protected terms
+    return "".join(part if index % 2 else re.sub(r"[A-Za-z][A-Za-z0-9]*", swap, part)
+                   for index, part in enumerate(parts))
 
 
 def _fake_dialogue(payload: dict) -> list[dict]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -31,8 +32,10 @@ _MARKER = re.compile(
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _UNIT_AFTER_NUMBER = re.compile(
     r"\d\s*(" + "|".join(sorted(map(re.escape, UNITS), key=len, reverse=True)) + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
-_CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z0-9-]*[A-Za-z])(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9-]*"
-                         r"|[A-Za-z]+\d[A-Za-z0-9-]*)(?![A-Za-z0-9])")
+# a Latin token with two capitals or a letter and a digit (HbA1c, ECG, CD4, B12), hyphen-joined to further
+# capitals or digits (COVID-19, IL-6) but not to words (ST-segment keeps only ST)
+_CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9-])(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9]*|[A-Za-z]+\d[A-Za-z0-9]*)"
+                         r"(?:-[A-Z0-9][A-Z0-9]*)*(?![A-Za-z0-9])")
 _ARABIC_SEPARATORS = str.maketrans({"٫": ".", "٬": ",", "٪": "%", "،": ","})
 
 
@@ -93,10 +96,20 @@ def _check_text(src: str, out: str, keep: list[str]) -> list[str]:
     missing = src_numbers - out_numbers
     if missing:
         problems.append(f"numbers missing or changed: {sorted(missing.elements())}")
-    lost = [term for term in keep if term in src and term not in out]
+    lost = [term for term in keep if _has_term(src, term) and not _has_term(out, term)]
     if lost:
         problems.append(f"protected terms not kept verbatim: {lost}")
     return problems
+
+
+def _has_term(text: str, term: str) -> bool:
+    """Whether ``term`` occurs in ``text`` as a whole token (``mm`` is not in ``inflammatory``)."""
+    return term in text and _term_pattern(term).search(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _term_pattern(term: str) -> re.Pattern:
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(term)}(?![A-Za-z0-9])")
 
 
 def _markers(text: str) -> list[int]:
