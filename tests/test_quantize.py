@@ -194,3 +194,32 @@ def test_clear_errors(monkeypatch):
     monkeypatch.setattr(bitsandbytes, "__version__", "0.45.0")
     with pytest.raises(RuntimeError, match="pip install -U 'bitsandbytes>="):
         quantize_experts(build_tiny_model("mixtral"))
+
+
+def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
+    from bimedix.resources import resource_path
+    from bimedix.training.expert_lora import ExpertLoraWrapper
+    from bimedix.training.memory import estimate_memory
+    from bimedix.training.sft import main, parse_args
+
+    recipe = str(resource_path("recipes", "tiny", "sft_4bit_experts.yaml"))
+    trainer = main(*parse_args(["--config", recipe, "--output_dir", str(tmp_path), "--max_steps", "2",
+                                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                                "--max_length", "96", "--save_strategy", "no", "--router_report", "false"]))
+    model = trainer.model
+    experts = fused_experts(model)
+    assert len(experts) == 2 and all(is_quantized(e, "gate_up_proj") and is_quantized(e, "down_proj")
+                                     for e in experts.values())
+    wrappers = [m for m in model.modules() if isinstance(m, ExpertLoraWrapper)]
+    assert len(wrappers) == 4 and {m.expert_lora_mode for m in wrappers} == {"folded"}
+    moved = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
+            moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
+    assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
+    adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42), tmp_path)  # loads on the bf16 base
+    assert sum("lora_A" in n for n, _ in adapter.named_parameters()) == 2 * 6  # q, k, v, router, gate_up, down
+
+    report = estimate_memory(recipe)
+    assert report["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0

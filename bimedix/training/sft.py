@@ -59,6 +59,19 @@ class BimedixArguments:
         metadata={"help": "For MoE models, log the expert load per layer by sample language and write "
                           "`router_load.json` in `output_dir`."},
     )
+    quantize_experts: str | None = field(
+        default=None,
+        metadata={"help": "`nf4` (or `fp4`): store the fused MoE experts in 4 bit with double quantization "
+                          "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The model loads "
+                          "on CPU, gets its LoRA, then reaches the device one packed layer at a time."},
+    )
+    expert_lora: str = field(
+        default="peft",
+        metadata={"help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on every "
+                          "forward) or `folded` (x·Wᵀ + s·(x·Aᵀ)·Bᵀ per routed expert: same adapter, less time "
+                          "and memory; `bimedix.training.expert_lora`)."},
+    )
+
 
     def __post_init__(self):
         from .tiny import TINY_CONFIGS
@@ -69,6 +82,10 @@ class BimedixArguments:
             raise ValueError(f"lora_preset={self.lora_preset!r} is not one of {sorted(PRESETS)}.")
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template={self.chat_template!r} is not one of {list(CHAT_TEMPLATES)}.")
+        if self.quantize_experts not in (None, "nf4", "fp4"):
+            raise ValueError(f"quantize_experts={self.quantize_experts!r}: use `nf4` (or `fp4`), or leave it unset.")
+        if self.expert_lora not in ("peft", "folded"):
+            raise ValueError(f"expert_lora={self.expert_lora!r} is not one of ['peft', 'folded'].")
 
 
 DATACLASS_TYPES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, BimedixArguments)
@@ -100,12 +117,18 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
     peft_config = make_peft_config(model, model_args, bimedix_args)
+    if bimedix_args.quantize_experts:
+        model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
     trainer = SFTTrainer(
         model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
+    if model_args.use_peft and bimedix_args.expert_lora == "folded":
+        from .expert_lora import set_expert_lora_mode
+
+        set_expert_lora_mode(trainer.model, "folded")
     if bimedix_args.router_report and is_moe(model):
         from transformers import Trainer
 
@@ -244,6 +267,26 @@ class RequireTrainedTokens:
 def _require_model(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
+
+
+def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args: SFTConfig,
+                      bimedix_args: BimedixArguments):
+    """Add the LoRA adapters (so they nest as on a bf16 base), then pack the experts to 4 bit on the device."""
+    from peft import get_peft_model
+
+    from .quantize import quantize_experts
+
+    if peft_config is None:
+        raise ValueError("quantize_experts needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError(
+            "quantize_experts packs the experts itself and loads the model on CPU first; bitsandbytes' "
+            "`load_in_4bit`/`load_in_8bit` would place the whole bf16 expert stack on the GPU. Set them to false "
+            "(attention and router then stay in bf16: about 2.6 GB for Mixtral-8x7B)."
+        )
+    model = get_peft_model(model, peft_config)
+    quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
+    return model, None
 
 
 def _resume_value(value: str | bool | None) -> str | bool | None:
