@@ -163,7 +163,8 @@ class FakeOpenAIServer:
         with self._lock:
             return (sum(item.prompt_tokens for item in self.log), sum(item.completion_tokens for item in self.log))
 
-    def complete(self, body: dict, *, forced: str | None = None) -> tuple[dict, ServedRequest]:
+    def complete(self, body: dict, *, forced: str | None = None, digest: str | None = None
+                 ) -> tuple[dict, ServedRequest]:
         """Build the chat-completion object for ``body`` (``forced="length"`` cuts it off)."""
         reply = self.responder(body)
         if isinstance(reply, str):
@@ -181,8 +182,8 @@ class FakeOpenAIServer:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
-        served = ServedRequest("/v1/chat/completions", request_hash(body), "length" if finish == "length" else "ok",
-                               prompt_tokens, completion_tokens)
+        served = ServedRequest("/v1/chat/completions", digest or request_hash(body),
+                               "length" if finish == "length" else "ok", prompt_tokens, completion_tokens)
         return completion, served
 
     def _next_fault(self) -> Fault | None:
@@ -277,7 +278,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 server._record(ServedRequest(self.path, digest, "malformed"))
                 self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": oops', "application/json")
                 return
-            completion, served = server.complete(body, forced="length" if fault and fault.kind == "length" else None)
+            completion, served = server.complete(body, forced="length" if fault and fault.kind == "length" else None,
+                                                 digest=digest)
             payload = json.dumps(completion, ensure_ascii=False).encode()
             if fault is not None and fault.kind == "truncated":
                 server._record(ServedRequest(self.path, digest, "truncated"))
