@@ -164,3 +164,48 @@ def test_changed_source_is_reconverted_alone(tmp_path, mixtral_tokenizer):
     assert len([name for name in after if name.startswith("chat-")]) == 1  # the stale conversion is gone
     assert result.counts.read == EXPECTED["counts"]["read"] + 1 and result.counts.balanced
     assert len(list((out / ".work").glob("clean-*.jsonl"))) == 4  # clean, decontamination, duplicates, rejects
+
+
+@pytest.mark.slow
+def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_path, mixtral_tokenizer):
+    """Every source and benchmark of ``bimed1.3m`` converts and the build balances, on stand-ins in its layout.
+
+    Real files where ``../shared/data`` has them (test/dev splits stand in for missing train splits, so
+    decontamination has plenty to remove), format fixtures for the sources only on Google Drive / the Hub,
+    and the hand-made schema records for the generated chats and Arabic translations.
+    """
+    recipe = load_data_recipe("bimed1.3m")
+    stand_ins = {
+        "pubmedqa/data/ori_pqaa.json": shared_data / "pubmedqa/data/ori_pqal.json",
+        "medmcqa/data/train.json": shared_data / "medmcqa/data/dev.json",
+        "medqa_usmle/data_clean/questions/US/train.jsonl":
+            shared_data / "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl",
+        "chatdoctor/HealthCareMagic-100k.json": fixtures_dir / "sources/HealthCareMagic-100k.json",
+        "chatdoctor/iCliniq.json": fixtures_dir / "sources/iCliniq.json",
+        "medical_meadow/medical_meadow_wikidoc.json": fixtures_dir / "sources/medical_meadow_health_advice.json",
+        "medical_meadow/medical_meadow_flashcards.json": fixtures_dir / "sources/medical_meadow_flashcards.json",
+        "pmc_llama/umls.jsonl": fixtures_dir / "sources/umls_release.json",
+        "liveqa_medical_trec2017/TrainingDatasets/TREC-2017-LiveQA-Medical-Train-1.xml":
+            shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test.xml",
+        "liveqa_medical_trec2017/TrainingDatasets/TREC-2017-LiveQA-Medical-Train-2.xml":
+            shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test-Questions-w-summaries.xml",
+    }
+    handmade = write_sources(tmp_path / "handmade", with_bad_record=False)
+    stand_ins["generated/chats.jsonl"] = handmade.parent / "chat.jsonl"
+    stand_ins["translated/bimed_ar.jsonl"] = handmade.parent / "ar_qa.jsonl"
+    root = tmp_path / "originals"
+    paths = {spec.path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]}
+    paths |= {path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks] for path in spec.files.values()}
+    for path in paths:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).symlink_to(stand_ins.get(path, shared_data / path))
+    result = build_data(recipe, tmp_path / "out", sources_dir=root, on_error="skip", tokenizer=mixtral_tokenizer,
+                        progress=False)
+    assert result.counts.balanced and result.counts.written > 0
+    assert all(counts.read > 0 for counts in result.sources.values())
+    sources = result.sources  # the dev/test stand-ins are removed in full, real training data is not touched
+    assert sources["medmcqa"].decontaminated == sources["medmcqa"].read == 3346
+    assert sources["medqa"].decontaminated == sources["medqa"].read == 1018
+    assert sources["pubmedqa-a"].decontaminated == 400 and sources["pubmedqa-l"].decontaminated == 0
+    assert sources["meadow-wikidoc-patient-information"].decontaminated == 0
+    assert sources["medicationqa"].decontaminated == sources["liveqa-1"].decontaminated == 0

@@ -113,7 +113,7 @@ def test_report_entry_names_both_sides(index):
     entry = report_entry(record, index.match(QUESTION), index.ngram)
     assert entry["id"] == "train-9" and entry["benchmark"] == "medqa-test" and entry["benchmark_id"] == "medqa-1"
     assert entry["text"].startswith("A 30-year-old") and entry["benchmark_text"].startswith("A 30-year-old")
-    assert "Levothyroxine" in entry["benchmark_text"] and entry["overlap"] == 1.0
+    assert "Levothyroxine" in entry["benchmark_text"] and 0.9 < entry["overlap"] < 1  # one option is missing
     json.dumps(entry)  # one JSON line
 
 
@@ -131,3 +131,30 @@ def test_build_report_names_both_sides(tmp_path, mixtral_tokenizer):
     assert entries["ar-qa-leaked"]["benchmark"] == "mmlu-ar-test"
     assert entries["ar-qa-leaked"]["benchmark_text"].startswith(AR_BENCH_QUESTION[:30])
     assert "٦٥" in entries["ar-qa-leaked"]["text"]
+
+
+def test_decontam_short_question_needs_its_options():
+    index = BenchmarkIndex([BenchmarkItem("medmcqa-dev", "m1", "en", "Metronidazole:",
+                                          ("Has no side-effects", "Is used in management of ANUG",
+                                           "Is mainly concentrated in saliva", "Is active against gram-positive aerobes"))])
+    assert index.match("Metronidazole is an antibiotic; take it with food and avoid alcohol.") is None
+    leaked = ("Metronidazole: A. Has no side-effects B. Is used in management of ANUG C. Is mainly concentrated in "
+              "saliva D. Is active against gram-positive aerobes")
+    assert index.match(leaked).item.id == "m1"
+
+
+def test_decontam_real_benchmark_recall_and_precision(shared_data):
+    """Every MedQA test item rendered as a training prompt (EN and AR prompts) is caught; Meadow QA is not."""
+    from bimedix.data.converters import convert
+    from bimedix.data.dedup import record_text
+    from bimedix.data.mcqa import read_medqa
+
+    path = shared_data / "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl"
+    index = BenchmarkIndex([BenchmarkItem("medqa-test", item.id, "en", item.question, tuple(item.options))
+                            for item in read_medqa(path)])
+    leaked = list(convert("medqa", path))
+    assert len(leaked) == 1018 and all(index.match(record_text(r), normalized=True) for r in leaked)
+    arabic_prompt = list(convert("medqa", path, language="ar"))[:100]  # Arabic template, English item text
+    assert all(index.match(record_text(r), normalized=True) for r in arabic_prompt)
+    meadow = list(convert("meadow", shared_data / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
+    assert sum(index.match(record_text(r), normalized=True) is not None for r in meadow[:2000]) == 0

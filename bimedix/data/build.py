@@ -207,6 +207,13 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     """
     on_error_for(on_error, RejectLog())  # validates the policy name
     work_dir = Path(work_dir)
+    wanted = [(spec.name, path) for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]
+              for path in [spec.path, *spec.files.values()]]
+    missing = [f"{name}: {recipe.resolve(path, sources_dir)}" for name, path in wanted
+               if not recipe.resolve(path, sources_dir).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
+                                f"{recipe.root(sources_dir)} (check the paths and --sources):\n  " + "\n  ".join(missing))
     shards = [_convert_source(recipe, spec, work_dir / "sources", sources_dir, spec.on_error or on_error, progress)
               for spec in recipe.sources]
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]

@@ -2,13 +2,15 @@
 
 Each benchmark item (read with the `bimedix.data.mcqa` readers) is normalised with
 `normalize_for_match` (so Arabic diacritics, alef forms and Arabic-Indic digits do not hide a match)
-and cut into word n-grams: its question, plus each option that has at least ``ngram`` words (shorter
-options are rendered between letters in training prompts, and a one-word option is no evidence). A
-question shorter than ``ngram`` words is one n-gram of its full length. A training record is
-contaminated by the item whose n-grams it contains the largest fraction of, when that fraction reaches
-``threshold``. N-grams shared by more than ``max_item_frequency`` items (exam boilerplate such as
-"which of the following is true") are not evidence and are left out of the index, so an item whose
-question is pure boilerplate and whose options are short cannot be matched (a known limit).
+and cut into word n-grams, its question and each option separately (training prompts put letters
+between options); a part shorter than ``ngram`` words is one gram of its own length. A training record
+is contaminated by the item whose grams it contains the largest fraction of, when that fraction reaches
+``threshold``, the matched grams hold at least ``ngram`` words (or all the item has, if it has fewer),
+and, when the question has indexed grams, one of them is among the matches: a two-word question such as
+"Metronidazole:" is not enough on its own, nor are options such as "Stage I | Stage II" without the
+question. Grams shared by more than ``max_item_frequency`` items
+(exam boilerplate such as "which of the following is true", options such as "yes" or "all of the
+above") are not evidence and are left out of the index.
 
 English and Arabic benchmarks go into one index: n-grams in different scripts never meet.
 """
@@ -74,25 +76,30 @@ class BenchmarkIndex:
         self.items: list[BenchmarkItem] = []
         postings: dict[tuple[str, ...], set[int]] = defaultdict(set)
         item_grams: list[set[tuple[str, ...]]] = []
+        question_grams: list[set[tuple[str, ...]]] = []
         for item in items:
-            grams = _ngrams(normalize_for_match(item.question).split(), ngram)
-            for option in item.options:  # options long enough to be evidence on their own
-                words = normalize_for_match(option).split()
-                if len(words) >= ngram:
-                    grams |= _ngrams(words, ngram)
+            question = _ngrams(normalize_for_match(item.question).split(), ngram)
+            grams = set(question)
+            for option in item.options:  # each option alone: prompts put letters between options
+                grams |= _ngrams(normalize_for_match(option).split(), ngram)
             if not grams:
                 continue
             for gram in grams:
                 postings[gram].add(len(self.items))
             item_grams.append(grams)
+            question_grams.append(question)
             self.items.append(item)
         self._index = {gram: tuple(ids) for gram, ids in postings.items() if len(ids) <= max_item_frequency}
         self._sizes = [sum(1 for gram in grams if gram in self._index) for grams in item_grams]
-        # Questions shorter than `ngram` words: looked up by their first word, so one pass finds them all.
-        self._short: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+        # Evidence a match needs: `ngram` words, or all the item has; and a question gram when one is indexed.
+        self._needed = [min(ngram, sum(len(gram) for gram in grams if gram in self._index)) for grams in item_grams]
+        self._questions = [frozenset(gram for gram in grams if gram in self._index) for grams in question_grams]
+        # Parts shorter than `ngram` words are one shorter gram; find them by first word and length.
+        short: dict[str, set[int]] = defaultdict(set)
         for gram in self._index:
             if len(gram) < ngram:
-                self._short[gram[0]].append(gram)
+                short[gram[0]].add(len(gram))
+        self._short_lengths = {word: tuple(sorted(lengths)) for word, lengths in short.items()}
         logger.info("decontamination index: %d benchmark items, %d n-grams (%d boilerplate n-grams ignored)",
                     len(self.items), len(self._index), len(postings) - len(self._index))
 
@@ -107,20 +114,22 @@ class BenchmarkIndex:
             normalized (`bool`, *optional*, defaults to `False`): ``text`` is already `normalize_for_match`-ed.
         """
         words = (text if normalized else normalize_for_match(text)).split()
-        hits: Counter[int] = Counter()
         grams = _ngrams(words, self.ngram, short=False)
-        if self._short:
-            for position, word in enumerate(words):
-                for gram in self._short.get(word, ()):
-                    if tuple(words[position:position + len(gram)]) == gram:
-                        grams.add(gram)
+        for position, word in enumerate(words):
+            for length in self._short_lengths.get(word, ()):
+                grams.add(tuple(words[position:position + length]))
+        hits: Counter[int] = Counter()
+        evidence: Counter[int] = Counter()
         for gram in grams:
             for item_id in self._index.get(gram, ()):
                 hits[item_id] += 1
+                evidence[item_id] += len(gram)
         best = None
         for item_id, matched in hits.items():
             overlap = matched / self._sizes[item_id]
-            if overlap >= self.threshold and (best is None or overlap > best.overlap):
+            if (overlap >= self.threshold and evidence[item_id] >= self._needed[item_id]
+                    and (not self._questions[item_id] or not self._questions[item_id].isdisjoint(grams))
+                    and (best is None or overlap > best.overlap)):
                 best = Contamination(self.items[item_id], overlap, matched)
         return best
 
