@@ -63,7 +63,7 @@ def test_invalid_dialogues_are_caught(conversation, expected):
 @pytest.mark.parametrize("text, leaks", [
     ("The answer is B.", True), ("Option A is right.", True), ("choice (C) fits", True), ("see (D)", True),
     ("The answer is A defect in iron absorption.", False), ("Vitamin B12 is low.", False),
-    ("An answer: C-reactive protein is raised.", False),
+    ("An answer: C-reactive protein is raised.", False), ("الخيار ب هو الصحيح", True), ("خيارات العلاج", False),
 ])
 def test_letter_leak_detection(text, leaks):
     chat = _chat("Let us see. " + text, "The most likely diagnosis is iron deficiency anaemia.")

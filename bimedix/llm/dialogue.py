@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 _ROLES = {"human": "human", "user": "human", "patient": "human", "gpt": "gpt", "assistant": "gpt", "doctor": "gpt"}
 # "option B", "choice (C)", "(D)", "the answer is B" -- but not "the answer is A defect in ..." (an article)
 _LEAK = re.compile(r"\b(?i:option|choice)s?\s*\(?[A-J]\b(?![-.'’]\w)|\(\s*[A-J]\s*\)"
-                   r"|\b(?i:answer)\s*(?i:is\s*)?:?\s*(?:[B-J]|A(?!\s+[a-z]))\b(?![-.'’]\w)")
+                   r"|\b(?i:answer)\s*(?i:is\s*)?:?\s*(?:[B-J]|A(?!\s+[a-z]))\b(?![-.'’]\w)"
+                   r"|(?:الخيار|خيار)\s*\(?\s*(?:أ|ب|ج|د|هـ|و)(?!\w)")
 _ENDORSE = re.compile(r"\b(?:answer is|correct answer|correct option|right answer|most likely|best answer|"
                       r"diagnosis is|treatment of choice|is correct|is the cause)\b", re.IGNORECASE)
 _NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrect|wrong|rather than|instead of|"
@@ -146,7 +147,7 @@ class DialogueGenerator:
                    "options": dict(zip(OPTION_LETTERS, options)), "answer": answer,
                    "answer_text": options[OPTION_LETTERS.index(answer)],
                    "explanation": record["conversations"][-1]["value"],
-                   "min_turns": config.min_turns, "max_turns": config.max_turns}
+                   "min_turns": config.min_turns, "max_turns": config.max_turns, "language": record["language"]}
         messages = self.prompt.render(payload)
         cost, reasons = 0.0, []
         for attempt in range(config.max_attempts):
