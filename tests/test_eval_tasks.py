@@ -17,6 +17,7 @@ LEAF_TASKS = [f"bimedix_{s}_{lang}" for s in PAPER_SUBSETS for lang in ("en", "a
 
 
 def _register_stub():
+    import lm_eval.models  # noqa: F401  (lm-eval fills its built-in backends only into an empty registry)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 
