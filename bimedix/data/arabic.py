@@ -13,8 +13,8 @@ import re
 import unicodedata
 
 _DIACRITICS = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e8\u06ea-\u06ed\u0640]")
-_LETTERS = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي"})
-_DIGITS = {ord(c): str(unicodedata.digit(c)) for c in "٠١٢٣٤٥٦٧٨٩۰۱۲۳۴۵۶۷۸۹"}
+_LETTERS_AND_DIGITS = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي",
+                                     **{c: str(unicodedata.digit(c)) for c in "٠١٢٣٤٥٦٧٨٩۰۱۲۳۴۵۶۷۸۹"}})
 _NOT_WORD = re.compile(r"[^\w]+|_+")
 
 
@@ -37,7 +37,9 @@ def normalize_arabic(text: str) -> str:
     'مستشفي 5'
     ```
     """
-    return _DIACRITICS.sub("", text).translate(_LETTERS).translate(_DIGITS)
+    if text.isascii():
+        return text
+    return _DIACRITICS.sub("", text).translate(_LETTERS_AND_DIGITS)
 
 
 def normalize_for_match(text: str) -> str:
@@ -56,5 +58,7 @@ def normalize_for_match(text: str) -> str:
     'what is the dose of aspirin 5 mg'
     ```
     """
-    text = normalize_arabic(unicodedata.normalize("NFKC", text)).casefold()
+    if not text.isascii():
+        text = normalize_arabic(unicodedata.normalize("NFKC", text))
+    text = text.casefold()
     return " ".join(_NOT_WORD.sub(" ", text).split())
