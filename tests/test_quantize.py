@@ -223,3 +223,9 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
 
     report = estimate_memory(recipe)
     assert report["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0
+
+    from bimedix.training.merge import merge_adapter
+
+    merged = merge_adapter("tiny:mixtral:42", tmp_path, tmp_path / "merged", quantize_experts="nf4")
+    assert merged["max_abs_diff_merged_vs_adapter"] <= 1e-3 < merged["max_abs_diff_adapter_vs_base"]
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

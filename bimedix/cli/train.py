@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="output folder for the merged safetensors model")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |merged - adapter| logit difference")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize_experts", choices=["nf4", "fp4"],
+                   help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory", help="memory a recipe needs, from the model config only")
@@ -111,7 +113,8 @@ def _merge(args) -> int:
     base = args.base or adapter_base_name(args.adapter)
     if not base:
         raise ValueError(f"{args.adapter}/adapter_config.json names no base model: pass --base.")
-    report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype)
+    report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype,
+                           quantize_experts=args.quantize_experts)
     print(f"merged {args.adapter} into {base} -> {args.output}")
     print(f"max |merged - adapter| logit difference: {report['max_abs_diff_merged_vs_adapter']:.3g} "
           f"(tolerance {args.tolerance:g}); max |merged - base|: {report['max_abs_diff_merged_vs_base']:.3g}")

@@ -51,8 +51,10 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
     parts = parameter_parts(model)
     params = parameter_bytes(model, parts, dtype, quantization, quantize_experts)
     trainable = trainable_bytes(model, model_args, bimedix, quantization, training.optim)
+    # the folded expert LoRA builds no W + ΔW; on 4-bit experts one layer is still dequantized just in time
+    folded = getattr(bimedix, "expert_lora", "peft") == "folded" and not quantize_experts
     activations = activation_bytes(model.config, training.per_device_train_batch_size, training.max_length or 1024,
-                                   dtype, trainable["expert_lora"])
+                                   dtype, 0 if folded else trainable["expert_lora"])
     checkpointing = bool(training.activation_checkpointing)
     act_total = activations["checkpointed" if checkpointing else "full"]
     totals = {

@@ -29,7 +29,8 @@ SAMPLE_PROMPTS = (
 
 
 def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike | None, *,
-                  tolerance: float = 1e-3, dtype: str = "float32", prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> dict:
+                  tolerance: float = 1e-3, dtype: str = "float32", prompts: tuple[str, ...] = SAMPLE_PROMPTS,
+                  quantize_experts: str | None = None) -> dict:
     """Merge ``adapter_dir`` into ``base``, check the logits, and save the merged model with safetensors.
 
     Args:
@@ -40,6 +41,9 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         tolerance (`float`, *optional*, defaults to `1e-3`): largest allowed |merged - adapter| logit difference.
         dtype (`str`, *optional*, defaults to `"float32"`): dtype to load and merge in (the tolerance is for fp32).
         prompts (`tuple[str, ...]`, *optional*): the texts whose logits are compared.
+        quantize_experts (`str`, *optional*): ``"nf4"``/``"fp4"`` for an adapter trained on 4-bit experts
+            (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained against
+            (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
 
     Returns:
         `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``, ...).
@@ -57,11 +61,18 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     with torch.no_grad():
         base_logits = _logits(model, batch)
         peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        if quantize_experts:
+            from . import quantize
+
+            quantize.quantize_experts(peft_model, quant_type=quantize_experts)
         adapter_logits = _logits(peft_model, batch)
+        if quantize_experts:
+            quantize.dequantize_experts(peft_model)  # PEFT merges into `param.data`: a temporary on 4-bit experts
         merged = peft_model.merge_and_unload()
         merged_logits = _logits(merged, batch)
     report = {
         "base": base, "adapter": str(adapter_dir), "dtype": dtype, "prompts": len(prompts), "tolerance": tolerance,
+        "quantize_experts": quantize_experts,
         "max_abs_diff_merged_vs_adapter": float((merged_logits - adapter_logits).abs().max()),
         "max_abs_diff_merged_vs_base": float((merged_logits - base_logits).abs().max()),
         "max_abs_diff_adapter_vs_base": float((adapter_logits - base_logits).abs().max()),
