@@ -1,4 +1,4 @@
-"""Crash safety: kill -9 the translate CLI at random points, resume, and account for every record and request."""
+"""Crash safety: kill -9 the translate / generate-chats CLI at random points, resume, account for everything."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from llm_support import (  # noqa: F401 - fixtures
     MODEL,
     PRICES,
@@ -24,15 +25,22 @@ from llm_support import (  # noqa: F401 - fixtures
 )
 
 from bimedix.llm.cache import RequestCache
+from bimedix.llm.dialogue import DialogueConfig, generate_chats_file
 from bimedix.llm.fake_server import FakeOpenAIServer
 from bimedix.llm.translation import TranslationConfig, translate_file
 
-RECORDS = 14
 CONCURRENCY = 4
+#: command, records, largest random step (requests) between kills, source id of an output record, in-process run
+ENGINES = {
+    "translate": (14, 14, lambda r: r["meta"]["translation"]["source_id"],
+                  lambda i, o, c: translate_file(i, o, c, TranslationConfig())),
+    "generate-chats": (24, 7, lambda r: r["meta"]["generation"]["source_id"],
+                       lambda i, o, c: generate_chats_file(i, o, c, DialogueConfig())),
+}
 
 
-def _command(base_url: str, tmp_path) -> list[str]:
-    return [sys.executable, "-m", "bimedix", "translate", "--input", str(tmp_path / "en.jsonl"),
+def _command(engine: str, base_url: str, tmp_path) -> list[str]:
+    return [sys.executable, "-m", "bimedix", engine, "--input", str(tmp_path / "en.jsonl"),
             "--output", str(tmp_path / "out" / "ar.jsonl"), "--base-url", base_url, "--model", MODEL,
             "--prices", str(tmp_path / "prices.json"), "--concurrency", str(CONCURRENCY), "--timeout", "10"]
 
@@ -43,17 +51,19 @@ def _wait_for(predicate, process, timeout=60.0) -> None:
         time.sleep(0.005)
 
 
-def test_kill9_at_random_points_then_resume(api_key, tmp_path):
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_kill9_at_random_points_then_resume(api_key, tmp_path, engine):
+    records, step, source_id_of, run_in_process = ENGINES[engine]
     rng = random.Random(20240222)
-    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(RECORDS)])
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(records)])
     (tmp_path / "prices.json").write_text(json.dumps(PRICES))
     cache_path = tmp_path / "out" / "ar.llm.sqlite"
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     snapshots, kills, stderr = [], 0, []
     with FakeOpenAIServer(latency=0.02) as server:
-        command = _command(server.base_url, tmp_path)
+        command = _command(engine, server.base_url, tmp_path)
         for _ in range(3):
-            target = server.count() + rng.randint(2, 14)
+            target = server.count() + rng.randint(2, step)
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             _wait_for(lambda: server.count() >= target, process)
             if process.poll() is None:
@@ -72,8 +82,8 @@ def test_kill9_at_random_points_then_resume(api_key, tmp_path):
     # 0 lost, 0 duplicated
     written = read_jsonl(tmp_path / "out" / "ar.jsonl")
     rejected = read_jsonl(tmp_path / "out" / "ar.rejects.jsonl")
-    sources = [r["meta"]["translation"]["source_id"] for r in written] + [r["source_id"] for r in rejected]
-    assert sorted(sources) == [f"demo-en-{i:03d}" for i in range(RECORDS)]
+    sources = [source_id_of(r) for r in written] + [r["source_id"] for r in rejected]
+    assert sorted(sources) == [f"demo-en-{i:03d}" for i in range(records)]
 
     # 0 requests repeated for finished work: nothing recorded before a kill is requested after it
     for count_at_kill, recorded in snapshots:
@@ -99,8 +109,7 @@ def test_kill9_at_random_points_then_resume(api_key, tmp_path):
 
         async def clean_run():
             try:
-                await translate_file(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", client,
-                                     TranslationConfig())
+                await run_in_process(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", client)
             finally:
                 await client.aclose()
 
