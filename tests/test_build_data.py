@@ -209,3 +209,22 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
     assert sources["pubmedqa-a"].decontaminated == 400 and sources["pubmedqa-l"].decontaminated == 0
     assert sources["meadow-wikidoc-patient-information"].decontaminated == 0
     assert sources["medicationqa"].decontaminated == sources["liveqa-1"].decontaminated == 0
+
+
+def test_reused_id_is_rejected_or_raises(tmp_path, mixtral_tokenizer):
+    first = {"id": "same", "source": "a", "task": "qa", "language": "en", "conversations": [
+        {"from": "human", "value": "How long does a common cold last in adults?"},
+        {"from": "gpt", "value": "Usually seven to ten days."}]}
+    second = json.loads(json.dumps(first))
+    second["conversations"][0]["value"] = "Which vitamin deficiency causes scurvy in sailors?"
+    second["conversations"][1]["value"] = "Vitamin C."
+    (tmp_path / "a.jsonl").write_text(json.dumps(first) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(second) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: ids\nsources:\n  - {name: a, converter: records, path: a.jsonl}\n"
+                      "  - {name: b, converter: records, path: b.jsonl}\n")
+    with pytest.raises(RecordError, match=r"b\.jsonl: record 'same': field `id`: duplicate id"):
+        build_data(recipe, tmp_path / "raise", tokenizer=mixtral_tokenizer, progress=False)
+    result = build_data(recipe, tmp_path / "skip", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    assert (result.counts.read, result.counts.written, result.counts.rejected) == (2, 1, 1)
+    assert json.loads((tmp_path / "skip" / "rejects.jsonl").read_text())["field"] == "id"
