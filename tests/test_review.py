@@ -118,7 +118,7 @@ def test_undecided_rows_leave_the_record_unreviewed(files, tmp_path):
 
 @pytest.mark.parametrize("breakage, expected", [
     (lambda rows: rows[1].update(decision="maybe"), "row 3: column `decision`: 'maybe' is not one of"),
-    (lambda rows: rows[2].update(id="demo-ar-999"), "row 4: column `id`: 'demo-ar-999' is not a record"),
+    (lambda rows: rows[2].update(id="demo-ar-999"), "row 4: column `id`: 'demo-ar-999' is not a machine-translated"),
     (lambda rows: rows[0].update(field="options.9"), "row 2: column `field`: 'options.9' is not a text"),
     (lambda rows: rows[3].update(arabic=" "), "row 5: column `arabic`: is empty"),
     (lambda rows: rows[1].update(arabic="تغيير"), "row 3: column `decision`: the text was changed but"),

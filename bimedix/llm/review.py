@@ -121,8 +121,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
             bad(missing[0], f"missing (found columns: {sorted(row)})")
             continue
         record = by_id.get(row["id"])
-        if record is None:
-            bad("id", f"{row['id']!r} is not a record of {translated}")
+        if record is None or not record["meta"].get("translation"):
+            bad("id", f"{row['id']!r} is not a machine-translated record of {translated}")
             continue
         before = _get(record, row["field"])
         if before is None:
