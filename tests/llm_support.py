@@ -33,7 +33,7 @@ def server_fixture():
 
 def make_client(base_url: str, cache_path: Path, **overrides) -> LLMClient:
     """A client with tiny timeouts and backoffs so fault tests stay fast."""
-    settings = {"timeout": 2.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 3, "concurrency": 4,
+    settings = {"timeout": 10.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 3, "concurrency": 4,
                 "prices": PRICES, **overrides}
     return LLMClient(ClientConfig(base_url=base_url, model=MODEL, **settings), RequestCache(cache_path))
 

@@ -30,7 +30,7 @@ def _complete(client, messages=MESSAGES, **kwargs):
     [Fault("status", 500)],
     [Fault("status", 503), Fault("status", 502)],
     [Fault("status", 429, {"retry-after-ms": "50"})],
-    [Fault("delay", delay=4.0)],  # past the 1.5 s timeout
+    [Fault("delay", delay=6.0)],  # past the 3 s timeout
     [Fault("reset")],
     [Fault("malformed")],
     [Fault("truncated")],
@@ -38,7 +38,7 @@ def _complete(client, messages=MESSAGES, **kwargs):
 ], ids=["500", "503-502", "429", "timeout", "reset", "malformed", "truncated", "mixed"])
 def test_transient_faults_are_retried_then_succeed(server, api_key, tmp_path, faults):
     server.inject(*faults)
-    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=1.5)
+    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=3.0)
     completion = _complete(client)
     assert completion.text == "echo: Say hello." and completion.finish_reason == "stop" and not completion.cached
     assert server.count() == len(faults) + 1
