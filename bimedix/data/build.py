@@ -479,7 +479,8 @@ def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Count
         f"## Counts\n\n{total.equation()}\n\n| source | converter | licence | read | written |\n|---|---|---|---:|---:|\n"
         + "\n".join(rows) + "\n\n"
         f"## Decontamination\n\nRecords holding at least {recipe.decontaminate.threshold:.0%} of a benchmark item's "
-        f"{recipe.decontaminate.ngram}-grams were removed; `decontamination.jsonl` names both sides of each match.\n\n"
+        f"word {recipe.decontaminate.ngram}-grams (question and options, Arabic-normalised; see bimedix "
+        "`docs/data-pipeline.md`) were removed; `decontamination.jsonl` names both sides of each match.\n\n"
         f"{contamination}\n\n## Licences\n\nEach record keeps its source's licence in `license`. Check them before "
         "redistributing: several sources state no licence (research use only).\n"
     )
