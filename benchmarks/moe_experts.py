@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    parser.add_argument("--max_gather_gib", type=float, default=4.0,
+                        help="skip batched_mm when its per-token weight gather would exceed this")
     parser.add_argument("--only", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
                         help="which configurations to run")
@@ -66,6 +68,11 @@ def main(argv=None) -> None:
           f"checkpointing {'on' if args.checkpointing else 'off'}; {card}; torch {torch.__version__}")
     results = {}
     for name in args.configs:
+        gathered = args.tokens * args.top_k * 3 * args.hidden * args.intermediate * 2  # batched_mm: W[e] per token
+        if CONFIGS[name][2] == "batched_mm" and gathered > args.max_gather_gib * 2**30:
+            print(f"{name:40s} skipped: it gathers {gathered / 2**30:.1f} GiB of expert weights per layer "
+                  f"(> --max_gather_gib {args.max_gather_gib})")
+            continue
         command = [sys.executable, __file__, "--only", name] + _forwarded(argv if argv is not None else sys.argv[1:])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
