@@ -82,5 +82,6 @@ def _build_bench(args: argparse.Namespace) -> int:
         print(f"{config:32s} {n:6d}")
     if rejects.count:
         print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
-    print(f"wrote {output} (Arabic benchmark: {output / 'arabic-bench'})")
+    arabic = output / "arabic-bench"
+    print(f"wrote {output}" + (f" (Arabic benchmark: {arabic})" if (arabic / "README.md").exists() else ""))
     return 0

@@ -101,7 +101,8 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
 
     Args:
         sources (`str | Path`): folder holding the originals under their original relative paths.
-        output (`str | Path`): the bench folder to write (created; existing Parquet files are replaced).
+        output (`str | Path`): the bench folder to write (created; Parquet files of an earlier build are replaced
+            or, for subsets not built now, removed).
         limit (`int`, *optional*): keep the first ``limit`` rows per subset (the bundled slice uses 15).
         subsets (`Iterable[str]`, *optional*): build only these subsets (default: every one found).
         arabic_rows (`Iterable[dict]`, *optional*): extra Arabic rows (`make_row` shape) to add.
@@ -142,6 +143,11 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
     from datasets import Dataset
 
     output = Path(output)
+    written = {output / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
+    for stale in [*output.glob(f"{ENGLISH_DIR}/*/test.parquet"), *output.glob(f"{ARABIC_DIR}/*/test.parquet")]:
+        if stale not in written:  # a subset of an earlier build into the same folder
+            logger.warning("removing %s: not part of this build", stale)
+            stale.unlink()
     counts = {}
     for (subset, language), rows in sorted(tables.items()):
         folder = output / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset
@@ -327,5 +333,8 @@ def _write_cards(output: Path, tables: dict) -> None:
 
     (output / "README.md").write_text(bench_card(tables), encoding="utf-8")
     arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
+    card = output / ARABIC_DIR / "README.md"
     if arabic:
-        (output / ARABIC_DIR / "README.md").write_text(arabic_card(arabic), encoding="utf-8")
+        card.write_text(arabic_card(arabic), encoding="utf-8")
+    elif card.exists():
+        card.unlink()
