@@ -122,3 +122,12 @@ def test_missing_subset_and_empty_sources_are_plain_errors(tmp_path):
         build_bench(tmp_path, tmp_path / "out")
     with pytest.raises(ValueError, match="unknown subset"):
         build_bench(tmp_path, tmp_path / "out", subsets=["mmlu_astrology"])
+
+
+def test_rebuilding_a_folder_drops_subsets_of_the_earlier_build(shared_data, tmp_path):
+    build_bench(shared_data, tmp_path, limit=2, subsets=["medqa", "pubmedqa", "mmlu_anatomy"])
+    assert {"pubmedqa_en", "mmlu_anatomy_ar"} <= set(available_configs(tmp_path))
+    build_bench(shared_data, tmp_path, limit=2, subsets=["medqa"])
+    assert available_configs(tmp_path) == ["medqa_en"]
+    assert not (tmp_path / "arabic-bench" / "README.md").exists()
+    assert "medqa_en" in (tmp_path / "README.md").read_text(encoding="utf-8")
