@@ -151,3 +151,18 @@ def test_request_cache_lets_a_rerun_resume_without_asking_the_model_again(stub_l
     second = evaluate(CountingStub(prefer="A"), tasks="bimedix_medqa_en", limit=3, cache=tmp_path / "cache")
     assert asked == 12 and CountingStub.calls == asked  # 3 questions x 4 options, all answered from the cache
     assert second["results"]["bimedix_medqa_en"]["acc,none"] == first["results"]["bimedix_medqa_en"]["acc,none"]
+
+
+def test_medarabench_task_scores_up_to_six_arabic_letters(shared_data, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from bimedix.data.rejects import RejectLog
+
+    with RejectLog() as rejects:
+        build_bench(shared_data, tmp_path, limit=200, subsets=["medarabench"], on_error=rejects)
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata={"data_dir": str(tmp_path)})
+    task = manager.load("bimedix_medarabench_ar")["tasks"]["bimedix_medarabench_ar"]
+    doc = next(doc for doc in task.test_docs() if len(doc["options"]) == 5)
+    assert task.doc_to_choice(doc) == ["أ", "ب", "ج", "د", "هـ"]
+    assert f"\nهـ. {doc['options'][4]}\nالإجابة:" in task.fewshot_context(doc, 0)
+    assert task.doc_to_target(doc) == "ABCDE".index(doc["answer"])
