@@ -90,7 +90,7 @@ class RouterLoadCallback(TrainerCallback):
         self.report_path = Path(report_path) if report_path else None
         self.counts: torch.Tensor | None = None  # (languages, layers, experts)
         self.top_k = 1
-        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._languages: torch.Tensor | None = None  # of the batch being forwarded
         self._handles: list = []
 
     # --- trainer events ---------------------------------------------------------------------------
@@ -154,24 +154,20 @@ class RouterLoadCallback(TrainerCallback):
     # --- hooks ------------------------------------------------------------------------------------
 
     def _before_forward(self, module, args, kwargs):
-        if not module.training or not torch.is_grad_enabled():
-            self._batch = None
-            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            self._batch = None
+        if not module.training or not torch.is_grad_enabled() or input_ids is None:
+            self._languages = None
             return None
         segments = _segments(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
-        self._batch = (input_ids.reshape(-1), sample_languages(input_ids.reshape(-1), segments, self.arabic))
+        self._languages = sample_languages(input_ids.reshape(-1), segments, self.arabic)
         kwargs["output_router_logits"] = True
         return args, kwargs
 
     def _after_forward(self, module, args, output):
-        if self._batch is None:
+        if self._languages is None:
             return
         router_logits = getattr(output, "router_logits", None)
-        _, languages = self._batch
-        self._batch = None
+        languages, self._languages = self._languages, None
         if not router_logits:
             return
         valid = languages >= 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -40,6 +41,11 @@ class BimedixArguments:
         metadata={"help": "Train a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, "
                           "llama) built in-process with the Mixtral tokenizer, instead of `model_name_or_path`. "
                           "For CPU runs and tests; nothing is downloaded."},
+    )
+    tiny_model_config: dict | str | None = field(
+        default=None,
+        metadata={"help": "Config overrides for `tiny_model`, e.g. {\"hidden_size\": 128, \"num_hidden_layers\": 4} "
+                          "(a mapping in YAML, a JSON string on the command line)."},
     )
     lora_preset: str = field(
         default="paper",
@@ -72,12 +78,15 @@ class BimedixArguments:
                           "and memory; `bimedix.training.expert_lora`)."},
     )
 
-
     def __post_init__(self):
         from .tiny import TINY_CONFIGS
 
         if self.tiny_model is not None and self.tiny_model not in TINY_CONFIGS:
             raise ValueError(f"tiny_model={self.tiny_model!r} is not one of {sorted(TINY_CONFIGS)}.")
+        if isinstance(self.tiny_model_config, str):
+            self.tiny_model_config = json.loads(self.tiny_model_config)
+        if self.tiny_model_config and not self.tiny_model:
+            raise ValueError("tiny_model_config is set but tiny_model is not.")
         if self.lora_preset not in PRESETS:
             raise ValueError(f"lora_preset={self.lora_preset!r} is not one of {sorted(PRESETS)}.")
         if self.chat_template not in CHAT_TEMPLATES:
@@ -158,7 +167,7 @@ def load_tokenizer(model_args: ModelConfig, bimedix_args: BimedixArguments):
     if bimedix_args.tiny_model:
         tokenizer = load_mixtral_tokenizer()
     else:
-        _require_model(model_args, bimedix_args)
+        _require_model(model_args)
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
     if bimedix_args.chat_template == "vicuna":
         apply_vicuna_template(tokenizer)
@@ -174,11 +183,12 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     from .tiny import build_tiny_model
 
     if bimedix_args.tiny_model:
-        model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed)
-        # recorded by PEFT as the adapter's base model, which `bimedix merge` rebuilds
-        model.name_or_path = model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
+        model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed,
+                                 **(bimedix_args.tiny_model_config or {}))
+        if not bimedix_args.tiny_model_config:  # PEFT records it as the base model, which `bimedix merge` rebuilds
+            model.name_or_path = model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
         return model
-    _require_model(model_args, bimedix_args)
+    _require_model(model_args)
     quantization_config = get_quantization_config(model_args)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
                   dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code", False),
@@ -264,7 +274,7 @@ class RequireTrainedTokens:
 # --- helpers -------------------------------------------------------------------------------------------
 
 
-def _require_model(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+def _require_model(model_args: ModelConfig) -> None:
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
 

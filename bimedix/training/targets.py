@@ -186,6 +186,14 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
     return rows, trainable, total
 
 
+def describe_targets(rows: Iterable[dict]) -> dict[str, int]:
+    """Sum LoRA parameters per group (for the ``bimedix targets`` summary)."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        totals[row["group"]] = totals.get(row["group"], 0) + row["lora_params"]
+    return totals
+
+
 def meta_model(model: str, **config_overrides) -> nn.Module:
     """Build a causal LM on the meta device (no weights, no download) from a tiny arch name or a config.
 
@@ -217,7 +225,7 @@ def load_model_config(model: str, **overrides):
     shipped_file = shipped / (model.replace("/", "--") + ".json")
     if os.path.isdir(model) or not shipped_file.is_file():
         try:
-            return AutoConfig.from_pretrained(model, local_files_only=not os.path.isdir(model) or None, **overrides)
+            return AutoConfig.from_pretrained(model, local_files_only=True, **overrides)
         except OSError as err:
             raise OSError(
                 f"Cannot load the config of {model!r} offline: not a tiny arch ({sorted(TINY_CONFIGS)}), not a "
@@ -297,11 +305,3 @@ def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -
                 suffixes.add(suffix)
                 break
     return sorted(suffixes)
-
-
-def describe_targets(rows: Iterable[dict]) -> dict[str, int]:
-    """Sum LoRA parameters per group (for the ``bimedix targets`` summary)."""
-    totals: dict[str, int] = {}
-    for row in rows:
-        totals[row["group"]] = totals.get(row["group"], 0) + row["lora_params"]
-    return totals
