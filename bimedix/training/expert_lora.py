@@ -49,12 +49,7 @@ def set_expert_lora_mode(model: nn.Module, mode: str = "folded") -> int:
     """
     if mode not in EXPERT_LORA_MODES:
         raise ValueError(f"expert_lora_mode={mode!r} is not supported; choose one of {EXPERT_LORA_MODES}.")
-    switched = 0
-    for module in model.modules():
-        if isinstance(module, ParamWrapper) and _is_3d_expert_parameter(module.get_base_layer(), module.parameter_name):
-            module.__class__ = ExpertLoraWrapper
-            module.expert_lora_mode = mode
-            switched += 1
+    switched = _switch_expert_wrappers(model, mode, plain_only=False)
     if not switched:
         logger.warning("set_expert_lora_mode(%r): no LoRA on fused experts found; nothing changed.", mode)
     return switched
@@ -65,13 +60,19 @@ def adopt_expert_wrappers(model: nn.Module) -> int:
 
     `quantize_experts` calls this: on 4-bit experts, PEFT's own wrapper needs the fixes of `ExpertLoraWrapper`.
     """
-    adopted = 0
+    return _switch_expert_wrappers(model, "peft", plain_only=True)
+
+
+def _switch_expert_wrappers(model: nn.Module, mode: str, plain_only: bool) -> int:
+    switched = 0
     for module in model.modules():
-        if type(module) is ParamWrapper and _is_3d_expert_parameter(module.get_base_layer(), module.parameter_name):
+        if not isinstance(module, ParamWrapper) or (plain_only and type(module) is not ParamWrapper):
+            continue
+        if _is_3d_expert_parameter(module.get_base_layer(), module.parameter_name):
             module.__class__ = ExpertLoraWrapper
-            module.expert_lora_mode = "peft"
-            adopted += 1
-    return adopted
+            module.expert_lora_mode = mode
+            switched += 1
+    return switched
 
 
 class ExpertLoraWrapper(ParamWrapper):
@@ -117,14 +118,16 @@ class ExpertLoraWrapper(ParamWrapper):
         with super()._activate_lora(active_adapters):
             # On a 4-bit (already parametrized) parameter, PEFT 0.21.2 reads it (`get_param`) before registering
             # its LoRA proxy; inside an outer wrapper's `parametrize.cached()` that read caches the value without
-            # LoRA, and the experts then never see this adapter (its gradients stay None). Drop the stale entry.
+            # LoRA, and the experts then never see this adapter (its gradients stay None). Drop the stale entry
+            # (a no-op where PEFT does not read it first).
             parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
             yield
 
     def _remove_parametrizations(self) -> None:
         # PEFT 0.21.2 removes only `_LoraParameterProxy` when a parameter has other parametrizations (here:
         # bitsandbytes' 4-bit dequantization), so the `_LoraFactorsProxy` it uses for fp32/bf16 stays behind:
-        # the next forward adds ΔW twice and then fails in `requires_grad_` on the uint8 original. Remove it.
+        # the next forward adds ΔW twice and then fails in `requires_grad_` on the uint8 original. Remove it
+        # (never reached where PEFT removes it itself).
         param_list = self.get_base_layer().parametrizations[self.parameter_name]
         if len(param_list) > 1 and isinstance(param_list[-1], _LoraFactorsProxy):
             del param_list[-1]
