@@ -17,6 +17,8 @@ counts non-padding tokens (``include_num_input_tokens_seen="non_padding"``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -115,7 +117,7 @@ def _train(spec: dict) -> dict:
             self.tokens = state.num_input_tokens_seen - self.tokens
 
     clock = Clock()
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):  # trainer logs
         script, training, model_args, mixture, bimedix = parse_args(_sft_flags(spec, output_dir))
         training.include_num_input_tokens_seen = "non_padding"  # the CLI parser only takes a bool here
         if spec["kind"] == "bimedix":

@@ -123,6 +123,35 @@ def test_unknown_keys_are_errors(tmp_path):
         parse_args(["--config", RECIPE, "--no_such_flag", "1"])
     with pytest.raises(ValueError, match="lora_preset='experts_only'"):
         parse_args(["--config", RECIPE, "--lora_preset", "experts_only"])
+    from bimedix.cli import main as cli
+
+    assert cli(["sft", "--config", str(recipe)]) == 2
+
+
+def test_dataset_sources_mixture_and_bad_records(tmp_path):
+    from datasets import Dataset
+    from trl import DatasetMixtureConfig, ScriptArguments
+    from trl.scripts.utils import DatasetConfig
+
+    from bimedix.data.io import read_records
+    from bimedix.data.schema import FEATURES, RecordError, normalize_record
+    from bimedix.training.sft import load_sft_dataset
+
+    jsonl = resource_path("recipes", "tiny", "data", "train.jsonl")
+    records = [normalize_record(r) for r in read_records(jsonl)]
+    Dataset.from_list(records[:10], features=FEATURES).to_parquet(str(tmp_path / "built" / "part-0.parquet"))
+    mixture = DatasetMixtureConfig(datasets=[DatasetConfig(path=str(jsonl), fraction=0.75),
+                                             DatasetConfig(path=str(tmp_path / "built"), fraction=0.25)])
+    train = load_sft_dataset(ScriptArguments(), mixture, system_prompt="Be careful.")["train"]
+    assert train.column_names == ["messages"] and len(train) == 40  # 30 + 10: no source oversampled
+    assert train[0]["messages"][0] == {"role": "system", "content": "Be careful."}
+    assert train[0]["messages"][1]["content"] == records[0]["conversations"][0]["value"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jsonl.read_text().splitlines()[0] + "\n" + '{"id": "x", "source": "s", "task": "qa"}\n')
+    with pytest.raises(RecordError, match="bad.jsonl"):
+        load_sft_dataset(ScriptArguments(), DatasetMixtureConfig(datasets=[DatasetConfig(path=str(bad))]))
+    with pytest.raises(ValueError, match="No data"):
+        load_sft_dataset(ScriptArguments(), DatasetMixtureConfig())
 
 
 def test_two_processes_both_ranks_finish(full_run, tmp_path):

@@ -164,3 +164,8 @@ def test_cli_show_mask_plain_from_data_file(capsys):
     assert main(["show-mask", "--data", str(data), "--index", "0", "--plain"]) == 0
     out = capsys.readouterr().out
     assert TRAIN_OPEN in out and "</s>" + TRAIN_CLOSE in out and "[row 0:" in out
+    recipe = resource_path("recipes", "tiny", "sft.yaml")
+    assert main(["show-mask", "--recipe", str(recipe), "--index", "47"]) == 0
+    assert "\x1b[1;32m" in capsys.readouterr().out
+    assert main(["show-mask", "--recipe", str(recipe), "--index", "48"]) == 2
+    assert "out of range: the data has 48 rows" in capsys.readouterr().err
