@@ -176,9 +176,13 @@ def test_merge_path_dequantizes_experts():
 
 
 def test_load_model_with_4bit_experts(tiny_model_dir):
-    model = load_model_with_4bit_experts(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGET_MODULES, target_parameters=TARGET_PARAMETERS,
+                        lora_dropout=0.0)
+    model = load_model_with_4bit_experts(tiny_model_dir, device="cpu", dtype=torch.bfloat16, peft_config=config)
     experts = fused_experts(model)
     assert experts and all(is_quantized(e, "gate_up_proj") and is_quantized(e, "down_proj") for e in experts.values())
+    assert sum("experts" in n and "lora_A" in n for n, _ in model.named_parameters()) == 2 * len(experts)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
