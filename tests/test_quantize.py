@@ -191,6 +191,10 @@ def test_clear_errors(monkeypatch):
         quantize_experts(build_tiny_model("llama"))
     with pytest.raises(ValueError, match="dtype torch.float64"):
         quantize_experts(build_tiny_model("mixtral").to(torch.float64))
+    with torch.device("meta"):
+        meta = build_tiny_model("mixtral")
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_experts(meta)
     with pytest.raises(ValueError, match="quant_type"):
         quantize_experts(build_tiny_model("mixtral"), quant_type="int4")
     import bitsandbytes
