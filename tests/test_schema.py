@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from datasets import Dataset
@@ -109,3 +110,6 @@ def test_write_jsonl_is_atomic(tmp_path):
         write_jsonl(path, broken())
     assert [r["id"] for r in read_records(path)] == ["medmcqa-en-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # same mode as a plain open(), not mkstemp's 0600
