@@ -204,3 +204,14 @@ def test_dataset_card_needs_parquet(tmp_path):
                                             ("none stated", "other"), (None, "other")])
 def test_hub_license(name, expected):
     assert hub_license(name) == expected
+
+
+def test_training_section_reads_the_newest_checkpoint(tmp_path, tiny_adapter_dir):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    for step in (2, 10):
+        (adapter / f"checkpoint-{step}").mkdir()
+        (adapter / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "epoch": None, "log_history": [{"loss": 5.0 + step}]}))
+    text = render_model_card(adapter).text
+    assert "**Steps:** 10" in text and "`adapter/checkpoint-10/trainer_state.json`" in text

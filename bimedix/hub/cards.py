@@ -440,10 +440,9 @@ def _numel(shape: list[int]) -> int:
 
 
 def _training_context(model_dir: Path) -> dict | None:
-    candidates = [model_dir / "trainer_state.json", model_dir.parent / "trainer_state.json"]
-    candidates += sorted(model_dir.glob("checkpoint-*/trainer_state.json"),
-                         key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else 0,
-                         reverse=True)
+    checkpoints = [p for p in model_dir.glob("checkpoint-*/trainer_state.json") if p.parent.name[11:].isdigit()]
+    candidates = [model_dir / "trainer_state.json", model_dir.parent / "trainer_state.json",
+                  *sorted(checkpoints, key=lambda p: int(p.parent.name[11:]), reverse=True)]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         return None

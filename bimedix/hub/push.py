@@ -118,6 +118,8 @@ def push(
         `LicenseError`: data from a source whose licence forbids redistribution.
         `RuntimeError`: the Hub refused a call (message with the token masked).
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown push kind {kind!r}; choose one of {sorted(KINDS)}.")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise ValueError(f"--repo-id {repo_id!r} is not of the form ORG/NAME.")
     if kind in ("adapter", "model") and not dry_run:
