@@ -62,6 +62,9 @@ def write_dataset_folder(path: Path, records: list[dict]) -> Path:
         "- config_name: ar\n  data_files:\n  - split: train\n    path: data/ar/*.parquet\n---\n\n# built\n",
         encoding="utf-8")
     (path / "stats.md").write_text("| task | language | samples |\n|---|---|---:|\n| mcqa | en | 6 |\n", encoding="utf-8")
+    counts = {"read": len(records) + 4, "written": len(records), "rejected": 1, "deduplicated_exact": 1,
+              "deduplicated_near": 0, "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 0, "balanced": True}
+    (path / "stats.json").write_text(json.dumps({"counts": counts}), encoding="utf-8")
     return path
 
 
@@ -172,6 +175,8 @@ def test_dataset_card_counts_come_from_the_rows(tmp_path, dataset_dir):
     assert "| meadow | GPL-3.0 | gpl-3.0 | 2 | 2 | 0 | Medical Meadow" in text
     assert "Copyleft" in text and "unreviewed machine translation" in text
     assert "| mcqa | en | 6 |" in text  # stats.md embedded
+    assert f"read {len(records) + 4} source records and wrote {len(records)}: 1 rejected" in text
+    assert "2 removed for overlapping an evaluation benchmark" in text
 
 
 def test_summary_counts(dataset_dir):

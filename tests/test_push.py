@@ -195,5 +195,5 @@ def test_copyleft_sources_pass_with_a_note(dataset_dir):
 def test_push_cli_dry_run(tmp_path, dataset_dir, capsys):
     assert main(["push", "dataset", str(dataset_dir), "--repo-id", "me/bimed", "--dry-run", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "dry run: 4 files" in out and "licence note: meadow" in out
+    assert "dry run: 5 files" in out and "licence note: meadow" in out  # README, stats.md, stats.json, 2 shards
     assert (tmp_path / "out" / "README.md").read_text().startswith("---\n")

@@ -63,12 +63,16 @@ def test_quickstart_cards_and_dry_run_push(quickstart):
     assert card.data.library_name == "peft" and card.data.language == ["en", "ar"]
     assert {r.dataset_name for r in card.data.eval_results} >= {"bimedix_mmlu_anatomy_en", "bimedix_mmlu_anatomy_ar"}
     assert "**Steps:** 4" in card.text and "Not medical advice" in card.text
+    assert "**Trained in full and saved with the adapter:** lm_head" in card.text  # the quickstart's extra
     assert (output / "eval" / "tables.md").read_text().strip() in card.text
     pushed = sorted(p.name for p in (output / "hub" / "adapter").iterdir())
     assert pushed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
                              "tokenizer.json", "tokenizer_config.json"])
     dataset_card = DatasetCard.load(output / "hub" / "dataset" / "README.md")
     assert dataset_card.data.to_dict()["configs"][0]["config_name"] == "all"
+    counts = json.loads((output / "data" / "stats.json").read_text())["counts"]
+    assert f"read {counts['read']:,} source records and wrote {counts['written']:,}" in dataset_card.text
+    assert not (output / "hub" / "dataset" / "decontamination.jsonl").exists()  # it quotes benchmark items
     assert sorted(p.relative_to(output / "hub" / "dataset").as_posix()
                   for p in (output / "hub" / "dataset").rglob("*.parquet")) == sorted(
         p.relative_to(output / "data").as_posix() for p in (output / "data").rglob("*.parquet")

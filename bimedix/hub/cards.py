@@ -225,6 +225,7 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
                                    task_categories=["question-answering", "text-generation"],
                                    task_ids=["multiple-choice-qa", "open-domain-qa", "dialogue-modeling"])
     stats_md = data_dir / "stats.md"
+    counts = (_read_json(data_dir / "stats.json") or {}).get("counts")
     return DatasetCard.from_template(
         card_data, template_path=str(resource_path("hub_cards", "dataset_card.md")),
         repo_id=repo_id or str(data_dir), default_config=_default_config(configs),
@@ -232,7 +233,7 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
         composition_table=_composition_table(summary), source_table=_source_table(summary),
         licence_text=_licence_text(summary), translation_text=_translation_text(summary),
         stats_md=stats_md.read_text(encoding="utf-8").strip() if stats_md.is_file() else None,
-        has_plot=(data_dir / "stats.png").is_file(),
+        has_plot=(data_dir / "stats.png").is_file(), build_text=_build_text(counts) if counts else None,
     )
 
 
@@ -386,6 +387,16 @@ def _translation_text(summary: DatasetSummary) -> str:
     return "\n".join(lines)
 
 
+def _build_text(counts: dict) -> str:
+    """The record balance of ``bimedix build-data`` (``stats.json`` ``counts``) as one sentence."""
+    return (f"`bimedix build-data` read {counts['read']:,} source records and wrote {counts['written']:,}: "
+            f"{counts['rejected']:,} rejected as malformed, {counts['deduplicated_exact']:,} exact and "
+            f"{counts['deduplicated_near']:,} near duplicates removed, {counts['decontaminated']:,} removed for "
+            f"overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped by source "
+            f"weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The decontamination report is "
+            "not published with the data, since it quotes the benchmark items.")
+
+
 def _base_model_text(base: str | None, hub_base: str | None) -> str:
     if hub_base:
         return f"[{hub_base}](https://huggingface.co/{hub_base})"
@@ -422,6 +433,7 @@ def _adapter_context(model_dir: Path, adapter_config: dict) -> dict:
         "lora_dropout": adapter_config.get("lora_dropout"),
         "target_modules": sorted(_as_list(adapter_config.get("target_modules"))),
         "target_parameters": sorted(_as_list(adapter_config.get("target_parameters"))),
+        "modules_to_save": sorted(_as_list(adapter_config.get("modules_to_save"))),
         "num_parameters": num_parameters, "files": [p.name for p in weights],
     }
 

@@ -49,7 +49,8 @@ ALLOW_PATTERNS = {
                 "chat_template.jinja", "generation_config.json"],
     "model": ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
               "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
-    "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png", "decontamination.jsonl"],
+    # Not decontamination.jsonl: it quotes the benchmark test items the data was checked against.
+    "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png"],
     "bench": ["**/*.parquet"],
 }
 FORBIDDEN_SOURCES = {
