@@ -143,10 +143,16 @@ def test_model_card_with_local_base_keeps_it_out_of_metadata(tiny_adapter_dir):
     assert "No evaluation results were given" in card.text
 
 
-def test_model_card_for_merged_model(tiny_model_dir):
-    card = render_model_card(tiny_model_dir, base_model="mistralai/Mixtral-8x7B-v0.1", repo_id="me/merged")
+def test_model_card_for_merged_model(tmp_path, tiny_model_dir):
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (merged / "merge_report.json").write_text(json.dumps({  # the shape `bimedix merge` writes
+        "base": "runs/base-model", "adapter": "runs/adapter/", "dtype": "float32", "prompts": 4, "tolerance": 0.001,
+        "max_abs_diff_merged_vs_adapter": 1.9e-06}))
+    card = render_model_card(merged, base_model="mistralai/Mixtral-8x7B-v0.1", repo_id="me/merged")
     assert card.data.library_name == "transformers"
     assert "merged weights" in card.text and "AutoModelForCausalLM" in card.text
+    assert "adapter `adapter` into `base-model` (float32); on 4 prompts" in card.text and "at most 1.9e-06" in card.text
 
 
 def test_model_card_rejects_a_folder_without_weights(tmp_path):

@@ -206,6 +206,7 @@ def render_model_card(
         architecture=_architecture(model_dir if not is_adapter else Path(base) if base else None),
         adapter=_adapter_context(model_dir, adapter_config) if is_adapter else None,
         data=data, training=_training_context(model_dir), evaluation=evaluation,
+        merge=None if is_adapter else _read_json(model_dir / "merge_report.json"),
     )
 
 
