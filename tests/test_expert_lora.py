@@ -14,9 +14,9 @@ from bimedix.training.tiny import build_tiny_model
 TARGET_PARAMETERS = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = False):
+def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = False, **overrides):
     """Tiny model with LoRA (random A and B, so that ΔW ≠ 0) on attention, router and experts."""
-    model = build_tiny_model(arch, seed=0).to(dtype)
+    model = build_tiny_model(arch, seed=0, **overrides).to(dtype)
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=TARGET_PARAMETERS,
                         lora_dropout=0.0, init_lora_weights=False)
@@ -41,13 +41,18 @@ def _experts_module(model, layer: int = 0):
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "nf4"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_folded_equals_peft_path_fp32(arch, quantize):
+@pytest.mark.parametrize("arch, overrides", [
+    ("mixtral", {}),
+    ("qwen2_moe", {}),
+    # gate_up_proj wide enough (E·r ≤ out/4) for the dense down-to-rank GEMM; down_proj stays grouped
+    ("mixtral", {"hidden_size": 64, "intermediate_size": 256}),
+], ids=["mixtral", "qwen2_moe", "mixtral-wide"])
+def test_folded_equals_peft_path_fp32(arch, overrides, quantize):
     if quantize:
         pytest.importorskip("bitsandbytes")
     ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
-    peft_model = _peft_model(arch, quantize=quantize)
-    folded = _peft_model(arch, quantize=quantize)  # not a deepcopy: copies of parametrized modules share a cache
+    peft_model = _peft_model(arch, quantize=quantize, **overrides)
+    folded = _peft_model(arch, quantize=quantize, **overrides)  # no deepcopy: copies of parametrized modules share a cache
     set_expert_lora_mode(folded, "folded")
 
     logits, grads = _loss_and_grads(peft_model, ids)
