@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from bimedix.data.rejects import RejectLog, map_records, on_error_for, read_delimited, read_json, read_jsonl
+from bimedix.data.io import iter_jsonl
+from bimedix.data.rejects import RejectLog, map_records, on_error_for, read_delimited, read_json
 from bimedix.data.schema import RecordError, validate_record
 
 
@@ -20,11 +21,11 @@ def test_read_jsonl(tmp_path, data, rows, bad):
     path = tmp_path / "x.jsonl"
     path.write_bytes(data)
     errors: list[RecordError] = []
-    assert list(read_jsonl(path, on_error=errors.append)) == rows
+    assert list(iter_jsonl(path, on_error=errors.append)) == rows
     assert [(e.record, e.reason.split(" (")[0]) for e in errors] == bad
     if bad:
         with pytest.raises(RecordError, match=rf"x\.jsonl:{bad[0][0]}: {bad[0][1]}"):
-            list(read_jsonl(path))
+            list(iter_jsonl(path))
 
 
 @pytest.mark.parametrize("data, rows, bad", [

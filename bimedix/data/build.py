@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
-from .io import atomic_open, write_json
+from .io import atomic_open, iter_jsonl, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
-from .rejects import RejectLog, on_error_for, read_jsonl, report
+from .rejects import RejectLog, on_error_for, report
 from .schema import FEATURES, LANGUAGES, TASKS, RecordError, validate_record
 from .stats import DataStats
 
@@ -243,7 +243,7 @@ def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.P
     if spec.converter == RECORDS_CONVERTER:
         if not path.is_file():
             raise FileNotFoundError(f"source {spec.name!r}: {path} does not exist")
-        for line, obj in read_jsonl(path, on_error=on_error):
+        for line, obj in iter_jsonl(path, on_error=on_error):
             try:
                 record = validate_record(obj, path=str(path), line=line)
             except RecordError as err:
@@ -309,7 +309,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
-            for _, record in tqdm(read_jsonl(shard["path"]), desc=f"clean {spec.name}", unit="rec",
+            for _, record in tqdm(iter_jsonl(shard["path"]), desc=f"clean {spec.name}", unit="rec",
                                   total=shard["written"], disable=not progress):
                 if not keep_by_weight(recipe.seed, record["id"], spec.weight, spec.name):
                     tally.dropped_weight += 1
@@ -488,7 +488,7 @@ def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Count
 
 def _decontamination_summary(output: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for _, entry in read_jsonl(output / "decontamination.jsonl"):
+    for _, entry in iter_jsonl(output / "decontamination.jsonl"):
         counts[entry["benchmark"]] = counts.get(entry["benchmark"], 0) + 1
     return counts
 

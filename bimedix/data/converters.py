@@ -49,7 +49,8 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .rejects import OnError, failer, map_records, read_delimited, read_json, read_jsonl, report
+from .io import iter_jsonl
+from .rejects import OnError, failer, map_records, read_delimited, read_json, report
 from .schema import RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ def _json_records(path, on_error: OnError) -> Iterator[tuple[str | int, Any]]:
     with open(path, "rb") as handle:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"{"):
-        yield from read_jsonl(path, on_error=on_error)
+        yield from iter_jsonl(path, on_error=on_error)
         return
     data = read_json(path)
     if not isinstance(data, list):

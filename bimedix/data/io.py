@@ -12,18 +12,21 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from .schema import RecordError, validate_record
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: str | os.PathLike, *,
+               on_error: Callable[[RecordError], None] | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, decoded_object)`` for every non-blank line of a JSON Lines file.
 
     Args:
         path (`str | os.PathLike`): the file to read.
+        on_error (`Callable[[RecordError], None]`, *optional*): receives each bad line (not UTF-8, not JSON)
+            and reading goes on; by default the first bad line raises.
 
     Raises:
         `RecordError`: for a line that is not valid JSON or not UTF-8, naming ``path:line``.
@@ -32,19 +35,29 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         for line_no, raw in enumerate(handle, start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            error = None
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").strip()
+                if not text:
+                    continue
+                obj = json.loads(text)
             except UnicodeDecodeError as err:
-                raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8",
-                                  path=str(path), record=line_no) from None
-            text = text.strip()
-            if not text:
-                continue
-            try:
-                yield line_no, json.loads(text)
+                error = RecordError(not_utf8_message(err), path=str(path), record=line_no,
+                                    raw=raw.decode("utf-8", "replace"))
             except json.JSONDecodeError as err:
-                raise RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
-                                  record=line_no) from None
+                error = RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                                    record=line_no, raw=text)
+            if error is None:
+                yield line_no, obj
+            elif on_error is None:
+                raise error
+            else:
+                on_error(error)
+
+
+def not_utf8_message(err: UnicodeDecodeError) -> str:
+    """The message for bytes that are not UTF-8 (e.g. a cp1256 export), with the fix."""
+    return f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
 
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:

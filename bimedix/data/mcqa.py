@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .rejects import OnError, failer, read_delimited, read_json, read_jsonl, report
+from .io import iter_jsonl
+from .rejects import OnError, failer, read_delimited, read_json, report
 from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1, on_error: OnErro
     if cop_base not in (0, 1):
         raise ValueError(f"cop_base must be 1 (original MedMCQA files) or 0 (Hugging Face export), "
                          f"got {cop_base!r}")
-    for line, obj in read_jsonl(path, on_error=on_error):
+    for line, obj in iter_jsonl(path, on_error=on_error):
         fail = failer(path, line, obj)
         try:
             if not isinstance(obj, dict):
@@ -212,7 +213,7 @@ def read_medqa(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
     the id is a hash of question and options, ``original_id`` is ``"<file name>:<line>"``.
     """
     seen: Counter[str] = Counter()
-    for line, obj in read_jsonl(path, on_error=on_error):
+    for line, obj in iter_jsonl(path, on_error=on_error):
         fail = failer(path, line, obj)
         try:
             if not isinstance(obj, dict):

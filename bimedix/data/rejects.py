@@ -8,7 +8,7 @@ Every reader and converter in bimedix takes one ``on_error`` argument, an `OnErr
   and field, to a JSON Lines file and counts them, so that callers can print
   ``read = written + rejected + ...``.
 
-The tolerant file readers below (`read_jsonl`, `read_delimited`) apply the policy record by record,
+The tolerant file readers (`bimedix.data.io.iter_jsonl`, `read_delimited` below) apply the policy record by record,
 so one bad line (invalid JSON, bytes that are not UTF-8) does not end the file.
 
 Examples:
@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .io import atomic_open
+from .io import atomic_open, not_utf8_message
 from .schema import RecordError
 
 logger = logging.getLogger(__name__)
@@ -135,41 +135,13 @@ def on_error_for(policy: str, rejects: RejectLog | None = None) -> OnError:
     return rejects
 
 
-def read_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON Lines file.
-
-    A UTF-8 BOM and CRLF endings are accepted. A line that is not UTF-8 or not valid JSON is a bad
-    record: it goes through ``on_error`` and reading continues with the next line.
-    """
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                report(RecordError(_not_utf8(err), path=str(path), record=line_no,
-                                   raw=raw.decode("utf-8", "replace")), on_error)
-                continue
-            text = text.strip()
-            if not text:
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                report(RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
-                                   record=line_no, raw=text), on_error)
-                continue
-            yield line_no, obj
-
-
 def read_json(path: str | os.PathLike) -> Any:
     """Load a whole JSON file (BOM tolerated); a file that does not parse raises `RecordError`."""
     try:
         with open(path, encoding="utf-8-sig") as handle:
             return json.load(handle)
     except UnicodeDecodeError as err:
-        raise RecordError(_not_utf8(err), path=str(path)) from None
+        raise RecordError(not_utf8_message(err), path=str(path)) from None
     except json.JSONDecodeError as err:
         raise RecordError(f"invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})",
                           path=str(path)) from None
@@ -193,7 +165,7 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    bad_lines[line_no] = _not_utf8(err)
+                    bad_lines[line_no] = not_utf8_message(err)
                     yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(lines(), delimiter=delimiter)
@@ -215,7 +187,3 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
         elif row:
             yield start, [cell.replace("\r\n", "\n").replace("\r", "\n") for cell in row]
         start = end + 1
-
-
-def _not_utf8(err: UnicodeDecodeError) -> str:
-    return f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
