@@ -332,8 +332,8 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 id_hash = hash(record["id"])
                 if id_hash in seen_ids:
                     tally.rejected += 1
-                    report(RecordError(f"duplicate id (an earlier record with different content has it); make ids "
-                                       f"unique across the recipe's sources", path=str(recipe.resolve(spec.path,
+                    report(RecordError("duplicate id (an earlier record with different content has it); make ids "
+                                       "unique across the recipe's sources", path=str(recipe.resolve(spec.path,
                                        sources_dir)), record=record["id"], field="id", raw=record), policy)
                     continue
                 seen_ids.add(id_hash)
