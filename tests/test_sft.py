@@ -61,9 +61,12 @@ def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
             moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
     assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
     fresh = build_tiny_model("mixtral", seed=42).state_dict()
-    frozen = {name.replace(".base_layer", ""): param for name, param in model.get_base_model().named_parameters()
-              if "lora_" not in name}
+    frozen = {name.replace(".base_layer", "").replace(".original_module", ""): param
+              for name, param in model.get_base_model().named_parameters()
+              if "lora_" not in name and "modules_to_save" not in name}
     assert frozen.keys() == fresh.keys()
+    trained_head = model.get_base_model().lm_head.modules_to_save["default"].weight  # the recipe trains the head too
+    assert not torch.equal(trained_head, fresh["lm_head.weight"])
     assert all(torch.equal(param, fresh[name]) for name, param in frozen.items())
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny:mixtral:42" and config["r"] == 8
