@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "chat", help="Chat with a model in the terminal (English or Arabic; /reset, /exit)",
+        "chat", help="chat with a model in the terminal (English or Arabic; /reset, /exit)",
         description="Streaming multi-turn chat with the Vicuna template; replies follow the language you write in.")
     parser.add_argument("--model", required=True, help="model folder or Hub id (the base model when --peft is given)")
     parser.add_argument("--peft", metavar="ADAPTER", help="PEFT LoRA adapter folder or Hub id to load on top")

@@ -10,7 +10,7 @@ from pathlib import Path
 def register(subparsers) -> None:
     """Add ``build-data`` and ``stats`` to the ``bimedix`` command line."""
     build = subparsers.add_parser(
-        "build-data", help="Build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
+        "build-data", help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
         description="Convert the recipe's sources, drop benchmark overlaps and duplicates, mix Arabic:English, "
                     "write Parquet shards, statistics and reports. Re-running resumes.")
     build.add_argument("--recipe", required=True,
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.set_defaults(func=_build_data)
 
-    stats = subparsers.add_parser("stats", help="Print the statistics table (Fig. 3 style) of a built dataset folder")
+    stats = subparsers.add_parser("stats", help="print the statistics table (Fig. 3 style) of a built dataset folder")
     stats.add_argument("directory", type=Path, help="a folder made by `bimedix build-data` (or any folder of "
                                                      "bimedix Parquet files)")
     stats.add_argument("--json", action="store_true", help="print stats.json instead of the table")

@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "push", help="Push an adapter, merged model, dataset or benchmark to the Hugging Face Hub with its card",
+        "push", help="push an adapter, merged model, dataset or benchmark to the Hugging Face Hub with its card",
         description="Stage PATH with a card rendered from its artefacts and push it; unchanged content makes "
                     "no commit. The token comes from HF_TOKEN or `hf auth login` and is never printed.")
     parser.add_argument("kind", choices=["adapter", "model", "dataset", "bench"], help="what PATH holds")

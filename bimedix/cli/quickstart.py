@@ -28,7 +28,7 @@ EAGER_EXPERTS = {"experts_implementation": "eager"}
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="Run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
+        "quickstart", help="run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
                            "model card, dry-run push",
         description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA on "
                     "attention + router + experts, evaluate it in English and Arabic, render its card and write a "
