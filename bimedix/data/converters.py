@@ -212,44 +212,33 @@ def convert_medarabench(path: str | os.PathLike, *, language: str | None = None,
 def convert_instructions(path: str | os.PathLike, *, source: str, language: str | None = None,
                          on_error: OnError = None) -> Iterator[dict]:
     """``{instruction, input, output}`` records (HealthCareMagic, Medical Meadow, UMLS) → qa records."""
-    seen: Counter[str] = Counter()
-    for where, obj in _json_records(path, on_error):
-        fail = failer(path, where, obj)
-        try:
-            if not isinstance(obj, dict):
-                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
-            if source == "umls" and obj.get("source", "umls") != "umls":
-                continue
-            instruction = _optional(obj, "instruction", fail)
-            question = _optional(obj, "input", fail)
-            if instruction and instruction not in GENERIC_INSTRUCTIONS:
-                question = f"{instruction}\n\n{question}" if question else instruction
-            if not question:
-                raise fail("input", "no question: `input` is empty and `instruction` is boilerplate "
-                                    f"{instruction!r}")
-            answer = _required(obj, "output", fail)
-            sample_id = obj.get("sample_id")
-            original_id = str(sample_id) if sample_id is not None else f"{Path(path).name}:{where}"
-            yield _qa_record(source, path, where, question, answer, language, seen=seen, original_id=original_id)
-        except RecordError as err:
-            report(err, on_error)
+
+    def fields(obj: dict, fail) -> tuple[str, str, str | None] | None:
+        if source == "umls" and obj.get("source", "umls") != "umls":
+            return None
+        instruction = _optional(obj, "instruction", fail)
+        question = _optional(obj, "input", fail)
+        if instruction and instruction not in GENERIC_INSTRUCTIONS:
+            question = f"{instruction}\n\n{question}" if question else instruction
+        if not question:
+            raise fail("input", "no question: `input` is empty and `instruction` is boilerplate "
+                                f"{instruction!r}")
+        answer = _required(obj, "output", fail)
+        sample_id = obj.get("sample_id")
+        return question, answer, str(sample_id) if sample_id is not None else None
+
+    return _json_qa(path, source, language, on_error, fields)
 
 
 def convert_icliniq(path: str | os.PathLike, *, language: str | None = None,
                     on_error: OnError = None) -> Iterator[dict]:
     """ChatDoctor iCliniq (``input`` → ``answer_icliniq``; ``{instruction, input, output}`` also accepted)."""
-    seen: Counter[str] = Counter()
-    for where, obj in _json_records(path, on_error):
-        fail = failer(path, where, obj)
-        try:
-            if not isinstance(obj, dict):
-                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
-            question = _required(obj, "input", fail)
-            answer = _required(obj, "answer_icliniq" if "output" not in obj else "output", fail)
-            yield _qa_record("icliniq", path, where, question, answer, language, seen=seen,
-                             original_id=f"{Path(path).name}:{where}")
-        except RecordError as err:
-            report(err, on_error)
+
+    def fields(obj: dict, fail) -> tuple[str, str, None]:
+        question = _required(obj, "input", fail)
+        return question, _required(obj, "answer_icliniq" if "output" not in obj else "output", fail), None
+
+    return _json_qa(path, "icliniq", language, on_error, fields)
 
 
 def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
@@ -379,6 +368,29 @@ def _json_records(path, on_error: OnError) -> Iterator[tuple[str | int, Any]]:
         raise RecordError(f"expected a JSON list of records, got {type(data).__name__}", path=str(path))
     for index, obj in enumerate(data):
         yield f"[{index}]", obj
+
+
+def _json_qa(path, source: str, language: str | None, on_error: OnError,
+             fields: Callable[[dict, Callable], tuple[str, str, str | None] | None]) -> Iterator[dict]:
+    """QA records from the JSON objects of ``path`` (see `_json_records`).
+
+    ``fields(obj, fail)`` returns ``(question, answer, original_id)``, or ``None`` to skip the object; an
+    ``original_id`` of ``None`` becomes ``"<file name>:<location>"``.
+    """
+    seen: Counter[str] = Counter()
+    for where, obj in _json_records(path, on_error):
+        fail = failer(path, where, obj)
+        try:
+            if not isinstance(obj, dict):
+                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+            found = fields(obj, fail)
+            if found is None:
+                continue
+            question, answer, original_id = found
+            yield _qa_record(source, path, where, question, answer, language, seen=seen,
+                             original_id=original_id if original_id is not None else f"{Path(path).name}:{where}")
+        except RecordError as err:
+            report(err, on_error)
 
 
 def _qa_record(source: str, path, where, question: str, answer: str, language: str | None, *,
