@@ -1,9 +1,12 @@
-"""Shared pieces of the LLM engine tests: the fake server fixture, a client factory, MCQA records."""
+"""Shared pieces of the LLM engine tests: the fake server fixture, a client factory and runner, MCQA records."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -11,6 +14,8 @@ from bimedix.data.schema import make_record
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import ClientConfig, LLMClient
 from bimedix.llm.fake_server import FakeOpenAIServer
+
+T = TypeVar("T")
 
 SECRET = "sk-test-DO-NOT-LEAK-7f3a9c51"
 MODEL = "test-model"
@@ -36,6 +41,18 @@ def make_client(base_url: str, cache_path: Path, **overrides) -> LLMClient:
     settings = {"timeout": 10.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 3, "concurrency": 4,
                 "prices": PRICES, **overrides}
     return LLMClient(ClientConfig(base_url=base_url, model=MODEL, **settings), RequestCache(cache_path))
+
+
+def run_closing(client: LLMClient, work: Callable[[LLMClient], Awaitable[T]]) -> T:
+    """Run ``work(client)`` in a fresh event loop, closing the client afterwards."""
+
+    async def go():
+        try:
+            return await work(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
 
 
 def mcqa_record(index: int, *, answer: str = "B") -> dict:

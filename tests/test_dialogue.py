@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from llm_support import (  # noqa: F401 - fixtures
     make_client,
     mcqa_record,
     read_jsonl,
+    run_closing,
     server_fixture,
     write_jsonl,
 )
@@ -80,14 +80,8 @@ def test_negated_wrong_option_is_fine():
 def _generate(server, tmp_path, records, **config):
     input_path = write_jsonl(tmp_path / "mcqa.jsonl", records)
     client = make_client(server.base_url, tmp_path / "chats.llm.sqlite")
-
-    async def go():
-        try:
-            return await generate_chats_file(input_path, tmp_path / "chats.jsonl", client, DialogueConfig(**config))
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+    return run_closing(client, lambda c: generate_chats_file(input_path, tmp_path / "chats.jsonl", c,
+                                                             DialogueConfig(**config)))
 
 
 def test_generates_grounded_chats_with_provenance(server, api_key, tmp_path):

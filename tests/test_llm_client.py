@@ -7,7 +7,14 @@ import logging
 import time
 
 import pytest
-from llm_support import MODEL, PRICES, api_key_fixture, make_client, server_fixture  # noqa: F401 - fixtures
+from llm_support import (  # noqa: F401 - fixtures
+    MODEL,
+    PRICES,
+    api_key_fixture,
+    make_client,
+    run_closing,
+    server_fixture,
+)
 
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import BudgetExceeded, ClientConfig, Deferred, LLMClient, LLMError, load_prices
@@ -17,13 +24,8 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
 def _complete(client, messages=MESSAGES, **kwargs):
-    async def go():
-        try:
-            return await client.complete(messages, max_tokens=kwargs.pop("max_tokens", 32), **kwargs)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+    max_tokens = kwargs.pop("max_tokens", 32)
+    return run_closing(client, lambda c: c.complete(messages, max_tokens=max_tokens, **kwargs))
 
 
 @pytest.mark.parametrize("faults", [
@@ -137,16 +139,9 @@ def test_api_key_never_written_or_logged(server, api_key, tmp_path, caplog):
 def test_concurrency_is_bounded(api_key, tmp_path):
     with FakeOpenAIServer(latency=0.2) as slow:
         client = make_client(slow.base_url, tmp_path / "c.sqlite", concurrency=2)
-
-        async def go():
-            try:
-                return await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}], max_tokens=8)
-                                              for i in range(4)))
-            finally:
-                await client.aclose()
-
+        prompts = [[{"role": "user", "content": str(i)}] for i in range(4)]
         start = time.monotonic()
-        results = asyncio.run(go())
+        results = run_closing(client, lambda c: asyncio.gather(*(c.complete(p, max_tokens=8) for p in prompts)))
         assert len(results) == 4 and time.monotonic() - start >= 0.4  # two waves of two
         assert slow.count() == 4
 

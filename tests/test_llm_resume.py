@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -20,6 +19,7 @@ from llm_support import (  # noqa: F401 - fixtures
     make_client,
     mcqa_record,
     read_jsonl,
+    run_closing,
     server_fixture,
     write_jsonl,
 )
@@ -106,14 +106,7 @@ def test_kill9_at_random_points_then_resume(api_key, tmp_path, engine):
     # the same result as an uninterrupted run, and the key is nowhere
     with FakeOpenAIServer() as clean_server:
         client = make_client(clean_server.base_url, tmp_path / "clean" / "ar.llm.sqlite", concurrency=CONCURRENCY)
-
-        async def clean_run():
-            try:
-                await run_in_process(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", client)
-            finally:
-                await client.aclose()
-
-        asyncio.run(clean_run())
+        run_closing(client, lambda c: run_in_process(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", c))
     clean = read_jsonl(tmp_path / "clean" / "ar.jsonl")
     assert sorted(map(json.dumps, clean)) == sorted(map(json.dumps, written))
     assert all(SECRET.encode() not in blob for blob in stderr)
@@ -126,14 +119,8 @@ def test_half_written_last_line_is_dropped_and_redone_from_cache(server, api_key
 
     def run():
         client = make_client(server.base_url, tmp_path / "ar.llm.sqlite")
-
-        async def go():
-            try:
-                return await translate_file(tmp_path / "en.jsonl", tmp_path / "ar.jsonl", client, TranslationConfig())
-            finally:
-                await client.aclose()
-
-        return asyncio.run(go())
+        return run_closing(client, lambda c: translate_file(tmp_path / "en.jsonl", tmp_path / "ar.jsonl", c,
+                                                            TranslationConfig()))
 
     run()
     sent = server.count()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from llm_support import (  # noqa: F401 - fixtures
     make_client,
     mcqa_record,
     read_jsonl,
+    run_closing,
     server_fixture,
     write_jsonl,
 )
@@ -78,14 +78,8 @@ def test_arabic_id(english, arabic):
 def _translate(server, tmp_path, records, **config):
     input_path = write_jsonl(tmp_path / "en.jsonl", records)
     client = make_client(server.base_url, tmp_path / "out.llm.sqlite")
-
-    async def go():
-        try:
-            return await translate_file(input_path, tmp_path / "out.jsonl", client, TranslationConfig(**config))
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+    return run_closing(client, lambda c: translate_file(input_path, tmp_path / "out.jsonl", c,
+                                                        TranslationConfig(**config)))
 
 
 def _scripted(translate=None, judge=None):
@@ -204,14 +198,8 @@ def test_batch_api_translation(api_key, tmp_path):
     with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply('{"score": 90}'))) as server:
         input_path = write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(3)])
         client = make_client(server.base_url, tmp_path / "out.llm.sqlite", batch=True, batch_poll_interval=0.01)
-
-        async def go():
-            try:
-                return await translate_file(input_path, tmp_path / "out.jsonl", client, TranslationConfig())
-            finally:
-                await client.aclose()
-
-        summary = asyncio.run(go())
+        summary = run_closing(client, lambda c: translate_file(input_path, tmp_path / "out.jsonl", c,
+                                                               TranslationConfig()))
         assert summary.accepted == 3 and server.count() == 0
         assert server.count("/v1/batches") == 2 and server.count("batch") == 6  # translate round, judge round
 
@@ -247,14 +235,8 @@ def test_saved_dataset_input(server, api_key, tmp_path):
 
     Dataset.from_list([mcqa_record(i) for i in range(2)], features=FEATURES).save_to_disk(str(tmp_path / "en_ds"))
     client = make_client(server.base_url, tmp_path / "out.llm.sqlite")
-
-    async def go():
-        try:
-            return await translate_file(tmp_path / "en_ds", tmp_path / "out.jsonl", client, TranslationConfig())
-        finally:
-            await client.aclose()
-
-    summary = asyncio.run(go())
+    summary = run_closing(client, lambda c: translate_file(tmp_path / "en_ds", tmp_path / "out.jsonl", c,
+                                                           TranslationConfig()))
     assert summary.total == 2 and summary.complete and summary.sent > 0
     written = {r["meta"]["translation"]["source_id"] for r in read_jsonl(tmp_path / "out.jsonl")}
     assert written | {r["source_id"] for r in read_jsonl(tmp_path / "out.rejects.jsonl")} == {"demo-en-000",
