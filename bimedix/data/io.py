@@ -31,28 +31,34 @@ def iter_jsonl(path: str | os.PathLike, *,
     Raises:
         `RecordError`: for a line that is not valid JSON or not UTF-8, naming ``path:line``.
     """
+    for line_no, raw in raw_lines(path):
+        error = None
+        try:
+            text = raw.decode("utf-8").strip()
+            if not text:
+                continue
+            obj = json.loads(text)
+        except UnicodeDecodeError as err:
+            error = RecordError(not_utf8_message(err), path=str(path), record=line_no,
+                                raw=raw.decode("utf-8", "replace"))
+        except json.JSONDecodeError as err:
+            error = RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                                record=line_no, raw=text)
+        if error is None:
+            yield line_no, obj
+        elif on_error is None:
+            raise error
+        else:
+            on_error(error)
+
+
+def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, bytes)`` for every line of a file, numbered from 1, without a leading UTF-8 BOM."""
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            error = None
-            try:
-                text = raw.decode("utf-8").strip()
-                if not text:
-                    continue
-                obj = json.loads(text)
-            except UnicodeDecodeError as err:
-                error = RecordError(not_utf8_message(err), path=str(path), record=line_no,
-                                    raw=raw.decode("utf-8", "replace"))
-            except json.JSONDecodeError as err:
-                error = RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
-                                    record=line_no, raw=text)
-            if error is None:
-                yield line_no, obj
-            elif on_error is None:
-                raise error
-            else:
-                on_error(error)
+            yield line_no, raw
 
 
 def not_utf8_message(err: UnicodeDecodeError) -> str:

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .io import atomic_open, not_utf8_message
+from .io import atomic_open, not_utf8_message, raw_lines
 from .schema import RecordError
 
 logger = logging.getLogger(__name__)
@@ -158,15 +158,12 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
     bad_lines: dict[int, str] = {}
 
     def lines() -> Iterator[str]:
-        with open(path, "rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    bad_lines[line_no] = not_utf8_message(err)
-                    yield raw.decode("utf-8", "replace")
+        for line_no, raw in raw_lines(path):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad_lines[line_no] = not_utf8_message(err)
+                yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(lines(), delimiter=delimiter)
     start = 1

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..data.io import raw_lines
 from ..data.schema import RecordError, validate_record
 from .client import BudgetExceeded, Deferred, LLMClient, LLMError
 
@@ -209,13 +210,10 @@ def _raw_inputs(path: Path) -> Iterator[tuple[int, bytes]]:
         for index, row in enumerate(data):
             yield index, json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
         return
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            raw = raw.strip()
-            if raw:
-                yield line_no, raw
+    for line_no, raw in raw_lines(path):
+        raw = raw.strip()
+        if raw:
+            yield line_no, raw
 
 
 def _decode(raw: bytes, path: Path, where: int) -> dict:
