@@ -107,6 +107,79 @@ def test_liveqa_summaries_file_and_both_answer_tags(shared_data):
     assert "\t" not in records[0]["conversations"][1]["value"]
 
 
+# The LiveQA training files were deleted upstream and state no licence, so they are not in shared data; point
+# BIMEDIX_LIVEQA_TRAIN at a folder holding them (docs/data-pipeline.md shows the `git show` that recovers them).
+LIVEQA_TRAIN = {"TREC-2017-LiveQA-Medical-Train-1.xml": (200, 254, 388),
+                "TREC-2017-LiveQA-Medical-Train-2.xml": (246, 246, 246)}
+
+
+def _liveqa_answers(path) -> dict[str, set[str]]:
+    """Each question id of a training file → the texts of all its <ANSWER> elements (read independently)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    return {q.get("questionid") or q.get("qid"): {" ".join("".join(a.itertext()).split()) for a in q.iter("ANSWER")}
+            for q in root.iter("NLM-QUESTION")}
+
+
+def _check_liveqa_training_file(path, questions: int, pairs: int) -> list[dict]:
+    records = list(convert("liveqa", path))
+    answers = _liveqa_answers(path)
+    assert len(answers) == questions and len(records) == pairs == len({r["id"] for r in records})
+    by_question: dict[str, list[dict]] = {}
+    for record in records:
+        qid = record["id"].removeprefix("liveqa-").rsplit("-S", 1)[0]
+        by_question.setdefault(qid, []).append(record)
+        assert " ".join(record["conversations"][1]["value"].split()) in answers[qid]
+        assert record["meta"]["subject"] and record["meta"]["question_type"]
+    assert set(by_question) == set(answers)  # every question yields records
+    return records
+
+
+@pytest.mark.parametrize(("name", "questions", "pairs"), [("TREC-2017-LiveQA-Medical-Train-1.xml", 2, 4),
+                                                          ("TREC-2017-LiveQA-Medical-Train-2.xml", 2, 2)])
+def test_liveqa_training_layout(fixtures_dir, name, questions, pairs):
+    records = _check_liveqa_training_file(fixtures_dir / "sources" / name, questions, pairs)
+    first = records[0]
+    if name.endswith("1.xml"):
+        assert [r["id"] for r in records] == ["liveqa-Q1-S1-A1", "liveqa-Q1-S1-A2", "liveqa-Q1-S2-A1", "liveqa-Q2-S1-A1"]
+        assert first["conversations"][0]["value"].startswith("Information on kidney stones.  My brother had")
+        assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("kidney stones", "cause")
+        assert records[3]["meta"]["subject"] == "aspirin; ibuprofen"
+        assert records[3]["conversations"][0]["value"].startswith("aspirin and ibuprofen\n\nCan I take")
+    else:
+        assert [r["id"] for r in records] == ["liveqa-1.0-S1-A1", "liveqa-3.0-S1-A1"]
+        assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("Shingles vaccine", "Indication")
+
+
+@pytest.mark.parametrize("name", sorted(LIVEQA_TRAIN))
+def test_liveqa_real_training_files(name):
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get("BIMEDIX_LIVEQA_TRAIN")
+    if not folder or not (Path(folder) / name).is_file():
+        pytest.skip("set BIMEDIX_LIVEQA_TRAIN to a folder holding the LiveQA training files (docs/data-pipeline.md)")
+    questions, _, pairs = LIVEQA_TRAIN[name]
+    _check_liveqa_training_file(Path(folder) / name, questions, pairs)
+
+
+def test_liveqa_unknown_layout_names_file_question_and_element(fixtures_dir, tmp_path):
+    text = (fixtures_dir / "sources/TREC-2017-LiveQA-Medical-Train-1.xml").read_text(encoding="utf-8")
+    path = tmp_path / "train.xml"
+    path.write_text(text.replace('<ANSWER answerid="Q1-S2-A1" pairid="3">Small stones', '<ANSWR>Small stones')
+                    .replace("lithotripsy.</ANSWER>", "lithotripsy.</ANSWR>"), encoding="utf-8")
+    with pytest.raises(RecordError, match=r"train\.xml: record 'Q1': field `SUB-QUESTION\[2\]\.ANSWERS\.ANSWER`"):
+        list(convert("liveqa", path))
+    errors: list[RecordError] = []
+    records = list(convert("liveqa", path, on_error=errors.append))
+    assert [r["id"] for r in records] == ["liveqa-Q2-S1-A1"] and len(errors) == 1  # Q1 set aside whole, Q2 kept
+    path.write_text('<NLM-QUESTIONS><NLM-QUESTION qid="7"><SUBJECT>x</SUBJECT><MESSAGE>y?</MESSAGE><Answers/>'
+                    '</NLM-QUESTION></NLM-QUESTIONS>', encoding="utf-8")
+    with pytest.raises(RecordError, match=r"record '7': field `ReferenceAnswers`: neither a training <SUB-QUESTIONS>"):
+        list(convert("liveqa", path))
+
+
 # --- fixtures for sources not in shared data (see tests/fixtures/sources/README.md) -----------------------------
 
 @pytest.mark.parametrize("source, name, count, human_start, gpt_start", [

@@ -13,9 +13,11 @@ Open-QA sources become one human turn and one gpt turn:
   UMLS files that mix sources (a ``source`` field) keep only ``source == "umls"``.
 - ChatDoctor **iCliniq**: ``{input, answer_icliniq, answer_chatgpt, answer_chatdoctor}``; the doctor's
   ``answer_icliniq`` is kept, the two model answers are not.
-- **LiveQA** TREC-2017 XML: one record per question, ``SUBJECT`` and ``MESSAGE`` as the question and the
-  *first* reference answer (``<ReferenceAnswer>`` or ``<RefAnswer>``) as the answer, since the reference
-  answers come from different pages and do not read as one reply. ``meta.subject`` is the first FOCUS.
+- **LiveQA** TREC-2017 XML, ``SUBJECT`` and ``MESSAGE`` as the question. Training files
+  (``NLM-QUESTION > SUB-QUESTIONS > SUB-QUESTION > ANNOTATIONS + ANSWERS > ANSWER*``): one record per
+  question-answer pair (per ``<ANSWER>``), FOCUS in ``meta.subject``, TYPE in ``meta.question_type``. Test
+  files: one record per question with its *first* reference answer (``<ReferenceAnswer>`` or
+  ``<RefAnswer>``), since those answers come from different pages and do not read as one reply.
 - **MedicationQA** xlsx: ``Question`` → ``Answer``, the focus drug in ``meta.subject``.
 - **MentalQA** ``Train_Dev.tsv``: ``question`` → ``answer`` (Arabic).
 
@@ -115,7 +117,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("umls", "qa", "en", "UMLS Metathesaurus licence (via PMC-LLaMA MedC-I)", False, False,
                "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON Lines of {instruction, input, output[, source]}"),
     SourceInfo("liveqa", "qa", "en", _RESEARCH_ONLY, False, False,
-               "LiveQA TREC-2017 medical (abachaa/LiveQA_MedicalTask_TREC2017): TestDataset/*.xml"),
+               "LiveQA TREC-2017 medical (abachaa/LiveQA_MedicalTask_TREC2017): TrainingDatasets/*.xml "
+               "(in the repository's history) and TestDataset/*.xml"),
     SourceInfo("medicationqa", "qa", "en", _RESEARCH_ONLY, False, False,
                "MedicationQA (abachaa/Medication_QA_MedInfo2019): MedInfo2019-QA-Medications.xlsx"),
     SourceInfo("mentalqa", "qa", "ar", "MIT", True, True,
@@ -243,7 +246,14 @@ def convert_icliniq(path: str | os.PathLike, *, language: str | None = None,
 
 def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
                    on_error: OnError = None) -> Iterator[dict]:
-    """LiveQA TREC-2017 medical XML → one qa record per question with its first reference answer."""
+    """LiveQA TREC-2017 medical XML (training or test layout) → qa records.
+
+    Training layout (``TrainingDatasets/*.xml``): one record per question-answer pair, i.e. per ``<ANSWER>``
+    of each ``<SUB-QUESTION>`` (the dataset's own unit: 388 + 246 = 634 pairs), with that sub-question's
+    FOCUS in ``meta.subject`` and TYPE in ``meta.question_type``. Test layout (``TestDataset/*.xml``): one
+    record per question with its first ``<ReferenceAnswer>``/``<RefAnswer>``. A question in neither
+    layout is an error naming the file, the question id and the missing element.
+    """
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
@@ -257,16 +267,40 @@ def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
             if not message and not subject:
                 raise fail("MESSAGE", "the question has neither SUBJECT nor MESSAGE text")
             text = f"{subject}\n\n{message}" if subject and message else subject or message
+            if question.find("SUB-QUESTIONS") is not None:
+                yield from _liveqa_pairs(path, qid, question, text, language, fail)
+                continue
             answers = [_xml_text(node.find("ANSWER")) for node in question.iter()
                        if node.tag in ("ReferenceAnswer", "RefAnswer")]
             answers = [answer for answer in answers if answer]
             if not answers:
-                raise fail("ReferenceAnswers", "no <ReferenceAnswer>/<RefAnswer> with a non-empty <ANSWER>")
+                raise fail("ReferenceAnswers", "neither a training <SUB-QUESTIONS> block nor a test "
+                           "<ReferenceAnswer>/<RefAnswer> with a non-empty <ANSWER>")
             focus = _xml_text(question.find(".//FOCUS")) or None
             yield _record("liveqa", f"liveqa-{qid}", path, qid, text, answers[0], language, original_id=qid,
                           subject=focus)
         except RecordError as err:
             report(err, on_error)
+
+
+def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str | None, fail) -> Iterator[dict]:
+    """The training layout's question-answer pairs of one ``<NLM-QUESTION>`` (all checked before any is yielded)."""
+    records = []
+    for sub_no, sub in enumerate(question.iter("SUB-QUESTION"), start=1):
+        sub_id = f"{qid}-S{sub_no}"  # not `subqid`: two questions of Train-1 ("181", "182") disagree with theirs
+        focus = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/FOCUS") if _xml_text(node)) or None
+        kind = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/TYPE") if _xml_text(node)) or None
+        nodes = sub.findall("ANSWERS/ANSWER")
+        if not any(_xml_text(node) for node in nodes):
+            raise fail(f"SUB-QUESTION[{sub_no}].ANSWERS.ANSWER", f"sub-question {sub_id!r} has no non-empty <ANSWER>")
+        for answer_no, node in enumerate(nodes, start=1):
+            if _xml_text(node):
+                pair = f"{sub_id}-A{answer_no}"
+                records.append(_record("liveqa", f"liveqa-{pair}", path, qid, text, _xml_text(node), language,
+                                       original_id=node.get("answerid") or pair, subject=focus, question_type=kind))
+    if not records:
+        raise fail("SUB-QUESTIONS.SUB-QUESTION", "the <SUB-QUESTIONS> block holds no <SUB-QUESTION>")
+    yield from records
 
 
 def convert_medicationqa(path: str | os.PathLike, *, language: str | None = None,
@@ -400,12 +434,13 @@ def _qa_record(source: str, path, where, question: str, answer: str, language: s
 
 
 def _record(source: str, record_id: str, path, where, question: str, answer: str, language: str | None, *,
-            original_id: str, subject: str | None = None) -> dict:
+            original_id: str, subject: str | None = None, question_type: str | None = None) -> dict:
     info = SOURCE_INFO[source]
     try:
         return make_record(id=record_id, source=source, task="qa", language=language or info.language,
                            conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-                           license=info.license, original_id=original_id, subject=subject)
+                           license=info.license, original_id=original_id, subject=subject,
+                           **({"question_type": question_type} if question_type else {}))
     except RecordError as err:
         raise err.located(path=str(path), record=where) from None
 

@@ -50,6 +50,7 @@ GENERATION_FEATURES = {
 META_FEATURES = {
     "original_id": Value("string"),
     "subject": Value("string"),
+    "question_type": Value("string"),
     "answer": Value("string"),
     "options": List(Value("string")),
     "translation": TRANSLATION_FEATURES,
