@@ -13,7 +13,7 @@ ar_mcqa       2 Arabic MCQA records
 chat          2 English and 1 Arabic multi-turn chats
 ============  ======================================================================================
 
-After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en (4 dropped for the ratio); MCQA 4 en / 2 ar and chat
+The recipe asks for the explicit per-task 1:2 ratio. After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en (4 dropped for the ratio); MCQA 4 en / 2 ar and chat
 2 en / 1 ar are already 1:2. Written: en 12, ar 6 (mcqa 6, qa 9, chat 3); read 27 = written 18 +
 rejected 1 + deduplicated 2 + decontaminated 2 + dropped for the ratio 4 (`EXPECTED`).
 """
@@ -38,7 +38,7 @@ AR_CONTAMINATED = ("مَا هُوَ العِلاجُ الأوَّل لارتفا
 
 EXPECTED = {
     "configs": {"all": 18, "en": 12, "ar": 6, "mcqa": 6, "qa": 9, "chat": 3},
-    "counts": {"read": 27, "written": 18, "rejected": 1, "deduplicated_exact": 1, "deduplicated_near": 1,
+    "counts": {"read": 27, "written": 18, "rejected": 1, "excluded_review": 0, "deduplicated_exact": 1, "deduplicated_near": 1,
                "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 4},
 }
 
@@ -126,6 +126,7 @@ def write_sources(root: Path, *, with_bad_record: bool = True) -> Path:
         "sources_dir: .\n"
         "seed: 7\n"
         "shard_size: 4\n"
+        "mix: {ar_en_ratio: '1:2'}\n"  # the explicit per-task ratio option (the default keeps English whole)
         "sources:\n"
         "  - {name: en_qa, converter: records, path: en_qa.jsonl}\n"
         "  - {name: ar_qa, converter: records, path: ar_qa.jsonl}\n"

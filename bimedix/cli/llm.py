@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chats = subparsers.add_parser(
         "generate-chats", help="generate MCQA-grounded doctor-patient chats with an LLM",
         description="For every MCQA record, generate a multi-turn chat grounded in the question, options, answer and "
-                    "explanation (paper Fig. 2); validate it and regenerate up to --max-attempts times. Resumable.")
+                    "explanation (paper §3.1.1), until a logical conclusion; validate it and regenerate up to --max-attempts times. Resumable.")
     _endpoint_arguments(chats)
     chats.add_argument("--min-turns", type=int, default=4, help="fewest human/gpt exchanges (default 4)")
     chats.add_argument("--max-turns", type=int, default=8, help="most human/gpt exchanges (default 8)")

@@ -5,17 +5,20 @@ Stages, each cached under ``<output>/.work`` and skipped when its inputs have no
 1. **convert** every recipe source with `bimedix.data.converters.convert` (or read schema JSON Lines
    for ``converter: records``) into ``.work/sources/<name>-<key>.jsonl``; the key hashes the source
    file(s), converter, options and on-error policy;
-2. **clean**: sample by source weight, drop records that overlap a benchmark (`decontam`), exact and
-   near duplicates (`dedup`) and duplicate ids, in recipe order, into ``.work/clean-<key>.jsonl``, and
-   plan the Arabic:English ratio per task (`mixing`);
+2. **clean**: drop translations the review policy excludes (`review_policy`: rejected always, pending and
+   below-threshold unless ``include_unreviewed``), sample by source weight, drop records that overlap a
+   benchmark (`decontam`), exact and near duplicates (`dedup`) and duplicate ids, in recipe order, into
+   ``.work/clean-<key>.jsonl``, and plan the mix (`mixing`: keep everything, or an explicit
+   ``mix.ar_en_ratio``);
 3. **write** the records the plan keeps as Parquet shards ``data/<language>/<task>/train-NNNNN.parquet``
    (`bimedix.data.schema.FEATURES`), each written atomically with its statistics in a sidecar, so a
-   re-run skips finished shards; then ``stats.{json,md,png}``, ``decontamination.jsonl``,
+   re-run skips finished shards; then ``stats.{json,md,png}`` (with the review counts and the target vs
+   achieved composition, `composition`), ``decontamination.jsonl``,
    ``duplicates.jsonl``, ``rejects.jsonl`` and a ``README.md`` whose ``configs:`` (``all``, ``en``,
    ``ar``, ``mcqa``, ``qa``, ``chat``; a config with no rows is left out, since ``datasets`` cannot load an
    empty split) make ``datasets.load_dataset(output, "ar", split="train")`` work.
 
-The counts always balance: ``read = written + rejected + deduplicated + decontaminated +
+The counts always balance: ``read = written + rejected + excluded_review + deduplicated + decontaminated +
 dropped_weight + dropped_ratio``.
 """
 
@@ -35,12 +38,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .composition import composition, composition_markdown
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for, report
+from .review_policy import ReviewPolicy
 from .schema import FEATURES, LANGUAGES, TASKS, RecordError, validate_record
 from .stats import DataStats
 
@@ -49,7 +54,7 @@ logger = logging.getLogger(__name__)
 CONFIGS = {"all": ("*", "*"), "en": ("en", "*"), "ar": ("ar", "*"), "mcqa": ("*", "mcqa"), "qa": ("*", "qa"),
            "chat": ("*", "chat")}
 WORK_DIR = ".work"
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
 _ROW_GROUP = 1000
 
 
@@ -59,6 +64,7 @@ class Counts:
 
     read: int = 0
     rejected: int = 0
+    excluded_review: int = 0
     dropped_weight: int = 0
     decontaminated: int = 0
     deduplicated_exact: int = 0
@@ -72,7 +78,7 @@ class Counts:
 
     @property
     def balanced(self) -> bool:
-        return self.read == (self.written + self.rejected + self.deduplicated + self.decontaminated
+        return self.read == (self.written + self.rejected + self.excluded_review + self.deduplicated + self.decontaminated
                              + self.dropped_weight + self.dropped_ratio)
 
     def add(self, other: Counts) -> None:
@@ -80,8 +86,9 @@ class Counts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def equation(self) -> str:
-        """``read N = written + rejected + deduplicated + decontaminated + dropped (...)`` with numbers."""
-        return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + deduplicated "
+        """``read N = written + rejected + excluded by review + deduplicated + ...`` with numbers."""
+        return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + excluded by the review "
+                f"policy {self.excluded_review:,} + deduplicated "
                 f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,}) + "
                 f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + dropped "
                 f"for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT BALANCE]"))
@@ -99,6 +106,7 @@ class Prepared:
     ranges: dict[str, list[int]]
     counts: dict[str, Counts]
     rejects: list[Path] = field(default_factory=list)
+    review: dict = field(default_factory=dict)
 
     def iter_records(self, dropped: Counter | None = None) -> Iterator[tuple[str, dict]]:
         """Yield ``(source name, record)`` for each record of the mixture, in a fixed order.
@@ -129,11 +137,13 @@ class BuildResult:
     stats: DataStats
     shards_written: int
     shards_skipped: int
+    review: dict = field(default_factory=dict)
+    composition: dict = field(default_factory=dict)
 
 
 def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike, *,
                sources_dir: str | os.PathLike | None = None, on_error: str = "raise", tokenizer=None,
-               progress: bool = True) -> BuildResult:
+               progress: bool = True, include_unreviewed: bool = False) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
 
     Args:
@@ -144,15 +154,18 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
             (file:record:field); ``"skip"`` sets it aside in ``rejects.jsonl`` and goes on.
         tokenizer (`PreTrainedTokenizerFast`, *optional*): for the statistics; defaults to Mixtral's.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        include_unreviewed (`bool`, *optional*, defaults to `False`): also use translations still pending
+            review or below the judge threshold (`bimedix.data.review_policy`); they are counted in ``stats.json``.
 
     Returns:
-        `BuildResult`: counts (balanced), per-source counts and statistics.
+        `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
     """
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)
     output = Path(output)
     work_dir = output / WORK_DIR
-    prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress)
+    prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
+                       include_unreviewed=include_unreviewed)
     if tokenizer is None:
         from .tokenizer import load_mixtral_tokenizer
 
@@ -185,14 +198,15 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     total = Counts()
     for counts in per_source.values():
         total.add(counts)
-    _write_reports(output, recipe, prepared, total, per_source, stats)
+    mix = composition(stats, recipe.mix.targets, recipe.mix.target_tokens)
+    _write_reports(output, recipe, prepared, total, per_source, stats, mix)
     logger.info("%s", total.equation())
     return BuildResult(output, total, per_source, stats, sum(w.written for w in writers.values()),
-                       sum(w.skipped for w in writers.values()))
+                       sum(w.skipped for w in writers.values()), prepared.review, mix)
 
 
 def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str | os.PathLike | None = None,
-            on_error: str = "raise", progress: bool = True) -> Prepared:
+            on_error: str = "raise", progress: bool = True, include_unreviewed: bool = False) -> Prepared:
     """Run the convert and clean stages (cached in ``work_dir``) and plan the mixture.
 
     Args:
@@ -201,9 +215,10 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
         on_error (`str`, *optional*, defaults to ``"raise"``): ``"raise"`` or ``"skip"``.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        include_unreviewed (`bool`, *optional*, defaults to `False`): see `build_data`.
 
     Returns:
-        `Prepared`: the cleaned records, the ratio plan and the counts so far.
+        `Prepared`: the cleaned records, the mixing plan, the counts so far and the review counts.
     """
     on_error_for(on_error, RejectLog())  # validates the policy name
     work_dir = Path(work_dir)
@@ -220,7 +235,7 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
                    [[spec.name, spec.weight, spec.on_error] for spec in recipe.sources],
-                   [_content_hash(p) for p in benchmark_files], on_error, _FORMAT_VERSION])
+                   [_content_hash(p) for p in benchmark_files], on_error, include_unreviewed, _FORMAT_VERSION])
     clean_path = work_dir / f"clean-{key}.jsonl"
     manifest_path = work_dir / f"clean-{key}.json"
     source_rejects = [Path(shard["rejects"]) for shard in shards if shard["rejects"]]
@@ -228,12 +243,13 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         logger.info("clean stage %s is up to date, skipping it", key)
         manifest = json.loads(manifest_path.read_text())
     else:
-        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress)
+        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress, include_unreviewed)
         write_json(manifest_path, manifest)
         _remove_stale(work_dir, "clean", key)
     rejects = source_rejects + [work_dir / f"clean-{key}.rejects.jsonl"]
     return Prepared(recipe, work_dir, key, clean_path, manifest["plan"], manifest["ranges"],
-                    {name: Counts(**counts) for name, counts in manifest["counts"].items()}, rejects)
+                    {name: Counts(**counts) for name, counts in manifest["counts"].items()}, rejects,
+                    manifest["review"])
 
 
 def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.PathLike | None = None,
@@ -284,7 +300,7 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
 
 
 def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sources_dir, on_error: str,
-           progress: bool) -> dict:
+           progress: bool, include_unreviewed: bool) -> dict:
     index = None
     if recipe.decontaminate.benchmarks:
         skipped = RejectLog()
@@ -297,6 +313,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                                max_item_frequency=spec.max_item_frequency)
     dedup = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle)
     planner = RatioPlanner(recipe.seed, recipe.mix.ratio, recipe.mix.per_task)
+    review = ReviewPolicy(include_unreviewed=include_unreviewed)
     counts: dict[str, dict] = {}
     ranges: dict[str, list[int]] = {}
     seen_ids: set[int] = set()
@@ -309,8 +326,19 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
+            source_path = recipe.resolve(spec.path, sources_dir)
             for _, record in tqdm(iter_jsonl(shard["path"]), desc=f"clean {spec.name}", unit="rec",
                                   total=shard["written"], disable=not progress):
+                try:
+                    admitted = review.admits(record, path=source_path)
+                except RecordError as err:
+                    tally.rejected += 1
+                    report(RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=record),
+                           policy)
+                    continue
+                if not admitted:
+                    tally.excluded_review += 1
+                    continue
                 if not keep_by_weight(recipe.seed, record["id"], spec.weight, spec.name):
                     tally.dropped_weight += 1
                     continue
@@ -342,7 +370,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 line += 1
             ranges[spec.name] = [start, line]
             counts[spec.name] = dataclasses.asdict(tally)
-    return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan()}
+    return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan(), "review": review.summary()}
 
 
 class _ShardWriter:
@@ -427,7 +455,7 @@ class _ShardWriter:
 
 
 def _write_reports(output: Path, recipe: DataRecipe, prepared: Prepared, total: Counts,
-                   per_source: dict[str, Counts], stats: DataStats) -> None:
+                   per_source: dict[str, Counts], stats: DataStats, mix: dict) -> None:
     work = prepared.work_dir
     for name in ("decontamination", "duplicates"):
         _copy(work / f"clean-{prepared.key}.{name}.jsonl", output / f"{name}.jsonl")
@@ -438,18 +466,19 @@ def _write_reports(output: Path, recipe: DataRecipe, prepared: Prepared, total: 
                     shutil.copyfileobj(rejects, handle)
     summary = {"recipe": recipe.name, "counts": {**dataclasses.asdict(total), "balanced": total.balanced},
                "sources": {name: dataclasses.asdict(counts) for name, counts in per_source.items()},
-               "ratio_plan": prepared.plan, **stats.to_dict()}
+               "ratio_plan": prepared.plan, "review": prepared.review, "composition": mix, **stats.to_dict()}
     write_json(output / "stats.json", summary)
     with atomic_open(output / "stats.md") as handle:
         handle.write(stats.to_markdown())
     with atomic_open(output / "stats.png", "wb") as handle:
         stats.plot(handle)
     with atomic_open(output / "README.md") as handle:
-        handle.write(render_readme(recipe, total, per_source, stats, _decontamination_summary(output)))
+        handle.write(render_readme(recipe, total, per_source, stats, _decontamination_summary(output),
+                                   prepared.review, mix))
 
 
 def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Counts], stats: DataStats,
-                  decontamination: dict[str, int]) -> str:
+                  decontamination: dict[str, int], review: dict, mix: dict) -> str:
     """The dataset README: YAML ``configs:`` for `datasets.load_dataset`, then statistics and provenance."""
     import yaml
 
@@ -471,11 +500,12 @@ def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Count
     return (
         f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n# {recipe.name}\n\n"
         f"{recipe.description.strip()}\n\nBuilt with `bimedix build-data` from recipe `{Path(recipe.recipe_path or '').name}` "
-        f"(seed {recipe.seed}, Arabic:English {recipe.mix.ar_en_ratio} by samples"
-        f"{' per task' if recipe.mix.per_task else ''}).\n\n"
+        f"(seed {recipe.seed}, {_mix_words(recipe)}).\n\n"
         "```python\nfrom datasets import load_dataset\n\n"
         "data = load_dataset(\"path/to/this/folder\", \"ar\", split=\"train\")  # all, en, ar, mcqa, qa, chat\n```\n\n"
         f"## Statistics (Mixtral-8x7B tokenizer)\n\n{stats.to_markdown()}\n![statistics](stats.png)\n\n"
+        f"## Composition: achieved vs target\n\n{composition_markdown(mix)}\n"
+        f"## Translation review\n\n{_review_words(review)}\n\n"
         f"## Counts\n\n{total.equation()}\n\n| source | converter | licence | read | written |\n|---|---|---|---:|---:|\n"
         + "\n".join(rows) + "\n\n"
         f"## Decontamination\n\nRecords holding at least {recipe.decontaminate.threshold:.0%} of a benchmark item's "
@@ -484,6 +514,23 @@ def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Count
         f"{contamination}\n\n## Licences\n\nEach record keeps its source's licence in `license`. Check them before "
         "redistributing: several sources state no licence (research use only).\n"
     )
+
+
+def _mix_words(recipe: DataRecipe) -> str:
+    if recipe.mix.ratio is None:
+        return "every clean record kept: English is not down-sampled, Arabic is what was translated and passed review"
+    return f"Arabic:English {recipe.mix.ar_en_ratio} by samples{' per task' if recipe.mix.per_task else ''}, met by down-sampling"
+
+
+def _review_words(review: dict) -> str:
+    """The review policy's counts as README prose and a table (`bimedix.data.review_policy`)."""
+    policy = ReviewPolicy.from_summary(review)
+    unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
+    note = (f"**{unreviewed:,} machine translations were used without human review** (`--include-unreviewed`); their "
+            "`meta.translation.review_state` says so." if unreviewed else
+            "Translations pending review or scoring below the judge threshold were left out.")
+    return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
+            + (policy.table() if review["states"] else "No records."))
 
 
 def _decontamination_summary(output: Path) -> dict[str, int]:

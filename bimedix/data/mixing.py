@@ -1,10 +1,11 @@
-"""Deterministic mixing: per-source sampling weights and the Arabic:English ratio per task.
+"""Deterministic mixing: per-source sampling weights and the optional Arabic:English ratio per task.
 
 Every decision hashes ``(seed, record id)`` to a 64-bit key, so the same recipe and inputs give the
 same dataset, in any process, without holding records in memory: only the keys (8 bytes a record)
 are kept between the counting pass and the writing pass.
 
-How the ratio is met. For each task (or overall, with ``per_task: false``) the mixer counts the
+By default (no ratio) every clean record is kept: the plan only records the counts. How an explicit
+ratio is met. For each task (or overall, with ``per_task: false``) the mixer counts the
 English and Arabic records left after dedup and decontamination. If Arabic is scarce it keeps all
 Arabic and samples English down to ``n_ar / ratio``; if Arabic is plentiful it samples Arabic down
 to ``ratio * n_en``. A task with no records in one language cannot be balanced by sampling: it is
@@ -43,12 +44,12 @@ class RatioPlanner:
 
     Args:
         seed (`int`): the recipe seed.
-        ratio (`float`): Arabic samples per English sample (``0.5`` for 1:2).
+        ratio (`float`, *optional*): Arabic samples per English sample (``0.5`` for 1:2); ``None`` keeps all.
         per_task (`bool`, *optional*, defaults to `True`): balance each task separately.
     """
 
     seed: int
-    ratio: float
+    ratio: float | None
     per_task: bool = True
     keys: dict[tuple[str, str], array] = field(default_factory=dict)
 
@@ -64,7 +65,7 @@ class RatioPlanner:
         """
         counts = {group: len(keys) for group, keys in self.keys.items()}
         targets = dict(counts)
-        blocks = sorted({task for task, _ in counts}) if self.per_task else [None]
+        blocks = [] if self.ratio is None else sorted({task for task, _ in counts}) if self.per_task else [None]
         for block in blocks:
             n_en = sum(n for (task, lang), n in counts.items() if lang == "en" and block in (None, task))
             n_ar = sum(n for (task, lang), n in counts.items() if lang == "ar" and block in (None, task))
@@ -82,7 +83,7 @@ class RatioPlanner:
                 logger.info("%s: sampling %s down from %d to %d records for the ratio", label, language, have,
                             keep_total)
             members = sorted(g for g in counts if g[1] == language and block in (None, g[0]))
-            for group, kept in zip(members, _apportion([counts[g] for g in members], keep_total)):
+            for group, kept in zip(members, apportion([counts[g] for g in members], keep_total)):
                 targets[group] = kept
         plan = {}
         for group, keys in sorted(self.keys.items()):
@@ -99,7 +100,7 @@ def keeps(plan: Mapping[str, Mapping], seed: int, record: Mapping) -> bool:
     return entry["keep"] == entry["available"] or selection_key(seed, record["id"], "ratio") <= entry["threshold"]
 
 
-def _apportion(sizes: list[int], total: int) -> list[int]:
+def apportion(sizes: list[int], total: int) -> list[int]:
     """Split ``total`` over groups in proportion to ``sizes`` (largest remainders), never above a size."""
     whole = sum(sizes)
     if whole == 0:

@@ -1,7 +1,8 @@
 """Data recipes: the YAML files under ``recipes/data/`` that drive ``bimedix build-data``.
 
 A recipe names its sources (converter, file, options, sampling weight), the benchmarks to
-decontaminate against, the near-duplicate settings and the Arabic:English ratio. YAML keys map
+decontaminate against, the near-duplicate settings and the language mix (with the composition targets the
+build reports against). YAML keys map
 one-to-one onto the dataclasses below; an unknown key is an error that names the file and the key.
 
 Paths are relative to ``sources_dir``, which is itself relative to the recipe file (``--sources``
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schema import LANGUAGES
+from .schema import LANGUAGES, TASKS
 
 RESOURCE_PREFIXES = {"bimedix:": "bimedix", "recipes:": "recipes"}
 RECORDS_CONVERTER = "records"
@@ -108,17 +109,38 @@ class DedupSpec:
 
 @dataclass
 class MixSpec:
-    """The Arabic:English balance of the mixture."""
+    """How the languages are combined, and the composition the build is measured against.
 
-    ar_en_ratio: str = field(default="1:2", metadata={"help": "Arabic:English samples, e.g. `1:2` (the paper's)."})
-    per_task: bool = field(default=True, metadata={"help": "Meet the ratio within each task, not only overall."})
+    By default every record that survives cleaning is kept: English is never down-sampled, and the Arabic
+    share comes from how much was translated (`bimedix.data.selection`), as in the paper. ``ar_en_ratio``
+    is the explicit alternative: sample the larger language down to a fixed Arabic:English ratio.
+    """
+
+    ar_en_ratio: str | None = field(default=None, metadata={
+        "help": "Arabic:English samples, e.g. `1:2`, met by down-sampling the larger language; unset (default) "
+                "keeps every clean record."})
+    per_task: bool = field(default=True, metadata={"help": "With `ar_en_ratio`: meet it within each task."})
+    targets: dict[str, dict[str, int]] = field(default_factory=dict, metadata={
+        "help": "Samples the build is compared against, `{task or all: {en, ar or all: n}}` (e.g. the paper's "
+                "Fig. 3); reported, never enforced."})
+    target_tokens: int | None = field(default=None, metadata={"help": "Training tokens to compare against."})
 
     def __post_init__(self):
         self.ratio  # validates
+        for task, row in self.targets.items():
+            if task not in (*TASKS, "all") or not isinstance(row, dict):
+                raise ValueError(f"mix.targets: key {task!r} must be one of {[*TASKS, 'all']} and map languages "
+                                 "to sample counts")
+            for language, value in row.items():
+                if language not in (*LANGUAGES, "all") or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"mix.targets.{task}.{language}: need a language in {[*LANGUAGES, 'all']} and "
+                                     f"a count >= 0, got {value!r}")
 
     @property
-    def ratio(self) -> float:
-        """Arabic samples per English sample."""
+    def ratio(self) -> float | None:
+        """Arabic samples per English sample, or ``None`` when no ratio is imposed."""
+        if self.ar_en_ratio is None:
+            return None
         try:
             arabic, english = (float(part) for part in str(self.ar_en_ratio).split(":"))
         except ValueError:
@@ -137,7 +159,7 @@ class DataRecipe:
     sources_dir: str = field(default=".", metadata={
         "help": "Root of the source paths, relative to the recipe file; `bimedix:<path>` points into the package."})
     seed: int = field(default=42, metadata={"help": "Seed of every sampling decision."})
-    mix: MixSpec = field(default_factory=MixSpec, metadata={"help": "Arabic:English ratio."})
+    mix: MixSpec = field(default_factory=MixSpec, metadata={"help": "Language mix and composition targets."})
     dedup: DedupSpec = field(default_factory=DedupSpec, metadata={"help": "Near-duplicate settings."})
     decontaminate: DecontamSpec = field(default_factory=DecontamSpec, metadata={"help": "Benchmark overlap test."})
     shard_size: int = field(default=100_000, metadata={"help": "Rows per Parquet shard."})
@@ -232,7 +254,7 @@ def _from_dict(cls, data: Any, where: str):
             if not isinstance(value, list):
                 raise ValueError(f"`{key}` must be a list, got {value!r:.80}")
             value = [_from_dict(_LISTS[name], item, f"{key}[{i}]") for i, item in enumerate(value)]
-        elif name in ("options", "files"):
+        elif name in ("options", "files", "targets"):
             if not isinstance(value or {}, dict):
                 raise ValueError(f"`{key}` must be a mapping, got {value!r:.80}")
             value = value or {}

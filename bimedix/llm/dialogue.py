@@ -1,4 +1,4 @@
-"""MCQA-grounded doctor–patient dialogue generation (paper §3.1.1, Fig. 2).
+"""MCQA-grounded doctor–patient dialogue generation (paper §3.1.1).
 
 From an MCQA record (question, lettered options, correct answer and, in the gpt turn, the explanation)
 the ``dialogue`` prompt asks for a multi-turn conversation in which the user raises the question's
