@@ -189,7 +189,7 @@ def test_summary_counts(dataset_dir):
     summary = summarize_dataset(dataset_dir)
     assert summary.total == len(_records())
     assert summary.translated == 3 and summary.reviewed == 1
-    assert summary.review_states == {"approved": 1, "unreviewed": 2}
+    assert summary.review_states == {"approved": 1, "judge-passed": 2}  # unreviewed, score 90 >= 80
     assert {(s.source, s.license): s.count for s in summary.sources} == {
         ("medmcqa", "MIT"): 9, ("meadow", "GPL-3.0"): 2, ("mentalqa", "MIT"): 1}
 

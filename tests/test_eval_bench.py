@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 
@@ -101,10 +102,41 @@ def test_import_rejects_a_folder_in_another_layout(tmp_path):
 def test_translated_records_become_labelled_arabic_rows(shared_data):
     item = next(read_medqa(shared_data / SOURCE_PATHS["medqa"]))
     record = item_to_record(item, language="ar")  # Arabic prompt around the (untranslated) text: plumbing only
-    record["meta"]["translation"] = {"model": "gpt-4o-mini", "score": 0.91, "reviewed": False}
+    record["meta"]["translation"] = {"model": "gpt-4o-mini", "score": 91.0, "reviewed": False,
+                                     "review_state": "unreviewed"}
     (row,) = rows_from_records([record, item_to_record(item, language="en")])
     assert row["id"] == "medqa-1" and row["question"] == item.question and row["options"] == item.options
-    assert row["provenance"] == "machine-translated, unreviewed" and row["translation_score"] == pytest.approx(0.91)
+    assert row["provenance"] == "machine-translated, unreviewed" and row["translation_score"] == pytest.approx(91.0)
+
+
+# review_state, score → in the bench by default, with include_unreviewed
+REVIEW_CASES = [("approved", 50.0, True, True), ("edited", 40.0, True, True), ("unreviewed", 85.0, True, True),
+                ("queued", 90.0, False, True), ("unreviewed", 60.0, False, True), ("rejected", 95.0, False, False)]
+
+
+def test_review_policy_decides_which_translations_enter_the_bench(shared_data, tmp_path):
+    from bimedix.data.review_policy import ReviewPolicy
+    from bimedix.data.schema import RecordError
+    from bimedix.eval.arabic_bench import collect_arabic_rows
+
+    items = list(itertools.islice(read_medqa(shared_data / SOURCE_PATHS["medqa"]), len(REVIEW_CASES)))
+    records = []
+    for item, (state, score, _, _) in zip(items, REVIEW_CASES, strict=True):
+        record = item_to_record(item, language="ar")
+        record["meta"]["translation"] = {"model": "m", "score": score, "reviewed": state in ("approved", "edited", "rejected"),
+                                         "review_state": state}
+        records.append(record)
+    path = tmp_path / "translated.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    for include, column in ((False, 2), (True, 3)):
+        review = ReviewPolicy(include_unreviewed=include)
+        scores = {row["translation_score"] for row in collect_arabic_rows(translations=path, review=review)}
+        assert scores == {case[1] for case in REVIEW_CASES if case[column]} and len(scores) == (5 if include else 3)
+        assert review.seen["rejected"] == 1 and review.used["rejected"] == 0
+    del records[0]["meta"]["translation"]["review_state"]
+    path.write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(RecordError, match=r"translated\.jsonl: record '.+': field `meta\.translation\.review_state`"):
+        list(collect_arabic_rows(translations=path))
 
 
 def test_datasets_builder_yields_the_build_bench_rows(fixtures_dir, tmp_path):

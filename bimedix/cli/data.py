@@ -1,4 +1,5 @@
-"""``bimedix build-data`` and ``bimedix stats``: build a BiMed1.3M-style dataset folder, show its statistics."""
+"""``bimedix build-data``, ``select-for-translation`` and ``stats``: build a BiMed1.3M-style dataset folder, pick
+what to translate, show statistics."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    """Add ``build-data`` and ``stats`` to the ``bimedix`` command line."""
+    """Add ``build-data``, ``select-for-translation`` and ``stats`` to the ``bimedix`` command line."""
     build = subparsers.add_parser(
         "build-data", help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
-        description="Convert the recipe's sources, drop benchmark overlaps and duplicates, mix Arabic:English, "
-                    "write Parquet shards, statistics and reports. Re-running resumes.")
+        description="Convert the recipe's sources, apply the translation review policy, drop benchmark overlaps "
+                    "and duplicates, keep English whole (or sample to the recipe's explicit mix.ar_en_ratio), write "
+                    "Parquet shards, statistics, target vs achieved composition and reports. Re-running resumes.")
     build.add_argument("--recipe", required=True,
                        help="data recipe YAML, or a shipped recipe name: mini, bimed1.3m (see recipes/data/)")
     build.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
@@ -21,8 +23,28 @@ def register(subparsers) -> None:
     build.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                        help="raise: stop at the first malformed record (file:record:field); "
                             "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
+    build.add_argument("--include-unreviewed", action="store_true",
+                       help="also use machine translations still pending human review or scoring below the judge "
+                            "threshold (default: left out; rejected ones are never used); counted in stats.json")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.set_defaults(func=_build_data)
+
+    select = subparsers.add_parser(
+        "select-for-translation", help="pick the English records to translate (stratified, seeded, reproducible)",
+        description="Pick a target number (or fraction) of English records for translation, stratified by task and "
+                    "source in proportion to their sizes, by a seeded hash of the record id; write the picks and a "
+                    "summary table. The paper translates 444,995 of its ~866.6K English records (--target 444995, "
+                    "or about --target 0.51); English itself is never down-sampled.")
+    select.add_argument("--input", required=True, type=Path,
+                        help="a JSON Lines file of bimedix records, or a folder of them (*.jsonl, recursively)")
+    select.add_argument("--output", required=True, type=Path,
+                        help="where to write the picks (.jsonl; must not exist); the table goes to OUTPUT.summary.md")
+    select.add_argument("--target", required=True, type=float,
+                        help="how many to pick: a count (444995) or a fraction of the English pool (0.51)")
+    select.add_argument("--by", default="task,source", help="fields to stratify by: task, source or both "
+                                                             "(default: task,source)")
+    select.add_argument("--seed", type=int, default=42, help="selection seed (default: 42)")
+    select.set_defaults(func=_select_for_translation)
 
     stats = subparsers.add_parser("stats", help="print the statistics table (Fig. 3 style) of a built dataset folder")
     stats.add_argument("directory", type=Path, help="a folder made by `bimedix build-data` (or any folder of "
@@ -34,9 +56,16 @@ def register(subparsers) -> None:
 def _build_data(args: argparse.Namespace) -> int:
     from ..data.build import build_data
 
+    from ..data.composition import composition_markdown
+    from ..data.review_policy import ReviewPolicy
+
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, include_unreviewed=args.include_unreviewed)
     print(result.stats.to_markdown())
+    print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))
+    print("Translation review (rejected: never used; pending / below-threshold: "
+          + ("used, --include-unreviewed" if args.include_unreviewed else "left out") + "):\n"
+          + ReviewPolicy.from_summary(result.review).table())
     for name, counts in result.sources.items():
         print(f"{name}: {counts.equation()}")
     print(f"\nTotal: {result.counts.equation()}")
@@ -75,4 +104,16 @@ def _stats(args: argparse.Namespace) -> int:
 
         counts = summary["counts"]
         print(Counts(**{k: v for k, v in counts.items() if k != "balanced"}).equation())
+    return 0
+
+
+def _select_for_translation(args: argparse.Namespace) -> int:
+    from ..data.selection import select_for_translation, summary_path
+
+    by = [name.strip() for name in args.by.split(",") if name.strip()]
+    selection = select_for_translation(args.input, args.output, target=args.target, by=by, seed=args.seed)
+    print(selection.table(by))
+    print(f"picked {selection.picked:,} of {selection.pool:,} English records (target {selection.target:,}; "
+          f"{selection.skipped_non_english:,} non-English records ignored) -> {args.output}")
+    print(f"summary: {summary_path(args.output)}")
     return 0

@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
     build.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                        help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
+    build.add_argument("--include-unreviewed", action="store_true",
+                       help="--translations: also use translations pending human review or below the judge threshold "
+                            "(default: left out; rejected ones never enter); their rows say 'unreviewed'")
     build.set_defaults(func=_build_bench)
 
 
@@ -65,21 +68,28 @@ def _eval(args: argparse.Namespace) -> int:
 def _build_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from bimedix.data.io import write_json
     from bimedix.data.rejects import RejectLog, on_error_for
+    from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows
     from bimedix.eval.bench import build_bench
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     arabic = []
+    review = ReviewPolicy(include_unreviewed=args.include_unreviewed)
     if args.translations or args.bimedix_arabic:
-        arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic))
+        arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic,
+                                          review=review))
     subsets = args.subsets.split(",") if args.subsets else None
     with RejectLog(output / "rejects.jsonl" if args.on_error == "skip" else None) as rejects:
         counts = build_bench(args.sources, output, limit=args.limit, subsets=subsets, arabic_rows=arabic,
                              on_error=on_error_for(args.on_error, rejects))
     for config, n in sorted(counts.items()):
         print(f"{config:32s} {n:6d}")
+    if args.translations:
+        write_json(output / "review.json", review.summary())
+        print(f"translations by review status (written to {output / 'review.json'}):\n{review.table()}")
     if rejects.count:
         print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
     arabic = output / "arabic-bench"

@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR and stop")
     parser.add_argument("--acknowledge-research-only", action="store_true",
                         help="allow data from sources without a redistribution licence (you must have the right)")
+    parser.add_argument("--include-unreviewed", action="store_true",
+                        help="dataset: allow machine translations pending review or below the judge threshold "
+                             "(reviewer-rejected ones are always refused)")
     parser.add_argument("--eval", dest="eval_dir", metavar="DIR", help="`bimedix eval` output for the model card")
     parser.add_argument("--data", dest="data_dir", metavar="DIR", help="training data folder for the model card")
     parser.add_argument("--base-model", help="Hub id of the base model (defaults to the adapter's)")
@@ -30,9 +33,10 @@ def run_push(args: argparse.Namespace) -> int:
 
     result = push(args.kind, args.path, repo_id=args.repo_id, private=args.private, revision=args.revision,
                   dry_run=args.dry_run, acknowledge_research_only=args.acknowledge_research_only,
-                  eval_dir=args.eval_dir, data_dir=args.data_dir, base_model=args.base_model, license=args.license)
+                  eval_dir=args.eval_dir, data_dir=args.data_dir, base_model=args.base_model, license=args.license,
+                  include_unreviewed=args.include_unreviewed)
     for note in result.warnings:
-        print(f"licence note: {note}")
+        print(f"licence note: {note}" if "--include-unreviewed" not in note else f"review note: {note}")
     if args.dry_run:
         print(f"dry run: {len(result.files)} files that would be pushed to {args.repo_id} are in {result.folder}")
     elif result.commit_url is None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import datasets
 import yaml
 
+from bimedix.data.review_policy import ReviewPolicy
+
 from .bench import (ARABIC_DIR, ENGLISH_DIR, EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS,
                     make_row, row_features, row_id, subset_of)
 
@@ -27,13 +29,19 @@ BIMEDIX_ENGINE = "BiMediX semi-automated translation (GPT-3.5 + expert review)"
 _LETTERS = "ABCDEF"
 
 
-def rows_from_records(records: Iterable[dict]) -> Iterator[dict]:
+def rows_from_records(records: Iterable[dict], review: ReviewPolicy | None = None,
+                      path: str | Path | None = None) -> Iterator[dict]:
     """Arabic bench rows from translated MCQA records (`bimedix.data.schema` records, ``language: ar``).
+
+    Only records the review policy admits become rows (`bimedix.data.review_policy`; by default rejected,
+    pending and below-threshold translations are left out); ``review`` counts them, ``path`` names the file
+    in errors.
 
     The question is the human turn without its option lines; options, answer letter and translation
     provenance (model, score, reviewed) come from ``meta``. Records that are not Arabic MCQA of a bench
     subset are skipped; the row ``id`` is ``<subset>-<meta.original_id>``, the id of its English twin.
     """
+    review = ReviewPolicy() if review is None else review
     for record in records:
         meta = record.get("meta") or {}
         if record.get("language") != "ar" or record.get("task") != "mcqa" or not meta.get("options"):
@@ -45,6 +53,8 @@ def rows_from_records(records: Iterable[dict]) -> Iterator[dict]:
             subject = meta.get("subject") or source
         subset = f"mmlu_{subject}" if source == "mmlu" else source
         if subset not in PAPER_SUBSETS:
+            continue
+        if not review.admits(record, path=path):
             continue
         translation = meta.get("translation") or {}
         human = next(turn["value"] for turn in record["conversations"] if turn["from"] == "human")
@@ -174,9 +184,10 @@ class ArabicBench(datasets.GeneratorBasedBuilder):
 
 
 def collect_arabic_rows(sources: str | Path | None = None, translations: str | Path | None = None,
-                        bimedix_arabic: str | Path | None = None) -> Iterator[dict]:
+                        bimedix_arabic: str | Path | None = None, review: ReviewPolicy | None = None) -> Iterator[dict]:
     """All Arabic rows from the given inputs: AceGPT MMLU-Arabic and MedAraBench under ``sources``,
-    translated records, and BiMediX's Hub files (later inputs replace earlier rows with the same ``id``)."""
+    translated records that pass ``review`` (default: the strict `ReviewPolicy`), and BiMediX's Hub files
+    (later inputs replace earlier rows with the same ``id``)."""
     rows: dict[str, dict] = {}
     if sources is not None:
         from .bench import read_sources
@@ -187,7 +198,7 @@ def collect_arabic_rows(sources: str | Path | None = None, translations: str | P
     if translations is not None:
         from bimedix.data.io import read_records
 
-        rows |= {row["id"]: row for row in rows_from_records(read_records(translations))}
+        rows |= {row["id"]: row for row in rows_from_records(read_records(translations), review, translations)}
     if bimedix_arabic is not None:
         rows |= {row["id"]: row for row in import_bimedix_arabic(bimedix_arabic)}
     yield from rows.values()

@@ -14,6 +14,11 @@ Licence policy for data pushes (``dataset``, ``bench``), per source, from the ro
 - open licences, copyleft included (GPL-3.0 Medical Meadow): allowed; the card lists every licence and says
   that share-alike terms apply to those rows.
 
+Review policy for ``dataset`` pushes (`bimedix.data.review_policy`, the one ``build-data`` applies):
+rows holding a reviewer-rejected translation are always refused; translations pending review or below
+the judge threshold are refused unless ``include_unreviewed=True`` (``--include-unreviewed``), and the
+card counts every review status.
+
 The token is never printed or logged: it is read by `huggingface_hub` (``HF_TOKEN`` or ``hf auth login``),
 and every message that leaves `push` (exceptions and log records) has it masked.
 """
@@ -31,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.review_policy import UNREVIEWED
 from .cards import (
     DatasetSummary,
     is_hub_id,
@@ -63,6 +69,10 @@ OPEN_LICENSE = re.compile(r"^(mit|apache[- ]2\.0|bsd-[23]-clause|cc0-1\.0|cc-by(
 
 class LicenseError(ValueError):
     """Data whose licence forbids redistribution (or is research-only and not acknowledged)."""
+
+
+class ReviewError(ValueError):
+    """Data holding translations the review policy does not allow (rejected, or unreviewed and not acknowledged)."""
 
 
 @dataclass
@@ -99,6 +109,7 @@ def push(
     data_dir: str | os.PathLike | None = None,
     base_model: str | None = None,
     license: str = "apache-2.0",
+    include_unreviewed: bool = False,
 ) -> PushResult:
     """Stage ``source`` as a ``kind`` repository and push it to ``repo_id`` (or only write it, for a dry run).
 
@@ -110,6 +121,8 @@ def push(
         revision (`str`, *optional*): branch to push to (created from the default branch if missing).
         dry_run (`str` or `os.PathLike`, *optional*): write the staged folder here and contact nobody.
         acknowledge_research_only (`bool`, *optional*, defaults to `False`): allow data from research-only sources.
+        include_unreviewed (`bool`, *optional*, defaults to `False`): allow translations pending review or below
+            the judge threshold in a ``dataset`` push (rejected ones are always refused).
         eval_dir, data_dir, base_model, license: card inputs, see `bimedix.hub.cards.render_model_card`.
 
     Returns:
@@ -133,12 +146,14 @@ def push(
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
         warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
-                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license)
+                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
+                         include_unreviewed=include_unreviewed)
         return PushResult(folder=folder, files=_list_files(folder), warnings=warnings)
     with tempfile.TemporaryDirectory(prefix="bimedix-push-") as tmp:
         folder = Path(tmp)
         warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
-                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license)
+                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
+                         include_unreviewed=include_unreviewed)
         result = sync_folder(folder, repo_id=repo_id, repo_type=KINDS[kind], private=private, revision=revision,
                              commit_message=f"Upload {kind} with bimedix")
         result.warnings = warnings
@@ -147,7 +162,7 @@ def push(
 
 def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *, repo_id: str,
           acknowledge_research_only: bool = False, eval_dir=None, data_dir=None, base_model: str | None = None,
-          license: str = "apache-2.0") -> list[str]:
+          license: str = "apache-2.0", include_unreviewed: bool = False) -> list[str]:
     """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered ``README.md``.
 
     Returns:
@@ -162,7 +177,9 @@ def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *
         raise FileNotFoundError(f"{source}: folder not found.")
     warnings: list[str] = []
     if kind in ("dataset", "bench"):
-        warnings = check_licenses(summarize_dataset(source), acknowledge_research_only=acknowledge_research_only)
+        summary = summarize_dataset(source)
+        warnings = check_licenses(summary, acknowledge_research_only=acknowledge_research_only)
+        warnings += check_review(summary, include_unreviewed=include_unreviewed)
         card = (render_dataset_card if kind == "dataset" else render_bench_card)(source, repo_id=repo_id)
     else:
         card = render_model_card(source, repo_id=repo_id, base_model=base_model, eval_dir=eval_dir,
@@ -207,6 +224,26 @@ def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool =
                            "--acknowledge-research-only if you have the right to share them (the card will list them).")
     notes += [f"{label}: research-only, pushed because you acknowledged it" for label in research_only]
     return notes
+
+
+def check_review(summary: DatasetSummary, *, include_unreviewed: bool = False) -> list[str]:
+    """Apply the review policy (module docstring) to a dataset's translation review statuses.
+
+    Returns:
+        `list[str]`: a note when unreviewed translations go out because ``include_unreviewed`` allows them.
+
+    Raises:
+        `ReviewError`: rejected translations, or unreviewed ones without ``include_unreviewed``, with counts.
+    """
+    states = summary.review_states
+    if states.get("rejected"):
+        raise ReviewError(f"refusing to push {states['rejected']:,} reviewer-rejected translation(s); rebuild the "
+                          "dataset with `bimedix build-data`, which leaves them out.")
+    unreviewed = {state: states[state] for state in UNREVIEWED if states.get(state)}
+    if unreviewed and not include_unreviewed:
+        raise ReviewError(f"refusing to push translations nobody approved: {unreviewed}. Rebuild without "
+                          "--include-unreviewed, or pass --include-unreviewed to publish them (the card counts them).")
+    return [f"{n:,} {state} translation(s) pushed because of --include-unreviewed" for state, n in unreviewed.items()]
 
 
 def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "model", private: bool = False,
