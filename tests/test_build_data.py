@@ -172,10 +172,15 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
     """Every source and benchmark of ``bimed1.3m`` converts and the build balances, on stand-ins in its layout.
 
     Real files where ``../shared/data`` has them (test/dev splits stand in for missing train splits, so
-    decontamination has plenty to remove), format fixtures for the sources only on Google Drive / the Hub,
-    and the hand-made schema records for the generated chats and Arabic translations.
+    decontamination has plenty to remove), the real LiveQA training files when ``BIMEDIX_LIVEQA_TRAIN`` points at
+    them (else fixtures in their layout), format fixtures for the sources only on Google Drive / the Hub, the
+    hand-made schema records for the generated chats, and translations in every review state for the Arabic.
     """
+    import os
+
     recipe = load_data_recipe("bimed1.3m")
+    live = Path(os.environ.get("BIMEDIX_LIVEQA_TRAIN") or fixtures_dir / "sources")
+    live_pairs = (388, 246) if os.environ.get("BIMEDIX_LIVEQA_TRAIN") else (4, 2)
     stand_ins = {
         "pubmedqa/data/ori_pqaa.json": shared_data / "pubmedqa/data/ori_pqal.json",
         "medmcqa/data/train.json": shared_data / "medmcqa/data/dev.json",
@@ -187,13 +192,18 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
         "medical_meadow/medical_meadow_flashcards.json": fixtures_dir / "sources/medical_meadow_flashcards.json",
         "pmc_llama/umls.jsonl": fixtures_dir / "sources/umls_release.json",
         "liveqa_medical_trec2017/TrainingDatasets/TREC-2017-LiveQA-Medical-Train-1.xml":
-            shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test.xml",
+            live / "TREC-2017-LiveQA-Medical-Train-1.xml",
         "liveqa_medical_trec2017/TrainingDatasets/TREC-2017-LiveQA-Medical-Train-2.xml":
-            shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test-Questions-w-summaries.xml",
+            live / "TREC-2017-LiveQA-Medical-Train-2.xml",
     }
     handmade = write_sources(tmp_path / "handmade", with_bad_record=False)
     stand_ins["generated/chats.jsonl"] = handmade.parent / "chat.jsonl"
-    stand_ins["translated/bimed_ar.jsonl"] = handmade.parent / "ar_qa.jsonl"
+    translated = [json.loads(line) for line in (handmade.parent / "ar_qa.jsonl").read_text().splitlines()]
+    states = ["approved", "rejected", "queued", "unreviewed"]  # ar-qa-0, the leaked one, ar-qa-1, ar-qa-2
+    for record, state in zip(translated, states, strict=True):
+        record["meta"]["translation"] = {"model": "m", "score": 90.0, "review_state": state}
+    (tmp_path / "bimed_ar.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in translated))
+    stand_ins["translated/bimed_ar.jsonl"] = tmp_path / "bimed_ar.jsonl"
     root = tmp_path / "originals"
     paths = {spec.path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]}
     paths |= {path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks] for path in spec.files.values()}
@@ -204,12 +214,25 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
                         progress=False)
     assert result.counts.balanced and result.counts.written > 0
     assert all(counts.read > 0 for counts in result.sources.values())
+    assert result.counts.dropped_ratio == 0  # English is kept whole: no ratio sampling
     sources = result.sources  # the dev/test stand-ins are removed in full, real training data is not touched
     assert sources["medmcqa"].decontaminated == sources["medmcqa"].read == 3346
     assert sources["medqa"].decontaminated == sources["medqa"].read == 1018
     assert sources["pubmedqa-a"].decontaminated == 400 and sources["pubmedqa-l"].decontaminated == 0
     assert sources["meadow-wikidoc-patient-information"].decontaminated == 0
     assert sources["medicationqa"].decontaminated == sources["liveqa-1"].decontaminated == 0
+    assert (sources["liveqa-1"].read, sources["liveqa-2"].read) == live_pairs
+    assert sources["liveqa-1"].written + sources["liveqa-1"].deduplicated == live_pairs[0]
+    # rejected never; queued (pending) left out by default; approved and judge-passed used (ar-qa-0, ar-qa-2)
+    assert sources["translated-ar"].excluded_review == 2 and sources["translated-ar"].written == 2
+    summary = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert {s: c["used"] for s, c in summary["review"]["states"].items()} == {
+        "original": result.counts.read - result.counts.rejected - 4, "approved": 1, "judge-passed": 1,
+        "pending": 0, "rejected": 0}
+    rows = {(r["task"], r["language"]): r for r in summary["composition"]["rows"]}
+    assert rows["all", "ar"]["target"] == 444995 and rows["mcqa", "all"]["target"] == 638100
+    assert summary["composition"]["tokens"]["target"] == 632300000
+    assert rows["all", "all"]["achieved"] == result.counts.written
 
 
 def test_reused_id_is_rejected_or_raises(tmp_path, mixtral_tokenizer):
