@@ -93,7 +93,7 @@ def test_generates_grounded_chats_with_provenance(server, api_key, tmp_path):
         assert len(record["conversations"]) == 8
         assert "Insulin glargine" in record["conversations"][-1]["value"]  # the correct answer (B)
         generation = record["meta"]["generation"]
-        assert generation["model"] == MODEL and generation["prompt_version"] == "dialogue-v1"
+        assert generation["model"] == MODEL and generation["prompt_version"] == "dialogue-v2"
         assert generation["source_id"] == record["id"].removesuffix("-chat") and generation["cost_usd"] > 0
 
 
@@ -142,13 +142,13 @@ def test_cli_with_overridden_prompt(server, api_key, tmp_path, capsys):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     shipped = resource_path("bimedix", "llm", "prompts", "dialogue.yaml").read_text(encoding="utf-8")
-    (prompts / "dialogue.yaml").write_text(shipped.replace("version: dialogue-v1", "version: dialogue-clinic-v2"))
+    (prompts / "dialogue.yaml").write_text(shipped.replace("version: dialogue-v2", "version: dialogue-clinic-v3"))
     write_jsonl(tmp_path / "mcqa.jsonl", [mcqa_record(i) for i in range(2)])
     code = main(["generate-chats", "--input", str(tmp_path / "mcqa.jsonl"), "--output", str(tmp_path / "chats.jsonl"),
                  "--base-url", server.base_url, "--model", MODEL, "--prompts", str(prompts), "--min-turns", "3"])
     assert code == 0 and "2 written" in capsys.readouterr().out
     records = read_jsonl(tmp_path / "chats.jsonl")
-    assert {r["meta"]["generation"]["prompt_version"] for r in records} == {"dialogue-clinic-v2"}
+    assert {r["meta"]["generation"]["prompt_version"] for r in records} == {"dialogue-clinic-v3"}
     assert all(len(r["conversations"]) == 6 for r in records)
 
 
@@ -158,3 +158,20 @@ def test_prompt_without_payload_is_refused(tmp_path):
     (tmp_path / "dialogue.yaml").write_text("version: x\nsystem: s\nuser: no payload here\n")
     with pytest.raises(ValueError, match="dialogue.yaml: field `user` must include"):
         load_prompt("dialogue", tmp_path)
+
+
+def test_shipped_prompt_is_the_papers_doctor_patient_dialogue_to_a_conclusion():
+    from dataclasses import replace
+
+    from bimedix.llm.prompts import load_prompt
+    from bimedix.llm.runner import engine_fingerprint
+
+    prompt = load_prompt("dialogue")
+    system = prompt.render({"language": "en", "min_turns": 4, "max_turns": 8, "payload": "{}"})[0]["content"]
+    assert prompt.version == "dialogue-v2"
+    assert "between a patient and a doctor" in system and "until it reaches a logical conclusion" in system
+    assert "medical student" not in system
+    older = replace(prompt, version="dialogue-v1")  # a cached generation under another version is not reused
+    config = DialogueConfig()
+    assert engine_fingerprint("generate-chats", MODEL, config, [prompt]) != engine_fingerprint(
+        "generate-chats", MODEL, config, [older])

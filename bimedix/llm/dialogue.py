@@ -1,8 +1,11 @@
 """MCQA-grounded doctor–patient dialogue generation (paper §3.1.1).
 
 From an MCQA record (question, lettered options, correct answer and, in the gpt turn, the explanation)
-the ``dialogue`` prompt asks for a multi-turn conversation in which the user raises the question's
-situation and the assistant reasons to the correct answer. Each result is checked by
+the ``dialogue`` prompt (version ``dialogue-v2``) asks for a doctor-patient dialogue grounded on the item,
+both parties written by the LLM: the patient (``human``) describes the item's situation, the doctor
+(``gpt``) asks follow-up questions, and the dialogue continues until a logical conclusion is reached (the
+correct answer stated in words, why the alternatives are less likely, next steps). The prompt version
+is part of the engine fingerprint, so a new version never reuses generations cached under the old one. Each result is checked by
 `validate_dialogue`: roles alternate (human first, gpt last), ``min_turns`` to ``max_turns``
 exchanges (the paper's chats average 4.72), every turn within length bounds, the correct answer
 stated in words, no wrong option endorsed, no option letters leaked ("option B"). An invalid result is
