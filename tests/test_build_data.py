@@ -134,12 +134,22 @@ def test_recipe_unknown_key_is_an_error(tmp_path):
         load_data_recipe(path)
 
 
-@pytest.mark.parametrize("name", ["mini", "bimed1.3m"])
+@pytest.mark.parametrize("name", ["mini", "bimed1.3m", "bimed1.3m-en", "bimed1.3m-ar"])
 def test_shipped_recipes_parse(name):
     recipe = load_data_recipe(name)
-    assert recipe.mix.ratio == {"mini": 0.5, "bimed1.3m": None}[name]  # bimed1.3m keeps English whole
+    assert recipe.mix.ratio == (0.5 if name == "mini" else None)  # the BiMed1.3M recipes keep English whole
     assert recipe.sources and recipe.decontaminate.benchmarks
     assert Path(recipe.recipe_path) == resource_path("recipes", "data", f"{name}.yaml")
+
+
+def test_single_language_variants_follow_the_full_recipe():
+    full, english, arabic = (load_data_recipe(name) for name in ("bimed1.3m", "bimed1.3m-en", "bimed1.3m-ar"))
+    assert english.sources == [spec for spec in full.sources if spec.name != "translated-ar"]
+    assert arabic.sources == [spec for spec in full.sources if spec.name == "translated-ar"]
+    assert english.decontaminate == full.decontaminate == arabic.decontaminate and english.dedup == full.dedup
+    assert english.mix.targets["all"]["en"] + arabic.mix.targets["all"]["ar"] == full.mix.targets["all"]["all"]
+    assert english.mix.target_tokens + arabic.mix.target_tokens == full.mix.target_tokens
+    assert sum(full.mix.targets[task]["all"] for task in ("mcqa", "qa", "chat")) == full.mix.targets["all"]["all"]
 
 
 def test_counts_equation_reports_imbalance():
