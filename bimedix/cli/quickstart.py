@@ -4,7 +4,7 @@ Steps, each built on the public function of its area, everything written under `
 
     data/         `bimedix.data.build.build_data` with the shipped ``mini`` recipe (bundled real data)
     base-model/   a tiny random Mixtral-shaped MoE (`bimedix.training.tiny.save_tiny_model`), real tokenizer
-    adapter/      LoRA on attention + router + experts, trained by `bimedix.training.sft.main`
+    adapter/      LoRA on attention + router + experts, plus the output head, trained by `bimedix.training.sft.main`
                   (recipe ``recipes/tiny/sft.yaml``, data swapped for ``data/``)
     eval/         `bimedix.eval.run.evaluate` on the bundled benchmark slices, English and Arabic
     hub/adapter/  the dry-run push of the adapter (README.md = the model card), `bimedix.hub.push.push`
@@ -31,8 +31,8 @@ def register(subparsers) -> None:
         "quickstart", help="run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
                            "model card, dry-run push",
         description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA on "
-                    "attention + router + experts, evaluate it in English and Arabic, render its card and write a "
-                    "dry-run Hub push. A few minutes on 2 CPU cores; nothing is downloaded.")
+                    "attention + router + experts (and its output head), evaluate it in English and Arabic, render its "
+                    "card and write a dry-run Hub push. A few minutes on 2 CPU cores; nothing is downloaded.")
     parser.add_argument("--output", required=True, type=Path, help="folder for everything the run writes")
     parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps of the LoRA run (default: 30)")
     parser.add_argument("--limit", type=int, default=10,
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     _step(2, "One training sample: green = trained (assistant answer + </s>), dim = not trained")
     _show_masked_sample(paths["data"], plain=not sys.stdout.isatty())
 
-    _step(3, f"Train a tiny random MoE with LoRA on attention + router + experts ({args.max_steps} steps, CPU)")
+    _step(3, f"Train a tiny random MoE with LoRA on attention + router + experts, and its output head "
+             f"({args.max_steps} steps, CPU)")
     trainer = _train(paths, args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(f"\ntraining loss: {losses[0]:.4f} (first step) -> {losses[-1]:.4f} (last step)"
