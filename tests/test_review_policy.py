@@ -122,3 +122,13 @@ def test_push_refuses_rejected_and_unacknowledged_unreviewed(translated_recipe, 
     pq.write_table(pa.Table.from_pylist([rejected], schema=FEATURES.arrow_schema), folder / "train-00000.parquet")
     with pytest.raises(ReviewError, match="1 reviewer-rejected"):
         check_review(summarize_dataset(tmp_path / "tampered"), include_unreviewed=True)
+
+
+def test_dataset_card_counts_review_statuses_and_targets(translated_recipe, tmp_path, mixtral_tokenizer):
+    from bimedix.hub.cards import render_dataset_card
+
+    build_data(translated_recipe, tmp_path / "out", tokenizer=mixtral_tokenizer, progress=False)
+    text = str(render_dataset_card(tmp_path / "out", repo_id="me/reviewed"))
+    assert "| judge-passed | 1 |" in text and "| approved | 1 |" in text and "rejected" not in text.split("| review")[1]
+    assert "4 translations left out by the review policy" in text
+    assert "| all | ar | 3 | 4 | 75.0% |" in text

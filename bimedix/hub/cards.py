@@ -27,6 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from ..data.composition import composition_markdown
 from ..data.review_policy import ReviewPolicy
 from ..resources import resource_path
 
@@ -230,7 +231,8 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
                                    task_categories=["question-answering", "text-generation"],
                                    task_ids=["multiple-choice-qa", "open-domain-qa", "dialogue-modeling"])
     stats_md = data_dir / "stats.md"
-    counts = (_read_json(data_dir / "stats.json") or {}).get("counts")
+    built = _read_json(data_dir / "stats.json") or {}
+    counts = built.get("counts")
     return DatasetCard.from_template(
         card_data, template_path=str(resource_path("hub_cards", "dataset_card.md")),
         repo_id=repo_id or str(data_dir), default_config=_default_config(configs),
@@ -239,6 +241,7 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
         licence_text=_licence_text(summary), translation_text=_translation_text(summary),
         stats_md=stats_md.read_text(encoding="utf-8").strip() if stats_md.is_file() else None,
         has_plot=(data_dir / "stats.png").is_file(), build_text=_build_text(counts) if counts else None,
+        target_table=composition_markdown(built["composition"]) if built.get("composition") else None,
     )
 
 
@@ -395,7 +398,9 @@ def _translation_text(summary: DatasetSummary) -> str:
 def _build_text(counts: dict) -> str:
     """The record balance of ``bimedix build-data`` (``stats.json`` ``counts``) as one sentence."""
     return (f"`bimedix build-data` read {counts['read']:,} source records and wrote {counts['written']:,}: "
-            f"{counts['rejected']:,} rejected as malformed, {counts['deduplicated_exact']:,} exact and "
+            f"{counts['rejected']:,} rejected as malformed, {counts.get('excluded_review', 0):,} translations left "
+            "out by the review policy (reviewer-rejected, or pending review / below the judge threshold), "
+            f"{counts['deduplicated_exact']:,} exact and "
             f"{counts['deduplicated_near']:,} near duplicates removed, {counts['decontaminated']:,} removed for "
             f"overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped by source "
             f"weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The decontamination report is "
