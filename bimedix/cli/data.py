@@ -56,13 +56,14 @@ def register(subparsers) -> None:
 def _build_data(args: argparse.Namespace) -> int:
     from ..data.build import build_data
 
-    from ..data.composition import composition_markdown
+    from ..data.composition import composition_markdown, has_targets
     from ..data.review_policy import ReviewPolicy
 
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
                         progress=not args.no_progress, include_unreviewed=args.include_unreviewed)
     print(result.stats.to_markdown())
-    print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))
+    if has_targets(result.composition):
+        print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))
     print("Translation review (rejected: never used; pending / below-threshold: "
           + ("used, --include-unreviewed" if args.include_unreviewed else "left out") + "):\n"
           + ReviewPolicy.from_summary(result.review).table())

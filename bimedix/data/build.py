@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .composition import composition, composition_markdown
+from .composition import composition, composition_markdown, has_targets
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, write_json
@@ -504,7 +504,7 @@ def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Count
         "```python\nfrom datasets import load_dataset\n\n"
         "data = load_dataset(\"path/to/this/folder\", \"ar\", split=\"train\")  # all, en, ar, mcqa, qa, chat\n```\n\n"
         f"## Statistics (Mixtral-8x7B tokenizer)\n\n{stats.to_markdown()}\n![statistics](stats.png)\n\n"
-        f"## Composition: achieved vs target\n\n{composition_markdown(mix)}\n"
+        + (f"## Composition: achieved vs target\n\n{composition_markdown(mix)}\n" if has_targets(mix) else "") +
         f"## Translation review\n\n{_review_words(review)}\n\n"
         f"## Counts\n\n{total.equation()}\n\n| source | converter | licence | read | written |\n|---|---|---|---:|---:|\n"
         + "\n".join(rows) + "\n\n"

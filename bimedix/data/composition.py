@@ -38,6 +38,11 @@ def composition(stats: DataStats, targets: Mapping[str, Mapping[str, int]] | Non
     return {"rows": rows, "tokens": {"target": target_tokens, "achieved": stats.cell().tokens}}
 
 
+def has_targets(report: Mapping) -> bool:
+    """Whether the `composition` report has any target to compare with."""
+    return report["tokens"]["target"] is not None or any(row["target"] is not None for row in report["rows"])
+
+
 def composition_markdown(report: Mapping) -> str:
     """The `composition` report as a Markdown table (achieved / target and their ratio where a target is set)."""
     lines = ["| task | language | achieved | target | achieved / target |", "|---|---|---:|---:|---:|"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
-from ..data.composition import composition_markdown
+from ..data.composition import composition_markdown, has_targets
 from ..data.review_policy import ReviewPolicy
 from ..resources import resource_path
 
@@ -241,7 +241,8 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
         licence_text=_licence_text(summary), translation_text=_translation_text(summary),
         stats_md=stats_md.read_text(encoding="utf-8").strip() if stats_md.is_file() else None,
         has_plot=(data_dir / "stats.png").is_file(), build_text=_build_text(counts) if counts else None,
-        target_table=composition_markdown(built["composition"]) if built.get("composition") else None,
+        target_table=composition_markdown(built["composition"])
+        if built.get("composition") and has_targets(built["composition"]) else None,
     )
 
 
