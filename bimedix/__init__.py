@@ -35,6 +35,8 @@ _EXPORTS = {
     "resource_path": "bimedix.resources",
     "build_data": "bimedix.data.build",
     "load_data_recipe": "bimedix.data.recipe",
+    "select_for_translation": "bimedix.data.selection",
+    "ReviewPolicy": "bimedix.data.review_policy",
     "compute_stats": "bimedix.data.stats",
     "encode_conversations": "bimedix.data.encode",
     "normalize_arabic": "bimedix.data.arabic",

@@ -86,11 +86,6 @@ class ReviewPolicy:
             self.used[status] += 1
         return use
 
-    def merge(self, other: ReviewPolicy) -> None:
-        """Add the counts of ``other`` (e.g. a worker's) to this one."""
-        self.seen.update(other.seen)
-        self.used.update(other.used)
-
     def summary(self) -> dict:
         """``{"include_unreviewed", "threshold", "states": {status: {"seen", "used", "excluded"}}}`` (seen ones only)."""
         return {"include_unreviewed": self.include_unreviewed, "threshold": self.threshold,
@@ -111,8 +106,3 @@ class ReviewPolicy:
         rows = [f"| {status} | {c['seen']:,} | {c['used']:,} | {c['excluded']:,} |"
                 for status, c in self.summary()["states"].items()]
         return "| review status | seen | used | excluded |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n"
-
-    @property
-    def excluded(self) -> int:
-        """Records seen and not used."""
-        return sum(self.seen.values()) - sum(self.used.values())

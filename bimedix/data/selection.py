@@ -10,6 +10,7 @@ picks, whatever the order of the files; only 8 bytes a record are held between t
 
 from __future__ import annotations
 
+import json
 import os
 from array import array
 from collections.abc import Iterator, Sequence
@@ -150,6 +151,4 @@ def _stratum(record: dict, by: tuple[str, ...]) -> str:
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record, ensure_ascii=False) + "\n"
