@@ -215,14 +215,20 @@ def audit_entry(record: dict, row: dict, *, reviewer: str, time: str) -> dict:
 
 
 def append_audit(path: str | os.PathLike, entries: list[dict]) -> None:
-    """Append ``entries`` to the audit trail at ``path`` in one write, flushed to disk before returning."""
+    """Append ``entries`` to the audit trail at ``path`` in one write, flushed to disk before returning.
+
+    A half-written last line left by a crash is closed with a newline first, so it stays a line of its own.
+    """
     if not entries:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -230,20 +236,18 @@ def append_audit(path: str | os.PathLike, entries: list[dict]) -> None:
 
 
 def read_audit(path: str | os.PathLike) -> list[dict]:
-    """The entries of an audit trail (none if it does not exist); a half-written last line (a crash) is ignored."""
+    """The entries of an audit trail (none if it does not exist); half-written lines (a crash) are skipped."""
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")
-    if lines[-1].strip():
-        logger.warning("%s: ignoring a half-written last line (%d bytes)", path, len(lines[-1]))
     entries = []
-    for line_no, line in enumerate(lines[:-1], start=1):
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON audit entry ({err})") from None
+    for line_no, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s:%d: skipping a half-written audit line (%d bytes)", path, line_no, len(line))
     return entries
 
 
