@@ -66,7 +66,7 @@ def test_bad_inputs_are_named(files, tmp_path, make, expected):
 
 
 def test_fully_reviewed_input_has_nothing_to_review(files, tmp_path, capsys):
-    english, translated = files
+    _, translated = files
     session = ReviewSession(translated, tmp_path / "first.jsonl", fraction=1.0)
     for item_id in session.items:
         session.decide(item_id, "approve", {}, reviewer="r")

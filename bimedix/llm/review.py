@@ -22,9 +22,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import Iterable
 from pathlib import Path
 
 from ..data.io import atomic_open, iter_jsonl, read_records, write_jsonl

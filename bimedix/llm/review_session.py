@@ -20,8 +20,16 @@ from pathlib import Path
 from ..data.io import read_records, write_jsonl
 from ..data.mcqa import LETTERS
 from .invariants import check_invariants, protected_terms
-from .review import (append_audit, apply_decisions, audit_entry, queue_rows, read_audit, read_review_rows,
-                     row_problem, text_of)
+from .review import (
+    append_audit,
+    apply_decisions,
+    audit_entry,
+    queue_rows,
+    read_audit,
+    read_review_rows,
+    row_problem,
+    text_of,
+)
 from .review_stats import review_agreement
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import pairwise
 
 BUCKET_EDGES = (0, 50, 60, 70, 80, 90, 100)
 VERDICTS = ("approved", "edited", "rejected")
@@ -48,7 +49,7 @@ def review_agreement(records: Iterable[dict], edges: tuple[float, ...] = BUCKET_
         else:
             scored.append((float(info["score"]), info["review_state"]))
     buckets = []
-    for index, (low, high) in enumerate(zip(edges, edges[1:])):
+    for index, (low, high) in enumerate(pairwise(edges)):
         last = index == len(edges) - 2
         verdicts = [state for score, state in scored if low <= score < high or (last and score == high)]
         shares = {state: verdicts.count(state) / len(verdicts) if verdicts else None for state in VERDICTS}
