@@ -188,7 +188,7 @@ class ReviewSession:
         return review_agreement(self.result.values())
 
     def _apply(self) -> dict[str, dict]:
-        """Apply every fully decided item, write all records to the output, return them by id."""
+        """Apply every fully decided item, write all records to the output once anything is decided, return them."""
         result = {}
         for record in self.records:
             item = self.items.get(record["id"])
@@ -196,7 +196,7 @@ class ReviewSession:
                 rows = [{"field": name, **self._row(record["id"], name)} for name in item.fields]
                 record, _ = apply_decisions(record, rows)
             result[record["id"]] = record
-        if self.latest or self.output.exists():
+        if self.latest:  # nothing decided yet: nothing written (an existing file is left alone)
             write_jsonl(self.output, result.values())
         return result
 
