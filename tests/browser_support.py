@@ -22,9 +22,13 @@ def chromium_path() -> str | None:
     return os.environ.get("BIMEDIX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session", name="browser")
+@pytest.fixture(scope="module", name="browser")
 def browser_fixture():
-    """A headless Chromium; skipped (failed under CI, which must install it) when it or Playwright is missing."""
+    """A headless Chromium; skipped (failed under CI, which must install it) when it or Playwright is missing.
+
+    Module-scoped: Playwright's sync API holds an event loop in this thread while it runs, which would break
+    the `asyncio.run` of later test modules.
+    """
     executable = chromium_path()
     try:
         from playwright.sync_api import sync_playwright

@@ -1,0 +1,68 @@
+"""Review app latency (issue 14): prints measured figures, asserts nothing.
+
+A decision in ``bimedix review serve`` appends (and fsyncs) the audit entries, then rewrites every record
+of the output with the decisions applied. This measures, on ``--records`` synthetic translated MCQA records
+(2 turns + 4 options each) of which ``--queued`` are queued: the start-up time of a `ReviewSession`, and the
+median and worst time of one decision, which is what a reviewer waits for after each click.
+
+Usage::
+
+    python benchmarks/review_app.py --records 20000 --queued 200 --decisions 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def translated_record(index: int, queued: bool) -> dict:
+    from bimedix.data.schema import make_record
+
+    options = [f"خيار {index} {letter}" for letter in "ABCD"]
+    return make_record(
+        id=f"bench-ar-{index:06d}", source="bench", task="mcqa", language="ar", license="MIT",
+        conversations=[{"from": "human", "value": f"سؤال رقم {index}: ما هو العلاج المناسب لمريض عمره {index % 90} سنة؟\n"
+                                                  + "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options))},
+                       {"from": "gpt", "value": f"B. {options[1]}\n\nالشرح: توصي الإرشادات به عند هذا المستوى."}],
+        options=options, answer="B",
+        translation={"model": "bench", "score": 60.0 if queued else 95.0, "rounds": 1, "reviewed": False,
+                     "review_state": "queued" if queued else "unreviewed", "source_id": f"bench-en-{index:06d}",
+                     "cost_usd": 0.0, "comments": "ok"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=20000)
+    parser.add_argument("--queued", type=int, default=200)
+    parser.add_argument("--decisions", type=int, default=20)
+    args = parser.parse_args()
+
+    from bimedix.llm.review_session import ReviewSession
+
+    with tempfile.TemporaryDirectory() as tmp:
+        translated = Path(tmp) / "ar.jsonl"
+        with open(translated, "w", encoding="utf-8") as handle:
+            for index in range(args.records):
+                handle.write(json.dumps(translated_record(index, index < args.queued), ensure_ascii=False) + "\n")
+        start = time.perf_counter()
+        session = ReviewSession(translated, Path(tmp) / "out.jsonl", fraction=0.0)
+        startup = time.perf_counter() - start
+        timings = []
+        for item_id in list(session.items)[: args.decisions]:
+            start = time.perf_counter()
+            session.decide(item_id, "approve", {}, reviewer="bench")
+            timings.append(time.perf_counter() - start)
+        size_mb = (Path(tmp) / "out.jsonl").stat().st_size / 1e6
+    print(f"{args.records} records ({size_mb:.1f} MB output), {len(session.items)} queued")
+    print(f"session start-up: {startup:.2f} s")
+    print(f"one decision (append + fsync + rewrite output): median {1000 * statistics.median(timings):.0f} ms, "
+          f"max {1000 * max(timings):.0f} ms over {len(timings)} decisions")
+
+
+if __name__ == "__main__":
+    main()
