@@ -1,9 +1,10 @@
 """Review app latency (issue 14): prints measured figures, asserts nothing.
 
-A decision in ``bimedix review serve`` appends (and fsyncs) the audit entries, then rewrites every record
-of the output with the decisions applied. This measures, on ``--records`` synthetic translated MCQA records
-(2 turns + 4 options each) of which ``--queued`` are queued: the start-up time of a `ReviewSession`, and the
-median and worst time of one decision, which is what a reviewer waits for after each click.
+A decision in ``bimedix review serve`` appends (and fsyncs) the audit entries and answers the page; the
+output (every record, decisions applied) is rewritten after the answer. This measures, on ``--records``
+synthetic translated MCQA records (2 turns + 4 options each) of which ``--queued`` are queued: the start-up
+time of a `ReviewSession`, the time of one decision (what a reviewer waits for after each click) and of one
+rewrite of the output (how far the output can lag behind the audit trail).
 
 Usage::
 
@@ -52,16 +53,21 @@ def main() -> None:
         start = time.perf_counter()
         session = ReviewSession(translated, Path(tmp) / "out.jsonl", fraction=0.0)
         startup = time.perf_counter() - start
-        timings = []
+        timings, writes = [], []
         for item_id in list(session.items)[: args.decisions]:
             start = time.perf_counter()
             session.decide(item_id, "approve", {}, reviewer="bench")
             timings.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            session.write_output()
+            writes.append(time.perf_counter() - start)
         size_mb = (Path(tmp) / "out.jsonl").stat().st_size / 1e6
     print(f"{args.records} records ({size_mb:.1f} MB output), {len(session.items)} queued")
     print(f"session start-up: {startup:.2f} s")
-    print(f"one decision (append + fsync + rewrite output): median {1000 * statistics.median(timings):.0f} ms, "
-          f"max {1000 * max(timings):.0f} ms over {len(timings)} decisions")
+    print(f"one decision (checks, audit append + fsync): median {1000 * statistics.median(timings):.1f} ms, "
+          f"max {1000 * max(timings):.1f} ms over {len(timings)} decisions")
+    print(f"one output rewrite (after the answer): median {1000 * statistics.median(writes):.0f} ms, "
+          f"max {1000 * max(writes):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_session_decisions_survive_a_crash_and_equal_review_import(files, tmp_pa
             for e in read_audit(restarted.audit) if "after" in e]
     write_jsonl(tmp_path / "reviews.jsonl", rows)
     import_reviews(translated, tmp_path / "reviews.jsonl", tmp_path / "imported.jsonl", reviewer="x")
+    restarted.write_output()
     assert read_jsonl(out) == read_jsonl(tmp_path / "imported.jsonl")
 
 
@@ -70,6 +71,7 @@ def test_fully_reviewed_input_has_nothing_to_review(files, tmp_path, capsys):
     session = ReviewSession(translated, tmp_path / "first.jsonl", fraction=1.0)
     for item_id in session.items:
         session.decide(item_id, "approve", {}, reviewer="r")
+    session.write_output()
     assert main(["review", "serve", "--input", str(tmp_path / "first.jsonl"), "--port", str(free_port())]) == 2
     assert "nothing to review" in capsys.readouterr().err
 

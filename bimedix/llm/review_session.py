@@ -4,15 +4,16 @@ The queue is the one ``review export`` writes (or the rows of a given queue file
 with all its queued texts. Every decision is appended to the audit trail (``OUT.audit.jsonl``, the file
 ``review import`` appends to) and flushed to disk before it is acknowledged, so a killed process loses
 nothing decided; on start the trail is read back and the latest decision on each text wins, earlier ones
-(another reviewer's) staying in the trail. The reviewed records are written to ``OUT`` with
-`apply_decisions`, the code ``review import`` uses, so the result is the one ``review import`` gives for
-the same decisions.
+(another reviewer's) staying in the trail. The reviewed records are written to ``OUT`` (`write_output`, and
+on start after an earlier run) with `apply_decisions`, the code ``review import`` uses, so the result is
+the one ``review import`` gives for the same decisions.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,7 +87,10 @@ class ReviewSession:
             if (entry.get("id"), entry.get("field")) in fields:
                 self.latest[(entry["id"], entry["field"])] = entry
                 self.history.setdefault(entry["id"], []).append(entry)
-        self.result = self._apply()
+        self.result = {record["id"]: self._applied(record) for record in self.records}
+        self._dirty = bool(self.latest)  # rebuild the output of an earlier (maybe killed) run
+        self._writing = threading.Lock()
+        self.write_output()
 
     def state(self, item_id: str) -> str:
         """``undecided`` until every text of the item is decided, then the record's review state."""
@@ -145,7 +149,8 @@ class ReviewSession:
         """Record ``action`` on every text of the item (``texts``: field -> Arabic as the reviewer leaves it).
 
         ``approve`` and ``edit`` approve each text, marking changed ones ``edit``; ``reject`` needs a reason in
-        ``comment``. The decision is in the audit trail on disk, and the output rewritten, when this returns.
+        ``comment``. The decision is in the audit trail on disk when this returns; `write_output` writes the
+        reviewed records.
 
         Raises:
             `ValueError`: unknown action or text, empty text, no reviewer, a reject without reason, or an edit
@@ -180,25 +185,32 @@ class ReviewSession:
         for entry in entries:
             self.latest[(item_id, entry["field"])] = entry
         self.history.setdefault(item_id, []).extend(entries)
-        self.result = self._apply()
+        self.result[item_id] = self._applied(record)
+        self._dirty = True
         return self.view(item_id)
+
+    def write_output(self) -> None:
+        """Write every record, decisions applied, to the output if a decision came since the last write.
+
+        Safe to call from another thread than `decide` (the web app writes after answering the page).
+        """
+        with self._writing:
+            if not self._dirty:
+                return
+            self._dirty = False
+            write_jsonl(self.output, list(self.result.values()))
 
     def stats(self) -> dict:
         """Judge-vs-reviewer agreement (`review_agreement`) over the records as reviewed so far."""
         return review_agreement(self.result.values())
 
-    def _apply(self) -> dict[str, dict]:
-        """Apply every fully decided item, write all records to the output once anything is decided, return them."""
-        result = {}
-        for record in self.records:
-            item = self.items.get(record["id"])
-            if item is not None and self._decided(item):
-                rows = [{"field": name, **self._row(record["id"], name)} for name in item.fields]
-                record, _ = apply_decisions(record, rows)
-            result[record["id"]] = record
-        if self.latest:  # nothing decided yet: nothing written (an existing file is left alone)
-            write_jsonl(self.output, result.values())
-        return result
+    def _applied(self, record: dict) -> dict:
+        """``record`` with its decisions applied when every queued text of it is decided, else as it is."""
+        item = self.items.get(record["id"])
+        if item is None or not self._decided(item):
+            return record
+        rows = [{"field": name, **self._row(record["id"], name)} for name in item.fields]
+        return apply_decisions(record, rows)[0]
 
     def _row(self, item_id: str, name: str) -> dict:
         entry = self.latest[(item_id, name)]

@@ -25,7 +25,9 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
         reviewer (`str`, *optional*): the name filled in the page (each reviewer can change it there).
         token (`str`, *optional*): shared secret required from every browser (for a non-localhost bind).
     """
-    from fastapi import FastAPI, Request
+    from contextlib import asynccontextmanager
+
+    from fastapi import BackgroundTasks, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
     from pydantic import BaseModel
 
@@ -35,8 +37,13 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
         comment: str = ""
         reviewer: str = ""
 
-    app = FastAPI(title="bimedix review", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # one decision at a time: appends to the trail and rewrites the output
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        session.write_output()  # the last decisions, when the server stops
+
+    app = FastAPI(title="bimedix review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    lock = threading.Lock()  # one request at a time on the session
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -72,7 +79,7 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
                 return JSONResponse({"error": str(err.args[0])}, status_code=404)
 
     @app.post("/api/item/{item_id}")
-    def decide(item_id: str, decision: Decision):
+    def decide(item_id: str, decision: Decision, background: BackgroundTasks):
         with lock:
             try:
                 view = session.decide(item_id, decision.action, decision.texts, reviewer=decision.reviewer,
@@ -81,6 +88,8 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
                 return JSONResponse({"error": str(err.args[0])}, status_code=404)
             except ValueError as err:
                 return JSONResponse({"error": str(err)}, status_code=400)
-            return {"item": view, "progress": session.progress()}
+            progress = session.progress()
+        background.add_task(session.write_output)  # after the answer: the decision is already on disk
+        return {"item": view, "progress": progress}
 
     return app
