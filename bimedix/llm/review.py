@@ -13,6 +13,9 @@ or field, unknown decision, empty text, changed text marked ``approve``, a repea
 all carry a decision is updated: ``meta.translation.reviewed = True`` and ``review_state`` becomes
 ``rejected`` (any row rejected), ``edited`` (any text changed) or ``approved``; each decided row adds an
 audit entry (reviewer, UTC time, decision, before, after, score, comment) to ``OUT.audit.jsonl``.
+
+``review serve`` (`bimedix.llm.review_session`) reviews the same queue decision by decision with the same
+pieces: `queue_rows`, `row_problem`, `apply_decisions`, `audit_entry` and the fsynced `append_audit`.
 """
 
 from __future__ import annotations
