@@ -1,4 +1,5 @@
-"""Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks, `run_chat` for the terminal.
+"""Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks (`ChatSession.launch` for a web page),
+`run_chat` for the terminal.
 
 Conversations are rendered with the Vicuna template the models are trained on
 (`bimedix.training.template.VICUNA_TEMPLATE`). Each user turn picks the system prompt of its own language
@@ -36,9 +37,9 @@ SYSTEM_PROMPTS = {
     "ar": ("أنت BiMediX، مساعد طبي ثنائي اللغة. أجب باللغة العربية بوضوح وإيجاز، واطلب التفاصيل عند الحاجة. "
            "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو العلاج أو في الحالات الطارئة يجب مراجعة مختص صحي مؤهل."),
 }
-NOTICE = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
-          "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.\n"
-          "Type /reset to start over, /exit to quit.")
+DISCLAIMER = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
+              "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.")
+NOTICE = DISCLAIMER + "\nType /reset to start over, /exit to quit."
 _ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
 _LATIN = re.compile(r"[A-Za-z]")
 
@@ -149,6 +150,26 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation."""
         self.history.clear()
+
+    def launch(self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = False):
+        """Serve this chat as a web page (needs ``pip install 'bimedix[web]'``); returns the running server.
+
+        Args:
+            host (`str`, *optional*, defaults to `"127.0.0.1"`): address to listen on (this machine only by default).
+            port (`int`, *optional*, defaults to `7860`): port.
+            block (`bool`, *optional*, defaults to `False`): serve in this thread until Ctrl-C (the CLI) instead
+                of a background thread (notebooks; stop it with ``server.close()``).
+        """
+        from .web.server import WebServer, require_web
+
+        require_web()
+        from .web.chat_app import create_chat_app
+
+        server = WebServer(create_chat_app(self, notice=DISCLAIMER, language_of=detect_language), host, port)
+        print(f"BiMediX chat page on {server.url}" + (" (Ctrl-C to stop)" if block else ""), flush=True)
+        if block:
+            server.run()
+        return server if block else server.start()
 
 
 def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,

@@ -1,8 +1,9 @@
-"""``bimedix chat --model PATH [--peft ADAPTER]``: streaming bilingual chat in the terminal."""
+"""``bimedix chat --model PATH [--peft ADAPTER] [--web]``: streaming bilingual chat in the terminal or a web page."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -15,13 +16,33 @@ def register(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: 0)")
     parser.add_argument("--system", help="system prompt for every turn (default: a short one in the user's language)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--web", action="store_true",
+                        help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
+    parser.add_argument("--host", default="127.0.0.1", help="with --web: address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="with --web: port (default 7860)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import ChatSession, run_chat
 
+    for flag, path in (("--model", args.model), ("--peft", args.peft)):
+        if path and not Path(path).expanduser().exists() and _looks_like_path(path):
+            raise ValueError(f"{flag} {path}: no such folder (give a saved model folder or a Hub id like org/name)")
+    if args.web:
+        from ..web.server import check_port, require_web
+
+        require_web()
+        check_port(args.host, args.port)  # before the model loads, which can take minutes
     session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, system=args.system,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    run_chat(session)
+    if args.web:
+        session.launch(args.host, args.port, block=True)
+    else:
+        run_chat(session)
     return 0
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else (``./x``, ``/a/b``, ``a/b/c``) is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1

@@ -1,4 +1,4 @@
-"""``bimedix translate``, ``generate-chats``, ``review export|import`` and ``fake-openai-server``: the LLM data engines.
+"""``bimedix translate``, ``generate-chats``, ``review export|import|serve|stats`` and ``fake-openai-server``: the LLM data engines.
 
 Re-running ``translate`` or ``generate-chats`` with the same ``--output`` resumes: finished records are
 skipped and recorded requests come from the cache (``OUT.llm.sqlite``) for free. Exit status 0 means
@@ -9,6 +9,7 @@ records left by transient errors) and a re-run continues it.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 INCOMPLETE = 3
@@ -65,6 +66,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
     apply.add_argument("--audit", type=Path, help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
     apply.set_defaults(func=_review_import)
+    serve = actions.add_parser(
+        "serve", help="review the queue in the browser (same queue, audit trail and result as export/import)",
+        description="A local web app: one record at a time, English next to the editable Arabic, judge score, "
+                    "comments and invariant warnings; approve / edit / reject with keyboard shortcuts. Every decision "
+                    "is appended to the audit trail at once (a killed server loses nothing) and the reviewed records "
+                    "are written to --output as `review import` would write them. Needs `pip install 'bimedix[web]'`.")
+    serve.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
+    serve.add_argument("--source", type=Path, help="the English input, shown next to each translation")
+    serve.add_argument("--queue", type=Path, help="a queue from `review export` (default: draw it as export does)")
+    serve.add_argument("--output", type=Path, help="all records with the decisions applied (default: INPUT.reviewed.jsonl)")
+    serve.add_argument("--audit", type=Path, help="audit trail, the decision store (default: OUTPUT with .audit.jsonl)")
+    serve.add_argument("--reviewer", default="", help="your name, pre-filled in the page (recorded with each decision)")
+    serve.add_argument("--fraction", type=float, default=0.05, help="share of passing records sampled (default 0.05)")
+    serve.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    serve.add_argument("--threshold", type=float, default=80.0, help="score below which all are queued (default 80)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    serve.add_argument("--token", default=os.environ.get("BIMEDIX_REVIEW_TOKEN"),
+                       help="shared secret the browser must give (/?token=...); required with a non-local --host "
+                            "(default: $BIMEDIX_REVIEW_TOKEN)")
+    serve.set_defaults(func=_review_serve)
+    stats = actions.add_parser(
+        "stats", help="how well the LLM judge's scores agree with the reviewers",
+        description="Per score bucket, the share of reviewed translations approved / edited / rejected, and the ROC "
+                    "AUC of the score separating approved from edited-or-rejected.")
+    stats.add_argument("--input", required=True, type=Path, help="reviewed records (.jsonl)")
+    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    stats.set_defaults(func=_review_stats)
 
     server = subparsers.add_parser(
         "fake-openai-server", help="run a scripted local OpenAI-compatible server (dry runs, no real model)",
@@ -179,6 +208,57 @@ def _review_import(args: argparse.Namespace) -> int:
     summary = import_reviews(args.input, args.reviews, args.output, reviewer=args.reviewer, audit=args.audit)
     print(f"review import: {summary.reviewed} records reviewed ({summary.approved} approved, {summary.edited} edited, "
           f"{summary.rejected} rejected); {summary.undecided_rows} rows left undecided -> {args.output}")
+    return 0
+
+
+def _review_serve(args: argparse.Namespace) -> int:
+    from ..llm.review_session import ReviewSession
+    from ..web.server import WebServer, is_loopback, require_web
+
+    require_web()
+    from ..web.review_app import create_review_app
+
+    if not is_loopback(args.host) and not args.token:
+        raise ValueError(f"--host {args.host} lets other machines reach the review app; give a shared secret with "
+                         "--token (or $BIMEDIX_REVIEW_TOKEN), or keep the default --host 127.0.0.1")
+    output = args.output or args.input.with_name(args.input.name.removesuffix(".jsonl") + ".reviewed.jsonl")
+    session = ReviewSession(args.input, output, source=args.source, queue=args.queue, audit=args.audit,
+                            fraction=args.fraction, seed=args.seed, threshold=args.threshold)
+    server = WebServer(create_review_app(session, reviewer=args.reviewer, token=args.token), args.host, args.port)
+    for warning in session.warnings:
+        print(f"warning: {warning}")
+    progress = session.progress()
+    print(f"review serve: {progress['total']} records queued, {progress['done']} decided, {progress['left']} left; "
+          f"decisions -> {session.audit}, reviewed records -> {session.output}")
+    if not progress["left"]:
+        print("every queued record is already decided; open the page to see or overrule decisions")
+    print(f"open {server.url}{'?token=...' if args.token else ''} (Ctrl-C to stop)", flush=True)
+    server.run()
+    return 0
+
+
+def _review_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from ..data.io import read_records
+    from ..llm.review_stats import VERDICTS, review_agreement
+
+    stats = review_agreement(read_records(args.input))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    if not stats["reviewed"]:
+        print(f"review stats: no reviewed translation in {args.input} (run `review import` or `review serve` first)")
+        return 0
+    print(f"review stats: {stats['reviewed']} reviewed translations in {args.input}"
+          + (f" ({stats['unscored']} without a score)" if stats["unscored"] else ""))
+    print(f"{'score':>8} {'count':>6} " + " ".join(f"{state:>9}" for state in VERDICTS))
+    for bucket in stats["buckets"]:
+        shares = " ".join(f"{'-' if bucket[s] is None else f'{100 * bucket[s]:.0f}%':>9}" for s in VERDICTS)
+        print(f"{bucket['range']:>8} {bucket['count']:>6} {shares}")
+    auc = stats["roc_auc"]
+    print("ROC AUC (score: approved vs edited-or-rejected): "
+          + ("n/a (needs both approved and corrected records)" if auc is None else f"{auc:.3f}"))
     return 0
 
 

@@ -40,6 +40,7 @@ TRANSLATION_FEATURES = {
     "review_state": Value("string"),
     "source_id": Value("string"),
     "cost_usd": Value("float64"),
+    "comments": Value("string"),
 }
 GENERATION_FEATURES = {
     "model": Value("string"),

@@ -13,6 +13,9 @@ or field, unknown decision, empty text, changed text marked ``approve``, a repea
 all carry a decision is updated: ``meta.translation.reviewed = True`` and ``review_state`` becomes
 ``rejected`` (any row rejected), ``edited`` (any text changed) or ``approved``; each decided row adds an
 audit entry (reviewer, UTC time, decision, before, after, score, comment) to ``OUT.audit.jsonl``.
+
+``review serve`` (`bimedix.llm.review_session`) reviews the same queue decision by decision with the same
+pieces: `queue_rows`, `row_problem`, `apply_decisions`, `audit_entry` and the fsynced `append_audit`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +36,8 @@ from ..data.schema import validate_record
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
 REQUIRED_COLUMNS = ("id", "field", "arabic", "decision")
 DECISIONS = ("approve", "edit", "reject")
+
+logger = logging.getLogger(__name__)
 
 
 def sampled_for_review(record_id: str, fraction: float, seed: int = 0) -> bool:
@@ -62,21 +69,27 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
         seed (`int`, *optional*, defaults to `0`): sampling seed (use the one given to ``translate``).
         threshold (`float`, *optional*, defaults to `80`): records scoring below it are always queued.
     """
+    rows = queue_rows(read_records(translated), source=source, fraction=fraction, seed=seed, threshold=threshold)
+    _write_rows(Path(queue), rows)
+    return len({row["id"] for row in rows})
+
+
+def queue_rows(records: Iterable[dict], *, source: str | os.PathLike | None = None, fraction: float = 0.05,
+               seed: int = 0, threshold: float = 80.0) -> list[dict]:
+    """The review queue of ``records`` as rows (see `COLUMNS`), undecided; what `export_review_queue` writes."""
     english = {record["id"]: record for record in read_records(source)} if source else {}
-    rows, count = [], 0
-    for record in read_records(translated):
+    rows = []
+    for record in records:
         if not needs_review(record, threshold=threshold, fraction=fraction, seed=seed):
             continue
-        count += 1
         info = record["meta"].get("translation") or {}
         original = english.get(info.get("source_id") or "")
-        for field, arabic in _texts(record):
+        for field, arabic in review_texts(record):
             rows.append({"id": record["id"], "field": field, "score": info.get("score"),
                          "review_state": info.get("review_state"),
-                         "english": _get(original, field) if original else "", "arabic": arabic,
+                         "english": text_of(original, field) if original else "", "arabic": arabic,
                          "decision": "", "comment": ""})
-    _write_rows(Path(queue), rows)
-    return count
+    return rows
 
 
 @dataclass
@@ -108,7 +121,7 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         raise ValueError("--reviewer must name who reviewed")
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
-    rows = _read_rows(Path(reviews))
+    rows = read_review_rows(reviews)
     decided: dict[str, list[tuple[int, dict]]] = {}
     undecided: set[str] = set()
     errors, seen = [], set()
@@ -120,29 +133,19 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         if missing:
             bad(missing[0], f"missing (found columns: {sorted(row)})")
             continue
-        record = by_id.get(row["id"])
-        if record is None or not record["meta"].get("translation"):
-            bad("id", f"{row['id']!r} is not a machine-translated record of {translated}")
-            continue
-        before = _get(record, row["field"])
-        if before is None:
-            bad("field", f"{row['field']!r} is not a text of record {row['id']!r} (use conversations.N or options.N)")
+        problem = row_problem(by_id.get(row["id"]), row, translated)
+        if problem:
+            bad(*problem)
             continue
         if (row["id"], row["field"]) in seen:
             bad("field", f"{row['field']!r} of {row['id']!r} appears twice")
             continue
         seen.add((row["id"], row["field"]))
         decision = str(row["decision"] or "").strip().lower()
-        after = row["arabic"] if isinstance(row["arabic"], str) else ""
-        if decision and decision not in DECISIONS:
-            bad("decision", f"{row['decision']!r} is not one of {list(DECISIONS)} (or blank to leave for later)")
-        elif not after.strip():
-            bad("arabic", "is empty; put the corrected text, or decision `reject`")
-        elif decision == "approve" and after != before:
-            bad("decision", "the text was changed but the decision is `approve`; use `edit`")
-        elif not decision:
+        if not decision:
             undecided.add(row["id"])
         else:
+            before = text_of(by_id[row["id"]], row["field"])
             decided.setdefault(row["id"], []).append((row_no, {**row, "decision": decision, "before": before}))
     if errors:
         shown = "\n".join(errors[:10]) + (f"\n... and {len(errors) - 10} more" if len(errors) > 10 else "")
@@ -153,39 +156,112 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     for record_id, entries in decided.items():
         if record_id in undecided:
             continue
-        record = by_id[record_id]
-        updated = json.loads(json.dumps(record))
-        info = updated["meta"]["translation"] = dict(updated["meta"].get("translation") or {})
-        for _, row in entries:
-            _set(updated, row["field"], row["arabic"])
-            trail.append({"id": record_id, "field": row["field"], "reviewer": reviewer, "time": now,
-                          "decision": row["decision"], "before": row["before"], "after": row["arabic"],
-                          "score": info.get("score"), "comment": row.get("comment") or ""})
-        state = ("rejected" if any(row["decision"] == "reject" for _, row in entries)
-                 else "edited" if any(row["arabic"] != row["before"] for _, row in entries) else "approved")
-        info.update(reviewed=True, review_state=state)
         try:
-            by_id[record_id] = validate_record(updated)
+            by_id[record_id], state = apply_decisions(by_id[record_id], [row for _, row in entries])
         except ValueError as err:
             raise ValueError(f"{reviews}:row {entries[0][0]}: column `arabic`: the edit breaks the record: {err}; "
                              "nothing was applied") from None
+        trail += [audit_entry(by_id[record_id], row, reviewer=reviewer, time=now) for _, row in entries]
         counts[state] += 1
     output = Path(output)
     audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
-    previous = audit_path.read_text(encoding="utf-8") if audit_path.exists() else ""
-    with atomic_open(audit_path) as handle:
-        handle.write(previous + "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in trail))
+    append_audit(audit_path, trail)
     write_jsonl(output, (by_id[record["id"]] for record in records))
     undecided_rows = sum(1 for _, row in rows if not str(row.get("decision") or "").strip())
     return ImportSummary(reviewed=sum(counts.values()), undecided_rows=undecided_rows, **counts)
 
 
-def _texts(record: dict) -> list[tuple[str, str]]:
+def row_problem(record: dict | None, row: dict, translated: str | os.PathLike) -> tuple[str, str] | None:
+    """``(column, message)`` saying what is wrong with one review row of ``record``, or ``None`` when it is fine.
+
+    ``row`` has ``id``, ``field``, ``arabic`` and ``decision`` (blank: not decided yet).
+    """
+    if record is None or not record["meta"].get("translation"):
+        return "id", f"{row['id']!r} is not a machine-translated record of {translated}"
+    before = text_of(record, row["field"])
+    if before is None:
+        return "field", f"{row['field']!r} is not a text of record {row['id']!r} (use conversations.N or options.N)"
+    decision = str(row["decision"] or "").strip().lower()
+    after = row["arabic"] if isinstance(row["arabic"], str) else ""
+    if decision and decision not in DECISIONS:
+        return "decision", f"{row['decision']!r} is not one of {list(DECISIONS)} (or blank to leave for later)"
+    if not after.strip():
+        return "arabic", "is empty; put the corrected text, or decision `reject`"
+    if decision == "approve" and after != before:
+        return "decision", "the text was changed but the decision is `approve`; use `edit`"
+    return None
+
+
+def apply_decisions(record: dict, rows: list[dict]) -> tuple[dict, str]:
+    """Apply the decided rows (``field``, ``decision``, ``arabic``) of one record; return the new record and its state.
+
+    The record becomes ``reviewed`` with ``review_state`` ``rejected`` (any row rejected), ``edited`` (any text
+    changed) or ``approved``. Raises `ValueError` when an edit makes the record invalid.
+    """
+    updated = json.loads(json.dumps(record))
+    info = updated["meta"]["translation"] = dict(updated["meta"].get("translation") or {})
+    changed = False
+    for row in rows:
+        changed |= row["arabic"] != text_of(record, row["field"])
+        _set(updated, row["field"], row["arabic"])
+    state = ("rejected" if any(row["decision"] == "reject" for row in rows)
+             else "edited" if changed else "approved")
+    info.update(reviewed=True, review_state=state)
+    return validate_record(updated), state
+
+
+def audit_entry(record: dict, row: dict, *, reviewer: str, time: str) -> dict:
+    """The audit-trail line of one decided row: reviewer, UTC time, decision, before, after, score, comment."""
+    return {"id": record["id"], "field": row["field"], "reviewer": reviewer, "time": time,
+            "decision": row["decision"], "before": row["before"], "after": row["arabic"],
+            "score": (record["meta"].get("translation") or {}).get("score"), "comment": row.get("comment") or ""}
+
+
+def append_audit(path: str | os.PathLike, entries: list[dict]) -> None:
+    """Append ``entries`` to the audit trail at ``path`` in one write, flushed to disk before returning.
+
+    A half-written last line left by a crash is closed with a newline first, so it stays a line of its own.
+    """
+    if not entries:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in entries).encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_audit(path: str | os.PathLike) -> list[dict]:
+    """The entries of an audit trail (none if it does not exist); half-written lines (a crash) are skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    entries = []
+    for line_no, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s:%d: skipping a half-written audit line (%d bytes)", path, line_no, len(line))
+    return entries
+
+
+def review_texts(record: dict) -> list[tuple[str, str]]:
+    """``(field, text)`` of every reviewable text of ``record``: ``conversations.N`` turns, then ``options.N``."""
     texts = [(f"conversations.{i}", turn["value"]) for i, turn in enumerate(record["conversations"])]
     return texts + [(f"options.{i}", option) for i, option in enumerate(record["meta"].get("options") or [])]
 
 
-def _get(record: dict, field: str) -> str | None:
+def text_of(record: dict, field: str) -> str | None:
+    """The text at ``field`` (``conversations.N`` or ``options.N``) of ``record``, or ``None`` if there is none."""
     name, _, index = field.partition(".")
     items = record["conversations"] if name == "conversations" else (record["meta"].get("options") or []) \
         if name == "options" else None
@@ -216,8 +292,9 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    """``(row_number, row)`` pairs: the line number for JSONL, the spreadsheet row (header = 1) for CSV."""
+def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(row_number, row)`` pairs of a review file: the line number for JSONL, the spreadsheet row (header = 1) for CSV."""
+    path = Path(path)
     if path.suffix == ".jsonl":
         rows = []
         for line_no, row in iter_jsonl(path):

@@ -9,7 +9,7 @@ version. A judge answer that is not JSON, has no score or a score outside 0–10
 judged round is rejected with the reasons of every round.
 
 Output records are ``language="ar"`` with id `arabic_id` of the English id and
-``meta.translation = {model, score, rounds, reviewed: False, review_state, source_id, cost_usd}``;
+``meta.translation = {model, score, rounds, reviewed: False, review_state, source_id, cost_usd, comments}``;
 ``review_state`` is ``"queued"`` below the threshold or when the seeded review sample picks the record
 (`bimedix.llm.review.sampled_for_review`), else ``"unreviewed"``. Every such record is machine-translated.
 """
@@ -135,12 +135,12 @@ class Translator:
                 continue
             score, feedback = judged
             if best is None or score > best[1]:
-                best = (candidate, score)
+                best = (candidate, score, feedback)
             if score >= config.threshold:
                 break
         if best is None:
             return Rejected(record["id"], "; ".join(failures), cost)
-        return Accepted(self._output(record, best[0], best[1], rounds, cost))
+        return Accepted(self._output(record, *best, rounds, cost))
 
     async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int, resample: bool = False) -> Completion:
         """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different answer."""
@@ -162,7 +162,8 @@ class Translator:
             reasons.append(judged)
         return f"judge output malformed {self.config.judge_attempts} times ({'; '.join(reasons)})", cost
 
-    def _output(self, record: dict, translation: dict, score: float, rounds: int, cost: float) -> dict:
+    def _output(self, record: dict, translation: dict, score: float, comments: str, rounds: int,
+                cost: float) -> dict:
         config = self.config
         queued = score < config.threshold or sampled_for_review(record["id"], config.review_fraction, config.seed)
         meta = dict(record["meta"])
@@ -170,7 +171,8 @@ class Translator:
             meta["options"] = translation["options"]
         meta["translation"] = {"model": self.client.config.model, "score": float(score), "rounds": rounds,
                                "reviewed": False, "review_state": "queued" if queued else "unreviewed",
-                               "source_id": record["id"], "cost_usd": cost}
+                               "source_id": record["id"], "cost_usd": cost,
+                               "comments": comments}
         conversations = [{"from": turn["from"], "value": text}
                          for turn, text in zip(record["conversations"], translation["turns"])]
         return make_record(id=arabic_id(record["id"]), source=record["source"], task=record["task"], language="ar",

@@ -1,0 +1,140 @@
+"""ReviewSession (what `review serve` runs on), judge-vs-reviewer statistics, and the web server's guards:
+token, busy port, missing extra, bad inputs. The browser itself is driven in tests/test_review_app.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from browser_support import free_port
+from llm_support import mcqa_record, read_jsonl, write_jsonl
+from test_review import SCORES, _translated
+
+from bimedix.cli import main
+from bimedix.llm.review import import_reviews, read_audit
+from bimedix.llm.review_session import ReviewSession
+from bimedix.llm.review_stats import review_agreement, roc_auc
+
+
+@pytest.fixture
+def files(tmp_path):
+    english = write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(len(SCORES))])
+    translated = write_jsonl(tmp_path / "ar.jsonl", [_translated(i, s) for i, s in enumerate(SCORES)])
+    return english, translated
+
+
+def test_session_decisions_survive_a_crash_and_equal_review_import(files, tmp_path):
+    english, translated = files
+    out = tmp_path / "out.jsonl"
+    session = ReviewSession(translated, out, source=english, fraction=0.0)  # demo-ar-000 and demo-ar-002 (< 80)
+    assert list(session.items) == ["demo-ar-000", "demo-ar-002"] and session.progress()["left"] == 2
+    view = session.view("demo-ar-000")
+    assert view["texts"][0]["english"].startswith("Answer the following") and view["score"] == 55
+    session.decide("demo-ar-000", "edit", {"options.1": "خيار ب المصحح"}, reviewer="Dr. Amal")
+    with open(session.audit, "ab") as trail:  # a crash in the middle of the next decision's write
+        trail.write(b'{"id": "demo-ar-002", "fie')
+    restarted = ReviewSession(translated, out, source=english, fraction=0.0)
+    assert restarted.state("demo-ar-000") == "edited" and restarted.state("demo-ar-002") == "undecided"
+    with pytest.raises(ValueError, match="needs a reason"):
+        restarted.decide("demo-ar-002", "reject", {}, reviewer="Dr. Badr")
+    restarted.decide("demo-ar-002", "reject", {}, reviewer="Dr. Badr", comment="meaning lost")
+    assert restarted.progress() == {"total": 2, "done": 2, "left": 0,
+                                    "by_state": {"undecided": 0, "approved": 0, "edited": 1, "rejected": 1}}
+    rows = [{"id": e["id"], "field": e["field"], "arabic": e["after"], "decision": e["decision"]}
+            for e in read_audit(restarted.audit) if "after" in e]
+    write_jsonl(tmp_path / "reviews.jsonl", rows)
+    import_reviews(translated, tmp_path / "reviews.jsonl", tmp_path / "imported.jsonl", reviewer="x")
+    restarted.write_output()
+    assert read_jsonl(out) == read_jsonl(tmp_path / "imported.jsonl")
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda t, e, tmp: ReviewSession(t, tmp / "o.jsonl", source=write_jsonl(tmp / "other.jsonl", [])),
+     "holds none of the English originals"),
+    (lambda t, e, tmp: ReviewSession(t, t), "is one of the inputs"),
+    (lambda t, e, tmp: ReviewSession(t, tmp / "o.jsonl", queue=write_jsonl(
+        tmp / "q.jsonl", [{"id": "demo-ar-999", "field": "conversations.0", "arabic": "", "decision": ""}])),
+     "q.jsonl:row 1: column `id`: 'demo-ar-999' is not a machine-translated record"),
+], ids=["source-mismatch", "output-is-input", "queue-mismatch"])
+def test_bad_inputs_are_named(files, tmp_path, make, expected):
+    english, translated = files
+    with pytest.raises(ValueError, match=expected):
+        make(translated, english, tmp_path)
+
+
+def test_fully_reviewed_input_has_nothing_to_review(files, tmp_path, capsys):
+    _, translated = files
+    session = ReviewSession(translated, tmp_path / "first.jsonl", fraction=1.0)
+    for item_id in session.items:
+        session.decide(item_id, "approve", {}, reviewer="r")
+    session.write_output()
+    assert main(["review", "serve", "--input", str(tmp_path / "first.jsonl"), "--port", str(free_port())]) == 2
+    assert "nothing to review" in capsys.readouterr().err
+
+
+def test_review_stats_buckets_and_auc(tmp_path, capsys):
+    records = []
+    for i, (score, state) in enumerate([(55, "rejected"), (75, "edited"), (85, "approved"), (88, "edited"),
+                                        (95, "approved"), (99, "approved"), (90, None)]):
+        record = _translated(i, score)
+        record["meta"]["translation"].update(reviewed=state is not None, review_state=state or "unreviewed")
+        records.append(record)
+    stats = review_agreement(records)
+    assert stats["reviewed"] == 6
+    buckets = {b["range"]: b for b in stats["buckets"]}
+    assert buckets["80-90"] == {"range": "80-90", "count": 2, "approved": 0.5, "edited": 0.5, "rejected": 0.0}
+    assert buckets["90-100"]["count"] == 2 and buckets["90-100"]["approved"] == 1.0  # 100 is in the last bucket
+    assert buckets["60-70"]["approved"] is None
+    assert stats["roc_auc"] == pytest.approx(8 / 9)  # 8 of the 9 approved/corrected pairs are ordered (85 < 88)
+    write_jsonl(tmp_path / "reviewed.jsonl", records)
+    assert main(["review", "stats", "--input", str(tmp_path / "reviewed.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "6 reviewed translations" in out and "ROC AUC (score: approved vs edited-or-rejected): 0.889" in out
+    assert main(["review", "stats", "--input", str(tmp_path / "reviewed.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == stats
+
+
+@pytest.mark.parametrize("positives, negatives, expected", [
+    ([90, 95, 80], [70, 85], 5 / 6), ([80], [80], 0.5), ([60], [90], 0.0), ([], [1], None),
+])
+def test_roc_auc(positives, negatives, expected):
+    assert roc_auc(positives, negatives) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_token_guards_every_route(files, tmp_path):
+    from bimedix.web.review_app import create_review_app
+    from bimedix.web.server import WebServer
+
+    english, translated = files
+    session = ReviewSession(translated, tmp_path / "out.jsonl", source=english, fraction=0.0)
+    server = WebServer(create_review_app(session, token="s3cret"), port=free_port()).start()
+    try:
+        for path in ("/", "/api/state", "/?token=wrong"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(server.url.rstrip("/") + path)
+            assert info.value.code == 401 and b"token" in info.value.read()
+        request = urllib.request.Request(server.url.rstrip("/") + "/api/state", headers={"Cookie": "bimedix_review_token=s3cret"})
+        assert json.loads(urllib.request.urlopen(request).read())["progress"]["total"] == 2
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        assert b"bimedix translation review" in opener.open(server.url + "?token=s3cret").read()  # sets the cookie
+    finally:
+        server.close()
+
+
+def test_server_guards(files, tmp_path, capsys, monkeypatch):
+    _, translated = files
+    assert main(["review", "serve", "--input", str(translated), "--host", "0.0.0.0"]) == 2
+    assert "--token" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["review", "serve", "--input", str(translated), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    assert main(["review", "serve", "--input", str(translated)]) == 2
+    assert "pip install 'bimedix[web]'" in capsys.readouterr().err
