@@ -44,9 +44,20 @@ def register(subparsers) -> None:
                    help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
     p.set_defaults(func=_merge)
 
-    p = subparsers.add_parser("estimate-memory", help="memory a recipe needs, from the model config only")
+    p = subparsers.add_parser("estimate-memory", help="GPU memory a recipe needs per process, from the model config only",
+                              description="Per-GPU memory of a recipe: frozen weights, adapter states, activations "
+                                          "and step transients, after the sharding of the accelerate config. Recipe "
+                                          "keys can be overridden after `--`, e.g. `-- --quantize_experts nf4`.")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
+    p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int,
+                   help="processes (GPUs); default: the accelerate config's, else 1")
+    p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
+                   help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or one of "
+                        "single, ddp, zero1, zero2, zero3, fsdp; default: DDP when --num-processes > 1")
+    p.add_argument("--gpu", type=float, help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
+                                             "fits and, when not, the nearest setting that does")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then recipe flags, e.g. -- --max_length 4096")
     p.set_defaults(func=_estimate_memory)
 
 
@@ -124,6 +135,8 @@ def _merge(args) -> int:
 def _estimate_memory(args) -> int:
     from bimedix.training.memory import estimate_memory, format_report
 
-    report = estimate_memory(args.recipe)
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    report = estimate_memory(args.recipe, overrides, num_processes=args.num_processes,
+                             accelerate_config=args.accelerate_config, gpu=args.gpu)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
