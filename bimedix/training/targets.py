@@ -116,6 +116,8 @@ def build_lora_config(
     target_modules: Sequence[str] | None = None,
     target_parameters: Sequence[str] | None = None,
     full_names: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
     **lora_kwargs,
 ):
     """Build a PEFT `LoraConfig` for ``model`` from a preset, or from explicit lists.
@@ -131,7 +133,13 @@ def build_lora_config(
         target_modules, target_parameters (`Sequence[str]`, *optional*): explicit PEFT name lists.
         full_names (`bool`, *optional*, defaults to `False`): emit full names instead of the shortest
             unambiguous suffixes (needed for parametrized, e.g. 4-bit, expert parameters).
+        rank_pattern, alpha_pattern (`dict[str, int]`, *optional*): PEFT's per-weight ranks and alphas, keyed by
+            a name or regex matched against the end of full module / parameter names (recipe keys
+            ``lora_rank_pattern`` / ``lora_alpha_pattern``).
         **lora_kwargs: passed to `LoraConfig` (e.g. ``use_rslora``, ``modules_to_save``).
+
+    Raises:
+        `ValueError`: a rank or alpha pattern key that matches none of the adapted weights (names the key).
 
     Returns:
         `peft.LoraConfig` with ``task_type="CAUSAL_LM"``.
@@ -150,9 +158,36 @@ def build_lora_config(
         logger.warning("lora_dropout=%s is not supported on target_parameters (router/fused experts); using 0.",
                        dropout)
         dropout = 0.0
+    for recipe_key, pattern in (("lora_rank_pattern", rank_pattern), ("lora_alpha_pattern", alpha_pattern)):
+        check_pattern(model, pattern or {}, modules, parameters, recipe_key)
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules or None,
-                      target_parameters=parameters or None, **lora_kwargs)
+                      target_parameters=parameters or None, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}), **lora_kwargs)
+
+
+def check_pattern(model: nn.Module, pattern: dict[str, int], target_modules: Sequence[str],
+                  target_parameters: Sequence[str], key_name: str = "rank_pattern") -> None:
+    """Refuse a PEFT ``rank_pattern``/``alpha_pattern`` key that matches none of the weights LoRA adapts.
+
+    PEFT matches a key as the regex ``(.*\\.)?KEY$`` against the full name of each adapted module (or, for
+    ``target_parameters``, the full parameter name) and silently ignores keys that match nothing.
+
+    Raises:
+        `ValueError`: naming ``key_name``, the key and a few adapted names.
+    """
+    adapted = [n for n, _ in model.named_modules() if _matches_suffix(n, target_modules)]
+    adapted += [n for n, _ in model.named_parameters() if _matches_suffix(n, target_parameters)]
+    for key in pattern:
+        try:
+            matched = any(re.match(rf"(.*\.)?({key})$", name) for name in adapted)
+        except re.error as err:
+            raise ValueError(f"{key_name} key {key!r} is not a valid regular expression ({err}).") from None
+        if not matched:
+            examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in adapted})[:8]
+            raise ValueError(
+                f"{key_name} key {key!r} matches none of the {len(adapted)} weights LoRA adapts here; keys match the "
+                f"end of full names such as {examples}. Use e.g. 'experts.gate_up_proj', 'experts.down_proj', 'gate.weight' or 'q_proj'.")
 
 
 def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
@@ -246,6 +281,10 @@ def _preset_groups(preset: str | Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"Unknown LoRA target group(s) {unknown}; choose from {list(GROUPS)}.")
     return tuple(preset)
+
+
+def _matches_suffix(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _parent(name: str) -> str:
