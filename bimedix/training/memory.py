@@ -121,7 +121,7 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
         batch_size=training.per_device_train_batch_size, max_length=training.max_length or 1024,
-        checkpointing=bool(training.activation_checkpointing), optim=str(training.optim),
+        checkpointing=bool(training.activation_checkpointing), optim=str(getattr(training.optim, "value", training.optim)),
         num_processes=num_processes or config_processes, sharding=sharding)
     report = estimate(facts, settings)
     report["model"] = model_args.model_name_or_path or f"tiny:{bimedix.tiny_model}"
@@ -328,7 +328,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
       time, just in time: one expert parameter in the compute dtype.
     - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
-    - torch's AdamW ``foreach`` step (CUDA) allocates temporaries the size of the trainable weights.
+    - torch's AdamW ``foreach`` step (``adamw_torch`` on CUDA) allocates temporaries the size of the trainable
+      weights (the fused and 8-bit optimizers update in place).
     """
     size, n = dtype.itemsize, max(settings.num_processes, 1)
     out = {}
@@ -338,7 +339,7 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
         out["gathered_layers"] = 2 * facts["layer_parameters"] * params["total"] / max(sum(params["counts"].values()), 1)
-    if not settings.sharding.offload_optimizer:
+    if settings.optim == "adamw_torch" and not settings.sharding.offload_optimizer:
         out["optimizer_step"] = trainable["weights"]
     return {k: v for k, v in out.items() if v}
 

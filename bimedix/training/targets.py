@@ -194,7 +194,7 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
     """Apply ``lora_config`` to ``model`` (use a meta-device model: nothing is allocated) and count.
 
     Returns:
-        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``,
+        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``, ``r``,
         ``lora_params``), the trainable parameter count and the total parameter count (base + adapters).
     """
     from peft import get_peft_model
@@ -214,7 +214,8 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
         target = by_name.get(name)
         rows.append({"name": name, "kind": target.kind if target else "module",
                      "group": target.group if target else "other",
-                     "shape": list(target.shape) if target else [], "lora_params": count})
+                     "shape": list(target.shape) if target else [], "r": max(module.r.values(), default=0),
+                     "lora_params": count})
     rows.sort(key=lambda row: list(by_name).index(row["name"]) if row["name"] in by_name else len(by_name))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
