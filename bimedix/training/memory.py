@@ -200,10 +200,12 @@ def estimate(facts: dict, settings: Settings) -> dict:
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
-    # the step's transients do not overlap: the expert materialised in backward is gone before AdamW steps
-    transient_total = max(transients.values(), default=0)
+    # forward/backward transients come on top of the activations; the optimizer step comes after backward freed
+    # them, so the step's peak is the larger of the two phases
+    during_backward = act_total + max(transients.get("expert_weights", 0), transients.get("gathered_layers", 0))
+    step_peak = max(during_backward, transients.get("optimizer_step", 0))
     totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
-              "transients": transient_total}
+              "transients": step_peak - act_total}
     totals["all"] = sum(totals.values())
     return {"model_type": facts["model_type"], "settings": {**asdict(settings), "sharding": asdict(shard)},
             "parameters": params, "trainable": trainable, "activations": activations, "transients": transients,
@@ -321,7 +323,8 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
 
 
 def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict, trainable: dict) -> dict:
-    """Short-lived memory of one step (the largest counts, see `estimate`).
+    """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or the
+    optimizer step's when that is larger (it comes after backward has freed the activations).
 
     - PEFT's LoRA on fused experts builds ``W + ΔW`` for a whole expert parameter on every forward and
       recompute, and its gradient in backward: three expert parameters in the compute dtype.
@@ -444,11 +447,12 @@ def format_report(report: dict) -> str:
               f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
               f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
               f"  (recipe: {'on' if s['checkpointing'] else 'off'})",
-              "Step transients (largest counts): " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
+              "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
                                                                 for k, v in report["transients"].items()) or "none")]
     totals = report["totals"]
-    lines += ["", "Per GPU: " + " + ".join(f"{k.replace('_', ' ')} {_gib(totals[k]).strip()}"
-                                          for k in ("parameters", "trainable_states", "activations", "transients"))
+    labels = {"parameters": "parameters", "trainable_states": "trainable states", "activations": "activations",
+              "transients": "step transients beyond them"}
+    lines += ["", "Per GPU: " + " + ".join(f"{label} {_gib(totals[k]).strip()}" for k, label in labels.items())
               + f" = {_gib(totals['all']).strip()} (+ {_gib(CUDA_RESERVE).strip()} CUDA context reserve)", ""]
     lines.append(f"  {'GPU':<8} {'e.g.':<24} {'memory':>12}  fits  {'room':>12}")
     for row in report["gpus"]:
