@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -201,8 +202,10 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
 
     by_name = {t.name: t for t in find_targets(model)}
     on_meta = next(model.parameters()).device.type == "meta"
-    with torch.device("meta") if on_meta else contextlib.nullcontext():  # adapters of a meta model: no memory
-        peft_model = get_peft_model(model, lora_config)
+    with torch.device("meta") if on_meta else contextlib.nullcontext(), warnings.catch_warnings():
+        # PEFT 0.21 checks rank/alpha pattern keys against target_modules only and warns wrongly for parameter keys
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        peft_model = get_peft_model(model, lora_config)  # adapters of a meta model: no memory
     rows = []
     for module_name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A"):
