@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(args)))
         return {}
     command = [sys.executable, __file__, "--child", *(argv if argv is not None else sys.argv[1:])]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    # a fixed mmap threshold makes glibc return freed tensors to the OS, so the resident size follows them
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if done.returncode:
         raise RuntimeError(f"measurement failed:\n{done.stderr[-3000:]}")
     measured = json.loads(done.stdout.strip().splitlines()[-1])
@@ -81,9 +83,8 @@ def main(argv=None) -> dict:
 
 def estimate(args: argparse.Namespace) -> dict:
     """`bimedix.training.memory.estimate` for the benchmark's model and settings."""
-    from bimedix.training.memory import Settings
+    from bimedix.training.memory import Settings, model_facts
     from bimedix.training.memory import estimate as estimate_bytes
-    from bimedix.training.memory import model_facts
     from bimedix.training.targets import build_lora_config, meta_model
 
     model = meta_model(MODEL, num_hidden_layers=args.layers)

@@ -10,9 +10,21 @@ from pathlib import Path
 import pytest
 
 from bimedix.resources import resource_path
-from bimedix.training.memory import (CUDA_RESERVE, GIB, NF4_BYTES, STRATEGIES, Settings, activation_bytes, estimate,
-                                     estimate_memory, format_report, gpu_memory, model_facts, read_accelerate_config,
-                                     suggest)
+from bimedix.training.memory import (
+    CUDA_RESERVE,
+    GIB,
+    NF4_BYTES,
+    STRATEGIES,
+    Settings,
+    activation_bytes,
+    estimate,
+    estimate_memory,
+    format_report,
+    gpu_memory,
+    model_facts,
+    read_accelerate_config,
+    suggest,
+)
 from bimedix.training.targets import build_lora_config, meta_model
 
 PAPER = resource_path("recipes", "bimedix-mixtral", "sft_qlora.yaml")

@@ -121,7 +121,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
         quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
         batch_size=training.per_device_train_batch_size, max_length=training.max_length or 1024,
-        checkpointing=bool(training.activation_checkpointing), optim=str(getattr(training.optim, "value", training.optim)),
+        checkpointing=bool(training.activation_checkpointing),
+        optim=str(getattr(training.optim, "value", training.optim)),
         num_processes=num_processes or config_processes, sharding=sharding)
     report = estimate(facts, settings)
     report["model"] = model_args.model_name_or_path or f"tiny:{bimedix.tiny_model}"
@@ -268,27 +269,19 @@ def trainable_bytes(facts: dict, settings: Settings, dtype: torch.dtype) -> dict
     """
     count = facts["trainable"]
     n, shard = max(settings.num_processes, 1), settings.sharding
-    if not facts["peft"]:
-        per = dtype.itemsize
-    else:
-        per = 2 if settings.quantization else 4
+    per = dtype.itemsize if not facts["peft"] else 2 if settings.quantization else 4
     deepspeed = shard.kind == "deepspeed"
     if deepspeed:
         per = min(per, 2)
     states_per = 1 if "8bit" in settings.optim else 4 if deepspeed or per == 4 else per
-    weights = count * per
-    gradients = count * per
+    weights = count * per / (n if shard.parameters else 1)
+    gradients = count * per / (n if shard.gradients else 1)
     optimizer = count * 2 * states_per + (count * (4 + 4) if deepspeed else 0)  # + fp32 master and fp32 grads
-    buckets = gradients if shard.kind == "ddp" and n > 1 else 0
-    return {
-        "parameters": count, "bytes_per_weight": per, "expert_lora": facts["expert_lora"],
-        "weights": weights / (n if shard.parameters else 1),
-        "gradients": gradients / (n if shard.gradients else 1),
-        "optimizer": 0 if shard.offload_optimizer else optimizer / (n if shard.optimizer else 1),
-        "ddp_buckets": buckets,
-        "total": (weights / (n if shard.parameters else 1) + gradients / (n if shard.gradients else 1)
-                  + (0 if shard.offload_optimizer else optimizer / (n if shard.optimizer else 1)) + buckets),
-    }
+    optimizer = 0 if shard.offload_optimizer else optimizer / (n if shard.optimizer else 1)
+    buckets = count * per if shard.kind == "ddp" and n > 1 else 0
+    return {"parameters": count, "bytes_per_weight": per, "expert_lora": facts["expert_lora"], "weights": weights,
+            "gradients": gradients, "optimizer": optimizer, "ddp_buckets": buckets,
+            "total": weights + gradients + optimizer + buckets}
 
 
 def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype, adapter_bytes: int = 0) -> dict:
@@ -445,8 +438,8 @@ def format_report(report: dict) -> str:
               + (f"  DDP buckets {_gib(t['ddp_buckets'])}" if t["ddp_buckets"] else ""),
               "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
               f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
-              f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
-              f"  (recipe: {'on' if s['checkpointing'] else 'off'})",
+              (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
+               f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
               "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
                                                                 for k, v in report["transients"].items()) or "none")]
     totals = report["totals"]
@@ -487,8 +480,8 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     if settings.num_processes > 1:
         for key in ("zero2", "zero3"):
             if not (settings.sharding.parameters or (key == "zero2" and settings.sharding.gradients)):
-                changes.append((f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml "
-                                f"({STRATEGIES[key].name})", {"sharding": STRATEGIES[key]}))
+                label = f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml ({STRATEGIES[key].name})"
+                changes.append((label, {"sharding": STRATEGIES[key]}))
     if "8bit" not in settings.optim:
         changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
     if settings.batch_size > 1:
@@ -500,8 +493,8 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
 
 
 def _notes(params: dict, settings: Settings) -> list[str]:
-    notes = ["CUDA context, NCCL buffers and allocator fragmentation are not in the totals; a fixed "
-             f"{_gib(CUDA_RESERVE).strip()} reserve is added before comparing with a GPU."]
+    notes = [("CUDA context, NCCL buffers and allocator fragmentation are not in the totals; a fixed "
+              f"{_gib(CUDA_RESERVE).strip()} reserve is added before comparing with a GPU.")]
     unquantized = params["by_part"].get("experts", 0)
     if settings.quantization and not settings.quantize_experts and unquantized:
         notes.append(
