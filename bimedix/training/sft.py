@@ -146,6 +146,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    check_lora_patterns(model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
@@ -235,6 +236,22 @@ def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArgume
         modules_to_save=model_args.lora_modules_to_save, rank_pattern=bimedix_args.lora_rank_pattern,
         alpha_pattern=bimedix_args.lora_alpha_pattern,
     )
+
+
+def check_lora_patterns(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    """Refuse `lora_rank_pattern` / `lora_alpha_pattern` keys that match no adapted weight before any data or
+    weights are loaded, on a meta-device model (when the config is tiny, shipped or cached; the loaded model is
+    checked again in `make_peft_config`)."""
+    if not model_args.use_peft or not (bimedix_args.lora_rank_pattern or bimedix_args.lora_alpha_pattern):
+        return
+    from .targets import meta_model
+
+    try:
+        model = meta_model(bimedix_args.tiny_model or model_args.model_name_or_path,
+                           **(bimedix_args.tiny_model_config or {}) if bimedix_args.tiny_model else {})
+    except (OSError, ValueError, TypeError):
+        return
+    make_peft_config(model, model_args, bimedix_args)
 
 
 def load_sft_dataset(script_args: ScriptArguments, mixture_args: DatasetMixtureConfig,
