@@ -1,9 +1,11 @@
 """Hold `bimedix estimate-memory` against a measured peak: a real-dimension Mixtral of a few layers on CPU.
 
 The model is `MixtralForCausalLM` with Mixtral-8x7B's shipped config (hidden 4096, intermediate 14336, 8 experts,
-top-2, vocabulary 32,000) cut to ``--layers`` layers, random bf16 weights, the paper's LoRA (r=128, alpha=64 on
-q, k, v + router + experts, built by `bimedix.training.targets.build_lora_config` as the recipes do), by
-default bimedix's 4-bit experts with the folded expert LoRA, activation checkpointing and torch AdamW with
+top-2, vocabulary 32,000) cut to ``--layers`` layers, random bf16 weights allocated a layer at a time, the paper's
+LoRA (r=128, alpha=64 on q, k, v + router + experts, built by `bimedix.training.targets.build_lora_config` as the
+recipes do), by default bf16 experts (``--experts nf4``: bimedix's 4-bit experts; packing one real-size layer on
+CPU takes about 11 GB, so use it at reduced ``--hidden``/``--intermediate``) with the folded expert LoRA,
+activation checkpointing and torch AdamW with
 ``foreach=True`` (what CUDA runs by default). It runs ``--steps`` training steps on ``--tokens`` tokens in a
 child process and samples its resident set size every millisecond (glibc told to return freed memory, as in
 ``benchmarks/moe_experts.py``); the measured peak is that maximum minus the size after imports.
@@ -12,8 +14,8 @@ The estimate is `bimedix.training.memory.estimate` for the same model (meta devi
 process without sharding and without the CUDA reserve (a CPU process has no CUDA context). It prints the
 estimate and the measurement by component and their ratio; the target is within ±15%.
 
-    python benchmarks/memory_estimate.py                       # 2 layers, 128 tokens: ~6 GB of RAM, a few minutes
-    python benchmarks/memory_estimate.py --experts bf16        # bf16 experts (~9 GB)
+    python benchmarks/memory_estimate.py                       # 2 layers, 128 tokens: ~9 GB of RAM, a few minutes
+    python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584   # 4-bit experts, 1/4 size
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ GIB = 1024**3
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (Mixtral-8x7B: 32)")
+    parser.add_argument("--hidden", type=int, default=4096, help="hidden size (Mixtral-8x7B: 4096)")
+    parser.add_argument("--intermediate", type=int, default=14336, help="expert intermediate size (Mixtral: 14336)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per step (one sequence)")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (paper: 128)")
     parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
@@ -69,7 +73,7 @@ def main(argv=None) -> dict:
          trainable["gradients"] + totals["activations"] + totals["transients"], measured["step"]),
         ("peak (total)", totals["all"], measured["peak"]),
     ]
-    print(f"Mixtral dims, {args.layers} layers, {args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} "
+    print(f"Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} "
           f"alpha={args.alpha} on q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
           f"{args.tokens} tokens, checkpointing {'off' if args.no_checkpointing else 'on'}, CPU, torch {torch.__version__}")
     print(f"{'component':<34} {'estimate':>12} {'measured':>12} {'ratio':>7}")
@@ -87,7 +91,7 @@ def estimate(args: argparse.Namespace) -> dict:
     from bimedix.training.memory import estimate as estimate_bytes
     from bimedix.training.targets import build_lora_config, meta_model
 
-    model = meta_model(MODEL, num_hidden_layers=args.layers)
+    model = meta_model(MODEL, **_dims(args))
     peft_config = build_lora_config(model, "paper", r=args.rank, alpha=args.alpha)
     settings = Settings(compute_dtype="bfloat16", quantize_experts=args.experts == "nf4", expert_lora=args.expert_lora,
                         batch_size=1, max_length=args.tokens, checkpointing=not args.no_checkpointing)
@@ -104,7 +108,7 @@ def measure(args: argparse.Namespace) -> dict:
     from bimedix.training.targets import build_lora_config, load_model_config
 
     baseline = _current_rss()
-    config = load_model_config(MODEL, num_hidden_layers=args.layers)
+    config = load_model_config(MODEL, **_dims(args))
     torch.manual_seed(0)
     with torch.device("meta"):  # LoRA first, then pack, as `bimedix sft` does; allocated a layer at a time below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -139,6 +143,10 @@ def measure(args: argparse.Namespace) -> dict:
     step_s = (time.perf_counter() - start) / args.steps
     peak = sampler.stop() - baseline
     return {"at_rest": at_rest, "optimizer": warm - at_rest, "step": peak - warm, "peak": peak, "step_s": step_s}
+
+
+def _dims(args: argparse.Namespace) -> dict:
+    return {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
 
 
 def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:

@@ -148,7 +148,9 @@ def test_fold_and_quantize_change_the_expert_transient(mixtral_facts):
     peft_bf16 = estimate(mixtral_facts, Settings())["transients"]["expert_weights"]
     folded_nf4 = estimate(mixtral_facts, Settings(quantize_experts=True, expert_lora="folded"))
     folded_bf16 = estimate(mixtral_facts, Settings(expert_lora="folded"))
-    assert peft_bf16 == 3 * largest * 2 and folded_nf4["transients"]["expert_weights"] == largest * 2
+    peft_nf4 = estimate(mixtral_facts, Settings(quantize_experts=True))["transients"]["expert_weights"]
+    assert peft_bf16 == 2 * largest * 2 and peft_nf4 == 3 * largest * 2  # ΔW, W + ΔW (and the dequantized W)
+    assert folded_nf4["transients"]["expert_weights"] == largest * 2
     assert "expert_weights" not in folded_bf16["transients"]
 
 

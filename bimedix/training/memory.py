@@ -319,8 +319,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or the
     optimizer step's when that is larger (it comes after backward has freed the activations).
 
-    - PEFT's LoRA on fused experts builds ``W + ΔW`` for a whole expert parameter on every forward and
-      recompute, and its gradient in backward: three expert parameters in the compute dtype.
+    - PEFT's LoRA on fused experts builds ΔW and ``W + ΔW`` for a whole expert parameter on every forward and
+      recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
     - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
       time, just in time: one expert parameter in the compute dtype.
     - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
@@ -330,7 +330,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     size, n = dtype.itemsize, max(settings.num_processes, 1)
     out = {}
     if facts["expert_lora"] and settings.expert_lora != "folded":
-        out["expert_weights"] = 3 * facts["largest_expert_parameter"] * size
+        copies = 3 if settings.quantize_experts else 2  # (dequantized W), ΔW, W + ΔW
+        out["expert_weights"] = copies * facts["largest_expert_parameter"] * size
     elif settings.quantize_experts:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
