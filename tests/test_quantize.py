@@ -230,7 +230,7 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
     assert sum("lora_A" in n for n, _ in adapter.named_parameters()) == 2 * 6  # q, k, v, router, gate_up, down
 
     report = estimate_memory(recipe)
-    assert report["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0
+    assert report["settings"]["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0
 
     from bimedix.training.merge import merge_adapter
 

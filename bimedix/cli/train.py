@@ -9,7 +9,10 @@ import json
 def register(subparsers) -> None:
     """Add the training sub-commands."""
     p = subparsers.add_parser("targets", help="show which weights a LoRA preset adapts and the trainable share")
-    p.add_argument("model", help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached Hub id")
+    p.add_argument("model", nargs="?",
+                   help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached/shipped Hub id")
+    p.add_argument("--recipe", help="an SFT recipe YAML: its model, preset, r, alpha and rank/alpha patterns "
+                                    "(instead of MODEL and the flags below)")
     p.add_argument("--preset", default="paper", help="paper | attention | experts | all (default: paper)")
     p.add_argument("--r", type=int, default=128, help="LoRA rank (default: 128, the paper's)")
     p.add_argument("--alpha", type=int, default=64, help="LoRA alpha (default: 64)")
@@ -44,32 +47,59 @@ def register(subparsers) -> None:
                    help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
     p.set_defaults(func=_merge)
 
-    p = subparsers.add_parser("estimate-memory", help="memory a recipe needs, from the model config only")
+    p = subparsers.add_parser("estimate-memory", help="GPU memory a recipe needs per process, from the model config only",
+                              description="Per-GPU memory of a recipe: frozen weights, adapter states, activations "
+                                          "and step transients, after the sharding of the accelerate config. Recipe "
+                                          "keys can be overridden after `--`, e.g. `-- --quantize_experts nf4`.")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
+    p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int,
+                   help="processes (GPUs); default: the accelerate config's, else 1")
+    p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
+                   help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or one of "
+                        "single, ddp, zero1, zero2, zero3, fsdp; default: DDP when --num-processes > 1")
+    p.add_argument("--gpu", type=float, help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
+                                             "fits and, when not, the nearest setting that does")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then recipe flags, e.g. -- --max_length 4096")
     p.set_defaults(func=_estimate_memory)
 
 
 def _targets(args) -> int:
     from bimedix.training.targets import build_lora_config, describe_targets, lora_table, meta_model
 
-    model = meta_model(args.model)
-    config = build_lora_config(model, args.preset, r=args.r, alpha=args.alpha)
+    if args.recipe:
+        from bimedix.training.sft import make_peft_config, parse_args
+
+        if args.model:
+            raise ValueError("Give MODEL or --recipe, not both.")
+        _, _, model_args, _, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])
+        if not model_args.use_peft:
+            raise ValueError(f"{args.recipe}: use_peft is false, so the recipe trains no adapter.")
+        model = meta_model(bimedix.tiny_model or model_args.model_name_or_path,
+                           **(bimedix.tiny_model_config or {}) if bimedix.tiny_model else {})
+        config = make_peft_config(model, model_args, bimedix)
+    elif args.model:
+        model = meta_model(args.model)
+        config = build_lora_config(model, args.preset, r=args.r, alpha=args.alpha)
+    else:
+        raise ValueError("Give a MODEL or --recipe.")
     rows, trainable, total = lora_table(model, config)
     if args.json:
         print(json.dumps({"rows": rows, "trainable": trainable, "total": total,
                           "target_modules": sorted(config.target_modules or []),
                           "target_parameters": sorted(config.target_parameters or [])}, indent=1))
         return 0
-    print(f"{'name':<52} {'kind':<9} {'group':<14} {'shape':<18} {'LoRA params':>12}")
+    print(f"{'name':<52} {'kind':<9} {'group':<14} {'shape':<18} {'r':>4} {'LoRA params':>12}")
     for row in rows:
         print(f"{row['name']:<52} {row['kind']:<9} {row['group']:<14} {'x'.join(map(str, row['shape'])):<18} "
-              f"{row['lora_params']:>12,}")
+              f"{row['r']:>4} {row['lora_params']:>12,}")
     print()
     for group, count in describe_targets(rows).items():
         print(f"{group:<14} {count:>15,}")
     print(f"target_modules={sorted(config.target_modules or [])} target_parameters="
-          f"{sorted(config.target_parameters or [])} r={args.r} alpha={args.alpha}")
+          f"{sorted(config.target_parameters or [])} r={config.r} alpha={config.lora_alpha}"
+          + (f" rank_pattern={config.rank_pattern} alpha_pattern={config.alpha_pattern}"
+             if config.rank_pattern or config.alpha_pattern else ""))
     print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return 0
 
@@ -124,6 +154,8 @@ def _merge(args) -> int:
 def _estimate_memory(args) -> int:
     from bimedix.training.memory import estimate_memory, format_report
 
-    report = estimate_memory(args.recipe)
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    report = estimate_memory(args.recipe, overrides, num_processes=args.num_processes,
+                             accelerate_config=args.accelerate_config, gpu=args.gpu)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

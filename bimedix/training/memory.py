@@ -1,24 +1,33 @@
-"""How much memory a recipe needs, from its model config alone (meta device: no weights, no download).
+"""How much GPU memory a recipe needs per process, from its model config alone (meta device: no weights).
 
-`estimate_memory` reads a recipe, builds its model on the meta device, and adds up:
+`estimate_memory` reads a recipe, builds its model on the meta device once (`model_facts`: parameter counts by
+part, which of them are ``nn.Linear`` weights, the adapter size), and `estimate` turns those counts and the
+run's settings (`Settings`: quantization, micro-batch, processes, sharding) into bytes per process:
 
-- parameter bytes by part (attention, router, experts, shared experts, dense MLP, embeddings, other) and
-  by storage dtype, following what bitsandbytes really does: ``load_in_4bit``/``load_in_8bit`` quantize
-  ``nn.Linear`` layers only, so a transformers-5 MoE's router and fused 3-D experts stay in the compute
-  dtype (bf16), which is most of the model. bimedix's own 4-bit experts (``quantize_experts``) change that;
-- the adapter (or full model) being trained, its gradients and AdamW states;
-- activations per micro-batch (``per_device_train_batch_size`` x ``max_length``), with and without
-  activation checkpointing, plus the fp32 logits and the transient full expert weight PEFT builds when it
-  adapts fused experts.
+- **frozen parameters** by part and by storage, as bitsandbytes and bimedix store them: ``load_in_4bit``
+  quantizes ``nn.Linear`` layers only (attention, dense/shared MLPs), so a transformers-5 MoE's router and
+  fused 3-D experts stay in the compute dtype unless bimedix packs the experts (``quantize_experts: nf4``);
+  both together give 4-bit Linears, 4-bit experts and a bf16 router;
+- **trainable states**: adapter (or full model) weights, gradients and AdamW states, in the precision each
+  launcher keeps them (PEFT: fp32 adapters, bf16 under bitsandbytes where TRL casts them; DeepSpeed: bf16
+  weights and gradients with an fp32 master copy in the optimizer), sharded as the accelerate config says
+  (`Sharding`: DDP none; ZeRO-1 optimizer; ZeRO-2 gradients + optimizer; ZeRO-3 / FSDP parameters too);
+- **activations** of one micro-batch (`activation_bytes`) and the **transients** of one step: the expert
+  weight PEFT's fused-expert LoRA materialises (W + ΔW), the 4-bit expert dequantized just in time, the
+  layer ZeRO-3/FSDP gathers, AdamW's ``foreach`` temporaries.
 
-The figures are estimates for one process without sharding (ZeRO-3/FSDP divide parameters, gradients
-and optimizer states by the number of processes); CUDA context and allocator slack are not included.
+`fits` compares the total, plus a fixed CUDA context reserve, with common GPUs, and `suggest` searches the
+smallest change of settings that fits a GPU that is too small. docs/training.md ("Memory") and the
+validation in ``benchmarks/memory_estimate.py`` say what was measured.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -26,52 +35,182 @@ PARTS = ("attention", "router", "experts", "shared_experts", "mlp", "embeddings"
 GIB = 1024**3
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit block absmax (block 64) + double-quant fp32 stats
 INT8_BYTES = 1 + 4 / 4096  # int8 codes + row-wise fp32 scales (rough)
+CUDA_RESERVE = 1.0 * GIB  # CUDA context, cuBLAS/NCCL workspaces and allocator slack, added before comparing to a GPU
+#: Common GPUs by nominal size: (label, examples, memory nvidia-smi reports in MiB).
+GPUS = (
+    ("16 GB", "V100-16GB, RTX 4080", 16384),
+    ("24 GB", "RTX 3090/4090, A10", 24564),
+    ("48 GB", "L40S, A40, RTX 6000 Ada", 46068),
+    ("80 GB", "A100-80GB, H100", 81559),
+    ("141 GB", "H200", 143771),
+)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """Estimate the training memory of a recipe (see the module docstring for what is counted).
+@dataclass(frozen=True)
+class Sharding:
+    """What the launcher divides across processes (and what it keeps in CPU memory instead of the GPU).
+
+    Args:
+        name (`str`): label, e.g. ``"DeepSpeed ZeRO-2"``.
+        kind (`str`): ``"single"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``.
+        parameters, gradients, optimizer (`bool`): sharded across the processes.
+        offload_parameters, offload_optimizer (`bool`): kept in CPU memory.
+    """
+
+    name: str
+    kind: str
+    parameters: bool = False
+    gradients: bool = False
+    optimizer: bool = False
+    offload_parameters: bool = False
+    offload_optimizer: bool = False
+
+
+STRATEGIES = {
+    "single": Sharding("one process", "single"),
+    "ddp": Sharding("DDP", "ddp"),
+    "zero1": Sharding("DeepSpeed ZeRO-1", "deepspeed", optimizer=True),
+    "zero2": Sharding("DeepSpeed ZeRO-2", "deepspeed", gradients=True, optimizer=True),
+    "zero3": Sharding("DeepSpeed ZeRO-3", "deepspeed", parameters=True, gradients=True, optimizer=True),
+    "fsdp": Sharding("FSDP FULL_SHARD", "fsdp", parameters=True, gradients=True, optimizer=True),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run settings the memory depends on (read from a recipe by `settings_from_recipe`)."""
+
+    compute_dtype: str = "bfloat16"
+    quantization: str | None = None  # bitsandbytes on nn.Linear: "4bit" | "8bit"
+    quantize_experts: bool = False  # bimedix NF4 fused experts
+    expert_lora: str = "peft"  # "peft" | "folded"
+    batch_size: int = 1
+    max_length: int = 1024
+    checkpointing: bool = True
+    optim: str = "adamw_torch"
+    num_processes: int = 1
+    sharding: Sharding = STRATEGIES["single"]
+
+
+def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None, *, num_processes: int | None = None,
+                    accelerate_config: str | os.PathLike | None = None, gpu: float | None = None) -> dict:
+    """Estimate the per-process training memory of a recipe.
 
     Args:
         recipe (`str | os.PathLike`): a YAML recipe for ``recipes/sft.py``.
-        overrides (`list[str]`, *optional*): extra ``--key value`` flags, as on the command line.
+        overrides (`list[str]`, *optional*): extra ``--key value`` recipe flags, as on the command line.
+        num_processes (`int`, *optional*): processes (GPUs); default: the accelerate config's, else 1.
+        accelerate_config (`str | os.PathLike`, *optional*): an accelerate YAML (its path), or a `STRATEGIES`
+            name; default: DDP when ``num_processes`` > 1, else one process.
+        gpu (`float`, *optional*): the GPU the run is meant for, in GB (see `gpu_memory`).
 
     Returns:
-        `dict`: ``model``, ``parameters`` (bytes by part and by storage), ``trainable``, ``activations``,
-        ``totals`` and ``notes``.
+        `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``, ``memory``,
+        ``fits`` and ``suggestion`` (see `suggest`; None when it fits or nothing tried fits).
     """
     from .sft import parse_args
 
     # `use_cpu` lets a bf16 GPU recipe parse on a machine without the GPU; nothing runs here
     _, training, model_args, _, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true", *(overrides or [])])
     model = _meta_model(model_args, bimedix)
-    dtype = _compute_dtype(model_args.dtype)
-    quantization = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None
-    quantize_experts = bool(getattr(bimedix, "quantize_experts", False))
+    facts = model_facts(model, model_args, bimedix)
+    sharding, config_processes = read_accelerate_config(accelerate_config, num_processes)
+    settings = Settings(
+        compute_dtype=model_args.dtype or "bfloat16",
+        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
+        batch_size=training.per_device_train_batch_size, max_length=training.max_length or 1024,
+        checkpointing=bool(training.activation_checkpointing),
+        optim=str(getattr(training.optim, "value", training.optim)),
+        num_processes=num_processes or config_processes, sharding=sharding)
+    report = estimate(facts, settings)
+    report["model"] = model_args.model_name_or_path or f"tiny:{bimedix.tiny_model}"
+    report["recipe"] = str(recipe)
+    if gpu is not None:
+        memory = gpu_memory(gpu)
+        fit = report["totals"]["all"] + CUDA_RESERVE <= memory
+        found = None if fit else suggest(facts, settings, memory)
+        report["stated_gpu"] = {"gb": gpu, "memory": memory, "fits": fit, "suggestion": found and {
+            "changes": found["changes"], "total": found["total"]}}
+    return report
+
+
+def model_facts(model: torch.nn.Module, model_args=None, bimedix=None, peft_config=None) -> dict:
+    """Everything `estimate` needs from the model: counts by part, Linear weights, adapter size, dimensions.
+
+    Args:
+        model (`torch.nn.Module`): the model (meta device is enough).
+        model_args, bimedix: the recipe's `ModelConfig` and `BimedixArguments` (for the LoRA config), or
+        peft_config (`peft.LoraConfig`, *optional*): the adapter; neither: full fine-tuning.
+    """
+    from .targets import lora_table
+
     parts = parameter_parts(model)
-    params = parameter_bytes(model, parts, dtype, quantization, quantize_experts)
-    trainable = trainable_bytes(model, model_args, bimedix, quantization, training.optim)
-    # the folded expert LoRA builds no W + ΔW; on 4-bit experts one layer is still dequantized just in time
-    folded = getattr(bimedix, "expert_lora", "peft") == "folded" and not quantize_experts
-    activations = activation_bytes(model.config, training.per_device_train_batch_size, training.max_length or 1024,
-                                   dtype, 0 if folded else trainable["expert_lora"])
-    checkpointing = bool(training.activation_checkpointing)
-    act_total = activations["checkpointed" if checkpointing else "full"]
-    totals = {
-        "parameters": params["total"],
-        "trainable_states": trainable["total"],
-        "activations": act_total,
-        "all": params["total"] + trainable["total"] + act_total,
-    }
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.startswith("lm_head")}
+    counts: dict[str, int] = defaultdict(int)
+    linear_counts: dict[str, int] = defaultdict(int)
+    for name, param in model.named_parameters():
+        counts[parts[name]] += param.numel()
+        if name in linear_weights:
+            linear_counts[parts[name]] += param.numel()
+    largest_expert = max((p.numel() for n, p in model.named_parameters() if parts[n] == "experts"), default=0)
+    if peft_config is None and model_args is not None and model_args.use_peft:
+        from .sft import make_peft_config
+
+        peft_config = make_peft_config(model, model_args, bimedix)
+    if peft_config is not None:
+        rows, trainable, _ = lora_table(model, peft_config)  # wraps `model` in place: counted above
+        expert_lora = sum(row["lora_params"] for row in rows if row["group"] == "experts")
+    else:
+        trainable, expert_lora = sum(counts.values()), 0
+    config = model.config.get_text_config()
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return {
-        "model": model_args.model_name_or_path or f"tiny:{bimedix.tiny_model}",
-        "model_type": model.config.model_type, "compute_dtype": str(dtype).removeprefix("torch."),
-        "quantization": quantization, "quantize_experts": quantize_experts,
-        "micro_batch": {"per_device_train_batch_size": training.per_device_train_batch_size,
-                        "max_length": training.max_length, "activation_checkpointing": checkpointing},
-        "parameters": params, "trainable": trainable, "activations": activations, "totals": totals,
-        "notes": _notes(params, quantization, quantize_experts),
+        "model_type": model.config.model_type,
+        "counts": {p: counts[p] for p in PARTS if p in counts},
+        "linear_counts": {p: linear_counts[p] for p in PARTS if p in linear_counts},
+        "peft": peft_config is not None, "trainable": trainable, "expert_lora": expert_lora,
+        "largest_expert_parameter": largest_expert,
+        "layer_parameters": sum(counts.values()) / config.num_hidden_layers,
+        "dims": {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+                 "q": heads * head_dim, "kv": (getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+                 "experts": experts, "top_k": (getattr(config, "num_experts_per_tok", 1) or 1) if experts else 0,
+                 "intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+                 "lora_r": getattr(peft_config, "r", 0) if peft_config is not None else 0},
     }
+
+
+def estimate(facts: dict, settings: Settings) -> dict:
+    """Bytes per process of a run (see the module docstring); pure arithmetic on `model_facts`.
+
+    Returns:
+        `dict`: ``settings``, ``parameters`` (``by_part``, ``by_storage``, ``counts``, ``total``), ``trainable``,
+        ``activations``, ``transients``, ``totals`` (``parameters``, ``trainable_states``, ``activations``,
+        ``transients``, ``all``), ``gpus`` (see `fits`) and ``notes``.
+    """
+    dtype = _DTYPES.get(settings.compute_dtype, torch.bfloat16)
+    n, shard = max(settings.num_processes, 1), settings.sharding
+    params = parameter_bytes(facts, dtype, settings.quantization, settings.quantize_experts)
+    trainable = trainable_bytes(facts, settings, dtype)
+    activations = activation_bytes(facts["dims"], settings.batch_size, settings.max_length, dtype,
+                                   adapter_bytes=trainable["bytes_per_weight"] if facts["peft"] else 0)
+    transients = transient_bytes(facts, settings, dtype, params, trainable)
+    param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
+    act_total = activations["checkpointed" if settings.checkpointing else "full"]
+    # forward/backward transients come on top of the activations; the optimizer step comes after backward freed
+    # them, so the step's peak is the larger of the two phases
+    during_backward = act_total + max(transients.get("expert_weights", 0), transients.get("gathered_layers", 0))
+    step_peak = max(during_backward, transients.get("optimizer_step", 0))
+    totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
+              "transients": step_peak - act_total}
+    totals["all"] = sum(totals.values())
+    return {"model_type": facts["model_type"], "settings": {**asdict(settings), "sharding": asdict(shard)},
+            "parameters": params, "trainable": trainable, "activations": activations, "transients": transients,
+            "totals": totals, "gpus": fits(totals["all"]), "notes": _notes(params, settings)}
 
 
 def parameter_parts(model: torch.nn.Module) -> dict[str, str]:
@@ -96,123 +235,286 @@ def parameter_parts(model: torch.nn.Module) -> dict[str, str]:
     return parts
 
 
-def parameter_bytes(model: torch.nn.Module, parts: dict[str, str], dtype: torch.dtype, quantization: str | None,
-                    quantize_experts: bool = False) -> dict:
-    """Bytes of the frozen model by part and by storage, as bitsandbytes (and bimedix) would store it."""
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not n.startswith("lm_head")}
+def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None, quantize_experts: bool = False) -> dict:
+    """Bytes of the frozen model by part and by storage, as bitsandbytes (and bimedix) store it.
+
+    bitsandbytes packs the ``nn.Linear`` weights of each part; bimedix packs the fused 3-D experts; the rest
+    (router, embeddings, norms, biases) stays in the compute dtype.
+    """
     by_part: dict[str, float] = defaultdict(float)
     by_storage: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for name, param in model.named_parameters():
-        part = parts[name]
-        if quantization and name in linear_weights:
-            storage, per = ("nf4", NF4_BYTES) if quantization == "4bit" else ("int8", INT8_BYTES)
-        elif quantize_experts and part == "experts":
-            storage, per = "nf4", NF4_BYTES
-        else:
-            storage, per = str(dtype).removeprefix("torch."), dtype.itemsize
-        by_part[part] += param.numel() * per
-        by_storage[storage] += param.numel() * per
-        counts[part] += param.numel()
-    return {"by_part": {p: by_part[p] for p in PARTS if p in by_part},
-            "by_storage": dict(by_storage), "counts": {p: counts[p] for p in PARTS if p in counts},
-            "total": sum(by_part.values())}
+    plain = str(dtype).removeprefix("torch.")
+    for part, count in facts["counts"].items():
+        linear = facts["linear_counts"].get(part, 0) if quantization else 0
+        if quantize_experts and part == "experts":
+            linear = count  # fused experts are not Linears; bimedix packs them (per-expert Linears: bitsandbytes)
+        packed, per = ("nf4", NF4_BYTES) if quantization == "4bit" or (part == "experts" and quantize_experts) \
+            else ("int8", INT8_BYTES)
+        for storage, number, size in ((packed, linear, per), (plain, count - linear, dtype.itemsize)):
+            if number:
+                by_part[part] += number * size
+                by_storage[storage] += number * size
+    return {"by_part": {p: by_part[p] for p in PARTS if p in by_part}, "by_storage": dict(by_storage),
+            "counts": dict(facts["counts"]), "total": sum(by_part.values())}
 
 
-def trainable_bytes(model: torch.nn.Module, model_args, bimedix, quantization: str | None, optim: str) -> dict:
-    """Adapter (or full model) weights, gradients and AdamW states."""
-    from .sft import make_peft_config
-    from .targets import lora_table
+def trainable_bytes(facts: dict, settings: Settings, dtype: torch.dtype) -> dict:
+    """Adapter (or full model) weights, gradients and optimizer states per process, after sharding.
 
-    states = 2
-    if model_args.use_peft:
-        rows, n_trainable, _ = lora_table(model, make_peft_config(model, model_args, bimedix))
-        per = 2 if quantization else 4  # TRL casts QLoRA adapters to bf16; PEFT keeps others in fp32
-        state_per = 1 if "8bit" in str(optim) else per
-        expert_lora = sum(row["lora_params"] for row in rows if row["group"] == "experts")
-    else:
-        n_trainable = sum(p.numel() for p in model.parameters())
-        per, state_per, expert_lora = _compute_dtype(model_args.dtype).itemsize, 4, 0
-    weights, grads, optimizer = n_trainable * per, n_trainable * per, n_trainable * state_per * states
-    return {"parameters": n_trainable, "weights": weights, "gradients": grads, "optimizer": optimizer,
-            "expert_lora": expert_lora, "total": weights + grads + optimizer}
-
-
-def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, expert_lora: int = 0) -> dict:
-    """Rough activation memory of one micro-batch (SDPA attention: no stored attention matrix).
-
-    Per token and layer: attention keeps about ``6H + 2*kv`` values, an MoE layer ``E`` fp32 router logits and
-    ``k*(2H + 3I)`` expert values (a dense MLP: ``2H + 3I``). Checkpointing keeps each layer's input and one
-    layer's full activations. Logits: fp32 ``V`` values twice (logits and their gradient).
+    PEFT keeps adapters in fp32; TRL casts them to bf16 when the model is bitsandbytes-quantized (QLoRA).
+    Full fine-tuning keeps the weights in the compute dtype. DeepSpeed (bf16) holds the trainable weights and
+    their gradients in bf16 plus an fp32 master copy and fp32 gradient partition in the optimizer. AdamW keeps
+    two states in the weights' precision (torch; fp32 for DeepSpeed); 8-bit optimizers one byte each.
+    DDP also keeps one gradient copy in its all-reduce buckets.
     """
-    config = config.get_text_config()
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    top_k = getattr(config, "num_experts_per_tok", 1) or 1
-    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    count = facts["trainable"]
+    n, shard = max(settings.num_processes, 1), settings.sharding
+    per = dtype.itemsize if not facts["peft"] else 2 if settings.quantization else 4
+    deepspeed = shard.kind == "deepspeed"
+    if deepspeed:
+        per = min(per, 2)
+    states_per = 1 if "8bit" in settings.optim else 4 if deepspeed or per == 4 else per
+    weights = count * per / (n if shard.parameters else 1)
+    gradients = count * per / (n if shard.gradients else 1)
+    optimizer = count * 2 * states_per + (count * (4 + 4) if deepspeed else 0)  # + fp32 master and fp32 grads
+    optimizer = 0 if shard.offload_optimizer else optimizer / (n if shard.optimizer else 1)
+    buckets = count * per if shard.kind == "ddp" and n > 1 else 0
+    return {"parameters": count, "bytes_per_weight": per, "expert_lora": facts["expert_lora"], "weights": weights,
+            "gradients": gradients, "optimizer": optimizer, "ddp_buckets": buckets,
+            "total": weights + gradients + optimizer + buckets}
+
+
+def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype, adapter_bytes: int = 0) -> dict:
+    """Activation memory of one micro-batch kept for backward (SDPA attention: no stored attention matrix).
+
+    Per token and layer, in the compute dtype unless said: attention keeps its input, the normed input, q, k,
+    v, the attention output and the o_proj output (``5H + q + 2kv``); an adapted q/k/v Linear with fp32
+    adapters keeps its input cast to fp32 and its rank-r product (``3 (4H + 4r)`` bytes); an MoE layer keeps
+    its input and normed input (``2H``), fp32 router logits and probabilities (``8E`` bytes), and per routed
+    copy the gathered input, the gate and up projections, the activation, the gated product and the down
+    projection (``k (2H + 4I)``); a dense MLP ``2H + 4I``. With checkpointing each layer keeps its input and
+    one layer is recomputed at a time. Logits: the bf16 logits plus the fp32 copy and its gradient the loss
+    makes (``V (2 + 8)`` bytes).
+    """
+    hidden, vocab, layers = dims["hidden"], dims["vocab"], dims["layers"]
+    inter, experts, top_k = dims["intermediate"], dims["experts"], dims["top_k"]
     tokens, size = batch_size * seq_len, dtype.itemsize
-    attention = (6 * hidden + 2 * kv) * size
-    mlp = (experts * 4 + top_k * (2 * hidden + 3 * inter) * size) if experts else (2 * hidden + 3 * inter) * size
+    attention = (5 * hidden + dims["q"] + 2 * dims["kv"]) * size
+    if adapter_bytes == 4 and dtype.itemsize < 4:
+        attention += 3 * (4 * hidden + 4 * dims["lora_r"])
+    if experts:
+        mlp = 8 * experts + (2 * hidden + top_k * (2 * hidden + 4 * inter)) * size
+    else:
+        mlp = (2 * hidden + 4 * inter) * size
     layer = tokens * (attention + mlp)
-    logits = tokens * vocab * 4 * 2
-    expert_transient = experts * 3 * hidden * inter * size if experts and expert_lora else 0
+    logits = tokens * vocab * (size + 8)
     return {
-        "per_layer": layer, "logits": logits, "expert_lora_transient": expert_transient,
-        "full": layers * layer + logits + expert_transient,
-        "checkpointed": layers * tokens * hidden * size + layer + logits + expert_transient,
+        "per_layer": layer, "logits": logits,
+        "full": layers * layer + logits,
+        "checkpointed": layers * tokens * hidden * size + layer + logits,
     }
 
 
+def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict, trainable: dict) -> dict:
+    """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or the
+    optimizer step's when that is larger (it comes after backward has freed the activations).
+
+    - PEFT's LoRA on fused experts builds ΔW and ``W + ΔW`` for a whole expert parameter on every forward and
+      recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
+    - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
+      time, just in time: one expert parameter in the compute dtype.
+    - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
+    - torch's AdamW ``foreach`` step (``adamw_torch`` on CUDA) allocates temporaries the size of the trainable
+      weights (the fused and 8-bit optimizers update in place).
+    """
+    size, n = dtype.itemsize, max(settings.num_processes, 1)
+    out = {}
+    if facts["expert_lora"] and settings.expert_lora != "folded":
+        copies = 3 if settings.quantize_experts else 2  # (dequantized W), ΔW, W + ΔW
+        out["expert_weights"] = copies * facts["largest_expert_parameter"] * size
+    elif settings.quantize_experts:
+        out["expert_weights"] = facts["largest_expert_parameter"] * size
+    if settings.sharding.parameters and n > 1:
+        out["gathered_layers"] = 2 * facts["layer_parameters"] * params["total"] / max(sum(params["counts"].values()), 1)
+    if settings.optim == "adamw_torch" and not settings.sharding.offload_optimizer:
+        out["optimizer_step"] = trainable["weights"]
+    return {k: v for k, v in out.items() if v}
+
+
+def fits(total: float, reserve: float = CUDA_RESERVE) -> list[dict]:
+    """Which `GPUS` hold ``total`` bytes plus ``reserve``, and the room left on each."""
+    return [{"gpu": label, "examples": examples, "memory": mib * 2**20, "fits": total + reserve <= mib * 2**20,
+             "room": mib * 2**20 - total - reserve} for label, examples, mib in GPUS]
+
+
+def gpu_memory(gb: float) -> float:
+    """Bytes of a GPU given by its nominal size in GB (a `GPUS` size, else taken as GiB)."""
+    for label, _, mib in GPUS:
+        if float(label.split()[0]) == gb:
+            return mib * 2**20
+    return gb * GIB
+
+
+def suggest(facts: dict, settings: Settings, memory: float, reserve: float = CUDA_RESERVE) -> dict | None:
+    """The smallest change of ``settings`` whose estimate fits ``memory`` bytes, or None if none does.
+
+    Changes are tried one at a time, then in pairs and triples, in order of how little they change the run:
+    activation checkpointing, 4-bit experts, 4-bit Linears, a sharding strategy with the same processes, an
+    8-bit optimizer, micro-batch 1 (with more accumulation), half the sequence length.
+
+    Returns:
+        `dict`: ``changes`` (descriptions with the recipe flags), ``settings`` and ``total`` bytes.
+    """
+    changes = _changes(facts, settings)
+    for size in range(1, 4):
+        for combo in itertools.combinations(changes, size):
+            new = settings
+            for _, update in combo:
+                new = replace(new, **update)
+            total = estimate(facts, new)["totals"]["all"]
+            if total + reserve <= memory:
+                return {"changes": [label for label, _ in combo], "settings": new, "total": total}
+    return None
+
+
+def read_accelerate_config(config: str | os.PathLike | None, num_processes: int | None = None) -> tuple[Sharding, int]:
+    """The `Sharding` and process count of an accelerate config file (or a `STRATEGIES` name).
+
+    Raises:
+        `ValueError`: an unknown strategy name, or a config whose ``distributed_type`` is not handled.
+    """
+    if config is None:
+        return STRATEGIES["ddp" if (num_processes or 1) > 1 else "single"], num_processes or 1
+    if str(config) in STRATEGIES:
+        return STRATEGIES[str(config)], num_processes or 1
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise ValueError(f"accelerate config {config!r}: no such file and not one of {sorted(STRATEGIES)}.")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    processes = int(data.get("num_processes") or 1)
+    kind = data.get("distributed_type", "NO")
+    if kind in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        sharding = STRATEGIES["ddp" if processes > 1 else "single"]
+    elif kind == "DEEPSPEED":
+        ds = data.get("deepspeed_config") or {}
+        stage = int(ds.get("zero_stage", 2))
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"{path}: deepspeed_config.zero_stage={stage!r} is not 0-3.")
+        sharding = replace(STRATEGIES[f"zero{stage}"] if stage else Sharding("DeepSpeed ZeRO-0", "deepspeed"),
+                           offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None),
+                           offload_parameters=ds.get("offload_param_device", "none") not in ("none", None))
+    elif kind == "FSDP":
+        fsdp = data.get("fsdp_config") or {}
+        strategy = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        shard_params = strategy in ("FULL_SHARD", "1", "HYBRID_SHARD", "4")
+        shard_rest = shard_params or strategy in ("SHARD_GRAD_OP", "2", "_HYBRID_SHARD_ZERO2", "5")
+        offload = bool(fsdp.get("fsdp_offload_params", False))
+        sharding = Sharding(f"FSDP {strategy}", "fsdp", parameters=shard_params, gradients=shard_rest,
+                            optimizer=shard_rest, offload_parameters=offload, offload_optimizer=offload)
+    else:
+        raise ValueError(f"{path}: distributed_type={kind!r} is not handled (MULTI_GPU, DEEPSPEED or FSDP).")
+    return sharding, num_processes or processes
+
+
 def format_report(report: dict) -> str:
-    """A plain-text table of `estimate_memory`'s report (GiB)."""
-    p, t, a = report["parameters"], report["trainable"], report["activations"]
-    mb = report["micro_batch"]
-    lines = [f"Model: {report['model']} ({report['model_type']}), compute dtype {report['compute_dtype']}, "
-             f"quantization {report['quantization'] or 'none'}"
-             + (", bimedix 4-bit experts" if report["quantize_experts"] else ""),
-             "", "Frozen parameters by part:"]
+    """A plain-text report of `estimate_memory`'s result (GiB), with the GPU table and any suggestion."""
+    p, t, a, s = report["parameters"], report["trainable"], report["activations"], report["settings"]
+    shard = s["sharding"]
+    lines = [f"Model: {report.get('model', '?')} ({report['model_type']}), compute dtype {s['compute_dtype']}, "
+             f"bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts" if s["quantize_experts"] else "")
+             + f", expert LoRA {s['expert_lora']}",
+             f"Launch: {s['num_processes']} process(es), {shard['name']}"
+             + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients", "optimizer") if shard[k]) + ")"
+                if any(shard[k] for k in ("parameters", "gradients", "optimizer")) else "")
+             + (", optimizer offloaded to CPU" if shard["offload_optimizer"] else "")
+             + (", parameters offloaded to CPU" if shard["offload_parameters"] else ""),
+             "", "Frozen parameters by part (whole model):"]
     for part, size in p["by_part"].items():
         lines.append(f"  {part:<15} {_count(p['counts'][part])} params {_gib(size)}")
     lines.append("  by storage: " + ", ".join(f"{k} {_gib(v).strip()}" for k, v in p["by_storage"].items()))
-    lines += ["", f"Trainable: {_count(t['parameters']).strip()} params",
-              f"  weights {_gib(t['weights'])}  gradients {_gib(t['gradients'])}  AdamW states {_gib(t['optimizer'])}",
-              "", f"Activations per micro-batch ({mb['per_device_train_batch_size']} x {mb['max_length']} tokens):",
-              f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}"
-              f"  PEFT fused-expert transient {_gib(a['expert_lora_transient'])}",
-              f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
-              f"  (recipe: {'on' if mb['activation_checkpointing'] else 'off'})",
-              "", f"Total per process: {_gib(report['totals']['all']).strip()}", ""]
-    lines += [f"Note: {note}" for note in report["notes"]]
+    lines += ["", f"Trainable: {_count(t['parameters']).strip()} params, per process after sharding:",
+              f"  weights {_gib(t['weights'])}  gradients {_gib(t['gradients'])}  optimizer {_gib(t['optimizer'])}"
+              + (f"  DDP buckets {_gib(t['ddp_buckets'])}" if t["ddp_buckets"] else ""),
+              "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
+              f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
+              (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
+               f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
+              "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
+                                                                for k, v in report["transients"].items()) or "none")]
+    totals = report["totals"]
+    labels = {"parameters": "parameters", "trainable_states": "trainable states", "activations": "activations",
+              "transients": "step transients beyond them"}
+    lines += ["", "Per GPU: " + " + ".join(f"{label} {_gib(totals[k]).strip()}" for k, label in labels.items())
+              + f" = {_gib(totals['all']).strip()} (+ {_gib(CUDA_RESERVE).strip()} CUDA context reserve)", ""]
+    lines.append(f"  {'GPU':<8} {'e.g.':<24} {'memory':>12}  fits  {'room':>12}")
+    for row in report["gpus"]:
+        lines.append(f"  {row['gpu']:<8} {row['examples']:<24} {_gib(row['memory'])}  {'yes ' if row['fits'] else 'no  '}"
+                     f"  {_gib(row['room'])}")
+    stated = report.get("stated_gpu")
+    if stated:
+        room = stated["memory"] - totals["all"] - CUDA_RESERVE
+        lines += ["", f"Stated GPU ({stated['gb']:g} GB = {_gib(stated['memory']).strip()}): "
+                  + (f"fits, {_gib(room).strip()} to spare." if room >= 0 else f"does NOT fit ({_gib(-room).strip()} short).")]
+        if room < 0 and stated["suggestion"]:
+            lines.append(f"  Nearest setting that fits ({_gib(stated['suggestion']['total']).strip()} per GPU): "
+                         + "; ".join(stated["suggestion"]["changes"]))
+        elif room < 0:
+            lines.append("  None of the tried changes fits: use more GPUs with ZeRO-3/FSDP, or lower LoRA ranks "
+                         "(`lora_r`, `lora_rank_pattern`).")
+    lines += [""] + [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
 
-def _notes(params: dict, quantization: str | None, quantize_experts: bool) -> list[str]:
-    notes = ["Estimates for one process without sharding; ZeRO-3/FSDP divide parameters, gradients and optimizer "
-             "states by the number of processes. CUDA context and allocator slack are not included."]
-    unquantized = params["by_part"].get("experts", 0) + params["by_part"].get("router", 0)
-    if quantization and not quantize_experts and unquantized:
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
+    changes = []
+    if not settings.checkpointing:
+        changes.append(("--activation_checkpointing true", {"checkpointing": True}))
+    if facts["counts"].get("experts") and not settings.quantize_experts:
+        changes.append(("--quantize_experts nf4 (bimedix 4-bit experts)", {"quantize_experts": True}))
+    if settings.quantization != "4bit":
+        changes.append(("--load_in_4bit true (bitsandbytes 4-bit Linears)", {"quantization": "4bit"}))
+    if settings.num_processes > 1:
+        for key in ("zero2", "zero3"):
+            if not (settings.sharding.parameters or (key == "zero2" and settings.sharding.gradients)):
+                label = f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml ({STRATEGIES[key].name})"
+                changes.append((label, {"sharding": STRATEGIES[key]}))
+    if "8bit" not in settings.optim:
+        changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
+    if settings.batch_size > 1:
+        changes.append((f"--per_device_train_batch_size 1 --gradient_accumulation_steps x{settings.batch_size}",
+                        {"batch_size": 1}))
+    if settings.max_length > 256:
+        changes.append((f"--max_length {settings.max_length // 2}", {"max_length": settings.max_length // 2}))
+    return changes
+
+
+def _notes(params: dict, settings: Settings) -> list[str]:
+    notes = [("CUDA context, NCCL buffers and allocator fragmentation are not in the totals; a fixed "
+              f"{_gib(CUDA_RESERVE).strip()} reserve is added before comparing with a GPU.")]
+    unquantized = params["by_part"].get("experts", 0)
+    if settings.quantization and not settings.quantize_experts and unquantized:
         notes.append(
-            f"bitsandbytes load_in_{quantization} quantizes nn.Linear layers only: the router and the fused 3-D "
-            f"experts stay in the compute dtype ({_gib(unquantized).strip()} here), and peft's "
+            f"bitsandbytes load_in_{settings.quantization} quantizes nn.Linear layers only: the router and the fused "
+            f"3-D experts stay in the compute dtype ({_gib(unquantized).strip()} of experts here), and peft's "
             "prepare_model_for_kbit_training would upcast them to fp32 (twice that). bimedix's 4-bit experts "
-            "(`quantize_experts`) store them in nf4.")
+            "(`quantize_experts: nf4`) store them in nf4.")
+    if settings.quantize_experts and settings.sharding.parameters and settings.num_processes > 1:
+        notes.append("ZeRO-3 / FSDP would shard the packed 4-bit experts without their quantization state; "
+                     "bimedix supports 4-bit experts with DDP or ZeRO-2.")
     return notes
 
 
 def _gib(size: float) -> str:
-    return f"{size / GIB:9.3f} GiB" if size >= GIB / 10 or size == 0 else f"{size / 1024**2:9.3f} MiB"
+    return f"{size / GIB:9.3f} GiB" if abs(size) >= GIB / 10 or size == 0 else f"{size / 1024**2:9.3f} MiB"
 
 
 def _count(n: float) -> str:
     return f"{n / 1e9:9.3f} B" if n >= 1e8 else f"{n / 1e6:9.3f} M"
-
-
-def _compute_dtype(name: str | None) -> torch.dtype:
-    return _DTYPES.get(name or "bfloat16", torch.bfloat16)
 
 
 def _meta_model(model_args, bimedix) -> torch.nn.Module:
@@ -221,4 +523,4 @@ def _meta_model(model_args, bimedix) -> torch.nn.Module:
     name = bimedix.tiny_model or model_args.model_name_or_path
     if not name:
         raise ValueError("The recipe sets neither `model_name_or_path` nor `tiny_model`.")
-    return meta_model(name)
+    return meta_model(name, **(bimedix.tiny_model_config or {}) if bimedix.tiny_model else {})

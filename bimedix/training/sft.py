@@ -52,6 +52,17 @@ class BimedixArguments:
         metadata={"help": f"LoRA targets when `lora_target_modules`/`lora_target_parameters` are unset: "
                           f"{', '.join(PRESETS)} (paper = q,k,v + router + experts)."},
     )
+    lora_rank_pattern: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-weight LoRA ranks (PEFT `rank_pattern`): {name or regex: rank}, matched against the end "
+                          "of full module names (attention, shared experts) and parameter names (router "
+                          "`mlp.gate.weight`, experts `mlp.experts.gate_up_proj`), e.g. {\"experts.gate_up_proj\": 8, \"experts.down_proj\": 8}. "
+                          "Every key must match a weight LoRA adapts. A mapping in YAML, a JSON string on the command line."},
+    )
+    lora_alpha_pattern: dict | str | None = field(
+        default=None,
+        metadata={"help": "Per-weight LoRA alphas (PEFT `alpha_pattern`), keyed like `lora_rank_pattern`."},
+    )
     chat_template: str = field(
         default="vicuna",
         metadata={"help": "`vicuna`: the BiMediX Vicuna v1.1 template with generation markers; `model`: keep the "
@@ -87,6 +98,19 @@ class BimedixArguments:
             self.tiny_model_config = json.loads(self.tiny_model_config)
         if self.tiny_model_config and not self.tiny_model:
             raise ValueError("tiny_model_config is set but tiny_model is not.")
+        for key in ("lora_rank_pattern", "lora_alpha_pattern"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{key}={value!r} is not a JSON object ({err}).") from None
+            if value is not None and (not isinstance(value, dict)
+                                      or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                 for v in value.values())):
+                raise ValueError(f"{key}={value!r}: give a mapping of module/parameter name (or regex) to a positive "
+                                 "integer, e.g. {\"experts.down_proj\": 8}.")
+            setattr(self, key, value)
         if self.lora_preset not in PRESETS:
             raise ValueError(f"lora_preset={self.lora_preset!r} is not one of {sorted(PRESETS)}.")
         if self.chat_template not in CHAT_TEMPLATES:
@@ -122,6 +146,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    check_lora_patterns(model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
@@ -208,8 +233,25 @@ def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArgume
         model, preset=bimedix_args.lora_preset, r=model_args.lora_r, alpha=model_args.lora_alpha,
         dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
         target_parameters=model_args.lora_target_parameters, use_rslora=model_args.use_rslora,
-        modules_to_save=model_args.lora_modules_to_save,
+        modules_to_save=model_args.lora_modules_to_save, rank_pattern=bimedix_args.lora_rank_pattern,
+        alpha_pattern=bimedix_args.lora_alpha_pattern,
     )
+
+
+def check_lora_patterns(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    """Refuse `lora_rank_pattern` / `lora_alpha_pattern` keys that match no adapted weight before any data or
+    weights are loaded, on a meta-device model (when the config is tiny, shipped or cached; the loaded model is
+    checked again in `make_peft_config`)."""
+    if not model_args.use_peft or not (bimedix_args.lora_rank_pattern or bimedix_args.lora_alpha_pattern):
+        return
+    from .targets import meta_model
+
+    try:
+        model = meta_model(bimedix_args.tiny_model or model_args.model_name_or_path,
+                           **(bimedix_args.tiny_model_config or {}) if bimedix_args.tiny_model else {})
+    except (OSError, ValueError, TypeError):
+        return
+    make_peft_config(model, model_args, bimedix_args)
 
 
 def load_sft_dataset(script_args: ScriptArguments, mixture_args: DatasetMixtureConfig,

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def build_lora_config(
     target_modules: Sequence[str] | None = None,
     target_parameters: Sequence[str] | None = None,
     full_names: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
     **lora_kwargs,
 ):
     """Build a PEFT `LoraConfig` for ``model`` from a preset, or from explicit lists.
@@ -131,7 +134,13 @@ def build_lora_config(
         target_modules, target_parameters (`Sequence[str]`, *optional*): explicit PEFT name lists.
         full_names (`bool`, *optional*, defaults to `False`): emit full names instead of the shortest
             unambiguous suffixes (needed for parametrized, e.g. 4-bit, expert parameters).
+        rank_pattern, alpha_pattern (`dict[str, int]`, *optional*): PEFT's per-weight ranks and alphas, keyed by
+            a name or regex matched against the end of full module / parameter names (recipe keys
+            ``lora_rank_pattern`` / ``lora_alpha_pattern``).
         **lora_kwargs: passed to `LoraConfig` (e.g. ``use_rslora``, ``modules_to_save``).
+
+    Raises:
+        `ValueError`: a rank or alpha pattern key that matches none of the adapted weights (names the key).
 
     Returns:
         `peft.LoraConfig` with ``task_type="CAUSAL_LM"``.
@@ -150,24 +159,53 @@ def build_lora_config(
         logger.warning("lora_dropout=%s is not supported on target_parameters (router/fused experts); using 0.",
                        dropout)
         dropout = 0.0
+    for recipe_key, pattern in (("lora_rank_pattern", rank_pattern), ("lora_alpha_pattern", alpha_pattern)):
+        check_pattern(model, pattern or {}, modules, parameters, recipe_key)
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules or None,
-                      target_parameters=parameters or None, **lora_kwargs)
+                      target_parameters=parameters or None, rank_pattern=dict(rank_pattern or {}),
+                      alpha_pattern=dict(alpha_pattern or {}), **lora_kwargs)
+
+
+def check_pattern(model: nn.Module, pattern: dict[str, int], target_modules: Sequence[str],
+                  target_parameters: Sequence[str], key_name: str = "rank_pattern") -> None:
+    """Refuse a PEFT ``rank_pattern``/``alpha_pattern`` key that matches none of the weights LoRA adapts.
+
+    PEFT matches a key as the regex ``(.*\\.)?KEY$`` against the full name of each adapted module (or, for
+    ``target_parameters``, the full parameter name) and silently ignores keys that match nothing.
+
+    Raises:
+        `ValueError`: naming ``key_name``, the key and a few adapted names.
+    """
+    adapted = [n for n, _ in model.named_modules() if _matches_suffix(n, target_modules)]
+    adapted += [n for n, _ in model.named_parameters() if _matches_suffix(n, target_parameters)]
+    for key in pattern:
+        try:
+            matched = any(re.match(rf"(.*\.)?({key})$", name) for name in adapted)
+        except re.error as err:
+            raise ValueError(f"{key_name} key {key!r} is not a valid regular expression ({err}).") from None
+        if not matched:
+            examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in adapted})[:8]
+            raise ValueError(
+                f"{key_name} key {key!r} matches none of the {len(adapted)} weights LoRA adapts here; keys match the "
+                f"end of full names such as {examples}. Use e.g. 'experts.gate_up_proj', 'experts.down_proj', 'gate.weight' or 'q_proj'.")
 
 
 def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
     """Apply ``lora_config`` to ``model`` (use a meta-device model: nothing is allocated) and count.
 
     Returns:
-        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``,
+        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``, ``r``,
         ``lora_params``), the trainable parameter count and the total parameter count (base + adapters).
     """
     from peft import get_peft_model
 
     by_name = {t.name: t for t in find_targets(model)}
     on_meta = next(model.parameters()).device.type == "meta"
-    with torch.device("meta") if on_meta else contextlib.nullcontext():  # adapters of a meta model: no memory
-        peft_model = get_peft_model(model, lora_config)
+    with torch.device("meta") if on_meta else contextlib.nullcontext(), warnings.catch_warnings():
+        # PEFT 0.21 checks rank/alpha pattern keys against target_modules only and warns wrongly for parameter keys
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        peft_model = get_peft_model(model, lora_config)  # adapters of a meta model: no memory
     rows = []
     for module_name, module in peft_model.named_modules():
         if not hasattr(module, "lora_A"):
@@ -179,7 +217,8 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
         target = by_name.get(name)
         rows.append({"name": name, "kind": target.kind if target else "module",
                      "group": target.group if target else "other",
-                     "shape": list(target.shape) if target else [], "lora_params": count})
+                     "shape": list(target.shape) if target else [], "r": max(module.r.values(), default=0),
+                     "lora_params": count})
     rows.sort(key=lambda row: list(by_name).index(row["name"]) if row["name"] in by_name else len(by_name))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
@@ -246,6 +285,10 @@ def _preset_groups(preset: str | Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"Unknown LoRA target group(s) {unknown}; choose from {list(GROUPS)}.")
     return tuple(preset)
+
+
+def _matches_suffix(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _parent(name: str) -> str:
