@@ -229,3 +229,36 @@ def test_max_completion_tokens_field(server, api_key, tmp_path):
     server.responder = lambda body: seen.append(sorted(body)) or "ok"
     _complete(make_client(server.base_url, tmp_path / "c.sqlite", max_tokens_field="max_completion_tokens"))
     assert seen == [["max_completion_tokens", "messages", "model"]]
+
+
+def test_deadline_bounds_an_attempt_whose_body_drips(server, api_key, tmp_path):
+    server.inject(Fault("drip", delay=0.5), Fault("drip", delay=0.5))  # each byte inside any read timeout
+    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=1.0, max_retries=1)
+    start = time.monotonic()
+    with pytest.raises(LLMError, match=r"gave up after 2 attempts; last error: no complete response within 1 s") \
+            as caught:
+        _complete(client)
+    assert time.monotonic() - start < 4.0
+    assert caught.value.transient and caught.value.status is None
+    assert server.count() == 2 and client.retried == 1
+    assert client.cache.keys() == set()
+
+
+def test_translate_cli_with_a_dripping_server_stops_at_the_deadline(api_key, tmp_path, capsys):
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    with FakeOpenAIServer() as server:
+        server.inject(Fault("drip", delay=1.0))  # headers, then 1 byte/s
+        start = time.monotonic()
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                     "--base-url", server.base_url, "--model", MODEL, "--timeout", "3", "--max-retries", "0"])
+        elapsed = time.monotonic() - start
+        assert server.count() == 1
+    out = capsys.readouterr().out
+    assert elapsed < 10.0, f"translate ran {elapsed:.1f} s against a 3 s deadline"
+    assert code == 3  # incomplete: the record waits for a re-run
+    assert "left for the next run: demo-en-000" in out and "no complete response within 3 s" in out
+    assert not (tmp_path / "ar.jsonl").read_text() and not (tmp_path / "ar.rejects.jsonl").read_text()
