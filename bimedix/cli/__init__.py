@@ -15,6 +15,8 @@ import sys
 
 from .. import __version__
 
+INTERRUPTED = "interrupted; re-run the same command to resume"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every sub-command registered."""
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # outputs are written atomically or resumably, so nothing half-written is left
+        print(f"\nbimedix {args.command}: {INTERRUPTED}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError) as err:  # user-facing failures: message, no traceback
         if args.verbose:
             raise

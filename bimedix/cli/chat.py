@@ -19,8 +19,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from ..chat import ChatSession, run_chat
 
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach run_chat, which reports and skips the line
+        sys.stdin.reconfigure(errors="surrogateescape")
     session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, system=args.system,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     run_chat(session)

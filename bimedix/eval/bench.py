@@ -142,6 +142,8 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
     import pyarrow.parquet as pq
     from datasets import Dataset
 
+    from bimedix.data.io import atomic_open
+
     output = Path(output)
     written = {output / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
     for stale in [*output.glob(f"{ENGLISH_DIR}/*/test.parquet"), *output.glob(f"{ARABIC_DIR}/*/test.parquet")]:
@@ -153,7 +155,8 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
         folder = output / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset
         folder.mkdir(parents=True, exist_ok=True)
         table = Dataset.from_list(rows, features=row_features()).data.table
-        pq.write_table(table, folder / "test.parquet")
+        with atomic_open(folder / "test.parquet", "wb") as handle:
+            pq.write_table(table, handle)
         counts[f"{subset}_{language}"] = len(rows)
     _write_cards(output, tables)
     return counts
@@ -329,12 +332,15 @@ def _first_paired(tables: dict, limit: int) -> dict:
 
 
 def _write_cards(output: Path, tables: dict) -> None:
+    from bimedix.data.io import atomic_open
     from bimedix.eval.arabic_bench import arabic_card, bench_card
 
-    (output / "README.md").write_text(bench_card(tables), encoding="utf-8")
+    with atomic_open(output / "README.md") as handle:
+        handle.write(bench_card(tables))
     arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
     card = output / ARABIC_DIR / "README.md"
     if arabic:
-        card.write_text(arabic_card(arabic), encoding="utf-8")
+        with atomic_open(card) as handle:
+            handle.write(arabic_card(arabic))
     elif card.exists():
         card.unlink()
