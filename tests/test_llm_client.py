@@ -262,3 +262,43 @@ def test_translate_cli_with_a_dripping_server_stops_at_the_deadline(api_key, tmp
     assert code == 3  # incomplete: the record waits for a re-run
     assert "left for the next run: demo-en-000" in out and "no complete response within 3 s" in out
     assert not (tmp_path / "ar.jsonl").read_text() and not (tmp_path / "ar.rejects.jsonl").read_text()
+
+
+def test_cache_that_is_not_sqlite_is_a_clear_error_and_stays_untouched(server, api_key, tmp_path, capsys):
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database\n" * 50)
+    before = notes.read_bytes()
+    code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                 "--base-url", server.base_url, "--model", MODEL, "--cache", str(notes)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{notes}: file is not a database; it is not a bimedix request cache" in err and "--cache" in err
+    assert notes.read_bytes() == before and server.count() == 0
+
+
+def test_full_disk_on_the_cache_is_a_clear_error(api_key, tmp_path, monkeypatch, capsys):
+    """ENOSPC simulated by capping the database's pages: recording a long answer fails with SQLITE_FULL."""
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    opened = RequestCache.__init__
+
+    def capped(self, path):
+        opened(self, path)
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        self._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    monkeypatch.setattr(RequestCache, "__init__", capped)
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    with FakeOpenAIServer(lambda body: "x" * 20_000) as server:  # more than the free space of any page
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                     "--base-url", server.base_url, "--model", MODEL, "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'ar.llm.sqlite'}: database or disk is full; the disk is full: free some space" in err
