@@ -54,6 +54,10 @@ SOURCE_PATHS = {
 ACEGPT_ENGINE = "AceGPT MMLUArabic (GPT machine translation)"
 
 
+#: The columns the lm-eval tasks read (`bimedix.eval.tasks.utils`).
+TASK_COLUMNS = ("id", "language", "source", "question", "context", "options", "answer")
+
+
 def row_features():
     """The `datasets.Features` of every bench row (English and Arabic alike)."""
     from datasets import Features, List, Value
@@ -169,8 +173,44 @@ def read_bench(data_dir: str | Path | None = None) -> dict[tuple[str, str], list
     tables = {}
     for config in available_configs(data_dir):
         subset, language = config.rsplit("_", 1)
-        tables[subset, language] = pq.read_table(subset_path(subset, language, data_dir)).to_pylist()
+        tables[subset, language] = read_subset_table(subset_path(subset, language, data_dir)).to_pylist()
     return tables
+
+
+def read_subset_table(path: str | Path):
+    """Read one subset's Parquet file as a `pyarrow.Table`, checking it has the columns the tasks read.
+
+    Raises:
+        `ValueError`: naming the file, and the column or row at fault, when it is not Parquet, lacks a
+            column, has a column of the wrong type, or has a row whose answer letter has no option.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .tasks.utils import LATIN_LETTERS
+
+    fix = "rebuild the folder with `bimedix build-bench` (or fix the file) and pass it again with --data-dir"
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err}); {fix}") from None
+    for name in TASK_COLUMNS:
+        if name not in table.column_names:
+            raise ValueError(f"{path}: no column `{name}` (found: {table.column_names}); the evaluation tasks read "
+                             f"{list(TASK_COLUMNS)}; {fix}")
+        kind = table.schema.field(name).type
+        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        is_list = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))
+        if not (is_list if name == "options" else is_text):
+            expected = "a list of strings" if name == "options" else "a string"
+            raise ValueError(f"{path}: column `{name}` holds {kind}, expected {expected}; {fix}")
+    for index, row in enumerate(table.select(["id", "options", "answer"]).to_pylist()):
+        letter, options = row["answer"], row["options"] or []
+        if not letter or letter not in LATIN_LETTERS[:len(options)]:
+            raise ValueError(f"{path}: row {index} (id {row['id']!r}): answer {letter!r} names none of its "
+                             f"{len(options)} options; {fix}")
+    return table
 
 
 def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
@@ -187,9 +227,7 @@ def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
     path = subset_path(subset, language, data_dir)
     if path is None:  # a Hub id
         return DatasetDict({"test": load_dataset(str(data_dir), f"{subset}_{language}", split="test")})
-    import pyarrow.parquet as pq
-
-    return DatasetDict({"test": Dataset(pq.read_table(path))})
+    return DatasetDict({"test": Dataset(read_subset_table(path))})
 
 
 def subset_path(subset: str, language: str, data_dir: str | Path | None = None) -> Path | None:
