@@ -89,6 +89,11 @@ class ChatSession:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .resources import check_model_folder
+
+        check_model_folder(model)
+        if peft:
+            check_model_folder(peft, "--peft")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         base = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device)
         tokenizer_source = model

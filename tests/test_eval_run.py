@@ -92,3 +92,12 @@ def test_data_dir_with_a_parquet_file_of_another_schema_is_a_plain_error(tiny_mo
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{bad}: no column `id` (found: ['q', 'a'])" in err and "bimedix build-bench" in err
+
+
+@pytest.mark.parametrize("command", [["eval", "--output", "out"], ["chat"]])
+def test_missing_model_folder_is_named_not_taken_for_a_repo_id(tmp_path, capsys, command):
+    missing = tmp_path / "nonexistent"
+    assert main([*command, "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {missing}: no such model folder ({missing} does not exist)" in err
+    assert "Repo id" not in err and "Traceback" not in err

@@ -169,3 +169,34 @@ def test_two_processes_both_ranks_finish(full_run, tmp_path):
     # each step consumes twice the rows of the single-process run: both ranks trained
     single = next(e["epoch"] for e in full_run[1].state.log_history if e.get("step") == 2 and "loss" in e)
     assert float(epochs[-1]) == pytest.approx(2 * single, abs=1e-3)
+
+
+def test_every_row_masked_after_truncation_says_all_rows_were_dropped(tmp_path, capsys):
+    from bimedix.cli import main as cli
+
+    assert cli(["sft", "--config", RECIPE, "--max_length", "16", "--max_steps", "1",
+                "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "all 48 training rows were dropped: after truncation to max_length=16 they have no assistant token" in err
+    assert "Raise `max_length`" in err and "num_samples" not in err
+
+
+def test_missing_model_folder_is_named(tmp_path, capsys):
+    from bimedix.cli import main as cli
+
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(Path(RECIPE).read_text().replace("tiny_model: mixtral", f"model_name_or_path: {tmp_path}/nope"))
+    assert cli(["sft", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_name_or_path {tmp_path}/nope: no such model folder" in err and "Repo id" not in err
+
+
+def test_recipe_script_reports_errors_like_the_cli(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "\nlora_rank: 16\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(recipe)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("recipes/sft.py: error:") and "lora_rank" in errors[0]

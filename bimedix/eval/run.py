@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..resources import check_model_folder
 from .bench import subset_path
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
     else:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+        check_model_folder(str(model))
         if peft is not None:
             check_adapter(model, peft)
         lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args)

@@ -133,6 +133,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
+    _check_rows_left(trainer, dataset[script_args.dataset_train_split], training_args)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
         from .expert_lora import set_expert_lora_mode
@@ -274,9 +275,26 @@ class RequireTrainedTokens:
 # --- helpers -------------------------------------------------------------------------------------------
 
 
+def _check_rows_left(trainer, rows, training_args: SFTConfig) -> None:
+    """Say how many rows TRL dropped for having no trained token left, and stop when it dropped them all."""
+    if not (hasattr(rows, "__len__") and hasattr(trainer.train_dataset, "__len__")):
+        return  # streamed data: RequireTrainedTokens still guards every batch
+    dropped = len(rows) - len(trainer.train_dataset)
+    why = (f"after truncation to max_length={training_args.max_length} they have no assistant token left to train "
+           "on (with assistant_only_loss every label outside the assistant turns is masked)")
+    if len(rows) and not len(trainer.train_dataset):
+        raise ValueError(f"all {len(rows)} training rows were dropped: {why}. Raise `max_length` (or shorten the "
+                         "system prompt and user turns) so that some assistant text fits.")
+    if dropped > 0:
+        logger.warning("%d of %d training rows were dropped: %s.", dropped, len(rows), why)
+
+
 def _require_model(model_args: ModelConfig) -> None:
+    from ..resources import check_model_folder
+
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
+    check_model_folder(model_args.model_name_or_path, "model_name_or_path")
 
 
 def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args: SFTConfig,
