@@ -127,6 +127,21 @@ def test_cli_build_data_and_stats(built, tmp_path, capsys):
     assert "Total: read 27 = written 18 + rejected 1" in printed and "0 written" in printed
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"groups": [', "invalid JSON (Expecting value at line 1, column 13)"),
+    (b'{"groups": [{"task": "qa"}]}', "not the stats.json that `bimedix build-data` writes (cannot read KeyError"),
+    (b'{"groups": [], "counts": [1, 2]}', "not the stats.json that `bimedix build-data` writes"),
+    (b'{"groups": "\xff"}', "not valid UTF-8"),
+])
+def test_corrupt_stats_json_is_named(tmp_path, capsys, content, message):
+    from bimedix.cli import main
+
+    (tmp_path / "stats.json").write_bytes(content)
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'stats.json'}" in err and message in err and "Traceback" not in err
+
+
 def test_recipe_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nsources:\n  - {name: a, path: a.jsonl, wieght: 0.5}\n")
