@@ -108,7 +108,10 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         raise ValueError("--reviewer must name who reviewed")
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
-    rows = _read_rows(Path(reviews))
+    try:
+        rows = _read_rows(Path(reviews))
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(Path(reviews))) from None
     decided: dict[str, list[tuple[int, dict]]] = {}
     undecided: set[str] = set()
     errors, seen = [], set()
@@ -178,6 +181,19 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     write_jsonl(output, (by_id[record["id"]] for record in records))
     undecided_rows = sum(1 for _, row in rows if not str(row.get("decision") or "").strip())
     return ImportSummary(reviewed=sum(counts.values()), undecided_rows=undecided_rows, **counts)
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a review file stops being UTF-8, and how to re-save it."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        where = f"line {line}: byte {data[err.start]:#04x} at offset {err.start}: "
+    return (f"{path}: {where}the file is not UTF-8 text (a spreadsheet saved it in another encoding, such as "
+            "Windows-1256); save it again as \"CSV UTF-8\" and re-run; nothing was applied")
 
 
 def _texts(record: dict) -> list[tuple[str, str]]:
