@@ -236,5 +236,23 @@ def _from_dict(cls, data: Any, where: str):
             if not isinstance(value or {}, dict):
                 raise ValueError(f"`{key}` must be a mapping, got {value!r:.80}")
             value = value or {}
+        else:
+            _check_type(key, value, fields[name].type)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Refuse a scalar of the wrong YAML type (``seed: "abc"``, ``weight: "0.5"``), naming the key."""
+    optional = annotation.endswith(" | None")
+    allowed = _SCALARS.get(annotation.removesuffix(" | None"))
+    if allowed is None or value is None and optional:
+        return
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[
+            annotation.removesuffix(" | None")]
+        raise ValueError(f"`{key}` must be {expected}{' or null' if optional else ''}, got {value!r:.80} "
+                         f"({type(value).__name__}); in YAML write numbers without quotes and quote text")
