@@ -131,6 +131,23 @@ def test_unknown_keys_are_errors(tmp_path):
     assert cli(["sft", "--config", str(recipe)]) == 2
 
 
+@pytest.mark.parametrize("line, message", [
+    ("seed: 1.5", "`seed` must be an integer, got 1.5 (float)"),
+    ("lora_r: [8]", "`lora_r` must be an integer, got [8] (list)"),
+    ("use_peft: 1", "`use_peft` must be true or false, got 1 (int)"),
+])
+def test_recipe_values_are_type_checked_naming_the_key(tmp_path, line, message):
+    key = line.split(":")[0]
+    recipe = tmp_path / "typed.yaml"
+    kept = [row for row in Path(RECIPE).read_text().splitlines() if not row.startswith(f"{key}:")]
+    recipe.write_text("\n".join(kept) + f"\n{line}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--config", str(recipe)])
+    recipe.write_text("\n".join(kept) + '\nseed: "abc"\n')
+    with pytest.raises(SystemExit):  # argparse converts quoted YAML values itself and names the flag
+        parse_args(["--config", str(recipe)])
+
+
 def test_dataset_sources_mixture_and_bad_records(tmp_path):
     from datasets import Dataset
     from trl import DatasetMixtureConfig, ScriptArguments

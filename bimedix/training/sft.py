@@ -109,7 +109,37 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlPars
 
 def parse_args(argv: list[str] | None = None):
     """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
-    return make_parser().parse_args_and_config(argv)
+    parsed = make_parser().parse_args_and_config(argv)
+    check_value_types(*parsed)
+    return parsed
+
+
+def check_value_types(*configs) -> None:
+    """Refuse recipe values of the wrong type that argparse lets through from YAML (``seed: 1.5``, ``lora_r: [8]``).
+
+    Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the key.
+    """
+    import dataclasses
+    import enum
+    import types
+    import typing
+
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    for config in configs:
+        hints = typing.get_type_hints(type(config))
+        for item in dataclasses.fields(config):
+            hint, value = hints.get(item.name), getattr(config, item.name)
+            options = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+                typing.get_origin(hint) is typing.Union else (hint,)
+            scalars = [kind for kind in options if kind in expected]
+            if not scalars or len(scalars) + (type(None) in options) != len(options):
+                continue  # lists, dicts, enums and mixed unions are checked by their owners
+            if value is None and type(None) in options or isinstance(value, enum.Enum):
+                continue
+            accepted = tuple(scalars) + ((int,) if float in scalars else ())
+            if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
+                raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, got "
+                                 f"{value!r:.80} ({type(value).__name__}); fix it in the recipe or on the command line")
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
@@ -122,6 +152,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
