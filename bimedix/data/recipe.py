@@ -197,8 +197,17 @@ def load_data_recipe(path: str | os.PathLike) -> DataRecipe:
         from ..resources import resource_path
 
         path = resource_path("recipes", "data", f"{path.name}.yaml")
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8") \
+            from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}: {where}not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a data recipe must be a YAML mapping, got {type(data).__name__}")
     try:

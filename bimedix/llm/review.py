@@ -123,6 +123,10 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         if missing:
             bad(missing[0], f"missing (found columns: {sorted(row)})")
             continue
+        not_text = [column for column in REQUIRED_COLUMNS if not isinstance(row[column], str)]
+        if not_text:
+            bad(not_text[0], f"must be text, got {row[not_text[0]]!r:.80}")
+            continue
         record = by_id.get(row["id"])
         if record is None or not record["meta"].get("translation"):
             bad("id", f"{row['id']!r} is not a machine-translated record of {translated}")
