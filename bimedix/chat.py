@@ -40,6 +40,7 @@ SYSTEM_PROMPTS = {
 NOTICE = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
           "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.\n"
           "Type /reset to start over, /exit to quit.")
+_NOT_UTF8 = "(that line is not valid UTF-8 text and was skipped; set your terminal to UTF-8)"
 _ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
 _LATIN = re.compile(r"[A-Za-z]")
 
@@ -220,10 +221,13 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
         except (EOFError, KeyboardInterrupt):
             write()
             return
+        except UnicodeDecodeError:  # a reader that decodes strictly
+            write(_NOT_UTF8)
+            continue
         if not text:
             continue
         if not _is_utf8(text):
-            write("(that line is not valid UTF-8 text and was skipped; set your terminal to UTF-8)")
+            write(_NOT_UTF8)
             continue
         if text == "/exit":
             return

@@ -143,11 +143,15 @@ def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(tiny_model_
 
 def test_undecodable_line_is_reported_and_skipped(session):
     session.reset()
-    inputs = iter([b"\xff\xfe caf\xe9".decode("utf-8", "surrogateescape"), "Hello", "/exit"])
+    inputs = iter([b"\xff\xfe caf\xe9".decode("utf-8", "surrogateescape"), b"\xe9", "Hello", "/exit"])
+
+    def read(prompt):  # the second line comes from a reader that decodes strictly
+        line = next(inputs)
+        return line.decode("utf-8") if isinstance(line, bytes) else line
+
     out = []
-    run_chat(session, read=lambda p: next(inputs),
-             write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
-    assert "not valid UTF-8 text and was skipped" in "".join(out)
+    run_chat(session, read=read, write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
+    assert "".join(out).count("not valid UTF-8 text and was skipped") == 2
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]
 
 

@@ -68,14 +68,14 @@ def _medarabench() -> bytes:  # MedArabiQ's data may not ship: its header with t
 
 
 def _liveqa() -> bytes:  # the TREC-2017 test layout; the real file is not redistributable
-    return ('<?xml version="1.0" encoding="UTF-8"?><LiveQA-Med-Test>'
-            '<NLM-QUESTION qid="TQ1"><Original-Question><SUBJECT>anemia</SUBJECT><MESSAGE>What causes it?</MESSAGE>'
-            '</Original-Question><Annotations><FOCUS>anemia</FOCUS></Annotations><ReferenceAnswers>'
-            '<ReferenceAnswer aid="1"><ANSWER>Low iron is a common cause.</ANSWER></ReferenceAnswer>'
-            '</ReferenceAnswers></NLM-QUESTION>'
-            '<NLM-QUESTION qid="TQ2"><Original-Question><MESSAGE>Dose of aspirin?</MESSAGE></Original-Question>'
-            '<ReferenceAnswers><RefAnswer aid="2"><ANSWER>Ask your pharmacist.</ANSWER></RefAnswer>'
-            '</ReferenceAnswers></NLM-QUESTION></LiveQA-Med-Test>').encode()
+    return (b'<?xml version="1.0" encoding="UTF-8"?><LiveQA-Med-Test>'
+            b'<NLM-QUESTION qid="TQ1"><Original-Question><SUBJECT>anemia</SUBJECT><MESSAGE>What causes it?</MESSAGE>'
+            b'</Original-Question><Annotations><FOCUS>anemia</FOCUS></Annotations><ReferenceAnswers>'
+            b'<ReferenceAnswer aid="1"><ANSWER>Low iron is a common cause.</ANSWER></ReferenceAnswer>'
+            b'</ReferenceAnswers></NLM-QUESTION>'
+            b'<NLM-QUESTION qid="TQ2"><Original-Question><MESSAGE>Dose of aspirin?</MESSAGE></Original-Question>'
+            b'<ReferenceAnswers><RefAnswer aid="2"><ANSWER>Ask your pharmacist.</ANSWER></RefAnswer>'
+            b'</ReferenceAnswers></NLM-QUESTION></LiveQA-Med-Test>')
 
 
 def _medicationqa() -> bytes:  # the MedicationQA layout; the real workbook has no licence to ship

@@ -168,8 +168,6 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
 
 def read_bench(data_dir: str | Path | None = None) -> dict[tuple[str, str], list[dict]]:
     """Every subset of a bench folder as ``{(subset, language): rows}`` (e.g. to extend it and `write_bench` again)."""
-    import pyarrow.parquet as pq
-
     tables = {}
     for config in available_configs(data_dir):
         subset, language = config.rsplit("_", 1)
