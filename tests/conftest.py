@@ -95,5 +95,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     fuzz = sys.modules.get("test_fuzz")
     tried = getattr(fuzz, "TRIED", None)
     if tried:
+        ended = ", ".join(f"{count} {outcome}" for outcome, count in sorted(fuzz.OUTCOMES.items()))
+        failed = [report for report in terminalreporter.stats.get("failed", []) if "test_fuzz.py" in report.nodeid]
+        verdict = f"{len(failed)} fuzz test(s) FAILED" if failed else "0 tracebacks, inputs unchanged"
         terminalreporter.write_line(f"fuzz: {sum(tried.values())} bad inputs tried over {len(tried)} commands "
-                                    f"({', '.join(f'{command} {count}' for command, count in sorted(tried.items()))})")
+                                    f"({', '.join(f'{command} {count}' for command, count in sorted(tried.items()))}); "
+                                    f"ended: {ended}; {verdict}")

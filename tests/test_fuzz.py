@@ -35,8 +35,9 @@ from bimedix.resources import resource_path
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sources"
 BUNDLED = resource_path("bimedix", "data", "bundled")
 EXAMPLES = int(os.environ.get("BIMEDIX_FUZZ_EXAMPLES", "30"))  # per command; raise it for a deeper local run
-#: ``(command, cases)`` tried in this run, printed by ``pytest_terminal_summary`` in conftest.py
+#: ``(command, cases)`` tried in this run and how the runs ended, printed by ``pytest_terminal_summary`` in conftest.py
 TRIED: Counter[str] = Counter()
+OUTCOMES: Counter[str] = Counter()
 
 INJECTIONS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+2", "-2+3", "@SUM(A1:A2)", "\t=1", "\r=1", "=cmd|' /C calc'!A0",
               "../../etc/passwd", "/etc/passwd", "..\\..\\x", "C:\\Windows\\x", "a/../../b", "", " ", "\x00", "\u202e",
@@ -296,6 +297,7 @@ def test_mutated_inputs_through_convert(source):
             code, out, err = _run(["convert", source, "--input", str(path), "--output", str(output),
                                    "--on-error", "skip"])
             assert _digest(path) == before, "the input file was modified"
+            OUTCOMES["a clear error" if code else "completed"] += 1
             if code != 0:
                 assert code == 2 and str(path) in err, err
                 assert not output.exists()
@@ -335,9 +337,8 @@ def test_mutated_review_files_through_review_import(tmp_path):
     @SETTINGS
     @given(suffix=st.sampled_from(["csv", "jsonl"]), data=st.data())
     def case(suffix: str, data) -> None:
+        reviews_bytes = data.draw(mutated(seeds[suffix], "csv" if suffix == "csv" else "jsonl"))
         TRIED["review import"] += 1
-        kind = "csv" if suffix == "csv" else "jsonl"
-        reviews_bytes = data.draw(mutated(seeds[suffix], kind))
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             reviews, output = folder / f"reviews.{suffix}", folder / "reviewed.jsonl"
@@ -346,6 +347,7 @@ def test_mutated_review_files_through_review_import(tmp_path):
             code, _, err = _run(["review", "import", "--input", str(translated), "--reviews", str(reviews),
                                  "--output", str(output), "--reviewer", "fuzz"])
             assert _digest(reviews, translated) == before, "an input file was modified"
+            OUTCOMES["a clear error" if code else "completed"] += 1
             if code != 0:
                 assert code == 2 and str(reviews) in err, err
                 assert not output.exists()
@@ -372,8 +374,10 @@ def test_mutated_data_recipes_through_the_loader(recipe):
             try:
                 loaded = load_data_recipe(path)
             except (ValueError, OSError) as err:
+                OUTCOMES["a clear error"] += 1
                 assert str(path) in str(err), err
             else:
+                OUTCOMES["completed"] += 1
                 assert loaded.sources and loaded.name
             assert _digest(path) == before
 
