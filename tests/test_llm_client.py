@@ -302,3 +302,50 @@ def test_full_disk_on_the_cache_is_a_clear_error(api_key, tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"{tmp_path / 'ar.llm.sqlite'}: database or disk is full; the disk is full: free some space" in err
+
+
+def test_batch_management_calls_have_a_deadline_too(api_key, tmp_path):
+    """A server that answers every request with headers, then one byte every 0.2 s (below any read timeout)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Drip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    time.sleep(0.2)
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        client = make_client(f"http://127.0.0.1:{httpd.server_address[1]}/v1", tmp_path / "c.sqlite", batch=True,
+                             timeout=0.5)
+
+        async def go():
+            with pytest.raises(Deferred):
+                await client.complete(MESSAGES, max_tokens=16)
+            await client.flush_batch()
+
+        start = time.monotonic()
+        with pytest.raises(LLMError, match=r"uploading the batch file took more than 3 s") as caught:
+            run_closing(client, lambda c: go())
+        assert time.monotonic() - start < 8.0 and caught.value.transient
+        assert len(client.cache.unsubmitted()) == 1  # still parked for the next run
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
