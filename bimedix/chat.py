@@ -175,15 +175,18 @@ class ChatSession:
         never dropped.
 
         Raises:
-            `ValueError`: ``text`` does not fit even with no history.
+            `ValueError`: ``text`` does not fit even with no history (the history is then left as it was).
         """
         self.trimmed_turns = 0
         prompt = self.prompt(text)
         if self.context_length is None:
             return prompt
+        kept = list(self.history)
         while len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + self.max_new_tokens \
                 > self.context_length:
             if not self.history:
+                self.history[:] = kept
+                self.trimmed_turns = 0
                 raise ValueError(f"the message does not fit the model's context of {self.context_length} tokens "
                                  f"(with {self.max_new_tokens} kept for the reply); shorten it")
             del self.history[:2]
