@@ -169,7 +169,8 @@ def test_review_csv_saved_as_windows_1256_is_named_with_its_line(files, tmp_path
     assert code == 2 and "Traceback" not in err
     first_arabic = queue.read_bytes().split(b"\n").index(next(line for line in queue.read_bytes().split(b"\n")
                                                               if not line.isascii())) + 1
-    assert f"{queue}: line {first_arabic}: byte 0x" in err and "is not UTF-8 text" in err and 'save it again as "CSV UTF-8"' in err
+    assert f"{queue}: line {first_arabic}: byte 0x" in err and "is not UTF-8 text" in err
+    assert 'save it again as "CSV UTF-8"' in err
     assert not (tmp_path / "out.jsonl").exists()
 
 

@@ -51,8 +51,9 @@ class Fault:
 
     Args:
         kind (`str`): ``"status"`` (HTTP error), ``"delay"`` (sleep, then answer normally), ``"drip"`` (send
-            the headers at once, then the body one byte every ``delay`` seconds), ``"reset"`` (drop the connection), ``"malformed"`` (200 with a body that is not JSON), ``"truncated"``
-            (200 whose body stops half way) or ``"length"`` (a completion cut off at ``max_tokens``).
+            the headers at once, then the body one byte every ``delay`` seconds), ``"reset"`` (drop the
+            connection), ``"malformed"`` (200 with a body that is not JSON), ``"truncated"`` (200 whose body
+            stops half way) or ``"length"`` (a completion cut off at ``max_tokens``).
         status (`int`, *optional*, defaults to `500`): the HTTP status of a ``"status"`` fault.
         headers (`dict`, *optional*): extra response headers, e.g. ``{"Retry-After": "1"}``.
         delay (`float`, *optional*, defaults to `0`): seconds to sleep for a ``"delay"`` fault, or between two
