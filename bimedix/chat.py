@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -40,6 +41,7 @@ SYSTEM_PROMPTS = {
 DISCLAIMER = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
               "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.")
 NOTICE = DISCLAIMER + "\nType /reset to start over, /exit to quit."
+_NOT_UTF8 = "(that line is not valid UTF-8 text and was skipped; set your terminal to UTF-8)"
 _ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
 _LATIN = re.compile(r"[A-Za-z]")
 
@@ -61,17 +63,22 @@ class ChatSession:
         max_new_tokens (`int`, *optional*, defaults to `256`): reply length limit.
         temperature (`float`, *optional*, defaults to `0.0`): ``0`` decodes greedily; above it samples.
         top_p (`float`, *optional*, defaults to `0.9`): nucleus sampling mass when sampling.
+        context_length (`int`, *optional*): tokens the model can attend to (prompt + reply); defaults to the
+            model config's ``max_position_embeddings``. The oldest exchanges are dropped from the history
+            when a prompt would not fit (`trimmed_turns` counts them).
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 0.9):
+                 temperature: float = 0.0, top_p: float = 0.9, context_length: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.context_length = context_length or getattr(model.config, "max_position_embeddings", None)
         self.history: list[dict[str, str]] = []
+        self.trimmed_turns = 0
 
     @classmethod
     def from_pretrained(cls, model: str, peft: str | None = None, *, device: str | None = None,
@@ -84,6 +91,11 @@ class ChatSession:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from .resources import check_model_folder
+
+        check_model_folder(model)
+        if peft:
+            check_model_folder(peft, "--peft")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         base = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device)
         tokenizer_source = model
@@ -113,16 +125,27 @@ class ChatSession:
                                                   add_generation_prompt=True, tokenize=False)
 
     def stream(self, text: str) -> Iterator[str]:
-        """Generate the reply to ``text`` piece by piece; the full exchange joins the history at the end."""
-        from transformers import TextIteratorStreamer
+        """Generate the reply to ``text`` piece by piece; the full exchange joins the history at the end.
 
-        inputs = self.tokenizer(self.prompt(text), return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        Closing the iterator early (or an exception such as Ctrl-C while it waits) stops the generation
+        and leaves the history as it was. Raises `ValueError` when ``text`` alone does not fit the context.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        inputs = self.tokenizer(self.fit_history(text), return_tensors="pt",
+                                add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
             if self.temperature > 0 else {"do_sample": False}
+        stop = threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
         kwargs = dict(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens,
                       pad_token_id=self.tokenizer.eos_token_id if self.tokenizer.pad_token_id is None
-                      else self.tokenizer.pad_token_id, **sampling)
+                      else self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]), **sampling)
         errors: list[BaseException] = []
 
         def generate() -> None:
@@ -132,16 +155,45 @@ class ChatSession:
                 errors.append(err)
                 streamer.end()
 
-        thread = threading.Thread(target=generate, daemon=True)
+        thread = threading.Thread(target=generate, name="bimedix-chat-generate", daemon=True)
         thread.start()
         pieces = []
-        for piece in streamer:
-            pieces.append(piece)
-            yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            stop.set()  # a no-op after a finished reply; otherwise generation ends at the next token
+            thread.join()
         if errors:
             raise errors[0]
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
+
+    def fit_history(self, text: str) -> str:
+        """Drop the oldest exchanges until the prompt for ``text`` plus a full reply fits the context; return it.
+
+        Sets `trimmed_turns` to the number of exchanges dropped (0 when all fit). The system prompt is
+        never dropped.
+
+        Raises:
+            `ValueError`: ``text`` does not fit even with no history (the history is then left as it was).
+        """
+        self.trimmed_turns = 0
+        prompt = self.prompt(text)
+        if self.context_length is None:
+            return prompt
+        kept = list(self.history)
+        while len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + self.max_new_tokens \
+                > self.context_length:
+            if not self.history:
+                self.history[:] = kept
+                self.trimmed_turns = 0
+                raise ValueError(f"the message does not fit the model's context of {self.context_length} tokens "
+                                 f"(with {self.max_new_tokens} kept for the reply); shorten it")
+            del self.history[:2]
+            self.trimmed_turns += 1
+            prompt = self.prompt(text)
+        return prompt
 
     def send(self, text: str) -> str:
         """Generate the whole reply to ``text`` and return it."""
@@ -176,6 +228,10 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
              write: Callable[..., None] | None = None) -> None:
     """Terminal loop: prints the notice, streams replies, handles ``/reset`` and ``/exit`` (and Ctrl-D/Ctrl-C).
 
+    Ctrl-C during a reply stops it and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends the chat.
+    Lines that are not valid UTF-8 are reported and skipped; when the history no longer fits the model's
+    context the oldest exchanges are dropped, with a notice.
+
     Args:
         session (`ChatSession`): the conversation.
         read (`Callable`, *optional*, defaults to `input`): returns the next user line given a prompt.
@@ -189,7 +245,13 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
         except (EOFError, KeyboardInterrupt):
             write()
             return
+        except UnicodeDecodeError:  # a reader that decodes strictly
+            write(_NOT_UTF8)
+            continue
         if not text:
+            continue
+        if not _is_utf8(text):
+            write(_NOT_UTF8)
             continue
         if text == "/exit":
             return
@@ -197,7 +259,34 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
             session.reset()
             write("(conversation cleared)")
             continue
+        reply = session.stream(text)
+        try:
+            first = next(reply, None)
+        except ValueError as err:  # the message alone is longer than the context
+            write(f"({err})")
+            continue
+        except KeyboardInterrupt:
+            reply.close()
+            write("(reply stopped)")
+            continue
+        if session.trimmed_turns:
+            write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context of "
+                  f"{session.context_length} tokens)")
         write("bimedix> ", end="", flush=True)
-        for piece in session.stream(text):
-            write(piece, end="", flush=True)
+        try:
+            for piece in itertools.chain([first] if first is not None else [], reply):
+                write(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            reply.close()
+            write("\n(reply stopped; it is not kept in the conversation)")
+            continue
         write()
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding undecodable bytes (lone surrogates from ``errors="surrogateescape"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

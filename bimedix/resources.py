@@ -30,3 +30,23 @@ def resource_path(kind: str, *parts: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{'/'.join(parts)} is not shipped in {_PACKAGES[kind]} (looked in {path}).")
     return path
+
+
+def check_model_folder(name: str, option: str = "--model") -> None:
+    """Refuse a model name that can only be a local path (absolute, ``./``, ``../``, ``~``, or with more than
+    one ``/``) when no such folder exists, instead of letting transformers report it as a bad Hub id.
+
+    Args:
+        name (`str`): a local folder or a Hub id (``org/name`` or ``name``).
+        option (`str`, *optional*, defaults to `"--model"`): the option that named it, for the message.
+
+    Raises:
+        `FileNotFoundError`: naming the folder and the fix.
+    """
+    looks_local = (name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+                   or name in (".", ".."))
+    path = Path(name).expanduser()
+    if looks_local and not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{option} {name}: no such model folder ({path} {what}); pass the folder that "
+                                "holds config.json and the weights, or a Hub id such as org/name")

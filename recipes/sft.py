@@ -5,10 +5,22 @@ accelerate launch recipes/sft.py --config recipes/tiny/sft.yaml
 accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero2.yaml \
     recipes/sft.py --config recipes/bimedix-mixtral/sft_qlora.yaml
 ```
+
+Errors are reported as by ``bimedix sft``: one line naming the problem and the fix, exit status 2
+(set ``BIMEDIX_TRACEBACK=1`` to see the traceback); Ctrl-C exits with 130.
 """
 
+import os
+import sys
+
+from bimedix.cli import run_command
 from bimedix.training.sft import main, make_parser
 
+
+def sft() -> None:
+    """Parse the recipe and flags, then train."""
+    main(*make_parser().parse_args_and_config())
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    main(*parser.parse_args_and_config())
+    sys.exit(run_command("recipes/sft.py", sft, verbose=os.environ.get("BIMEDIX_TRACEBACK") == "1"))

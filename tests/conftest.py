@@ -86,3 +86,18 @@ def eval_bench_dir(tmp_path_factory, fixtures_dir) -> Path:
     output = tmp_path_factory.mktemp("eval-bench")
     write_bench(tables, output)
     return output
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print how many bad inputs the fuzz tests tried (cases x commands), when they ran."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    tried = getattr(fuzz, "TRIED", None)
+    if tried:
+        ended = ", ".join(f"{count} {outcome}" for outcome, count in sorted(fuzz.OUTCOMES.items()))
+        failed = [report for report in terminalreporter.stats.get("failed", []) if "test_fuzz.py" in report.nodeid]
+        verdict = f"{len(failed)} fuzz test(s) FAILED" if failed else "0 tracebacks, inputs unchanged"
+        terminalreporter.write_line(f"fuzz: {sum(tried.values())} bad inputs tried over {len(tried)} commands "
+                                    f"({', '.join(f'{command} {count}' for command, count in sorted(tried.items()))}); "
+                                    f"ended: {ended}; {verdict}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -127,10 +128,46 @@ def test_cli_build_data_and_stats(built, tmp_path, capsys):
     assert "Total: read 27 = written 18 + rejected 1" in printed and "0 written" in printed
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"groups": [', "invalid JSON (Expecting value at line 1, column 13)"),
+    (b'{"groups": [{"task": "qa"}]}', "not the stats.json that `bimedix build-data` writes (cannot read KeyError"),
+    (b'{"groups": [], "counts": [1, 2]}', "not the stats.json that `bimedix build-data` writes"),
+    (b'{"groups": "\xff"}', "not valid UTF-8"),
+])
+def test_corrupt_stats_json_is_named(tmp_path, capsys, content, message):
+    from bimedix.cli import main
+
+    (tmp_path / "stats.json").write_bytes(content)
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'stats.json'}" in err and message in err and "Traceback" not in err
+
+
 def test_recipe_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nsources:\n  - {name: a, path: a.jsonl, wieght: 0.5}\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: unknown key `sources\[0\]\.wieght`"):
+        load_data_recipe(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('seed: "abc"', "`seed` must be an integer, got 'abc' (str)"),
+    ("seed: 4.5", "`seed` must be an integer, got 4.5 (float)"),
+    ("shard_size: true", "`shard_size` must be an integer, got True (bool)"),
+    ("name: [x]", "`name` must be a string, got ['x'] (list)"),
+    ("dedup: {threshold: high}", "`dedup.threshold` must be a number, got 'high' (str)"),
+    ("mix: {ar_en_ratio: 1:2}", "`mix.ar_en_ratio` must be a string or null, got 62 (int)"),  # YAML 1.1 reads 1:2 as 62
+])
+def test_recipe_values_are_type_checked_naming_the_key(tmp_path, line, message):
+    path = tmp_path / "bad.yaml"
+    key = line.split(":")[0]
+    base = {"name": "name: x", "seed": "seed: 1", "shard_size": "shard_size: 10"}
+    body = "\n".join(v for k, v in base.items() if k != key)
+    path.write_text(f"{body}\n{line}\nsources:\n  - {{name: a, path: a.jsonl, weight: 1}}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_data_recipe(path)
+    path.write_text("name: x\nsources:\n  - {name: a, path: a.jsonl, weight: '0.5', language: 1}\n")
+    with pytest.raises(ValueError, match=re.escape("`sources[0].weight` must be a number, got '0.5' (str)")):
         load_data_recipe(path)
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -111,3 +117,75 @@ def test_cli_chat(tiny_model_dir, monkeypatch, capsys):
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "/reset" in out and "bimedix> " in out
+
+
+def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(tiny_model_dir):
+    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", max_new_tokens=4)
+    session.send("What is anemia?")
+    session.send("And how is it treated?")
+    tokens = len(session.tokenizer(session.prompt("Thanks."), add_special_tokens=False)["input_ids"])
+    session.context_length = tokens + 4 - 1  # one token short: the oldest exchange must go
+    out = []
+    inputs = iter(["Thanks.", "/exit"])
+    run_chat(session, read=lambda p: next(inputs),
+             write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
+    assert session.trimmed_turns == 1
+    assert "(the 1 oldest exchange(s) were dropped to fit the model's context" in "".join(out)
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["And how is it treated?", "Thanks."]
+    assert session.prompt("x").startswith("<s>" + SYSTEM_PROMPTS["en"])
+    session.context_length = 8  # not even the system prompt and the message fit: reported, nothing sent
+    history = list(session.history)
+    out.clear()
+    inputs = iter(["A long question about anemia and iron", "/exit"])
+    run_chat(session, read=lambda p: next(inputs),
+             write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
+    assert "does not fit the model's context of 8 tokens" in "".join(out)
+    assert session.history == history  # the conversation so far is kept
+
+
+def test_undecodable_line_is_reported_and_skipped(session):
+    session.reset()
+    inputs = iter([b"\xff\xfe caf\xe9".decode("utf-8", "surrogateescape"), b"\xe9", "Hello", "/exit"])
+
+    def read(prompt):  # the second line comes from a reader that decodes strictly
+        line = next(inputs)
+        return line.decode("utf-8") if isinstance(line, bytes) else line
+
+    out = []
+    run_chat(session, read=read, write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
+    assert "".join(out).count("not valid UTF-8 text and was skipped") == 2
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]
+
+
+def test_closing_a_reply_early_stops_generation_and_keeps_history(session):
+    session.reset()
+    session.max_new_tokens = 2000
+    try:
+        reply = session.stream("What is anemia?")
+        next(reply)
+        reply.close()
+    finally:
+        session.max_new_tokens = 6
+    assert session.history == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "bimedix-chat-generate"]
+
+
+def test_ctrl_c_in_the_terminal_chat_stops_the_reply_and_returns_to_the_prompt(tiny_model_dir):
+    """A real SIGINT while a long reply streams, then a non-UTF-8 line, then /exit: no traceback, exit 0."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "bimedix", "chat", "--model", str(tiny_model_dir), "--device",
+                                "cpu", "--max-new-tokens", "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    process.stdin.write(b"What is anemia?\n")
+    process.stdin.flush()
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"bimedix> " not in seen and time.monotonic() < deadline:
+        seen += os.read(process.stdout.fileno(), 4096)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(b"\xff\xfe caf\xe9\n/exit\n", timeout=120)
+    out = (seen + out).decode("utf-8", "replace")
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
+    assert "(reply stopped; it is not kept in the conversation)" in out
+    assert "not valid UTF-8 text and was skipped" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from browser_support import browser_fixture, free_port, screenshot  # noqa: F401 (fixture)
@@ -22,6 +23,14 @@ COUNT_UPDATES = """() => { window.updates = 0; new MutationObserver(() => window
 @pytest.fixture(scope="module")
 def chat_server(tiny_model_dir):
     session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", max_new_tokens=12)
+    stream = session.stream
+
+    def paced_stream(text):  # a tiny model replies faster than a page repaints: pace it like a real model
+        for piece in stream(text):
+            time.sleep(0.05)
+            yield piece
+
+    session.stream = paced_stream
     server = session.launch(port=free_port())
     yield session, server
     server.close()

@@ -292,6 +292,18 @@ def test_cli_convert_raise_and_skip(tmp_path, capsys):
     assert [(r["record"], r["raw"]) for r in rejects] == [(2, "{oops")]
 
 
+def test_cli_convert_file_level_error_under_skip_does_not_suggest_skip(tmp_path, capsys):
+    source = tmp_path / "ori_pqal.json"
+    source.write_text('[{"QUESTION": "a list, not an object keyed by PMID"}]')
+    out = tmp_path / "pubmedqa.jsonl"
+    assert main(["convert", "pubmedqa", "--input", str(source), "--output", str(out), "--on-error", "skip"]) == 2
+    err = capsys.readouterr().err
+    assert f"{source}: expected a JSON object keyed by PMID, got list" in err
+    assert "rerun with --on-error skip" not in err and "concerns the whole file" in err
+    assert main(["convert", "pubmedqa", "--input", str(source), "--output", str(out)]) == 2
+    assert "rerun with --on-error skip" in capsys.readouterr().err
+
+
 def test_cli_convert_unknown_source(tmp_path, capsys):
     assert main(["convert", "nope", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err

@@ -163,3 +163,25 @@ def test_rebuilding_a_folder_drops_subsets_of_the_earlier_build(shared_data, tmp
     assert available_configs(tmp_path) == ["medqa_en"]
     assert not (tmp_path / "arabic-bench" / "README.md").exists()
     assert "medqa_en" in (tmp_path / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"id": ["q1"], "language": ["en"], "source": ["medqa"], "question": ["Q?"], "context": [""],
+      "options": ["A, B"], "answer": ["A"]}, "column `options` holds string, expected a list of strings"),
+    ({"id": ["q1"], "language": ["en"], "source": ["medqa"], "question": ["Q?"], "context": [""],
+      "options": [["yes", "no"]], "answer": ["D"]}, "row 0 (id 'q1'): answer 'D' names none of its 2 options"),
+    ({"id": ["q1"], "question": ["Q?"]}, "no column `language`"),
+])
+def test_subset_table_of_another_shape_is_refused_naming_file_and_field(tmp_path, columns, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bimedix.eval.bench import read_subset_table
+
+    path = tmp_path / "test.parquet"
+    pq.write_table(pa.table(columns), path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        read_subset_table(path)
+    path.write_text("not parquet")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable Parquet file")):
+        read_subset_table(path)

@@ -78,3 +78,26 @@ def test_unknown_task_and_missing_subset_are_plain_cli_errors(tiny_model_dir, tm
     code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_ar", "--output", str(tmp_path)])
     assert code == 2
     assert "no Arabic subset 'medmcqa'" in capsys.readouterr().err
+
+
+def test_data_dir_with_a_parquet_file_of_another_schema_is_a_plain_error(tiny_model_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bench" / "english" / "medqa" / "test.parquet"
+    bad.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"q": ["What is anemia?"], "a": ["B"]}), bad)
+    code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_medqa_en", "--limit", "1",
+                 "--data-dir", str(tmp_path / "bench"), "--device", "cpu", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{bad}: no column `id` (found: ['q', 'a'])" in err and "bimedix build-bench" in err
+
+
+@pytest.mark.parametrize("command", [["eval", "--output", "out"], ["chat"]])
+def test_missing_model_folder_is_named_not_taken_for_a_repo_id(tmp_path, capsys, command):
+    missing = tmp_path / "nonexistent"
+    assert main([*command, "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {missing}: no such model folder ({missing} does not exist)" in err
+    assert "Repo id" not in err and "Traceback" not in err

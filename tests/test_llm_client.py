@@ -229,3 +229,123 @@ def test_max_completion_tokens_field(server, api_key, tmp_path):
     server.responder = lambda body: seen.append(sorted(body)) or "ok"
     _complete(make_client(server.base_url, tmp_path / "c.sqlite", max_tokens_field="max_completion_tokens"))
     assert seen == [["max_completion_tokens", "messages", "model"]]
+
+
+def test_deadline_bounds_an_attempt_whose_body_drips(server, api_key, tmp_path):
+    server.inject(Fault("drip", delay=0.5), Fault("drip", delay=0.5))  # each byte inside any read timeout
+    client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=1.0, max_retries=1)
+    start = time.monotonic()
+    with pytest.raises(LLMError, match=r"gave up after 2 attempts; last error: no complete response within 1 s") \
+            as caught:
+        _complete(client)
+    assert time.monotonic() - start < 4.0
+    assert caught.value.transient and caught.value.status is None
+    assert server.count() == 2 and client.retried == 1
+    assert client.cache.keys() == set()
+
+
+def test_translate_cli_with_a_dripping_server_stops_at_the_deadline(api_key, tmp_path, capsys):
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    with FakeOpenAIServer() as server:
+        server.inject(Fault("drip", delay=1.0))  # headers, then 1 byte/s
+        start = time.monotonic()
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                     "--base-url", server.base_url, "--model", MODEL, "--timeout", "3", "--max-retries", "0"])
+        elapsed = time.monotonic() - start
+        assert server.count() == 1
+    out = capsys.readouterr().out
+    assert elapsed < 10.0, f"translate ran {elapsed:.1f} s against a 3 s deadline"
+    assert code == 3  # incomplete: the record waits for a re-run
+    assert "left for the next run: demo-en-000" in out and "no complete response within 3 s" in out
+    assert not (tmp_path / "ar.jsonl").read_text() and not (tmp_path / "ar.rejects.jsonl").read_text()
+
+
+def test_cache_that_is_not_sqlite_is_a_clear_error_and_stays_untouched(server, api_key, tmp_path, capsys):
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database\n" * 50)
+    before = notes.read_bytes()
+    code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                 "--base-url", server.base_url, "--model", MODEL, "--cache", str(notes)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{notes}: file is not a database; it is not a bimedix request cache" in err and "--cache" in err
+    assert notes.read_bytes() == before and server.count() == 0
+
+
+def test_full_disk_on_the_cache_is_a_clear_error(api_key, tmp_path, monkeypatch, capsys):
+    """ENOSPC simulated by capping the database's pages: recording a long answer fails with SQLITE_FULL."""
+    from llm_support import mcqa_record, write_jsonl
+
+    from bimedix.cli import main
+
+    opened = RequestCache.__init__
+
+    def capped(self, path):
+        opened(self, path)
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        self._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    monkeypatch.setattr(RequestCache, "__init__", capped)
+    write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
+    with FakeOpenAIServer(lambda body: "x" * 20_000) as server:  # more than the free space of any page
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+                     "--base-url", server.base_url, "--model", MODEL, "--max-retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{tmp_path / 'ar.llm.sqlite'}: database or disk is full; the disk is full: free some space" in err
+
+
+def test_batch_management_calls_have_a_deadline_too(api_key, tmp_path):
+    """A server that answers every request with headers, then one byte every 0.2 s (below any read timeout)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Drip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    time.sleep(0.2)
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        client = make_client(f"http://127.0.0.1:{httpd.server_address[1]}/v1", tmp_path / "c.sqlite", batch=True,
+                             timeout=0.5)
+
+        async def go():
+            with pytest.raises(Deferred):
+                await client.complete(MESSAGES, max_tokens=16)
+            await client.flush_batch()
+
+        start = time.monotonic()
+        with pytest.raises(LLMError, match=r"uploading the batch file took more than 3 s") as caught:
+            run_closing(client, lambda c: go())
+        assert time.monotonic() - start < 8.0 and caught.value.transient
+        assert len(client.cache.unsubmitted()) == 1  # still parked for the next run
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

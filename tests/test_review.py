@@ -155,6 +155,25 @@ def test_missing_column_and_cli_error(files, tmp_path, capsys):
     assert "row 1: column `decision` is missing" in err and not (tmp_path / "out.jsonl").exists()
 
 
+def test_review_csv_saved_as_windows_1256_is_named_with_its_line(files, tmp_path, capsys):
+    english, translated = files
+    queue = tmp_path / "queue.csv"
+    export_review_queue(translated, queue, source=english, fraction=1.0, seed=0)
+    with open(queue, encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    _review(rows, queue, {})
+    queue.write_bytes(queue.read_text(encoding="utf-8").encode("cp1256"))  # what a spreadsheet may save
+    code = main(["review", "import", "--input", str(translated), "--reviews", str(queue),
+                 "--output", str(tmp_path / "out.jsonl"), "--reviewer", "r"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    first_arabic = queue.read_bytes().split(b"\n").index(next(line for line in queue.read_bytes().split(b"\n")
+                                                              if not line.isascii())) + 1
+    assert f"{queue}: line {first_arabic}: byte 0x" in err and "is not UTF-8 text" in err
+    assert 'save it again as "CSV UTF-8"' in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_cli_export(files, tmp_path, capsys):
     english, translated = files
     assert main(["review", "export", "--input", str(translated), "--output", str(tmp_path / "q.jsonl"),

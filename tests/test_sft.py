@@ -131,6 +131,23 @@ def test_unknown_keys_are_errors(tmp_path):
     assert cli(["sft", "--config", str(recipe)]) == 2
 
 
+@pytest.mark.parametrize("line, message", [
+    ("seed: 1.5", "`seed` must be an integer, got 1.5 (float)"),
+    ("lora_r: [8]", "`lora_r` must be an integer, got [8] (list)"),
+    ("use_peft: 1", "`use_peft` must be true or false, got 1 (int)"),
+])
+def test_recipe_values_are_type_checked_naming_the_key(tmp_path, line, message):
+    key = line.split(":")[0]
+    recipe = tmp_path / "typed.yaml"
+    kept = [row for row in Path(RECIPE).read_text().splitlines() if not row.startswith(f"{key}:")]
+    recipe.write_text("\n".join(kept) + f"\n{line}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--config", str(recipe)])
+    recipe.write_text("\n".join(kept) + '\nseed: "abc"\n')
+    with pytest.raises(SystemExit):  # argparse converts quoted YAML values itself and names the flag
+        parse_args(["--config", str(recipe)])
+
+
 def test_dataset_sources_mixture_and_bad_records(tmp_path):
     from datasets import Dataset
     from trl import DatasetMixtureConfig, ScriptArguments
@@ -169,3 +186,34 @@ def test_two_processes_both_ranks_finish(full_run, tmp_path):
     # each step consumes twice the rows of the single-process run: both ranks trained
     single = next(e["epoch"] for e in full_run[1].state.log_history if e.get("step") == 2 and "loss" in e)
     assert float(epochs[-1]) == pytest.approx(2 * single, abs=1e-3)
+
+
+def test_every_row_masked_after_truncation_says_all_rows_were_dropped(tmp_path, capsys):
+    from bimedix.cli import main as cli
+
+    assert cli(["sft", "--config", RECIPE, "--max_length", "16", "--max_steps", "1",
+                "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "all 48 training rows were dropped: after truncation to max_length=16 they have no assistant token" in err
+    assert "Raise `max_length`" in err and "num_samples" not in err
+
+
+def test_missing_model_folder_is_named(tmp_path, capsys):
+    from bimedix.cli import main as cli
+
+    recipe = tmp_path / "local.yaml"
+    recipe.write_text(Path(RECIPE).read_text().replace("tiny_model: mixtral", f"model_name_or_path: {tmp_path}/nope"))
+    assert cli(["sft", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_name_or_path {tmp_path}/nope: no such model folder" in err and "Repo id" not in err
+
+
+def test_recipe_script_reports_errors_like_the_cli(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "\nlora_rank: 16\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / "sft.py"), "--config", str(recipe)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("recipes/sft.py: error:") and "lora_rank" in errors[0]

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from ..chat import ChatSession, run_chat
 
     for flag, path in (("--model", args.model), ("--peft", args.peft)):
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
         require_web()
         check_port(args.host, args.port)  # before the model loads, which can take minutes
+    elif hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach run_chat, which reports and skips the line
+        sys.stdin.reconfigure(errors="surrogateescape")
     session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, system=args.system,
                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if args.web:

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             written = write_jsonl(args.output, tqdm(records, desc=f"convert {args.source}", unit=" records"))
         except RecordError as err:
-            raise RecordError(f"{err.reason} (rerun with --on-error skip to set bad records aside)", path=err.path,
-                              record=err.record, field=err.field) from None
+            hint = ("rerun with --on-error skip to set bad records aside" if args.on_error == "raise" else
+                    "this error concerns the whole file, so --on-error skip cannot set it aside: fix the file")
+            raise RecordError(f"{err.reason} ({hint})", path=err.path, record=err.record, field=err.field) from None
     print(f"{args.source}: read {written + rejects.count}, written {written}, rejected {rejects.count} "
           f"-> {args.output}")
     if rejects_path is not None:

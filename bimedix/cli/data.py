@@ -76,12 +76,19 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from ..data.rejects import read_json
     from ..data.stats import DataStats, compute_stats
 
     path = args.directory / "stats.json"
     if path.is_file():
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        stats = DataStats.from_dict(summary)
+        summary = read_json(path)
+        try:
+            stats = DataStats.from_dict(summary)
+            equation = _counts_equation(summary)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not the stats.json that `bimedix build-data` writes (cannot read "
+                             f"{type(err).__name__}: {err}); rebuild the dataset, or move the file away to compute "
+                             "the table from the Parquet files") from None
     else:
         files = sorted(args.directory.glob("data/**/*.parquet")) or sorted(args.directory.glob("**/*.parquet"))
         if not files:
@@ -95,16 +102,13 @@ def _stats(args: argparse.Namespace) -> int:
                     yield from batch.to_pylist()
 
         stats = compute_stats(rows())
-        summary = stats.to_dict()
+        summary, equation = stats.to_dict(), None
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
         return 0
     print(stats.to_markdown())
-    if "counts" in summary:
-        from ..data.build import Counts
-
-        counts = summary["counts"]
-        print(Counts(**{k: v for k, v in counts.items() if k != "balanced"}).equation())
+    if equation:
+        print(equation)
     return 0
 
 
@@ -118,3 +122,11 @@ def _select_for_translation(args: argparse.Namespace) -> int:
           f"{selection.skipped_non_english:,} non-English records ignored) -> {args.output}")
     print(f"summary: {summary_path(args.output)}")
     return 0
+
+
+def _counts_equation(summary: dict) -> str | None:
+    """``read = written + ...`` from the ``counts`` of a stats.json, if it has them."""
+    from ..data.build import Counts
+
+    counts = summary.get("counts")
+    return None if counts is None else Counts(**{k: v for k, v in counts.items() if k != "balanced"}).equation()

@@ -114,7 +114,8 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     parser.add_argument("--rpm", type=int, help="requests-per-minute limit")
     parser.add_argument("--tpm", type=int, help="tokens-per-minute limit")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds one attempt may take, from connecting to the last byte (default 120)")
     parser.add_argument("--max-retries", type=int, default=6, help="retries on transient failures (default 6)")
     parser.add_argument("--budget-usd", type=float, help="stop before the ledger of this run's cache exceeds this")
     parser.add_argument("--prices", type=Path, help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides')

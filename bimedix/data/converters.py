@@ -33,6 +33,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -306,35 +307,26 @@ def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str
 def convert_medicationqa(path: str | os.PathLike, *, language: str | None = None,
                          on_error: OnError = None) -> Iterator[dict]:
     """MedicationQA xlsx → qa records (``Question`` → ``Answer``, ``Focus (Drug)`` as subject)."""
-    from openpyxl import load_workbook
-    from openpyxl.utils.exceptions import InvalidFileException
-
-    try:
-        workbook = load_workbook(path, read_only=True, data_only=True)
-    except (InvalidFileException, zipfile.BadZipFile, KeyError) as err:
-        raise RecordError(f"cannot read as .xlsx ({type(err).__name__}: {err})", path=str(path)) from None
-    try:
-        rows = workbook.worksheets[0].iter_rows(values_only=True)
-        header = [str(cell).strip() if cell is not None else "" for cell in next(rows, ())]
-        missing = [name for name in ("Question", "Answer") if name not in header]
-        if missing:
-            raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path), record=1)
-        seen: Counter[str] = Counter()
-        for row_no, row in enumerate(rows, start=2):
-            if all(cell is None or not str(cell).strip() for cell in row):
-                continue
-            cell = dict(zip(header, row))
-            fail = failer(path, row_no, {k: v for k, v in cell.items() if k})
-            try:
-                question = _required(cell, "Question", fail)
-                answer = _required(cell, "Answer", fail)
-                subject = _optional(cell, "Focus (Drug)", fail) or None
-                yield _qa_record("medicationqa", path, row_no, question, answer, language, seen=seen,
-                                 original_id=f"{Path(path).name}:{row_no}", subject=subject)
-            except RecordError as err:
-                report(err, on_error)
-    finally:
-        workbook.close()
+    rows = _xlsx_rows(path)
+    header = [str(cell).strip() if cell is not None else "" for cell in next(rows, ())]
+    missing = [name for name in ("Question", "Answer") if name not in header]
+    if missing:
+        rows.close()
+        raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path), record=1)
+    seen: Counter[str] = Counter()
+    for row_no, row in enumerate(rows, start=2):
+        if all(cell is None or not str(cell).strip() for cell in row):
+            continue
+        cell = dict(zip(header, row))
+        fail = failer(path, row_no, {k: v for k, v in cell.items() if k})
+        try:
+            question = _required(cell, "Question", fail)
+            answer = _required(cell, "Answer", fail)
+            subject = _optional(cell, "Focus (Drug)", fail) or None
+            yield _qa_record("medicationqa", path, row_no, question, answer, language, seen=seen,
+                             original_id=f"{Path(path).name}:{row_no}", subject=subject)
+        except RecordError as err:
+            report(err, on_error)
 
 
 def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
@@ -473,6 +465,37 @@ def _mentalqa_types(value: str, fail) -> str | None:
     if not isinstance(letters, list) or not all(isinstance(x, str) and x.strip() in MENTALQA_TYPES for x in letters):
         raise fail("final_QT", f"labels {value!r:.80} are not among {sorted(MENTALQA_TYPES)}")
     return ", ".join(MENTALQA_TYPES[x.strip()] for x in letters) or None
+
+
+def _xlsx_rows(path) -> Iterator[tuple]:
+    """The rows of a workbook's first sheet as value tuples; a damaged workbook (bad zip, deflate stream or
+    XML inside) raises `RecordError` naming the file, wherever openpyxl's lazy reading notices it."""
+    from openpyxl import load_workbook
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    damaged = (InvalidFileException, zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError,
+               EOFError, SyntaxError)  # SyntaxError: the XML parsers' errors (ElementTree and lxml)
+
+    def fail(err: BaseException) -> RecordError:
+        return RecordError(f"cannot read as .xlsx ({type(err).__name__}: {str(err)[:200]}); re-save it from a "
+                           "spreadsheet program or download it again", path=str(path))
+
+    try:
+        workbook = load_workbook(path, read_only=True, data_only=True)
+    except damaged as err:
+        raise fail(err) from None
+    try:
+        rows = iter(workbook.worksheets[0].iter_rows(values_only=True))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except damaged as err:
+                raise fail(err) from None
+            yield row
+    finally:
+        workbook.close()
 
 
 def _xml_text(node: ET.Element | None) -> str:

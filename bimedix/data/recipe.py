@@ -219,8 +219,17 @@ def load_data_recipe(path: str | os.PathLike) -> DataRecipe:
         from ..resources import resource_path
 
         path = resource_path("recipes", "data", f"{path.name}.yaml")
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8") \
+            from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}: {where}not valid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a data recipe must be a YAML mapping, got {type(data).__name__}")
     try:
@@ -258,5 +267,23 @@ def _from_dict(cls, data: Any, where: str):
             if not isinstance(value or {}, dict):
                 raise ValueError(f"`{key}` must be a mapping, got {value!r:.80}")
             value = value or {}
+        else:
+            _check_type(key, value, fields[name].type)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Refuse a scalar of the wrong YAML type (``seed: "abc"``, ``weight: "0.5"``), naming the key."""
+    optional = annotation.endswith(" | None")
+    allowed = _SCALARS.get(annotation.removesuffix(" | None"))
+    if allowed is None or value is None and optional:
+        return
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        expected = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[
+            annotation.removesuffix(" | None")]
+        raise ValueError(f"`{key}` must be {expected}{' or null' if optional else ''}, got {value!r:.80} "
+                         f"({type(value).__name__}); in YAML write numbers without quotes and quote text")

@@ -54,6 +54,10 @@ SOURCE_PATHS = {
 ACEGPT_ENGINE = "AceGPT MMLUArabic (GPT machine translation)"
 
 
+#: The columns the lm-eval tasks read (`bimedix.eval.tasks.utils`).
+TASK_COLUMNS = ("id", "language", "source", "question", "context", "options", "answer")
+
+
 def row_features():
     """The `datasets.Features` of every bench row (English and Arabic alike)."""
     from datasets import Features, List, Value
@@ -142,6 +146,8 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
     import pyarrow.parquet as pq
     from datasets import Dataset
 
+    from bimedix.data.io import atomic_open
+
     output = Path(output)
     written = {output / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
     for stale in [*output.glob(f"{ENGLISH_DIR}/*/test.parquet"), *output.glob(f"{ARABIC_DIR}/*/test.parquet")]:
@@ -153,7 +159,8 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
         folder = output / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset
         folder.mkdir(parents=True, exist_ok=True)
         table = Dataset.from_list(rows, features=row_features()).data.table
-        pq.write_table(table, folder / "test.parquet")
+        with atomic_open(folder / "test.parquet", "wb") as handle:
+            pq.write_table(table, handle)
         counts[f"{subset}_{language}"] = len(rows)
     _write_cards(output, tables)
     return counts
@@ -161,13 +168,47 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -
 
 def read_bench(data_dir: str | Path | None = None) -> dict[tuple[str, str], list[dict]]:
     """Every subset of a bench folder as ``{(subset, language): rows}`` (e.g. to extend it and `write_bench` again)."""
-    import pyarrow.parquet as pq
-
     tables = {}
     for config in available_configs(data_dir):
         subset, language = config.rsplit("_", 1)
-        tables[subset, language] = pq.read_table(subset_path(subset, language, data_dir)).to_pylist()
+        tables[subset, language] = read_subset_table(subset_path(subset, language, data_dir)).to_pylist()
     return tables
+
+
+def read_subset_table(path: str | Path):
+    """Read one subset's Parquet file as a `pyarrow.Table`, checking it has the columns the tasks read.
+
+    Raises:
+        `ValueError`: naming the file, and the column or row at fault, when it is not Parquet, lacks a
+            column, has a column of the wrong type, or has a row whose answer letter has no option.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .tasks.utils import LATIN_LETTERS
+
+    fix = "rebuild the folder with `bimedix build-bench` (or fix the file) and pass it again with --data-dir"
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err}); {fix}") from None
+    for name in TASK_COLUMNS:
+        if name not in table.column_names:
+            raise ValueError(f"{path}: no column `{name}` (found: {table.column_names}); the evaluation tasks read "
+                             f"{list(TASK_COLUMNS)}; {fix}")
+        kind = table.schema.field(name).type
+        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        is_list = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))
+        if not (is_list if name == "options" else is_text):
+            expected = "a list of strings" if name == "options" else "a string"
+            raise ValueError(f"{path}: column `{name}` holds {kind}, expected {expected}; {fix}")
+    for index, row in enumerate(table.select(["id", "options", "answer"]).to_pylist()):
+        letter, options = row["answer"], row["options"] or []
+        if not letter or letter not in LATIN_LETTERS[:len(options)]:
+            raise ValueError(f"{path}: row {index} (id {row['id']!r}): answer {letter!r} names none of its "
+                             f"{len(options)} options; {fix}")
+    return table
 
 
 def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
@@ -184,9 +225,7 @@ def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
     path = subset_path(subset, language, data_dir)
     if path is None:  # a Hub id
         return DatasetDict({"test": load_dataset(str(data_dir), f"{subset}_{language}", split="test")})
-    import pyarrow.parquet as pq
-
-    return DatasetDict({"test": Dataset(pq.read_table(path))})
+    return DatasetDict({"test": Dataset(read_subset_table(path))})
 
 
 def subset_path(subset: str, language: str, data_dir: str | Path | None = None) -> Path | None:
@@ -329,12 +368,15 @@ def _first_paired(tables: dict, limit: int) -> dict:
 
 
 def _write_cards(output: Path, tables: dict) -> None:
+    from bimedix.data.io import atomic_open
     from bimedix.eval.arabic_bench import arabic_card, bench_card
 
-    (output / "README.md").write_text(bench_card(tables), encoding="utf-8")
+    with atomic_open(output / "README.md") as handle:
+        handle.write(bench_card(tables))
     arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
     card = output / ARABIC_DIR / "README.md"
     if arabic:
-        card.write_text(arabic_card(arabic), encoding="utf-8")
+        with atomic_open(card) as handle:
+            handle.write(arabic_card(arabic))
     elif card.exists():
         card.unlink()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..resources import check_model_folder
 from .bench import subset_path
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
     else:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+        check_model_folder(str(model))
         if peft is not None:
             check_adapter(model, peft)
         lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args)
@@ -234,7 +236,7 @@ def write_results(results: dict, output_dir: str | Path, *, model_name: str = "m
     """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown tables."""
     from lm_eval.utils import handle_non_serializable
 
-    from bimedix.data.io import write_json
+    from bimedix.data.io import atomic_open, write_json
 
     from .tables import format_tables
 
@@ -243,12 +245,12 @@ def write_results(results: dict, output_dir: str | Path, *, model_name: str = "m
     summary = {k: v for k, v in results.items() if k != "samples"}
     write_json(output_dir / "results.json", json.loads(json.dumps(summary, default=handle_non_serializable)))
     for task, samples in (results.get("samples") or {}).items():
-        with open(output_dir / f"samples_{task}.jsonl", "w", encoding="utf-8") as handle:
+        with atomic_open(output_dir / f"samples_{task}.jsonl") as handle:
             for sample in samples:
                 handle.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
     write_json(output_dir / "consistency.json", results.get("bimedix_consistency", {}))
-    (output_dir / "tables.md").write_text(format_tables(results, model_name=model_name, markdown=True),
-                                          encoding="utf-8")
+    with atomic_open(output_dir / "tables.md") as handle:
+        handle.write(format_tables(results, model_name=model_name, markdown=True))
     return output_dir
 
 

@@ -278,9 +278,15 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); it is not the file bimedix "
+                         "wrote: restore or regenerate it.") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}).") from None
+        raise ValueError(f"{path}: not valid JSON ({err}); restore or regenerate it.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; restore or regenerate it.")
+    return data
 
 
 def _flat_translation(row: dict) -> dict | None:

@@ -7,7 +7,10 @@ database in the same transaction that marks the requests submitted; (2) polls ev
 ends; (3) downloads the output file and records each answer in the cache and ledger at the batch price.
 A run killed while waiting finds its open batches in the database and keeps polling them instead of
 submitting again. Requests a batch did not answer go back to the pool and are resubmitted next pass.
-The few management calls (upload, create, poll, download) use the SDK's own retries.
+The few management calls (upload, create, poll, download) use the SDK's own retries (up to
+``MANAGEMENT_RETRIES``); each call, retries included, has a wall-clock deadline of ``MANAGEMENT_RETRIES + 1``
+times the client's ``timeout``, past which the run stops with a transient `LLMError` (re-run to continue:
+submitted batches are remembered).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_REQUESTS_PER_BATCH = 50_000
+MANAGEMENT_RETRIES = 5
 TERMINAL_STATES = ("completed", "failed", "expired", "cancelled")
 
 
@@ -39,28 +43,41 @@ async def run_batches(openai_client, cache: RequestCache, client: LLMClient, *, 
         poll_interval (`float`, *optional*, defaults to `30`): seconds between status checks.
         completion_window (`str`, *optional*, defaults to `"24h"`): the Batch API completion window.
     """
-    api = openai_client.with_options(max_retries=5)
+    api = openai_client.with_options(max_retries=MANAGEMENT_RETRIES)
+    seconds = client.config.timeout * (MANAGEMENT_RETRIES + 1)
+
+    async def within(what: str, call):
+        try:
+            async with asyncio.timeout(seconds):
+                return await call
+        except TimeoutError:
+            from .client import LLMError
+
+            raise LLMError(f"{client.config.base_url}: {what} took more than {seconds:g} s (the Batch API "
+                           "management calls' deadline); re-run to continue", transient=True) from None
+
     pending = cache.unsubmitted()
     for start in range(0, len(pending), MAX_REQUESTS_PER_BATCH):
         chunk = pending[start:start + MAX_REQUESTS_PER_BATCH]
         lines = "".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
                                    ensure_ascii=False) + "\n" for key, body in chunk)
-        uploaded = await api.files.create(file=("bimedix-batch.jsonl", lines.encode(), "application/jsonl"),
-                                          purpose="batch")
-        batch = await api.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                         completion_window=completion_window)
+        uploaded = await within("uploading the batch file", api.files.create(
+            file=("bimedix-batch.jsonl", lines.encode(), "application/jsonl"), purpose="batch"))
+        batch = await within("creating the batch", api.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=completion_window))
         cache.record_batch(batch.id, uploaded.id, [key for key, _ in chunk])
         logger.info("submitted batch %s with %d requests", batch.id, len(chunk))
     recorded = 0
     for batch_id in cache.open_batches():
-        batch = await api.batches.retrieve(batch_id)
+        batch = await within(f"polling batch {batch_id}", api.batches.retrieve(batch_id))
         while batch.status not in TERMINAL_STATES:
             await asyncio.sleep(poll_interval)
-            batch = await api.batches.retrieve(batch_id)
+            batch = await within(f"polling batch {batch_id}", api.batches.retrieve(batch_id))
         if batch.status != "completed":
             logger.warning("batch %s ended %s; its unanswered requests will be resubmitted", batch_id, batch.status)
         if batch.output_file_id:
-            content = await api.files.content(batch.output_file_id)
+            content = await within(f"downloading the output of batch {batch_id}",
+                                   api.files.content(batch.output_file_id))
             recorded += _record_output(content.text, cache, client)
         cache.close_batch(batch_id)
     return recorded

@@ -14,6 +14,7 @@ killed (``kill -9``); only an operating-system crash can lose the last commits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,6 +59,10 @@ def request_key(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+class CacheError(OSError):
+    """The cache file cannot be used (not a SQLite database, disk full, locked, read-only); the message says why."""
+
+
 @dataclass(frozen=True)
 class CachedResponse:
     """One recorded response and what it cost."""
@@ -79,7 +84,8 @@ class RequestCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        self._db.cache_path = self.path
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -163,3 +169,45 @@ class RequestCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose SQLite failures become `CacheError` naming the cache file and the fix."""
+
+    cache_path: Path
+
+    def execute(self, *args):
+        with self._explained():
+            return super().execute(*args)
+
+    def executemany(self, *args):
+        with self._explained():
+            return super().executemany(*args)
+
+    def executescript(self, *args):
+        with self._explained():
+            return super().executescript(*args)
+
+    def __exit__(self, *exc):  # the commit of `with self._db:`, where a full disk shows up
+        with self._explained():
+            return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _explained(self):
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            text = str(err)
+            if "not a database" in text or "malformed" in text:
+                fix = ("it is not a bimedix request cache (a SQLite database): point --cache at a new file, or at "
+                       "the .llm.sqlite file of an earlier run")
+            elif "full" in text:
+                fix = ("the disk is full: free some space and re-run the same command (recorded responses are "
+                       "kept and not paid again)")
+            elif "locked" in text or "busy" in text:
+                fix = "another process holds the database: wait for it to finish, or use another --cache"
+            elif "readonly" in text or "read-only" in text or "unable to open" in text:
+                fix = "it cannot be opened for writing: check the file's permissions or use another --cache"
+            else:
+                fix = "see the SQLite message; use another --cache if the file is damaged"
+            raise CacheError(f"{self.cache_path}: {text}; {fix}") from None

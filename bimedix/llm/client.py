@@ -4,6 +4,9 @@
 jobs need:
 
 * **bounded concurrency** and optional requests/tokens-per-minute limits;
+* a **wall-clock deadline** of ``timeout`` seconds on every attempt, from connecting to the last byte of the
+  response, so a server that trickles bytes cannot hold a request past it (the SDK's timeout only bounds
+  each read);
 * **retries owned here** (the SDK's own retries are switched off with ``max_retries=0``, so request
   counts are exact): only transient failures are retried (429, 408, 409, 5xx, timeouts, dropped
   connections, malformed or truncated response bodies), with exponential backoff and jitter, and a
@@ -90,7 +93,8 @@ class ClientConfig:
         concurrency (`int`, *optional*, defaults to `32`): requests in flight at once.
         requests_per_minute (`int`, *optional*): client-side request rate limit.
         tokens_per_minute (`int`, *optional*): client-side token rate limit (prompt estimate + max_tokens).
-        timeout (`float`, *optional*, defaults to `120`): seconds before a request counts as timed out.
+        timeout (`float`, *optional*, defaults to `120`): seconds one attempt may take from connecting to the
+            last byte of the response (a wall-clock deadline, also the SDK's connect/read/write timeout).
         max_retries (`int`, *optional*, defaults to `6`): retries of one request on transient failures.
         backoff_base (`float`, *optional*, defaults to `1`): first backoff in seconds, doubled each retry.
         backoff_max (`float`, *optional*, defaults to `60`): longest backoff between retries.
@@ -290,8 +294,10 @@ class LLMClient:
                 await self._limiter.acquire(estimate_tokens)
                 async with self._semaphore:
                     self.sent += 1
-                    response = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
-                return _parse(response.content)
+                    async with asyncio.timeout(self.config.timeout):  # connect + whole body, however it trickles
+                        response = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
+                        content = await response.aread()
+                return _parse(content)
             except openai.APIStatusError as err:
                 status = err.status_code
                 reason = f"HTTP {status}: {_error_message(err)}"
@@ -299,8 +305,8 @@ class LLMClient:
                     raise LLMError(f"{self.config.base_url} answered {reason}; not retried (check the model name, "
                                    "the API key and the request)", status=status) from None
                 wait = _retry_after(err.response.headers)
-            except openai.APITimeoutError:
-                reason, status = f"timed out after {self.config.timeout:g} s", None
+            except (openai.APITimeoutError, TimeoutError):
+                reason, status = f"no complete response within {self.config.timeout:g} s", None
             except openai.APIConnectionError as err:
                 reason, status = f"connection failed ({_root_cause(err)})", None
             except _MalformedResponse as err:

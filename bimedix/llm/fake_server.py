@@ -11,7 +11,8 @@ Arabic, judge scores and dialogues, so a whole pipeline can be dry-run without p
         --base-url http://127.0.0.1:8000/v1 --model fake
 
 Faults are injected per request with `FakeOpenAIServer.inject` (429 with ``Retry-After``, 5xx, delays
-past the client timeout, connection resets, malformed or truncated JSON, ``finish_reason="length"``),
+past the client timeout, a body dripped one byte at a time, connection resets, malformed or truncated
+JSON, ``finish_reason="length"``),
 and every request is logged (`FakeOpenAIServer.log`) with the hash of its body and the usage it was
 served, so tests can count requests and check the cost ledger. Nothing here is meant for production.
 """
@@ -49,12 +50,14 @@ class Fault:
     """One injected failure for the next chat-completion request.
 
     Args:
-        kind (`str`): ``"status"`` (HTTP error), ``"delay"`` (sleep, then answer normally), ``"reset"``
-            (drop the connection), ``"malformed"`` (200 with a body that is not JSON), ``"truncated"``
-            (200 whose body stops half way) or ``"length"`` (a completion cut off at ``max_tokens``).
+        kind (`str`): ``"status"`` (HTTP error), ``"delay"`` (sleep, then answer normally), ``"drip"`` (send
+            the headers at once, then the body one byte every ``delay`` seconds), ``"reset"`` (drop the
+            connection), ``"malformed"`` (200 with a body that is not JSON), ``"truncated"`` (200 whose body
+            stops half way) or ``"length"`` (a completion cut off at ``max_tokens``).
         status (`int`, *optional*, defaults to `500`): the HTTP status of a ``"status"`` fault.
         headers (`dict`, *optional*): extra response headers, e.g. ``{"Retry-After": "1"}``.
-        delay (`float`, *optional*, defaults to `0`): seconds to sleep for a ``"delay"`` fault.
+        delay (`float`, *optional*, defaults to `0`): seconds to sleep for a ``"delay"`` fault, or between two
+            bytes of a ``"drip"`` fault.
     """
 
     kind: str
@@ -262,6 +265,19 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(fault.delay)
                 completion, _ = server.complete(body)
                 self._send_json(200, completion)
+                return
+            if fault is not None and fault.kind == "drip":  # each byte comes within any read timeout
+                server._record(ServedRequest(self.path, digest, "drip"))
+                payload = json.dumps(server.complete(body)[0], ensure_ascii=False).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.flush()
+                for index in range(len(payload)):
+                    time.sleep(fault.delay)
+                    self.wfile.write(payload[index:index + 1])
+                    self.wfile.flush()
                 return
             if fault is not None and fault.kind == "status":
                 server._record(ServedRequest(self.path, digest, f"status:{fault.status}"))

@@ -121,7 +121,10 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         raise ValueError("--reviewer must name who reviewed")
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
-    rows = read_review_rows(reviews)
+    try:
+        rows = read_review_rows(reviews)
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(Path(reviews))) from None
     decided: dict[str, list[tuple[int, dict]]] = {}
     undecided: set[str] = set()
     errors, seen = [], set()
@@ -132,6 +135,10 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         missing = [column for column in REQUIRED_COLUMNS if column not in row]
         if missing:
             bad(missing[0], f"missing (found columns: {sorted(row)})")
+            continue
+        not_text = [column for column in REQUIRED_COLUMNS if not isinstance(row[column], str)]
+        if not_text:
+            bad(not_text[0], f"must be text, got {row[not_text[0]]!r:.80}")
             continue
         problem = row_problem(by_id.get(row["id"]), row, translated)
         if problem:
@@ -252,6 +259,19 @@ def read_audit(path: str | os.PathLike) -> list[dict]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             logger.warning("%s:%d: skipping a half-written audit line (%d bytes)", path, line_no, len(line))
     return entries
+
+
+def _not_utf8(path: Path) -> str:
+    """Where a review file stops being UTF-8, and how to re-save it."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        where = f"line {line}: byte {data[err.start]:#04x} at offset {err.start}: "
+    return (f"{path}: {where}the file is not UTF-8 text (a spreadsheet saved it in another encoding, such as "
+            "Windows-1256); save it again as \"CSV UTF-8\" and re-run; nothing was applied")
 
 
 def review_texts(record: dict) -> list[tuple[str, str]]:

@@ -133,7 +133,37 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlPars
 
 def parse_args(argv: list[str] | None = None):
     """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
-    return make_parser().parse_args_and_config(argv)
+    parsed = make_parser().parse_args_and_config(argv)
+    check_value_types(*parsed)
+    return parsed
+
+
+def check_value_types(*configs) -> None:
+    """Refuse recipe values of the wrong type that argparse lets through from YAML (``seed: 1.5``, ``lora_r: [8]``).
+
+    Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the key.
+    """
+    import dataclasses
+    import enum
+    import types
+    import typing
+
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    for config in configs:
+        hints = typing.get_type_hints(type(config))
+        for item in dataclasses.fields(config):
+            hint, value = hints.get(item.name), getattr(config, item.name)
+            options = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+                typing.get_origin(hint) is typing.Union else (hint,)
+            scalars = [kind for kind in options if kind in expected]
+            if not scalars or len(scalars) + (type(None) in options) != len(options):
+                continue  # lists, dicts, enums and mixed unions are checked by their owners
+            if value is None and type(None) in options or isinstance(value, enum.Enum):
+                continue
+            accepted = tuple(scalars) + ((int,) if float in scalars else ())
+            if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
+                raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, got "
+                                 f"{value!r:.80} ({type(value).__name__}); fix it in the recipe or on the command line")
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
@@ -146,6 +176,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
@@ -158,6 +189,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
+    _check_rows_left(trainer, dataset[script_args.dataset_train_split], training_args)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
         from .expert_lora import set_expert_lora_mode
@@ -316,9 +348,26 @@ class RequireTrainedTokens:
 # --- helpers -------------------------------------------------------------------------------------------
 
 
+def _check_rows_left(trainer, rows, training_args: SFTConfig) -> None:
+    """Say how many rows TRL dropped for having no trained token left, and stop when it dropped them all."""
+    if not (hasattr(rows, "__len__") and hasattr(trainer.train_dataset, "__len__")):
+        return  # streamed data: RequireTrainedTokens still guards every batch
+    dropped = len(rows) - len(trainer.train_dataset)
+    why = (f"after truncation to max_length={training_args.max_length} they have no assistant token left to train "
+           "on (with assistant_only_loss every label outside the assistant turns is masked)")
+    if len(rows) and not len(trainer.train_dataset):
+        raise ValueError(f"all {len(rows)} training rows were dropped: {why}. Raise `max_length` (or shorten the "
+                         "system prompt and user turns) so that some assistant text fits.")
+    if dropped > 0:
+        logger.warning("%d of %d training rows were dropped: %s.", dropped, len(rows), why)
+
+
 def _require_model(model_args: ModelConfig) -> None:
+    from ..resources import check_model_folder
+
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
+    check_model_folder(model_args.model_name_or_path, "model_name_or_path")
 
 
 def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args: SFTConfig,
