@@ -7,8 +7,11 @@ accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero2.yaml 
 ```
 """
 
+from bimedix.hub.cards import save_model_card
 from bimedix.training.sft import main, make_parser
 
 if __name__ == "__main__":
     parser = make_parser()
-    main(*parser.parse_args_and_config())
+    trainer = main(*parser.parse_args_and_config())
+    if trainer.accelerator.is_main_process:
+        save_model_card(trainer.args.output_dir)
