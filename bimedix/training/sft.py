@@ -385,9 +385,11 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
     if bimedix_args.tiny_model:
         config = tiny_config(name, **(bimedix_args.tiny_model_config or {}))
     else:
-        config = AutoConfig.from_pretrained(name, revision=model_args.model_revision)
+        config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
+                                            trust_remote_code=model_args.trust_remote_code)
     with torch.device("meta"):
-        return bool(fused_experts(AutoModelForCausalLM.from_config(config)))
+        return bool(fused_experts(AutoModelForCausalLM.from_config(config,
+                                                                   trust_remote_code=model_args.trust_remote_code)))
 
 
 def _env_true(name: str) -> bool:
