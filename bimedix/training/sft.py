@@ -211,7 +211,8 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
 def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
     """Refuse, before anything is loaded, recipe options that cannot work together.
 
-    `quantize_experts` needs LoRA and a model with fused experts, and is refused under FSDP and DeepSpeed
+    `quantize_experts` needs LoRA and a model with fused experts, composes with `load_in_4bit` but not
+    `load_in_8bit`, and is refused under FSDP and DeepSpeed
     ZeRO-3 (they would shard the packed bytes without their quantization state): use DDP or ZeRO-2.
 
     Raises:
@@ -222,6 +223,9 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_
     key = f"`quantize_experts: {bimedix_args.quantize_experts}`"
     if not model_args.use_peft:
         raise ValueError(f"{key} needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
+    if model_args.load_in_8bit:
+        raise ValueError(f"{key} composes with `load_in_4bit: true` (full QLoRA), not with `load_in_8bit`: "
+                         "8-bit bitsandbytes models cannot be moved to the GPU after loading. Use `load_in_4bit`.")
     sharding = parameter_sharding(training_args)
     if sharding:
         raise ValueError(
@@ -356,7 +360,7 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
 
     model = get_peft_model(model, peft_config)
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
-    if model_args.load_in_4bit or model_args.load_in_8bit:
+    if model_args.load_in_4bit:
         model.to(training_args.device)
         model.base_model.model.hf_device_map = {"": training_args.device}
     return model, None
