@@ -236,7 +236,8 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_
             "docs/qlora-experts.md)."
         )
     name = bimedix_args.tiny_model or model_args.model_name_or_path
-    if name and not _has_fused_experts(name, bimedix_args, model_args):
+    if name and not _has_fused_experts(name, bimedix_args, model_args,
+                                       trust_remote_code=getattr(training_args, "trust_remote_code", False)):
         source = f"`tiny_model: {name}`" if bimedix_args.tiny_model else f"`model_name_or_path: {name}`"
         raise ValueError(
             f"{key} with {source}: that model has no fused MoE experts (3-D `mlp.experts.gate_up_proj`/`down_proj`), "
@@ -378,7 +379,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
                                                     device_map=device_map)
 
 
-def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig) -> bool:
+def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig,
+                       trust_remote_code: bool = False) -> bool:
     """Whether the model's architecture has fused experts, built from its config on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -390,10 +392,9 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
         config = tiny_config(name, **(bimedix_args.tiny_model_config or {}))
     else:
         config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
-                                            trust_remote_code=model_args.trust_remote_code)
+                                            trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return bool(fused_experts(AutoModelForCausalLM.from_config(config,
-                                                                   trust_remote_code=model_args.trust_remote_code)))
+        return bool(fused_experts(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)))
 
 
 def _env_true(name: str) -> bool:
