@@ -16,11 +16,23 @@ TINY = resource_path("recipes", "tiny", "sft.yaml")
 
 
 @pytest.fixture(scope="module")
-def paper_report():
-    return estimate_memory(PAPER)  # Mixtral-8x7B config shipped with bimedix: works offline
+def paper_report(tmp_path_factory):
+    """The paper recipe with `load_in_4bit` alone (no `quantize_experts`): what bitsandbytes leaves in bf16."""
+    recipe = tmp_path_factory.mktemp("recipe") / "sft_qlora_bnb_only.yaml"
+    lines = PAPER.read_text(encoding="utf-8").splitlines()
+    recipe.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")), encoding="utf-8")
+    return estimate_memory(recipe)  # Mixtral-8x7B config shipped with bimedix: works offline
 
 
-def test_paper_recipe_counts_mixtral_parts_and_keeps_experts_bf16(paper_report):
+def test_paper_recipe_quantizes_experts_and_attention():
+    report = estimate_memory(PAPER)
+    counts, by_part = report["parameters"]["counts"], report["parameters"]["by_part"]
+    assert by_part["experts"] == pytest.approx(counts["experts"] * NF4_BYTES)
+    assert by_part["attention"] == pytest.approx(counts["attention"] * NF4_BYTES)
+    assert report["totals"]["all"] < 48 * 2**30  # fits an 80 GB A100 with room, one process, no sharding
+
+
+def test_bnb_only_paper_recipe_counts_mixtral_parts_and_keeps_experts_bf16(paper_report):
     params = paper_report["parameters"]
     counts = params["counts"]
     assert counts["experts"] == 32 * 8 * 3 * 4096 * 14336

@@ -371,10 +371,14 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
     """Load an in-process model again through `from_pretrained` with a `BitsAndBytesConfig` (tiny runs)."""
     import tempfile
 
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="bimedix-tiny-") as folder:
-        model.save_pretrained(folder)
+        # written by every process: `save_pretrained` writes on rank 0 only once torch.distributed is initialized
+        model.config.save_pretrained(folder)
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+                  os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization_config,
                                                     device_map=device_map)
 
