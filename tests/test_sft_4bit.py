@@ -188,4 +188,4 @@ def test_ddp_with_4bit_experts_matches_one_process(tmp_path):
         losses[processes] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
         assert re.search(r"train_loss", result.stdout + result.stderr)
     assert len(losses[1]) == len(losses[2]) == 2
-    assert losses[2] == pytest.approx(losses[1], rel=2e-2), losses
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4), losses  # measured: equal to ~1e-6
