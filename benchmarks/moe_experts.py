@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:40s} experts at rest {r['experts_bytes'] / 2**20:9.1f} MiB | peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-              f" | step {r['step_s']:8.3f} s")
+              f" | step {r['step_s']:8.3f} s | {args.tokens / r['step_s']:9.0f} tokens/s")
     _print_ratios(results)
 
 

@@ -14,12 +14,15 @@ import os
 import sys
 
 from bimedix.cli import run_command
+from bimedix.hub.cards import save_model_card
 from bimedix.training.sft import main, make_parser
 
 
 def sft() -> None:
-    """Parse the recipe and flags, then train."""
-    main(*make_parser().parse_args_and_config())
+    """Parse the recipe and flags, train, and write the model card (main process)."""
+    trainer = main(*make_parser().parse_args_and_config())
+    if trainer.accelerator.is_main_process:
+        save_model_card(trainer.args.output_dir)
 
 
 if __name__ == "__main__":

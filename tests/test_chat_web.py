@@ -88,7 +88,7 @@ def test_chat_page_reports_a_stopped_server(browser, tiny_model_dir):
 
 def test_chat_web_bad_model_path_and_busy_port(tmp_path, capsys):
     assert main(["chat", "--web", "--model", str(tmp_path / "missing-model")]) == 2
-    assert f"--model {tmp_path / 'missing-model'}: no such folder" in capsys.readouterr().err
+    assert f"--model {tmp_path / 'missing-model'}: no such model folder" in capsys.readouterr().err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -8,7 +8,7 @@ import pytest
 
 from bimedix.cli import main
 from bimedix.eval.bench import PAPER_SUBSETS
-from bimedix.eval.run import backend_model_args, check_adapter, evaluate, resolve_tasks
+from bimedix.eval.run import backend_model_args, check_adapter, evaluate, expert_lora_targets, resolve_tasks
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,47 @@ def test_missing_model_folder_is_named_not_taken_for_a_repo_id(tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"--model {missing}: no such model folder ({missing} does not exist)" in err
     assert "Repo id" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("targets", "experts"), [
+    (["mlp.gate.weight"], []),  # router only: vLLM may serve it as LoRA
+    ([], []),
+    (["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    (["model.layers.0.mlp.experts.down_proj"], ["model.layers.0.mlp.experts.down_proj"]),
+    (["gate_up_proj"], ["gate_up_proj"]),
+])
+def test_expert_lora_targets(targets, experts):
+    assert expert_lora_targets({"target_modules": ["q_proj"], "target_parameters": targets}) == experts
+
+
+def test_vllm_refuses_an_expert_adapter_as_lora_and_names_the_merge(tiny_model_dir, tiny_adapter_dir):
+    with pytest.raises(ValueError, match=r"fused MoE experts.*bimedix merge --base .* --adapter .*vllm serve MERGED"):
+        backend_model_args("vllm", str(tiny_model_dir), peft=str(tiny_adapter_dir))
+    assert backend_model_args("hf", str(tiny_model_dir), peft=str(tiny_adapter_dir))["peft"] == str(tiny_adapter_dir)
+
+
+def test_cli_vllm_eval_of_an_expert_adapter_evaluates_a_merged_copy(tiny_model_dir, tiny_adapter_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """No vLLM needed: `evaluate` is replaced by a recorder; the merge (with its logit check) runs for real."""
+    import bimedix.eval.run
+    import bimedix.eval.tables
+
+    seen = {}
+
+    def record(model, peft=None, **kwargs):
+        folder = __import__("pathlib").Path(model)
+        seen.update(model=model, peft=peft, backend=kwargs["backend"],
+                    files=sorted(p.name for p in folder.iterdir()),
+                    report=json.loads((folder / "merge_report.json").read_text(encoding="utf-8")))
+        return {"results": {}}
+
+    monkeypatch.setattr(bimedix.eval.run, "evaluate", record)
+    monkeypatch.setattr(bimedix.eval.tables, "format_tables", lambda results, model_name: "")
+    output = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_model_dir), "--peft", str(tiny_adapter_dir), "--backend", "vllm",
+                 "--output", str(output)]) == 0
+    assert seen["peft"] is None and seen["backend"] == "vllm" and "model.safetensors" in seen["files"]
+    assert seen["report"]["max_abs_diff_merged_vs_adapter"] < 1e-3
+    assert not list(output.glob("merged-*"))  # the temporary merged copy is gone
+    assert "merging it into" in capsys.readouterr().out

@@ -35,8 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def paper_report():
-    return estimate_memory(PAPER)  # Mixtral-8x7B config shipped with bimedix: works offline
+def paper_report(tmp_path_factory):
+    """The paper recipe with `load_in_4bit` alone (no `quantize_experts`): what bitsandbytes leaves in bf16."""
+    recipe = tmp_path_factory.mktemp("recipe") / "sft_qlora_bnb_only.yaml"
+    lines = PAPER.read_text(encoding="utf-8").splitlines()
+    recipe.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")), encoding="utf-8")
+    return estimate_memory(recipe)  # Mixtral-8x7B config shipped with bimedix: works offline
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,15 @@ def mixtral_facts():
     return model_facts(model, peft_config=build_lora_config(model, "paper", r=128, alpha=64))
 
 
-def test_paper_recipe_counts_mixtral_parts_and_keeps_experts_bf16(paper_report):
+def test_paper_recipe_quantizes_experts_and_attention():
+    report = estimate_memory(PAPER)
+    counts, by_part = report["parameters"]["counts"], report["parameters"]["by_part"]
+    assert by_part["experts"] == pytest.approx(counts["experts"] * NF4_BYTES)
+    assert by_part["attention"] == pytest.approx(counts["attention"] * NF4_BYTES)
+    assert report["totals"]["all"] < 48 * 2**30  # fits an 80 GB A100 with room, one process, no sharding
+
+
+def test_bnb_only_paper_recipe_counts_mixtral_parts_and_keeps_experts_bf16(paper_report):
     params = paper_report["parameters"]
     counts = params["counts"]
     assert counts["experts"] == 32 * 8 * 3 * 4096 * 14336
@@ -173,15 +185,25 @@ def test_activation_estimate_scales_with_tokens(mixtral_facts):
     assert four["per_layer"] == 4 * one["per_layer"] and four["logits"] == 4 * 128 * 32000 * 10
 
 
-def test_cli_estimate_memory(capsys):
+def test_cli_estimate_memory(capsys, tmp_path):
     from bimedix.cli import main
 
     assert main(["estimate-memory", "--recipe", str(TINY), "--json", "--", "--max_length", "64"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == "tiny:mixtral" and report["settings"]["max_length"] == 64
+    # the paper recipe (full QLoRA) fits an 80 GB GPU on the paper's 8 GPUs, with room
     assert main(["estimate-memory", "--recipe", str(PAPER), "--num-processes", "8", "--gpu", "80"]) == 0
     out = capsys.readouterr().out
-    assert "8 process(es), DDP" in out and "does NOT fit" in out and "Nearest setting that fits" in out
+    assert "8 process(es), DDP" in out and "does NOT fit" not in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("  80 GB"))
+    assert row[-3] == "yes" and float(row[-2]) > 20
+    # `load_in_4bit` alone leaves the experts bf16: it does not fit, and the nearest fitting setting is named
+    bnb_only = tmp_path / "sft_qlora_bnb_only.yaml"
+    lines = PAPER.read_text(encoding="utf-8").splitlines()
+    bnb_only.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")), encoding="utf-8")
+    assert main(["estimate-memory", "--recipe", str(bnb_only), "--num-processes", "8", "--gpu", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "Nearest setting that fits" in out and "quantize_experts" in out
 
 
 @pytest.mark.slow

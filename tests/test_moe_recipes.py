@@ -94,7 +94,6 @@ def _twin(tmp_path, name: str):
     recipe.pop("model_name_or_path")
     recipe.update(
         tiny_model=arch, dtype="float32", bf16=False, use_cpu=True,
-        load_in_4bit=False,  # a tiny model is built in-process; its experts are still packed by quantize_experts
         datasets=[{"path": "bimedix:recipes/tiny/data/train.jsonl"}], max_length=256, max_steps=2,
         per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch", learning_rate=1e-2,
         warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", output_dir=str(tmp_path / "out"))

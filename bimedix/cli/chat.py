@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ..resources import check_model_folder
 
 
 def register(subparsers) -> None:
@@ -28,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..chat import ChatSession, run_chat
 
-    for flag, path in (("--model", args.model), ("--peft", args.peft)):
-        if path and not Path(path).expanduser().exists() and _looks_like_path(path):
-            raise ValueError(f"{flag} {path}: no such folder (give a saved model folder or a Hub id like org/name)")
+    check_model_folder(args.model)
+    if args.peft:
+        check_model_folder(args.peft, "--peft")
     if args.web:
         from ..web.server import check_port, require_web
 
@@ -45,8 +46,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         run_chat(session)
     return 0
-
-
-def _looks_like_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``org/name``; anything else (``./x``, ``/a/b``, ``a/b/c``) is meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1

@@ -51,18 +51,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bimedix.eval.run import evaluate
+    from bimedix.eval.run import check_adapter, evaluate, expert_lora_targets
     from bimedix.eval.tables import format_tables
 
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    results = evaluate(args.model, peft=args.peft, tasks=args.tasks, backend=args.backend, data_dir=args.data_dir,
-                       limit=limit, num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
-                       output_dir=args.output, cache=args.cache)
+    kwargs = dict(tasks=args.tasks, backend=args.backend, data_dir=args.data_dir, limit=limit,
+                  num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device, output_dir=args.output,
+                  cache=args.cache)
+    if args.backend == "vllm" and args.peft and expert_lora_targets(check_adapter(args.model, args.peft)):
+        results = _evaluate_merged(args.model, args.peft, args.output, kwargs)
+    else:
+        results = evaluate(args.model, peft=args.peft, **kwargs)
     name = args.peft or args.model
     print(format_tables(results, model_name=name.rstrip("/").rsplit("/", 1)[-1]))
     print(f"wrote {args.output}/results.json, samples_*.jsonl, consistency.json, tables.md")
     return 0
+
+
+def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dict:
+    """Merge an adapter with expert LoRA into a temporary folder under ``output`` (with `bimedix merge`'s logit
+    check) and evaluate the merged model: vLLM may drop the expert deltas of a LoRA adapter."""
+    import tempfile
+    from pathlib import Path
+
+    from bimedix.eval.run import evaluate
+    from bimedix.training.merge import merge_adapter
+
+    Path(output).mkdir(parents=True, exist_ok=True)
+    print(f"{adapter} adapts fused MoE experts, which vLLM may not apply as LoRA: merging it into {model} first "
+          f"(logit-checked, as `bimedix merge`), in a temporary folder under {output}")
+    with tempfile.TemporaryDirectory(prefix="merged-", dir=output) as merged:
+        report = merge_adapter(model, adapter, merged)
+        print(f"merged: max |merged - adapter| logit difference {report['max_abs_diff_merged_vs_adapter']:.3g}")
+        return evaluate(merged, **kwargs)
 
 
 def _build_bench(args: argparse.Namespace) -> int:

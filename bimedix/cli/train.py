@@ -129,11 +129,14 @@ def _show_mask(args) -> int:
 
 
 def _sft(args) -> int:
+    from bimedix.hub.cards import save_model_card
     from bimedix.training.sft import main, make_parser
 
     parser = make_parser()
     parser.prog = "bimedix sft"
-    main(*parser.parse_args_and_config(args.args))
+    trainer = main(*parser.parse_args_and_config(args.args))
+    if trainer.accelerator.is_main_process:
+        print(f"model card: {save_model_card(trainer.args.output_dir)}")
     return 0
 
 

@@ -24,6 +24,8 @@ DEFAULT_TASKS = "auto"  # every bimedix task the data folder has data for (see `
 BACKENDS = ("hf", "vllm")
 # LoRA ranks vLLM accepts for ``max_lora_rank``.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Names of fused MoE expert parameters (transformers 5) that PEFT `target_parameters` may adapt.
+EXPERT_PARAMETER_NAMES = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tasks_dir() -> Path:
@@ -218,12 +220,32 @@ def backend_model_args(backend: str, model: str, *, peft: str | None = None, dev
         if device not in (None, "cuda"):
             raise ValueError(f"the vllm backend runs on CUDA only (got --device {device})")
         if peft is not None:
-            rank = adapter_rank(check_adapter(str(model), str(peft)))
+            config = check_adapter(str(model), str(peft))
+            experts = expert_lora_targets(config)
+            if experts:
+                raise ValueError(
+                    f"adapter {peft} has LoRA on fused MoE experts (target_parameters {experts}); vLLM's fused-MoE "
+                    "LoRA may drop or mis-shape those deltas, so bimedix does not serve it as a LoRA. Merge it "
+                    f"first: `bimedix merge --base {model} --adapter {peft} --output MERGED` (checks the merged "
+                    "logits), then evaluate or serve MERGED (`bimedix eval --model MERGED --backend vllm`, "
+                    "`vllm serve MERGED`). `bimedix eval --backend vllm --peft` does this in a temporary folder."
+                )
+            rank = adapter_rank(config)
             args["lora_local_path"] = str(peft)
             args["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     return args | (extra or {})
+
+
+def expert_lora_targets(config: dict) -> list[str]:
+    """The ``target_parameters`` of an adapter config that adapt fused MoE experts (empty for attention/router).
+
+    PEFT stores LoRA on a fused expert parameter per expert in the transposed ``[E, in, out]`` reading;
+    vLLM's fused-MoE LoRA expects ``[out, in]``, so such adapters are served merged, never as LoRA.
+    """
+    return [name for name in config.get("target_parameters") or []
+            if ".experts." in f".{name}" or name.rsplit(".", 1)[-1] in EXPERT_PARAMETER_NAMES]
 
 
 def adapter_rank(config: dict) -> int:

@@ -269,6 +269,13 @@ def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = Non
     )
 
 
+def save_model_card(model_dir: str | os.PathLike, **card_kwargs) -> Path:
+    """Render the card of a training run (see `render_model_card`) into ``model_dir/README.md``; return its path."""
+    path = Path(model_dir) / "README.md"
+    render_model_card(model_dir, **card_kwargs).save(path)
+    return path
+
+
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` looks like a Hub repo id (``org/name``) rather than an existing local path."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
@@ -476,9 +483,15 @@ def _training_context(model_dir: Path) -> dict | None:
     if path is None:
         return None
     state = _read_json(path)
-    losses = [entry["loss"] for entry in state.get("log_history", []) if "loss" in entry]
-    loss_text = (f"{losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)"
-                 if losses else "not logged")
+    history = state.get("log_history", [])
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    run_loss = next((entry["train_loss"] for entry in reversed(history) if "train_loss" in entry), None)
+    if losses:
+        loss_text = f"{losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)"
+    elif run_loss is not None:  # fewer steps than `logging_steps`: the run's mean loss is still in the summary
+        loss_text = f"{run_loss:.4f} averaged over the run (no per-step log: fewer steps than `logging_steps`)"
+    else:
+        loss_text = "not logged"
     return {"global_step": state.get("global_step"), "epoch": state.get("epoch"), "loss_text": loss_text,
             "source": str(path.relative_to(model_dir.parent))}
 

@@ -178,6 +178,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
     check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
+    check_compatible(training_args, model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
@@ -202,8 +203,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
         # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry too
         trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
-    trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
+    _save_run(trainer, train_result)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
     logger.info("Saved to %s", training_args.output_dir)
@@ -232,27 +233,95 @@ def load_tokenizer(model_args: ModelConfig, bimedix_args: BimedixArguments):
 
 
 def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: BimedixArguments):
-    """Build the tiny model in-process, or load ``model_name_or_path`` (4/8-bit when the recipe asks)."""
-    from accelerate import PartialState
+    """Build the tiny model in-process, or load ``model_name_or_path`` (4/8-bit when the recipe asks).
+
+    With `quantize_experts` the model is loaded on CPU (bitsandbytes' `load_in_4bit` quantizes its Linear
+    layers there) and reaches the device later, one packed experts layer at a time. A tiny model with
+    `load_in_4bit` goes through the same `from_pretrained` path from a temporary folder.
+    """
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import get_quantization_config
 
     from .tiny import build_tiny_model
 
+    quantization_config = get_quantization_config(model_args)
+    device_map = None
+    if quantization_config is not None:
+        device_map = "cpu" if bimedix_args.quantize_experts else {"": training_args.device}
     if bimedix_args.tiny_model:
         model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed,
                                  **(bimedix_args.tiny_model_config or {}))
-        if not bimedix_args.tiny_model_config:  # PEFT records it as the base model, which `bimedix merge` rebuilds
-            model.name_or_path = model.config.name_or_path = f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
+        name = None if bimedix_args.tiny_model_config else f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
+        if quantization_config is not None:
+            model = _reload_quantized(model, quantization_config, device_map, model_args.dtype)
+        if name:  # PEFT records it as the base model, which `bimedix merge` rebuilds
+            model.name_or_path = model.config.name_or_path = name
         return model
     _require_model(model_args)
-    quantization_config = get_quantization_config(model_args)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
                   dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code", False),
-                  quantization_config=quantization_config,
-                  device_map={"": PartialState().local_process_index} if quantization_config is not None else None)
+                  quantization_config=quantization_config, device_map=device_map)
     kwargs.update(training_args.model_init_kwargs or {})
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    """Refuse, before anything is loaded, recipe options that cannot work together.
+
+    `quantize_experts` needs LoRA and a model with fused experts, composes with `load_in_4bit` but not
+    `load_in_8bit`, and is refused under FSDP and DeepSpeed
+    ZeRO-3 (they would shard the packed bytes without their quantization state): use DDP or ZeRO-2.
+
+    Raises:
+        `ValueError`: naming the recipe keys at fault and what to do.
+    """
+    if not bimedix_args.quantize_experts:
+        return
+    key = f"`quantize_experts: {bimedix_args.quantize_experts}`"
+    if not model_args.use_peft:
+        raise ValueError(f"{key} needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
+    if model_args.load_in_8bit:
+        raise ValueError(f"{key} composes with `load_in_4bit: true` (full QLoRA), not with `load_in_8bit`: "
+                         "8-bit bitsandbytes models cannot be moved to the GPU after loading. Use `load_in_4bit`.")
+    sharding = parameter_sharding(training_args)
+    if sharding:
+        raise ValueError(
+            f"{key} is not supported under {sharding}: it would shard the packed 4-bit experts without their "
+            "quantization state. Launch with DDP (recipes/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 "
+            "(recipes/accelerate_configs/deepspeed_zero2.yaml), which keep whole parameters on every GPU, or drop "
+            "`quantize_experts` (then only `load_in_4bit` quantizes, and the experts stay bf16; see "
+            "docs/qlora-experts.md)."
+        )
+    name = bimedix_args.tiny_model or model_args.model_name_or_path
+    if name and not _has_fused_experts(name, bimedix_args, model_args,
+                                       trust_remote_code=getattr(training_args, "trust_remote_code", False)):
+        source = f"`tiny_model: {name}`" if bimedix_args.tiny_model else f"`model_name_or_path: {name}`"
+        raise ValueError(
+            f"{key} with {source}: that model has no fused MoE experts (3-D `mlp.experts.gate_up_proj`/`down_proj`), "
+            "so there is nothing to quantize. Drop `quantize_experts` (`load_in_4bit: true` quantizes dense Linear "
+            "layers) or use an MoE model (Mixtral, Qwen2/3-MoE, OLMoE)."
+        )
+
+
+def parameter_sharding(training_args: SFTConfig) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the launch shards parameters across processes, else None.
+
+    Reads the training arguments (`fsdp`, `deepspeed`) and the environment `accelerate launch` sets from its
+    config file (``ACCELERATE_USE_FSDP``, ``ACCELERATE_DEEPSPEED_ZERO_STAGE``).
+    """
+    if training_args.fsdp or _env_true("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    stage = None
+    if training_args.deepspeed:
+        config = training_args.deepspeed
+        if not isinstance(config, dict):
+            config = json.loads(Path(config).read_text(encoding="utf-8"))
+        stage = config.get("zero_optimization", {}).get("stage")
+    elif _env_true("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        plugin = getattr(training_args, "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None) or stage
+    return "DeepSpeed ZeRO-3" if str(stage) == "3" else None
 
 
 def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArguments):
@@ -372,22 +441,69 @@ def _require_model(model_args: ModelConfig) -> None:
 
 def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args: SFTConfig,
                       bimedix_args: BimedixArguments):
-    """Add the LoRA adapters (so they nest as on a bf16 base), then pack the experts to 4 bit on the device."""
+    """Add the LoRA adapters (so they nest as on a bf16 base), then pack the experts to 4 bit on the device.
+
+    With `load_in_4bit` too, bitsandbytes has already quantized the Linear layers on CPU: they follow the
+    experts to the device once every layer is packed (full QLoRA; the router stays trainable through LoRA).
+    """
     from peft import get_peft_model
 
     from .quantize import quantize_experts
 
-    if peft_config is None:
-        raise ValueError("quantize_experts needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise ValueError(
-            "quantize_experts packs the experts itself and loads the model on CPU first; bitsandbytes' "
-            "`load_in_4bit`/`load_in_8bit` would place the whole bf16 expert stack on the GPU. Set them to false "
-            "(attention and router then stay in bf16: about 2.6 GB for Mixtral-8x7B)."
-        )
     model = get_peft_model(model, peft_config)
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
+    if model_args.load_in_4bit:
+        model.to(training_args.device)
+        model.base_model.model.hf_device_map = {"": training_args.device}
     return model, None
+
+
+def _reload_quantized(model, quantization_config, device_map, dtype: str | None):
+    """Load an in-process model again through `from_pretrained` with a `BitsAndBytesConfig` (tiny runs)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="bimedix-tiny-") as folder:
+        # written by every process: `save_pretrained` writes on rank 0 only once torch.distributed is initialized
+        model.config.save_pretrained(folder)
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+                  os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization_config,
+                                                    device_map=device_map)
+
+
+def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig,
+                       trust_remote_code: bool = False) -> bool:
+    """Whether the model's architecture has fused experts, built from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .quantize import fused_experts
+    from .tiny import tiny_config
+
+    if bimedix_args.tiny_model:
+        config = tiny_config(name, **(bimedix_args.tiny_model_config or {}))
+    else:
+        config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
+                                            trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return bool(fused_experts(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)))
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _save_run(trainer, train_result) -> None:
+    """Save what alignment-handbook's ``sft.py`` saves, whatever `save_strategy` is: the train metrics
+    (``train_results.json``, ``all_results.json``), ``trainer_state.json`` and the adapter (or model)."""
+    metrics = dict(train_result.metrics, train_samples=len(trainer.train_dataset))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    trainer.save_model(trainer.args.output_dir)
 
 
 def _resume_value(value: str | bool | None) -> str | bool | None:
