@@ -109,7 +109,46 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlPars
 
 def parse_args(argv: list[str] | None = None):
     """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
-    return make_parser().parse_args_and_config(argv)
+    script_args, training_args, model_args, mixture_args, bimedix_args = make_parser().parse_args_and_config(argv)
+    check_conflicts(model_args, bimedix_args)
+    return script_args, training_args, model_args, mixture_args, bimedix_args
+
+
+def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    """Raise one `ValueError` naming every pair of recipe keys that contradict each other.
+
+    Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so ``model_name_or_path``,
+    ``model_revision`` and ``load_in_4bit``/``load_in_8bit`` would have no effect; explicit
+    ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``; ``expert_lora`` and
+    ``quantize_experts`` act on LoRA only; ``quantize_experts`` packs the experts itself and excludes bitsandbytes
+    loading. A key counts as set when it differs from its default (YAML or command line alike).
+    """
+    conflicts = []
+    if bimedix_args.tiny_model:
+        for key, value in (("model_name_or_path", model_args.model_name_or_path),
+                           ("model_revision", None if model_args.model_revision == "main" else model_args.model_revision),
+                           ("load_in_4bit", model_args.load_in_4bit or None),
+                           ("load_in_8bit", model_args.load_in_8bit or None)):
+            if value is not None:
+                conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, so "
+                                 f"`{key}: {value}` would be ignored; remove one of the two (to train your own "
+                                 "model, use a recipe without `tiny_model`)")
+    targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
+    if targets and bimedix_args.lora_preset != "paper":
+        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored when {' and '.join(f'`{k}`' for k in targets)} "
+                         "is set; keep either the preset or the explicit target lists")
+    if not model_args.use_peft:
+        if bimedix_args.expert_lora != "peft":
+            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` needs LoRA: set `use_peft: true` or drop it")
+        if bimedix_args.quantize_experts:
+            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` needs LoRA (`use_peft: true`): "
+                             "4-bit experts cannot be trained directly")
+    if bimedix_args.quantize_experts and (model_args.load_in_4bit or model_args.load_in_8bit):
+        conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` packs the experts itself and loads the "
+                         "model on CPU first; `load_in_4bit`/`load_in_8bit` would place the whole bf16 expert stack "
+                         "on the GPU. Set them to false (attention and router then stay in bf16)")
+    if conflicts:
+        raise ValueError("The recipe sets keys that contradict each other:\n  - " + "\n  - ".join(conflicts))
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
@@ -122,6 +161,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    check_conflicts(model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
@@ -286,14 +326,6 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
 
     from .quantize import quantize_experts
 
-    if peft_config is None:
-        raise ValueError("quantize_experts needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        raise ValueError(
-            "quantize_experts packs the experts itself and loads the model on CPU first; bitsandbytes' "
-            "`load_in_4bit`/`load_in_8bit` would place the whole bf16 expert stack on the GPU. Set them to false "
-            "(attention and router then stay in bf16: about 2.6 GB for Mixtral-8x7B)."
-        )
     model = get_peft_model(model, peft_config)
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
     return model, None
