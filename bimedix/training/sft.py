@@ -188,7 +188,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        from .template import save_chat_settings
+
         tokenizer.save_pretrained(training_args.output_dir)
+        save_chat_settings(training_args.output_dir, chat_template=bimedix_args.chat_template,
+                           system_prompt=bimedix_args.system_prompt)
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
