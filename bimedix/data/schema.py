@@ -27,9 +27,11 @@ from typing import Any
 
 from datasets import Features, List, Value
 
+from . import conventions
+from .conventions import LANGUAGES
+
 ROLES = ("human", "gpt")
 TASKS = ("mcqa", "qa", "chat")
-LANGUAGES = ("en", "ar")
 REVIEW_STATES = ("unreviewed", "queued", "approved", "edited", "rejected")
 
 TRANSLATION_FEATURES = {
@@ -69,7 +71,8 @@ FEATURES = Features(
 )
 META_FIELDS = tuple(META_FEATURES)
 REQUIRED_FIELDS = ("id", "source", "task", "language", "conversations")
-OPTION_LETTERS = "ABCDEFGHIJ"
+#: The Latin option letters answers are stored as (``meta.answer``), whatever the record language.
+OPTION_LETTERS = "".join(conventions.OPTION_LETTERS["en"])
 
 
 class RecordError(ValueError):

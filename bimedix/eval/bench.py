@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..data.conventions import LANGUAGES, PUBMEDQA_ANSWERS
+
 logger = logging.getLogger(__name__)
 
 MMLU_SUBJECTS = ("clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
@@ -37,8 +39,7 @@ PAPER_SUBSETS = {
     "pubmedqa": "PubmedQA",
 }
 EXTRA_SUBSETS = ("medarabench",)  # Arabic only, research use (no licence stated upstream)
-LANGUAGES = ("en", "ar")
-PUBMEDQA_OPTIONS = {"en": ["yes", "no", "maybe"], "ar": ["نعم", "لا", "ربما"]}
+PUBMEDQA_OPTIONS = {language: list(answers) for language, answers in PUBMEDQA_ANSWERS.items()}
 ENGLISH_DIR, ARABIC_DIR = "english", "arabic-bench"
 
 # Original relative paths under --sources (the layout of ../shared/data and of the upstream repositories).
