@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
+from .parallel import OffsetReader, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for, report
 from .schema import FEATURES, LANGUAGES, TASKS, RecordError, validate_record
@@ -63,6 +64,7 @@ class Counts:
     decontaminated: int = 0
     deduplicated_exact: int = 0
     deduplicated_near: int = 0
+    near_candidates: int = 0  # LSH candidates, of which `deduplicated_near` were confirmed by exact Jaccard
     dropped_ratio: int = 0
     written: int = 0
 
@@ -82,7 +84,8 @@ class Counts:
     def equation(self) -> str:
         """``read N = written + rejected + deduplicated + decontaminated + dropped (...)`` with numbers."""
         return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + deduplicated "
-                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,}) + "
+                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} of "
+                f"{self.near_candidates:,} LSH candidates) + "
                 f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + dropped "
                 f"for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT BALANCE]"))
 
@@ -133,7 +136,7 @@ class BuildResult:
 
 def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike, *,
                sources_dir: str | os.PathLike | None = None, on_error: str = "raise", tokenizer=None,
-               progress: bool = True) -> BuildResult:
+               progress: bool = True, num_proc: int | None = None) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
 
     Args:
@@ -144,6 +147,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
             (file:record:field); ``"skip"`` sets it aside in ``rejects.jsonl`` and goes on.
         tokenizer (`PreTrainedTokenizerFast`, *optional*): for the statistics; defaults to Mixtral's.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        num_proc (`int`, *optional*, defaults to all cores): processes for the convert and clean stages; the
+            output is byte-identical to ``num_proc=1``.
 
     Returns:
         `BuildResult`: counts (balanced), per-source counts and statistics.
@@ -152,7 +157,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         recipe = load_data_recipe(recipe)
     output = Path(output)
     work_dir = output / WORK_DIR
-    prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress)
+    prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
+                       num_proc=num_proc)
     if tokenizer is None:
         from .tokenizer import load_mixtral_tokenizer
 
@@ -192,7 +198,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
 
 
 def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str | os.PathLike | None = None,
-            on_error: str = "raise", progress: bool = True) -> Prepared:
+            on_error: str = "raise", progress: bool = True, num_proc: int | None = None) -> Prepared:
     """Run the convert and clean stages (cached in ``work_dir``) and plan the mixture.
 
     Args:
@@ -201,6 +207,9 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
         on_error (`str`, *optional*, defaults to ``"raise"``): ``"raise"`` or ``"skip"``.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
+        num_proc (`int`, *optional*, defaults to all cores): sources are converted in parallel, and the clean
+            stage's per-record work (normalising, benchmark matching, MinHash) runs in parallel while its
+            decisions stay in recipe order; the output does not depend on it.
 
     Returns:
         `Prepared`: the cleaned records, the ratio plan and the counts so far.
@@ -214,8 +223,9 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     if missing:
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
                                 f"{recipe.root(sources_dir)} (check the paths and --sources):\n  " + "\n  ".join(missing))
-    shards = [_convert_source(recipe, spec, work_dir / "sources", sources_dir, spec.on_error or on_error, progress)
-              for spec in recipe.sources]
+    num_proc = default_num_proc() if num_proc is None else num_proc
+    shards = list(ordered_map(_convert_task, range(len(recipe.sources)), num_proc=min(num_proc, len(recipe.sources)),
+                              context=(recipe, work_dir / "sources", sources_dir, on_error, progress), prefetch=1))
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
@@ -228,7 +238,7 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         logger.info("clean stage %s is up to date, skipping it", key)
         manifest = json.loads(manifest_path.read_text())
     else:
-        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress)
+        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress, num_proc)
         write_json(manifest_path, manifest)
         _remove_stale(work_dir, "clean", key)
     rejects = source_rejects + [work_dir / f"clean-{key}.rejects.jsonl"]
@@ -255,6 +265,12 @@ def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.P
 
     files = {name: recipe.resolve(value, sources_dir) for name, value in spec.files.items()}
     yield from convert(spec.converter, path, language=spec.language, on_error=on_error, **spec.options, **files)
+
+
+def _convert_task(context: tuple, index: int) -> dict:
+    recipe, folder, sources_dir, on_error, progress = context
+    spec = recipe.sources[index]
+    return _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress)
 
 
 def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_dir, on_error: str,
@@ -284,7 +300,7 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
 
 
 def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sources_dir, on_error: str,
-           progress: bool) -> dict:
+           progress: bool, num_proc: int) -> dict:
     index = None
     if recipe.decontaminate.benchmarks:
         skipped = RejectLog()
@@ -295,7 +311,10 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                            ", ".join(f"{n}× {reason}" for reason, n in skipped.reasons.most_common(3)))
         index = BenchmarkIndex(items, ngram=spec.ngram, threshold=spec.threshold,
                                max_item_frequency=spec.max_item_frequency)
-    dedup = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle)
+    readers = OffsetReader([shard["path"] for shard in shards])
+    dedup = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle,
+                         text_of=lambda ref: record_text(readers.record(*ref)))
+    signer = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle)  # for workers
     planner = RatioPlanner(recipe.seed, recipe.mix.ratio, recipe.mix.per_task)
     counts: dict[str, dict] = {}
     ranges: dict[str, list[int]] = {}
@@ -305,22 +324,25 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             atomic_open(work_dir / f"clean-{key}.jsonl") as clean, \
             atomic_open(work_dir / f"clean-{key}.decontamination.jsonl") as contaminated, \
             atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates:
-        for spec, shard in zip(recipe.sources, shards):
+        for shard_index, (spec, shard) in enumerate(zip(recipe.sources, shards)):
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
-            for _, record in tqdm(iter_jsonl(shard["path"]), desc=f"clean {spec.name}", unit="rec",
-                                  total=shard["written"], disable=not progress):
-                if not keep_by_weight(recipe.seed, record["id"], spec.weight, spec.name):
+            candidates = dedup.candidates
+            for offset, raw, result in tqdm(_clean_results(readers, shard_index, spec, (recipe.seed, index, signer),
+                                                            num_proc),
+                                             desc=f"clean {spec.name}", unit="rec", total=shard["written"],
+                                             disable=not progress):
+                if result is None:
                     tally.dropped_weight += 1
                     continue
-                text = record_text(record)
-                found = index.match(text, normalized=True) if index is not None else None
+                record = json.loads(raw)
+                found, signature = result
                 if found is not None:
                     tally.decontaminated += 1
                     contaminated.write(_json_line(report_entry(record, found, index.ngram)))
                     continue
-                duplicate = dedup.check(record, text)
+                duplicate = dedup.check(record, signature=signature, ref=(shard_index, offset))
                 if duplicate is not None:
                     if duplicate.kind == "exact":
                         tally.deduplicated_exact += 1
@@ -341,8 +363,42 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 planner.add(record)
                 line += 1
             ranges[spec.name] = [start, line]
+            tally.near_candidates = dedup.candidates - candidates
             counts[spec.name] = dataclasses.asdict(tally)
+    readers.close()
     return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan()}
+
+
+def _clean_results(readers: OffsetReader, shard_index: int, spec: SourceSpec, context: tuple,
+                   num_proc: int) -> Iterator[tuple[int, bytes, tuple | None]]:
+    """Yield ``(offset, line, result of _clean_task)`` for every line of a converted shard, in order."""
+    sent: deque[list[tuple[int, bytes]]] = deque()
+
+    def tasks():
+        for chunk in readers.chunks(shard_index):
+            sent.append(chunk)
+            yield spec.weight, spec.name, [line for _, line in chunk]
+
+    for results in ordered_map(_clean_task, tasks(), context=context, num_proc=num_proc):
+        for (offset, line), result in zip(sent.popleft(), results):
+            yield offset, line, result
+
+
+def _clean_task(context: tuple, task: tuple) -> list:
+    """The per-record clean work of one chunk: `None` if sampled out by weight, else
+    ``(benchmark match or None, dedup signature or None)``."""
+    seed, index, signer = context
+    weight, name, lines = task
+    results = []
+    for line in lines:
+        record = json.loads(line)
+        if not keep_by_weight(seed, record["id"], weight, name):
+            results.append(None)
+            continue
+        text = record_text(record)
+        found = index.match(text, normalized=True) if index is not None else None
+        results.append((found, None if found is not None else signer.signature(text)))
+    return results
 
 
 class _ShardWriter:
