@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
-from .io import atomic_open, iter_jsonl, write_json
+from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
 from .parallel import OffsetReader, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
@@ -224,8 +225,15 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
                                 f"{recipe.root(sources_dir)} (check the paths and --sources):\n  " + "\n  ".join(missing))
     num_proc = default_num_proc() if num_proc is None else num_proc
-    shards = list(ordered_map(_convert_task, range(len(recipe.sources)), num_proc=min(num_proc, len(recipe.sources)),
-                              context=(recipe, work_dir / "sources", sources_dir, on_error, progress), prefetch=1))
+    folder = work_dir / "sources"
+    converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]
+    shards = dict(zip(converted, ordered_map(_convert_task, converted, num_proc=max(min(num_proc, len(converted)), 1),
+                                             context=(recipe, folder, sources_dir, on_error, progress), prefetch=1)))
+    for index, spec in enumerate(recipe.sources):  # record files: one file at a time, its lines in parallel
+        if index not in shards:
+            shards[index] = _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress,
+                                            num_proc)
+    shards = [shards[index] for index in range(len(recipe.sources))]
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
@@ -274,7 +282,7 @@ def _convert_task(context: tuple, index: int) -> dict:
 
 
 def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_dir, on_error: str,
-                    progress: bool) -> dict:
+                    progress: bool, num_proc: int = 1) -> dict:
     path = recipe.resolve(spec.path, sources_dir)
     files = [path, *(recipe.resolve(value, sources_dir) for value in spec.files.values())]
     key = _digest([spec.converter, spec.language, spec.options, sorted(spec.files), [_content_hash(p) for p in files],
@@ -288,15 +296,34 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     written = 0
     with RejectLog(rejects_path) as rejects, atomic_open(stem.with_suffix(".jsonl")) as handle:
         policy = on_error_for(on_error, rejects)
-        for record in tqdm(iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy),
-                           desc=f"convert {spec.name}", unit="rec", disable=not progress):
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for line in tqdm(_converted_lines(recipe, spec, sources_dir, policy, num_proc),
+                         desc=f"convert {spec.name}", unit="rec", disable=not progress):
+            handle.write(line)
             written += 1
     manifest = {"name": spec.name, "key": key, "path": str(stem.with_suffix(".jsonl")), "written": written,
                 "rejected": rejects.count, "rejects": str(rejects_path) if rejects_path else None}
     write_json(manifest_path, manifest)
     _remove_stale(folder, spec.name, key)
     return manifest
+
+
+def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy, num_proc: int) -> Iterator[str]:
+    """The JSON lines of one source's records; a ``records`` file is validated in ``num_proc`` processes."""
+    if spec.converter != RECORDS_CONVERTER:
+        for record in iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy):
+            yield json.dumps(record, ensure_ascii=False) + "\n"
+        return
+    path = recipe.resolve(spec.path, sources_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"source {spec.name!r}: {path} does not exist")
+    lines = raw_lines(path)
+    chunks = iter(lambda: list(itertools.islice(lines, 1000)), [])
+    for results in ordered_map(read_records_lines, chunks, context=str(path), num_proc=num_proc):
+        for line, error in results:
+            if error is not None:
+                report(error, policy)
+            else:
+                yield line
 
 
 def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sources_dir, on_error: str,

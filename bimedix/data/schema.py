@@ -22,6 +22,7 @@ records of all sources share one Arrow schema.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,11 @@ class RecordError(ValueError):
         self.field = field
         self.raw = raw  # the offending record as read, kept for rejects files
         super().__init__(self._format())
+
+    def __reduce__(self):
+        # rebuilt from its parts (not from the formatted message) when it crosses a process boundary
+        return functools.partial(type(self), self.reason, path=self.path, record=self.record, field=self.field,
+                                 raw=self.raw), ()
 
     def _format(self) -> str:
         where = str(self.path) if self.path else "<input>"
