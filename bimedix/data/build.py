@@ -40,7 +40,7 @@ from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
-from .parallel import OffsetReader, default_num_proc, ordered_map
+from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for, report
 from .schema import FEATURES, LANGUAGES, TASKS, RecordError, validate_record
@@ -350,14 +350,14 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
     with RejectLog(work_dir / f"clean-{key}.rejects.jsonl") as rejects, \
             atomic_open(work_dir / f"clean-{key}.jsonl") as clean, \
             atomic_open(work_dir / f"clean-{key}.decontamination.jsonl") as contaminated, \
-            atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates:
+            atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates, \
+            OrderedPool(_clean_task, context=(recipe.seed, index, signer), num_proc=num_proc) as workers:
         for shard_index, (spec, shard) in enumerate(zip(recipe.sources, shards)):
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
             candidates = dedup.candidates
-            for offset, raw, result in tqdm(_clean_results(readers, shard_index, spec, (recipe.seed, index, signer),
-                                                            num_proc),
+            for offset, raw, result in tqdm(_clean_results(workers, readers, shard_index, spec),
                                              desc=f"clean {spec.name}", unit="rec", total=shard["written"],
                                              disable=not progress):
                 if result is None:
@@ -396,8 +396,8 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
     return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan()}
 
 
-def _clean_results(readers: OffsetReader, shard_index: int, spec: SourceSpec, context: tuple,
-                   num_proc: int) -> Iterator[tuple[int, bytes, tuple | None]]:
+def _clean_results(workers: OrderedPool, readers: OffsetReader, shard_index: int,
+                   spec: SourceSpec) -> Iterator[tuple[int, bytes, tuple | None]]:
     """Yield ``(offset, line, result of _clean_task)`` for every line of a converted shard, in order."""
     sent: deque[list[tuple[int, bytes]]] = deque()
 
@@ -406,7 +406,7 @@ def _clean_results(readers: OffsetReader, shard_index: int, spec: SourceSpec, co
             sent.append(chunk)
             yield spec.weight, spec.name, [line for _, line in chunk]
 
-    for results in ordered_map(_clean_task, tasks(), context=context, num_proc=num_proc):
+    for results in workers.map(tasks()):
         for (offset, line), result in zip(sent.popleft(), results):
             yield offset, line, result
 

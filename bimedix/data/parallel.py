@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -36,23 +37,49 @@ def ordered_map(func: Callable[[Any, T], R], tasks: Iterable[T], *, context: Any
         num_proc (`int`, *optional*, defaults to `1`): ``1`` runs inline, in this process.
         prefetch (`int`, *optional*, defaults to `4`): tasks queued per process.
     """
-    if num_proc < 1:
-        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
-    if num_proc == 1:
+    with OrderedPool(func, context=context, num_proc=num_proc, prefetch=prefetch) as pool:
+        yield from pool.map(tasks)
+
+
+class OrderedPool:
+    """`ordered_map` over several task streams with one set of worker processes (a context manager).
+
+    Start it before the caller builds large state (e.g. a dedup index): forked workers then do not carry it.
+    Arguments as for `ordered_map`.
+    """
+
+    def __init__(self, func: Callable[[Any, T], R], *, context: Any = None, num_proc: int = 1, prefetch: int = 4):
+        if num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+        self.func, self.context, self.num_proc, self.prefetch = func, context, num_proc, prefetch
+        self._pool = None
+
+    def __enter__(self) -> OrderedPool:
+        if self.num_proc > 1:
+            methods = multiprocessing.get_all_start_methods()
+            pool_context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            self._pool = pool_context.Pool(self.num_proc, initializer=_set_context, initargs=(self.func, self.context))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def map(self, tasks: Iterable[T]) -> Iterator[R]:
+        """Yield ``func(context, task)`` for each task, in order."""
+        if self._pool is None:
+            for task in tasks:
+                yield self.func(self.context, task)
+            return
+        pending = deque()
         for task in tasks:
-            yield func(context, task)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    pool_context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with pool_context.Pool(num_proc, initializer=_set_context, initargs=(func, context)) as pool:
-        pending = []
-        iterator = iter(tasks)
-        for task in iterator:
-            pending.append(pool.apply_async(_call, (task,)))
-            if len(pending) >= num_proc * prefetch:
-                yield pending.pop(0).get()
-        for result in pending:
-            yield result.get()
+            pending.append(self._pool.apply_async(_call, (task,)))
+            if len(pending) >= self.num_proc * self.prefetch:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 _worker: dict[str, Any] = {}  # the function and context of this worker process, set once by the pool
