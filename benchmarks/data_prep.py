@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,24 +113,25 @@ def bench_build(records: list[dict], count: int, folder: Path) -> None:
         f"    - {{name: medmcqa-dev, reader: medmcqa, path: {bundled}/medmcqa/dev.json}}\n")
     cores = default_num_proc()
     runs = {num_proc: _run_build(recipe, folder / f"out-{num_proc}", num_proc) for num_proc in (1, cores)}
-    (one_time, one_peak, total), (all_time, all_peak, _) = runs[1], runs[cores]
+    (one_time, one_peak, one_cpu, total), (all_time, all_peak, all_cpu, _) = runs[1], runs[cores]
     identical = _same_files(folder / "out-1", folder / f"out-{cores}")
     print(f"build-data on {count:,} records (repeated real records), load average {_load()}:")
-    print(f"  --num-proc 1 : {one_time:8,.1f} s ({count / one_time:8,.0f} records/s), peak memory {one_peak:6,.0f} MB")
-    print(f"  --num-proc {cores} : {all_time:8,.1f} s ({count / all_time:8,.0f} records/s), peak memory {all_peak:6,.0f} MB "
-          "(with its workers; target <= 2048 MB)")
+    print(f"  --num-proc 1 : {one_time:8,.1f} s ({count / one_time:8,.0f} records/s), CPU {one_cpu:8,.1f} s, "
+          f"peak memory {one_peak:6,.0f} MB")
+    print(f"  --num-proc {cores} : {all_time:8,.1f} s ({count / all_time:8,.0f} records/s), CPU {all_cpu:8,.1f} s "
+          f"(with its workers), peak memory {all_peak:6,.0f} MB (with its workers; target <= 2048 MB)")
     print(f"  speed-up {one_time / all_time:.2f}x on {cores} cores (target >= 1.7x on 2); outputs byte-identical: "
           f"{identical}")
     print(f"  {total}")
 
 
 def _run_build(recipe: Path, output: Path, num_proc: int) -> tuple[float, float, str]:
-    """Run build-data in a child process; return wall seconds, peak memory in MB and the total line.
+    """Run build-data in a child process; return wall seconds, peak memory in MB, CPU seconds and the total line.
 
     The peak is the larger of the child's own peak RSS (VmHWM) and the highest sum, sampled every 0.2 s, of the
     proportional set sizes of the child and its worker processes (PSS splits pages the forked workers share
     with the parent, which a sum of RSS would count twice)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     log = output.with_suffix(".log")
     with open(log, "w") as handle:
         child = subprocess.Popen([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe), "--output",
@@ -140,12 +142,18 @@ def _run_build(recipe: Path, output: Path, num_proc: int) -> tuple[float, float,
             peak = max(peak, sum(_pss_mb(pid) for pid in [child.pid, *_children(child.pid)]),
                        _status_mb(child.pid, "VmHWM"))
             time.sleep(0.2)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _children_cpu() - cpu
     output_text = log.read_text()
     if child.returncode:
         raise RuntimeError(f"build-data failed:\n{output_text[-3000:]}")
     total = [line for line in output_text.splitlines() if line.startswith("Total:")]
-    return elapsed, peak, total[0] if total else output_text[-500:]
+    return elapsed, peak, cpu, total[0] if total else output_text[-500:]
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes (and the workers they waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _pss_mb(pid: int) -> float:
