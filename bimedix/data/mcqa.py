@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conventions import PUBMEDQA_ANSWERS
 from .conventions import OPTION_LETTERS as LETTERS
+from .conventions import PUBMEDQA_ANSWERS
 from .io import iter_jsonl
 from .rejects import OnError, failer, read_delimited, read_json, report
 from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record

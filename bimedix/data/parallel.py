@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -54,7 +54,7 @@ class OrderedPool:
         self.func, self.context, self.num_proc, self.prefetch = func, context, num_proc, prefetch
         self._pool = None
 
-    def __enter__(self) -> OrderedPool:
+    def __enter__(self) -> Self:
         if self.num_proc > 1:
             methods = multiprocessing.get_all_start_methods()
             pool_context = multiprocessing.get_context("fork" if "fork" in methods else None)
