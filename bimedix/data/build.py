@@ -363,21 +363,22 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 if result is None:
                     tally.dropped_weight += 1
                     continue
-                record = json.loads(raw)
-                found, signature = result
+                record_id, found, signature = result
                 if found is not None:
                     tally.decontaminated += 1
-                    contaminated.write(_json_line(report_entry(record, found, index.ngram)))
+                    contaminated.write(_json_line(report_entry(json.loads(raw), found, index.ngram)))
                     continue
-                duplicate = dedup.check(record, signature=signature, ref=(shard_index, offset))
+                # given the signature, check reads only the id: duplicates are never decoded here
+                duplicate = dedup.check({"id": record_id}, signature=signature, ref=(shard_index, offset))
                 if duplicate is not None:
                     if duplicate.kind == "exact":
                         tally.deduplicated_exact += 1
                     else:
                         tally.deduplicated_near += 1
-                    duplicates.write(_json_line({"id": record["id"], "source": spec.name, "kind": duplicate.kind,
+                    duplicates.write(_json_line({"id": record_id, "source": spec.name, "kind": duplicate.kind,
                                                  "kept_id": duplicate.kept_id}))
                     continue
+                record = json.loads(raw)
                 id_hash = hash(record["id"])
                 if id_hash in seen_ids:
                     tally.rejected += 1
@@ -413,7 +414,7 @@ def _clean_results(workers: OrderedPool, readers: OffsetReader, shard_index: int
 
 def _clean_task(context: tuple, task: tuple) -> list:
     """The per-record clean work of one chunk: `None` if sampled out by weight, else
-    ``(benchmark match or None, dedup signature or None)``."""
+    ``(record id, benchmark match or None, dedup signature or None)``."""
     seed, index, signer = context
     weight, name, lines = task
     results = []
@@ -424,7 +425,7 @@ def _clean_task(context: tuple, task: tuple) -> list:
             continue
         text = record_text(record)
         found = index.match(text, normalized=True) if index is not None else None
-        results.append((found, None if found is not None else signer.signature(text)))
+        results.append((record["id"], found, None if found is not None else signer.signature(text)))
     return results
 
 
