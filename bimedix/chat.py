@@ -1,11 +1,16 @@
 """Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks (`ChatSession.launch` for a web page),
 `run_chat` for the terminal.
 
-Conversations are rendered with the Vicuna template the models are trained on
-(`bimedix.training.template.VICUNA_TEMPLATE`). Each user turn picks the system prompt of its own language
-(`detect_language`), so Arabic in gets an Arabic instruction to answer in Arabic, and a switch of language
-mid-conversation switches the reply language. The default system prompts are short and say the model is
-not a doctor; pass ``system=`` to replace them.
+The model is prompted exactly as it was trained: `ChatSession.from_pretrained` reads the adapter's (or merged
+model's) ``bimedix_chat.json`` (`bimedix.training.template.load_chat_settings`) for its chat template and
+system prompt. The paper's recipe, like bimedix's, trains without a system prompt, so by default none is
+sent. A folder without that file is chatted with through its tokenizer's own template, else the Vicuna
+template (`bimedix.training.template.VICUNA_TEMPLATE`), and no system prompt.
+
+The not-medical-advice notice (`NOTICE`) is shown to the user by the interface (`run_chat` prints it), not
+put in the model's prompt. ``system=`` replaces the system prompt: a string for every turn, or
+`SYSTEM_PROMPTS` (short prompts that tell the model it is not a doctor) to pick one per user turn in that
+turn's language (`detect_language`).
 
 Examples:
 
@@ -22,14 +27,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from .training.template import VICUNA_TEMPLATE
+from .training.template import VICUNA_TEMPLATE, load_chat_settings
 
 logger = logging.getLogger(__name__)
 
+#: Opt-in system prompts per language (``bimedix chat --system-prompt``); none is sent by default.
 # The Arabic prompt and notice were written by the bimedix developers; no professional translator reviewed them.
 SYSTEM_PROMPTS = {
     "en": ("You are BiMediX, a bilingual medical assistant. Answer in English, clearly and briefly, and ask for "
@@ -58,21 +65,25 @@ class ChatSession:
     Args:
         model (`PreTrainedModel`): the model (a `peft.PeftModel` works too).
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
-        system (`str`, *optional*): one system prompt for every turn; by default `SYSTEM_PROMPTS` in the
-            language of each user turn.
+        system (`str | Mapping[str, str]`, *optional*): one system prompt for every turn, or one per language
+            (e.g. `SYSTEM_PROMPTS`) picked by the language of each user turn; none by default, as in training.
         max_new_tokens (`int`, *optional*, defaults to `256`): reply length limit.
         temperature (`float`, *optional*, defaults to `0.0`): ``0`` decodes greedily; above it samples.
         top_p (`float`, *optional*, defaults to `0.9`): nucleus sampling mass when sampling.
         context_length (`int`, *optional*): tokens the model can attend to (prompt + reply); defaults to the
             model config's ``max_position_embeddings``. The oldest exchanges are dropped from the history
             when a prompt would not fit (`trimmed_turns` counts them).
+        chat_template (`str`, *optional*): the Jinja chat template; defaults to the tokenizer's own, else
+            `VICUNA_TEMPLATE`.
     """
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 0.9, context_length: int | None = None):
+    def __init__(self, model, tokenizer, *, system: str | Mapping[str, str] | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 0.9, context_length: int | None = None,
+                 chat_template: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system = system
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or VICUNA_TEMPLATE
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
@@ -85,8 +96,10 @@ class ChatSession:
                         **kwargs) -> ChatSession:
         """Load ``model`` (a folder or Hub id), optionally with the PEFT adapter ``peft``, on ``device``.
 
-        The tokenizer comes from the adapter folder when it has one, else from the model. Other keyword
-        arguments go to `ChatSession`.
+        The tokenizer comes from the adapter folder when it has one, else from the model. The chat template and
+        system prompt come from the training run's ``bimedix_chat.json`` in the adapter folder (or, without an
+        adapter, the model folder) unless ``chat_template=`` or ``system=`` is passed. Other keyword arguments
+        go to `ChatSession`.
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,18 +123,25 @@ class ChatSession:
                 tokenizer = AutoTokenizer.from_pretrained(model)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model)
-        logger.info("chat model %s%s, tokenizer from %s, on %s", model, f" + adapter {peft}" if peft else "",
-                    tokenizer_source, device)
+        settings = load_chat_settings(peft or model) if os.path.isdir(peft or model) else None
+        if settings is not None:
+            kwargs.setdefault("system", settings["system_prompt"])
+            if settings["chat_template"] == "vicuna":
+                kwargs.setdefault("chat_template", VICUNA_TEMPLATE)
+        logger.info("chat model %s%s, tokenizer from %s, on %s; training settings: %s", model,
+                    f" + adapter {peft}" if peft else "", tokenizer_source, device,
+                    settings if settings is not None else "none recorded (tokenizer template, no system prompt)")
         return cls(base, tokenizer, **kwargs)
 
     def messages(self, text: str) -> list[dict[str, str]]:
         """The chat messages a reply to ``text`` is generated from: system prompt, history, then ``text``."""
-        system = self.system if self.system is not None else SYSTEM_PROMPTS[detect_language(text)]
-        return [{"role": "system", "content": system}, *self.history, {"role": "user", "content": text}]
+        system = self.system[detect_language(text)] if isinstance(self.system, Mapping) else self.system
+        head = [{"role": "system", "content": system}] if system else []
+        return [*head, *self.history, {"role": "user", "content": text}]
 
     def prompt(self, text: str) -> str:
-        """The exact prompt string (Vicuna template, generation prompt included) sent for ``text``."""
-        return self.tokenizer.apply_chat_template(self.messages(text), chat_template=VICUNA_TEMPLATE,
+        """The exact prompt string (chat template, generation prompt included) sent for ``text``."""
+        return self.tokenizer.apply_chat_template(self.messages(text), chat_template=self.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
 
     def stream(self, text: str) -> Iterator[str]:

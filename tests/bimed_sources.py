@@ -38,7 +38,8 @@ AR_CONTAMINATED = ("مَا هُوَ العِلاجُ الأوَّل لارتفا
 
 EXPECTED = {
     "configs": {"all": 18, "en": 12, "ar": 6, "mcqa": 6, "qa": 9, "chat": 3},
-    "counts": {"read": 27, "written": 18, "rejected": 1, "excluded_review": 0, "deduplicated_exact": 1, "deduplicated_near": 1,
+    "counts": {"read": 27, "written": 18, "rejected": 1, "excluded_review": 0, "deduplicated_exact": 1,
+               "deduplicated_near": 1, "near_candidates": 1,
                "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 4},
 }
 

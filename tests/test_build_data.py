@@ -299,3 +299,18 @@ def test_reused_id_is_rejected_or_raises(tmp_path, mixtral_tokenizer):
     result = build_data(recipe, tmp_path / "skip", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
     assert (result.counts.read, result.counts.written, result.counts.rejected) == (2, 1, 1)
     assert json.loads((tmp_path / "skip" / "rejects.jsonl").read_text())["field"] == "id"
+
+
+def test_num_proc_output_is_byte_identical(built, tmp_path, mixtral_tokenizer):
+    recipe, out, result = built  # built with the default: every core
+    single = build_data(recipe, tmp_path / "out", on_error="skip", tokenizer=mixtral_tokenizer, progress=False,
+                        num_proc=1)
+    assert single.counts == result.counts
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and ".work" not in p.parts)
+    assert files and files == sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+                                     if p.is_file() and ".work" not in p.parts)
+    assert [name for name in files if (out / name).read_bytes() != (tmp_path / "out" / name).read_bytes()] == []
+    three = build_data(recipe, tmp_path / "out3", on_error="skip", tokenizer=mixtral_tokenizer, progress=False,
+                       num_proc=3)
+    assert (tmp_path / "out3" / "data").is_dir() and three.counts == result.counts
+    assert all((out / name).read_bytes() == (tmp_path / "out3" / name).read_bytes() for name in files)

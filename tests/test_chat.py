@@ -1,4 +1,5 @@
-"""`ChatSession` and `bimedix chat`: Vicuna prompts, language-following system prompt, streaming, /reset, /exit."""
+"""`ChatSession` and `bimedix chat`: prompts as in training (template, system prompt), opt-in language-following
+system prompts, streaming, /reset, /exit; the notice is printed, not prompted."""
 
 from __future__ import annotations
 
@@ -34,8 +35,15 @@ def test_detect_language(text, expected):
     assert detect_language(text) == expected
 
 
-def test_prompt_is_vicuna_with_the_system_prompt_of_the_user_language(session):
+def test_prompt_is_vicuna_without_a_system_prompt_by_default(session):
     session.reset()
+    english = session.prompt("What is anemia?")
+    assert english == render([{"role": "user", "content": "What is anemia?"}], add_generation_prompt=True)
+    assert english == "<s>USER: What is anemia? ASSISTANT:" and "medical advice" not in english
+
+
+def test_opt_in_system_prompts_follow_the_user_language(tiny_model_dir):
+    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", system=SYSTEM_PROMPTS, max_new_tokens=2)
     english = session.prompt("What is anemia?")
     assert english == render([{"role": "system", "content": SYSTEM_PROMPTS["en"]},
                               {"role": "user", "content": "What is anemia?"}], add_generation_prompt=True)
@@ -43,6 +51,24 @@ def test_prompt_is_vicuna_with_the_system_prompt_of_the_user_language(session):
     arabic = session.prompt("ما هو فقر الدم؟")
     assert arabic.startswith("<s>" + SYSTEM_PROMPTS["ar"]) and "أجب باللغة العربية" in arabic
     assert arabic.endswith("USER: ما هو فقر الدم؟ ASSISTANT:")
+
+
+def test_adapter_training_settings_give_template_and_system_prompt(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    import shutil
+
+    from bimedix.training.template import save_chat_settings, to_messages
+
+    adapter = shutil.copytree(tiny_adapter_dir, tmp_path / "adapter")
+    save_chat_settings(adapter, chat_template="vicuna", system_prompt="You answer medical questions.")
+    session = ChatSession.from_pretrained(str(tiny_model_dir), peft=str(adapter), device="cpu", max_new_tokens=2)
+    record = {"conversations": [{"from": "human", "value": "Hello"}]}
+    assert session.prompt("Hello") == render(to_messages(record, system="You answer medical questions."),
+                                             add_generation_prompt=True)
+    explicit = ChatSession.from_pretrained(str(tiny_model_dir), peft=str(adapter), device="cpu", system=None)
+    assert explicit.prompt("Hello") == "<s>USER: Hello ASSISTANT:"
+    (adapter / "bimedix_chat.json").write_text('{"chat_template": "jinja"}')
+    with pytest.raises(ValueError, match="bimedix_chat.json"):
+        ChatSession.from_pretrained(str(tiny_model_dir), peft=str(adapter), device="cpu")
 
 
 def test_streamed_reply_is_the_greedy_generation_and_joins_history(session):
@@ -64,7 +90,7 @@ def test_multi_turn_history_switches_language_and_resets(session):
     first = session.send("What is anemia?")
     prompt = session.prompt("وما علاجه؟")
     assert f"USER: What is anemia? ASSISTANT: {first}</s>USER: وما علاجه؟ ASSISTANT:" in prompt
-    assert prompt.startswith("<s>" + SYSTEM_PROMPTS["ar"])  # the reply language follows the latest turn
+    assert prompt.startswith("<s>USER: What is anemia?")
     session.send("وما علاجه؟")
     assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
     session.reset()
@@ -116,11 +142,12 @@ def test_cli_chat(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "input", fake_input)
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "/reset" in out and "bimedix> " in out
+    assert "/reset" in out and "bimedix> " in out and NOTICE in out
 
 
 def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(tiny_model_dir):
-    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", max_new_tokens=4)
+    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", max_new_tokens=4,
+                                          system=SYSTEM_PROMPTS)
     session.send("What is anemia?")
     session.send("And how is it treated?")
     tokens = len(session.tokenizer(session.prompt("Thanks."), add_special_tokens=False)["input_ids"])
@@ -189,3 +216,15 @@ def test_ctrl_c_in_the_terminal_chat_stops_the_reply_and_returns_to_the_prompt(t
     assert "Traceback" not in err.decode()
     assert "(reply stopped; it is not kept in the conversation)" in out
     assert "not valid UTF-8 text and was skipped" in out
+
+
+@pytest.mark.parametrize("flags, system", [([], None), (["--system-prompt"], SYSTEM_PROMPTS),
+                                           (["--system-prompt", "Be brief."], "Be brief."),
+                                           (["--system", "Be brief."], "Be brief.")])
+def test_cli_chat_system_prompt_is_opt_in(tiny_model_dir, monkeypatch, flags, system):
+    import bimedix.chat
+
+    sessions = []
+    monkeypatch.setattr(bimedix.chat, "run_chat", sessions.append)
+    assert main(["chat", "--model", str(tiny_model_dir), "--device", "cpu", *flags]) == 0
+    assert sessions[0].system == system

@@ -9,7 +9,7 @@ import pytest
 
 from bimedix.data.arabic import normalize_arabic, normalize_for_match
 from bimedix.data.decontam import BenchmarkIndex, BenchmarkItem, report_entry
-from bimedix.data.dedup import Deduplicator, optimal_bands
+from bimedix.data.dedup import Deduplicator, jaccard, optimal_bands, record_text
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -158,3 +158,27 @@ def test_decontam_real_benchmark_recall_and_precision(shared_data):
     assert all(index.match(record_text(r), normalized=True) for r in arabic_prompt)
     meadow = list(convert("meadow", shared_data / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
     assert sum(index.match(record_text(r), normalized=True) is not None for r in meadow[:2000]) == 0
+
+
+def test_lsh_candidates_are_confirmed_by_exact_jaccard():
+    rng = random.Random(2)
+    texts = {}
+    dedup = Deduplicator(num_perm=64, threshold=0.8, shingle=3, text_of=texts.__getitem__)
+    kept = _record("kept", _words(rng, 10), _words(rng, 200))
+    texts["ref-kept"] = record_text(kept)
+    assert dedup.check(kept, ref="ref-kept") is None
+    words = kept["conversations"][1]["value"].split()
+    close = _record("close", kept["conversations"][0]["value"], " ".join(words[:190] + ["new"] * 10))
+    assert dedup.check(close).kind == "near" and (dedup.candidates, dedup.confirmed) == (1, 1)
+    # An LSH band can collide below the threshold: forced here by indexing the kept record's band keys.
+    far = _record("far", kept["conversations"][0]["value"], " ".join(words[:100] + _words(rng, 100).split()))
+    assert jaccard(dedup.shingles(record_text(far)), dedup.shingles(texts["ref-kept"])) < 0.8
+    signature = dedup.signature(record_text(far))._replace(band_keys=dedup.band_keys(texts["ref-kept"]))
+    assert dedup.check(far, signature=signature) is None
+    assert (dedup.candidates, dedup.confirmed) == (2, 1)
+
+
+def test_jaccard():
+    import numpy as np
+
+    assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and jaccard(np.array([]), np.array([])) == 1.0

@@ -51,3 +51,17 @@ def test_data_recipe_loads(recipe):
     from bimedix.data.recipe import load_data_recipe
 
     assert load_data_recipe(recipe).sources
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--model_name_or_path", "MY_MODEL"], ["tiny_model: mixtral", "model_name_or_path: MY_MODEL"]),
+    (["--model_revision", "v2"], ["tiny_model: mixtral", "model_revision: v2"]),
+    (["--lora_preset", "attention", "--lora_target_modules", "q_proj"], ["lora_preset: attention", "lora_target_modules"]),
+    (["--use_peft", "false", "--expert_lora", "folded"], ["expert_lora: folded", "use_peft: true"]),
+])
+def test_conflicting_recipe_keys_are_errors_naming_both(flags, named):
+    from bimedix.training.sft import parse_args
+
+    with pytest.raises(ValueError, match="contradict") as error:
+        parse_args(["--config", str(RECIPES / "tiny" / "sft.yaml"), "--use_cpu", "true", *flags])
+    assert all(name in str(error.value) for name in named), str(error.value)

@@ -73,6 +73,21 @@ def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
 
 
+def test_chat_prompts_the_adapter_as_it_was_trained(full_run, tmp_path):
+    from bimedix.chat import ChatSession
+    from bimedix.training.template import load_chat_settings, to_messages
+    from bimedix.training.tiny import save_tiny_model
+
+    output, trainer = full_run
+    assert load_chat_settings(output) == {"chat_template": "vicuna", "system_prompt": None}  # the paper's: none
+    base = save_tiny_model(tmp_path / "base", "mixtral", seed=42)
+    chat = ChatSession.from_pretrained(str(base), peft=str(output), device="cpu", max_new_tokens=2)
+    record = {"conversations": [{"from": "human", "value": "ما هي أعراض فقر الدم؟"}]}
+    trained = trainer.processing_class.apply_chat_template(to_messages(record), add_generation_prompt=True,
+                                                           tokenize=False)
+    assert chat.prompt("ما هي أعراض فقر الدم؟") == trained and "مساعد طبي" not in trained
+
+
 def test_router_load_by_language_is_logged_and_reported(full_run):
     output, trainer = full_run
     report = json.loads((output / "router_load.json").read_text())

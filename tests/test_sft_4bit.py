@@ -19,7 +19,7 @@ from peft import PeftModel  # noqa: E402
 
 from bimedix.resources import resource_path  # noqa: E402
 from bimedix.training.quantize import fused_experts, is_quantized  # noqa: E402
-from bimedix.training.sft import check_compatible, main, parse_args  # noqa: E402
+from bimedix.training.sft import check_compatible, main, make_parser, parse_args  # noqa: E402
 from bimedix.training.tiny import save_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,8 +123,8 @@ def test_full_qlora_from_a_checkpoint(tmp_path):
     base = save_tiny_model(tmp_path / "base", "mixtral", seed=0)
     flags = ["--config", RECIPE, "--output_dir", str(tmp_path / "out"), *SMALL, *QLORA, "--max_steps", "1",
              "--model_name_or_path", str(base), "--router_report", "false"]
-    script, training, model_args, mixture, bimedix_args = parse_args(flags)
-    bimedix_args.tiny_model = None
+    script, training, model_args, mixture, bimedix_args = make_parser().parse_args_and_config(flags)
+    bimedix_args.tiny_model = None  # the recipe's tiny model, replaced by the saved checkpoint
     trainer = main(script, training, model_args, mixture, bimedix_args)
     import bitsandbytes as bnb
 
@@ -143,10 +143,10 @@ def test_full_qlora_from_a_checkpoint(tmp_path):
      r"not supported under DeepSpeed ZeRO-3.*deepspeed_zero2\.yaml"),
 ])
 def test_incompatible_4bit_expert_recipes_fail_at_start_up(flags, env, message, monkeypatch):
-    script, training, model_args, mixture, bimedix_args = parse_args(["--config", RECIPE, *flags])
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # from parse_args (contradicting keys) or check_compatible
+        script, training, model_args, mixture, bimedix_args = parse_args(["--config", RECIPE, *flags])
+        for key, value in env.items():  # what `accelerate launch` sets, after TRL's own config parsing
+            monkeypatch.setenv(key, value)
         check_compatible(training, model_args, bimedix_args)
 
 

@@ -6,16 +6,22 @@ import argparse
 
 from ..resources import check_model_folder
 
+_PER_LANGUAGE = object()  # `--system-prompt` given without text
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="chat with a model in the terminal (English or Arabic; /reset, /exit)",
-        description="Streaming multi-turn chat with the Vicuna template; replies follow the language you write in.")
+        description="Streaming multi-turn chat, prompted as the model was trained (the adapter's bimedix_chat.json: "
+                    "template and system prompt, normally none); the not-medical-advice notice is printed for you.")
     parser.add_argument("--model", required=True, help="model folder or Hub id (the base model when --peft is given)")
     parser.add_argument("--peft", metavar="ADAPTER", help="PEFT LoRA adapter folder or Hub id to load on top")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default: 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: 0)")
-    parser.add_argument("--system", help="system prompt for every turn (default: a short one in the user's language)")
+    parser.add_argument("--system-prompt", "--system", dest="system", nargs="?", const=_PER_LANGUAGE, metavar="TEXT",
+                        help="system prompt for every turn; without TEXT, a short one in each turn's language saying "
+                             "the model is not a doctor (default: the adapter's training system prompt, normally "
+                             "none; the not-medical-advice notice is shown to you either way)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
@@ -27,7 +33,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..chat import ChatSession, run_chat
+    from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat
 
     check_model_folder(args.model)
     if args.peft:
@@ -39,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
         check_port(args.host, args.port)  # before the model loads, which can take minutes
     elif hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach run_chat, which reports and skips the line
         sys.stdin.reconfigure(errors="surrogateescape")
-    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, system=args.system,
-                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.system is not None:
+        options["system"] = SYSTEM_PROMPTS if args.system is _PER_LANGUAGE else args.system
+    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, **options)
     if args.web:
         session.launch(args.host, args.port, block=True)
     else:

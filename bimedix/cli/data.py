@@ -27,6 +27,9 @@ def register(subparsers) -> None:
                        help="also use machine translations still pending human review or scoring below the judge "
                             "threshold (default: left out; rejected ones are never used); counted in stats.json")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build.add_argument("--num-proc", type=int, default=None, metavar="N",
+                       help="processes for the convert and clean stages (default: all cores); the output is "
+                            "byte-identical for any N")
     build.set_defaults(func=_build_data)
 
     select = subparsers.add_parser(
@@ -60,7 +63,8 @@ def _build_data(args: argparse.Namespace) -> int:
     from ..data.review_policy import ReviewPolicy
 
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
-                        progress=not args.no_progress, include_unreviewed=args.include_unreviewed)
+                        progress=not args.no_progress, include_unreviewed=args.include_unreviewed,
+                        num_proc=args.num_proc)
     print(result.stats.to_markdown())
     if has_targets(result.composition):
         print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,9 @@ from tqdm.auto import tqdm
 from .composition import composition, composition_markdown, has_targets
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
-from .io import atomic_open, iter_jsonl, write_json
+from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
+from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for, report
 from .review_policy import ReviewPolicy
@@ -69,6 +71,7 @@ class Counts:
     decontaminated: int = 0
     deduplicated_exact: int = 0
     deduplicated_near: int = 0
+    near_candidates: int = 0  # LSH candidates, of which `deduplicated_near` were confirmed by exact Jaccard
     dropped_ratio: int = 0
     written: int = 0
 
@@ -89,7 +92,8 @@ class Counts:
         """``read N = written + rejected + excluded by review + deduplicated + ...`` with numbers."""
         return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + excluded by the review "
                 f"policy {self.excluded_review:,} + deduplicated "
-                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,}) + "
+                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} of "
+                f"{self.near_candidates:,} LSH candidates) + "
                 f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + dropped "
                 f"for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT BALANCE]"))
 
@@ -143,7 +147,7 @@ class BuildResult:
 
 def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike, *,
                sources_dir: str | os.PathLike | None = None, on_error: str = "raise", tokenizer=None,
-               progress: bool = True, include_unreviewed: bool = False) -> BuildResult:
+               progress: bool = True, include_unreviewed: bool = False, num_proc: int | None = None) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
 
     Args:
@@ -156,6 +160,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
         include_unreviewed (`bool`, *optional*, defaults to `False`): also use translations still pending
             review or below the judge threshold (`bimedix.data.review_policy`); they are counted in ``stats.json``.
+        num_proc (`int`, *optional*, defaults to all cores): processes for the convert and clean stages; the
+            output is byte-identical to ``num_proc=1``.
 
     Returns:
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
@@ -165,7 +171,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     output = Path(output)
     work_dir = output / WORK_DIR
     prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
-                       include_unreviewed=include_unreviewed)
+                       include_unreviewed=include_unreviewed, num_proc=num_proc)
     if tokenizer is None:
         from .tokenizer import load_mixtral_tokenizer
 
@@ -206,7 +212,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
 
 
 def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str | os.PathLike | None = None,
-            on_error: str = "raise", progress: bool = True, include_unreviewed: bool = False) -> Prepared:
+            on_error: str = "raise", progress: bool = True, include_unreviewed: bool = False,
+            num_proc: int | None = None) -> Prepared:
     """Run the convert and clean stages (cached in ``work_dir``) and plan the mixture.
 
     Args:
@@ -216,6 +223,9 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         on_error (`str`, *optional*, defaults to ``"raise"``): ``"raise"`` or ``"skip"``.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
         include_unreviewed (`bool`, *optional*, defaults to `False`): see `build_data`.
+        num_proc (`int`, *optional*, defaults to all cores): sources are converted in parallel, and the clean
+            stage's per-record work (normalising, benchmark matching, MinHash) runs in parallel while its
+            decisions stay in recipe order; the output does not depend on it.
 
     Returns:
         `Prepared`: the cleaned records, the mixing plan, the counts so far and the review counts.
@@ -229,8 +239,16 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     if missing:
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
                                 f"{recipe.root(sources_dir)} (check the paths and --sources):\n  " + "\n  ".join(missing))
-    shards = [_convert_source(recipe, spec, work_dir / "sources", sources_dir, spec.on_error or on_error, progress)
-              for spec in recipe.sources]
+    num_proc = default_num_proc() if num_proc is None else num_proc
+    folder = work_dir / "sources"
+    converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]
+    shards = dict(zip(converted, ordered_map(_convert_task, converted, num_proc=max(min(num_proc, len(converted)), 1),
+                                             context=(recipe, folder, sources_dir, on_error, progress), prefetch=1)))
+    for index, spec in enumerate(recipe.sources):  # record files: one file at a time, its lines in parallel
+        if index not in shards:
+            shards[index] = _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress,
+                                            num_proc)
+    shards = [shards[index] for index in range(len(recipe.sources))]
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
@@ -243,7 +261,8 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         logger.info("clean stage %s is up to date, skipping it", key)
         manifest = json.loads(manifest_path.read_text())
     else:
-        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress, include_unreviewed)
+        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress, include_unreviewed,
+                          num_proc)
         write_json(manifest_path, manifest)
         _remove_stale(work_dir, "clean", key)
     rejects = source_rejects + [work_dir / f"clean-{key}.rejects.jsonl"]
@@ -273,8 +292,14 @@ def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.P
     yield from convert(spec.converter, path, language=spec.language, on_error=on_error, **spec.options, **files)
 
 
+def _convert_task(context: tuple, index: int) -> dict:
+    recipe, folder, sources_dir, on_error, progress = context
+    spec = recipe.sources[index]
+    return _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress)
+
+
 def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_dir, on_error: str,
-                    progress: bool) -> dict:
+                    progress: bool, num_proc: int = 1) -> dict:
     path = recipe.resolve(spec.path, sources_dir)
     files = [path, *(recipe.resolve(value, sources_dir) for value in spec.files.values())]
     key = _digest([spec.converter, spec.language, spec.options, sorted(spec.files), [_content_hash(p) for p in files],
@@ -288,9 +313,9 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     written = 0
     with RejectLog(rejects_path) as rejects, atomic_open(stem.with_suffix(".jsonl")) as handle:
         policy = on_error_for(on_error, rejects)
-        for record in tqdm(iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy),
-                           desc=f"convert {spec.name}", unit="rec", disable=not progress):
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for line in tqdm(_converted_lines(recipe, spec, sources_dir, policy, num_proc),
+                         desc=f"convert {spec.name}", unit="rec", disable=not progress):
+            handle.write(line)
             written += 1
     manifest = {"name": spec.name, "key": key, "path": str(stem.with_suffix(".jsonl")), "written": written,
                 "rejected": rejects.count, "rejects": str(rejects_path) if rejects_path else None}
@@ -299,8 +324,27 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     return manifest
 
 
+def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy, num_proc: int) -> Iterator[str]:
+    """The JSON lines of one source's records; a ``records`` file is validated in ``num_proc`` processes."""
+    if spec.converter != RECORDS_CONVERTER:
+        for record in iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy):
+            yield json.dumps(record, ensure_ascii=False) + "\n"
+        return
+    path = recipe.resolve(spec.path, sources_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"source {spec.name!r}: {path} does not exist")
+    lines = raw_lines(path)
+    chunks = iter(lambda: list(itertools.islice(lines, 1000)), [])
+    for results in ordered_map(read_records_lines, chunks, context=str(path), num_proc=num_proc):
+        for line, error in results:
+            if error is not None:
+                report(error, policy)
+            else:
+                yield line
+
+
 def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sources_dir, on_error: str,
-           progress: bool, include_unreviewed: bool) -> dict:
+           progress: bool, include_unreviewed: bool, num_proc: int) -> dict:
     index = None
     if recipe.decontaminate.benchmarks:
         skipped = RejectLog()
@@ -311,7 +355,10 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                            ", ".join(f"{n}× {reason}" for reason, n in skipped.reasons.most_common(3)))
         index = BenchmarkIndex(items, ngram=spec.ngram, threshold=spec.threshold,
                                max_item_frequency=spec.max_item_frequency)
-    dedup = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle)
+    readers = OffsetReader([shard["path"] for shard in shards])
+    dedup = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle,
+                         text_of=lambda ref: record_text(readers.record(*ref)))
+    signer = Deduplicator(recipe.dedup.num_perm, recipe.dedup.threshold, recipe.dedup.shingle)  # for workers
     planner = RatioPlanner(recipe.seed, recipe.mix.ratio, recipe.mix.per_task)
     review = ReviewPolicy(include_unreviewed=include_unreviewed)
     counts: dict[str, dict] = {}
@@ -321,42 +368,43 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
     with RejectLog(work_dir / f"clean-{key}.rejects.jsonl") as rejects, \
             atomic_open(work_dir / f"clean-{key}.jsonl") as clean, \
             atomic_open(work_dir / f"clean-{key}.decontamination.jsonl") as contaminated, \
-            atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates:
-        for spec, shard in zip(recipe.sources, shards):
+            atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates, \
+            OrderedPool(_clean_task, context=(recipe.seed, index, signer, review), num_proc=num_proc) as workers:
+        for shard_index, (spec, shard) in enumerate(zip(recipe.sources, shards)):
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
             source_path = recipe.resolve(spec.path, sources_dir)
-            for _, record in tqdm(iter_jsonl(shard["path"]), desc=f"clean {spec.name}", unit="rec",
-                                  total=shard["written"], disable=not progress):
-                try:
-                    admitted = review.admits(record, path=source_path)
-                except RecordError as err:
+            candidates = dedup.candidates
+            for offset, raw, (status, result) in tqdm(_clean_results(workers, readers, shard_index, spec, source_path),
+                                                       desc=f"clean {spec.name}", unit="rec", total=shard["written"],
+                                                       disable=not progress):
+                if isinstance(status, RecordError):
                     tally.rejected += 1
-                    report(RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=record),
-                           policy)
+                    report(status, policy)
                     continue
-                if not admitted:
+                if not review.count(status):
                     tally.excluded_review += 1
                     continue
-                if not keep_by_weight(recipe.seed, record["id"], spec.weight, spec.name):
+                if result is None:
                     tally.dropped_weight += 1
                     continue
-                text = record_text(record)
-                found = index.match(text, normalized=True) if index is not None else None
+                record_id, found, signature = result
                 if found is not None:
                     tally.decontaminated += 1
-                    contaminated.write(_json_line(report_entry(record, found, index.ngram)))
+                    contaminated.write(_json_line(report_entry(json.loads(raw), found, index.ngram)))
                     continue
-                duplicate = dedup.check(record, text)
+                # given the signature, check reads only the id: duplicates are never decoded here
+                duplicate = dedup.check({"id": record_id}, signature=signature, ref=(shard_index, offset))
                 if duplicate is not None:
                     if duplicate.kind == "exact":
                         tally.deduplicated_exact += 1
                     else:
                         tally.deduplicated_near += 1
-                    duplicates.write(_json_line({"id": record["id"], "source": spec.name, "kind": duplicate.kind,
+                    duplicates.write(_json_line({"id": record_id, "source": spec.name, "kind": duplicate.kind,
                                                  "kept_id": duplicate.kept_id}))
                     continue
+                record = json.loads(raw)
                 id_hash = hash(record["id"])
                 if id_hash in seen_ids:
                     tally.rejected += 1
@@ -369,8 +417,53 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 planner.add(record)
                 line += 1
             ranges[spec.name] = [start, line]
+            tally.near_candidates = dedup.candidates - candidates
             counts[spec.name] = dataclasses.asdict(tally)
+    readers.close()
     return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan(), "review": review.summary()}
+
+
+def _clean_results(workers: OrderedPool, readers: OffsetReader, shard_index: int, spec: SourceSpec,
+                   source_path: Path) -> Iterator[tuple[int, bytes, tuple]]:
+    """Yield ``(offset, line, result of _clean_task)`` for every line of a converted shard, in order."""
+    sent: deque[list[tuple[int, bytes]]] = deque()
+
+    def tasks():
+        for chunk in readers.chunks(shard_index):
+            sent.append(chunk)
+            yield spec.weight, spec.name, str(source_path), [line for _, line in chunk]
+
+    for results in workers.map(tasks()):
+        for (offset, line), result in zip(sent.popleft(), results):
+            yield offset, line, result
+
+
+def _clean_task(context: tuple, task: tuple) -> list:
+    """The per-record clean work of one chunk: ``(review status, outcome)`` per line.
+
+    The status is a `bimedix.data.review_policy` status, or the `RecordError` of a translation the policy
+    cannot place; the outcome is `None` when the policy leaves the record out or it is sampled out by weight,
+    else ``(record id, benchmark match or None, dedup signature or None)``. The main process counts the
+    statuses (`ReviewPolicy.count`) and makes every keep/drop decision in order.
+    """
+    seed, index, signer, review = context
+    weight, name, source_path, lines = task
+    results = []
+    for line in lines:
+        record = json.loads(line)
+        try:
+            status = review.status(record, path=source_path)
+        except RecordError as err:
+            results.append((RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=record),
+                            None))
+            continue
+        if not review.uses(status) or not keep_by_weight(seed, record["id"], weight, name):
+            results.append((status, None))
+            continue
+        text = record_text(record)
+        found = index.match(text, normalized=True) if index is not None else None
+        results.append((status, (record["id"], found, None if found is not None else signer.signature(text))))
+    return results
 
 
 class _ShardWriter:

@@ -5,8 +5,8 @@
 return_assistant_tokens_mask=True)`` gives with `bimedix.training.template.VICUNA_TEMPLATE`
 (``input_ids`` and ``assistant_masks``; ``tests/test_stats.py`` checks it token for token on random
 English and Arabic conversations), but renders the template with plain string operations and
-tokenizes the whole batch in one call of the Rust tokenizer, which is several times faster than the
-Jinja path. The data statistics count tokens with it and trainers may use it for pre-tokenization.
+tokenizes in batches with the Rust tokenizer (every core), rendering and reading back one batch while the
+next is tokenized, which is several times faster than the Jinja path. The data statistics count tokens with it and trainers may use it for pre-tokenization.
 
 The rendered text, with ``{system} `` only when there is a system prompt::
 
@@ -16,9 +16,12 @@ The rendered text, with ``{system} `` only when there is a system prompt::
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 _ROLES = {"human": "USER: ", "gpt": "ASSISTANT:"}
+_CHUNK = 1024  # records tokenized per call of the Rust tokenizer
 
 
 def render_vicuna(record: Mapping, *, system: str | None = None, bos_token: str = "<s>",
@@ -74,17 +77,30 @@ def encode_conversations(tokenizer, records: Sequence[Mapping], *, system: str |
         `list[dict[str, list[int]]]`: per record ``{"input_ids": [...], "assistant_masks": [...]}``
         (``assistant_masks`` only with ``with_mask``), equal to what ``apply_chat_template`` returns.
     """
-    rendered = [render_vicuna(record, system=system, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-                for record in records]
-    encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    out = []
-    for (_, spans), encoding in zip(rendered, encodings):
-        ids = encoding.ids
-        if not with_mask:
-            out.append({"input_ids": ids})
-            continue
-        out.append({"input_ids": ids, "assistant_masks": _assistant_mask(encoding, spans)})
+    out: list[dict[str, list[int]]] = []
+    pending: deque = deque()
+    # The Rust tokenizer releases the GIL and uses every core, so chunk k+1 is tokenized in a thread while this
+    # one renders the next chunk and reads back chunk k: Python work overlaps tokenization instead of adding to it.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for start in range(0, len(records), _CHUNK):
+            rendered = [render_vicuna(record, system=system, bos_token=tokenizer.bos_token,
+                                      eos_token=tokenizer.eos_token) for record in records[start:start + _CHUNK]]
+            pending.append((rendered, pool.submit(tokenizer.backend_tokenizer.encode_batch,
+                                                  [text for text, _ in rendered], add_special_tokens=False)))
+            if len(pending) > 1:
+                _read_back(*pending.popleft(), with_mask, out)
+        while pending:
+            _read_back(*pending.popleft(), with_mask, out)
     return out
+
+
+def _read_back(rendered: list[tuple[str, list[tuple[int, int]]]], encodings: Future, with_mask: bool,
+               out: list[dict[str, list[int]]]) -> None:
+    for (_, spans), encoding in zip(rendered, encodings.result()):
+        if with_mask:
+            out.append({"input_ids": encoding.ids, "assistant_masks": _assistant_mask(encoding, spans)})
+        else:
+            out.append({"input_ids": encoding.ids})
 
 
 def _assistant_mask(encoding, spans: list[tuple[int, int]]) -> list[int]:

@@ -18,6 +18,8 @@ from typing import IO, Any
 
 from .schema import RecordError, validate_record
 
+_BLANK = object()  # what `decode_jsonl_line` returns for a blank line
+
 
 def iter_jsonl(path: str | os.PathLike, *,
                on_error: Callable[[RecordError], None] | None = None) -> Iterator[tuple[int, Any]]:
@@ -32,24 +34,50 @@ def iter_jsonl(path: str | os.PathLike, *,
         `RecordError`: for a line that is not valid JSON or not UTF-8, naming ``path:line``.
     """
     for line_no, raw in raw_lines(path):
-        error = None
-        try:
-            text = raw.decode("utf-8").strip()
-            if not text:
-                continue
-            obj = json.loads(text)
-        except UnicodeDecodeError as err:
-            error = RecordError(not_utf8_message(err), path=str(path), record=line_no,
-                                raw=raw.decode("utf-8", "replace"))
-        except json.JSONDecodeError as err:
-            error = RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
-                                record=line_no, raw=text)
+        obj, error = decode_jsonl_line(path, line_no, raw)
         if error is None:
-            yield line_no, obj
+            if obj is not _BLANK:
+                yield line_no, obj
         elif on_error is None:
             raise error
         else:
             on_error(error)
+
+
+def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tuple[Any, RecordError | None]:
+    """Decode one JSON Lines line: ``(object, None)``, ``(_BLANK, None)`` for a blank line, or ``(None, error)``."""
+    try:
+        text = raw.decode("utf-8").strip()
+        return (json.loads(text) if text else _BLANK), None
+    except UnicodeDecodeError as err:
+        return None, RecordError(not_utf8_message(err), path=str(path), record=line_no,
+                                 raw=raw.decode("utf-8", "replace"))
+    except json.JSONDecodeError as err:
+        return None, RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                                 record=line_no, raw=text)
+
+
+def read_records_lines(path: str | os.PathLike, lines: list[tuple[int, bytes]]) -> list[tuple[str | None, RecordError | None]]:
+    """Validate numbered raw lines of a schema-record JSON Lines file (a chunk, for worker processes).
+
+    Returns:
+        `list`: per non-blank line, ``(the record as one JSON line, None)`` or ``(None, the RecordError)``.
+    """
+    results = []
+    for line_no, raw in lines:
+        obj, error = decode_jsonl_line(path, line_no, raw)
+        if obj is _BLANK:
+            continue
+        if error is None:
+            try:
+                record = validate_record(obj, path=str(path), line=line_no)
+            except RecordError as err:
+                error = RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj)
+            else:
+                results.append((json.dumps(record, ensure_ascii=False) + "\n", None))
+                continue
+        results.append((None, error))
+    return results
 
 
 def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:

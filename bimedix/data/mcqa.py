@@ -15,7 +15,8 @@ A record the reader cannot turn into an item raises `RecordError` naming ``file:
 with ``on_error`` set, is handed to it and skipped (see `bimedix.data.rejects`).
 
 `render_mcqa` turns an item into Vicuna turns with the prompts in `PROMPTS` (English and Arabic; Arabic
-prompts letter the options أ ب ج د هـ و while ``meta.answer`` stays a Latin letter), and `item_to_record`
+prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while ``meta.answer`` stays a
+Latin letter), and `item_to_record`
 into a schema record.
 """
 
@@ -31,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .conventions import OPTION_LETTERS as LETTERS
+from .conventions import PUBMEDQA_ANSWERS
 from .io import iter_jsonl
 from .rejects import OnError, failer, read_delimited, read_json, report
 from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
 
-#: Option labels shown in prompts, per language (the abjad order for Arabic).
-LETTERS = {"en": tuple(OPTION_LETTERS), "ar": ("أ", "ب", "ج", "د", "هـ", "و", "ز", "ح", "ط", "ي")}
 
 #: Every prompt string the MCQA rendering uses. ``question`` items list lettered options;
 #: ``context`` items (PubMedQA) give an abstract and expect yes / no / maybe.
@@ -50,7 +51,7 @@ PROMPTS = {
                    "Context: {context}\n\nQuestion: {question}",
         "option": "{letter}. {text}",
         "explanation": "{answer}\n\nExplanation: {explanation}",
-        "yes_no_maybe": {"yes": "Yes", "no": "No", "maybe": "Maybe"},
+        "yes_no_maybe": {word: word.capitalize() for word in PUBMEDQA_ANSWERS["en"]},
     },
     "ar": {
         "question": "أجب عن سؤال الاختيار من متعدد التالي باختيار الإجابة الصحيحة.\n\n"
@@ -59,11 +60,11 @@ PROMPTS = {
                    "السياق: {context}\n\nالسؤال: {question}",
         "option": "{letter}. {text}",
         "explanation": "{answer}\n\nالشرح: {explanation}",
-        "yes_no_maybe": {"yes": "نعم", "no": "لا", "maybe": "ربما"},
+        "yes_no_maybe": dict(zip(PUBMEDQA_ANSWERS["en"], PUBMEDQA_ANSWERS["ar"])),
     },
 }
 
-PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
+PUBMEDQA_OPTIONS = list(PUBMEDQA_ANSWERS["en"])
 #: Default licence strings of the MCQA sources (what the source repository states).
 LICENSES = {"pubmedqa": "MIT", "medmcqa": "MIT", "medqa": "MIT", "mmlu": "MIT", "mmlu-ar": "Apache-2.0",
             "medarabench": "none stated (research use only)"}

@@ -79,9 +79,16 @@ class ReviewPolicy:
 
     def admits(self, record: Mapping, *, path: str | os.PathLike | None = None, line: int | None = None) -> bool:
         """Count ``record``'s status and return whether the policy uses it."""
-        status = self.status(record, path=path, line=line)
+        return self.count(self.status(record, path=path, line=line))
+
+    def uses(self, status: str) -> bool:
+        """Whether the policy uses records of ``status`` (nothing is counted)."""
+        return status in ALWAYS_USED or (self.include_unreviewed and status in UNREVIEWED)
+
+    def count(self, status: str) -> bool:
+        """Count one record of ``status`` (e.g. found by `status` in another process); return `uses`."""
+        use = self.uses(status)
         self.seen[status] += 1
-        use = status in ALWAYS_USED or (self.include_unreviewed and status in UNREVIEWED)
         if use:
             self.used[status] += 1
         return use

@@ -22,14 +22,17 @@ records of all sources share one Arrow schema.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 from datasets import Features, List, Value
 
+from . import conventions
+from .conventions import LANGUAGES
+
 ROLES = ("human", "gpt")
 TASKS = ("mcqa", "qa", "chat")
-LANGUAGES = ("en", "ar")
 REVIEW_STATES = ("unreviewed", "queued", "approved", "edited", "rejected")
 
 TRANSLATION_FEATURES = {
@@ -71,7 +74,8 @@ FEATURES = Features(
 )
 META_FIELDS = tuple(META_FEATURES)
 REQUIRED_FIELDS = ("id", "source", "task", "language", "conversations")
-OPTION_LETTERS = "ABCDEFGHIJ"
+#: The Latin option letters answers are stored as (``meta.answer``), whatever the record language.
+OPTION_LETTERS = "".join(conventions.OPTION_LETTERS["en"])
 
 
 class RecordError(ValueError):
@@ -93,6 +97,11 @@ class RecordError(ValueError):
         self.field = field
         self.raw = raw  # the offending record as read, kept for rejects files
         super().__init__(self._format())
+
+    def __reduce__(self):
+        # rebuilt from its parts (not from the formatted message) when it crosses a process boundary
+        return functools.partial(type(self), self.reason, path=self.path, record=self.record, field=self.field,
+                                 raw=self.raw), ()
 
     def _format(self) -> str:
         where = str(self.path) if self.path else "<input>"

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..data.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
+
 logger = logging.getLogger(__name__)
 
 MMLU_SUBJECTS = ("clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
@@ -37,8 +39,7 @@ PAPER_SUBSETS = {
     "pubmedqa": "PubmedQA",
 }
 EXTRA_SUBSETS = ("medarabench",)  # Arabic only, research use (no licence stated upstream)
-LANGUAGES = ("en", "ar")
-PUBMEDQA_OPTIONS = {"en": ["yes", "no", "maybe"], "ar": ["نعم", "لا", "ربما"]}
+PUBMEDQA_OPTIONS = {language: list(answers) for language, answers in PUBMEDQA_ANSWERS.items()}
 ENGLISH_DIR, ARABIC_DIR = "english", "arabic-bench"
 
 # Original relative paths under --sources (the layout of ../shared/data and of the upstream repositories).
@@ -185,8 +186,6 @@ def read_subset_table(path: str | Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .tasks.utils import LATIN_LETTERS
-
     fix = "rebuild the folder with `bimedix build-bench` (or fix the file) and pass it again with --data-dir"
     try:
         table = pq.read_table(path)
@@ -205,7 +204,7 @@ def read_subset_table(path: str | Path):
             raise ValueError(f"{path}: column `{name}` holds {kind}, expected {expected}; {fix}")
     for index, row in enumerate(table.select(["id", "options", "answer"]).to_pylist()):
         letter, options = row["answer"], row["options"] or []
-        if not letter or letter not in LATIN_LETTERS[:len(options)]:
+        if not letter or letter not in OPTION_LETTERS["en"][:len(options)]:
             raise ValueError(f"{path}: row {index} (id {row['id']!r}): answer {letter!r} names none of its "
                              f"{len(options)} options; {fix}")
     return table

@@ -29,11 +29,11 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 
 from ..data.composition import composition_markdown, has_targets
 from ..data.review_policy import ReviewPolicy
+from ..data.conventions import LANGUAGES
 from ..resources import resource_path
 
 logger = logging.getLogger(__name__)
 
-LANGUAGES = ["en", "ar"]
 MODEL_TAGS = ["bimedix", "medical", "arabic", "bilingual", "mixture-of-experts", "lora"]
 # SPDX-ish names used by the converters → licence ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses).
 HUB_LICENSES = {
@@ -199,7 +199,7 @@ def render_model_card(
     data = _training_data_context(Path(data_dir)) if data_dir else None
     card_data = ModelCardData(
         base_model=hub_base, library_name="peft" if is_adapter else "transformers", license=license,
-        language=LANGUAGES, pipeline_tag="text-generation",
+        language=list(LANGUAGES), pipeline_tag="text-generation",
         tags=MODEL_TAGS + (["peft"] if is_adapter else ["merged"]), datasets=[dataset_repo] if dataset_repo else None,
         model_name=name, eval_results=eval_results or None,
     )

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 from ..data.arabic import normalize_for_match
+from ..data.conventions import OPTION_LETTERS as LETTERS
 from ..data.schema import OPTION_LETTERS, make_record
 from .client import LLMClient
 from .prompts import load_prompt
@@ -35,7 +36,7 @@ _ROLES = {"human": "human", "user": "human", "patient": "human", "gpt": "gpt", "
 # "option B", "choice (C)", "(D)", "the answer is B" -- but not "the answer is A defect in ..." (an article)
 _LEAK = re.compile(r"\b(?i:option|choice)s?\s*\(?[A-J]\b(?![-.'’]\w)|\(\s*[A-J]\s*\)"
                    r"|\b(?i:answer)\s*(?i:is\s*)?:?\s*(?:[B-J]|A(?!\s+[a-z]))\b(?![-.'’]\w)"
-                   r"|(?:الخيار|خيار)\s*\(?\s*(?:أ|ب|ج|د|هـ|و)(?!\w)")
+                   rf"|(?:الخيار|خيار)\s*\(?\s*(?:{'|'.join(LETTERS['ar'])})(?!\w)")
 _ENDORSE = re.compile(r"\b(?:answer is|correct answer|correct option|right answer|most likely|best answer|"
                       r"diagnosis is|treatment of choice|is correct|is the cause)\b", re.IGNORECASE)
 _NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrect|wrong|rather than|instead of|"

@@ -8,6 +8,8 @@
   Latin-script tokens that are abbreviations or codes (``HbA1c``, ``ECG``, ``CD4``).
 
 `protected_terms` lists what a record must keep; the translation prompt sends that list to the model.
+`arabic_option_letters` rewrites a translation's option markers with the Arabic letters of
+`bimedix.data.conventions.OPTION_LETTERS`, the letters Arabic training data and evaluation share.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import re
 from collections import Counter
 
 from ..data.arabic import normalize_arabic
-from ..data.mcqa import LETTERS
+from ..data.conventions import ANSWER_WORDS, OPTION_LETTERS
 
 UNITS = ("mg", "mcg", "µg", "ug", "g", "kg", "ng", "pg", "mL", "ml", "L", "dL", "dl", "mmHg", "cmH2O", "mmol", "µmol",
          "mEq", "IU", "U", "units", "bpm", "cm", "mm", "km", "µm", "nm", "°C", "°F", "kcal", "Gy", "mSv", "Hz")
-_LETTER_INDEX = {**{letter: i for i, letter in enumerate(LETTERS["en"])},
-                 **{letter: i for i, letter in enumerate(LETTERS["ar"])}}
+_LETTER_INDEX = {letter: i for letters in OPTION_LETTERS.values() for i, letter in enumerate(letters)}
 _ALTERNATION = "|".join(sorted(map(re.escape, _LETTER_INDEX), key=len, reverse=True))
 _MARKER = re.compile(
     rf"(?:^[ \t]*(?P<line>{_ALTERNATION})[.)][ \t]"
     rf"|\((?P<paren>{_ALTERNATION})\)"
-    rf"|(?:(?i:answer|option)|الإجابة|الاجابة|الخيار)\s*(?:is|:|هي|هو)?\s*(?P<stated>{_ALTERNATION})(?!\w))",
+    rf"|(?i:{'|'.join(word for words in ANSWER_WORDS.values() for word in words)})\s*(?:is|:|هي|هو)?\s*"
+    rf"(?P<stated>{_ALTERNATION})(?!\w))",
     re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _UNIT_AFTER_NUMBER = re.compile(
@@ -87,6 +89,28 @@ def check_invariants(source: dict, translation: dict, keep: list[str] | None = N
     return problems
 
 
+def arabic_option_letters(text: str) -> str:
+    """Rewrite the option-letter markers of ``text`` (the ones `check_invariants` compares) with Arabic letters.
+
+    Translated MCQA turns then letter their options as the Arabic evaluation tasks and the Arabic converters do
+    (`bimedix.data.conventions.OPTION_LETTERS`), whichever letters the translator wrote.
+
+    Examples:
+
+    ```python
+    >>> arabic_option_letters("السؤال: ...\nA. إنسولين\nB. ميتفورمين\n\nالإجابة: B")
+    'السؤال: ...\nأ. إنسولين\nب. ميتفورمين\n\nالإجابة: ب'
+    ```
+    """
+    def replace(match: re.Match) -> str:
+        group = next(name for name in ("line", "paren", "stated") if match.group(name) is not None)
+        letter = OPTION_LETTERS["ar"][_LETTER_INDEX[match.group(group)]]
+        start, end = match.start(group) - match.start(), match.end(group) - match.start()
+        return match.group(0)[:start] + letter + match.group(0)[end:]
+
+    return _MARKER.sub(replace, text)
+
+
 def _check_text(src: str, out: str, keep: list[str]) -> list[str]:
     problems = []
     src_letters, out_letters = _markers(src), _markers(out)
@@ -118,7 +142,7 @@ def _markers(text: str) -> list[int]:
 
 
 def _letters(indices: list[int]) -> str:
-    return ", ".join(LETTERS["en"][i] for i in indices)
+    return ", ".join(OPTION_LETTERS["en"][i] for i in indices)
 
 
 def _numbers(text: str) -> list[str]:

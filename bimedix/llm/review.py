@@ -12,7 +12,8 @@ or field, unknown decision, empty text, changed text marked ``approve``, a repea
 `ValueError` naming the row and the column, and nothing is applied. Otherwise every record whose rows
 all carry a decision is updated: ``meta.translation.reviewed = True`` and ``review_state`` becomes
 ``rejected`` (any row rejected), ``edited`` (any text changed) or ``approved``; each decided row adds an
-audit entry (reviewer, UTC time, decision, before, after, score, comment) to ``OUT.audit.jsonl``.
+audit entry (reviewer, UTC time, decision, before, after, score, comment) to ``OUT.audit.jsonl``. Option
+letters in an edited turn are written as Arabic letters (`bimedix.llm.invariants.arabic_option_letters`).
 
 ``review serve`` (`bimedix.llm.review_session`) reviews the same queue decision by decision with the same
 pieces: `queue_rows`, `row_problem`, `apply_decisions`, `audit_entry` and the fsynced `append_audit`.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from ..data.io import atomic_open, iter_jsonl, read_records, write_jsonl
 from ..data.schema import validate_record
+from .invariants import arabic_option_letters
 
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
 REQUIRED_COLUMNS = ("id", "field", "arabic", "decision")
@@ -293,8 +295,8 @@ def text_of(record: dict, field: str) -> str | None:
 
 def _set(record: dict, field: str, text: str) -> None:
     name, _, index = field.partition(".")
-    if name == "conversations":
-        record["conversations"][int(index)]["value"] = text
+    if name == "conversations":  # an edited turn letters its options as the rest of the Arabic data does
+        record["conversations"][int(index)]["value"] = arabic_option_letters(text)
     else:
         record["meta"]["options"][int(index)] = text
 

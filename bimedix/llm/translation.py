@@ -10,7 +10,8 @@ judged round is rejected with the reasons of every round.
 
 Output records are ``language="ar"`` with id `arabic_id` of the English id and
 ``meta.translation = {model, score, rounds, reviewed: False, review_state, source_id, cost_usd, comments}``;
-``review_state`` is ``"queued"`` below the threshold or when the seeded review sample picks the record
+Option letters in the output turns are Arabic (``أ. ...``, ``الإجابة: ب``: `bimedix.llm.invariants.arabic_option_letters`),
+as in the Arabic evaluation tasks; ``meta.answer`` stays Latin. ``review_state`` is ``"queued"`` below the threshold or when the seeded review sample picks the record
 (`bimedix.llm.review.sampled_for_review`), else ``"unreviewed"``. Every such record is machine-translated.
 """
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from ..data.schema import make_record
 from .client import Completion, LLMClient
-from .invariants import check_invariants, protected_terms
+from .invariants import arabic_option_letters, check_invariants, protected_terms
 from .prompts import load_prompt
 from .review import sampled_for_review
 from .runner import Accepted, Rejected, RunSummary, engine_fingerprint, run_records
@@ -173,7 +174,7 @@ class Translator:
                                "reviewed": False, "review_state": "queued" if queued else "unreviewed",
                                "source_id": record["id"], "cost_usd": cost,
                                "comments": comments}
-        conversations = [{"from": turn["from"], "value": text}
+        conversations = [{"from": turn["from"], "value": arabic_option_letters(text)}
                          for turn, text in zip(record["conversations"], translation["turns"])]
         return make_record(id=arabic_id(record["id"]), source=record["source"], task=record["task"], language="ar",
                            conversations=conversations, system=record["system"], license=record["license"], **meta)

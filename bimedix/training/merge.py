@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data.io import write_json
+from .template import load_chat_settings, save_chat_settings
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         output_dir = Path(output_dir)
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        settings = load_chat_settings(adapter_dir)
+        if settings is not None:
+            save_chat_settings(output_dir, **settings)
         report["output_dir"] = str(output_dir)
         write_json(output_dir / "merge_report.json", report)
         logger.info("Merged model written to %s", output_dir)

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..data.conventions import LANGUAGES
 from ..data.io import write_json
 
 logger = logging.getLogger(__name__)
 
-LANGUAGES = ("en", "ar")
 ARABIC_SHARE = 0.3
 _ARABIC = re.compile("[\u0600-\u06ff\u0750-\u077f\u08a0-\u08ff\ufb50-\ufdff\ufe70-\ufeff]")
 

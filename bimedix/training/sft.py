@@ -135,6 +135,7 @@ def parse_args(argv: list[str] | None = None):
     """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
     parsed = make_parser().parse_args_and_config(argv)
     check_value_types(*parsed)
+    check_conflicts(parsed[2], parsed[4])
     return parsed
 
 
@@ -166,6 +167,37 @@ def check_value_types(*configs) -> None:
                                  f"{value!r:.80} ({type(value).__name__}); fix it in the recipe or on the command line")
 
 
+def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+    """Raise one `ValueError` naming every pair of recipe keys that contradict each other.
+
+    Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so ``model_name_or_path``
+    and ``model_revision`` would have no effect; explicit ``lora_target_modules``/``lora_target_parameters``
+    replace ``lora_preset``; ``expert_lora`` and ``quantize_experts`` act on LoRA only. A key counts as set when
+    it differs from its default (YAML or command line alike). Combinations that are consistent but unsupported
+    (e.g. ``quantize_experts`` with ``load_in_8bit``) are refused by `check_compatible`.
+    """
+    conflicts = []
+    if bimedix_args.tiny_model:
+        for key, value in (("model_name_or_path", model_args.model_name_or_path),
+                           ("model_revision", None if model_args.model_revision == "main" else model_args.model_revision)):
+            if value is not None:
+                conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, so "
+                                 f"`{key}: {value}` would be ignored; remove one of the two (to train your own "
+                                 "model, use a recipe without `tiny_model`)")
+    targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
+    if targets and bimedix_args.lora_preset != "paper":
+        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored when {' and '.join(f'`{k}`' for k in targets)} "
+                         "is set; keep either the preset or the explicit target lists")
+    if not model_args.use_peft:
+        if bimedix_args.expert_lora != "peft":
+            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` needs LoRA: set `use_peft: true` or drop it")
+        if bimedix_args.quantize_experts:
+            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` needs LoRA (`use_peft: true`): "
+                             "4-bit experts cannot be trained directly")
+    if conflicts:
+        raise ValueError("The recipe sets keys that contradict each other:\n  - " + "\n  - ".join(conflicts))
+
+
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
          mixture_args: DatasetMixtureConfig, bimedix_args: BimedixArguments, callbacks: list | None = None):
     """Train, save the adapter (or model) and the router report; return the trainer.
@@ -177,6 +209,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     from trl import SFTTrainer
 
     check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
+    check_conflicts(model_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     check_compatible(training_args, model_args, bimedix_args)
     tokenizer = load_tokenizer(model_args, bimedix_args)
@@ -206,7 +239,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
     _save_run(trainer, train_result)
     if trainer.accelerator.is_main_process:
+        from .template import save_chat_settings
+
         tokenizer.save_pretrained(training_args.output_dir)
+        save_chat_settings(training_args.output_dir, chat_template=bimedix_args.chat_template,
+                           system_prompt=bimedix_args.system_prompt)
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)

@@ -13,6 +13,8 @@ Prompts (log-likelihood of each choice after the prompt; ``acc`` and ``acc_norm`
       ...
       Answer:            -> choices " A", " B", ...
 
+Letters and cues come from `bimedix.data.conventions` (the training data uses the same ones).
+
 - multiple choice, Arabic (Arabic option letters, right-to-left text)::
 
       {question}
@@ -29,9 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-LATIN_LETTERS = "ABCDEF"
-ARABIC_LETTERS = ("أ", "ب", "ج", "د", "هـ", "و")
-_ANSWER_CUE = {"en": "Answer:", "ar": "الإجابة:"}
+from bimedix.data.conventions import ANSWER_CUES, OPTION_LETTERS
+
 _PUBMEDQA_CUES = {"en": ("Abstract:", "Question:"), "ar": ("الملخص:", "السؤال:")}
 
 
@@ -52,11 +53,10 @@ def doc_to_text(doc: dict) -> str:
     language = doc["language"]
     if doc["source"] == "pubmedqa":
         abstract, question = _PUBMEDQA_CUES[language]
-        return f"{abstract} {doc['context']}\n{question} {doc['question']}\n{_ANSWER_CUE[language]}"
-    letters = LATIN_LETTERS if language == "en" else ARABIC_LETTERS
+        return f"{abstract} {doc['context']}\n{question} {doc['question']}\n{ANSWER_CUES[language]}"
     lines = [doc["question"].strip()]
-    lines += [f"{letter}. {option}" for letter, option in zip(letters, doc["options"])]
-    lines.append(_ANSWER_CUE[language])
+    lines += [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS[language], doc["options"])]
+    lines.append(ANSWER_CUES[language])
     return "\n".join(lines)
 
 
@@ -64,10 +64,9 @@ def doc_to_choice(doc: dict) -> list[str]:
     """What is scored: option letters for multiple choice, the option words (yes/no/maybe) for PubMedQA."""
     if doc["source"] == "pubmedqa":
         return list(doc["options"])
-    letters = LATIN_LETTERS if doc["language"] == "en" else ARABIC_LETTERS
-    return list(letters[: len(doc["options"])])
+    return list(OPTION_LETTERS[doc["language"]][: len(doc["options"])])
 
 
 def doc_to_target(doc: dict) -> int:
     """Index of the gold choice (the answer is stored as a Latin letter in both languages)."""
-    return LATIN_LETTERS.index(doc["answer"])
+    return OPTION_LETTERS["en"].index(doc["answer"])

@@ -2,7 +2,8 @@
 
 Each ``<name>.yaml`` holds ``version`` (recorded in the output's provenance), ``system`` and ``user``,
 both Jinja templates. They are rendered with ``payload`` (the task's JSON, which the user template must
-include) and every top-level key of the task payload (e.g. ``min_turns``). To change a prompt, copy the
+include), every top-level key of the task payload (e.g. ``min_turns``) and ``arabic_option_letters``
+(``A → أ, B → ب, ...`` from `bimedix.data.conventions.OPTION_LETTERS`). To change a prompt, copy the
 shipped file into a folder, edit it (and its ``version``), and pass that folder with ``--prompts DIR``;
 names missing there fall back to the shipped ones.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from ...data.conventions import OPTION_LETTERS
 from ...resources import resource_path
 
 PROMPT_NAMES = ("translate", "refine", "judge", "dialogue")
@@ -39,7 +41,8 @@ class PromptTemplate:
 
     def render(self, payload: dict) -> list[dict]:
         """Return OpenAI chat messages for ``payload`` (a JSON-serialisable dict with a ``task`` key)."""
-        values = {**payload, "payload": json.dumps(payload, ensure_ascii=False)}
+        values = {"arabic_option_letters": ", ".join(f"{en} → {ar}" for en, ar in zip(*OPTION_LETTERS.values())),
+                  **payload, "payload": json.dumps(payload, ensure_ascii=False)}
         system, user = self._compiled
         return [{"role": "system", "content": system.render(values).strip()},
                 {"role": "user", "content": user.render(values).strip()}]
