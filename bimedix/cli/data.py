@@ -22,6 +22,9 @@ def register(subparsers) -> None:
                        help="raise: stop at the first malformed record (file:record:field); "
                             "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    build.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty OUTPUT that no build made (its other files are kept; inputs are "
+                            "never written)")
     build.set_defaults(func=_build_data)
 
     stats = subparsers.add_parser("stats", help="print the statistics table (Fig. 3 style) of a built dataset folder")
@@ -35,7 +38,7 @@ def _build_data(args: argparse.Namespace) -> int:
     from ..data.build import build_data
 
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overwrite=args.overwrite)
     print(result.stats.to_markdown())
     for name, counts in result.sources.items():
         print(f"{name}: {counts.equation()}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
+from .provenance import base_fingerprint, write_base_record
 from .targets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
+    fingerprint = base_fingerprint(model)
     peft_config = make_peft_config(model, model_args, bimedix_args)
     if bimedix_args.quantize_experts:
         model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
@@ -149,6 +151,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
+        if model_args.use_peft:  # what `bimedix merge` checks --base against
+            write_base_record(training_args.output_dir, model.name_or_path or None, fingerprint)
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
