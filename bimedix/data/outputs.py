@@ -83,6 +83,8 @@ class OutputFolder:
 
     The manifest ``.bimedix-outputs.jsonl`` lists each file claimed with `path` (``{"path": "data/x.parquet"}``)
     and each folder this command created (``{"path": "data/"}``; ``"./"`` when it created ``root`` itself).
+    Everything inside a folder it created (other than ``root``) counts as its own for temporaries and empty
+    folders; files are deleted only when listed.
 
     Args:
         root (`PathLike`): the output folder (created if missing).
@@ -182,7 +184,9 @@ class OutputFolder:
         folders = set()
         for entry in self._entries:
             path = self.root / entry
-            if entry.endswith("/"):
+            if entry == "./":
+                folders.add(self.root)
+            elif entry.endswith("/"):
                 if path.is_dir():
                     folders.update([path, *(p for p in path.rglob("*") if p.is_dir())])
             elif path.parent.is_dir():
@@ -193,7 +197,9 @@ class OutputFolder:
         relative = self._relative(folder)
         if relative is None:
             return False
-        return self._created_root or any(entry in self._entries for entry in _ancestors(relative))
+        if relative == ".":
+            return self._created_root or "./" in self._entries
+        return any(entry in self._entries for entry in _ancestors(relative))
 
     def _record(self, relative: str) -> None:
         if relative in self._entries:
@@ -221,9 +227,12 @@ def _component(part: str) -> str:
 
 
 def _ancestors(relative: str) -> list[str]:
-    """``"a/b"`` → ``["./", "a/", "a/b/"]``: the folder entries that make ``a/b`` a created folder."""
-    parts = [] if relative == "." else relative.split("/")
-    return ["./", *("/".join(parts[:depth]) + "/" for depth in range(1, len(parts) + 1))]
+    """``"a/b"`` → ``["a/", "a/b/"]``: the folder entries that make ``a/b`` a folder this command created.
+
+    A created root (``"./"``) does not count: folders a user adds to an output later are theirs.
+    """
+    parts = relative.split("/")
+    return ["/".join(parts[:depth]) + "/" for depth in range(1, len(parts) + 1)]
 
 
 def _resolve(path: PathLike) -> Path:

@@ -13,6 +13,11 @@ or field, unknown decision, empty text, changed text marked ``approve``, a repea
 all carry a decision is updated: ``meta.translation.reviewed = True`` and ``review_state`` becomes
 ``rejected`` (any row rejected), ``edited`` (any text changed) or ``approved``; each decided row adds an
 audit entry (reviewer, UTC time, decision, before, after, score, comment) to ``OUT.audit.jsonl``.
+
+In CSV queues a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (which a
+spreadsheet would run as a formula) or with a single quote gets one more single quote in front (the OWASP
+rule for CSV injection); importing removes one leading quote from every cell, so texts come back exactly.
+Neither the output nor the audit trail may be one of the input files.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..data.io import atomic_open, iter_jsonl, read_records, write_jsonl
+from ..data.outputs import check_outputs
 from ..data.schema import validate_record
 
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
 REQUIRED_COLUMNS = ("id", "field", "arabic", "decision")
 DECISIONS = ("approve", "edit", "reject")
+# CSV cells starting with these run as formulas in spreadsheets (OWASP "CSV injection"): exported with a leading
+# single quote, as is text that starts with a quote itself, and one leading quote is removed again on import.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def sampled_for_review(record_id: str, fraction: float, seed: int = 0) -> bool:
@@ -61,7 +70,11 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
         fraction (`float`, *optional*, defaults to `0.05`): share of passing records sampled for review.
         seed (`int`, *optional*, defaults to `0`): sampling seed (use the one given to ``translate``).
         threshold (`float`, *optional*, defaults to `80`): records scoring below it are always queued.
+
+    Raises:
+        `bimedix.data.outputs.OutputError`: ``queue`` is ``translated`` or ``source``.
     """
+    check_outputs({"--output": queue}, {"--input": translated, "--source": source})
     english = {record["id"]: record for record in read_records(source)} if source else {}
     rows, count = [], 0
     for record in read_records(translated):
@@ -97,15 +110,19 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     Args:
         translated (`str | os.PathLike`): translated records.
         reviews (`str | os.PathLike`): the queue as edited by the reviewer (``.csv`` or ``.jsonl``).
-        output (`str | os.PathLike`): where to write every record, reviewed ones updated (may equal ``translated``).
+        output (`str | os.PathLike`): where to write every record, reviewed ones updated (a new file: never an input).
         reviewer (`str`): who reviewed, for the audit trail.
         audit (`str | os.PathLike`, *optional*): the audit trail, appended; defaults to ``OUT.audit.jsonl``.
 
     Raises:
         `ValueError`: ``reviews:row N: column `c`: ...`` for the first bad rows; nothing is written then.
+        `bimedix.data.outputs.OutputError`: ``output`` or ``audit`` is an input, or they are the same file.
     """
     if not reviewer.strip():
         raise ValueError("--reviewer must name who reviewed")
+    output = Path(output)
+    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
+    check_outputs({"--output": output, "--audit": audit_path}, {"--input": translated, "--reviews": reviews})
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
     rows = _read_rows(Path(reviews))
@@ -170,14 +187,24 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
             raise ValueError(f"{reviews}:row {entries[0][0]}: column `arabic`: the edit breaks the record: {err}; "
                              "nothing was applied") from None
         counts[state] += 1
-    output = Path(output)
-    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
     previous = audit_path.read_text(encoding="utf-8") if audit_path.exists() else ""
     with atomic_open(audit_path) as handle:
         handle.write(previous + "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in trail))
     write_jsonl(output, (by_id[record["id"]] for record in records))
     undecided_rows = sum(1 for _, row in rows if not str(row.get("decision") or "").strip())
     return ImportSummary(reviewed=sum(counts.values()), undecided_rows=undecided_rows, **counts)
+
+
+def neutralize_cell(value):
+    """Prefix a single quote to text a spreadsheet would run as a formula (or that starts with a quote)."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
+        return "'" + value
+    return value
+
+
+def restore_cell(value: str) -> str:
+    """Undo `neutralize_cell`: drop one leading single quote."""
+    return value[1:] if value.startswith("'") else value
 
 
 def _texts(record: dict) -> list[tuple[str, str]]:
@@ -213,7 +240,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         handle.write("\ufeff")
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: neutralize_cell(value) for key, value in row.items()} for row in rows)
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -238,5 +265,5 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
             if None in row:
                 raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: the row has more cells than the header "
                                  "(an unquoted comma?); nothing was applied")
-            rows.append((index, {k: v or "" for k, v in row.items()}))
+            rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
         return rows
