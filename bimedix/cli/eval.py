@@ -44,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
     build.add_argument("--on-error", choices=("raise", "skip"), default="skip",
                        help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
+    build.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty OUTPUT that no build-bench made (its other files are kept)")
     build.set_defaults(func=_build_bench)
 
 
@@ -65,18 +67,20 @@ def _eval(args: argparse.Namespace) -> int:
 def _build_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from bimedix.data.outputs import OutputFolder
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.eval.arabic_bench import collect_arabic_rows
-    from bimedix.eval.bench import build_bench
+    from bimedix.eval.bench import build_bench, source_inputs
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(output, overwrite=args.overwrite, inputs={
+        **source_inputs(args.sources), "--translations": args.translations, "--bimedix-arabic": args.bimedix_arabic})
     arabic = []
     if args.translations or args.bimedix_arabic:
         arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic))
     subsets = args.subsets.split(",") if args.subsets else None
-    with RejectLog(output / "rejects.jsonl" if args.on_error == "skip" else None) as rejects:
-        counts = build_bench(args.sources, output, limit=args.limit, subsets=subsets, arabic_rows=arabic,
+    with RejectLog(folder.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
+        counts = build_bench(args.sources, folder, limit=args.limit, subsets=subsets, arabic_rows=arabic,
                              on_error=on_error_for(args.on_error, rejects))
     for config, n in sorted(counts.items()):
         print(f"{config:32s} {n:6d}")

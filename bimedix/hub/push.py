@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.outputs import check_outputs
 from .cards import (
     DatasetSummary,
     is_hub_id,
@@ -145,6 +146,7 @@ def push(
                              "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
     if dry_run:
         folder = Path(dry_run)
+        check_outputs({"--dry-run": folder}, {"PATH": source, "--eval": eval_dir, "--data": data_dir})
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
         warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
