@@ -157,3 +157,30 @@ def test_convert_never_writes_over_its_input(tmp_path, capsys, flags, message):
     assert main(["convert", "medmcqa", "--input", str(source), *[f.format(**paths) for f in flags]]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert source.read_bytes() == before and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["translate", "generate-chats"])
+@pytest.mark.parametrize("flag", ["--output", "--cache"])
+def test_llm_commands_never_write_over_their_input(tmp_path, capsys, command, flag):
+    source = tmp_path / "en.jsonl"
+    source.write_text('{"id": "x"}\n')
+    args = {"--input": source, "--output": tmp_path / "out.jsonl", flag: source}
+    assert main([command, *[str(part) for item in args.items() for part in item], "--base-url",
+                 "http://127.0.0.1:9/v1", "--model", "m"]) == 2
+    assert f"{flag} {source} would overwrite the input --input" in capsys.readouterr().err
+    assert source.read_text() == '{"id": "x"}\n' and not list(tmp_path.glob("*.sqlite"))
+
+
+def test_sft_output_dir_may_not_be_the_model_or_data(tmp_path, tiny_model_dir):
+    from bimedix.training.sft import main as sft_main
+    from bimedix.training.sft import parse_args
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    for output in (tiny_model_dir, data):
+        script, training, model, mixture, bimedix = parse_args(
+            ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(output),
+             "--use_cpu", "true"])
+        with pytest.raises(OutputError, match="--output_dir .* would overwrite the input"):
+            sft_main(script, training, model, mixture, bimedix)
+    assert data.read_text() == ""

@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--output", required=True, help="folder for results.json, samples, consistency.json, tables.md")
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --output that no evaluation made (its other files are kept)")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -57,7 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     results = evaluate(args.model, peft=args.peft, tasks=args.tasks, backend=args.backend, data_dir=args.data_dir,
                        limit=limit, num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
-                       output_dir=args.output, cache=args.cache)
+                       output_dir=args.output, cache=args.cache, overwrite=args.overwrite)
     name = args.peft or args.model
     print(format_tables(results, model_name=name.rstrip("/").rsplit("/", 1)[-1]))
     print(f"wrote {args.output}/results.json, samples_*.jsonl, consistency.json, tables.md")

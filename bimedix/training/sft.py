@@ -123,6 +123,12 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """
     from trl import SFTTrainer
 
+    from ..data.outputs import check_outputs
+
+    inputs = [model_args.model_name_or_path, script_args.dataset_name,
+              *(config.path for config in mixture_args.datasets or [])]  # the local ones: Hub ids are not paths
+    check_outputs({"--output_dir": training_args.output_dir},
+                  {f"input {path}": path for path in inputs if path and os.path.exists(path)})
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
