@@ -220,7 +220,7 @@ def test_cli_convert_raise_and_skip(tmp_path, capsys):
 
 
 def test_cli_convert_unknown_source(tmp_path, capsys):
-    assert main(["convert", "nope", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["convert", "nope", "--input", str(tmp_path / "in.json"), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
 
 

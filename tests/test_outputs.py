@@ -12,7 +12,7 @@ from bimed_sources import write_sources
 
 from bimedix.cli import main
 from bimedix.data.build import build_data
-from bimedix.data.outputs import MANIFEST, OutputError, OutputFolder, check_outputs, safe_name
+from bimedix.data.outputs import OutputError, OutputFolder, check_outputs, safe_name
 from bimedix.data.recipe import load_data_recipe
 
 
@@ -45,9 +45,9 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
     root = tmp_path / "out"
     (root / "data").mkdir(parents=True)
     (root / "data" / "mine.parquet").write_bytes(b"user data")
-    with pytest.raises(OutputError, match=r"not empty and was not made by this command.*--overwrite"):
-        OutputFolder(root)
-    folder = OutputFolder(root, overwrite=True)
+    with pytest.raises(OutputError, match=r"not empty and was not made by `bimedix build-data`.*--overwrite"):
+        OutputFolder(root, "build-data")
+    folder = OutputFolder(root, "build-data", overwrite=True)
     folder.path("data", "en", "train.parquet").write_bytes(b"ours")
     folder.path("data", "ar.parquet").write_bytes(b"ours")
     with pytest.raises(OutputError, match="not a single file or folder name"):
@@ -55,7 +55,9 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
     assert folder.remove_tree("data") == 2
     assert _snapshot(root / "data") == {root.joinpath("data", "mine.parquet").relative_to(root / "data"): b"user data"}
     assert not (root / "data" / "en").exists()  # the folder it made, now empty, is gone
-    again = OutputFolder(root)  # its own folder (manifest present): no --overwrite needed
+    with pytest.raises(OutputError, match="not made by `bimedix eval`"):
+        OutputFolder(root, "eval")  # another command's folder is foreign
+    again = OutputFolder(root, "build-data")  # its own folder (manifest present): no --overwrite needed
     assert not again.remove(root / "data" / "mine.parquet") and (root / "data" / "mine.parquet").exists()
 
 
@@ -76,7 +78,7 @@ def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkey
     monkeypatch.setattr("bimedix.data.tokenizer.load_mixtral_tokenizer", lambda: mixtral_tokenizer)
     args = ["build-data", "--recipe", str(recipe), "--output", ".", "--on-error", "skip", "--no-progress"]
     assert main(args) == 2
-    assert "not empty and was not made by this command" in capsys.readouterr().err
+    assert "not empty and was not made by `bimedix build-data`" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert all((project / "data" / path).read_bytes() == data for path, data in before.items())
     assert list(project.glob("data/en/*/train-00000.parquet"))
@@ -131,7 +133,7 @@ def test_next_build_removes_temporaries_of_a_killed_run(tmp_path, mixtral_tokeni
     assert len(stale) == 2
     build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
     assert not any(path.exists() for path in stale)
-    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists() and (out / MANIFEST).is_file()
+    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists() and (out / ".bimedix-build-data.jsonl").is_file()
     assert os.path.getsize(out / "data" / "en" / "qa" / "train-00000.parquet") > len(b"partial")
 
 

@@ -75,7 +75,7 @@ def _build_bench(args: argparse.Namespace) -> int:
     from bimedix.eval.bench import build_bench, source_inputs
 
     output = Path(args.output)
-    folder = OutputFolder(output, overwrite=args.overwrite, inputs={
+    folder = OutputFolder(output, "build-bench", overwrite=args.overwrite, inputs={
         **source_inputs(args.sources), "--translations": args.translations, "--bimedix-arabic": args.bimedix_arabic})
     arabic = []
     if args.translations or args.bimedix_arabic:

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.outputs import OutputFolder
 
     out = args.output
-    folder = OutputFolder(out, overwrite=args.overwrite)
+    folder = OutputFolder(out, "quickstart", overwrite=args.overwrite)
     paths = {name: folder.folder(name) for name in ("data", "base-model", "adapter", "eval")}
     paths["hub"] = out / "hub"
 

@@ -161,7 +161,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)
     output = Path(output)
-    folder = OutputFolder(output, inputs=recipe_inputs(recipe, sources_dir), overwrite=overwrite)
+    folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe, sources_dir), overwrite=overwrite)
     work_dir = folder.folder(WORK_DIR)
     prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress)
     if tokenizer is None:

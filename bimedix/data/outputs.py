@@ -4,9 +4,9 @@
   followed; a path inside an input folder counts as the input): `check_outputs` refuses with an
   `OutputError` naming both.
 - A folder output is an `OutputFolder`: every write is confined under it (checked names, no
-  ``..``, no absolute paths), recorded in its manifest (``.bimedix-outputs.jsonl``) before it happens,
-  and the command deletes only what that manifest lists, never the folder's other contents.
-- Writing into a non-empty folder that the command did not create needs ``overwrite=True``
+  ``..``, no absolute paths), recorded in the command's manifest (``.bimedix-COMMAND.jsonl``) before it
+  happens, and the command deletes only what that manifest lists, never the folder's other contents.
+- Writing into a non-empty folder that the command did not create (no manifest of that command) needs ``overwrite=True``
   (``--overwrite``), which still never touches inputs or deletes anything it did not write.
 - Temporaries left by a killed run (`bimedix.data.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed by the next run that owns their folder, once their process is gone.
@@ -15,7 +15,7 @@ Examples:
 
 ```python
 check_outputs({"--output": args.output, "--rejects": rejects}, {"--input": args.input})
-folder = OutputFolder(args.output, inputs={"--input": args.input}, overwrite=args.overwrite)
+folder = OutputFolder(args.output, "build-data", inputs={"--input": args.input}, overwrite=args.overwrite)
 with atomic_open(folder.path("data", "train.parquet"), "wb") as handle: ...
 folder.remove_tree("data")  # only the files this command wrote there
 ```
@@ -29,7 +29,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-MANIFEST = ".bimedix-outputs.jsonl"
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
 
@@ -48,7 +47,8 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
         inputs (`Mapping[str, PathLike | None]`): label → path the command reads; ``None`` values are skipped.
 
     Raises:
-        `OutputError`: naming both labels and paths, e.g. ``--rejects data.json is the input --input data.json``.
+        `OutputError`: naming both labels and paths, e.g.
+            ``--rejects data.json would overwrite the input --input data.json: ...``.
     """
     inputs = {label: path for label, path in inputs.items() if path is not None}
     seen: dict[Path, str] = {}
@@ -81,13 +81,15 @@ def safe_name(name: str, what: str) -> str:
 class OutputFolder:
     """A folder a command writes into: confined, input-safe, and deleting only what it recorded writing.
 
-    The manifest ``.bimedix-outputs.jsonl`` lists each file claimed with `path` (``{"path": "data/x.parquet"}``)
+    The manifest ``.bimedix-COMMAND.jsonl`` lists each file claimed with `path` (``{"path": "data/x.parquet"}``)
     and each folder this command created (``{"path": "data/"}``; ``"./"`` when it created ``root`` itself).
     Everything inside a folder it created (other than ``root``) counts as its own for temporaries and empty
     folders; files are deleted only when listed.
 
     Args:
         root (`PathLike`): the output folder (created if missing).
+        command (`str`): the command writing it (``"build-data"``); names its manifest, so a folder another
+            command made counts as foreign.
         inputs (`Mapping[str, PathLike | None]`, *optional*): label → input path; nothing that is (or lies
             inside) one of them is ever written or deleted.
         overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty folder this command
@@ -99,7 +101,7 @@ class OutputFolder:
             and ``overwrite`` is not set.
     """
 
-    def __init__(self, root: PathLike, *, inputs: Mapping[str, PathLike | None] | None = None,
+    def __init__(self, root: PathLike, command: str, *, inputs: Mapping[str, PathLike | None] | None = None,
                  overwrite: bool = False, flag: str = "--output"):
         self.root = Path(root)
         self.flag = flag
@@ -107,10 +109,10 @@ class OutputFolder:
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"{flag} {self.root} is a file; give a folder.")
         _check_not_input(flag, self.root, self.inputs)
-        self.manifest = self.root / MANIFEST
+        self.manifest = self.root / f".bimedix-{safe_name(command, 'command')}.jsonl"
         fresh = not self.root.exists() or not any(self.root.iterdir())
         if not fresh and not self.manifest.is_file() and not overwrite:
-            raise OutputError(f"{flag} {self.root} is not empty and was not made by this command; choose a new or "
+            raise OutputError(f"{flag} {self.root} is not empty and was not made by `bimedix {command}`; choose a new or "
                               "empty folder, or pass --overwrite to write into it (its other files are kept, files "
                               "with the names this command writes are replaced).")
         self._entries: set[str] = set()

@@ -116,7 +116,7 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
     """
     sources = Path(sources)
     if not isinstance(output, OutputFolder):
-        output = OutputFolder(output, inputs=source_inputs(sources))
+        output = OutputFolder(output, "build-bench", inputs=source_inputs(sources))
     if not sources.is_dir():
         raise FileNotFoundError(f"--sources {sources} is not a folder")
     tables: dict[tuple[str, str], list[dict]] = {}
@@ -158,7 +158,7 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | 
     from datasets import Dataset
 
     if not isinstance(output, OutputFolder):
-        output = OutputFolder(output)
+        output = OutputFolder(output, "build-bench")
     root = output.root
     for subset, _ in tables:
         safe_name(subset, "benchmark subset name")

@@ -82,7 +82,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         inputs = {"--model": model if isinstance(model, (str, Path)) and Path(model).exists() else None,
                   "--peft": peft, "--data-dir": data_dir if data_dir and Path(data_dir).exists() else None,
                   "--cache": cache}
-        folder = OutputFolder(output_dir, inputs=inputs, overwrite=overwrite)
+        folder = OutputFolder(output_dir, "eval", inputs=inputs, overwrite=overwrite)
     names, manager = resolve_tasks(auto_tasks(data_dir) if tasks == "auto" else tasks, data_dir)
     check_data(names, data_dir)
     if isinstance(model, LM):
@@ -253,7 +253,7 @@ def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model
 
     from .tables import format_tables
 
-    folder = output_dir if isinstance(output_dir, OutputFolder) else OutputFolder(output_dir)
+    folder = output_dir if isinstance(output_dir, OutputFolder) else OutputFolder(output_dir, "eval")
     summary = {k: v for k, v in results.items() if k != "samples"}
     write_json(folder.path("results.json"), json.loads(json.dumps(summary, default=handle_non_serializable)))
     for task, samples in (results.get("samples") or {}).items():

@@ -65,7 +65,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     adapter_dir = Path(adapter_dir)
     _adapter_config(adapter_dir)
     inputs = {"--adapter": adapter_dir, **({"--base": Path(base)} if Path(base).exists() else {})}
-    folder = OutputFolder(output_dir, inputs=inputs, overwrite=overwrite) if output_dir is not None else None
+    folder = OutputFolder(output_dir, "merge", inputs=inputs, overwrite=overwrite) if output_dir is not None else None
     model = load_base_model(base, getattr(torch, dtype))
     provenance = check_merge(base, model, adapter_dir, force=force)
     tokenizer = _load_tokenizer(adapter_dir, base)
