@@ -186,3 +186,15 @@ def test_sft_output_dir_may_not_be_the_model_or_data(tmp_path, tiny_model_dir):
         with pytest.raises(OutputError, match="--output_dir .* would overwrite the input"):
             sft_main(script, training, model, mixture, bimedix)
     assert data.read_text() == ""
+
+
+def test_writes_through_a_symlink_out_of_the_folder_are_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data").symlink_to(tmp_path / "elsewhere")
+    folder = OutputFolder(tmp_path / "out", "build-data", overwrite=True)
+    with pytest.raises(OutputError, match="outside --output"):
+        folder.path("data", "train.parquet")
+    with pytest.raises(OutputError, match="outside --output"):
+        folder.path("data", "en", "train.parquet")
+    assert not list((tmp_path / "elsewhere").iterdir())

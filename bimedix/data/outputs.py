@@ -131,6 +131,7 @@ class OutputFolder:
             raise OutputError("no output file name given")
         target = self.folder(*parts[:-1]) / _component(parts[-1])
         _check_not_input(f"{self.flag} file", target, self.inputs)
+        self._check_inside(target)
         self._record("/".join(parts))
         return target
 
@@ -139,6 +140,7 @@ class OutputFolder:
         for depth in range(1, len(parts) + 1):
             folder = self.root.joinpath(*(_component(part) for part in parts[:depth]))
             _check_not_input(f"{self.flag} folder", folder, self.inputs)
+            self._check_inside(folder)
             if not folder.is_dir():
                 self._record("/".join(parts[:depth]) + "/")
                 folder.mkdir()
@@ -213,6 +215,11 @@ class OutputFolder:
         self._entries.update(new)
         with open(self.manifest, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps({"path": entry}) + "\n" for entry in new)
+
+    def _check_inside(self, path: Path) -> None:
+        if self._relative(path) is None:  # a symbolic link on the way leads elsewhere
+            raise OutputError(f"{path} resolves to {path.resolve()}, outside {self.flag} {self.root}; "
+                              "a command writes only inside its output folder.")
 
     def _relative(self, path: PathLike) -> str | None:
         try:
