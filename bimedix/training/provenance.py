@@ -4,7 +4,8 @@ Training records the base next to the adapter (``bimedix_base.json``): its name 
 three parts, each a SHA-256:
 
 - ``config``: the model config without load-time keys (name, dtype, quantization, version);
-- ``shapes``: the names and shapes of the floating-point parameters;
+- ``shapes``: the names and shapes of the parameters (a bitsandbytes 4-bit weight counts with its original
+  shape, so a QLoRA base loaded with ``load_in_4bit`` matches the same base loaded in full);
 - ``tensors``: the values, rounded to bfloat16 so fp32 and bf16 loads agree, of the input embedding, the
   output embedding and the first and last norm weights (tensors that 4-bit loading never quantizes).
 
@@ -40,7 +41,8 @@ def base_fingerprint(model) -> dict[str, str]:
     """The ``config``, ``shapes`` and ``tensors`` hashes of a (not yet PEFT-wrapped) model; see the module doc."""
     config = {key: value for key, value in model.config.to_dict().items() if key not in _LOAD_TIME_KEYS}
     parameters = dict(model.named_parameters())
-    shapes = sorted((name, list(p.shape)) for name, p in parameters.items() if p.dtype.is_floating_point)
+    shapes = sorted((name, list(getattr(getattr(p, "quant_state", None), "shape", None) or p.shape))
+                    for name, p in parameters.items())
     norms = [name for name in parameters if name.endswith("norm.weight")]
     tensors = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
