@@ -238,3 +238,10 @@ def test_research_only_rows_are_not_pushed_under_an_open_licence_name(tmp_path):
     folder = _with_sources(tmp_path / "d", ("icliniq", "MIT"))
     with pytest.raises(LicenseError, match=r"research-only sources .*'icliniq' \(MIT"):
         check_licenses(summarize_dataset(folder))
+
+
+def test_dry_run_folder_may_not_be_inside_what_is_pushed(tmp_path, dataset_dir):
+    before = sorted(p.relative_to(dataset_dir) for p in dataset_dir.rglob("*"))
+    with pytest.raises(ValueError, match=r"--dry-run .* would overwrite the input PATH"):
+        push("dataset", dataset_dir, repo_id="me/bimed", dry_run=dataset_dir / "staged")
+    assert sorted(p.relative_to(dataset_dir) for p in dataset_dir.rglob("*")) == before
