@@ -198,3 +198,14 @@ def test_writes_through_a_symlink_out_of_the_folder_are_refused(tmp_path):
     with pytest.raises(OutputError, match="outside --output"):
         folder.path("data", "en", "train.parquet")
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_next_write_of_a_file_removes_the_temporary_a_killed_write_left(tmp_path, capsys):
+    """`kill -9` during `convert` leaves `.out.jsonl.PID.XXXXXXXX.tmp`; the next convert to that file removes it."""
+    source = tmp_path / "medmcqa.json"
+    source.write_text(json.dumps(MEDMCQA) + "\n")
+    _kill_mid_write(tmp_path / "out.jsonl")
+    _kill_mid_write(tmp_path / "other.jsonl")
+    assert len(list(tmp_path.glob(".*.tmp"))) == 2
+    assert main(["convert", "medmcqa", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert [p.name.split(".")[1] for p in tmp_path.glob(".*.tmp")] == ["other"]  # another file's: not ours to judge

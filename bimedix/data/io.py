@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .outputs import remove_stale_temporaries_of
 from .schema import RecordError, validate_record
 
 
@@ -77,11 +78,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     """Open a temporary sibling of ``path`` for writing and rename it over ``path`` on success.
 
     On an exception the temporary file is removed and ``path`` is left as it was. The temporary is named
-    ``.NAME.PID.XXXXXXXX.tmp``, so after a ``kill -9`` the next run can tell it is stale
-    (`bimedix.data.outputs.OutputFolder.remove_stale_temporaries`).
+    ``.NAME.PID.XXXXXXXX.tmp``, so after a ``kill -9`` the next write of ``path`` can tell it is stale and
+    removes it (`bimedix.data.outputs.remove_stale_temporaries_of`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries_of(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:

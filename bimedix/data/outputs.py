@@ -9,7 +9,8 @@
 - Writing into a non-empty folder that the command did not create (no manifest of that command) needs ``overwrite=True``
   (``--overwrite``), which still never touches inputs or deletes anything it did not write.
 - Temporaries left by a killed run (`bimedix.data.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
-  are removed by the next run that owns their folder, once their process is gone.
+  are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
+  and by the next run that owns their folder.
 
 Examples:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from glob import escape as glob_escape
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -76,6 +78,20 @@ def safe_name(name: str, what: str) -> str:
         raise OutputError(f"{what} {name!r} cannot be used in a file name: use letters, digits and . _ + - only "
                           "(no path separators, no '..', not starting with a dot).")
     return name
+
+
+def remove_stale_temporaries_of(path: PathLike) -> int:
+    """Delete the `atomic_open` temporaries of ``path`` (``.NAME.PID.XXXXXXXX.tmp`` beside it) whose process is
+    gone; return how many."""
+    path = Path(path)
+    removed = 0
+    if path.parent.is_dir():
+        for candidate in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+            match = TEMPORARY.fullmatch(candidate.name)
+            if match and match["name"] == path.name and candidate.is_file() and not _alive(int(match["pid"])):
+                candidate.unlink()
+                removed += 1
+    return removed
 
 
 class OutputFolder:
