@@ -27,8 +27,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from glob import escape as glob_escape
 from collections.abc import Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
