@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from bimed_sources import write_sources
@@ -209,3 +210,16 @@ def test_next_write_of_a_file_removes_the_temporary_a_killed_write_left(tmp_path
     assert len(list(tmp_path.glob(".*.tmp"))) == 2
     assert main(["convert", "medmcqa", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
     assert [p.name.split(".")[1] for p in tmp_path.glob(".*.tmp")] == ["other"]  # another file's: not ours to judge
+
+
+def test_eval_output_is_checked_before_evaluating(tmp_path, tiny_model_dir):
+    from bimedix.eval.run import evaluate
+
+    before = _snapshot(tiny_model_dir)
+    with pytest.raises(OutputError, match="--output .* would overwrite the input --model"):
+        evaluate(str(tiny_model_dir), tasks="bimedix_en", limit=1, output_dir=tiny_model_dir / "eval")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.md").write_text("mine")
+    with pytest.raises(OutputError, match="not made by `bimedix eval`"):
+        evaluate(str(tiny_model_dir), tasks="bimedix_en", limit=1, output_dir=tmp_path / "notes")
+    assert _snapshot(tiny_model_dir) == before and _snapshot(tmp_path / "notes") == {Path("todo.md"): b"mine"}
