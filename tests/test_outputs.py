@@ -67,7 +67,7 @@ def _kill_mid_write(target) -> None:
     code = ("import os, signal, sys\nfrom bimedix.data.io import atomic_open\n"
             "with atomic_open(sys.argv[1], 'wb') as handle:\n"
             "    handle.write(b'partial'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
-    assert subprocess.run([sys.executable, "-c", code, str(target)]).returncode == -9
+    assert subprocess.run([sys.executable, "-c", code, str(target)], check=False).returncode == -9
 
 
 def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkeypatch, capsys, mixtral_tokenizer):
