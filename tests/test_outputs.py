@@ -223,3 +223,16 @@ def test_eval_output_is_checked_before_evaluating(tmp_path, tiny_model_dir):
     with pytest.raises(OutputError, match="not made by `bimedix eval`"):
         evaluate(str(tiny_model_dir), tasks="bimedix_en", limit=1, output_dir=tmp_path / "notes")
     assert _snapshot(tiny_model_dir) == before and _snapshot(tmp_path / "notes") == {Path("todo.md"): b"mine"}
+
+
+def test_remove_tree_clears_folders_made_inside_a_folder_it_created(tmp_path):
+    """What `quickstart` relies on to re-stage its dry-run pushes: files another function wrote are recorded
+    after the fact, and the empty folders they left under a folder this command created go too."""
+    folder = OutputFolder(tmp_path / "out", "quickstart")
+    folder.folder("hub")
+    staged = tmp_path / "out" / "hub" / "dataset" / "data" / "en" / "train.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"rows")
+    folder.path("hub", "dataset", "data", "en", "train.parquet")
+    again = OutputFolder(tmp_path / "out", "quickstart")
+    assert again.remove_tree("hub") == 1 and not (tmp_path / "out" / "hub").exists()

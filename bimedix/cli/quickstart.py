@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub.push import push
 
     folder.remove_tree("hub")  # the dry-run folders must be new: remove the files an earlier run staged there
+    folder.folder("hub")  # made (and recorded) by this run, so the folders staged inside are removed with it
     adapter_push = push("adapter", paths["adapter"], repo_id=args.repo_id, dry_run=paths["hub"] / "adapter",
                         eval_dir=paths["eval"], data_dir=paths["data"])
     data_repo = args.repo_id.rsplit("/", 1)[0] + "/bimed-mini"

@@ -51,10 +51,10 @@ logger = logging.getLogger(__name__)
 KINDS = {"adapter": "model", "model": "model", "dataset": "dataset", "bench": "dataset"}
 # Files that make up each kind of repository (globs relative to the source folder); README.md is rendered.
 ALLOW_PATTERNS = {
-    "adapter": ["adapter_config.json", "adapter_model*.safetensors", "tokenizer*", "special_tokens_map.json",
-                "chat_template.jinja", "generation_config.json"],
+    "adapter": ["adapter_config.json", "adapter_model*.safetensors", "bimedix_base.json", "tokenizer*",
+                "special_tokens_map.json", "chat_template.jinja", "generation_config.json"],
     "model": ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-              "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
+              "merge_report.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
     # Not decontamination.jsonl: it quotes the benchmark test items the data was checked against.
     "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png"],
     "bench": ["**/*.parquet"],
