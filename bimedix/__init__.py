@@ -18,6 +18,8 @@ _EXPORTS = {
     "validate_record": "bimedix.data.schema",
     "read_records": "bimedix.data.io",
     "write_jsonl": "bimedix.data.io",
+    "OutputFolder": "bimedix.data.outputs",
+    "check_outputs": "bimedix.data.outputs",
     "load_mixtral_tokenizer": "bimedix.data.tokenizer",
     "VICUNA_TEMPLATE": "bimedix.training.template",
     "to_messages": "bimedix.training.template",

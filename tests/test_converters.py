@@ -305,7 +305,7 @@ def test_cli_convert_file_level_error_under_skip_does_not_suggest_skip(tmp_path,
 
 
 def test_cli_convert_unknown_source(tmp_path, capsys):
-    assert main(["convert", "nope", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["convert", "nope", "--input", str(tmp_path / "in.json"), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
 
 from bimedix.cli import main
-from bimedix.hub.push import LicenseError, check_licenses, push
+from bimedix.hub.push import LicenseError, check_licenses, license_class, push
 from bimedix.hub.cards import summarize_dataset
 
 from test_cards import _records, write_dataset_folder
@@ -171,7 +172,7 @@ def _with_sources(tmp_path: Path, *extra: tuple[str, str | None]) -> Path:
                                              ("some-forum-dump", None)])
 def test_research_only_sources_need_acknowledgement(tmp_path, hub, source, license):
     folder = _with_sources(tmp_path / "d", (source, license))
-    with pytest.raises(LicenseError, match=rf"research-only sources .*{source} \(") as err:
+    with pytest.raises(LicenseError, match=rf"research-only sources .*'{source}' \(") as err:
         push("dataset", folder, repo_id="me/bimed", dry_run=tmp_path / "dry")
     assert "--acknowledge-research-only" in str(err.value)
     assert not (tmp_path / "dry").exists() or not any((tmp_path / "dry").iterdir())
@@ -183,17 +184,64 @@ def test_research_only_sources_need_acknowledgement(tmp_path, hub, source, licen
 def test_forbidden_source_is_refused_even_when_acknowledged(tmp_path):
     folder = _with_sources(tmp_path / "d", ("medarabiq", "internal non-commercial research only"),
                            ("liveqa", "none stated (research use only)"))
-    with pytest.raises(LicenseError, match="forbids redistribution: medarabiq"):
+    with pytest.raises(LicenseError, match="forbids redistribution: 'medarabiq'"):
         check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
 
 
 def test_copyleft_sources_pass_with_a_note(dataset_dir):
     notes = check_licenses(summarize_dataset(dataset_dir))
-    assert notes == ["meadow (GPL-3.0, 2 rows): copyleft, the pushed rows stay under GPL-3.0"]
+    assert notes == ["'meadow' (GPL-3.0, 2 rows): copyleft, the pushed rows stay under GPL-3.0"]
 
 
 def test_push_cli_dry_run(tmp_path, dataset_dir, capsys):
     assert main(["push", "dataset", str(dataset_dir), "--repo-id", "me/bimed", "--dry-run", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "dry run: 5 files" in out and "licence note: meadow" in out  # README, stats.md, stats.json, 2 shards
+    assert "dry run: 5 files" in out and "licence note: 'meadow'" in out  # README, stats.md, stats.json, 2 shards
     assert (tmp_path / "out" / "README.md").read_text().startswith("---\n")
+
+
+@pytest.mark.parametrize("source", ["MedArabiQ", "MedArabiQ-v2", "medarabiq ", " Med Arabi Q", "MEDARABIQ_test"])
+@pytest.mark.parametrize("license", ["MIT", None, "internal non-commercial research only"])
+def test_medarabiq_is_refused_by_any_casing_spacing_or_suffix(tmp_path, source, license):
+    folder = _with_sources(tmp_path / "d", (source, license))
+    with pytest.raises(LicenseError, match=rf"forbids redistribution: {re.escape(repr(source))}.*does not apply"):
+        check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
+
+
+@pytest.mark.parametrize("license", ["No redistribution permitted", "Internal use only", "do not distribute"])
+def test_licences_that_forbid_redistribution_are_refused_even_when_acknowledged(tmp_path, license):
+    folder = _with_sources(tmp_path / "d", ("clinic-notes", license))
+    with pytest.raises(LicenseError, match=r"forbids redistribution: 'clinic-notes'"):
+        check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
+
+
+@pytest.mark.parametrize("license", ["Proprietary", "CC-BY-NC-9.0", "see website"])
+def test_unknown_licences_are_refused_naming_source_and_licence(tmp_path, license):
+    folder = _with_sources(tmp_path / "d", ("forum", license))
+    with pytest.raises(LicenseError, match=rf"does not know: 'forum' \({re.escape(license)}, 1 rows\).*SPDX id"):
+        check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
+
+
+@pytest.mark.parametrize("source, license, expected", [
+    ("mentalqa", "MIT", "open"), ("x", "apache 2.0", "open"), ("x", "CC-BY-SA-4.0", "open"),
+    ("x", "LGPL-2.1-or-later", "open"), ("x", "none stated (research use only)", "research-only"),
+    ("x", None, "research-only"), ("x", "Research use only", "research-only"),
+    ("liveqa", "MIT", "research-only"), ("LiveQA ", "MIT", "research-only"),
+    ("medarabiq-v2", "MIT", "forbidden"), ("x", "Proprietary", "unknown"),
+])
+def test_license_class_table(source, license, expected):
+    assert license_class(source, license)[0] == expected
+
+
+def test_research_only_rows_are_not_pushed_under_an_open_licence_name(tmp_path):
+    """Rows of a non-redistributable source stay research-only even when they claim an open licence."""
+    folder = _with_sources(tmp_path / "d", ("icliniq", "MIT"))
+    with pytest.raises(LicenseError, match=r"research-only sources .*'icliniq' \(MIT"):
+        check_licenses(summarize_dataset(folder))
+
+
+def test_dry_run_folder_may_not_be_inside_what_is_pushed(tmp_path, dataset_dir):
+    before = sorted(p.relative_to(dataset_dir) for p in dataset_dir.rglob("*"))
+    with pytest.raises(ValueError, match=r"--dry-run .* would overwrite the input PATH"):
+        push("dataset", dataset_dir, repo_id="me/bimed", dry_run=dataset_dir / "staged")
+    assert sorted(p.relative_to(dataset_dir) for p in dataset_dir.rglob("*")) == before

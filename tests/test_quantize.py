@@ -234,6 +234,8 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
 
     from bimedix.training.merge import merge_adapter
 
-    merged = merge_adapter("tiny:mixtral:42", tmp_path, tmp_path / "merged", quantize_experts="nf4")
+    output = tmp_path.with_name(f"{tmp_path.name}-merged")  # not inside the adapter folder, an input of the merge
+    merged = merge_adapter("tiny:mixtral:42", tmp_path, output, quantize_experts="nf4")
     assert merged["max_abs_diff_merged_vs_adapter"] <= 1e-3 < merged["max_abs_diff_adapter_vs_base"]
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert merged["provenance"] == "fingerprint"  # sft recorded the base before quantizing its experts
+    assert (output / "model.safetensors").is_file()

@@ -66,8 +66,8 @@ def test_quickstart_cards_and_dry_run_push(quickstart):
     assert "**Trained in full and saved with the adapter:** lm_head" in card.text  # the quickstart's extra
     assert (output / "eval" / "tables.md").read_text().strip() in card.text
     pushed = sorted(p.name for p in (output / "hub" / "adapter").iterdir())
-    assert pushed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-                             "tokenizer.json", "tokenizer_config.json"])
+    assert pushed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", "bimedix_base.json",
+                             "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"])
     dataset_card = DatasetCard.load(output / "hub" / "dataset" / "README.md")
     assert dataset_card.data.to_dict()["configs"][0]["config_name"] == "all"
     counts = json.loads((output / "data" / "stats.json").read_text())["counts"]

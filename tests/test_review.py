@@ -189,3 +189,56 @@ def test_records_without_translation_provenance_are_not_queued(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [original, _translated(1, 10)])
     assert export_review_queue(path, tmp_path / "q.jsonl", fraction=1.0) == 1
     assert {row["id"] for row in read_jsonl(tmp_path / "q.jsonl")} == {"demo-ar-001"}
+
+
+FORMULAS = ["=HYPERLINK(\"http://x\",\"click\")", "+1+1", "-2+3", "@SUM(A1)", "\tتبويب", "\rسطر", "'اقتباس",
+            "''مزدوج", "نص عادي"]
+
+
+def test_csv_cells_that_spreadsheets_would_run_are_neutralized_and_restored(tmp_path):
+    record = _translated(0, 10)
+    record["conversations"][0]["value"] = FORMULAS[0]
+    record["meta"]["options"] = FORMULAS[1:5]
+    second = dict(_translated(1, 10), meta=dict(_translated(1, 10)["meta"], options=FORMULAS[5:]))
+    translated = write_jsonl(tmp_path / "ar.jsonl", [record, second])
+    texts = {(r["id"], f"options.{i}"): text for r in read_jsonl(translated) for i, text in
+             enumerate(r["meta"]["options"])}
+    export_review_queue(translated, tmp_path / "queue.csv", fraction=0.0)
+    rows = list(csv.DictReader((tmp_path / "queue.csv").open(encoding="utf-8-sig", newline="")))
+    cells = [value for row in rows for value in row.values() if value]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    assert "'=HYPERLINK(\"http://x\",\"click\")" in cells and "''اقتباس" in cells and "نص عادي" in cells
+    for row in rows:
+        row["decision"] = "approve"
+    with open(tmp_path / "reviewed.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = import_reviews(translated, tmp_path / "reviewed.csv", tmp_path / "out.jsonl", reviewer="r")
+    assert summary.approved == 2 and summary.edited == 0  # every text came back unchanged
+    out = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert out[record["id"]]["conversations"][0]["value"] == FORMULAS[0]
+    assert {(rid, f"options.{i}"): t for rid, r in out.items() for i, t in enumerate(r["meta"]["options"])} == texts
+
+
+@pytest.mark.parametrize("target", ["--input", "--source"])
+def test_review_export_never_overwrites_its_inputs(files, tmp_path, capsys, target):
+    english, translated = files
+    before = {english: english.read_bytes(), translated: translated.read_bytes()}
+    output = translated if target == "--input" else english
+    assert main(["review", "export", "--input", str(translated), "--source", str(english),
+                 "--output", str(output)]) == 2
+    assert f"would overwrite the input {target}" in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize("flag", ["--audit", "--output"])
+def test_review_import_never_writes_into_the_translations(files, tmp_path, capsys, flag):
+    _, translated = files
+    export_review_queue(translated, tmp_path / "queue.jsonl", fraction=0.0)
+    before = translated.read_bytes()
+    args = {"--input": str(translated), "--reviews": str(tmp_path / "queue.jsonl"),
+            "--output": str(tmp_path / "out.jsonl"), "--reviewer": "r", flag: str(translated)}
+    assert main(["review", "import", *[part for item in args.items() for part in item]]) == 2
+    assert f"{flag} {translated} would overwrite the input --input" in capsys.readouterr().err
+    assert translated.read_bytes() == before

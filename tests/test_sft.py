@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from bimedix.resources import resource_path
+from bimedix.training.provenance import base_fingerprint
 from bimedix.training.sft import main, parse_args
 from bimedix.training.tiny import build_tiny_model
 
@@ -71,6 +72,9 @@ def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny:mixtral:42" and config["r"] == 8
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
+    record = json.loads((output / "bimedix_base.json").read_text())  # what `bimedix merge` checks --base against
+    base = build_tiny_model("mixtral", seed=42)
+    assert record == {"base_model": "tiny:mixtral:42", "fingerprint": base_fingerprint(base)}
 
 
 def test_chat_prompts_the_adapter_as_it_was_trained(full_run, tmp_path):

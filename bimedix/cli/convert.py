@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.converters import convert
     from ..data.io import write_jsonl
+    from ..data.outputs import check_outputs
     from ..data.rejects import RejectLog, on_error_for
     from ..data.schema import RecordError
 
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         rejects_path = args.rejects or default
     elif args.rejects is not None:
         raise ValueError("--rejects only applies with --on-error skip")
+    check_outputs({"--output": args.output, "--rejects": rejects_path},
+                  {"--input": args.input, "--ground-truth": args.ground_truth})
     with RejectLog(rejects_path) as rejects:
         records = convert(args.source, args.input, language=args.language,
                           on_error=on_error_for(args.on_error, rejects), **options)

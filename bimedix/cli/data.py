@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     build.add_argument("--num-proc", type=int, default=None, metavar="N",
                        help="processes for the convert and clean stages (default: all cores); the output is "
                             "byte-identical for any N")
+    build.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty OUTPUT that no build made (its other files are kept; inputs are "
+                            "never written)")
     build.set_defaults(func=_build_data)
 
     select = subparsers.add_parser(
@@ -64,7 +67,7 @@ def _build_data(args: argparse.Namespace) -> int:
 
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
                         progress=not args.no_progress, include_unreviewed=args.include_unreviewed,
-                        num_proc=args.num_proc)
+                        num_proc=args.num_proc, overwrite=args.overwrite)
     print(result.stats.to_markdown())
     if has_targets(result.composition):
         print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))

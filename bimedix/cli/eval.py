@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--output", required=True, help="folder for results.json, samples, consistency.json, tables.md")
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
+    run.add_argument("--overwrite", action="store_true",
+                     help="write into a non-empty --output that no evaluation made (its other files are kept)")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -47,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--include-unreviewed", action="store_true",
                        help="--translations: also use translations pending human review or below the judge threshold "
                             "(default: left out; rejected ones never enter); their rows say 'unreviewed'")
+    build.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty OUTPUT that no build-bench made (its other files are kept)")
     build.set_defaults(func=_build_bench)
 
 
@@ -58,7 +62,7 @@ def _eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     kwargs = dict(tasks=args.tasks, backend=args.backend, data_dir=args.data_dir, limit=limit,
                   num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device, output_dir=args.output,
-                  cache=args.cache)
+                  cache=args.cache, overwrite=args.overwrite)
     if args.backend == "vllm" and args.peft and expert_lora_targets(check_adapter(args.model, args.peft)):
         results = _evaluate_merged(args.model, args.peft, args.output, kwargs)
     else:
@@ -70,42 +74,47 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dict:
-    """Merge an adapter with expert LoRA into a temporary folder under ``output`` (with `bimedix merge`'s logit
-    check) and evaluate the merged model: vLLM may drop the expert deltas of a LoRA adapter."""
-    import tempfile
-    from pathlib import Path
+    """Merge an adapter with expert LoRA into a folder of its own under ``output`` (with `bimedix merge`'s logit
+    check), evaluate the merged model and delete that folder: vLLM may drop the expert deltas of a LoRA adapter."""
+    import shutil
 
+    from bimedix.data.outputs import OutputFolder
     from bimedix.eval.run import evaluate
     from bimedix.training.merge import merge_adapter
 
-    Path(output).mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(output, "eval", inputs={"--model": model, "--peft": adapter}, overwrite=kwargs["overwrite"])
+    merged = folder.folder("merged-model")  # recorded as this command's own, and removed below
     print(f"{adapter} adapts fused MoE experts, which vLLM may not apply as LoRA: merging it into {model} first "
-          f"(logit-checked, as `bimedix merge`), in a temporary folder under {output}")
-    with tempfile.TemporaryDirectory(prefix="merged-", dir=output) as merged:
+          f"(logit-checked, as `bimedix merge`), in {merged} (removed afterwards)")
+    try:
         report = merge_adapter(model, adapter, merged)
         print(f"merged: max |merged - adapter| logit difference {report['max_abs_diff_merged_vs_adapter']:.3g}")
-        return evaluate(merged, **kwargs)
+        return evaluate(str(merged), **kwargs)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
 
 
 def _build_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bimedix.data.io import write_json
+    from bimedix.data.outputs import OutputFolder
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows
-    from bimedix.eval.bench import build_bench
+    from bimedix.eval.bench import build_bench, source_inputs
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(output, "build-bench", overwrite=args.overwrite, inputs={
+        **source_inputs(args.sources), "--translations": args.translations, "--bimedix-arabic": args.bimedix_arabic})
     arabic = []
     review = ReviewPolicy(include_unreviewed=args.include_unreviewed)
     if args.translations or args.bimedix_arabic:
         arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic,
                                           review=review))
     subsets = args.subsets.split(",") if args.subsets else None
-    with RejectLog(output / "rejects.jsonl" if args.on_error == "skip" else None) as rejects:
-        counts = build_bench(args.sources, output, limit=args.limit, subsets=subsets, arabic_rows=arabic,
+    with RejectLog(folder.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
+        counts = build_bench(args.sources, folder, limit=args.limit, subsets=subsets, arabic_rows=arabic,
                              on_error=on_error_for(args.on_error, rejects))
     for config, n in sorted(counts.items()):
         print(f"{config:32s} {n:6d}")

@@ -132,15 +132,21 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace):
+    from ..data.outputs import check_outputs
     from ..llm.cache import RequestCache
     from ..llm.client import ClientConfig, LLMClient, load_prices
+    from ..llm.runner import rejects_path
+
+    cache_path = args.cache or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".llm.sqlite")
+    check_outputs({"--output": args.output, "rejects file": rejects_path(args.output), "--cache": cache_path},
+                  {"--input": args.input, "--prices": args.prices, "--prompts": args.prompts,
+                   "--drug-names": getattr(args, "drug_names", None)})
 
     config = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                           concurrency=args.concurrency, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
                           timeout=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
                           prices=load_prices(args.prices) if args.prices else {}, batch=args.batch_api,
                           batch_poll_interval=args.batch_poll_interval, max_tokens_field=args.max_tokens_field)
-    cache_path = args.cache or args.output.with_name(args.output.name.removesuffix(".jsonl") + ".llm.sqlite")
     return LLMClient(config, RequestCache(cache_path))
 
 

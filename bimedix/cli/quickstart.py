@@ -10,14 +10,14 @@ Steps, each built on the public function of its area, everything written under `
     hub/adapter/  the dry-run push of the adapter (README.md = the model card), `bimedix.hub.push.push`
     hub/dataset/  the dry-run push of the dataset (README.md = the dataset card)
 
-Re-running resumes the data build and redoes the rest.
+Re-running resumes the data build and redoes the rest. ``--output`` must be new, empty or an earlier
+quickstart's folder (``--overwrite`` allows another non-empty folder; its other files are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,14 +42,18 @@ def register(subparsers) -> None:
     parser.add_argument("--repo-id", default=DEFAULT_REPO, help=f"repo id written into the cards (default: {DEFAULT_REPO})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the tiny model and of training (default: 42)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output that no quickstart made (its other files are kept)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
+    from ..data.outputs import OutputFolder
+
     out = args.output
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("data", "base-model", "adapter", "eval")}
+    folder = OutputFolder(out, "quickstart", overwrite=args.overwrite)
+    paths = {name: folder.folder(name) for name in ("data", "base-model", "adapter", "eval")}
     paths["hub"] = out / "hub"
 
     _step(1, "Build the mini BiMed dataset from the bundled real data (bimedix build-data --recipe mini)")
@@ -80,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
     _step(5, "Render the model and dataset cards and write the dry-run Hub pushes")
     from ..hub.push import push
 
-    shutil.rmtree(paths["hub"], ignore_errors=True)  # a dry-run folder must be new; it is ours to replace
+    folder.remove_tree("hub")  # the dry-run folders must be new: remove the files an earlier run staged there
+    folder.folder("hub")  # made (and recorded) by this run, so the folders staged inside are removed with it
     adapter_push = push("adapter", paths["adapter"], repo_id=args.repo_id, dry_run=paths["hub"] / "adapter",
                         eval_dir=paths["eval"], data_dir=paths["data"])
     data_repo = args.repo_id.rsplit("/", 1)[0] + "/bimed-mini"
     dataset_push = push("dataset", paths["data"], repo_id=data_repo, dry_run=paths["hub"] / "dataset")
+    for kind, result in (("adapter", adapter_push), ("dataset", dataset_push)):
+        for file in result.files:  # recorded, so the next run may remove them
+            folder.path("hub", kind, *file.split("/"))
     for note in adapter_push.warnings + dataset_push.warnings:
         print(f"licence note: {note}")
     card = (paths["hub"] / "adapter" / "README.md").read_text(encoding="utf-8")

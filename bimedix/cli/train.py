@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize_experts", choices=["nf4", "fp4"],
                    help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
+    p.add_argument("--force", action="store_true",
+                   help="merge even if the adapter was trained on another base or is already merged into --base")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output that no merge made (never the base or adapter folder)")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory", help="GPU memory a recipe needs per process, from the model config only",
@@ -147,7 +151,7 @@ def _merge(args) -> int:
     if not base:
         raise ValueError(f"{args.adapter}/adapter_config.json names no base model: pass --base.")
     report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype,
-                           quantize_experts=args.quantize_experts)
+                           quantize_experts=args.quantize_experts, force=args.force, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {base} -> {args.output}")
     print(f"max |merged - adapter| logit difference: {report['max_abs_diff_merged_vs_adapter']:.3g} "
           f"(tolerance {args.tolerance:g}); max |merged - base|: {report['max_abs_diff_merged_vs_base']:.3g}")

@@ -44,6 +44,7 @@ from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
+from .outputs import OutputFolder
 from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for, report
@@ -147,8 +148,12 @@ class BuildResult:
 
 def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike, *,
                sources_dir: str | os.PathLike | None = None, on_error: str = "raise", tokenizer=None,
-               progress: bool = True, include_unreviewed: bool = False, num_proc: int | None = None) -> BuildResult:
+               progress: bool = True, include_unreviewed: bool = False, num_proc: int | None = None,
+               overwrite: bool = False) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
+
+    The folder is an `bimedix.data.outputs.OutputFolder`: no input is ever written or deleted, and a rebuild
+    deletes only the files an earlier build recorded writing there.
 
     Args:
         recipe (`DataRecipe | str | os.PathLike`): a recipe, a YAML path, or a shipped recipe name (``mini``).
@@ -163,13 +168,22 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         num_proc (`int`, *optional*, defaults to all cores): processes for the convert and clean stages; the
             output is byte-identical to ``num_proc=1``.
 
+        overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output`` that no build made
+            (its other files are kept).
+
+
     Returns:
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
+
+    Raises:
+        `bimedix.data.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a foreign
+            non-empty folder without ``overwrite``.
     """
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)
     output = Path(output)
-    work_dir = output / WORK_DIR
+    folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe, sources_dir), overwrite=overwrite)
+    work_dir = folder.folder(WORK_DIR)
     prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
                        include_unreviewed=include_unreviewed, num_proc=num_proc)
     if tokenizer is None:
@@ -179,12 +193,12 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     build_key = _digest([prepared.key, recipe.shard_size, _FORMAT_VERSION])
     marker = work_dir / "build.json"
     if not marker.is_file() or json.loads(marker.read_text())["key"] != build_key:
-        shutil.rmtree(output / "data", ignore_errors=True)
-        shutil.rmtree(work_dir / "shards", ignore_errors=True)
-        write_json(marker, {"key": build_key})
+        folder.remove_tree("data")
+        folder.remove_tree(WORK_DIR, "shards")
+        write_json(folder.path(WORK_DIR, marker.name), {"key": build_key})
     per_source = {name: dataclasses.replace(counts) for name, counts in prepared.counts.items()}
     stats = DataStats()
-    writers = {group: _ShardWriter(output, work_dir / "shards", group, recipe.shard_size, tokenizer)
+    writers = {group: _ShardWriter(folder, group, recipe.shard_size, tokenizer)
                for group in ((language, task) for language in LANGUAGES for task in TASKS)}
     dropped: Counter[str] = Counter()
     try:
@@ -205,10 +219,20 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     for counts in per_source.values():
         total.add(counts)
     mix = composition(stats, recipe.mix.targets, recipe.mix.target_tokens)
-    _write_reports(output, recipe, prepared, total, per_source, stats, mix)
+    _write_reports(folder, recipe, prepared, total, per_source, stats, mix)
     logger.info("%s", total.equation())
     return BuildResult(output, total, per_source, stats, sum(w.written for w in writers.values()),
                        sum(w.skipped for w in writers.values()), prepared.review, mix)
+
+
+def recipe_inputs(recipe: DataRecipe, sources_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Label → path of every file a recipe reads: the recipe itself, each source's files and benchmarks."""
+    inputs = {"--recipe": Path(recipe.recipe_path)} if recipe.recipe_path else {}
+    for kind, specs in (("source", recipe.sources), ("benchmark", recipe.decontaminate.benchmarks)):
+        for spec in specs:
+            for key, path in [("path", spec.path), *spec.files.items()]:
+                inputs[f"{kind} {spec.name!r} {key}"] = recipe.resolve(path, sources_dir)
+    return inputs
 
 
 def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str | os.PathLike | None = None,
@@ -469,9 +493,9 @@ def _clean_task(context: tuple, task: tuple) -> list:
 class _ShardWriter:
     """Writes one language × task group as Parquet shards of ``shard_size`` rows, atomically, with stats."""
 
-    def __init__(self, output: Path, sidecars: Path, group: tuple[str, str], shard_size: int, tokenizer):
-        self.folder = output / "data" / group[0] / group[1]
-        self.sidecars = sidecars
+    def __init__(self, output: OutputFolder, group: tuple[str, str], shard_size: int, tokenizer):
+        self.output = output
+        self.group = group
         self.prefix = f"{group[0]}-{group[1]}"
         self.shard_size = shard_size
         self.tokenizer = tokenizer
@@ -510,17 +534,20 @@ class _ShardWriter:
             self._context = self._writer = None
 
     def _path(self) -> Path:
-        return self.folder / f"train-{self.index:05d}.parquet"
+        return self.output.root / "data" / self.group[0] / self.group[1] / self._name()
+
+    def _name(self) -> str:
+        return f"train-{self.index:05d}.parquet"
 
     def _sidecar(self) -> Path:
-        return self.sidecars / f"{self.prefix}-{self.index:05d}.json"
+        return self.output.root / WORK_DIR / "shards" / f"{self.prefix}-{self.index:05d}.json"
 
     def _flush(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            self._context = atomic_open(self._path(), "wb")
+            self._context = atomic_open(self.output.path("data", *self.group, self._name()), "wb")
             self._writer = pq.ParquetWriter(self._context.__enter__(), FEATURES.arrow_schema)
         if not self._buffer:
             return
@@ -538,7 +565,7 @@ class _ShardWriter:
             self._context.__exit__(None, None, None)
             self._context = self._writer = None
             stats = self._shard_stats
-            write_json(self._sidecar(), stats.to_dict())
+            write_json(self.output.path(WORK_DIR, "shards", self._sidecar().name), stats.to_dict())
             self.written += 1
         self.stats.merge(stats)
         self._shard_stats = DataStats()
@@ -547,12 +574,12 @@ class _ShardWriter:
         self._done = None
 
 
-def _write_reports(output: Path, recipe: DataRecipe, prepared: Prepared, total: Counts,
+def _write_reports(output: OutputFolder, recipe: DataRecipe, prepared: Prepared, total: Counts,
                    per_source: dict[str, Counts], stats: DataStats, mix: dict) -> None:
     work = prepared.work_dir
     for name in ("decontamination", "duplicates"):
-        _copy(work / f"clean-{prepared.key}.{name}.jsonl", output / f"{name}.jsonl")
-    with atomic_open(output / "rejects.jsonl") as handle:
+        _copy(work / f"clean-{prepared.key}.{name}.jsonl", output.path(f"{name}.jsonl"))
+    with atomic_open(output.path("rejects.jsonl")) as handle:
         for path in prepared.rejects:
             if path.is_file():
                 with open(path, encoding="utf-8") as rejects:
@@ -560,13 +587,13 @@ def _write_reports(output: Path, recipe: DataRecipe, prepared: Prepared, total: 
     summary = {"recipe": recipe.name, "counts": {**dataclasses.asdict(total), "balanced": total.balanced},
                "sources": {name: dataclasses.asdict(counts) for name, counts in per_source.items()},
                "ratio_plan": prepared.plan, "review": prepared.review, "composition": mix, **stats.to_dict()}
-    write_json(output / "stats.json", summary)
-    with atomic_open(output / "stats.md") as handle:
+    write_json(output.path("stats.json"), summary)
+    with atomic_open(output.path("stats.md")) as handle:
         handle.write(stats.to_markdown())
-    with atomic_open(output / "stats.png", "wb") as handle:
+    with atomic_open(output.path("stats.png"), "wb") as handle:
         stats.plot(handle)
-    with atomic_open(output / "README.md") as handle:
-        handle.write(render_readme(recipe, total, per_source, stats, _decontamination_summary(output),
+    with atomic_open(output.path("README.md")) as handle:
+        handle.write(render_readme(recipe, total, per_source, stats, _decontamination_summary(output.root),
                                    prepared.review, mix))
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .outputs import remove_stale_temporaries_of
 from .schema import RecordError, validate_record
 
 _BLANK = object()  # what `decode_jsonl_line` returns for a blank line
@@ -104,22 +105,30 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing and rename it over ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. The temporary is named
+    ``.NAME.PID.XXXXXXXX.tmp``, so after a ``kill -9`` the next write of ``path`` can tell it is stale and
+    removes it (`bimedix.data.outputs.remove_stale_temporaries_of`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries_of(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        give_default_mode(tmp)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """Set ``path`` to the mode ``open()`` would give a new file (0666 less the umask, usually 0644)."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .outputs import safe_name
 from .schema import LANGUAGES, TASKS
 
 RESOURCE_PREFIXES = {"bimedix:": "bimedix", "recipes:": "recipes"}
@@ -46,6 +47,7 @@ class SourceSpec:
         "help": "Extra file arguments (e.g. PubMedQA `ground_truth`), relative to `sources_dir`."})
 
     def __post_init__(self):
+        safe_name(self.name, "source name")  # it names cache files under OUTPUT/.work
         self.converter = self.converter or self.name
         if self.on_error not in (None, "raise", "skip"):
             raise ValueError(f"source {self.name!r}: on_error {self.on_error!r} must be `raise` or `skip`")

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
+from ..data.io import atomic_open
+from ..data.outputs import OutputFolder, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
 
     Args:
         sources (`str | Path`): folder holding the originals under their original relative paths.
-        output (`str | Path`): the bench folder to write (created; Parquet files of an earlier build are replaced
-            or, for subsets not built now, removed).
+        output (`str | Path | OutputFolder`): the bench folder to write (created; Parquet files of an earlier build
+            are replaced or, for subsets not built now, removed; files it did not write are kept).
         limit (`int`, *optional*): keep the first ``limit`` rows per subset (the bundled slice uses 15).
         subsets (`Iterable[str]`, *optional*): build only these subsets (default: every one found).
         arabic_rows (`Iterable[dict]`, *optional*): extra Arabic rows (`make_row` shape) to add.
@@ -116,7 +118,9 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
     Returns:
         `dict[str, int]`: rows written per config (``<subset>_<language>``).
     """
-    sources, output = Path(sources), Path(output)
+    sources = Path(sources)
+    if not isinstance(output, OutputFolder):
+        output = OutputFolder(output, "build-bench", inputs=source_inputs(sources))
     if not sources.is_dir():
         raise FileNotFoundError(f"--sources {sources} is not a folder")
     tables: dict[tuple[str, str], list[dict]] = {}
@@ -142,25 +146,38 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
     return write_bench(tables, output)
 
 
-def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path) -> dict[str, int]:
-    """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per config."""
+def source_inputs(sources: str | Path) -> dict[str, Path]:
+    """Label → path of each original benchmark file (or folder) `build_bench` may read under ``sources``."""
+    relatives = {relative.split("{")[0].rstrip("/") for relative in SOURCE_PATHS.values()}  # {subject}: the folder
+    return {f"--sources {relative}": Path(sources) / relative for relative in sorted(relatives)}
+
+
+def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | OutputFolder) -> dict[str, int]:
+    """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per config.
+
+    ``output`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one): subset names must be safe
+    file names, and only Parquet files an earlier build wrote are removed.
+    """
     import pyarrow.parquet as pq
     from datasets import Dataset
 
-    from bimedix.data.io import atomic_open
-
-    output = Path(output)
-    written = {output / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
-    for stale in [*output.glob(f"{ENGLISH_DIR}/*/test.parquet"), *output.glob(f"{ARABIC_DIR}/*/test.parquet")]:
+    if not isinstance(output, OutputFolder):
+        output = OutputFolder(output, "build-bench")
+    root = output.root
+    for subset, _ in tables:
+        safe_name(subset, "benchmark subset name")
+    written = {root / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
+    for stale in [*root.glob(f"{ENGLISH_DIR}/*/test.parquet"), *root.glob(f"{ARABIC_DIR}/*/test.parquet")]:
         if stale not in written:  # a subset of an earlier build into the same folder
-            logger.warning("removing %s: not part of this build", stale)
-            stale.unlink()
+            if output.remove(stale):
+                logger.warning("removed %s: not part of this build", stale)
+            else:
+                logger.warning("kept %s: not part of this build, but not written by build-bench either", stale)
     counts = {}
     for (subset, language), rows in sorted(tables.items()):
-        folder = output / (ENGLISH_DIR if language == "en" else ARABIC_DIR) / subset
-        folder.mkdir(parents=True, exist_ok=True)
         table = Dataset.from_list(rows, features=row_features()).data.table
-        with atomic_open(folder / "test.parquet", "wb") as handle:
+        with atomic_open(output.path(ENGLISH_DIR if language == "en" else ARABIC_DIR, subset, "test.parquet"),
+                         "wb") as handle:
             pq.write_table(table, handle)
         counts[f"{subset}_{language}"] = len(rows)
     _write_cards(output, tables)
@@ -366,16 +383,14 @@ def _first_paired(tables: dict, limit: int) -> dict:
     return kept
 
 
-def _write_cards(output: Path, tables: dict) -> None:
-    from bimedix.data.io import atomic_open
+def _write_cards(output: OutputFolder, tables: dict) -> None:
     from bimedix.eval.arabic_bench import arabic_card, bench_card
 
-    with atomic_open(output / "README.md") as handle:
+    with atomic_open(output.path("README.md")) as handle:
         handle.write(bench_card(tables))
     arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
-    card = output / ARABIC_DIR / "README.md"
     if arabic:
-        with atomic_open(card) as handle:
+        with atomic_open(output.path(ARABIC_DIR, "README.md")) as handle:
             handle.write(arabic_card(arabic))
-    elif card.exists():
-        card.unlink()
+    else:
+        output.remove(output.root / ARABIC_DIR / "README.md")

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bimedix.data.outputs import OutputFolder
+
 from ..resources import check_model_folder
 from .bench import subset_path
 
@@ -39,7 +41,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
              backend: str = "hf", data_dir: str | Path | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int | str = 1, device: str | None = None,
              model_args: dict[str, Any] | None = None, output_dir: str | Path | None = None,
-             cache: str | Path | None = None) -> dict:
+             cache: str | Path | None = None, overwrite: bool = False) -> dict:
     """Evaluate a model on bimedix tasks with lm-eval and return lm-eval's results (with per-sample logs).
 
     Args:
@@ -58,6 +60,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
             ``samples_<task>.jsonl``, ``consistency.json`` and ``tables.md``.
         cache (`str | Path`, *optional*): lm-eval's request cache (SQLite, ``use_cache``): answered requests
             are stored as they finish, so an interrupted run resumes where it stopped.
+        overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no evaluation made
+            (checked before evaluating; the model, adapter, data and cache are never written).
 
     Returns:
         `dict`: lm-eval's results dict plus ``"bimedix_consistency"`` (see `bimedix.eval.consistency`).
@@ -76,6 +80,12 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
 
     from .consistency import bilingual_consistency
 
+    folder = None
+    if output_dir is not None:
+        inputs = {"--model": model if isinstance(model, (str, Path)) and Path(model).exists() else None,
+                  "--peft": peft, "--data-dir": data_dir if data_dir and Path(data_dir).exists() else None,
+                  "--cache": cache}
+        folder = OutputFolder(output_dir, "eval", inputs=inputs, overwrite=overwrite)
     names, manager = resolve_tasks(auto_tasks(data_dir) if tasks == "auto" else tasks, data_dir)
     check_data(names, data_dir)
     if isinstance(model, LM):
@@ -97,8 +107,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
     if results is None:  # only non-zero ranks of a distributed run get None
         return {}
     results["bimedix_consistency"] = bilingual_consistency(results.get("samples", {}))
-    if output_dir is not None:
-        write_results(results, output_dir, model_name=_model_name(model, peft))
+    if folder is not None:
+        write_results(results, folder, model_name=_model_name(model, peft))
     return results
 
 
@@ -254,26 +264,30 @@ def adapter_rank(config: dict) -> int:
     return max(ranks)
 
 
-def write_results(results: dict, output_dir: str | Path, *, model_name: str = "model") -> Path:
-    """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown tables."""
+def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model_name: str = "model") -> Path:
+    """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown tables.
+
+    ``output_dir`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one); task names must be safe
+    file names.
+    """
     from lm_eval.utils import handle_non_serializable
 
     from bimedix.data.io import atomic_open, write_json
+    from bimedix.data.outputs import safe_name
 
     from .tables import format_tables
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    folder = output_dir if isinstance(output_dir, OutputFolder) else OutputFolder(output_dir, "eval")
     summary = {k: v for k, v in results.items() if k != "samples"}
-    write_json(output_dir / "results.json", json.loads(json.dumps(summary, default=handle_non_serializable)))
+    write_json(folder.path("results.json"), json.loads(json.dumps(summary, default=handle_non_serializable)))
     for task, samples in (results.get("samples") or {}).items():
-        with atomic_open(output_dir / f"samples_{task}.jsonl") as handle:
+        with atomic_open(folder.path(f"samples_{safe_name(task, 'task name')}.jsonl")) as handle:
             for sample in samples:
                 handle.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
-    write_json(output_dir / "consistency.json", results.get("bimedix_consistency", {}))
-    with atomic_open(output_dir / "tables.md") as handle:
+    write_json(folder.path("consistency.json"), results.get("bimedix_consistency", {}))
+    with atomic_open(folder.path("tables.md")) as handle:
         handle.write(format_tables(results, model_name=model_name, markdown=True))
-    return output_dir
+    return folder.root
 
 
 # ----------------------------------------------------------------------------- private helpers

@@ -6,13 +6,18 @@ then makes the repository revision mirror that folder with one ``create_commit``
 matches the remote (git blob id, or LFS sha256) are skipped, remote files the folder lacks are deleted,
 and when nothing differs no commit is made, so pushing unchanged content twice is a no-op.
 
-Licence policy for data pushes (``dataset``, ``bench``), per source, from the rows' ``source``/``license``:
+Licence policy for data pushes (``dataset``, ``bench``), per source, from the rows' ``source``/``license``
+(`license_class`):
 
-- forbidden (`FORBIDDEN_SOURCES`, e.g. MedArabiQ, whose licence forbids redistribution): always refused;
-- research-only (no licence stated, e.g. LiveQA, MedicationQA, MedAraBench, or an unknown licence):
-  refused unless ``acknowledge_research_only=True`` (``--acknowledge-research-only``); the card then lists them;
-- open licences, copyleft included (GPL-3.0 Medical Meadow): allowed; the card lists every licence and says
-  that share-alike terms apply to those rows.
+- forbidden: a source whose terms forbid redistribution (`FORBIDDEN_SOURCES`, e.g. MedArabiQ, matched by
+  any casing, spacing or suffix: ``MedArabiQ-v2``, ``medarabiq ``), or a licence that says so
+  (``no redistribution``, ``internal ... only``): always refused, even when acknowledged;
+- research-only: no licence stated, a licence marked research use only, or a source bimedix knows to be
+  non-redistributable (LiveQA, MedicationQA, MedAraBench, ...): refused unless
+  ``acknowledge_research_only=True`` (``--acknowledge-research-only``); the card then lists them;
+- open: a licence on the allow-list `REDISTRIBUTABLE_LICENSES` (SPDX ids, any casing), copyleft included
+  (GPL-3.0 Medical Meadow): allowed; the card lists every licence and says share-alike terms apply;
+- anything else is an unknown licence: refused, naming the source and the licence.
 
 Review policy for ``dataset`` pushes (`bimedix.data.review_policy`, the one ``build-data`` applies):
 rows holding a reviewer-rejected translation are always refused; translations pending review or below
@@ -36,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.outputs import check_outputs
 from ..data.review_policy import UNREVIEWED
 from .cards import (
     DatasetSummary,
@@ -51,20 +57,30 @@ logger = logging.getLogger(__name__)
 KINDS = {"adapter": "model", "model": "model", "dataset": "dataset", "bench": "dataset"}
 # Files that make up each kind of repository (globs relative to the source folder); README.md is rendered.
 ALLOW_PATTERNS = {
-    "adapter": ["adapter_config.json", "adapter_model*.safetensors", "tokenizer*", "special_tokens_map.json",
-                "chat_template.jinja", "generation_config.json"],
+    "adapter": ["adapter_config.json", "adapter_model*.safetensors", "bimedix_base.json", "tokenizer*",
+                "special_tokens_map.json", "chat_template.jinja", "generation_config.json"],
     "model": ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-              "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
+              "merge_report.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja"],
     # Not decontamination.jsonl: it quotes the benchmark test items the data was checked against.
     "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png"],
     "bench": ["**/*.parquet"],
 }
+# Sources whose terms forbid redistribution, keyed by their name lower-cased without spaces or punctuation; a name
+# that starts with a key (``MedArabiQ-v2`` → ``medarabiqv2``) is refused too.
 FORBIDDEN_SOURCES = {
     "medarabiq": "its licence allows internal non-commercial research only and forbids redistribution",
 }
-# Licence strings under which redistribution is allowed (copyleft and non-commercial terms travel with the rows).
-OPEN_LICENSE = re.compile(r"^(mit|apache[- ]2\.0|bsd-[23]-clause|cc0-1\.0|cc-by(-sa|-nc|-nc-sa|-nd|-nc-nd)?-[34]\.0|"
-                          r"l?gpl-[23](\.0)?(-only|-or-later)?|odc-by|pddl|unlicense)$", re.IGNORECASE)
+# SPDX ids (lower-case) under which redistribution is allowed; copyleft and non-commercial terms travel with the rows.
+REDISTRIBUTABLE_LICENSES = frozenset(
+    ["mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "odc-by", "pddl", "unlicense"]
+    + [f"cc-by{variant}-{version}" for variant in ("", "-sa", "-nc", "-nc-sa", "-nd", "-nc-nd") for version in ("3.0", "4.0")]
+    + [f"{gpl}-{version}{suffix}" for gpl in ("gpl", "lgpl") for version in ("2.0", "2.1", "3.0")
+       for suffix in ("", "-only", "-or-later")])
+COPYLEFT = re.compile(r"(l?gpl|cc-by(-nc)?-sa)", re.IGNORECASE)
+NO_REDISTRIBUTION = re.compile(r"(no|not for|without|forbids?)[- ]+redistribution|do not (re)?distribute|"
+                               r"\binternal\b.*\bonly\b", re.IGNORECASE)
+RESEARCH_ONLY = re.compile(r"^(|none( stated)?\b.*|no licen[cs]e( stated)?|unknown)$|research[- ](use[- ])?only",
+                           re.IGNORECASE)
 
 
 class LicenseError(ValueError):
@@ -143,6 +159,7 @@ def push(
                              "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
     if dry_run:
         folder = Path(dry_run)
+        check_outputs({"--dry-run": folder}, {"PATH": source, "--eval": eval_dir, "--data": data_dir})
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
         warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
@@ -206,18 +223,27 @@ def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool =
     Raises:
         `LicenseError`: listing every offending source with its licence and row count, and the fix.
     """
-    forbidden, research_only, notes = [], [], []
+    forbidden, unknown, research_only, notes = [], [], [], []
     for entry in summary.sources:
-        label = f"{entry.source} ({entry.license or 'no licence stated'}, {entry.count:,} rows)"
-        if entry.source.lower() in FORBIDDEN_SOURCES:
-            forbidden.append(f"{label}: {FORBIDDEN_SOURCES[entry.source.lower()]}")
-        elif not _redistributable(entry.source, entry.license):
+        label = f"{entry.source!r} ({entry.license or 'no licence stated'}, {entry.count:,} rows)"
+        kind, reason = license_class(entry.source, entry.license)
+        if kind == "forbidden":
+            forbidden.append(f"{label}: {reason}")
+        elif kind == "unknown":
+            unknown.append(label)
+        elif kind == "research-only":
             research_only.append(label)
-        elif re.match(r"(l?gpl|cc-by(-nc)?-sa)", entry.license or "", re.IGNORECASE):
+        elif COPYLEFT.match((entry.license or "").strip()):
             notes.append(f"{label}: copyleft, the pushed rows stay under {entry.license}")
     if forbidden:
         raise LicenseError("refusing to push data whose licence forbids redistribution: " + "; ".join(forbidden)
-                           + ". Rebuild the dataset without these sources.")
+                           + ". Rebuild the dataset without these sources (--acknowledge-research-only does not "
+                           "apply to them).")
+    if unknown:
+        raise LicenseError("refusing to push data under licences bimedix does not know: " + "; ".join(unknown)
+                           + ". If a licence allows redistribution, set the rows' `license` to its SPDX id (one of "
+                           f"{', '.join(sorted(REDISTRIBUTABLE_LICENSES)[:6])}, ...: see "
+                           "bimedix.hub.push.REDISTRIBUTABLE_LICENSES); otherwise rebuild without these sources.")
     if research_only and not acknowledge_research_only:
         raise LicenseError("refusing to push data from research-only sources (no licence that allows "
                            f"redistribution): {'; '.join(research_only)}. Rebuild without them, or pass "
@@ -288,14 +314,29 @@ def _adapter_base(source: Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
 
 
-def _redistributable(source: str, license: str | None) -> bool:
-    """Open licence string, and not marked non-redistributable in `bimedix.data.converters.SOURCE_INFO`."""
+def license_class(source: str, license: str | None) -> tuple[str, str]:
+    """Classify one source of a dataset for the licence gate (module docstring).
+
+    Returns:
+        `tuple[str, str]`: ``("forbidden" | "research-only" | "open" | "unknown", reason)``.
+    """
     from ..data.converters import SOURCE_INFO
 
-    info = SOURCE_INFO.get(source)
+    key = re.sub(r"[^a-z0-9]", "", source.lower())
+    for name, reason in FORBIDDEN_SOURCES.items():
+        if key.startswith(name):
+            return "forbidden", reason
+    text = " ".join((license or "").split())
+    if NO_REDISTRIBUTION.search(text):
+        return "forbidden", f"its licence {text!r} forbids redistribution"
+    info = SOURCE_INFO.get(source.strip().lower())
     if info is not None and not info.redistributable:
-        return False
-    return bool(OPEN_LICENSE.match((license or "").strip()))
+        return "research-only", f"bimedix knows {info.name} as not redistributable ({info.license})"
+    if RESEARCH_ONLY.search(text):
+        return "research-only", "no licence that allows redistribution"
+    if text.lower().replace(" ", "-") in REDISTRIBUTABLE_LICENSES:
+        return "open", text
+    return "unknown", f"licence {text!r} is not on the allow-list"
 
 
 def _list_files(folder: Path) -> list[str]:

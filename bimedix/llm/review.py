@@ -17,6 +17,11 @@ letters in an edited turn are written as Arabic letters (`bimedix.llm.invariants
 
 ``review serve`` (`bimedix.llm.review_session`) reviews the same queue decision by decision with the same
 pieces: `queue_rows`, `row_problem`, `apply_decisions`, `audit_entry` and the fsynced `append_audit`.
+
+In CSV queues a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (which a
+spreadsheet would run as a formula) or with a single quote gets one more single quote in front (the OWASP
+rule for CSV injection); importing removes one leading quote from every cell, so texts come back exactly.
+Neither the output nor the audit trail may be one of the input files.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..data.io import atomic_open, iter_jsonl, read_records, write_jsonl
+from ..data.outputs import check_outputs
 from ..data.schema import validate_record
 from .invariants import arabic_option_letters
 
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
 REQUIRED_COLUMNS = ("id", "field", "arabic", "decision")
 DECISIONS = ("approve", "edit", "reject")
+# CSV cells starting with these run as formulas in spreadsheets (OWASP "CSV injection"): exported with a leading
+# single quote, as is text that starts with a quote itself, and one leading quote is removed again on import.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +79,11 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
         fraction (`float`, *optional*, defaults to `0.05`): share of passing records sampled for review.
         seed (`int`, *optional*, defaults to `0`): sampling seed (use the one given to ``translate``).
         threshold (`float`, *optional*, defaults to `80`): records scoring below it are always queued.
+
+    Raises:
+        `bimedix.data.outputs.OutputError`: ``queue`` is ``translated`` or ``source``.
     """
+    check_outputs({"--output": queue}, {"--input": translated, "--source": source})
     rows = queue_rows(read_records(translated), source=source, fraction=fraction, seed=seed, threshold=threshold)
     _write_rows(Path(queue), rows)
     return len({row["id"] for row in rows})
@@ -112,15 +125,19 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     Args:
         translated (`str | os.PathLike`): translated records.
         reviews (`str | os.PathLike`): the queue as edited by the reviewer (``.csv`` or ``.jsonl``).
-        output (`str | os.PathLike`): where to write every record, reviewed ones updated (may equal ``translated``).
+        output (`str | os.PathLike`): where to write every record, reviewed ones updated (a new file: never an input).
         reviewer (`str`): who reviewed, for the audit trail.
         audit (`str | os.PathLike`, *optional*): the audit trail, appended; defaults to ``OUT.audit.jsonl``.
 
     Raises:
         `ValueError`: ``reviews:row N: column `c`: ...`` for the first bad rows; nothing is written then.
+        `bimedix.data.outputs.OutputError`: ``output`` or ``audit`` is an input, or they are the same file.
     """
     if not reviewer.strip():
         raise ValueError("--reviewer must name who reviewed")
+    output = Path(output)
+    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
+    check_outputs({"--output": output, "--audit": audit_path}, {"--input": translated, "--reviews": reviews})
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
     try:
@@ -172,8 +189,6 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
                              "nothing was applied") from None
         trail += [audit_entry(by_id[record_id], row, reviewer=reviewer, time=now) for _, row in entries]
         counts[state] += 1
-    output = Path(output)
-    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
     append_audit(audit_path, trail)
     write_jsonl(output, (by_id[record["id"]] for record in records))
     undecided_rows = sum(1 for _, row in rows if not str(row.get("decision") or "").strip())
@@ -276,6 +291,18 @@ def _not_utf8(path: Path) -> str:
             "Windows-1256); save it again as \"CSV UTF-8\" and re-run; nothing was applied")
 
 
+def neutralize_cell(value):
+    """Prefix a single quote to text a spreadsheet would run as a formula (or that starts with a quote)."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
+        return "'" + value
+    return value
+
+
+def restore_cell(value: str) -> str:
+    """Undo `neutralize_cell`: drop one leading single quote."""
+    return value[1:] if value.startswith("'") else value
+
+
 def review_texts(record: dict) -> list[tuple[str, str]]:
     """``(field, text)`` of every reviewable text of ``record``: ``conversations.N`` turns, then ``options.N``."""
     texts = [(f"conversations.{i}", turn["value"]) for i, turn in enumerate(record["conversations"])]
@@ -311,7 +338,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         handle.write("\ufeff")
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: neutralize_cell(value) for key, value in row.items()} for row in rows)
 
 
 def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
@@ -337,5 +364,5 @@ def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
             if None in row:
                 raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: the row has more cells than the header "
                                  "(an unquoted comma?); nothing was applied")
-            rows.append((index, {k: v or "" for k, v in row.items()}))
+            rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
         return rows

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from ..data.io import raw_lines
+from ..data.outputs import check_outputs
 from ..data.schema import RecordError, validate_record
 from .client import BudgetExceeded, Deferred, LLMClient, LLMError
 
@@ -126,8 +127,9 @@ async def run_records(input_path: str | os.PathLike, process: Callable[[dict], A
         records finished so far are written.
     """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     rejected_file = rejects_path(output)
+    check_outputs({"output": output, "rejects file": rejected_file}, {"input": input_path})
+    output.parent.mkdir(parents=True, exist_ok=True)
     done = _finished_ids(output, lambda line: source_id_of(json.loads(line)))
     done |= _finished_ids(rejected_file, lambda line: json.loads(line)["source_id"])
     summary = RunSummary()

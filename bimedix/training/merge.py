@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.io import write_json
+from ..data.io import give_default_mode, write_json
 from .template import load_chat_settings, save_chat_settings
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ SAMPLE_PROMPTS = (
 
 def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike | None, *,
                   tolerance: float = 1e-3, dtype: str = "float32", prompts: tuple[str, ...] = SAMPLE_PROMPTS,
-                  quantize_experts: str | None = None) -> dict:
+                  quantize_experts: str | None = None, force: bool = False, overwrite: bool = False) -> dict:
     """Merge ``adapter_dir`` into ``base``, check the logits, and save the merged model with safetensors.
 
     Args:
@@ -45,18 +45,30 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         quantize_experts (`str`, *optional*): ``"nf4"``/``"fp4"`` for an adapter trained on 4-bit experts
             (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained against
             (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
+        force (`bool`, *optional*, defaults to `False`): merge even when `bimedix.training.provenance.check_merge`
+            finds the adapter was trained on another base or is merged into ``base`` already (with a warning).
+        overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no merge made.
 
     Returns:
-        `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``, ...).
+        `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``, ``merged_adapters``,
+        the fingerprints, ...), also written as ``merge_report.json``: the record that the output is a merged model.
 
     Raises:
         `RuntimeError`: when the merged model does not reproduce the adapter model; nothing is written.
+        `bimedix.training.provenance.ProvenanceError`: the adapter does not belong on ``base`` (see ``force``).
+        `bimedix.data.outputs.OutputError`: ``output_dir`` is the base or adapter folder (or inside one).
     """
     from peft import PeftModel
 
+    from ..data.outputs import OutputFolder
+    from .provenance import MERGE_REPORT, check_merge
+
     adapter_dir = Path(adapter_dir)
     _adapter_config(adapter_dir)
+    inputs = {"--adapter": adapter_dir, **({"--base": Path(base)} if Path(base).exists() else {})}
+    folder = OutputFolder(output_dir, "merge", inputs=inputs, overwrite=overwrite) if output_dir is not None else None
     model = load_base_model(base, getattr(torch, dtype))
+    provenance = check_merge(base, model, adapter_dir, force=force)
     tokenizer = _load_tokenizer(adapter_dir, base)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -77,6 +89,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         "max_abs_diff_merged_vs_adapter": float((merged_logits - adapter_logits).abs().max()),
         "max_abs_diff_merged_vs_base": float((merged_logits - base_logits).abs().max()),
         "max_abs_diff_adapter_vs_base": float((adapter_logits - base_logits).abs().max()),
+        "merged": True, **provenance,
     }
     if not report["max_abs_diff_merged_vs_adapter"] <= tolerance:
         raise RuntimeError(
@@ -87,15 +100,18 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         )
     if report["max_abs_diff_adapter_vs_base"] == 0:
         logger.warning("The adapter in %s does not change the base model's logits (untrained adapter?).", adapter_dir)
-    if output_dir is not None:
-        output_dir = Path(output_dir)
+    if folder is not None:
+        output_dir = folder.root
         merged.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
         settings = load_chat_settings(adapter_dir)
         if settings is not None:
             save_chat_settings(output_dir, **settings)
         report["output_dir"] = str(output_dir)
-        write_json(output_dir / "merge_report.json", report)
+        write_json(folder.path(MERGE_REPORT), report)
+        for path in output_dir.iterdir():  # record what the merge wrote; safetensors writes its file with mode 0600
+            if path.is_file() and path.name != folder.manifest.name:
+                give_default_mode(folder.path(path.name))
         logger.info("Merged model written to %s", output_dir)
     return report
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
+from .provenance import base_fingerprint, write_base_record
 from .targets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -212,9 +213,16 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     check_conflicts(model_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     check_compatible(training_args, model_args, bimedix_args)
+    from ..data.outputs import check_outputs
+
+    inputs = [model_args.model_name_or_path, script_args.dataset_name,
+              *(config.path for config in mixture_args.datasets or [])]  # the local ones: Hub ids are not paths
+    check_outputs({"--output_dir": training_args.output_dir},
+                  {f"input {path}": path for path in inputs if path and os.path.exists(path)})
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     model = load_model(model_args, training_args, bimedix_args)
+    fingerprint = base_fingerprint(model)
     peft_config = make_peft_config(model, model_args, bimedix_args)
     if bimedix_args.quantize_experts:
         model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
@@ -244,6 +252,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         tokenizer.save_pretrained(training_args.output_dir)
         save_chat_settings(training_args.output_dir, chat_template=bimedix_args.chat_template,
                            system_prompt=bimedix_args.system_prompt)
+        if model_args.use_peft:  # what `bimedix merge` checks --base against
+            write_base_record(training_args.output_dir, model.name_or_path or None, fingerprint)
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
