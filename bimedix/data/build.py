@@ -184,8 +184,12 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     output = Path(output)
     folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe, sources_dir), overwrite=overwrite)
     work_dir = folder.folder(WORK_DIR)
-    prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
-                       include_unreviewed=include_unreviewed, num_proc=num_proc)
+    try:
+        prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
+                           include_unreviewed=include_unreviewed, num_proc=num_proc)
+    except BaseException:  # e.g. Ctrl-C: the worker processes were stopped mid-write; remove their temporaries
+        folder.remove_stale_temporaries()
+        raise
     if tokenizer is None:
         from .tokenizer import load_mixtral_tokenizer
 
