@@ -10,10 +10,19 @@ import pytest
 
 from bimedix.eval.bench import PAPER_SUBSETS, build_bench, read_bench
 from bimedix.eval.run import evaluate, tasks_dir
+from bimedix.eval.tasks._generate_configs import generate
 from bimedix.eval.tables import average, subset_scores
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "eval_prompt_snapshots.json"
 LEAF_TASKS = [f"bimedix_{s}_{lang}" for s in PAPER_SUBSETS for lang in ("en", "ar")]
+
+
+def test_committed_task_yamls_equal_generated():
+    generated = generate()
+    committed = {p.name for p in tasks_dir().glob("bimedix_*.yaml")}
+    assert committed == set(generated), "run `python -m bimedix.eval.tasks._generate_configs`"
+    for name, text in generated.items():
+        assert (tasks_dir() / name).read_text(encoding="utf-8") == text, f"{name} is out of date"
 
 
 def _register_stub():

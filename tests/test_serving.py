@@ -49,15 +49,29 @@ def server(tiny_model_dir, tmp_path_factory):
         process.wait(timeout=30)
 
 
+def _greedy_reply(model_dir: str, messages: list[dict], max_new_tokens: int) -> str:
+    """The tiny model's own greedy continuation of the chat-templated prompt, decoded as the server does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def test_chat_completion_through_openai_client(server):
     client, model = server
     assert model in [m.id for m in client.models.list().data]
-    reply = client.chat.completions.create(
-        model=model, max_tokens=4, temperature=0,
-        messages=[{"role": "system", "content": "You are a medical assistant."},
-                  {"role": "user", "content": "What is anemia?"}])
+    messages = [{"role": "system", "content": "You are a medical assistant."},
+                {"role": "user", "content": "What is anemia?"}]
+    reply = client.chat.completions.create(model=model, max_tokens=4, temperature=0, messages=messages)
     assert reply.choices[0].message.role == "assistant"
-    assert isinstance(reply.choices[0].message.content, str) and reply.usage.completion_tokens <= 4
+    assert reply.usage.completion_tokens == 4
+    assert reply.choices[0].message.content == _greedy_reply(model, messages, max_new_tokens=4)
 
 
 def test_streaming_arabic_chat(server):
@@ -65,4 +79,4 @@ def test_streaming_arabic_chat(server):
     stream = client.chat.completions.create(model=model, max_tokens=4, stream=True, temperature=0,
                                             messages=[{"role": "user", "content": "ما هو فقر الدم؟"}])
     pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
-    assert pieces
+    assert "".join(pieces) == _greedy_reply(model, [{"role": "user", "content": "ما هو فقر الدم؟"}], max_new_tokens=4)
