@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bimedix.data.io import iter_jsonl
-from bimedix.data.rejects import RejectLog, map_records, on_error_for, read_delimited, read_json
+from bimedix.data.io import iter_jsonl, read_delimited, read_json
+from bimedix.data.rejects import RejectLog, map_records, on_error_for
 from bimedix.data.schema import RecordError, validate_record
 
 

@@ -83,7 +83,7 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ..data.rejects import read_json
+    from ..data.io import read_json
     from ..data.stats import DataStats, compute_stats
 
     path = args.directory / "stats.json"

@@ -52,8 +52,8 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .io import iter_jsonl
-from .rejects import OnError, failer, map_records, read_delimited, read_json, report
+from .io import OnError, iter_jsonl, read_delimited, read_json, report
+from .rejects import failer, map_records
 from .schema import RecordError, make_record
 
 logger = logging.getLogger(__name__)

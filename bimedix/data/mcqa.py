@@ -34,8 +34,8 @@ from typing import Any
 
 from .conventions import OPTION_LETTERS as LETTERS
 from .conventions import PUBMEDQA_ANSWERS
-from .io import iter_jsonl
-from .rejects import OnError, failer, read_delimited, read_json, report
+from .io import OnError, iter_jsonl, read_delimited, read_json, report
+from .rejects import failer
 from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
