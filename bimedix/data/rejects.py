@@ -64,6 +64,25 @@ def map_records(func: Callable[[Any], Any], items: Iterable[Any], *, on_error: O
                                                                 field=err.field, raw=item), on_error)
 
 
+def flat_map_records(parse: Callable[[Any], Iterable[Any]], items: Iterable[Any], *,
+                     on_error: OnError = None) -> Iterator[Any]:
+    """Yield everything ``parse(item)`` yields, for every item; a `RecordError` goes through the policy.
+
+    The per-row loop of the readers: ``parse`` builds its errors with `failer` (so they carry the record as
+    read) and yields nothing, one or several results for its item; after a bad item the next one follows.
+
+    Args:
+        parse (`Callable`): the per-record step, a generator.
+        items (`Iterable`): the records.
+        on_error (`OnError`, *optional*, defaults to `None`): ``None`` raises, a callable receives the error.
+    """
+    for item in items:
+        try:
+            yield from parse(item)
+        except RecordError as err:
+            report(err, on_error)
+
+
 class RejectLog:
     """A context manager that collects rejected records into a JSON Lines file, written atomically.
 
