@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..resources import resource_path
+from .io import OnError, iter_jsonl, read_delimited, read_json
 from .mcqa import (
     LICENSES,
     item_to_record,
@@ -52,7 +53,6 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .io import OnError, iter_jsonl, read_delimited, read_json
 from .rejects import failer, flat_map_records, map_records
 from .schema import RecordError, make_record
 

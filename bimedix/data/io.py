@@ -25,9 +25,6 @@ from .schema import RecordError, validate_record
 
 _BLANK = object()  # what `decode_jsonl_line` returns for a blank line
 
-#: The ``--on-error`` policy names: stop at the first bad record, or set it aside and go on.
-ON_ERROR_POLICIES = ("raise", "skip")
-
 #: What to do with a bad record: ``None`` raises it, a callable receives it and reading goes on.
 OnError = Callable[[RecordError], None] | None
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .conventions import LANGUAGES, PUBMEDQA_ANSWERS
 from .conventions import OPTION_LETTERS as LETTERS
-from .conventions import PUBMEDQA_ANSWERS
 from .io import OnError, iter_jsonl, read_delimited, read_json
 from .rejects import failer, flat_map_records
-from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record
+from .schema import OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
 
@@ -267,30 +267,33 @@ def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | N
     if not files:
         raise FileNotFoundError(f"no MMLU .csv files under {root}")
     seen: Counter[str] = Counter()
-    for file in files:
-        file_subject = subject or re.sub(r"_(test|dev|val)$", "", file.stem)
 
-        def parse(numbered: tuple[int, tuple[int, list[str]]]) -> Iterator[MCQAItem]:
-            row_no, (line, row) = numbered
-            fail = failer(file, line, row)
-            if len(row) != 6:
-                raise fail(None, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
-            question = row[0].strip()
-            if not question:
-                raise fail("question", "is empty")
-            options = _options(list(zip("ABCD", row[1:5])), fail)
-            answer = _letter(row[5], options, "answer", fail)
-            if language == "ar" and _is_ip_spoofing(question, options):
-                raise fail("question", "corrupted upstream translation: question and options were replaced "
-                                       "by an 'IP spoofing' computer-security item, so the gold letter is "
-                                       "meaningless")
-            yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source,
-                           language=language,
-                           question=question, options=options, answer=answer, subject=file_subject,
-                           original_id=f"{file.name}:{row_no}", license=LICENSES[source], line=line)
+    def rows() -> Iterator[tuple[Path, str, int, int, list[str]]]:
+        for file in files:
+            file_subject = subject or re.sub(r"_(test|dev|val)$", "", file.stem)
+            for row_no, (line, row) in enumerate(read_delimited(file, on_error=on_error), start=1):
+                yield file, file_subject, row_no, line, row
 
-        yield from flat_map_records(parse, enumerate(read_delimited(file, on_error=on_error), start=1),
-                                    on_error=on_error)
+    def parse(entry: tuple[Path, str, int, int, list[str]]) -> Iterator[MCQAItem]:
+        file, file_subject, row_no, line, row = entry
+        fail = failer(file, line, row)
+        if len(row) != 6:
+            raise fail(None, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+        question = row[0].strip()
+        if not question:
+            raise fail("question", "is empty")
+        options = _options(list(zip("ABCD", row[1:5])), fail)
+        answer = _letter(row[5], options, "answer", fail)
+        if language == "ar" and _is_ip_spoofing(question, options):
+            raise fail("question", "corrupted upstream translation: question and options were replaced "
+                                   "by an 'IP spoofing' computer-security item, so the gold letter is "
+                                   "meaningless")
+        yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source,
+                       language=language,
+                       question=question, options=options, answer=answer, subject=file_subject,
+                       original_id=f"{file.name}:{row_no}", license=LICENSES[source], line=line)
+
+    yield from flat_map_records(parse, rows(), on_error=on_error)
 
 
 def read_medarabench(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[MCQAItem]:

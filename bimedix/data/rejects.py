@@ -32,7 +32,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .io import ON_ERROR_POLICIES, OnError, atomic_open, report
+from .conventions import ON_ERROR_POLICIES
+from .io import OnError, atomic_open, report
 from .schema import RecordError
 
 logger = logging.getLogger(__name__)
