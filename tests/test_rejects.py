@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bimedix.data.io import iter_jsonl
-from bimedix.data.rejects import RejectLog, map_records, on_error_for, read_delimited, read_json
+from bimedix.data.io import iter_jsonl, read_delimited, read_json
+from bimedix.data.rejects import RejectLog, failer, flat_map_records, map_records, on_error_for
 from bimedix.data.schema import RecordError, validate_record
 
 
@@ -86,3 +86,20 @@ def test_policies_and_map_records():
     log = RejectLog()
     assert [r["id"] for r in map_records(validate_record, [good, bad, good], on_error=on_error_for("skip", log))] == ["1", "1"]
     assert log.count == 1
+
+
+def test_flat_map_records_yields_each_items_results_and_sets_bad_ones_aside():
+    def parse(entry):
+        line, count = entry
+        fail = failer("x.jsonl", line, count)
+        if count < 0:
+            raise fail("count", "is negative")
+        yield from [line] * count
+
+    entries = [(1, 2), (2, -1), (3, 0), (4, 1)]
+    errors: list[RecordError] = []
+    assert list(flat_map_records(parse, entries, on_error=errors.append)) == [1, 1, 4]
+    assert [(e.record, e.field, e.raw, str(e)) for e in errors] == [
+        (2, "count", -1, "x.jsonl:2: field `count`: is negative")]
+    with pytest.raises(RecordError, match=r"x\.jsonl:2: field `count`"):
+        list(flat_map_records(parse, entries))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data.conventions import LANGUAGES, ON_ERROR_POLICIES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` sub-command."""
@@ -19,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", required=True, type=Path,
                         help="the original file (a folder for mmlu / mmlu-ar)")
     parser.add_argument("--output", required=True, type=Path, help="where to write the records (.jsonl)")
-    parser.add_argument("--language", choices=["en", "ar"], help="record language (default: the source's)")
-    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+    parser.add_argument("--language", choices=LANGUAGES, help="record language (default: the source's)")
+    parser.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
                         help="on a bad record: stop (raise, default) or write it to the rejects file and go on")
     parser.add_argument("--rejects", type=Path,
                         help="rejects file for --on-error skip (default: OUTPUT with .rejects.jsonl)")

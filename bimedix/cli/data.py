@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.conventions import ON_ERROR_POLICIES
+
 
 def register(subparsers) -> None:
     """Add ``build-data``, ``select-for-translation`` and ``stats`` to the ``bimedix`` command line."""
@@ -20,7 +22,7 @@ def register(subparsers) -> None:
     build.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
     build.add_argument("--sources", type=Path, default=None,
                        help="folder holding the original source files (overrides the recipe's sources_dir)")
-    build.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+    build.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
                        help="raise: stop at the first malformed record (file:record:field); "
                             "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
     build.add_argument("--include-unreviewed", action="store_true",
@@ -83,7 +85,7 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ..data.rejects import read_json
+    from ..data.io import read_json
     from ..data.stats import DataStats, compute_stats
 
     path = args.directory / "stats.json"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.conventions import ON_ERROR_POLICIES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``build-bench``."""
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="folder with local copies of BiMediX's Arabic eval sets (medqa-test_arabic/, ...)")
     build.add_argument("--subsets", default=None, help="comma-separated subsets to build (default: all found)")
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
-    build.add_argument("--on-error", choices=("raise", "skip"), default="skip",
+    build.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="skip",
                        help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
     build.add_argument("--include-unreviewed", action="store_true",
                        help="--translations: also use translations pending human review or below the judge threshold "

@@ -40,16 +40,17 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .composition import composition, composition_markdown, has_targets
+from .conventions import LANGUAGES
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
-from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, write_json
+from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, report, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
 from .outputs import OutputFolder
 from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
-from .rejects import RejectLog, on_error_for, report
+from .rejects import RejectLog, on_error_for
 from .review_policy import ReviewPolicy
-from .schema import FEATURES, LANGUAGES, TASKS, RecordError, validate_record
+from .schema import FEATURES, TASKS, RecordError, validate_record
 from .stats import DataStats
 
 logger = logging.getLogger(__name__)

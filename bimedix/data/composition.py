@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .schema import LANGUAGES, TASKS
+from .conventions import LANGUAGES
+from .schema import TASKS
 from .stats import DataStats
 
 ALL = "all"

@@ -1,4 +1,4 @@
-"""The conventions shared from data to evaluation: language codes, option letters and answer cues.
+"""The conventions shared from data to evaluation: language codes, option letters, answer cues, on-error policies.
 
 Defined once here and used by the converters and MCQA rendering (`bimedix.data.mcqa`), the translation prompts
 and their invariants (`bimedix.llm`), and the lm-eval tasks (`bimedix/eval/tasks/utils.py`), so a model is
@@ -28,3 +28,7 @@ PUBMEDQA_ANSWERS = {"en": ("yes", "no", "maybe"), "ar": ("نعم", "لا", "رب
 #: Words that introduce an option letter in running text ("the answer is B", "الخيار ب"), per language,
 #: lower case; the Arabic list has the hamza-less spelling writers often use.
 ANSWER_WORDS = {"en": ("answer", "option"), "ar": ("الإجابة", "الاجابة", "الخيار", "خيار")}
+
+#: The ``--on-error`` policies of the readers and builders: stop at the first bad record (``raise``), or set it
+#: aside in a rejects file and go on (``skip``); `bimedix.data.rejects.on_error_for` turns a name into an `OnError`.
+ON_ERROR_POLICIES = ("raise", "skip")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..resources import resource_path
+from .io import OnError, iter_jsonl, read_delimited, read_json
 from .mcqa import (
     LICENSES,
     item_to_record,
@@ -52,8 +53,7 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .io import iter_jsonl
-from .rejects import OnError, failer, map_records, read_delimited, read_json, report
+from .rejects import failer, flat_map_records, map_records
 from .schema import RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -259,29 +259,30 @@ def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise RecordError(f"not well-formed XML ({err})", path=str(path)) from None
-    for index, question in enumerate(root.iter("NLM-QUESTION"), start=1):
+
+    def parse(numbered: tuple[int, ET.Element]) -> Iterator[dict]:
+        index, question = numbered
         qid = question.get("qid") or question.get("questionid") or str(index)
         fail = failer(path, qid, ET.tostring(question, encoding="unicode")[:2000])
-        try:
-            subject = _xml_text(question.find(".//SUBJECT"))
-            message = _xml_text(question.find(".//MESSAGE"))
-            if not message and not subject:
-                raise fail("MESSAGE", "the question has neither SUBJECT nor MESSAGE text")
-            text = f"{subject}\n\n{message}" if subject and message else subject or message
-            if question.find("SUB-QUESTIONS") is not None:
-                yield from _liveqa_pairs(path, qid, question, text, language, fail)
-                continue
-            answers = [_xml_text(node.find("ANSWER")) for node in question.iter()
-                       if node.tag in ("ReferenceAnswer", "RefAnswer")]
-            answers = [answer for answer in answers if answer]
-            if not answers:
-                raise fail("ReferenceAnswers", "neither a training <SUB-QUESTIONS> block nor a test "
-                           "<ReferenceAnswer>/<RefAnswer> with a non-empty <ANSWER>")
-            focus = _xml_text(question.find(".//FOCUS")) or None
-            yield _record("liveqa", f"liveqa-{qid}", path, qid, text, answers[0], language, original_id=qid,
-                          subject=focus)
-        except RecordError as err:
-            report(err, on_error)
+        subject = _xml_text(question.find(".//SUBJECT"))
+        message = _xml_text(question.find(".//MESSAGE"))
+        if not message and not subject:
+            raise fail("MESSAGE", "the question has neither SUBJECT nor MESSAGE text")
+        text = f"{subject}\n\n{message}" if subject and message else subject or message
+        if question.find("SUB-QUESTIONS") is not None:
+            yield from _liveqa_pairs(path, qid, question, text, language, fail)
+            return
+        answers = [_xml_text(node.find("ANSWER")) for node in question.iter()
+                   if node.tag in ("ReferenceAnswer", "RefAnswer")]
+        answers = [answer for answer in answers if answer]
+        if not answers:
+            raise fail("ReferenceAnswers", "neither a training <SUB-QUESTIONS> block nor a test "
+                       "<ReferenceAnswer>/<RefAnswer> with a non-empty <ANSWER>")
+        focus = _xml_text(question.find(".//FOCUS")) or None
+        yield _record("liveqa", f"liveqa-{qid}", path, qid, text, answers[0], language, original_id=qid,
+                      subject=focus)
+
+    yield from flat_map_records(parse, enumerate(root.iter("NLM-QUESTION"), start=1), on_error=on_error)
 
 
 def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str | None, fail) -> Iterator[dict]:
@@ -314,19 +315,20 @@ def convert_medicationqa(path: str | os.PathLike, *, language: str | None = None
         rows.close()
         raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path), record=1)
     seen: Counter[str] = Counter()
-    for row_no, row in enumerate(rows, start=2):
+
+    def parse(numbered: tuple[int, tuple]) -> Iterator[dict]:
+        row_no, row = numbered
         if all(cell is None or not str(cell).strip() for cell in row):
-            continue
+            return
         cell = dict(zip(header, row))
         fail = failer(path, row_no, {k: v for k, v in cell.items() if k})
-        try:
-            question = _required(cell, "Question", fail)
-            answer = _required(cell, "Answer", fail)
-            subject = _optional(cell, "Focus (Drug)", fail) or None
-            yield _qa_record("medicationqa", path, row_no, question, answer, language, seen=seen,
-                             original_id=f"{Path(path).name}:{row_no}", subject=subject)
-        except RecordError as err:
-            report(err, on_error)
+        question = _required(cell, "Question", fail)
+        answer = _required(cell, "Answer", fail)
+        subject = _optional(cell, "Focus (Drug)", fail) or None
+        yield _qa_record("medicationqa", path, row_no, question, answer, language, seen=seen,
+                         original_id=f"{Path(path).name}:{row_no}", subject=subject)
+
+    yield from flat_map_records(parse, enumerate(rows, start=2), on_error=on_error)
 
 
 def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
@@ -343,19 +345,20 @@ def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
         raise RecordError(f"header must name `question` and `answer` columns (found: {header[:4]!r:.120}); "
                           "the headerless test files carry no answers", path=str(path), record=header_line)
     seen: Counter[str] = Counter()
-    for line, row in rows:
+
+    def parse(line_row: tuple[int, list[str]]) -> Iterator[dict]:
+        line, row = line_row
         cell = dict(zip(header, row))
         fail = failer(path, line, cell)
-        try:
-            if len(row) != len(header):
-                raise fail(None, f"expected {len(header)} tab-separated columns, got {len(row)}")
-            question = _required(cell, "question", fail)
-            answer = _required(cell, "answer", fail)
-            types = _mentalqa_types(cell["final_QT"], fail) if "final_QT" in cell else None
-            yield _qa_record("mentalqa", path, line, question, answer, language, seen=seen,
-                             original_id=f"{Path(path).name}:{line}", subject=types)
-        except RecordError as err:
-            report(err, on_error)
+        if len(row) != len(header):
+            raise fail(None, f"expected {len(header)} tab-separated columns, got {len(row)}")
+        question = _required(cell, "question", fail)
+        answer = _required(cell, "answer", fail)
+        types = _mentalqa_types(cell["final_QT"], fail) if "final_QT" in cell else None
+        yield _qa_record("mentalqa", path, line, question, answer, language, seen=seen,
+                         original_id=f"{Path(path).name}:{line}", subject=types)
+
+    yield from flat_map_records(parse, rows, on_error=on_error)
 
 
 CONVERTERS: dict[str, Converter] = {
@@ -404,19 +407,20 @@ def _json_qa(path, source: str, language: str | None, on_error: OnError,
     ``original_id`` of ``None`` becomes ``"<file name>:<location>"``.
     """
     seen: Counter[str] = Counter()
-    for where, obj in _json_records(path, on_error):
+
+    def parse(where_obj: tuple[str | int, Any]) -> Iterator[dict]:
+        where, obj = where_obj
         fail = failer(path, where, obj)
-        try:
-            if not isinstance(obj, dict):
-                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
-            found = fields(obj, fail)
-            if found is None:
-                continue
-            question, answer, original_id = found
-            yield _qa_record(source, path, where, question, answer, language, seen=seen,
-                             original_id=original_id if original_id is not None else f"{Path(path).name}:{where}")
-        except RecordError as err:
-            report(err, on_error)
+        if not isinstance(obj, dict):
+            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        found = fields(obj, fail)
+        if found is None:
+            return
+        question, answer, original_id = found
+        yield _qa_record(source, path, where, question, answer, language, seen=seen,
+                         original_id=original_id if original_id is not None else f"{Path(path).name}:{where}")
+
+    yield from flat_map_records(parse, _json_records(path, on_error), on_error=on_error)
 
 
 def _qa_record(source: str, path, where, question: str, answer: str, language: str | None, *,

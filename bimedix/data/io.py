@@ -1,7 +1,10 @@
-"""Reading and writing record files: JSON Lines in, atomic JSON Lines / JSON out.
+"""Reading and writing record files: JSON, JSON Lines and CSV/TSV in, atomic JSON Lines / JSON out.
 
 Reading tolerates what real files carry (a UTF-8 BOM, CRLF line endings, blank lines) and turns
-everything else (bad JSON, bytes that are not UTF-8) into a `RecordError` naming ``file:line``.
+everything else (bad JSON, bytes that are not UTF-8, a malformed CSV row) into a `RecordError` naming
+``file:line``. The record-by-record readers (`iter_jsonl`, `read_delimited`) take one on-error policy, an
+`OnError`: ``None`` raises the error, a callable (e.g. `bimedix.data.rejects.RejectLog`) receives it and
+reading goes on; `report` applies it.
 Writing goes to a temporary file in the same folder and is renamed into place, so a crash never
 leaves a half-written output behind.
 """
@@ -9,6 +12,7 @@ leaves a half-written output behind.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
@@ -21,14 +25,23 @@ from .schema import RecordError, validate_record
 
 _BLANK = object()  # what `decode_jsonl_line` returns for a blank line
 
+#: What to do with a bad record: ``None`` raises it, a callable receives it and reading goes on.
+OnError = Callable[[RecordError], None] | None
 
-def iter_jsonl(path: str | os.PathLike, *,
-               on_error: Callable[[RecordError], None] | None = None) -> Iterator[tuple[int, Any]]:
+
+def report(error: RecordError, on_error: OnError) -> None:
+    """Apply the on-error policy to one bad record: raise ``error`` or pass it to ``on_error``."""
+    if on_error is None:
+        raise error
+    on_error(error)
+
+
+def iter_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, decoded_object)`` for every non-blank line of a JSON Lines file.
 
     Args:
         path (`str | os.PathLike`): the file to read.
-        on_error (`Callable[[RecordError], None]`, *optional*): receives each bad line (not UTF-8, not JSON)
+        on_error (`OnError`, *optional*): receives each bad line (not UTF-8, not JSON)
             and reading goes on; by default the first bad line raises.
 
     Raises:
@@ -36,13 +49,10 @@ def iter_jsonl(path: str | os.PathLike, *,
     """
     for line_no, raw in raw_lines(path):
         obj, error = decode_jsonl_line(path, line_no, raw)
-        if error is None:
-            if obj is not _BLANK:
-                yield line_no, obj
-        elif on_error is None:
-            raise error
-        else:
-            on_error(error)
+        if error is not None:
+            report(error, on_error)
+        elif obj is not _BLANK:
+            yield line_no, obj
 
 
 def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tuple[Any, RecordError | None]:
@@ -93,6 +103,57 @@ def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
 def not_utf8_message(err: UnicodeDecodeError) -> str:
     """The message for bytes that are not UTF-8 (e.g. a cp1256 export), with the fix."""
     return f"not valid UTF-8 ({err.reason} at byte {err.start}); re-encode the file as UTF-8"
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Load a whole JSON file (BOM tolerated); a file that does not parse raises `RecordError`."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return json.load(handle)
+    except UnicodeDecodeError as err:
+        raise RecordError(not_utf8_message(err), path=str(path)) from None
+    except json.JSONDecodeError as err:
+        raise RecordError(f"invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})",
+                          path=str(path)) from None
+
+
+def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
+                   on_error: OnError = None) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(first_line_number, row)`` for each row of a CSV/TSV file, header included.
+
+    Quoted cells may span lines (their line breaks come back as ``\\n``); CRLF or LF endings, a missing final
+    newline and a UTF-8 BOM are all accepted. A row that touches bytes that are not UTF-8 (e.g. cp1256) is
+    a bad record: it goes through ``on_error`` and reading continues.
+    """
+    bad_lines: dict[int, str] = {}
+
+    def lines() -> Iterator[str]:
+        for line_no, raw in raw_lines(path):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad_lines[line_no] = not_utf8_message(err)
+                yield raw.decode("utf-8", "replace")
+
+    reader = csv.reader(lines(), delimiter=delimiter)
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            report(RecordError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({err})", path=str(path),
+                               record=start), on_error)
+            start = reader.line_num + 1
+            continue
+        end = reader.line_num
+        bad = [bad_lines[n] for n in range(start, end + 1) if n in bad_lines]
+        if bad:
+            report(RecordError(bad[0], path=str(path), record=start, raw=row), on_error)
+        elif row:
+            yield start, [cell.replace("\r\n", "\n").replace("\r", "\n") for cell in row]
+        start = end + 1
 
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:

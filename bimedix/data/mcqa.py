@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .conventions import LANGUAGES, PUBMEDQA_ANSWERS
 from .conventions import OPTION_LETTERS as LETTERS
-from .conventions import PUBMEDQA_ANSWERS
-from .io import iter_jsonl
-from .rejects import OnError, failer, read_delimited, read_json, report
-from .schema import LANGUAGES, OPTION_LETTERS, RecordError, make_record
+from .io import OnError, iter_jsonl, read_delimited, read_json
+from .rejects import failer, flat_map_records
+from .schema import OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
 
@@ -140,32 +140,34 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
         raise RecordError(f"expected a JSON object PMID -> label, got {type(labels).__name__}",
                           path=str(ground_truth))
     unlabeled = 0
-    for pmid, entry in data.items():
-        if split == "test" and pmid not in labels or split == "train" and pmid in labels:
-            continue
+
+    def parse(pmid_entry: tuple[str, Any]) -> Iterator[MCQAItem]:
+        nonlocal unlabeled
+        pmid, entry = pmid_entry
         fail = failer(path, pmid, entry)
-        try:
-            if not isinstance(entry, dict):
-                raise fail(None, f"expected an object, got {type(entry).__name__}")
-            question = _text(entry, "QUESTION", fail)
-            contexts = entry.get("CONTEXTS")
-            if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts) or not contexts:
-                raise fail("CONTEXTS", f"must be a non-empty list of strings, got {contexts!r:.80}")
-            field = "test_ground_truth" if pmid in labels else "final_decision"
-            decision = labels.get(pmid, entry.get("final_decision"))
-            if decision is None or decision == "unlabeled":
-                unlabeled += 1
-                continue
-            if not isinstance(decision, str) or decision.strip().lower() not in PUBMEDQA_OPTIONS:
-                raise fail(field, f"decision {decision!r} is not one of {PUBMEDQA_OPTIONS}")
-            yield MCQAItem(id=f"pubmedqa-{pmid}", source="pubmedqa", language="en", question=question,
-                           options=list(PUBMEDQA_OPTIONS),
-                           answer=OPTION_LETTERS[PUBMEDQA_OPTIONS.index(decision.strip().lower())],
-                           explanation=_optional_text(entry.get("LONG_ANSWER")),
-                           context="\n".join(c.strip() for c in contexts), original_id=str(pmid),
-                           license=LICENSES["pubmedqa"])
-        except RecordError as err:
-            report(err, on_error)
+        if not isinstance(entry, dict):
+            raise fail(None, f"expected an object, got {type(entry).__name__}")
+        question = _text(entry, "QUESTION", fail)
+        contexts = entry.get("CONTEXTS")
+        if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts) or not contexts:
+            raise fail("CONTEXTS", f"must be a non-empty list of strings, got {contexts!r:.80}")
+        field = "test_ground_truth" if pmid in labels else "final_decision"
+        decision = labels.get(pmid, entry.get("final_decision"))
+        if decision is None or decision == "unlabeled":
+            unlabeled += 1
+            return
+        if not isinstance(decision, str) or decision.strip().lower() not in PUBMEDQA_OPTIONS:
+            raise fail(field, f"decision {decision!r} is not one of {PUBMEDQA_OPTIONS}")
+        yield MCQAItem(id=f"pubmedqa-{pmid}", source="pubmedqa", language="en", question=question,
+                       options=list(PUBMEDQA_OPTIONS),
+                       answer=OPTION_LETTERS[PUBMEDQA_OPTIONS.index(decision.strip().lower())],
+                       explanation=_optional_text(entry.get("LONG_ANSWER")),
+                       context="\n".join(c.strip() for c in contexts), original_id=str(pmid),
+                       license=LICENSES["pubmedqa"])
+
+    in_split = ((pmid, entry) for pmid, entry in data.items()
+                if not (split == "test" and pmid not in labels or split == "train" and pmid in labels))
+    yield from flat_map_records(parse, in_split, on_error=on_error)
     if unlabeled:
         log = logger.warning if unlabeled == len(data) else logger.info
         log("%s: skipped %d items without a yes/no/maybe decision (PQA-U layout)", path, unlabeled)
@@ -184,26 +186,27 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1, on_error: OnErro
     if cop_base not in (0, 1):
         raise ValueError(f"cop_base must be 1 (original MedMCQA files) or 0 (Hugging Face export), "
                          f"got {cop_base!r}")
-    for line, obj in iter_jsonl(path, on_error=on_error):
+
+    def parse(line_obj: tuple[int, Any]) -> Iterator[MCQAItem]:
+        line, obj = line_obj
         fail = failer(path, line, obj)
-        try:
-            if not isinstance(obj, dict):
-                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
-            original_id = _text(obj, "id", fail)
-            options = _options([(name, obj.get(name)) for name in ("opa", "opb", "opc", "opd")], fail)
-            cop = obj.get("cop")
-            if isinstance(cop, str) and cop.strip().lstrip("-").isdigit():
-                cop = int(cop)
-            if not isinstance(cop, int) or isinstance(cop, bool) or not cop_base <= cop < cop_base + len(options):
-                raise fail("cop", f"answer index {cop!r} is not in {cop_base}..{cop_base + len(options) - 1} "
-                                  f"(cop_base={cop_base}; the original files are 1-based, the Hub export 0-based)")
-            yield MCQAItem(id=f"medmcqa-{original_id}", source="medmcqa", language="en",
-                           question=_text(obj, "question", fail), options=options,
-                           answer=OPTION_LETTERS[cop - cop_base], subject=_optional_text(obj.get("subject_name")),
-                           explanation=_optional_text(obj.get("exp")),
-                           original_id=original_id, license=LICENSES["medmcqa"], line=line)
-        except RecordError as err:
-            report(err, on_error)
+        if not isinstance(obj, dict):
+            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        original_id = _text(obj, "id", fail)
+        options = _options([(name, obj.get(name)) for name in ("opa", "opb", "opc", "opd")], fail)
+        cop = obj.get("cop")
+        if isinstance(cop, str) and cop.strip().lstrip("-").isdigit():
+            cop = int(cop)
+        if not isinstance(cop, int) or isinstance(cop, bool) or not cop_base <= cop < cop_base + len(options):
+            raise fail("cop", f"answer index {cop!r} is not in {cop_base}..{cop_base + len(options) - 1} "
+                              f"(cop_base={cop_base}; the original files are 1-based, the Hub export 0-based)")
+        yield MCQAItem(id=f"medmcqa-{original_id}", source="medmcqa", language="en",
+                       question=_text(obj, "question", fail), options=options,
+                       answer=OPTION_LETTERS[cop - cop_base], subject=_optional_text(obj.get("subject_name")),
+                       explanation=_optional_text(obj.get("exp")),
+                       original_id=original_id, license=LICENSES["medmcqa"], line=line)
+
+    yield from flat_map_records(parse, iter_jsonl(path, on_error=on_error), on_error=on_error)
 
 
 def read_medqa(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[MCQAItem]:
@@ -214,30 +217,31 @@ def read_medqa(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
     the id is a hash of question and options, ``original_id`` is ``"<file name>:<line>"``.
     """
     seen: Counter[str] = Counter()
-    for line, obj in iter_jsonl(path, on_error=on_error):
+
+    def parse(line_obj: tuple[int, Any]) -> Iterator[MCQAItem]:
+        line, obj = line_obj
         fail = failer(path, line, obj)
-        try:
-            if not isinstance(obj, dict):
-                raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
-            question = _text(obj, "question", fail)
-            raw_options = obj.get("options")
-            if not isinstance(raw_options, dict) or not raw_options:
-                raise fail("options", f"must be a non-empty object of letter -> text, got {raw_options!r:.80}")
-            letters = sorted(raw_options)
-            if letters != list(OPTION_LETTERS[: len(letters)]):
-                raise fail("options", f"option letters {letters} are not A.. in sequence")
-            options = _options([(f"options.{k}", raw_options[k]) for k in letters], fail)
-            answer = _letter(obj.get("answer_idx"), options, "answer_idx", fail)
-            text = obj.get("answer")
-            if text is not None and str(text).strip() != options[OPTION_LETTERS.index(answer)]:
-                raise fail("answer", f"answer text {text!r:.80} differs from option {answer} "
-                                     f"({options[OPTION_LETTERS.index(answer)]!r:.80})")
-            yield MCQAItem(id=stable_id("medqa", question, *options, seen=seen), source="medqa", language="en",
-                           question=question, options=options, answer=answer,
-                           subject=_optional_text(obj.get("meta_info")), original_id=f"{Path(path).name}:{line}",
-                           license=LICENSES["medqa"], line=line)
-        except RecordError as err:
-            report(err, on_error)
+        if not isinstance(obj, dict):
+            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        question = _text(obj, "question", fail)
+        raw_options = obj.get("options")
+        if not isinstance(raw_options, dict) or not raw_options:
+            raise fail("options", f"must be a non-empty object of letter -> text, got {raw_options!r:.80}")
+        letters = sorted(raw_options)
+        if letters != list(OPTION_LETTERS[: len(letters)]):
+            raise fail("options", f"option letters {letters} are not A.. in sequence")
+        options = _options([(f"options.{k}", raw_options[k]) for k in letters], fail)
+        answer = _letter(obj.get("answer_idx"), options, "answer_idx", fail)
+        text = obj.get("answer")
+        if text is not None and str(text).strip() != options[OPTION_LETTERS.index(answer)]:
+            raise fail("answer", f"answer text {text!r:.80} differs from option {answer} "
+                                 f"({options[OPTION_LETTERS.index(answer)]!r:.80})")
+        yield MCQAItem(id=stable_id("medqa", question, *options, seen=seen), source="medqa", language="en",
+                       question=question, options=options, answer=answer,
+                       subject=_optional_text(obj.get("meta_info")), original_id=f"{Path(path).name}:{line}",
+                       license=LICENSES["medqa"], line=line)
+
+    yield from flat_map_records(parse, iter_jsonl(path, on_error=on_error), on_error=on_error)
 
 
 def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | None = None,
@@ -263,28 +267,33 @@ def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | N
     if not files:
         raise FileNotFoundError(f"no MMLU .csv files under {root}")
     seen: Counter[str] = Counter()
-    for file in files:
-        file_subject = subject or re.sub(r"_(test|dev|val)$", "", file.stem)
-        for row_no, (line, row) in enumerate(read_delimited(file, on_error=on_error), start=1):
-            fail = failer(file, line, row)
-            try:
-                if len(row) != 6:
-                    raise fail(None, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
-                question = row[0].strip()
-                if not question:
-                    raise fail("question", "is empty")
-                options = _options(list(zip("ABCD", row[1:5])), fail)
-                answer = _letter(row[5], options, "answer", fail)
-                if language == "ar" and _is_ip_spoofing(question, options):
-                    raise fail("question", "corrupted upstream translation: question and options were replaced "
-                                           "by an 'IP spoofing' computer-security item, so the gold letter is "
-                                           "meaningless")
-                yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source,
-                               language=language,
-                               question=question, options=options, answer=answer, subject=file_subject,
-                               original_id=f"{file.name}:{row_no}", license=LICENSES[source], line=line)
-            except RecordError as err:
-                report(err, on_error)
+
+    def rows() -> Iterator[tuple[Path, str, int, int, list[str]]]:
+        for file in files:
+            file_subject = subject or re.sub(r"_(test|dev|val)$", "", file.stem)
+            for row_no, (line, row) in enumerate(read_delimited(file, on_error=on_error), start=1):
+                yield file, file_subject, row_no, line, row
+
+    def parse(entry: tuple[Path, str, int, int, list[str]]) -> Iterator[MCQAItem]:
+        file, file_subject, row_no, line, row = entry
+        fail = failer(file, line, row)
+        if len(row) != 6:
+            raise fail(None, f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+        question = row[0].strip()
+        if not question:
+            raise fail("question", "is empty")
+        options = _options(list(zip("ABCD", row[1:5])), fail)
+        answer = _letter(row[5], options, "answer", fail)
+        if language == "ar" and _is_ip_spoofing(question, options):
+            raise fail("question", "corrupted upstream translation: question and options were replaced "
+                                   "by an 'IP spoofing' computer-security item, so the gold letter is "
+                                   "meaningless")
+        yield MCQAItem(id=stable_id(source, question, *options, seen=seen), source=source,
+                       language=language,
+                       question=question, options=options, answer=answer, subject=file_subject,
+                       original_id=f"{file.name}:{row_no}", license=LICENSES[source], line=line)
+
+    yield from flat_map_records(parse, rows(), on_error=on_error)
 
 
 def read_medarabench(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[MCQAItem]:
@@ -302,26 +311,27 @@ def read_medarabench(path: str | os.PathLike, *, on_error: OnError = None) -> It
         raise RecordError(f"header lacks column(s) {missing} (found: {header})", path=str(path),
                           record=header_line)
     column = {name: index for index, name in enumerate(header)}
-    for line, row in rows:
+
+    def parse(line_row: tuple[int, list[str]]) -> Iterator[MCQAItem]:
+        line, row = line_row
         cell = dict(zip(header, row))
         fail = failer(path, line, cell)
-        try:
-            if len(row) != len(header):
-                raise fail(None, f"expected {len(header)} columns, got {len(row)}")
-            number = cell["Question Number"].strip()
-            if not number:
-                raise fail("Question Number", "is empty")
-            question = cell["Question"].strip()
-            if not question:
-                raise fail("Question", "is empty")
-            options = _options([(f"Option {k}", row[column[f"Option {k}"]]) for k in "ABCDEF"], fail)
-            answer = _letter(cell["Correct Answer"].strip().upper(), options, "Correct Answer", fail,
-                             shown=cell["Correct Answer"])
-            yield MCQAItem(id=f"medarabench-{number}", source="medarabench", language="ar", question=question,
-                           options=options, answer=answer, subject=_optional_text(cell.get("Medical Specialty")),
-                           original_id=number, license=LICENSES["medarabench"], line=line)
-        except RecordError as err:
-            report(err, on_error)
+        if len(row) != len(header):
+            raise fail(None, f"expected {len(header)} columns, got {len(row)}")
+        number = cell["Question Number"].strip()
+        if not number:
+            raise fail("Question Number", "is empty")
+        question = cell["Question"].strip()
+        if not question:
+            raise fail("Question", "is empty")
+        options = _options([(f"Option {k}", row[column[f"Option {k}"]]) for k in "ABCDEF"], fail)
+        answer = _letter(cell["Correct Answer"].strip().upper(), options, "Correct Answer", fail,
+                         shown=cell["Correct Answer"])
+        yield MCQAItem(id=f"medarabench-{number}", source="medarabench", language="ar", question=question,
+                       options=options, answer=answer, subject=_optional_text(cell.get("Medical Specialty")),
+                       original_id=number, license=LICENSES["medarabench"], line=line)
+
+    yield from flat_map_records(parse, rows, on_error=on_error)
 
 
 def render_mcqa(item: MCQAItem, language: str | None = None) -> list[dict]:

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conventions import LANGUAGES, ON_ERROR_POLICIES
 from .outputs import safe_name
-from .schema import LANGUAGES, TASKS
+from .schema import TASKS
 
 RESOURCE_PREFIXES = {"bimedix:": "bimedix", "recipes:": "recipes"}
 RECORDS_CONVERTER = "records"
@@ -49,7 +50,7 @@ class SourceSpec:
     def __post_init__(self):
         safe_name(self.name, "source name")  # it names cache files under OUTPUT/.work
         self.converter = self.converter or self.name
-        if self.on_error not in (None, "raise", "skip"):
+        if self.on_error not in (None, *ON_ERROR_POLICIES):
             raise ValueError(f"source {self.name!r}: on_error {self.on_error!r} must be `raise` or `skip`")
         if self.language is not None and self.language not in LANGUAGES:
             raise ValueError(f"source {self.name!r}: language {self.language!r} is not one of {list(LANGUAGES)}")

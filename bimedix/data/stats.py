@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
+from .conventions import LANGUAGES
 from .encode import encode_conversations
-from .schema import LANGUAGES, TASKS
+from .schema import TASKS
 
 LANGUAGE_NAMES = {"en": "English", "ar": "Arabic"}
 

@@ -272,7 +272,7 @@ def _medmcqa_row(raw: dict, index: int, subset: str) -> dict:
 def _pubmedqa_row(raw: dict, index: int, subset: str) -> dict:
     context = raw["context"]
     contexts = context["contexts"] if isinstance(context, dict) else [context]
-    answer = _LETTERS[["yes", "no", "maybe"].index(raw["final_decision"].strip().lower())]
+    answer = _LETTERS[PUBMEDQA_OPTIONS["en"].index(raw["final_decision"].strip().lower())]
     return _bimedix_row(subset, row_id(subset, raw["pubid"]), raw["question"], PUBMEDQA_OPTIONS["ar"], answer,
                         "pubmedqa", context="\n".join(contexts))
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bimedix.data.conventions import LANGUAGES
 from bimedix.data.outputs import OutputFolder
 
 from ..resources import check_model_folder
@@ -120,7 +121,7 @@ def auto_tasks(data_dir: str | Path | None = None) -> list[str]:
     present = set(available_configs(data_dir))
     names = []
     for subset in PAPER_SUBSETS:
-        languages = [lang for lang in ("en", "ar") if f"{subset}_{lang}" in present]
+        languages = [lang for lang in LANGUAGES if f"{subset}_{lang}" in present]
         if len(languages) == 2:
             names.append(f"bimedix_{subset}_bilingual")
         elif languages:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bimedix.eval.bench import EXTRA_SUBSETS, LANGUAGES, PAPER_SUBSETS
+from bimedix.data.conventions import LANGUAGES
+from bimedix.eval.bench import EXTRA_SUBSETS, PAPER_SUBSETS
 
 TASKS_DIR = Path(__file__).parent
 # What each subset's questions are "about", in the task's few-shot description (none for PubMedQA).
