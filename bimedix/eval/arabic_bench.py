@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import yaml
 
 from bimedix.data.review_policy import ReviewPolicy
 
-from .bench import (ARABIC_DIR, ENGLISH_DIR, EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS,
-                    make_row, row_features, row_id, subset_of)
+from .bench import (EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS, make_row, row_features, row_id,
+                    subset_of)
 
 logger = logging.getLogger(__name__)
 
@@ -98,48 +97,6 @@ def import_bimedix_arabic(folder: str | Path) -> Iterator[dict]:
         raise FileNotFoundError(f"{folder} holds none of BiMediX's Arabic sets ({', '.join(sorted(repos))})")
 
 
-def bench_card(tables: dict[tuple[str, str], list[dict]]) -> str:
-    """README (dataset card) of a whole bench folder: one config per ``<subset>_<language>``."""
-    configs = []
-    for subset, language in sorted(tables):
-        folder = ENGLISH_DIR if language == "en" else ARABIC_DIR
-        configs.append({"config_name": f"{subset}_{language}",
-                        "data_files": [{"split": "test", "path": f"{folder}/{subset}/test.parquet"}]})
-    rows = [f"| `{s}_{lang}` | {len(r)} | {_provenance_summary(r)} |" for (s, lang), r in sorted(tables.items())]
-    body = ("# BiMediX evaluation benchmark (English and Arabic)\n\n"
-            "Built by `bimedix build-bench` from the original benchmark files. English and Arabic rows of one "
-            "question share `id`. The `arabic-bench/` folder is the stand-alone Arabic benchmark.\n\n"
-            "| config | rows | provenance |\n|---|---|---|\n" + "\n".join(rows) + "\n\n" + _SOURCES_NOTE)
-    return _card({"configs": configs, "language": ["en", "ar"], "license": "other",
-                  "task_categories": ["multiple-choice"], "tags": ["medical", "bimedix"]}, body)
-
-
-def arabic_card(tables: dict[str, list[dict]]) -> str:
-    """README of the Arabic benchmark folder: one config per subset, ``all`` (the paper subsets) and extras."""
-    paper = [s for s in PAPER_SUBSETS if s in tables]
-    configs = [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]} for s in paper]
-    if paper:
-        configs.append({"config_name": "all",
-                        "data_files": [{"split": "test", "path": [f"{s}/test.parquet" for s in paper]}]})
-    configs += [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]}
-                for s in EXTRA_SUBSETS if s in tables]
-    rows = [f"| `{s}` | {len(tables[s])} | {_provenance_summary(tables[s])} |" for s in [*paper, *EXTRA_SUBSETS]
-            if s in tables]
-    body = ("# BiMediX Arabic medical benchmark\n\n"
-            "Arabic multiple-choice medical questions: the English benchmarks of the BiMediX paper "
-            "(MMLU medical, MedMCQA, MedQA, PubMedQA) translated into Arabic, plus native Arabic sets where "
-            "licences allow. Columns: `id` (shared with the English twin), `question`, `context` (PubMedQA "
-            "abstract), `options`, `answer` (Latin letter), `subject`, `source`, and translation provenance "
-            "`translation_engine`, `translation_score`, `translation_reviewed`, `provenance`. "
-            "**Rows whose `provenance` is `machine-translated, unreviewed` were not checked by a person.**\n\n"
-            "```python\nfrom datasets import load_dataset\nload_dataset(\"BiMediX/arabic-bench\", \"medqa\", "
-            "split=\"test\")\n```\n\n| config | rows | provenance |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            + ("`medarabench` (nyuad-cai/MedAraBench) states no licence: research use only, kept out of `all`.\n\n"
-               if "medarabench" in tables else "") + _SOURCES_NOTE)
-    return _card({"configs": configs, "language": ["ar"], "license": "other",
-                  "task_categories": ["multiple-choice"], "tags": ["medical", "arabic", "bimedix"]}, body)
-
-
 @dataclass
 class ArabicBenchConfig(datasets.BuilderConfig):
     """One config of the Arabic benchmark: a subset name, ``all``, or ``medarabench``.
@@ -205,24 +162,6 @@ def collect_arabic_rows(sources: str | Path | None = None, translations: str | P
 
 
 # ----------------------------------------------------------------------------- private helpers
-
-_SOURCES_NOTE = ("Sources and licences: MMLU (MIT, hendrycks/test), AceGPT MMLUArabic (Apache-2.0, "
-                 "FreedomIntelligence/AceGPT; GPT translation, some rows corrupted upstream were dropped), "
-                 "MedQA-USMLE (MIT, jind11/MedQA), MedMCQA (MIT, medmcqa/medmcqa), PubMedQA (MIT, "
-                 "pubmedqa/pubmedqa), BiMediX Arabic sets (CC BY-NC-SA 4.0, BiMediX), MedAraBench "
-                 "(no licence stated). Each row's `license` column names its source's licence.\n")
-
-
-def _card(front_matter: dict, body: str) -> str:
-    return "---\n" + yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True) + "---\n\n" + body
-
-
-def _provenance_summary(rows: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["provenance"]] = counts.get(row["provenance"], 0) + 1
-    return ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items()))
-
 
 def _split_prompt(text: str, options: list[str]) -> tuple[str, str]:
     """Question and context of a human turn rendered by `bimedix.data.mcqa.render_mcqa` (either language).

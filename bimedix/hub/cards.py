@@ -115,7 +115,7 @@ def dataset_config_files(data_dir: str | os.PathLike) -> tuple[list[dict], list[
     return configs, files
 
 
-def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
+def summarize_dataset(data_dir: str | os.PathLike, *, every_config: bool = False) -> DatasetSummary:
     """Count rows by language, task, source/licence and translation provenance from a dataset folder's Parquet.
 
     Works on BiMed records (schema of `bimedix.data.schema`, provenance in ``meta.translation``, counted by
@@ -125,7 +125,10 @@ def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
     """
     import pyarrow.parquet as pq
 
-    _, files = dataset_config_files(data_dir)
+    configs, files = dataset_config_files(data_dir)
+    if every_config:  # every config's files, not only the main config's
+        files = sorted({path for config in configs for pattern in _data_file_patterns(config.get("data_files"))
+                        for path in Path(data_dir).glob(pattern)})
     languages: Counter = Counter()
     task_language: Counter = Counter()
     subsets: Counter = Counter()
@@ -248,10 +251,14 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
 
 def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = None,
                       pretty_name: str = "BiMediX-style Arabic medical benchmark") -> DatasetCard:
-    """Render the arabic-bench dataset card for a folder written by ``bimedix build-bench``."""
+    """Render the dataset card of a folder written by ``bimedix build-bench``: its ``arabic-bench/`` or the whole.
+
+    A whole bench folder (configs ``<subset>_<language>``, no ``all``) is summarised over every config.
+    """
     bench_dir = Path(bench_dir)
     configs, _ = dataset_config_files(bench_dir)
-    summary = summarize_dataset(bench_dir)
+    bilingual = bool(configs) and not any(c.get("default") or c["config_name"] == "all" for c in configs)
+    summary = summarize_dataset(bench_dir, every_config=bilingual)
     if not configs:
         configs = [{"config_name": "all", "data_files": [
             {"split": "test", "path": [str(p.relative_to(bench_dir)) for p in summary.files]}]}]
@@ -265,8 +272,24 @@ def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = Non
         subset_table="\n".join(["| subset | questions |", "|---|---:|", *subset_rows,
                                 f"| **total** | {summary.total:,} |"]),
         source_table=_source_table(summary), licence_text=_licence_text(summary),
-        translation_text=_translation_text(summary),
+        translation_text=_translation_text(summary), bilingual=bilingual,
+        research_only=any(c["config_name"] == "medarabench" for c in configs),
     )
+
+
+def save_bench_cards(bench_dir: str | os.PathLike) -> list[Path]:
+    """Render the cards of a ``bimedix build-bench`` folder into its READMEs (whole folder, ``arabic-bench/``).
+
+    The builder wrote only their ``configs:``; the cards keep them. Returns the READMEs written.
+    """
+    bench_dir = Path(bench_dir)
+    written = []
+    for folder, pretty_name in ((bench_dir, "BiMediX evaluation benchmark (English and Arabic)"),
+                                (bench_dir / "arabic-bench", "BiMediX Arabic medical benchmark")):
+        if (folder / "README.md").is_file():
+            render_bench_card(folder, pretty_name=pretty_name).save(folder / "README.md")
+            written.append(folder / "README.md")
+    return written
 
 
 def save_model_card(model_dir: str | os.PathLike, **card_kwargs) -> Path:
