@@ -246,7 +246,22 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
         has_plot=(data_dir / "stats.png").is_file(), build_text=_build_text(counts) if counts else None,
         target_table=composition_markdown(built["composition"])
         if built.get("composition") and has_targets(built["composition"]) else None,
+        recipe_text=_recipe_text(built["build"]) if built.get("build") else None,
+        source_counts=_source_counts_table(built["sources"]) if built.get("sources") else None,
+        review_text=_review_text(built["review"]) if built.get("review") else None,
+        decontamination_text=_decontamination_text(built["decontamination"])
+        if built.get("decontamination") else None,
     )
+
+
+def save_dataset_card(data_dir: str | os.PathLike) -> Path:
+    """Render the card of a ``bimedix build-data`` folder (see `render_dataset_card`) into its README; return it.
+
+    The builder wrote only the README's ``configs:``; the card keeps them.
+    """
+    path = Path(data_dir) / "README.md"
+    render_dataset_card(data_dir).save(path)
+    return path
 
 
 def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = None,
@@ -442,6 +457,37 @@ def _build_text(counts: dict) -> str:
             f"overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped by source "
             f"weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The decontamination report is "
             "not published with the data, since it quotes the benchmark items.")
+
+
+def _recipe_text(build: dict) -> str:
+    """The recipe of ``bimedix build-data`` (``stats.json`` ``build``): its description, seed and mixing rule."""
+    return (f"{build['description']}\n\nBuilt from recipe `{build['recipe_file']}` (seed {build['seed']}, "
+            f"{build['mix']}).")
+
+
+def _source_counts_table(sources: dict) -> str:
+    """Records read and written per recipe source (``stats.json`` ``sources``)."""
+    return "\n".join(["| recipe source | read | written |", "|---|---:|---:|",
+                      *(f"| {name} | {counts['read']:,} | {counts['written']:,} |" for name, counts in sources.items())])
+
+
+def _review_text(review: dict) -> str:
+    """The review policy's counts (``stats.json`` ``review``, `bimedix.data.review_policy`) as prose and a table."""
+    policy = ReviewPolicy.from_summary(review)
+    unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
+    note = (f"**{unreviewed:,} machine translations were used without human review** (`--include-unreviewed`); their "
+            "`meta.translation.review_state` says so." if unreviewed else
+            "Translations pending review or scoring below the judge threshold were left out.")
+    return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
+            + (policy.table() if review["states"] else "No records."))
+
+
+def _decontamination_text(decontamination: dict) -> str:
+    """The decontamination rule and its removals per benchmark (``stats.json`` ``decontamination``)."""
+    removed = "\n".join(f"- {name}: {n:,} records removed" for name, n in decontamination["removed"].items())
+    return (f"Records holding at least {decontamination['threshold']:.0%} of a benchmark item's word "
+            f"{decontamination['ngram']}-grams (question and options, Arabic-normalised; see bimedix "
+            "`docs/data-pipeline.md`) were removed.\n\n" + (removed or "- none"))
 
 
 def _base_model_text(base: str | None, hub_base: str | None) -> str:
