@@ -1,5 +1,5 @@
 """The Arabic benchmark (``BiMediX/arabic-bench``): its rows from translated records or BiMediX's Hub files,
-its dataset cards, and a `datasets` builder.
+and a `datasets` builder (its dataset card comes from `bimedix.hub.cards`).
 
 BiMediX published its Arabic evaluation sets as ``BiMediX/medqa-test_arabic``, ``BiMediX/medmcqa-arabic``,
 ``BiMediX/pubmedqa-test_arabic`` and ``BiMediX/mmlu-<subject>-arabic``. `import_bimedix_arabic` reads a
