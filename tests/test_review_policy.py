@@ -9,6 +9,7 @@ import pytest
 from bimedix.data.build import build_data
 from bimedix.data.review_policy import ReviewPolicy
 from bimedix.data.schema import RecordError
+from bimedix.hub.cards import save_dataset_card
 
 # review_state, judge score → status, used by default, used with include_unreviewed
 CASES = [
@@ -82,7 +83,7 @@ def test_build_data_leaves_out_rejected_and_unreviewed(translated_recipe, tmp_pa
     rows = {(r["task"], r["language"]): r for r in summary["composition"]["rows"]}
     assert rows["all", "ar"] == {"task": "all", "language": "ar", "target": 4, "achieved": 3}
     assert rows["all", "en"]["achieved"] == rows["all", "en"]["target"] == 6
-    readme = (tmp_path / "out" / "README.md").read_text()
+    readme = save_dataset_card(tmp_path / "out").read_text()  # what `bimedix build-data` adds to the README
     assert "| rejected | 1 | 0 | 1 |" in readme and "| all | ar | 3 | 4 | 75.0% |" in readme
 
 

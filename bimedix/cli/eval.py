@@ -105,6 +105,7 @@ def _build_bench(args: argparse.Namespace) -> int:
     from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows
     from bimedix.eval.bench import build_bench, source_inputs
+    from bimedix.hub.cards import save_bench_cards
 
     output = Path(args.output)
     folder = OutputFolder(output, "build-bench", overwrite=args.overwrite, inputs={
@@ -125,6 +126,7 @@ def _build_bench(args: argparse.Namespace) -> int:
         print(f"translations by review status (written to {output / 'review.json'}):\n{review.table()}")
     if rejects.count:
         print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
+    save_bench_cards(output)
     arabic = output / "arabic-bench"
     print(f"wrote {output}" + (f" (Arabic benchmark: {arabic})" if (arabic / "README.md").exists() else ""))
     return 0

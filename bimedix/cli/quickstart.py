@@ -58,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     _step(1, "Build the mini BiMed dataset from the bundled real data (bimedix build-data --recipe mini)")
     from ..data.build import build_data
+    from ..hub.cards import save_dataset_card
 
     built = build_data("mini", paths["data"], progress=not args.no_progress)
+    save_dataset_card(paths["data"])  # as `bimedix build-data` does
     print(built.stats.to_markdown())
     print(f"\n{built.counts.equation()}")
 

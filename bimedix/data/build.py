@@ -16,7 +16,8 @@ Stages, each cached under ``<output>/.work`` and skipped when its inputs have no
    achieved composition, `composition`), ``decontamination.jsonl``,
    ``duplicates.jsonl``, ``rejects.jsonl`` and a ``README.md`` whose ``configs:`` (``all``, ``en``,
    ``ar``, ``mcqa``, ``qa``, ``chat``; a config with no rows is left out, since ``datasets`` cannot load an
-   empty split) make ``datasets.load_dataset(output, "ar", split="train")`` work.
+   empty split) make ``datasets.load_dataset(output, "ar", split="train")`` work (the command
+   ``bimedix build-data`` then renders the prose dataset card into it, `bimedix.hub.cards.save_dataset_card`).
 
 The counts always balance: ``read = written + rejected + excluded_review + deduplicated + decontaminated +
 dropped_weight + dropped_ratio``.
@@ -39,8 +40,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .composition import composition, composition_markdown, has_targets
+from .composition import composition
 from .conventions import LANGUAGES
+from .dataset_readme import configs_readme
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, record_text
 from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, report, write_json
@@ -591,71 +593,32 @@ def _write_reports(output: OutputFolder, recipe: DataRecipe, prepared: Prepared,
                     shutil.copyfileobj(rejects, handle)
     summary = {"recipe": recipe.name, "counts": {**dataclasses.asdict(total), "balanced": total.balanced},
                "sources": {name: dataclasses.asdict(counts) for name, counts in per_source.items()},
-               "ratio_plan": prepared.plan, "review": prepared.review, "composition": mix, **stats.to_dict()}
+               "ratio_plan": prepared.plan, "review": prepared.review, "composition": mix,
+               "build": {"description": recipe.description.strip(), "recipe_file": Path(recipe.recipe_path or "").name,
+                         "seed": recipe.seed, "mix": _mix_words(recipe)},
+               "decontamination": {"threshold": recipe.decontaminate.threshold, "ngram": recipe.decontaminate.ngram,
+                                   "removed": _decontamination_summary(output.root)},
+               **stats.to_dict()}
     write_json(output.path("stats.json"), summary)
     with atomic_open(output.path("stats.md")) as handle:
         handle.write(stats.to_markdown())
     with atomic_open(output.path("stats.png"), "wb") as handle:
         stats.plot(handle)
-    with atomic_open(output.path("README.md")) as handle:
-        handle.write(render_readme(recipe, total, per_source, stats, _decontamination_summary(output.root),
-                                   prepared.review, mix))
+    with atomic_open(output.path("README.md")) as handle:  # `bimedix build-data` adds the prose card
+        handle.write(configs_readme(dataset_configs(stats)))
 
 
-def render_readme(recipe: DataRecipe, total: Counts, per_source: dict[str, Counts], stats: DataStats,
-                  decontamination: dict[str, int], review: dict, mix: dict) -> str:
-    """The dataset README: YAML ``configs:`` for `datasets.load_dataset`, then statistics and provenance."""
-    import yaml
-
-    from .converters import SOURCE_INFO
-
-    configs = [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{lang}/{task}/*.parquet"}],
-                **({"default": True} if name == "all" else {})} for name, (lang, task) in CONFIGS.items()
-               if stats.cell(None if task == "*" else task, None if lang == "*" else lang).samples]
-    header = {"pretty_name": recipe.name, "language": list(LANGUAGES), "license": "other",
-              "task_categories": ["question-answering", "text-generation"], "tags": ["medical", "bimedix"],
-              "configs": configs}
-    rows = []
-    for spec in recipe.sources:
-        info = SOURCE_INFO.get(spec.converter)
-        counts = per_source[spec.name]
-        rows.append(f"| {spec.name} | {spec.converter} | {info.license if info else 'see the source'} | "
-                    f"{counts.read:,} | {counts.written:,} |")
-    contamination = "\n".join(f"- {name}: {n:,} records removed" for name, n in decontamination.items()) or "- none"
-    return (
-        f"---\n{yaml.safe_dump(header, sort_keys=False, allow_unicode=True)}---\n\n# {recipe.name}\n\n"
-        f"{recipe.description.strip()}\n\nBuilt with `bimedix build-data` from recipe `{Path(recipe.recipe_path or '').name}` "
-        f"(seed {recipe.seed}, {_mix_words(recipe)}).\n\n"
-        "```python\nfrom datasets import load_dataset\n\n"
-        "data = load_dataset(\"path/to/this/folder\", \"ar\", split=\"train\")  # all, en, ar, mcqa, qa, chat\n```\n\n"
-        f"## Statistics (Mixtral-8x7B tokenizer)\n\n{stats.to_markdown()}\n![statistics](stats.png)\n\n"
-        + (f"## Composition: achieved vs target\n\n{composition_markdown(mix)}\n" if has_targets(mix) else "") +
-        f"## Translation review\n\n{_review_words(review)}\n\n"
-        f"## Counts\n\n{total.equation()}\n\n| source | converter | licence | read | written |\n|---|---|---|---:|---:|\n"
-        + "\n".join(rows) + "\n\n"
-        f"## Decontamination\n\nRecords holding at least {recipe.decontaminate.threshold:.0%} of a benchmark item's "
-        f"word {recipe.decontaminate.ngram}-grams (question and options, Arabic-normalised; see bimedix "
-        "`docs/data-pipeline.md`) were removed; `decontamination.jsonl` names both sides of each match.\n\n"
-        f"{contamination}\n\n## Licences\n\nEach record keeps its source's licence in `license`. Check them before "
-        "redistributing: several sources state no licence (research use only).\n"
-    )
+def dataset_configs(stats: DataStats) -> list[dict]:
+    """The ``configs:`` of a built folder's README (`CONFIGS` that hold records; ``all`` is the default)."""
+    return [{"config_name": name, "data_files": [{"split": "train", "path": f"data/{lang}/{task}/*.parquet"}],
+             **({"default": True} if name == "all" else {})} for name, (lang, task) in CONFIGS.items()
+            if stats.cell(None if task == "*" else task, None if lang == "*" else lang).samples]
 
 
 def _mix_words(recipe: DataRecipe) -> str:
     if recipe.mix.ratio is None:
         return "every clean record kept: English is not down-sampled, Arabic is what was translated and passed review"
     return f"Arabic:English {recipe.mix.ar_en_ratio} by samples{' per task' if recipe.mix.per_task else ''}, met by down-sampling"
-
-
-def _review_words(review: dict) -> str:
-    """The review policy's counts as README prose and a table (`bimedix.data.review_policy`)."""
-    policy = ReviewPolicy.from_summary(review)
-    unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
-    note = (f"**{unreviewed:,} machine translations were used without human review** (`--include-unreviewed`); their "
-            "`meta.translation.review_state` says so." if unreviewed else
-            "Translations pending review or scoring below the judge threshold were left out.")
-    return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
-            + (policy.table() if review["states"] else "No records."))
 
 
 def _decontamination_summary(output: Path) -> dict[str, int]:

@@ -1,5 +1,5 @@
 """The Arabic benchmark (``BiMediX/arabic-bench``): its rows from translated records or BiMediX's Hub files,
-its dataset cards, and a `datasets` builder.
+and a `datasets` builder (its dataset card comes from `bimedix.hub.cards`).
 
 BiMediX published its Arabic evaluation sets as ``BiMediX/medqa-test_arabic``, ``BiMediX/medmcqa-arabic``,
 ``BiMediX/pubmedqa-test_arabic`` and ``BiMediX/mmlu-<subject>-arabic``. `import_bimedix_arabic` reads a
@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import yaml
 
+from bimedix.data.conventions import OPTION_LETTERS
 from bimedix.data.review_policy import ReviewPolicy
 
-from .bench import (ARABIC_DIR, ENGLISH_DIR, EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS,
-                    make_row, row_features, row_id, subset_of)
+from .bench import (EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS, make_row, row_features, row_id,
+                    subset_of)
 
 logger = logging.getLogger(__name__)
 
 BIMEDIX_ENGINE = "BiMediX semi-automated translation (GPT-3.5 + expert review)"
-_LETTERS = "ABCDEF"
 
 
 def rows_from_records(records: Iterable[dict], review: ReviewPolicy | None = None,
@@ -98,48 +97,6 @@ def import_bimedix_arabic(folder: str | Path) -> Iterator[dict]:
         raise FileNotFoundError(f"{folder} holds none of BiMediX's Arabic sets ({', '.join(sorted(repos))})")
 
 
-def bench_card(tables: dict[tuple[str, str], list[dict]]) -> str:
-    """README (dataset card) of a whole bench folder: one config per ``<subset>_<language>``."""
-    configs = []
-    for subset, language in sorted(tables):
-        folder = ENGLISH_DIR if language == "en" else ARABIC_DIR
-        configs.append({"config_name": f"{subset}_{language}",
-                        "data_files": [{"split": "test", "path": f"{folder}/{subset}/test.parquet"}]})
-    rows = [f"| `{s}_{lang}` | {len(r)} | {_provenance_summary(r)} |" for (s, lang), r in sorted(tables.items())]
-    body = ("# BiMediX evaluation benchmark (English and Arabic)\n\n"
-            "Built by `bimedix build-bench` from the original benchmark files. English and Arabic rows of one "
-            "question share `id`. The `arabic-bench/` folder is the stand-alone Arabic benchmark.\n\n"
-            "| config | rows | provenance |\n|---|---|---|\n" + "\n".join(rows) + "\n\n" + _SOURCES_NOTE)
-    return _card({"configs": configs, "language": ["en", "ar"], "license": "other",
-                  "task_categories": ["multiple-choice"], "tags": ["medical", "bimedix"]}, body)
-
-
-def arabic_card(tables: dict[str, list[dict]]) -> str:
-    """README of the Arabic benchmark folder: one config per subset, ``all`` (the paper subsets) and extras."""
-    paper = [s for s in PAPER_SUBSETS if s in tables]
-    configs = [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]} for s in paper]
-    if paper:
-        configs.append({"config_name": "all",
-                        "data_files": [{"split": "test", "path": [f"{s}/test.parquet" for s in paper]}]})
-    configs += [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]}
-                for s in EXTRA_SUBSETS if s in tables]
-    rows = [f"| `{s}` | {len(tables[s])} | {_provenance_summary(tables[s])} |" for s in [*paper, *EXTRA_SUBSETS]
-            if s in tables]
-    body = ("# BiMediX Arabic medical benchmark\n\n"
-            "Arabic multiple-choice medical questions: the English benchmarks of the BiMediX paper "
-            "(MMLU medical, MedMCQA, MedQA, PubMedQA) translated into Arabic, plus native Arabic sets where "
-            "licences allow. Columns: `id` (shared with the English twin), `question`, `context` (PubMedQA "
-            "abstract), `options`, `answer` (Latin letter), `subject`, `source`, and translation provenance "
-            "`translation_engine`, `translation_score`, `translation_reviewed`, `provenance`. "
-            "**Rows whose `provenance` is `machine-translated, unreviewed` were not checked by a person.**\n\n"
-            "```python\nfrom datasets import load_dataset\nload_dataset(\"BiMediX/arabic-bench\", \"medqa\", "
-            "split=\"test\")\n```\n\n| config | rows | provenance |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            + ("`medarabench` (nyuad-cai/MedAraBench) states no licence: research use only, kept out of `all`.\n\n"
-               if "medarabench" in tables else "") + _SOURCES_NOTE)
-    return _card({"configs": configs, "language": ["ar"], "license": "other",
-                  "task_categories": ["multiple-choice"], "tags": ["medical", "arabic", "bimedix"]}, body)
-
-
 @dataclass
 class ArabicBenchConfig(datasets.BuilderConfig):
     """One config of the Arabic benchmark: a subset name, ``all``, or ``medarabench``.
@@ -206,24 +163,6 @@ def collect_arabic_rows(sources: str | Path | None = None, translations: str | P
 
 # ----------------------------------------------------------------------------- private helpers
 
-_SOURCES_NOTE = ("Sources and licences: MMLU (MIT, hendrycks/test), AceGPT MMLUArabic (Apache-2.0, "
-                 "FreedomIntelligence/AceGPT; GPT translation, some rows corrupted upstream were dropped), "
-                 "MedQA-USMLE (MIT, jind11/MedQA), MedMCQA (MIT, medmcqa/medmcqa), PubMedQA (MIT, "
-                 "pubmedqa/pubmedqa), BiMediX Arabic sets (CC BY-NC-SA 4.0, BiMediX), MedAraBench "
-                 "(no licence stated). Each row's `license` column names its source's licence.\n")
-
-
-def _card(front_matter: dict, body: str) -> str:
-    return "---\n" + yaml.safe_dump(front_matter, sort_keys=False, allow_unicode=True) + "---\n\n" + body
-
-
-def _provenance_summary(rows: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["provenance"]] = counts.get(row["provenance"], 0) + 1
-    return ", ".join(f"{kind}: {n}" for kind, n in sorted(counts.items()))
-
-
 def _split_prompt(text: str, options: list[str]) -> tuple[str, str]:
     """Question and context of a human turn rendered by `bimedix.data.mcqa.render_mcqa` (either language).
 
@@ -248,7 +187,7 @@ def _split_prompt(text: str, options: list[str]) -> tuple[str, str]:
 
 def _bimedix_row(subset: str, row_id: str, question: str, options: list[str], answer: str, subject: str,
                  context: str = "") -> dict:
-    if answer not in _LETTERS[: len(options)]:
+    if answer not in OPTION_LETTERS["en"][: len(options)]:
         raise ValueError(f"answer {answer!r} is not one of the {len(options)} option letters")
     return make_row(id=row_id, language="ar", source="mmlu" if subset.startswith("mmlu") else subset,
                     subject=subject, question=question, context=context, options=options, answer=answer,
@@ -265,14 +204,14 @@ def _medqa_row(raw: dict, index: int, subset: str) -> dict:
 
 def _medmcqa_row(raw: dict, index: int, subset: str) -> dict:
     options = [raw["opa"], raw["opb"], raw["opc"], raw["opd"]]
-    return _bimedix_row(subset, row_id(subset, raw["id"]), raw["question"], options, _LETTERS[int(raw["cop"])],
+    return _bimedix_row(subset, row_id(subset, raw["id"]), raw["question"], options, OPTION_LETTERS["en"][int(raw["cop"])],
                         raw.get("subject_name") or "medmcqa")
 
 
 def _pubmedqa_row(raw: dict, index: int, subset: str) -> dict:
     context = raw["context"]
     contexts = context["contexts"] if isinstance(context, dict) else [context]
-    answer = _LETTERS[PUBMEDQA_OPTIONS["en"].index(raw["final_decision"].strip().lower())]
+    answer = OPTION_LETTERS["en"][PUBMEDQA_OPTIONS["en"].index(raw["final_decision"].strip().lower())]
     return _bimedix_row(subset, row_id(subset, raw["pubid"]), raw["question"], PUBMEDQA_OPTIONS["ar"], answer,
                         "pubmedqa", context="\n".join(contexts))
 
@@ -280,5 +219,5 @@ def _pubmedqa_row(raw: dict, index: int, subset: str) -> dict:
 def _mmlu_row(raw: dict, index: int, subset: str) -> dict:
     subject = subset.removeprefix("mmlu_")
     return _bimedix_row(subset, row_id(subset, index + 1), raw["question"], list(raw["choices"]),
-                        _LETTERS[int(raw["answer"])], subject)
+                        OPTION_LETTERS["en"][int(raw["answer"])], subject)
 

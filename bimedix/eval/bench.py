@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
+from ..data.dataset_readme import configs_readme
 from ..data.io import atomic_open
 from ..data.outputs import OutputFolder, safe_name
 
@@ -180,7 +181,7 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | 
                          "wb") as handle:
             pq.write_table(table, handle)
         counts[f"{subset}_{language}"] = len(rows)
-    _write_cards(output, tables)
+    _write_readmes(output, tables)
     return counts
 
 
@@ -383,14 +384,32 @@ def _first_paired(tables: dict, limit: int) -> dict:
     return kept
 
 
-def _write_cards(output: OutputFolder, tables: dict) -> None:
-    from bimedix.eval.arabic_bench import arabic_card, bench_card
+def bench_configs(tables: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """The ``configs:`` of a whole bench folder's README: one config per ``<subset>_<language>``."""
+    return [{"config_name": f"{subset}_{language}", "data_files": [
+        {"split": "test", "path": f"{ENGLISH_DIR if language == 'en' else ARABIC_DIR}/{subset}/test.parquet"}]}
+        for subset, language in sorted(tables)]
 
+
+def arabic_configs(subsets: Iterable[str]) -> list[dict]:
+    """The ``configs:`` of the Arabic benchmark's README: one per subset, ``all`` (the paper subsets), then extras."""
+    subsets = set(subsets)
+    paper = [s for s in PAPER_SUBSETS if s in subsets]
+    configs = [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]} for s in paper]
+    if paper:
+        configs.append({"config_name": "all",
+                        "data_files": [{"split": "test", "path": [f"{s}/test.parquet" for s in paper]}]})
+    return configs + [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]}
+                      for s in EXTRA_SUBSETS if s in subsets]
+
+
+def _write_readmes(output: OutputFolder, tables: dict) -> None:
+    """The machine-readable READMEs (``configs:`` for `datasets.load_dataset`); `bimedix build-bench` adds the prose."""
     with atomic_open(output.path("README.md")) as handle:
-        handle.write(bench_card(tables))
-    arabic = {subset: rows for (subset, language), rows in tables.items() if language == "ar"}
+        handle.write(configs_readme(bench_configs(tables)))
+    arabic = [subset for subset, language in tables if language == "ar"]
     if arabic:
         with atomic_open(output.path(ARABIC_DIR, "README.md")) as handle:
-            handle.write(arabic_card(arabic))
+            handle.write(configs_readme(arabic_configs(arabic)))
     else:
         output.remove(output.root / ARABIC_DIR / "README.md")

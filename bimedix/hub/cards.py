@@ -115,7 +115,7 @@ def dataset_config_files(data_dir: str | os.PathLike) -> tuple[list[dict], list[
     return configs, files
 
 
-def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
+def summarize_dataset(data_dir: str | os.PathLike, *, every_config: bool = False) -> DatasetSummary:
     """Count rows by language, task, source/licence and translation provenance from a dataset folder's Parquet.
 
     Works on BiMed records (schema of `bimedix.data.schema`, provenance in ``meta.translation``, counted by
@@ -125,7 +125,10 @@ def summarize_dataset(data_dir: str | os.PathLike) -> DatasetSummary:
     """
     import pyarrow.parquet as pq
 
-    _, files = dataset_config_files(data_dir)
+    configs, files = dataset_config_files(data_dir)
+    if every_config:  # every config's files, not only the main config's
+        files = sorted({path for config in configs for pattern in _data_file_patterns(config.get("data_files"))
+                        for path in Path(data_dir).glob(pattern)})
     languages: Counter = Counter()
     task_language: Counter = Counter()
     subsets: Counter = Counter()
@@ -243,15 +246,34 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
         has_plot=(data_dir / "stats.png").is_file(), build_text=_build_text(counts) if counts else None,
         target_table=composition_markdown(built["composition"])
         if built.get("composition") and has_targets(built["composition"]) else None,
+        recipe_text=_recipe_text(built["build"]) if built.get("build") else None,
+        source_counts=_source_counts_table(built["sources"]) if built.get("sources") else None,
+        review_text=_review_text(built["review"]) if built.get("review") else None,
+        decontamination_text=_decontamination_text(built["decontamination"])
+        if built.get("decontamination") else None,
     )
+
+
+def save_dataset_card(data_dir: str | os.PathLike) -> Path:
+    """Render the card of a ``bimedix build-data`` folder (see `render_dataset_card`) into its README; return it.
+
+    The builder wrote only the README's ``configs:``; the card keeps them.
+    """
+    path = Path(data_dir) / "README.md"
+    render_dataset_card(data_dir).save(path)
+    return path
 
 
 def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = None,
                       pretty_name: str = "BiMediX-style Arabic medical benchmark") -> DatasetCard:
-    """Render the arabic-bench dataset card for a folder written by ``bimedix build-bench``."""
+    """Render the dataset card of a folder written by ``bimedix build-bench``: its ``arabic-bench/`` or the whole.
+
+    A whole bench folder (configs ``<subset>_<language>``, no ``all``) is summarised over every config.
+    """
     bench_dir = Path(bench_dir)
     configs, _ = dataset_config_files(bench_dir)
-    summary = summarize_dataset(bench_dir)
+    bilingual = bool(configs) and not any(c.get("default") or c["config_name"] == "all" for c in configs)
+    summary = summarize_dataset(bench_dir, every_config=bilingual)
     if not configs:
         configs = [{"config_name": "all", "data_files": [
             {"split": "test", "path": [str(p.relative_to(bench_dir)) for p in summary.files]}]}]
@@ -265,8 +287,24 @@ def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = Non
         subset_table="\n".join(["| subset | questions |", "|---|---:|", *subset_rows,
                                 f"| **total** | {summary.total:,} |"]),
         source_table=_source_table(summary), licence_text=_licence_text(summary),
-        translation_text=_translation_text(summary),
+        translation_text=_translation_text(summary), bilingual=bilingual,
+        research_only=any(c["config_name"] == "medarabench" for c in configs),
     )
+
+
+def save_bench_cards(bench_dir: str | os.PathLike) -> list[Path]:
+    """Render the cards of a ``bimedix build-bench`` folder into its READMEs (whole folder, ``arabic-bench/``).
+
+    The builder wrote only their ``configs:``; the cards keep them. Returns the READMEs written.
+    """
+    bench_dir = Path(bench_dir)
+    written = []
+    for folder, pretty_name in ((bench_dir, "BiMediX evaluation benchmark (English and Arabic)"),
+                                (bench_dir / "arabic-bench", "BiMediX Arabic medical benchmark")):
+        if (folder / "README.md").is_file():
+            render_bench_card(folder, pretty_name=pretty_name).save(folder / "README.md")
+            written.append(folder / "README.md")
+    return written
 
 
 def save_model_card(model_dir: str | os.PathLike, **card_kwargs) -> Path:
@@ -419,6 +457,37 @@ def _build_text(counts: dict) -> str:
             f"overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped by source "
             f"weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The decontamination report is "
             "not published with the data, since it quotes the benchmark items.")
+
+
+def _recipe_text(build: dict) -> str:
+    """The recipe of ``bimedix build-data`` (``stats.json`` ``build``): its description, seed and mixing rule."""
+    return (f"{build['description']}\n\nBuilt from recipe `{build['recipe_file']}` (seed {build['seed']}, "
+            f"{build['mix']}).")
+
+
+def _source_counts_table(sources: dict) -> str:
+    """Records read and written per recipe source (``stats.json`` ``sources``)."""
+    return "\n".join(["| recipe source | read | written |", "|---|---:|---:|",
+                      *(f"| {name} | {counts['read']:,} | {counts['written']:,} |" for name, counts in sources.items())])
+
+
+def _review_text(review: dict) -> str:
+    """The review policy's counts (``stats.json`` ``review``, `bimedix.data.review_policy`) as prose and a table."""
+    policy = ReviewPolicy.from_summary(review)
+    unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
+    note = (f"**{unreviewed:,} machine translations were used without human review** (`--include-unreviewed`); their "
+            "`meta.translation.review_state` says so." if unreviewed else
+            "Translations pending review or scoring below the judge threshold were left out.")
+    return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
+            + (policy.table() if review["states"] else "No records."))
+
+
+def _decontamination_text(decontamination: dict) -> str:
+    """The decontamination rule and its removals per benchmark (``stats.json`` ``decontamination``)."""
+    removed = "\n".join(f"- {name}: {n:,} records removed" for name, n in decontamination["removed"].items())
+    return (f"Records holding at least {decontamination['threshold']:.0%} of a benchmark item's word "
+            f"{decontamination['ngram']}-grams (question and options, Arabic-normalised; see bimedix "
+            "`docs/data-pipeline.md`) were removed.\n\n" + (removed or "- none"))
 
 
 def _base_model_text(base: str | None, hub_base: str | None) -> str:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .cache import CachedResponse, RequestCache
-
-if TYPE_CHECKING:
-    from .client import LLMClient
+from .errors import LLMError
 
 logger = logging.getLogger(__name__)
 
@@ -32,28 +30,31 @@ MANAGEMENT_RETRIES = 5
 TERMINAL_STATES = ("completed", "failed", "expired", "cancelled")
 
 
-async def run_batches(openai_client, cache: RequestCache, client: LLMClient, *, poll_interval: float = 30.0,
+async def run_batches(openai_client, cache: RequestCache, *, model: str, price: Callable[[int, int], float],
+                      call_timeout: float, server: str, poll_interval: float = 30.0,
                       completion_window: str = "24h") -> int:
     """Submit unsubmitted parked requests, wait for every open batch, record the answers; return how many.
 
     Args:
         openai_client (`openai.AsyncOpenAI`): the SDK client.
         cache (`RequestCache`): where parked requests wait and answers are recorded.
-        client (`LLMClient`): prices the answers (batch discount applied).
+        model (`str`): the model the answers are recorded under.
+        price (`Callable[[int, int], float]`): the cost of an answer from its prompt and completion tokens
+            (batch discount applied).
+        call_timeout (`float`): the client's per-request timeout in seconds, which sets the management deadline.
+        server (`str`): the API base URL, named in errors.
         poll_interval (`float`, *optional*, defaults to `30`): seconds between status checks.
         completion_window (`str`, *optional*, defaults to `"24h"`): the Batch API completion window.
     """
     api = openai_client.with_options(max_retries=MANAGEMENT_RETRIES)
-    seconds = client.config.timeout * (MANAGEMENT_RETRIES + 1)
+    seconds = call_timeout * (MANAGEMENT_RETRIES + 1)
 
     async def within(what: str, call):
         try:
             async with asyncio.timeout(seconds):
                 return await call
         except TimeoutError:
-            from .client import LLMError
-
-            raise LLMError(f"{client.config.base_url}: {what} took more than {seconds:g} s (the Batch API "
+            raise LLMError(f"{server}: {what} took more than {seconds:g} s (the Batch API "
                            "management calls' deadline); re-run to continue", transient=True) from None
 
     pending = cache.unsubmitted()
@@ -78,12 +79,12 @@ async def run_batches(openai_client, cache: RequestCache, client: LLMClient, *, 
         if batch.output_file_id:
             content = await within(f"downloading the output of batch {batch_id}",
                                    api.files.content(batch.output_file_id))
-            recorded += _record_output(content.text, cache, client)
+            recorded += _record_output(content.text, cache, model, price)
         cache.close_batch(batch_id)
     return recorded
 
 
-def _record_output(text: str, cache: RequestCache, client: LLMClient) -> int:
+def _record_output(text: str, cache: RequestCache, model: str, price: Callable[[int, int], float]) -> int:
     recorded = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -97,8 +98,8 @@ def _record_output(text: str, cache: RequestCache, client: LLMClient) -> int:
             continue
         choice, usage = body["choices"][0], body.get("usage") or {}
         prompt_tokens, completion_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-        cache.put(item["custom_id"], client.config.model, CachedResponse(
+        cache.put(item["custom_id"], model, CachedResponse(
             choice["message"].get("content") or "", choice.get("finish_reason") or "stop", prompt_tokens,
-            completion_tokens, client.cost(prompt_tokens, completion_tokens, batch=True)), mode="batch")
+            completion_tokens, price(prompt_tokens, completion_tokens)), mode="batch")
         recorded += 1
     return recorded

@@ -38,35 +38,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..resources import resource_path
+from .batch import run_batches
 from .cache import CachedResponse, RequestCache, request_key
+from .errors import BudgetExceeded, Deferred, LLMError
 
 logger = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 600.0
 BATCH_DISCOUNT = 0.5
-
-
-class LLMError(RuntimeError):
-    """A request that failed for good: a non-transient HTTP error, or transient ones past ``max_retries``.
-
-    Attributes:
-        status (`int | None`): the HTTP status, ``None`` for connection-level failures.
-        transient (`bool`): whether re-running later may succeed.
-    """
-
-    def __init__(self, message: str, *, status: int | None = None, transient: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.transient = transient
-
-
-class BudgetExceeded(RuntimeError):
-    """Sending the next request could take the ledger past the budget."""
-
-
-class Deferred(Exception):
-    """A request was parked for the Batch API; retry after `LLMClient.flush_batch`."""
 
 
 @dataclass(frozen=True)
@@ -254,9 +234,10 @@ class LLMClient:
 
     async def flush_batch(self) -> int:
         """Submit parked requests as Batch API jobs, wait for them and record their results; return how many."""
-        from .batch import run_batches
-
-        recorded = await run_batches(self._client(), self.cache, self, poll_interval=self.config.batch_poll_interval)
+        recorded = await run_batches(self._client(), self.cache, model=self.config.model,
+                                     price=lambda prompt, completion: self.cost(prompt, completion, batch=True),
+                                     call_timeout=self.config.timeout, server=self.config.base_url,
+                                     poll_interval=self.config.batch_poll_interval)
         self._spent, self._reserved = self.cache.total_cost(), 0.0
         return recorded
 

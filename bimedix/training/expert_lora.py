@@ -6,7 +6,7 @@ PEFT adapts fused expert parameters (`target_parameters=["mlp.experts.gate_up_pr
 folds into one `baddbmm` only for a single adapter on fp32 weights — still writing a full-size tensor.
 `ExpertLoraWrapper` is a `ParamWrapper` with the same parameters and state-dict keys whose forward, in
 ``"folded"`` mode, runs each routed expert on its own tokens with the low-rank factors applied to the
-activations (grouped GEMMs; 4-bit experts are dequantized just in time, `quantize.grouped_expert_linear`).
+activations (grouped GEMMs; 4-bit experts are dequantized just in time, `experts.grouped_expert_linear`).
 ``"peft"`` mode keeps PEFT's own path (plus the fix it needs on 4-bit experts). Adapters trained in
 either mode are identical PEFT adapters.
 
@@ -29,7 +29,7 @@ from peft.tuners.lora.layer import ParamWrapper, _LoraFactorsProxy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .quantize import _is_3d_expert_parameter, grouped_expert_linear, grouped_mm
+from .experts import grouped_expert_linear, grouped_mm, is_3d_expert_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _switch_expert_wrappers(model: nn.Module, mode: str, plain_only: bool) -> in
     for module in model.modules():
         if not isinstance(module, ParamWrapper) or (plain_only and type(module) is not ParamWrapper):
             continue
-        if _is_3d_expert_parameter(module.get_base_layer(), module.parameter_name):
+        if is_3d_expert_parameter(module.get_base_layer(), module.parameter_name):
             module.__class__ = ExpertLoraWrapper
             module.expert_lora_mode = mode
             switched += 1

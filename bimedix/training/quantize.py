@@ -5,7 +5,7 @@ transformers 5 stores an MoE layer's experts as fused 3-D parameters (`mlp.exper
 about 97% of Mixtral's weights stay in bf16. `quantize_experts` packs those parameters to NF4 with double
 quantization through bitsandbytes' own parametrization (`replace_parameter_4bit`), so that they stay 4-bit
 at rest, any experts implementation still reads ``experts.gate_up_proj`` (dequantized on access), and the
-state dict carries bitsandbytes' quant-state keys. `grouped_expert_linear` runs the grouped expert matmul
+state dict carries bitsandbytes' quant-state keys. `experts.grouped_expert_linear` runs the grouped expert matmul
 from the packed bytes (dequantizing just in time, and again in backward): the folded expert-LoRA path in
 `bimedix.training.expert_lora` uses it, so no dequantized expert stack is kept between forward and backward.
 """
@@ -15,33 +15,25 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .experts import (
+    EXPERT_PARAMETERS,
+    bnb_parametrization,
+    flat_dequantize,
+    fused_experts,
+    is_3d_expert_parameter,
+    is_quantized,
+)
+
 logger = logging.getLogger(__name__)
 
-EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
 MIN_BITSANDBYTES = "0.48.0"
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
-
-
-def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
-    """Return the fused experts modules of ``model`` by name (modules holding 3-D `gate_up_proj`/`down_proj`).
-
-    PEFT wrappers are looked through: the returned modules are the transformers experts modules themselves.
-    """
-    found = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "base_layer"):  # a PEFT wrapper
-            continue
-        held = [p for p in EXPERT_PARAMETERS if _is_3d_expert_parameter(module, p)]
-        if "down_proj" in held and len(held) >= 2:
-            found[name.replace(".base_layer", "")] = module
-    return found
 
 
 def quantize_experts(
@@ -86,7 +78,7 @@ def quantize_experts(
         if device is not None:
             module.to(device)
         for param_name in EXPERT_PARAMETERS:
-            if not _is_3d_expert_parameter(module, param_name) or is_quantized(module, param_name):
+            if not is_3d_expert_parameter(module, param_name) or is_quantized(module, param_name):
                 continue
             full_name = f"{module_name}.{param_name}"
             _check_parameter(full_name, getattr(module, param_name), blocksize)
@@ -152,37 +144,6 @@ def load_model_with_4bit_experts(
     return model.to(device)
 
 
-def is_quantized(module: nn.Module, param_name: str) -> bool:
-    """Whether ``module.<param_name>`` is a bitsandbytes 4-bit parametrized parameter."""
-    return _bnb_parametrization(module, param_name) is not None
-
-
-def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped GEMM).
-
-    ``offsets`` are the cumulative row counts per expert (int32), as in transformers' `grouped_mm` experts.
-    A 4-bit parameter is dequantized for the call and again in backward instead of being kept for it
-    (like bitsandbytes' `MatMul4Bit`), so saved activations hold packed bytes, not a bf16 expert stack.
-    Experts stored transposed (``experts.is_transposed``, shape (E, in, out)) are handled.
-    """
-    transposed = getattr(experts, "is_transposed", False)
-    parametrization = _bnb_parametrization(experts, param_name)
-    if parametrization is None:
-        weight = getattr(experts, param_name)
-        return lambda x, offsets: grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
-    packed = experts.parametrizations[param_name].original
-    state = parametrization.quant_state
-    return lambda x, offsets: _Dequantize4bitGroupedLinear.apply(x, offsets, packed, state, transposed)
-
-
-def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``x[rows of e] @ weight[e]`` for every expert ``e`` (weight (E, in, out)), in ``weight``'s dtype."""
-    # transformers' dispatcher: torch's grouped GEMM where the device/dtype/version allows it, else a loop.
-    from transformers.integrations.moe import _grouped_mm
-
-    return _grouped_mm(x, weight, offsets)
-
-
 def dequantize_experts(model: nn.Module) -> list[str]:
     """Replace every 4-bit expert parameter of ``model`` by a dense parameter in its original dtype (in place).
 
@@ -213,12 +174,12 @@ def expert_parameter_bytes(model: nn.Module, codebooks: bool = True) -> int:
     total = 0
     for module in fused_experts(model).values():
         for param_name in EXPERT_PARAMETERS:
-            parametrization = _bnb_parametrization(module, param_name)
+            parametrization = bnb_parametrization(module, param_name)
             if parametrization is not None:
                 original = module.parametrizations[param_name].original
                 total += original.numel() * original.element_size() + _quant_state_bytes(parametrization.quant_state,
                                                                                           codebooks)
-            elif _is_3d_expert_parameter(module, param_name):
+            elif is_3d_expert_parameter(module, param_name):
                 param = getattr(module, param_name)
                 total += param.numel() * param.element_size()
     return total
@@ -229,47 +190,13 @@ def _experts_parametrization_class() -> type:
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
 
     class ExpertsBnb4bitParametrization(Bnb4bitParametrization):
-        """bitsandbytes' 4-bit parametrization, dequantizing through `_flat_dequantize` (same state, same keys)."""
+        """bitsandbytes' 4-bit parametrization, dequantizing through `flat_dequantize` (same state, same keys)."""
 
         @torch.no_grad()
         def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:
-            return _flat_dequantize(quantized_param, self.quant_state)
+            return flat_dequantize(quantized_param, self.quant_state)
 
     return ExpertsBnb4bitParametrization
-
-
-class _Dequantize4bitGroupedLinear(torch.autograd.Function):
-    """Grouped ``x @ W[e]ᵀ`` from a 4-bit expert stack; saves the packed bytes, not the dequantized weight."""
-
-    @staticmethod
-    def forward(ctx, x, offsets, packed, state, transposed):
-        ctx.save_for_backward(offsets, packed)
-        ctx.state, ctx.transposed = state, transposed
-        weight = _flat_dequantize(packed, state).to(x.dtype)
-        return grouped_mm(x, weight if transposed else weight.transpose(-2, -1), offsets)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        offsets, packed = ctx.saved_tensors
-        weight = _flat_dequantize(packed, ctx.state).to(grad_output.dtype)
-        grad_input = grouped_mm(grad_output, weight.transpose(-2, -1) if ctx.transposed else weight, offsets)
-        return grad_input, None, None, None, None
-
-
-def _flat_dequantize(quantized: torch.Tensor, state) -> torch.Tensor:
-    """`dequantize_4bit` through a (blocks, blocksize) view, reshaped back to ``state.shape``.
-
-    bitsandbytes 0.50's CPU kernel mis-places the absmax of rows shorter than (or not a multiple of) the
-    block size — e.g. a hidden size of 16 — while blocks are laid out linearly; the flat view is exact.
-    """
-    from bitsandbytes import functional as bnbf
-
-    flat = bnbf.QuantState(absmax=state.absmax, shape=torch.Size((state.shape.numel() // state.blocksize,
-                           state.blocksize)), code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
-                           dtype=state.dtype, offset=state.offset, state2=state.state2)
-    return bnbf.dequantize_4bit(quantized, quant_state=flat).reshape(state.shape)
 
 
 def _quant_state_bytes(state, codebooks: bool) -> int:
@@ -277,22 +204,6 @@ def _quant_state_bytes(state, codebooks: bool) -> int:
     if state.nested:
         tensors += [state.state2.absmax, state.state2.code if codebooks else None, state.offset]
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _bnb_parametrization(module: nn.Module, param_name: str):
-    if not parametrize.is_parametrized(module, param_name):
-        return None
-    from bitsandbytes.nn.parametrize import Bnb4bitParametrization
-
-    return next((p for p in module.parametrizations[param_name] if isinstance(p, Bnb4bitParametrization)), None)
-
-
-def _is_3d_expert_parameter(module: nn.Module, param_name: str) -> bool:
-    if parametrize.is_parametrized(module, param_name):
-        return _bnb_parametrization(module, param_name) is not None or module.parametrizations[
-            param_name].original.dim() == 3
-    param = module._parameters.get(param_name)
-    return param is not None and param.dim() == 3
 
 
 def _check_parameter(name: str, param: torch.Tensor, blocksize: int) -> None:

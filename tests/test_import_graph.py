@@ -1,0 +1,103 @@
+"""The package's import graph: no cycles between bimedix modules, no private names imported across modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import bimedix
+
+PACKAGE_DIR = Path(bimedix.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> list[tuple[str, str | None]]:
+    """(imported bimedix module, imported name or None) for every import statement, at any depth."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names if alias.name.split(".")[0] == "bimedix"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "bimedix":
+                continue
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}"
+                found.append((submodule, None) if submodule in modules else (target, alias.name))
+    return found
+
+
+def _graph() -> tuple[dict[str, set[str]], list[str]]:
+    paths = [p for p in PACKAGE_DIR.rglob("*.py") if "bundled" not in p.parts]
+    modules = {_module_name(p) for p in paths}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    private = []
+    for path in paths:
+        source = _module_name(path)
+        for target, name in _imports(path, modules):
+            # importing a package's name goes through its __init__; a module's own package is not a dependency
+            if target in modules and target != source and not source.startswith(target + "."):
+                graph[source].add(target)
+            if name and name.startswith("_") and not name.startswith("__") and target != source:
+                private.append(f"{source} imports {target}.{name}")
+    return graph, private
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in graph[node]:
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    graph, _ = _graph()
+    assert "bimedix.data.io" in graph and graph["bimedix.cli.data"], "the import graph was not read"
+    assert _cycles(graph) == []
+
+
+def test_no_private_names_imported_across_modules():
+    _, private = _graph()
+    assert private == []
