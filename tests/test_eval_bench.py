@@ -13,8 +13,15 @@ from datasets import load_dataset as _load_dataset
 from bimedix.cli import main
 from bimedix.data.mcqa import item_to_record, read_medqa
 from bimedix.eval.arabic_bench import ArabicBench, import_bimedix_arabic, rows_from_records
-from bimedix.eval.bench import (PAPER_SUBSETS, SOURCE_PATHS, available_configs, build_bench, bundled_data_dir,
-                                read_bench, subset_path)
+from bimedix.eval.bench import (
+    PAPER_SUBSETS,
+    SOURCE_PATHS,
+    available_configs,
+    build_bench,
+    bundled_data_dir,
+    read_bench,
+    subset_path,
+)
 
 
 def load_dataset(folder: str, config: str, split: str):

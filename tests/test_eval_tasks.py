@@ -10,8 +10,8 @@ import pytest
 
 from bimedix.eval.bench import PAPER_SUBSETS, build_bench, read_bench
 from bimedix.eval.run import evaluate, tasks_dir
-from bimedix.eval.tasks._generate_configs import generate
 from bimedix.eval.tables import average, subset_scores
+from bimedix.eval.tasks._generate_configs import generate
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "eval_prompt_snapshots.json"
 LEAF_TASKS = [f"bimedix_{s}_{lang}" for s in PAPER_SUBSETS for lang in ("en", "ar")]

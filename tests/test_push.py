@@ -13,12 +13,11 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoFile
+from test_cards import _records, write_dataset_folder
 
 from bimedix.cli import main
-from bimedix.hub.push import LicenseError, check_licenses, license_class, push
 from bimedix.hub.cards import summarize_dataset
-
-from test_cards import _records, write_dataset_folder
+from bimedix.hub.push import LicenseError, check_licenses, license_class, push
 
 SECRET = "hf_bimedixTESTtoken0123456789"
 BASE = "mistralai/Mixtral-8x7B-v0.1"

@@ -63,7 +63,6 @@ def register(subparsers) -> None:
 
 def _build_data(args: argparse.Namespace) -> int:
     from ..data.build import build_data
-
     from ..data.composition import composition_markdown, has_targets
     from ..data.review_policy import ReviewPolicy
     from ..hub.cards import save_dataset_card

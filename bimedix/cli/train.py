@@ -109,10 +109,11 @@ def _targets(args) -> int:
 
 
 def _show_mask(args) -> int:
-    from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
-    from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     from trl.scripts.utils import DatasetConfig
+
+    from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
+    from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
 
     if args.recipe:
         script, training, model_args, mixture, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])

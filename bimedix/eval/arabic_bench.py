@@ -20,8 +20,16 @@ import datasets
 from bimedix.data.conventions import OPTION_LETTERS
 from bimedix.data.review_policy import ReviewPolicy
 
-from .bench import (EXTRA_SUBSETS, MMLU_SUBJECTS, PAPER_SUBSETS, PUBMEDQA_OPTIONS, make_row, row_features, row_id,
-                    subset_of)
+from .bench import (
+    EXTRA_SUBSETS,
+    MMLU_SUBJECTS,
+    PAPER_SUBSETS,
+    PUBMEDQA_OPTIONS,
+    make_row,
+    row_features,
+    row_id,
+    subset_of,
+)
 
 logger = logging.getLogger(__name__)
 
