@@ -69,7 +69,8 @@ def bench_encoding(records: list[dict], count: int, runs: int) -> None:
         return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(items, add_special_tokens=False)]
 
     jinja_sample = sample[: min(len(sample), 2000)]
-    jinja = timed(lambda items: [tokenizer.apply_chat_template(to_messages(r), tokenize=True, return_dict=True,
+    jinja = timed(lambda items: [tokenizer.apply_chat_template(to_messages(r), tokenize=True,
+                                                               return_dict=True,
                                                                return_assistant_tokens_mask=True) for r in items],
                   jinja_sample)
     fast, ceiling = [], []
@@ -78,13 +79,16 @@ def bench_encoding(records: list[dict], count: int, runs: int) -> None:
         ceiling.append(timed(ceiling_path, texts))
     tokens = sum(len(ids) for ids in ceiling_path(texts))
     fast_median, ceiling_median = statistics.median(fast), statistics.median(ceiling)
-    print(f"encoding {len(sample):,} real records ({tokens / len(sample):.0f} Mixtral tokens each on average), "
-          f"{runs} alternating runs each, {os.cpu_count()} CPUs, load average {_load()}:")
-    print(f"  apply_chat_template + assistant mask : {jinja:10,.0f} records/s  (one run over {len(jinja_sample):,}; "
-          f"ratio {jinja / ceiling_median:.2f})")
-    print(f"  bimedix encode_conversations          : median {fast_median:10,.0f}  best {max(fast):10,.0f} records/s")
-    print(f"  raw encode_batch (ceiling)            : median {ceiling_median:10,.0f}  best {max(ceiling):10,.0f} records/s")
-    print(f"  fast / ceiling: {fast_median / ceiling_median:.2f} (medians), {max(fast) / max(ceiling):.2f} (bests); "
+    print(f"encoding {len(sample):,} real records ({tokens / len(sample):.0f} Mixtral tokens each on "
+          f"average), {runs} alternating runs each, {os.cpu_count()} CPUs, load average {_load()}:")
+    print(f"  apply_chat_template + assistant mask : {jinja:10,.0f} records/s  (one run over "
+          f"{len(jinja_sample):,}; ratio {jinja / ceiling_median:.2f})")
+    print(f"  bimedix encode_conversations          : median {fast_median:10,.0f}  best {max(fast):10,.0f} "
+          "records/s")
+    print(f"  raw encode_batch (ceiling)            : median {ceiling_median:10,.0f}  best "
+          f"{max(ceiling):10,.0f} records/s")
+    print(f"  fast / ceiling: {fast_median / ceiling_median:.2f} (medians), {max(fast) / max(ceiling):.2f} "
+          "(bests); "
           "target >= 0.8")
 
 
@@ -118,10 +122,11 @@ def bench_build(records: list[dict], count: int, folder: Path) -> None:
     print(f"build-data on {count:,} records (repeated real records), load average {_load()}:")
     print(f"  --num-proc 1 : {one_time:8,.1f} s ({count / one_time:8,.0f} records/s), CPU {one_cpu:8,.1f} s, "
           f"peak memory {one_peak:6,.0f} MB")
-    print(f"  --num-proc {cores} : {all_time:8,.1f} s ({count / all_time:8,.0f} records/s), CPU {all_cpu:8,.1f} s "
-          f"(with its workers), peak memory {all_peak:6,.0f} MB (with its workers; target <= 2048 MB)")
-    print(f"  speed-up {one_time / all_time:.2f}x on {cores} cores (target >= 1.7x on 2); outputs byte-identical: "
-          f"{identical}")
+    print(f"  --num-proc {cores} : {all_time:8,.1f} s ({count / all_time:8,.0f} records/s), CPU "
+          f"{all_cpu:8,.1f} s (with its workers), peak memory {all_peak:6,.0f} MB (with its workers; target "
+          "<= 2048 MB)")
+    print(f"  speed-up {one_time / all_time:.2f}x on {cores} cores (target >= 1.7x on 2); outputs "
+          f"byte-identical: {identical}")
     print(f"  {total}")
 
 
@@ -134,7 +139,8 @@ def _run_build(recipe: Path, output: Path, num_proc: int) -> tuple[float, float,
     start, cpu = time.perf_counter(), _children_cpu()
     log = output.with_suffix(".log")
     with open(log, "w") as handle:
-        child = subprocess.Popen([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe), "--output",
+        child = subprocess.Popen([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe),
+                                  "--output",
                                   str(output), "--no-progress", "--num-proc", str(num_proc)],
                                  stdout=handle, stderr=subprocess.STDOUT)
         peak = 0.0
@@ -197,8 +203,9 @@ def bench_index(records: list[dict], count: int) -> None:
         "before = _status_mb('self', 'VmRSS')\n"
         "dedup = Deduplicator()\n"
         f"for i in range({count}):\n"
-        "    dedup.check({'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': ' '.join(rng.choices(words, k=60))}]})\n"
-        "print(before, _status_mb('self', 'VmHWM'), len(dedup._exact))\n"
+        "    dedup.check({'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': ' "
+        "'.join(rng.choices(words, k=60))}]})\nprint(before, _status_mb('self', 'VmHWM'), "
+        "len(dedup._exact))\n"
     )
     words = sorted({w for r in records for t in r["conversations"] for w in t["value"].split()})
     start = time.perf_counter()
@@ -224,11 +231,15 @@ def _status_mb(pid: int | str, field: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=1_300_000, help="records fed to build-data")
-    parser.add_argument("--index-records", type=int, default=1_300_000, help="distinct records in the dedup index "
+    parser.add_argument("--index-records", type=int, default=1_300_000,
+                        help="distinct records in the dedup index "
                                                                                "(0 to skip)")
-    parser.add_argument("--encode-records", type=int, default=20_000, help="records encoded per run (>= 20000 for a "
-                                                                         "stable figure; the real records repeated)")
-    parser.add_argument("--encode-runs", type=int, default=5, help="alternating runs of the fast path and the ceiling")
+    parser.add_argument("--encode-records", type=int, default=20_000,
+                        help="records encoded per run (>= 20000 for a "
+                                                                         "stable figure; the real records "
+                                                                         "repeated)")
+    parser.add_argument("--encode-runs", type=int, default=5,
+                        help="alternating runs of the fast path and the ceiling")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     records = real_records()

@@ -84,7 +84,8 @@ def main() -> None:
         def run_bimedix():
             lm_eval.simple_evaluate = timed_simple_evaluate
             try:
-                return evaluate(str(model), tasks=auto_tasks(), limit=args.limit, device="cpu", output_dir=tmp / "out")
+                return evaluate(str(model), tasks=auto_tasks(), limit=args.limit, device="cpu",
+                                output_dir=tmp / "out")
             finally:
                 lm_eval.simple_evaluate = simple_evaluate
 
@@ -103,15 +104,18 @@ def main() -> None:
                 cpu[name].append(time.process_time() - start_cpu)
                 if name == "bimedix":
                     outside.append(wall[name][-1] - inner[-1])
-    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in (("wall", wall), ("cpu", cpu))}
-    print(f"questions per run: {questions} ({len(plain)} tasks, limit {args.limit}), tiny Mixtral, hf backend, CPU, "
-          f"{args.repeats} alternating repeats")
+    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in (("wall", wall), ("cpu",
+                                                                                                        cpu))}
+    print(f"questions per run: {questions} ({len(plain)} tasks, limit {args.limit}), tiny Mixtral, hf "
+          f"backend, CPU, {args.repeats} alternating repeats")
     for kind in ("wall", "cpu"):
         plain_s, bimedix_s = med[kind]["plain"], med[kind]["bimedix"]
         print(f"{kind:4s}  plain simple_evaluate {plain_s:7.2f} s ({questions / plain_s:5.1f} q/s)   "
-              f"bimedix evaluate {bimedix_s:7.2f} s ({questions / bimedix_s:5.1f} q/s)   ratio {bimedix_s / plain_s:.3f}")
+              f"bimedix evaluate {bimedix_s:7.2f} s ({questions / bimedix_s:5.1f} q/s)   ratio "
+              f"{bimedix_s / plain_s:.3f}")
     share = statistics.median(o / (w - o) for o, w in zip(outside, wall["bimedix"]))
-    print(f"bimedix time outside simple_evaluate: median {statistics.median(outside):.2f} s = {100 * share:.1f}% "
+    print(f"bimedix time outside simple_evaluate: median {statistics.median(outside):.2f} s = "
+          f"{100 * share:.1f}% "
           "of the lm-eval run (target <= 5%)")
 
 if __name__ == "__main__":

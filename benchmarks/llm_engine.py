@@ -44,9 +44,9 @@ def main() -> None:
             seconds, cpu = asyncio.run(_concurrency(base_url, tmp / "concurrency.sqlite", args.concurrency,
                                                     args.requests))
         achieved, ideal = args.requests / seconds, args.concurrency / args.latency
-        print(f"concurrency: {args.requests} requests, C={args.concurrency}, latency {args.latency * 1000:.0f} ms: "
-              f"{seconds:.2f} s, {achieved:.1f} req/s, ideal {ideal:.1f} req/s, ratio {achieved / ideal:.3f} "
-              f"(client CPU {cpu * 1000:.2f} ms/request)")
+        print(f"concurrency: {args.requests} requests, C={args.concurrency}, latency "
+              f"{args.latency * 1000:.0f} ms: {seconds:.2f} s, {achieved:.1f} req/s, ideal {ideal:.1f} "
+              f"req/s, ratio {achieved / ideal:.3f} (client CPU {cpu * 1000:.2f} ms/request)")
 
         records = [_record(i) for i in range(args.records)]
         write_jsonl(tmp / "en.jsonl", records)
@@ -62,13 +62,14 @@ def main() -> None:
             resume_seconds = time.perf_counter() - start
         print(f"first run: {args.records} records, {fill.sent} requests sent, {fill.accepted} accepted, "
               f"{fill.rejected} rejected")
-        print(f"cached re-run (output deleted): {rerun.accepted + rerun.rejected} records in {seconds:.3f} s = "
-              f"{args.records / seconds:,.0f} records/s, requests sent {rerun.sent}")
+        print(f"cached re-run (output deleted): {rerun.accepted + rerun.rejected} records in {seconds:.3f} s "
+              f"= {args.records / seconds:,.0f} records/s, requests sent {rerun.sent}")
         print(f"resume of a finished run: {resumed.skipped} records skipped in {resume_seconds:.3f} s = "
               f"{args.records / resume_seconds:,.0f} records/s, requests sent {resumed.sent}")
 
 
-async def _concurrency(base_url: str, cache_path: Path, concurrency: int, requests: int) -> tuple[float, float]:
+async def _concurrency(base_url: str, cache_path: Path, concurrency: int, requests: int) -> tuple[float,
+                                                                                                  float]:
     client = LLMClient(ClientConfig(base_url=base_url, model="bench", concurrency=concurrency, prices=PRICES),
                        RequestCache(cache_path))
     try:
@@ -94,7 +95,8 @@ async def _translate(base_url: str, tmp: Path, concurrency: int):
 
 def _record(index: int) -> dict:
     options = [f"Metformin {500 + index} mg", "Insulin glargine", "Lifestyle advice", "Start aspirin"]
-    human = (f"Question: A {20 + index % 60}-year-old has a fasting glucose of {7 + index % 30 / 10:.1f} mmol/L. "
+    human = (f"Question: A {20 + index % 60}-year-old has a fasting glucose of {7 + index % 30 / 10:.1f} "
+             "mmol/L. "
              "What is the next step?\n\nOptions:\n" + "\n".join(f"{k}. {t}" for k, t in zip("ABCD", options)))
     turns = [{"from": "human", "value": human}, {"from": "gpt", "value": "B. Insulin glargine"}]
     return make_record(id=f"bench-en-{index:06d}", source="bench", task="mcqa", language="en", license="MIT",
@@ -111,7 +113,8 @@ class _server:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, "-m", "bimedix", "fake-openai-server", "--port", str(port),
+        self.process = subprocess.Popen([sys.executable, "-m", "bimedix", "fake-openai-server", "--port",
+                                         str(port),
                                          "--latency", str(self.latency)], stdout=subprocess.PIPE, text=True)
         self.process.stdout.readline()  # "fake OpenAI-compatible server on ..."
         return f"http://127.0.0.1:{port}/v1"

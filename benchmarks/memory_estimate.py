@@ -38,12 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (Mixtral-8x7B: 32)")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (Mixtral-8x7B: 4096)")
-    parser.add_argument("--intermediate", type=int, default=14336, help="expert intermediate size (Mixtral: 14336)")
+    parser.add_argument("--intermediate", type=int, default=14336,
+                        help="expert intermediate size (Mixtral: 14336)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per step (one sequence)")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (paper: 128)")
     parser.add_argument("--alpha", type=int, default=64, help="LoRA alpha (paper: 64)")
     parser.add_argument("--experts", choices=["bf16", "nf4"], default="bf16", help="expert storage")
-    parser.add_argument("--expert_lora", choices=["folded", "peft"], default="folded", help="expert LoRA path")
+    parser.add_argument("--expert_lora", choices=["folded", "peft"], default="folded",
+                        help="expert LoRA path")
     parser.add_argument("--no_checkpointing", action="store_true", help="keep every layer's activations")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up step)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -67,21 +69,25 @@ def main(argv=None) -> dict:
     totals = report["totals"]
     trainable = report["trainable"]
     rows = [
-        ("weights at rest (frozen + adapter)", totals["parameters"] + trainable["weights"], measured["at_rest"]),
+        ("weights at rest (frozen + adapter)", totals["parameters"] + trainable["weights"],
+         measured["at_rest"]),
         ("AdamW states", trainable["optimizer"], measured["optimizer"]),
         ("step: grads, activations, transients",
          trainable["gradients"] + totals["activations"] + totals["transients"], measured["step"]),
         ("peak (total)", totals["all"], measured["peak"]),
     ]
-    print(f"Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} "
-          f"alpha={args.alpha} on q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
-          f"{args.tokens} tokens, checkpointing {'off' if args.no_checkpointing else 'on'}, CPU, torch {torch.__version__}")
+    print(f"Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"{args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} alpha={args.alpha} on "
+          f"q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
+          f"{args.tokens} tokens, checkpointing {'off' if args.no_checkpointing else 'on'}, CPU, torch "
+          f"{torch.__version__}")
     print(f"{'component':<34} {'estimate':>12} {'measured':>12} {'ratio':>7}")
     for label, est, got in rows:
-        print(f"{label:<34} {est / GIB:9.3f} GiB {got / GIB:9.3f} GiB {got / est if est else float('nan'):7.3f}")
+        print(f"{label:<34} {est / GIB:9.3f} GiB {got / GIB:9.3f} GiB "
+              f"{got / est if est else float('nan'):7.3f}")
     ratio = measured["peak"] / totals["all"]
-    print(f"measured / estimate = {ratio:.3f} ({'within' if abs(ratio - 1) <= 0.15 else 'OUTSIDE'} the ±15% target); "
-          f"step {measured['step_s']:.1f} s")
+    print(f"measured / estimate = {ratio:.3f} ({'within' if abs(ratio - 1) <= 0.15 else 'OUTSIDE'} the ±15% "
+          f"target); step {measured['step_s']:.1f} s")
     return {"estimate": totals["all"], "measured": measured["peak"], "ratio": ratio, "components": rows}
 
 
@@ -93,7 +99,8 @@ def estimate(args: argparse.Namespace) -> dict:
 
     model = meta_model(MODEL, **_dims(args))
     peft_config = build_lora_config(model, "paper", r=args.rank, alpha=args.alpha)
-    settings = Settings(compute_dtype="bfloat16", quantize_experts=args.experts == "nf4", expert_lora=args.expert_lora,
+    settings = Settings(compute_dtype="bfloat16", quantize_experts=args.experts == "nf4",
+                        expert_lora=args.expert_lora,
                         batch_size=1, max_length=args.tokens, checkpointing=not args.no_checkpointing)
     return estimate_bytes(model_facts(model, peft_config=peft_config), settings)
 
@@ -142,11 +149,13 @@ def measure(args: argparse.Namespace) -> dict:
         step()
     step_s = (time.perf_counter() - start) / args.steps
     peak = sampler.stop() - baseline
-    return {"at_rest": at_rest, "optimizer": warm - at_rest, "step": peak - warm, "peak": peak, "step_s": step_s}
+    return {"at_rest": at_rest, "optimizer": warm - at_rest, "step": peak - warm, "peak": peak,
+            "step_s": step_s}
 
 
 def _dims(args: argparse.Namespace) -> dict:
-    return {"num_hidden_layers": args.layers, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
+    return {"num_hidden_layers": args.layers, "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate}
 
 
 def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:
@@ -154,7 +163,8 @@ def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None and param.is_meta:
-                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="cpu").normal_(std=std),
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param,
+                                                                            device="cpu").normal_(std=std),
                                                            requires_grad=param.requires_grad)
 
 

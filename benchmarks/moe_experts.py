@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="MoE layers in the stack")
     parser.add_argument("--hidden", type=int, default=4096, help="hidden size (Mixtral-8x7B: 4096)")
-    parser.add_argument("--intermediate", type=int, default=14336, help="expert intermediate size (Mixtral: 14336)")
+    parser.add_argument("--intermediate", type=int, default=14336,
+                        help="expert intermediate size (Mixtral: 14336)")
     parser.add_argument("--experts", type=int, default=8, help="experts per layer (Mixtral: 8)")
     parser.add_argument("--top_k", type=int, default=2, help="experts per token (Mixtral: 2)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch x sequence)")
@@ -64,9 +65,10 @@ def main(argv=None) -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
-    print(f"{args.layers} MoE layer(s): hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} experts, "
-          f"top-{args.top_k}; {args.tokens} tokens/step; LoRA r={args.rank} on router + experts; "
-          f"checkpointing {'on' if args.checkpointing else 'off'}; {card}; torch {torch.__version__}")
+    print(f"{args.layers} MoE layer(s): hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"{args.experts} experts, top-{args.top_k}; {args.tokens} tokens/step; LoRA r={args.rank} on "
+          f"router + experts; checkpointing {'on' if args.checkpointing else 'off'}; {card}; torch "
+          f"{torch.__version__}")
     results = {}
     for name in args.configs:
         gathered = args.tokens * args.top_k * 3 * args.hidden * args.intermediate * 2  # batched_mm: W[e] per token
@@ -74,16 +76,20 @@ def main(argv=None) -> None:
             print(f"{name:40s} skipped: it gathers {gathered / 2**30:.1f} GiB of expert weights per layer "
                   f"(> --max_gather_gib {args.max_gather_gib})")
             continue
-        command = [sys.executable, __file__, "--only", name] + _forwarded(argv if argv is not None else sys.argv[1:])
+        command = [sys.executable, __file__, "--only",
+                   name] + _forwarded(argv if argv is not None else sys.argv[1:])
         # a fixed mmap threshold makes glibc return freed tensors to the OS, so the CPU resident size follows them
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
+                                                                            "MALLOC_MMAP_THRESHOLD_": "65536"})
         if done.returncode:
-            print(f"{name:40s} FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            print(f"{name:40s} FAILED: "
+                  f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
             continue
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{name:40s} experts at rest {r['experts_bytes'] / 2**20:9.1f} MiB | peak {r['peak_bytes'] / 2**20:9.1f} MiB"
-              f" | step {r['step_s']:8.3f} s | {args.tokens / r['step_s']:9.0f} tokens/s")
+        print(f"{name:40s} experts at rest {r['experts_bytes'] / 2**20:9.1f} MiB | peak "
+              f"{r['peak_bytes'] / 2**20:9.1f} MiB | step {r['step_s']:8.3f} s | "
+              f"{args.tokens / r['step_s']:9.0f} tokens/s")
     _print_ratios(results)
 
 
@@ -109,7 +115,8 @@ def run_config(args: argparse.Namespace, experts: str, lora: str, implementation
         if experts == "nf4":
             quantize_experts(block)
         stack.blocks.append(block)
-    names = [f"blocks.{i}.{p}" for i in range(args.layers) for p in ("experts.gate_up_proj", "experts.down_proj")]
+    names = [f"blocks.{i}.{p}" for i in range(args.layers) for p in ("experts.gate_up_proj",
+                                                                     "experts.down_proj")]
     lora_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                              target_parameters=["gate.weight", *names])
     model = get_peft_model(stack, lora_config)
@@ -137,7 +144,8 @@ def run_config(args: argparse.Namespace, experts: str, lora: str, implementation
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if sampler is None else sampler.stop() - baseline
-    return {"experts_bytes": expert_parameter_bytes(stack), "peak_bytes": peak, "step_s": statistics.median(times),
+    return {"experts_bytes": expert_parameter_bytes(stack), "peak_bytes": peak,
+            "step_s": statistics.median(times),
             "trainable": sum(p.numel() for p in trainable)}
 
 

@@ -27,12 +27,16 @@ def translated_record(index: int, queued: bool) -> dict:
     options = [f"خيار {index} {letter}" for letter in "ABCD"]
     return make_record(
         id=f"bench-ar-{index:06d}", source="bench", task="mcqa", language="ar", license="MIT",
-        conversations=[{"from": "human", "value": f"سؤال رقم {index}: ما هو العلاج المناسب لمريض عمره {index % 90} سنة؟\n"
-                                                  + "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options))},
-                       {"from": "gpt", "value": f"B. {options[1]}\n\nالشرح: توصي الإرشادات به عند هذا المستوى."}],
+        conversations=[{"from": "human",
+                        "value": f"سؤال رقم {index}: ما هو العلاج المناسب لمريض عمره {index % 90} سنة؟\n"
+                                                  + "\n".join(f"{letter}. {text}" for letter,
+                                                              text in zip("ABCD", options))},
+                       {"from": "gpt",
+                        "value": f"B. {options[1]}\n\nالشرح: توصي الإرشادات به عند هذا المستوى."}],
         options=options, answer="B",
         translation={"model": "bench", "score": 60.0 if queued else 95.0, "rounds": 1, "reviewed": False,
-                     "review_state": "queued" if queued else "unreviewed", "source_id": f"bench-en-{index:06d}",
+                     "review_state": "queued" if queued else "unreviewed",
+                     "source_id": f"bench-en-{index:06d}",
                      "cost_usd": 0.0, "comments": "ok"})
 
 
@@ -48,7 +52,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         translated = Path(tmp) / "ar.jsonl"
         with open(translated, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(translated_record(index, index < args.queued), ensure_ascii=False) + "\n"
+            handle.writelines(json.dumps(translated_record(index, index < args.queued),
+                                         ensure_ascii=False) + "\n"
                               for index in range(args.records))
         start = time.perf_counter()
         session = ReviewSession(translated, Path(tmp) / "out.jsonl", fraction=0.0)

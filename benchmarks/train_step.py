@@ -38,12 +38,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     args = parser.parse_args()
-    model_config = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_local_experts": args.experts,
+    model_config = {"hidden_size": args.hidden, "num_hidden_layers": args.layers,
+                    "num_local_experts": args.experts,
                     "intermediate_size": 2 * args.hidden, "num_attention_heads": 4, "num_key_value_heads": 2}
     print(f"Model: random Mixtral-shaped MoE {model_config}, Mixtral tokenizer (vocab 32000), fp32, CPU "
-          f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other work on the machine adds noise)")
-    print(f"Data: recipes/tiny/data/train.jsonl (24 EN + 24 AR), batch 4 x max_length 256, {args.steps} steps, "
-          f"timed after {WARMUP_STEPS}, median of {args.repeats} alternating runs\n")
+          f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other work on the machine adds "
+          "noise)")
+    print(f"Data: recipes/tiny/data/train.jsonl (24 EN + 24 AR), batch 4 x max_length 256, {args.steps} "
+          f"steps, timed after {WARMUP_STEPS}, median of {args.repeats} alternating runs\n")
 
     common = {"steps": args.steps, "model_config": model_config}
     results = _alternate({"bimedix": dict(common, kind="bimedix", preset="paper"),
@@ -51,7 +53,8 @@ def main() -> None:
     median = 100 * (results["bare TRL"]["tokens_per_s"] / results["bimedix"]["tokens_per_s"] - 1)
     best = 100 * (results["bare TRL"]["spread"][1] / results["bimedix"]["spread"][1] - 1)
     _table("1. bimedix SFT vs bare TRL SFTTrainer (LoRA paper preset)", results)
-    print(f"   bimedix overhead: {median:+.1f}% time per token from medians, {best:+.1f}% from the fastest runs "
+    print(f"   bimedix overhead: {median:+.1f}% time per token from medians, {best:+.1f}% from the fastest "
+          "runs "
           "(target <= 3%; the fastest runs are the least disturbed by other work)\n")
 
     results = _alternate({"experts": dict(common, kind="bimedix", preset="experts"),
@@ -133,7 +136,8 @@ def _train(spec: dict) -> dict:
             tokenizer = load_tokenizer(model_args, bimedix)
             dataset = load_sft_dataset(script, mixture)["train"]
             model = build_tiny_model("mixtral", seed=training.seed, **spec["model_config"])
-            trainer = SFTTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer,
+            trainer = SFTTrainer(model=model, args=training, train_dataset=dataset,
+                                 processing_class=tokenizer,
                                  peft_config=make_peft_config(model, model_args, bimedix), callbacks=[clock])
             trainer.train()
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

@@ -39,14 +39,15 @@ logger = logging.getLogger(__name__)
 #: Opt-in system prompts per language (``bimedix chat --system-prompt``); none is sent by default.
 # The Arabic prompt and notice were written by the bimedix developers; no professional translator reviewed them.
 SYSTEM_PROMPTS = {
-    "en": ("You are BiMediX, a bilingual medical assistant. Answer in English, clearly and briefly, and ask for "
-           "details when you need them. You are not a doctor and this is not medical advice: for diagnosis, "
-           "treatment or emergencies, the user must see a qualified health professional."),
+    "en": ("You are BiMediX, a bilingual medical assistant. Answer in English, clearly and briefly, and ask "
+           "for details when you need them. You are not a doctor and this is not medical advice: for "
+           "diagnosis, treatment or emergencies, the user must see a qualified health professional."),
     "ar": ("أنت BiMediX، مساعد طبي ثنائي اللغة. أجب باللغة العربية بوضوح وإيجاز، واطلب التفاصيل عند الحاجة. "
-           "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو العلاج أو في الحالات الطارئة يجب مراجعة مختص صحي مؤهل."),
+           "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو العلاج أو في الحالات الطارئة يجب مراجعة مختص "
+           "صحي مؤهل."),
 }
-DISCLAIMER = ("Research model, not medical advice: it can be wrong. See a health professional for real concerns.\n"
-              "نموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.")
+DISCLAIMER = ("Research model, not medical advice: it can be wrong. See a health professional for real "
+              "concerns.\nنموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.")
 NOTICE = DISCLAIMER + "\nType /reset to start over, /exit to quit."
 _NOT_UTF8 = "(that line is not valid UTF-8 text and was skipped; set your terminal to UTF-8)"
 _ARABIC = re.compile(r"[\u0600-\u06FF\u0750-\u077F\u08A0-\u08FF\uFB50-\uFDFF\uFE70-\uFEFF]")
@@ -77,7 +78,8 @@ class ChatSession:
             `VICUNA_TEMPLATE`.
     """
 
-    def __init__(self, model, tokenizer, *, system: str | Mapping[str, str] | None = None, max_new_tokens: int = 256,
+    def __init__(self, model, tokenizer, *, system: str | Mapping[str, str] | None = None,
+                 max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 0.9, context_length: int | None = None,
                  chat_template: str | None = None):
         self.model = model.eval()
@@ -130,7 +132,8 @@ class ChatSession:
                 kwargs.setdefault("chat_template", VICUNA_TEMPLATE)
         logger.info("chat model %s%s, tokenizer from %s, on %s; training settings: %s", model,
                     f" + adapter {peft}" if peft else "", tokenizer_source, device,
-                    settings if settings is not None else "none recorded (tokenizer template, no system prompt)")
+                    settings if settings is not None else "none recorded (tokenizer template, no system "
+                                                          "prompt)")
         return cls(base, tokenizer, **kwargs)
 
     def messages(self, text: str) -> list[dict[str, str]]:
@@ -154,7 +157,8 @@ class ChatSession:
 
         inputs = self.tokenizer(self.fit_history(text), return_tensors="pt",
                                 add_special_tokens=False).to(self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
             if self.temperature > 0 else {"do_sample": False}
         stop = threading.Event()
@@ -165,7 +169,8 @@ class ChatSession:
 
         kwargs = dict(**inputs, streamer=streamer, max_new_tokens=self.max_new_tokens,
                       pad_token_id=self.tokenizer.eos_token_id if self.tokenizer.pad_token_id is None
-                      else self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]), **sampling)
+                      else self.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]),
+                      **sampling)
         errors: list[BaseException] = []
 
         def generate() -> None:
@@ -187,7 +192,8 @@ class ChatSession:
             thread.join()
         if errors:
             raise errors[0]
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces).strip()}]
+        self.history += [{"role": "user", "content": text}, {"role": "assistant",
+                                                             "content": "".join(pieces).strip()}]
 
     def fit_history(self, text: str) -> str:
         """Drop the oldest exchanges until the prompt for ``text`` plus a full reply fits the context; return it.
@@ -208,8 +214,8 @@ class ChatSession:
             if not self.history:
                 self.history[:] = kept
                 self.trimmed_turns = 0
-                raise ValueError(f"the message does not fit the model's context of {self.context_length} tokens "
-                                 f"(with {self.max_new_tokens} kept for the reply); shorten it")
+                raise ValueError(f"the message does not fit the model's context of {self.context_length} "
+                                 f"tokens (with {self.max_new_tokens} kept for the reply); shorten it")
             del self.history[:2]
             self.trimmed_turns += 1
             prompt = self.prompt(text)
@@ -290,8 +296,8 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
             write("(reply stopped)")
             continue
         if session.trimmed_turns:
-            write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context of "
-                  f"{session.context_length} tokens)")
+            write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context "
+                  f"of {session.context_length} tokens)")
         write("bimedix> ", end="", flush=True)
         try:
             for piece in itertools.chain([first] if first is not None else [], reply):

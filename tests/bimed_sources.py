@@ -25,16 +25,19 @@ import json
 import random
 from pathlib import Path
 
-BENCH_QUESTION = ("A 45-year-old man presents with crushing substernal chest pain radiating to the left arm for two "
-                  "hours. His ECG shows ST elevation in leads II, III and aVF. Which coronary artery is most likely "
-                  "occluded?")
-BENCH_OPTIONS = {"A": "Right coronary artery", "B": "Left anterior descending artery", "C": "Left circumflex artery",
+BENCH_QUESTION = ("A 45-year-old man presents with crushing substernal chest pain radiating to the left arm "
+                  "for two hours. His ECG shows ST elevation in leads II, III and aVF. Which coronary artery "
+                  "is most likely occluded?")
+BENCH_OPTIONS = {"A": "Right coronary artery", "B": "Left anterior descending artery",
+                 "C": "Left circumflex artery",
                  "D": "Left main coronary artery"}
 AR_BENCH_QUESTION = "ما هو العلاج الأول لارتفاع ضغط الدم عند مريض عمره 65 سنة مصاب بالسكري والفشل الكلوي المزمن؟"
-AR_BENCH_OPTIONS = ["مثبطات الإنزيم المحول للأنجيوتنسين", "حاصرات بيتا", "مدرات البول الثيازيدية", "حاصرات قنوات الكالسيوم"]
+AR_BENCH_OPTIONS = ["مثبطات الإنزيم المحول للأنجيوتنسين", "حاصرات بيتا", "مدرات البول الثيازيدية",
+                    "حاصرات قنوات الكالسيوم"]
 # The same question as a user might paste it: diacritics, tatweel and Arabic-Indic digits.
-AR_CONTAMINATED = ("مَا هُوَ العِلاجُ الأوَّل لارتفاع ضغط الـدم عند مريض عمره ٦٥ سنة مصاب بالسكري والفشل الكلوي المزمن؟ "
-                   "الخيارات: مثبطات الإنزيم المحول للأنجيوتنسين، حاصرات بيتا، مدرات البول الثيازيدية، حاصرات قنوات الكالسيوم")
+AR_CONTAMINATED = ("مَا هُوَ العِلاجُ الأوَّل لارتفاع ضغط الـدم عند مريض عمره ٦٥ سنة مصاب بالسكري والفشل "
+                   "الكلوي المزمن؟ الخيارات: مثبطات الإنزيم المحول للأنجيوتنسين، حاصرات بيتا، مدرات البول "
+                   "الثيازيدية، حاصرات قنوات الكالسيوم")
 
 EXPECTED = {
     "configs": {"all": 18, "en": 12, "ar": 6, "mcqa": 6, "qa": 9, "chat": 3},
@@ -43,13 +46,14 @@ EXPECTED = {
                "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 4},
 }
 
-_EN_WORDS = ("patient fever cough pain chest abdomen liver kidney heart lung blood pressure sugar insulin dose tablet "
-             "infection virus bacteria antibiotic rash skin allergy asthma migraine nausea vomiting diarrhea fatigue "
-             "anemia iron vitamin calcium bone fracture joint arthritis swelling thyroid hormone pregnancy child elderly "
-             "sleep anxiety depression stroke seizure vision hearing ear throat tooth gum stomach ulcer reflux").split()
-_AR_WORDS = ("مريض حمى سعال ألم صدر بطن كبد كلية قلب رئة دم ضغط سكر أنسولين جرعة قرص عدوى فيروس بكتيريا مضاد حيوي "
-             "طفح جلد حساسية ربو صداع غثيان قيء إسهال تعب فقر حديد فيتامين كالسيوم عظم كسر مفصل تورم غدة هرمون حمل "
-             "طفل نوم قلق اكتئاب سكتة نوبة بصر سمع أذن حلق سن معدة قرحة").split()
+_EN_WORDS = ("patient fever cough pain chest abdomen liver kidney heart lung blood pressure sugar insulin "
+             "dose tablet infection virus bacteria antibiotic rash skin allergy asthma migraine nausea "
+             "vomiting diarrhea fatigue anemia iron vitamin calcium bone fracture joint arthritis swelling "
+             "thyroid hormone pregnancy child elderly sleep anxiety depression stroke seizure vision hearing "
+             "ear throat tooth gum stomach ulcer reflux").split()
+_AR_WORDS = ("مريض حمى سعال ألم صدر بطن كبد كلية قلب رئة دم ضغط سكر أنسولين جرعة قرص عدوى فيروس بكتيريا مضاد "
+             "حيوي طفح جلد حساسية ربو صداع غثيان قيء إسهال تعب فقر حديد فيتامين كالسيوم عظم كسر مفصل تورم "
+             "غدة هرمون حمل طفل نوم قلق اكتئاب سكتة نوبة بصر سمع أذن حلق سن معدة قرحة").split()
 
 
 def _text(rng: random.Random, words: tuple | list, n: int) -> str:
@@ -57,8 +61,10 @@ def _text(rng: random.Random, words: tuple | list, n: int) -> str:
 
 
 def _record(id_: str, language: str, task: str, turns: list[str], **meta) -> dict:
-    conversations = [{"from": "human" if i % 2 == 0 else "gpt", "value": value} for i, value in enumerate(turns)]
-    return {"id": id_, "source": "handmade", "task": task, "language": language, "conversations": conversations,
+    conversations = [{"from": "human" if i % 2 == 0 else "gpt", "value": value} for i,
+                     value in enumerate(turns)]
+    return {"id": id_, "source": "handmade", "task": task, "language": language,
+            "conversations": conversations,
             "license": "CC0-1.0", "meta": meta}
 
 
@@ -86,13 +92,15 @@ def write_sources(root: Path, *, with_bad_record: bool = True) -> Path:
 
     ar_qa = [_record(f"ar-qa-{i}", "ar", "qa", [_text(rng, _AR_WORDS, 20) + "؟", _text(rng, _AR_WORDS, 60)])
              for i in range(3)]
-    ar_qa.insert(1, _record("ar-qa-leaked", "ar", "qa", [AR_CONTAMINATED, "مثبطات الإنزيم المحول للأنجيوتنسين."]))
+    ar_qa.insert(1, _record("ar-qa-leaked", "ar", "qa", [AR_CONTAMINATED,
+                                                         "مثبطات الإنزيم المحول للأنجيوتنسين."]))
     _write_jsonl(root / "ar_qa.jsonl", ar_qa)
 
     with open(root / "medqa.jsonl", "w", encoding="utf-8") as handle:
         for i in range(4):
             options = {letter: _text(rng, _EN_WORDS, 3) for letter in "ABCD"}
-            handle.write(json.dumps({"question": f"Case {i}: " + _text(rng, _EN_WORDS, 30) + "?", "options": options,
+            handle.write(json.dumps({"question": f"Case {i}: " + _text(rng, _EN_WORDS, 30) + "?",
+                                     "options": options,
                                      "answer": options["B"], "answer_idx": "B", "meta_info": "step1"}) + "\n")
     _write_jsonl(root / "ar_mcqa.jsonl", [
         _record(f"ar-mcqa-{i}", "ar", "mcqa", [_text(rng, _AR_WORDS, 20) + "؟ أ. نعم ب. لا", "الإجابة: أ"],
@@ -110,11 +118,13 @@ def write_sources(root: Path, *, with_bad_record: bool = True) -> Path:
     bench = root / "benchmarks"
     bench.mkdir(exist_ok=True)
     with open(bench / "medqa_test.jsonl", "w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"question": BENCH_QUESTION, "options": BENCH_OPTIONS, "answer": BENCH_OPTIONS["A"],
+        handle.write(json.dumps({"question": BENCH_QUESTION, "options": BENCH_OPTIONS,
+                                 "answer": BENCH_OPTIONS["A"],
                                  "answer_idx": "A", "meta_info": "step2&3"}) + "\n")
         other = {k: _text(rng, _EN_WORDS, 2) for k in "ABCD"}
         handle.write(json.dumps({"question": "Which of the following is the most likely diagnosis? "
-                                             + _text(rng, _EN_WORDS, 20), "options": other, "answer": other["C"],
+                                             + _text(rng, _EN_WORDS, 20), "options": other,
+                                 "answer": other["C"],
                                  "answer_idx": "C", "meta_info": "step1"}) + "\n")
     (bench / "mmlu_ar").mkdir(exist_ok=True)
     with open(bench / "mmlu_ar" / "clinical_knowledge_test.csv", "w", encoding="utf-8", newline="") as handle:

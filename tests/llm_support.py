@@ -38,7 +38,8 @@ def server_fixture():
 
 def make_client(base_url: str, cache_path: Path, **overrides) -> LLMClient:
     """A client with tiny timeouts and backoffs so fault tests stay fast."""
-    settings = {"timeout": 10.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 3, "concurrency": 4,
+    settings = {"timeout": 10.0, "backoff_base": 0.01, "backoff_max": 0.05, "max_retries": 3,
+                "concurrency": 4,
                 "prices": PRICES, **overrides}
     return LLMClient(ClientConfig(base_url=base_url, model=MODEL, **settings), RequestCache(cache_path))
 
@@ -58,8 +59,9 @@ def run_closing(client: LLMClient, work: Callable[[LLMClient], Awaitable[T]]) ->
 def mcqa_record(index: int, *, answer: str = "B") -> dict:
     """An English MCQA record with numbers, a unit, a drug name and an abbreviation in it."""
     options = [f"Metformin {500 + index} mg", "Insulin glargine", "Check HbA1c in 3 months", "Start aspirin"]
-    human = (f"Answer the following multiple-choice question.\n\nQuestion: A {40 + index}-year-old man has a fasting "
-             f"glucose of {7 + index / 10:.1f} mmol/L and an ECG that is normal. What is the next step?\n\nOptions:\n"
+    human = (f"Answer the following multiple-choice question.\n\nQuestion: A {40 + index}-year-old man has a "
+             f"fasting glucose of {7 + index / 10:.1f} mmol/L and an ECG that is normal. What is the next "
+             "step?\n\nOptions:\n"
              + "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options)))
     gpt = f"{answer}. {options['ABCD'.index(answer)]}\n\nExplanation: guidelines recommend it at this glucose level."
     return make_record(id=f"demo-en-{index:03d}", source="demo", task="mcqa", language="en",

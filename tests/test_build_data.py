@@ -50,7 +50,8 @@ def test_counts_balance_and_match_hand_count(built):
     assert result.sources["en_qa"].dropped_ratio == 4  # 10 clean English QA → 6 for 1:2 with 3 Arabic
     summary = json.loads((out / "stats.json").read_text())
     assert summary["counts"]["balanced"] and summary["counts"]["written"] == 18
-    for name in ("README.md", "stats.md", "stats.png", "decontamination.jsonl", "duplicates.jsonl", "rejects.jsonl"):
+    for name in ("README.md", "stats.md", "stats.png", "decontamination.jsonl", "duplicates.jsonl",
+                 "rejects.jsonl"):
         assert (out / name).stat().st_size > 0, name
     rejected = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["record"], r["field"]) for r in rejected] == [(4, "conversations")]
@@ -130,7 +131,8 @@ def test_cli_build_data_and_stats(built, tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (b'{"groups": [', "invalid JSON (Expecting value at line 1, column 13)"),
-    (b'{"groups": [{"task": "qa"}]}', "not the stats.json that `bimedix build-data` writes (cannot read KeyError"),
+    (b'{"groups": [{"task": "qa"}]}',
+     "not the stats.json that `bimedix build-data` writes (cannot read KeyError"),
     (b'{"groups": [], "counts": [1, 2]}', "not the stats.json that `bimedix build-data` writes"),
     (b'{"groups": "\xff"}', "not valid UTF-8"),
 ])
@@ -156,7 +158,8 @@ def test_recipe_unknown_key_is_an_error(tmp_path):
     ("shard_size: true", "`shard_size` must be an integer, got True (bool)"),
     ("name: [x]", "`name` must be a string, got ['x'] (list)"),
     ("dedup: {threshold: high}", "`dedup.threshold` must be a number, got 'high' (str)"),
-    ("mix: {ar_en_ratio: 1:2}", "`mix.ar_en_ratio` must be a string or null, got 62 (int)"),  # YAML 1.1 reads 1:2 as 62
+    ("mix: {ar_en_ratio: 1:2}",
+     "`mix.ar_en_ratio` must be a string or null, got 62 (int)"),  # YAML 1.1 reads 1:2 as 62
 ])
 def test_recipe_values_are_type_checked_naming_the_key(tmp_path, line, message):
     path = tmp_path / "bad.yaml"
@@ -186,7 +189,8 @@ def test_single_language_variants_follow_the_full_recipe():
     assert english.decontaminate == full.decontaminate == arabic.decontaminate and english.dedup == full.dedup
     assert english.mix.targets["all"]["en"] + arabic.mix.targets["all"]["ar"] == full.mix.targets["all"]["all"]
     assert english.mix.target_tokens + arabic.mix.target_tokens == full.mix.target_tokens
-    assert sum(full.mix.targets[task]["all"] for task in ("mcqa", "qa", "chat")) == full.mix.targets["all"]["all"]
+    assert sum(full.mix.targets[task]["all"] for task in ("mcqa", "qa",
+                                                          "chat")) == full.mix.targets["all"]["all"]
 
 
 def test_counts_equation_reports_imbalance():
@@ -202,7 +206,8 @@ def test_changed_source_is_reconverted_alone(tmp_path, mixtral_tokenizer):
     before = {path.name: path.stat().st_mtime_ns for path in converted.glob("*.json")}
     chat = tmp_path / "sources" / "chat.jsonl"
     extra = json.loads(chat.read_text().splitlines()[0])
-    extra.update(id="chat-en-new", conversations=[{"from": "human", "value": "A brand new question about sleep"},
+    extra.update(id="chat-en-new", conversations=[{"from": "human",
+                                                   "value": "A brand new question about sleep"},
                                                   {"from": "gpt", "value": "A brand new answer about sleep"}])
     chat.write_text(chat.read_text() + json.dumps(extra) + "\n")
     result = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
@@ -249,15 +254,18 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
     states = ["approved", "rejected", "queued", "unreviewed"]  # ar-qa-0, the leaked one, ar-qa-1, ar-qa-2
     for record, state in zip(translated, states, strict=True):
         record["meta"]["translation"] = {"model": "m", "score": 90.0, "review_state": state}
-    (tmp_path / "bimed_ar.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in translated))
+    (tmp_path / "bimed_ar.jsonl").write_text("".join(json.dumps(r,
+                                                                ensure_ascii=False) + "\n" for r in translated))
     stand_ins["translated/bimed_ar.jsonl"] = tmp_path / "bimed_ar.jsonl"
     root = tmp_path / "originals"
     paths = {spec.path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]}
-    paths |= {path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks] for path in spec.files.values()}
+    paths |= {path for spec in [*recipe.sources,
+                                *recipe.decontaminate.benchmarks] for path in spec.files.values()}
     for path in paths:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).symlink_to(stand_ins.get(path, shared_data / path))
-    result = build_data(recipe, tmp_path / "out", sources_dir=root, on_error="skip", tokenizer=mixtral_tokenizer,
+    result = build_data(recipe, tmp_path / "out", sources_dir=root, on_error="skip",
+                        tokenizer=mixtral_tokenizer,
                         progress=False)
     assert result.counts.balanced and result.counts.written > 0
     assert all(counts.read > 0 for counts in result.sources.values())
@@ -296,14 +304,16 @@ def test_reused_id_is_rejected_or_raises(tmp_path, mixtral_tokenizer):
                       "  - {name: b, converter: records, path: b.jsonl}\n")
     with pytest.raises(RecordError, match=r"b\.jsonl: record 'same': field `id`: duplicate id"):
         build_data(recipe, tmp_path / "raise", tokenizer=mixtral_tokenizer, progress=False)
-    result = build_data(recipe, tmp_path / "skip", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    result = build_data(recipe, tmp_path / "skip", on_error="skip", tokenizer=mixtral_tokenizer,
+                        progress=False)
     assert (result.counts.read, result.counts.written, result.counts.rejected) == (2, 1, 1)
     assert json.loads((tmp_path / "skip" / "rejects.jsonl").read_text())["field"] == "id"
 
 
 def test_num_proc_output_is_byte_identical(built, tmp_path, mixtral_tokenizer):
     recipe, out, result = built  # built with the default: every core
-    single = build_data(recipe, tmp_path / "out", on_error="skip", tokenizer=mixtral_tokenizer, progress=False,
+    single = build_data(recipe, tmp_path / "out", on_error="skip", tokenizer=mixtral_tokenizer,
+                        progress=False,
                         num_proc=1)
     assert single.counts == result.counts
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and ".work" not in p.parts)
@@ -313,7 +323,8 @@ def test_num_proc_output_is_byte_identical(built, tmp_path, mixtral_tokenizer):
     assert [name for name in files if name != Path("README.md")
             and (out / name).read_bytes() != (tmp_path / "out" / name).read_bytes()] == []
     assert _configs(out) == _configs(tmp_path / "out")
-    three = build_data(recipe, tmp_path / "out3", on_error="skip", tokenizer=mixtral_tokenizer, progress=False,
+    three = build_data(recipe, tmp_path / "out3", on_error="skip", tokenizer=mixtral_tokenizer,
+                       progress=False,
                        num_proc=3)
     assert (tmp_path / "out3" / "data").is_dir() and three.counts == result.counts
     assert all((tmp_path / "out" / name).read_bytes() == (tmp_path / "out3" / name).read_bytes() for name in files)

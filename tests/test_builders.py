@@ -22,7 +22,8 @@ def sources_and_built(tmp_path_factory, mixtral_tokenizer):
 @pytest.mark.parametrize("config", ["all", "ar", "qa"])
 def test_builder_rows_equal_build_data(sources_and_built, config):
     root, recipe = sources_and_built
-    builder = BiMed(config_name=config, recipe=str(recipe), on_error="skip", cache_dir=str(root / "builder-cache"),
+    builder = BiMed(config_name=config, recipe=str(recipe), on_error="skip",
+                    cache_dir=str(root / "builder-cache"),
                     work_dir=str(root / "builder-work"))
     builder.download_and_prepare()
     built = builder.as_dataset(split="train")

@@ -28,19 +28,23 @@ def _records() -> list[dict]:
     for i in range(6):
         records.append(make_record(
             id=f"medmcqa-en-{i}", source="medmcqa", task="mcqa", language="en", license="MIT",
-            conversations=[{"from": "human", "value": f"Question {i}? A. x B. y"}, {"from": "gpt", "value": "A. x"}],
+            conversations=[{"from": "human", "value": f"Question {i}? A. x B. y"}, {"from": "gpt",
+                                                                                    "value": "A. x"}],
             options=["x", "y"], answer="A"))
     for i in range(3):  # machine-translated, the first one reviewed
         records.append(make_record(
             id=f"medmcqa-ar-{i}", source="medmcqa", task="mcqa", language="ar", license="MIT",
-            conversations=[{"from": "human", "value": f"سؤال {i}؟ A. س B. ص"}, {"from": "gpt", "value": "A. س"}],
+            conversations=[{"from": "human", "value": f"سؤال {i}؟ A. س B. ص"}, {"from": "gpt",
+                                                                                "value": "A. س"}],
             options=["س", "ص"], answer="A",
             translation={"model": "gpt-4o", "score": 90.0, "rounds": 1, "reviewed": i == 0,
-                         "review_state": "approved" if i == 0 else "unreviewed", "source_id": f"medmcqa-en-{i}"}))
+                         "review_state": "approved" if i == 0 else "unreviewed",
+                         "source_id": f"medmcqa-en-{i}"}))
     for i in range(2):
         records.append(make_record(
             id=f"meadow-{i}", source="meadow", task="qa", language="en", license="GPL-3.0",
-            conversations=[{"from": "human", "value": "What is anemia?"}, {"from": "gpt", "value": "Low haemoglobin."}]))
+            conversations=[{"from": "human", "value": "What is anemia?"}, {"from": "gpt",
+                                                                           "value": "Low haemoglobin."}]))
     records.append(make_record(
         id="mentalqa-0", source="mentalqa", task="qa", language="ar", license="MIT",
         conversations=[{"from": "human", "value": "ما هو القلق؟"}, {"from": "gpt", "value": "شعور بالخوف."}]))
@@ -55,15 +59,18 @@ def write_dataset_folder(path: Path, records: list[dict]) -> Path:
 
     for language in ("en", "ar"):
         rows = [r for r in records if r["language"] == language]
-        Dataset.from_list(rows, features=FEATURES).to_parquet(str(path / "data" / language / "train-00000.parquet"))
+        Dataset.from_list(rows,
+                          features=FEATURES).to_parquet(str(path / "data" / language / "train-00000.parquet"))
     (path / "README.md").write_text(
-        "---\nconfigs:\n- config_name: all\n  default: true\n  data_files:\n  - split: train\n    path: data/*/*.parquet\n"
-        "- config_name: en\n  data_files:\n  - split: train\n    path: data/en/*.parquet\n"
+        "---\nconfigs:\n- config_name: all\n  default: true\n  data_files:\n  - split: train\n    path: "
+        "data/*/*.parquet\n- config_name: en\n  data_files:\n  - split: train\n    path: data/en/*.parquet\n"
         "- config_name: ar\n  data_files:\n  - split: train\n    path: data/ar/*.parquet\n---\n\n# built\n",
         encoding="utf-8")
-    (path / "stats.md").write_text("| task | language | samples |\n|---|---|---:|\n| mcqa | en | 6 |\n", encoding="utf-8")
+    (path / "stats.md").write_text("| task | language | samples |\n|---|---|---:|\n| mcqa | en | 6 |\n",
+                                   encoding="utf-8")
     counts = {"read": len(records) + 4, "written": len(records), "rejected": 1, "deduplicated_exact": 1,
-              "deduplicated_near": 0, "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 0, "balanced": True}
+              "deduplicated_near": 0, "decontaminated": 2, "dropped_weight": 0, "dropped_ratio": 0,
+              "balanced": True}
     (path / "stats.json").write_text(json.dumps({"counts": counts}), encoding="utf-8")
     return path
 
@@ -82,7 +89,8 @@ def bench_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bench")
     for subset, n in (("medqa", 3), ("pubmedqa", 2)):
         rows = [make_row(id=f"{subset}-{i}", language="ar", source=subset, subject="", question="سؤال؟",
-                         options=["أ", "ب"], answer="A", license="MIT", engine="gpt-4o", score=80.0, reviewed=i == 0)
+                         options=["أ", "ب"], answer="A", license="MIT", engine="gpt-4o", score=80.0,
+                         reviewed=i == 0)
                 for i in range(n)]
         Dataset.from_list(rows, features=row_features()).to_parquet(str(path / subset / "test.parquet"))
     return path
@@ -93,8 +101,10 @@ def eval_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("eval")
     (path / "results_2026.json").write_text(json.dumps({"results": {
         "bimedix_medqa_en": {"alias": "medqa_en", "acc,none": 0.25, "acc_stderr,none": 0.1},
-        "bimedix_medqa_ar": {"alias": "medqa_ar", "acc,none": 0.5, "acc_stderr,none": 0.1}}}), encoding="utf-8")
-    (path / "table.md").write_text("| Model | MedQA EN | MedQA AR |\n|---|---:|---:|\n| tiny | 25.0 | 50.0 |\n")
+        "bimedix_medqa_ar": {"alias": "medqa_ar", "acc,none": 0.5, "acc_stderr,none": 0.1}}}),
+                                            encoding="utf-8")
+    (path / "table.md").write_text("| Model | MedQA EN | MedQA AR |\n|---|---:|---:|\n| tiny | 25.0 | 50.0 "
+                                   "|\n")
     return path
 
 
@@ -108,7 +118,8 @@ def test_model_card_from_adapter_artefacts(tmp_path, tiny_adapter_dir, eval_dir,
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
     (adapter / "trainer_state.json").write_text(json.dumps(
-        {"global_step": 30, "epoch": 1.5, "log_history": [{"loss": 10.25, "step": 5}, {"loss": 9.5, "step": 30}]}))
+        {"global_step": 30, "epoch": 1.5, "log_history": [{"loss": 10.25, "step": 5}, {"loss": 9.5,
+                                                                                       "step": 30}]}))
     card = render_model_card(adapter, repo_id="me/bimedix-tiny", base_model="mistralai/Mixtral-8x7B-v0.1",
                              eval_dir=eval_dir, data_dir=dataset_dir, dataset_repo="me/bimed-mini")
     card.save(tmp_path / "README.md")
@@ -147,7 +158,8 @@ def test_model_card_for_merged_model(tmp_path, tiny_model_dir):
     merged = tmp_path / "merged"
     shutil.copytree(tiny_model_dir, merged)
     (merged / "merge_report.json").write_text(json.dumps({  # the shape `bimedix merge` writes
-        "base": "runs/base-model", "adapter": "runs/adapter/", "dtype": "float32", "prompts": 4, "tolerance": 0.001,
+        "base": "runs/base-model", "adapter": "runs/adapter/", "dtype": "float32", "prompts": 4,
+        "tolerance": 0.001,
         "max_abs_diff_merged_vs_adapter": 1.9e-06}))
     card = render_model_card(merged, base_model="mistralai/Mixtral-8x7B-v0.1", repo_id="me/merged")
     assert card.data.library_name == "transformers"
@@ -211,7 +223,8 @@ def test_dataset_card_needs_parquet(tmp_path):
         render_dataset_card(tmp_path)
 
 
-@pytest.mark.parametrize("name, expected", [("MIT", "mit"), ("Apache-2.0", "apache-2.0"), ("GPL-3.0", "gpl-3.0"),
+@pytest.mark.parametrize("name, expected", [("MIT", "mit"), ("Apache-2.0", "apache-2.0"), ("GPL-3.0",
+                                                                                           "gpl-3.0"),
                                             ("none stated", "other"), (None, "other")])
 def test_hub_license(name, expected):
     assert hub_license(name) == expected

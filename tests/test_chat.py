@@ -43,7 +43,8 @@ def test_prompt_is_vicuna_without_a_system_prompt_by_default(session):
 
 
 def test_opt_in_system_prompts_follow_the_user_language(tiny_model_dir):
-    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", system=SYSTEM_PROMPTS, max_new_tokens=2)
+    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", system=SYSTEM_PROMPTS,
+                                          max_new_tokens=2)
     english = session.prompt("What is anemia?")
     assert english == render([{"role": "system", "content": SYSTEM_PROMPTS["en"]},
                               {"role": "user", "content": "What is anemia?"}], add_generation_prompt=True)
@@ -53,14 +54,16 @@ def test_opt_in_system_prompts_follow_the_user_language(tiny_model_dir):
     assert arabic.endswith("USER: ما هو فقر الدم؟ ASSISTANT:")
 
 
-def test_adapter_training_settings_give_template_and_system_prompt(tiny_model_dir, tiny_adapter_dir, tmp_path):
+def test_adapter_training_settings_give_template_and_system_prompt(tiny_model_dir, tiny_adapter_dir,
+                                                                   tmp_path):
     import shutil
 
     from bimedix.training.template import save_chat_settings, to_messages
 
     adapter = shutil.copytree(tiny_adapter_dir, tmp_path / "adapter")
     save_chat_settings(adapter, chat_template="vicuna", system_prompt="You answer medical questions.")
-    session = ChatSession.from_pretrained(str(tiny_model_dir), peft=str(adapter), device="cpu", max_new_tokens=2)
+    session = ChatSession.from_pretrained(str(tiny_model_dir), peft=str(adapter), device="cpu",
+                                          max_new_tokens=2)
     record = {"conversations": [{"from": "human", "value": "Hello"}]}
     assert session.prompt("Hello") == render(to_messages(record, system="You answer medical questions."),
                                              add_generation_prompt=True)
@@ -77,11 +80,13 @@ def test_streamed_reply_is_the_greedy_generation_and_joins_history(session):
     assert pieces and session.history[-1] == {"role": "assistant", "content": "".join(pieces).strip()}
     # Same as a plain greedy generate on the same prompt.
     session.history.clear()
-    inputs = session.tokenizer(session.prompt("What is anemia?"), return_tensors="pt", add_special_tokens=False)
+    inputs = session.tokenizer(session.prompt("What is anemia?"), return_tensors="pt",
+                               add_special_tokens=False)
     with torch.no_grad():
         ids = session.model.generate(**inputs, max_new_tokens=6, do_sample=False,
                                      pad_token_id=session.tokenizer.pad_token_id)
-    expected = session.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    expected = session.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:],
+                                        skip_special_tokens=True).strip()
     assert "".join(pieces).strip() == expected
 
 
@@ -98,7 +103,8 @@ def test_multi_turn_history_switches_language_and_resets(session):
 
 
 def test_custom_system_prompt_is_used_for_every_turn(tiny_model_dir):
-    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", system="Be brief.", max_new_tokens=2)
+    session = ChatSession.from_pretrained(str(tiny_model_dir), device="cpu", system="Be brief.",
+                                          max_new_tokens=2)
     assert session.prompt("ما هو فقر الدم؟").startswith("<s>Be brief. USER:")
 
 
@@ -158,7 +164,8 @@ def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(tiny_model_
              write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
     assert session.trimmed_turns == 1
     assert "(the 1 oldest exchange(s) were dropped to fit the model's context" in "".join(out)
-    assert [m["content"] for m in session.history if m["role"] == "user"] == ["And how is it treated?", "Thanks."]
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["And how is it treated?",
+                                                                              "Thanks."]
     assert session.prompt("x").startswith("<s>" + SYSTEM_PROMPTS["en"])
     session.context_length = 8  # not even the system prompt and the message fit: reported, nothing sent
     history = list(session.history)
@@ -179,7 +186,8 @@ def test_undecodable_line_is_reported_and_skipped(session):
         return line.decode("utf-8") if isinstance(line, bytes) else line
 
     out = []
-    run_chat(session, read=read, write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
+    run_chat(session, read=read, write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str,
+                                                                                                 a)) + end))
     assert "".join(out).count("not valid UTF-8 text and was skipped") == 2
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]
 
@@ -200,8 +208,10 @@ def test_closing_a_reply_early_stops_generation_and_keeps_history(session):
 def test_ctrl_c_in_the_terminal_chat_stops_the_reply_and_returns_to_the_prompt(tiny_model_dir):
     """A real SIGINT while a long reply streams, then a non-UTF-8 line, then /exit: no traceback, exit 0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "bimedix", "chat", "--model", str(tiny_model_dir), "--device",
-                                "cpu", "--max-new-tokens", "3000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "bimedix", "chat", "--model", str(tiny_model_dir),
+                                "--device",
+                                "cpu", "--max-new-tokens", "3000"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, env=env)
     process.stdin.write(b"What is anemia?\n")
     process.stdin.flush()

@@ -14,7 +14,8 @@ from browser_support import browser_fixture, free_port, screenshot  # noqa: F401
 from bimedix.chat import ChatSession
 from bimedix.cli import main
 
-expect = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)").expect
+expect = pytest.importorskip("playwright.sync_api",
+                             reason="Playwright is not installed (pip install playwright)").expect
 
 COUNT_UPDATES = """() => { window.updates = 0; new MutationObserver(() => window.updates++)
     .observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }"""
@@ -58,7 +59,8 @@ def test_chat_page_streams_english_and_arabic(browser, chat_server, tmp_path):
         assert arabic.evaluate("e => getComputedStyle(e).direction") == "rtl"
         assert page.locator(".turn.user").nth(1).evaluate("e => getComputedStyle(e).direction") == "rtl"
         assert page.locator(".turn.user").nth(0).evaluate("e => getComputedStyle(e).direction") == "ltr"
-        assert [turn["role"] for turn in session.history] == ["user", "assistant"] * 2  # the page sent its history
+        assert [turn["role"] for turn in session.history] == ["user",
+                                                              "assistant"] * 2  # the page sent its history
         screenshot(page, "chat-web.png", tmp_path)
         page.click("#reset")
         assert page.locator(".turn").count() == 0

@@ -31,18 +31,23 @@ REAL = {
 
 # source, record id (or index), text in the human turn, start of the gpt turn, meta subject
 SPOT = [
-    ("pubmedqa", "pubmedqa-26163474", "Is there a connection between sublingual varices and hypertension?", "Yes", None),
+    ("pubmedqa", "pubmedqa-26163474", "Is there a connection between sublingual varices and hypertension?",
+     "Yes", None),
     ("medmcqa", "medmcqa-b944ada9-d776-4c2a-9180-3ae5f393f72d", "glomerular capillaries",
      "A. The oncotic pressure of the fluid leaving the capillaries", "Physiology"),
-    ("medqa", 1, "Two weeks after undergoing an emergency cardiac catherization", "B. Cholesterol embolization", None),
+    ("medqa", 1, "Two weeks after undergoing an emergency cardiac catherization",
+     "B. Cholesterol embolization", None),
     ("mmlu", 0, 'A "dished face" profile is often associated with',
      "B. a recessive maxilla due to failure of elongation of the cranial base.", "anatomy"),
     ("mmlu-ar", 0, "الوجه المحدب", "ب. عظمة فكية مهجورة", "anatomy"),
-    ("medarabench", "medarabench-1", "عضلات الكم المدوره للكتف", "ج. وحدة منها ترتكز على الحديبية الصغرى", "Anatomy"),
+    ("medarabench", "medarabench-1", "عضلات الكم المدوره للكتف", "ج. وحدة منها ترتكز على الحديبية الصغرى",
+     "Anatomy"),
     ("meadow", 0, "What are the symptoms of Allergy?", "Allergy symptoms vary, but may include:", None),
-    ("liveqa", "liveqa-TQ1", "Noonan syndrome\n\nWhat are the references with noonan syndrome and polycystic renal disease",
+    ("liveqa", "liveqa-TQ1",
+     "Noonan syndrome\n\nWhat are the references with noonan syndrome and polycystic renal disease",
      "Noonan's syndrome is an eponymic designation", "noonan syndrome"),
-    ("liveqa", "liveqa-TQ2", "Zolmitriptan tabkets 5mg", "Zolmitriptan tablets are available as 2.5 mg", None),
+    ("liveqa", "liveqa-TQ2", "Zolmitriptan tabkets 5mg", "Zolmitriptan tablets are available as 2.5 mg",
+     None),
     ("medicationqa", 0, "how does rivatigmine and otc sleep medicine interact",
      "tell your doctor and pharmacist what prescription", "rivastigmine"),
     ("mentalqa", 0, "هل يعتبر الخوف من عدم الإنجاب", "سد تى نعم ان هناك العديد من القلق",
@@ -142,14 +147,16 @@ def test_liveqa_training_layout(fixtures_dir, name, questions, pairs):
     records = _check_liveqa_training_file(fixtures_dir / "sources" / name, questions, pairs)
     first = records[0]
     if name.endswith("1.xml"):
-        assert [r["id"] for r in records] == ["liveqa-Q1-S1-A1", "liveqa-Q1-S1-A2", "liveqa-Q1-S2-A1", "liveqa-Q2-S1-A1"]
+        assert [r["id"] for r in records] == ["liveqa-Q1-S1-A1", "liveqa-Q1-S1-A2", "liveqa-Q1-S2-A1",
+                                              "liveqa-Q2-S1-A1"]
         assert first["conversations"][0]["value"].startswith("Information on kidney stones.  My brother had")
         assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("kidney stones", "cause")
         assert records[3]["meta"]["subject"] == "aspirin; ibuprofen"
         assert records[3]["conversations"][0]["value"].startswith("aspirin and ibuprofen\n\nCan I take")
     else:
         assert [r["id"] for r in records] == ["liveqa-1.0-S1-A1", "liveqa-3.0-S1-A1"]
-        assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("Shingles vaccine", "Indication")
+        assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("Shingles vaccine",
+                                                                              "Indication")
 
 
 @pytest.mark.parametrize("name", sorted(LIVEQA_TRAIN))
@@ -159,7 +166,8 @@ def test_liveqa_real_training_files(name):
 
     folder = os.environ.get("BIMEDIX_LIVEQA_TRAIN")
     if not folder or not (Path(folder) / name).is_file():
-        pytest.skip("set BIMEDIX_LIVEQA_TRAIN to a folder holding the LiveQA training files (docs/data-pipeline.md)")
+        pytest.skip("set BIMEDIX_LIVEQA_TRAIN to a folder holding the LiveQA training files "
+                    "(docs/data-pipeline.md)")
     questions, _, pairs = LIVEQA_TRAIN[name]
     _check_liveqa_training_file(Path(folder) / name, questions, pairs)
 
@@ -169,26 +177,31 @@ def test_liveqa_unknown_layout_names_file_question_and_element(fixtures_dir, tmp
     path = tmp_path / "train.xml"
     path.write_text(text.replace('<ANSWER answerid="Q1-S2-A1" pairid="3">Small stones', '<ANSWR>Small stones')
                     .replace("lithotripsy.</ANSWER>", "lithotripsy.</ANSWR>"), encoding="utf-8")
-    with pytest.raises(RecordError, match=r"train\.xml: record 'Q1': field `SUB-QUESTION\[2\]\.ANSWERS\.ANSWER`"):
+    with pytest.raises(RecordError,
+                       match=r"train\.xml: record 'Q1': field `SUB-QUESTION\[2\]\.ANSWERS\.ANSWER`"):
         list(convert("liveqa", path))
     errors: list[RecordError] = []
     records = list(convert("liveqa", path, on_error=errors.append))
     assert [r["id"] for r in records] == ["liveqa-Q2-S1-A1"] and len(errors) == 1  # Q1 set aside whole, Q2 kept
     path.write_text('<NLM-QUESTIONS><NLM-QUESTION qid="7"><SUBJECT>x</SUBJECT><MESSAGE>y?</MESSAGE><Answers/>'
                     '</NLM-QUESTION></NLM-QUESTIONS>', encoding="utf-8")
-    with pytest.raises(RecordError, match=r"record '7': field `ReferenceAnswers`: neither a training <SUB-QUESTIONS>"):
+    with pytest.raises(RecordError,
+                       match=r"record '7': field `ReferenceAnswers`: neither a training <SUB-QUESTIONS>"):
         list(convert("liveqa", path))
 
 
 # --- fixtures for sources not in shared data (see tests/fixtures/sources/README.md) -----------------------------
 
 @pytest.mark.parametrize("source, name, count, human_start, gpt_start", [
-    ("healthcaremagic", "HealthCareMagic-100k.json", 3, "Hi doctor, I am 34", "Hello, thanks for your query."),
+    ("healthcaremagic", "HealthCareMagic-100k.json", 3, "Hi doctor, I am 34",
+     "Hello, thanks for your query."),
     ("icliniq", "iCliniq.json", 2, "Hello doctor, my 5-year-old son", "Hello, welcome to icliniq.com."),
-    ("meadow", "medical_meadow_flashcards.json", 2, "What is the mechanism of action of metformin?", "Metformin lowers"),
+    ("meadow", "medical_meadow_flashcards.json", 2, "What is the mechanism of action of metformin?",
+     "Metformin lowers"),
     ("meadow", "medical_meadow_health_advice.json", 1,
      "Please answer with one of the option in the bracket\n\nQ: Does regular walking", "A: yes"),
-    ("umls", "umls_release.json", 2, "Answer the question about the medical concept.\n\nWhat is the definition",
+    ("umls", "umls_release.json", 2,
+     "Answer the question about the medical concept.\n\nWhat is the definition",
      "Bradycardia is"),
 ])
 def test_fixture_sources(fixtures_dir, source, name, count, human_start, gpt_start):
@@ -205,7 +218,8 @@ def test_fixture_sources(fixtures_dir, source, name, count, human_start, gpt_sta
 
 
 def test_language_override(fixtures_dir):
-    record = next(convert("healthcaremagic", fixtures_dir / "sources" / "HealthCareMagic-100k.json", language="ar"))
+    record = next(convert("healthcaremagic", fixtures_dir / "sources" / "HealthCareMagic-100k.json",
+                          language="ar"))
     assert record["language"] == "ar"
 
 
@@ -221,24 +235,33 @@ def _jsonl(*lines: str | bytes) -> bytes:
 
 CORRUPT = [
     # source, file name, bytes, bad record position, field, message, records that still come through
-    ("medmcqa", "dev.json", _jsonl(json.dumps(GOOD_MEDMCQA), '{"id": "b", "question": ', json.dumps({**GOOD_MEDMCQA, "id": "c"})),
+    ("medmcqa", "dev.json", _jsonl(json.dumps(GOOD_MEDMCQA), '{"id": "b", "question": ',
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})),
      2, None, "invalid JSON", 2),
     ("medmcqa", "dev.json", _jsonl(json.dumps({k: v for k, v in GOOD_MEDMCQA.items() if k != "question"}),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "question", "missing", 1),
-    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "cop": 7}), json.dumps({**GOOD_MEDMCQA, "id": "c"})),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "cop": 7}), json.dumps({**GOOD_MEDMCQA,
+                                                                                       "id": "c"})),
      1, "cop", "not in 1..4", 1),
     ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "opa": "", "opb": "", "opc": "", "opd": ""}),
-                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "opa", "all options are empty", 1),
-    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "question": "سؤال"}, ensure_ascii=False).encode("cp1256"),
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "opa",
+     "all options are empty", 1),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "question": "سؤال"},
+                                              ensure_ascii=False).encode("cp1256"),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, None, "not valid UTF-8", 1),
-    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\n" + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
+    ("mmlu", "anatomy_test.csv",
+     b"Q1,a,b,c,d,A\r\n" + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
      2, None, "not valid UTF-8", 2),
-    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer", "not one of the option", 2),
-    ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nسؤال\t\t['A']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
+    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer",
+     "not one of the option", 2),
+    ("mentalqa", "Train_Dev.tsv",
+     "question\tanswer\tfinal_QT\tfinal_AS\nسؤال\t\t['A']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
      2, "answer", "is empty", 1),
-    ("mentalqa", "Train_Dev.tsv", "question\tanswer\tfinal_QT\tfinal_AS\nس\tج\t['Q']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
+    ("mentalqa", "Train_Dev.tsv",
+     "question\tanswer\tfinal_QT\tfinal_AS\nس\tج\t['Q']\t['1']\nس\tج\t['A']\t['1']\n".encode(),
      2, "final_QT", "are not among", 1),
-    ("meadow", "meadow.json", json.dumps([GOOD_QA, {"instruction": "Answer this question truthfully", "input": "Q"},
+    ("meadow", "meadow.json", json.dumps([GOOD_QA, {"instruction": "Answer this question truthfully",
+                                                    "input": "Q"},
                                           GOOD_QA]).encode(), "[1]", "output", "missing", 2),
 ]
 
@@ -265,7 +288,8 @@ def test_bad_records_raise_or_skip(tmp_path, source, name, data, where, field, m
 @pytest.mark.parametrize("source, name, data", [
     ("medmcqa", "dev.json", b"\xef\xbb\xbf" + _jsonl(json.dumps(GOOD_MEDMCQA)).replace(b"\n", b"\r\n")),
     ("mmlu", "anatomy_test.csv", b"\xef\xbb\xbfQ1,a,b,c,d,A\r\n\"Q\r\n2\",a,b,c,d,B"),
-    ("mentalqa", "Train_Dev.tsv", b"\xef\xbb\xbfquestion\tanswer\tfinal_QT\tfinal_AS\r\nQ\tA\t['A']\t['1']\r\n"),
+    ("mentalqa", "Train_Dev.tsv",
+     b"\xef\xbb\xbfquestion\tanswer\tfinal_QT\tfinal_AS\r\nQ\tA\t['A']\t['1']\r\n"),
     ("meadow", "meadow.json", b"\xef\xbb\xbf" + json.dumps([GOOD_QA]).encode()),
 ])
 def test_bom_and_crlf_are_accepted(tmp_path, source, name, data):
@@ -280,11 +304,13 @@ def test_bom_and_crlf_are_accepted(tmp_path, source, name, data):
 
 def test_cli_convert_raise_and_skip(tmp_path, capsys):
     source = tmp_path / "dev.json"
-    source.write_bytes(_jsonl(json.dumps(GOOD_MEDMCQA), "{oops", json.dumps({**GOOD_MEDMCQA, "id": "c", "cop": 4})))
+    source.write_bytes(_jsonl(json.dumps(GOOD_MEDMCQA), "{oops", json.dumps({**GOOD_MEDMCQA, "id": "c",
+                                                                             "cop": 4})))
     out = tmp_path / "out" / "medmcqa.jsonl"
     assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out)]) == 2
     assert f"{source}:2: invalid JSON" in capsys.readouterr().err and not out.exists()
-    assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out), "--on-error", "skip"]) == 0
+    assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out), "--on-error",
+                 "skip"]) == 0
     assert "read 3, written 2, rejected 1" in capsys.readouterr().out
     records = list(read_records(out))
     assert [r["meta"]["answer"] for r in records] == ["A", "D"]
@@ -296,7 +322,8 @@ def test_cli_convert_file_level_error_under_skip_does_not_suggest_skip(tmp_path,
     source = tmp_path / "ori_pqal.json"
     source.write_text('[{"QUESTION": "a list, not an object keyed by PMID"}]')
     out = tmp_path / "pubmedqa.jsonl"
-    assert main(["convert", "pubmedqa", "--input", str(source), "--output", str(out), "--on-error", "skip"]) == 2
+    assert main(["convert", "pubmedqa", "--input", str(source), "--output", str(out), "--on-error",
+                 "skip"]) == 2
     err = capsys.readouterr().err
     assert f"{source}: expected a JSON object keyed by PMID, got list" in err
     assert "rerun with --on-error skip" not in err and "concerns the whole file" in err
@@ -305,14 +332,16 @@ def test_cli_convert_file_level_error_under_skip_does_not_suggest_skip(tmp_path,
 
 
 def test_cli_convert_unknown_source(tmp_path, capsys):
-    assert main(["convert", "nope", "--input", str(tmp_path / "in.json"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert main(["convert", "nope", "--input", str(tmp_path / "in.json"), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
     assert "unknown source 'nope'" in capsys.readouterr().err
 
 
 # --- bundled data ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source, written, rejected", [
-    ("pubmedqa", 35, 0), ("medmcqa", 100, 0), ("medqa", 40, 0), ("mmlu", 30, 0), ("mmlu-ar", 27, 3), ("mentalqa", 60, 0),
+    ("pubmedqa", 35, 0), ("medmcqa", 100, 0), ("medqa", 40, 0), ("mmlu", 30, 0), ("mmlu-ar", 27, 3),
+    ("mentalqa", 60, 0),
 ])
 def test_bundled_sources_convert(source, written, rejected):
     assert set(BUNDLED) <= {name for name, info in SOURCE_INFO.items() if info.permissive}
@@ -333,11 +362,11 @@ def test_bundled_folders_carry_licence_and_attribution():
 
 def test_liveqa_bad_question_and_bad_xml(tmp_path):
     path = tmp_path / "live.xml"
-    path.write_text('<Set><NLM-QUESTION qid="Q1"><Original-Question><SUBJECT>flu</SUBJECT><MESSAGE>Is it bad?</MESSAGE>'
-                    '</Original-Question><ReferenceAnswers/></NLM-QUESTION>'
+    path.write_text('<Set><NLM-QUESTION qid="Q1"><Original-Question><SUBJECT>flu</SUBJECT><MESSAGE>Is it '
+                    'bad?</MESSAGE></Original-Question><ReferenceAnswers/></NLM-QUESTION>'
                     '<NLM-QUESTION qid="Q2"><Original-Question><MESSAGE>Dose?</MESSAGE></Original-Question>'
-                    '<ReferenceAnswers><RefAnswer aid="Q2A1"><ANSWER>Ask your\n\t\tpharmacist.</ANSWER></RefAnswer>'
-                    '</ReferenceAnswers></NLM-QUESTION></Set>')
+                    '<ReferenceAnswers><RefAnswer aid="Q2A1"><ANSWER>Ask '
+                    'your\n\t\tpharmacist.</ANSWER></RefAnswer></ReferenceAnswers></NLM-QUESTION></Set>')
     with pytest.raises(RecordError, match=r"live\.xml: record 'Q1': field `ReferenceAnswers`"):
         list(convert("liveqa", path))
     errors: list[RecordError] = []
@@ -354,7 +383,8 @@ def test_medicationqa_bad_rows(tmp_path):
 
     workbook = Workbook()
     sheet = workbook.active
-    for row in (["Question", "Focus (Drug)", "Question Type", "Answer"], ["what is it for", "aspirin", "Usage", "Pain."],
+    for row in (["Question", "Focus (Drug)", "Question Type", "Answer"], ["what is it for", "aspirin",
+                                                                          "Usage", "Pain."],
                 ["how much", "ibuprofen", "Dose", None], [None, None, None, None]):
         sheet.append(row)
     path = tmp_path / "meds.xlsx"

@@ -33,7 +33,8 @@ def test_normalize_for_match(text, expected):
 
 
 def _record(id_: str, question: str, answer: str) -> dict:
-    return {"id": id_, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    return {"id": id_, "conversations": [{"from": "human", "value": question}, {"from": "gpt",
+                                                                                "value": answer}]}
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -60,8 +61,10 @@ def test_dedup_removes_exact_and_near_duplicates_but_not_distinct_items():
 
 def test_dedup_arabic_variants_are_exact_duplicates():
     dedup = Deduplicator()
-    assert dedup.check(_record("a", "ما هو علاج ارتفاع ضغط الدم عند مريض عمره 65 سنة؟", "مثبطات الانزيم")) is None
-    found = dedup.check(_record("b", "مَا هُوَ عِلاجُ ارتفاع ضغط الـدم عند مريض عمره ٦٥ سنة؟", "مثبطات الإنزيم"))
+    assert dedup.check(_record("a", "ما هو علاج ارتفاع ضغط الدم عند مريض عمره 65 سنة؟",
+                               "مثبطات الانزيم")) is None
+    found = dedup.check(_record("b", "مَا هُوَ عِلاجُ ارتفاع ضغط الـدم عند مريض عمره ٦٥ سنة؟",
+                                "مثبطات الإنزيم"))
     assert found is not None and found.kind == "exact" and found.kept_id == "a"
 
 
@@ -80,7 +83,8 @@ AR_QUESTION = "ما هو العلاج الأول لارتفاع ضغط الدم 
 def index() -> BenchmarkIndex:
     items = [BenchmarkItem("medqa-test", "medqa-1", "en", QUESTION, ("Levothyroxine", "Methimazole")),
              BenchmarkItem("mmlu-ar-test", "mmlu-ar-7", "ar", AR_QUESTION, ("حاصرات بيتا", "مدرات البول")),
-             BenchmarkItem("medqa-test", "medqa-2", "en", "Which of the following is the most likely diagnosis?",
+             BenchmarkItem("medqa-test", "medqa-2", "en",
+                           "Which of the following is the most likely diagnosis?",
                            ("Flu", "Cold"))]
     items += [BenchmarkItem("medqa-test", f"boiler-{i}", "en",
                             f"Which of the following is the most likely diagnosis? Case {i} of a sick child",
@@ -89,10 +93,11 @@ def index() -> BenchmarkIndex:
 
 
 def test_decontam_matches_english_question_and_keeps_a_clean_one(index):
-    found = index.match(f"USER: I saw this on a forum: {QUESTION} A. Levothyroxine B. Methimazole ASSISTANT: A")
+    found = index.match(f"USER: I saw this on a forum: {QUESTION} A. Levothyroxine B. Methimazole ASSISTANT: "
+                        "A")
     assert found is not None and found.item.id == "medqa-1" and found.overlap == 1.0
-    clean = ("A 30-year-old woman asks how to take her thyroid tablets with breakfast and coffee every morning "
-             "before work.")
+    clean = ("A 30-year-old woman asks how to take her thyroid tablets with breakfast and coffee every "
+             "morning before work.")
     assert index.match(clean) is None
 
 
@@ -109,7 +114,8 @@ def test_decontam_ignores_boilerplate_ngrams(index):
 
 def test_report_entry_names_both_sides(index):
     record = {"id": "train-9", "source": "medqa", "task": "mcqa", "language": "en",
-              "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": "Levothyroxine"}]}
+              "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt",
+                                                                       "value": "Levothyroxine"}]}
     entry = report_entry(record, index.match(QUESTION), index.ngram)
     assert entry["id"] == "train-9" and entry["benchmark"] == "medqa-test" and entry["benchmark_id"] == "medqa-1"
     assert entry["text"].startswith("A 30-year-old") and entry["benchmark_text"].startswith("A 30-year-old")
@@ -124,7 +130,8 @@ def test_build_report_names_both_sides(tmp_path, mixtral_tokenizer):
 
     recipe = write_sources(tmp_path / "sources")
     build_data(recipe, tmp_path / "out", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
-    entries = {e["id"]: e for e in map(json.loads, (tmp_path / "out" / "decontamination.jsonl").read_text().splitlines())}
+    entries = {e["id"]: e for e in map(json.loads,
+                                       (tmp_path / "out" / "decontamination.jsonl").read_text().splitlines())}
     assert set(entries) == {"en-qa-leaked", "ar-qa-leaked"}
     assert entries["en-qa-leaked"]["benchmark"] == "medqa-test"
     assert entries["en-qa-leaked"]["benchmark_text"].startswith(BENCH_QUESTION[:40])
@@ -136,10 +143,11 @@ def test_build_report_names_both_sides(tmp_path, mixtral_tokenizer):
 def test_decontam_short_question_needs_its_options():
     index = BenchmarkIndex([BenchmarkItem("medmcqa-dev", "m1", "en", "Metronidazole:",
                                           ("Has no side-effects", "Is used in management of ANUG",
-                                           "Is mainly concentrated in saliva", "Is active against gram-positive aerobes"))])
+                                           "Is mainly concentrated in saliva",
+                                           "Is active against gram-positive aerobes"))])
     assert index.match("Metronidazole is an antibiotic; take it with food and avoid alcohol.") is None
-    leaked = ("Metronidazole: A. Has no side-effects B. Is used in management of ANUG C. Is mainly concentrated in "
-              "saliva D. Is active against gram-positive aerobes")
+    leaked = ("Metronidazole: A. Has no side-effects B. Is used in management of ANUG C. Is mainly "
+              "concentrated in saliva D. Is active against gram-positive aerobes")
     assert index.match(leaked).item.id == "m1"
 
 
@@ -156,7 +164,8 @@ def test_decontam_real_benchmark_recall_and_precision(shared_data):
     assert len(leaked) == 1018 and all(index.match(record_text(r), normalized=True) for r in leaked)
     arabic_prompt = list(convert("medqa", path, language="ar"))[:100]  # Arabic template, English item text
     assert all(index.match(record_text(r), normalized=True) for r in arabic_prompt)
-    meadow = list(convert("meadow", shared_data / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
+    meadow = list(convert("meadow",
+                          shared_data / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
     assert sum(index.match(record_text(r), normalized=True) is not None for r in meadow[:2000]) == 0
 
 
@@ -181,4 +190,5 @@ def test_lsh_candidates_are_confirmed_by_exact_jaccard():
 def test_jaccard():
     import numpy as np
 
-    assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and jaccard(np.array([]), np.array([])) == 1.0
+    assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and jaccard(np.array([]),
+                                                                                np.array([])) == 1.0

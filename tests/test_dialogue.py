@@ -45,7 +45,8 @@ def test_good_dialogue_passes():
     ([{"from": "gpt", "value": "Hello there."}] + GOOD[1:], "turn 0 is from 'gpt', expected 'human'"),
     (GOOD[:3], "does not end with a gpt turn"),
     (GOOD[:2], "1 exchanges (allowed 2..4)"),
-    (_chat("Let us see.", "It is iron deficiency anaemia, so option A is right."), "refers to an option by letter"),
+    (_chat("Let us see.", "It is iron deficiency anaemia, so option A is right."),
+     "refers to an option by letter"),
     (_chat("Let us see.", "The answer is (A): iron deficiency anaemia."), "refers to an option by letter"),
     (_chat("Let us see.", "Most likely this is a blood problem."),
      "the correct answer 'Iron deficiency anaemia' is never"),
@@ -63,7 +64,8 @@ def test_invalid_dialogues_are_caught(conversation, expected):
 @pytest.mark.parametrize("text, leaks", [
     ("The answer is B.", True), ("Option A is right.", True), ("choice (C) fits", True), ("see (D)", True),
     ("The answer is A defect in iron absorption.", False), ("Vitamin B12 is low.", False),
-    ("An answer: C-reactive protein is raised.", False), ("الخيار ب هو الصحيح", True), ("خيارات العلاج", False),
+    ("An answer: C-reactive protein is raised.", False), ("الخيار ب هو الصحيح", True), ("خيارات العلاج",
+                                                                                        False),
 ])
 def test_letter_leak_detection(text, leaks):
     chat = _chat("Let us see. " + text, "The most likely diagnosis is iron deficiency anaemia.")
@@ -113,7 +115,8 @@ def test_invalid_output_is_regenerated_then_accepted(api_key, tmp_path):
 
 
 def test_always_invalid_is_rejected_with_reasons(api_key, tmp_path):
-    bad = iter([Reply("no json here"), Reply('{"conversation": []}', ), Reply('{"conversation": [', "length")])
+    bad = iter([Reply("no json here"), Reply('{"conversation": []}', ), Reply('{"conversation": [',
+                                                                              "length")])
     with FakeOpenAIServer(lambda body: next(bad)) as fake:
         summary = _generate(fake, tmp_path, [mcqa_record(0)], max_attempts=3)
         assert fake.count() == 3
@@ -142,10 +145,13 @@ def test_cli_with_overridden_prompt(server, api_key, tmp_path, capsys):
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     shipped = resource_path("bimedix", "llm", "prompts", "dialogue.yaml").read_text(encoding="utf-8")
-    (prompts / "dialogue.yaml").write_text(shipped.replace("version: dialogue-v2", "version: dialogue-clinic-v3"))
+    (prompts / "dialogue.yaml").write_text(shipped.replace("version: dialogue-v2",
+                                                           "version: dialogue-clinic-v3"))
     write_jsonl(tmp_path / "mcqa.jsonl", [mcqa_record(i) for i in range(2)])
-    code = main(["generate-chats", "--input", str(tmp_path / "mcqa.jsonl"), "--output", str(tmp_path / "chats.jsonl"),
-                 "--base-url", server.base_url, "--model", MODEL, "--prompts", str(prompts), "--min-turns", "3"])
+    code = main(["generate-chats", "--input", str(tmp_path / "mcqa.jsonl"), "--output",
+                 str(tmp_path / "chats.jsonl"),
+                 "--base-url", server.base_url, "--model", MODEL, "--prompts", str(prompts), "--min-turns",
+                 "3"])
     assert code == 0 and "2 written" in capsys.readouterr().out
     records = read_jsonl(tmp_path / "chats.jsonl")
     assert {r["meta"]["generation"]["prompt_version"] for r in records} == {"dialogue-clinic-v3"}

@@ -84,7 +84,8 @@ def test_english_and_arabic_rows_pair_by_id_and_corrupted_acegpt_rows_are_droppe
     path = shared_data / SOURCE_PATHS["mmlu_ar"].format(subject="professional_medicine")
     with open(path, encoding="utf-8", newline="") as handle:
         rows = list(csv.reader(handle))
-    corrupted = {f"mmlu_professional_medicine-{i}" for i, row in enumerate(rows, 1) if re.search(r"\bIP\b", row[0])}
+    corrupted = {f"mmlu_professional_medicine-{i}" for i, row in enumerate(rows, 1) if re.search(r"\bIP\b",
+                                                                                                 row[0])}
     assert corrupted and not corrupted & set(arabic)
 
 
@@ -108,7 +109,8 @@ def test_import_rejects_a_folder_in_another_layout(tmp_path):
 
 def test_translated_records_become_labelled_arabic_rows(shared_data):
     item = next(read_medqa(shared_data / SOURCE_PATHS["medqa"]))
-    record = item_to_record(item, language="ar")  # Arabic prompt around the (untranslated) text: plumbing only
+    record = item_to_record(item,
+                            language="ar")  # Arabic prompt around the (untranslated) text: plumbing only
     record["meta"]["translation"] = {"model": "gpt-4o-mini", "score": 91.0, "reviewed": False,
                                      "review_state": "unreviewed"}
     (row,) = rows_from_records([record, item_to_record(item, language="en")])
@@ -117,8 +119,10 @@ def test_translated_records_become_labelled_arabic_rows(shared_data):
 
 
 # review_state, score → in the bench by default, with include_unreviewed
-REVIEW_CASES = [("approved", 50.0, True, True), ("edited", 40.0, True, True), ("unreviewed", 85.0, True, True),
-                ("queued", 90.0, False, True), ("unreviewed", 60.0, False, True), ("rejected", 95.0, False, False)]
+REVIEW_CASES = [("approved", 50.0, True, True), ("edited", 40.0, True, True), ("unreviewed", 85.0, True,
+                                                                               True),
+                ("queued", 90.0, False, True), ("unreviewed", 60.0, False, True), ("rejected", 95.0, False,
+                                                                                   False)]
 
 
 def test_review_policy_decides_which_translations_enter_the_bench(shared_data, tmp_path):
@@ -130,7 +134,9 @@ def test_review_policy_decides_which_translations_enter_the_bench(shared_data, t
     records = []
     for item, (state, score, _, _) in zip(items, REVIEW_CASES, strict=True):
         record = item_to_record(item, language="ar")
-        record["meta"]["translation"] = {"model": "m", "score": score, "reviewed": state in ("approved", "edited", "rejected"),
+        record["meta"]["translation"] = {"model": "m", "score": score, "reviewed": state in ("approved",
+                                                                                             "edited",
+                                                                                             "rejected"),
                                          "review_state": state}
         records.append(record)
     path = tmp_path / "translated.jsonl"
@@ -142,7 +148,8 @@ def test_review_policy_decides_which_translations_enter_the_bench(shared_data, t
         assert review.seen["rejected"] == 1 and review.used["rejected"] == 0
     del records[0]["meta"]["translation"]["review_state"]
     path.write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8")
-    with pytest.raises(RecordError, match=r"translated\.jsonl: record '.+': field `meta\.translation\.review_state`"):
+    with pytest.raises(RecordError,
+                       match=r"translated\.jsonl: record '.+': field `meta\.translation\.review_state`"):
         list(collect_arabic_rows(translations=path))
 
 
@@ -176,7 +183,8 @@ def test_rebuilding_a_folder_drops_subsets_of_the_earlier_build(shared_data, tmp
     ({"id": ["q1"], "language": ["en"], "source": ["medqa"], "question": ["Q?"], "context": [""],
       "options": ["A, B"], "answer": ["A"]}, "column `options` holds string, expected a list of strings"),
     ({"id": ["q1"], "language": ["en"], "source": ["medqa"], "question": ["Q?"], "context": [""],
-      "options": [["yes", "no"]], "answer": ["D"]}, "row 0 (id 'q1'): answer 'D' names none of its 2 options"),
+      "options": [["yes", "no"]], "answer": ["D"]},
+     "row 0 (id 'q1'): answer 'D' names none of its 2 options"),
     ({"id": ["q1"], "question": ["Q?"]}, "no column `language`"),
 ])
 def test_subset_table_of_another_shape_is_refused_naming_file_and_field(tmp_path, columns, message):

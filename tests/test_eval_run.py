@@ -51,7 +51,8 @@ def test_tiny_moe_with_saved_lora_adapter(tiny_model_dir, tiny_adapter_dir, eval
 def test_adapter_for_another_base_model_is_refused(tiny_adapter_dir, tmp_path):
     other = tmp_path / "other-model"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}), encoding="utf-8")
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}),
+                                       encoding="utf-8")
     with pytest.raises(ValueError, match="was trained on base model"):
         check_adapter(str(other), str(tiny_adapter_dir))
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter"):
@@ -63,9 +64,11 @@ def test_vllm_backend_gets_the_adapter_rank(tiny_model_dir, tmp_path):
     adapter.mkdir()
     for rank, pattern, expected in ((128, {}, 128), (4, {"experts": 100}, 128), (16, {}, 16)):
         (adapter / "adapter_config.json").write_text(json.dumps(
-            {"base_model_name_or_path": str(tiny_model_dir), "r": rank, "rank_pattern": pattern}), encoding="utf-8")
+            {"base_model_name_or_path": str(tiny_model_dir), "r": rank, "rank_pattern": pattern}),
+                                                     encoding="utf-8")
         args = backend_model_args("vllm", str(tiny_model_dir), peft=str(adapter))
-        assert args == {"pretrained": str(tiny_model_dir), "lora_local_path": str(adapter), "max_lora_rank": expected}
+        assert args == {"pretrained": str(tiny_model_dir), "lora_local_path": str(adapter),
+                        "max_lora_rank": expected}
     assert backend_model_args("hf", "m", peft="a")["peft"] == "a"
 
 
@@ -73,7 +76,8 @@ def test_unknown_task_and_missing_subset_are_plain_cli_errors(tiny_model_dir, tm
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['bimedix_medqa_fr'\].*bimedix_medqa_ar"):
         resolve_tasks("bimedix_medqa_fr")
     names, manager = resolve_tasks("bimedix_en, arabic_leaderboard_arabic_mmlu_anatomy")
-    assert names == ["bimedix_en", "arabic_leaderboard_arabic_mmlu_anatomy"]  # lm-eval's own task side by side
+    assert names == ["bimedix_en",
+                     "arabic_leaderboard_arabic_mmlu_anatomy"]  # lm-eval's own task side by side
     assert "arabic_leaderboard_arabic_mmlu_anatomy" in manager.all_tasks
     code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_ar", "--output", str(tmp_path)])
     assert code == 2
@@ -116,12 +120,15 @@ def test_expert_lora_targets(targets, experts):
 
 
 def test_vllm_refuses_an_expert_adapter_as_lora_and_names_the_merge(tiny_model_dir, tiny_adapter_dir):
-    with pytest.raises(ValueError, match=r"fused MoE experts.*bimedix merge --base .* --adapter .*vllm serve MERGED"):
+    with pytest.raises(ValueError,
+                       match=r"fused MoE experts.*bimedix merge --base .* --adapter .*vllm serve MERGED"):
         backend_model_args("vllm", str(tiny_model_dir), peft=str(tiny_adapter_dir))
-    assert backend_model_args("hf", str(tiny_model_dir), peft=str(tiny_adapter_dir))["peft"] == str(tiny_adapter_dir)
+    assert backend_model_args("hf", str(tiny_model_dir),
+                              peft=str(tiny_adapter_dir))["peft"] == str(tiny_adapter_dir)
 
 
-def test_cli_vllm_eval_of_an_expert_adapter_evaluates_a_merged_copy(tiny_model_dir, tiny_adapter_dir, tmp_path,
+def test_cli_vllm_eval_of_an_expert_adapter_evaluates_a_merged_copy(tiny_model_dir, tiny_adapter_dir,
+                                                                    tmp_path,
                                                                      monkeypatch, capsys):
     """No vLLM needed: `evaluate` is replaced by a recorder; the merge (with its logit check) runs for real."""
     import bimedix.eval.run

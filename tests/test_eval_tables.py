@@ -41,9 +41,11 @@ def test_avg_is_the_unweighted_mean_and_bilingual_cells_pool_both_languages():
     assert pooled.acc_norm == pytest.approx((0.4 * 80 + 0.2 * 10) / 90)
     text = format_table(results, "table4", model_name="mine")
     header, *rows = text.splitlines()[1:]
-    assert header.split() == ["Model", "Cli-KG", "C-Bio", "C-Med", "Med-Gen", "Pro-Med", "Ana", "MedMCQA", "MedQA",
+    assert header.split() == ["Model", "Cli-KG", "C-Bio", "C-Med", "Med-Gen", "Pro-Med", "Ana", "MedMCQA",
+                              "MedQA",
                               "PubmedQA", "AVG"]
-    assert rows[-2].split() == ["mine", "10.0", "20.0", "30.0", "40.0", "50.0", "60.0", "70.0", "80.0", "90.0", "50.0"]
+    assert rows[-2].split() == ["mine", "10.0", "20.0", "30.0", "40.0", "50.0", "60.0", "70.0", "80.0",
+                                "90.0", "50.0"]
     assert rows[-1].split()[-1] == str(sum(10 * k for k in range(1, 10)))
     assert "Meditron-70B (reported)" in text
 
@@ -63,8 +65,10 @@ def _sample(doc_id: str, chosen: int, target: int, n_choices: int = 4) -> dict:
 
 def test_consistency_pairs_questions_by_id_and_scores_disagreements():
     samples = {
-        "bimedix_medqa_en": [_sample("q1", 0, 0), _sample("q2", 1, 1), _sample("q3", 2, 3), _sample("q4", 0, 0)],
-        "bimedix_medqa_ar": [_sample("q1", 0, 0), _sample("q2", 2, 1), _sample("q3", 3, 3), _sample("q5", 0, 0)],
+        "bimedix_medqa_en": [_sample("q1", 0, 0), _sample("q2", 1, 1), _sample("q3", 2, 3), _sample("q4", 0,
+                                                                                                    0)],
+        "bimedix_medqa_ar": [_sample("q1", 0, 0), _sample("q2", 2, 1), _sample("q3", 3, 3), _sample("q5", 0,
+                                                                                                    0)],
         "bimedix_pubmedqa_en": [_sample("p1", 0, 0, 3)],
         "arabic_leaderboard_arabic_mmlu_anatomy": [_sample("x", 0, 0)],
     }

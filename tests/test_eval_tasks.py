@@ -82,7 +82,8 @@ def test_every_task_yaml_parses_and_is_indexed():
         assert isinstance(load_yaml(path, resolve_func=True), dict), path
     names = set(TaskManager(include_path=str(tasks_dir()), include_defaults=False).all_tasks)
     expected = {*LEAF_TASKS, *(f"bimedix_{s}_bilingual" for s in PAPER_SUBSETS), "bimedix_en", "bimedix_ar",
-                "bimedix_bilingual", "bimedix_table2", "bimedix_table3", "bimedix_table4", "bimedix_medarabench_ar"}
+                "bimedix_bilingual", "bimedix_table2", "bimedix_table3", "bimedix_table4",
+                "bimedix_medarabench_ar"}
     assert expected <= names
 
 
@@ -98,7 +99,8 @@ def test_rendered_prompts_match_snapshots(eval_bench_dir):
         rendered[name] = {"prompt": task.fewshot_context(doc, 0), "choices": task.doc_to_choice(doc),
                           "target": task.doc_to_target(doc)}
     if os.environ.get("BIMEDIX_UPDATE_SNAPSHOTS"):
-        SNAPSHOTS.write_text(json.dumps(rendered, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        SNAPSHOTS.write_text(json.dumps(rendered, ensure_ascii=False, indent=1, sort_keys=True) + "\n",
+                             encoding="utf-8")
     expected = json.loads(SNAPSHOTS.read_text(encoding="utf-8"))
     assert sorted(rendered) == sorted(expected)
     for name in rendered:
@@ -108,7 +110,8 @@ def test_rendered_prompts_match_snapshots(eval_bench_dir):
 
 
 def test_stub_preferring_a_scores_the_share_of_gold_a_on_real_rows(real_bench, stub_lm, shared_data):
-    results = evaluate(stub_lm(prefer="A"), tasks="bimedix_en,bimedix_mmlu_anatomy_ar,bimedix_mmlu_college_biology_ar",
+    results = evaluate(stub_lm(prefer="A"),
+                       tasks="bimedix_en,bimedix_mmlu_anatomy_ar,bimedix_mmlu_college_biology_ar",
                        data_dir=real_bench)
     rows = read_bench(real_bench)
     for (subset, language), subset_rows in rows.items():
@@ -169,7 +172,8 @@ def test_medarabench_task_scores_up_to_six_arabic_letters(shared_data, tmp_path)
 
     with RejectLog() as rejects:
         build_bench(shared_data, tmp_path, limit=200, subsets=["medarabench"], on_error=rejects)
-    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata={"data_dir": str(tmp_path)})
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False,
+                          metadata={"data_dir": str(tmp_path)})
     task = manager.load("bimedix_medarabench_ar")["tasks"]["bimedix_medarabench_ar"]
     doc = next(doc for doc in task.test_docs() if len(doc["options"]) == 5)
     assert task.doc_to_choice(doc) == ["أ", "ب", "ج", "د", "هـ"]

@@ -18,7 +18,8 @@ def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = 
     """Tiny model with LoRA (random A and B, so that ΔW ≠ 0) on attention, router and experts."""
     model = build_tiny_model(arch, seed=0, **overrides).to(dtype)
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=TARGET_PARAMETERS,
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        target_parameters=TARGET_PARAMETERS,
                         lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(model, config)
     if quantize:
@@ -52,7 +53,8 @@ def test_folded_equals_peft_path_fp32(arch, overrides, quantize):
         pytest.importorskip("bitsandbytes")
     ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
     peft_model = _peft_model(arch, quantize=quantize, **overrides)
-    folded = _peft_model(arch, quantize=quantize, **overrides)  # no deepcopy: copies of parametrized modules share a cache
+    folded = _peft_model(arch, quantize=quantize,
+                         **overrides)  # no deepcopy: copies of parametrized modules share a cache
     set_expert_lora_mode(folded, "folded")
 
     logits, grads = _loss_and_grads(peft_model, ids)

@@ -54,9 +54,11 @@ def test_shipped_resources_resolve():
 def test_cli_help_lists_commands():
     from bimedix.cli import build_parser
 
-    out = subprocess.run([sys.executable, "-m", "bimedix", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "bimedix", "--help"], capture_output=True, text=True,
+                         check=True)
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     commands = set(subparsers.choices)
-    assert {"convert", "build-data", "translate", "review", "sft", "eval", "push", "chat", "quickstart"} <= commands
+    assert {"convert", "build-data", "translate", "review", "sft", "eval", "push", "chat",
+            "quickstart"} <= commands
     listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("    ") and line.split()}
     assert commands <= listed, f"missing from --help: {sorted(commands - listed)}"

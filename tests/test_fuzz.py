@@ -39,8 +39,10 @@ EXAMPLES = int(os.environ.get("BIMEDIX_FUZZ_EXAMPLES", "30"))  # per command; ra
 TRIED: Counter[str] = Counter()
 OUTCOMES: Counter[str] = Counter()
 
-INJECTIONS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+2", "-2+3", "@SUM(A1:A2)", "\t=1", "\r=1", "=cmd|' /C calc'!A0",
-              "../../etc/passwd", "/etc/passwd", "..\\..\\x", "C:\\Windows\\x", "a/../../b", "", " ", "\x00", "\u202e",
+INJECTIONS = ["=HYPERLINK(\"http://x\",\"y\")", "+1+2", "-2+3", "@SUM(A1:A2)", "\t=1", "\r=1",
+              "=cmd|' /C calc'!A0",
+              "../../etc/passwd", "/etc/passwd", "..\\..\\x", "C:\\Windows\\x", "a/../../b", "", " ", "\x00",
+              "\u202e",
               "سؤال", "\ud800"]
 OTHER_TYPES = [None, 0, -1, 1.5, True, [], {}, ["a"], {"a": 1}]
 ENCODINGS = ["utf-16", "cp1256", "latin-1", "utf-8-sig", "utf-32"]
@@ -58,11 +60,14 @@ def _pubmedqa() -> bytes:
 
 
 def _medarabench() -> bytes:  # MedArabiQ's data may not ship: its header with two invented questions
-    rows = [["Question Number", "Question", "Option A", "Option B", "Option C", "Option D", "Option E", "Option F",
+    rows = [["Question Number", "Question", "Option A", "Option B", "Option C", "Option D", "Option E",
+             "Option F",
              "Correct Answer", "Level", "Medical Specialty", "Group", "umbrella_specialty"],
-            ["1", "ما هو العضو المسؤول عن ضخ الدم؟", "الكبد", "القلب", "الرئة", "الكلية", "", "", "B", "1", "Anatomy",
+            ["1", "ما هو العضو المسؤول عن ضخ الدم؟", "الكبد", "القلب", "الرئة", "الكلية", "", "", "B", "1",
+             "Anatomy",
              "g", "u"],
-            ["2", "أي فيتامين يذوب في الدهون؟", "ج", "ب12", "د", "ب1", "", "", "c", "1", "Nutrition", "g", "u"]]
+            ["2", "أي فيتامين يذوب في الدهون؟", "ج", "ب12", "د", "ب1", "", "", "c", "1", "Nutrition", "g",
+             "u"]]
     out = io.StringIO()
     csv.writer(out).writerows(rows)
     return out.getvalue().encode()
@@ -70,13 +75,13 @@ def _medarabench() -> bytes:  # MedArabiQ's data may not ship: its header with t
 
 def _liveqa() -> bytes:  # the TREC-2017 test layout; the real file is not redistributable
     return (b'<?xml version="1.0" encoding="UTF-8"?><LiveQA-Med-Test>'
-            b'<NLM-QUESTION qid="TQ1"><Original-Question><SUBJECT>anemia</SUBJECT><MESSAGE>What causes it?</MESSAGE>'
-            b'</Original-Question><Annotations><FOCUS>anemia</FOCUS></Annotations><ReferenceAnswers>'
+            b'<NLM-QUESTION qid="TQ1"><Original-Question><SUBJECT>anemia</SUBJECT><MESSAGE>What causes '
+            b'it?</MESSAGE></Original-Question><Annotations><FOCUS>anemia</FOCUS></Annotations><ReferenceAnswers>'
             b'<ReferenceAnswer aid="1"><ANSWER>Low iron is a common cause.</ANSWER></ReferenceAnswer>'
             b'</ReferenceAnswers></NLM-QUESTION>'
-            b'<NLM-QUESTION qid="TQ2"><Original-Question><MESSAGE>Dose of aspirin?</MESSAGE></Original-Question>'
-            b'<ReferenceAnswers><RefAnswer aid="2"><ANSWER>Ask your pharmacist.</ANSWER></RefAnswer>'
-            b'</ReferenceAnswers></NLM-QUESTION></LiveQA-Med-Test>')
+            b'<NLM-QUESTION qid="TQ2"><Original-Question><MESSAGE>Dose of '
+            b'aspirin?</MESSAGE></Original-Question><ReferenceAnswers><RefAnswer aid="2"><ANSWER>Ask your '
+            b'pharmacist.</ANSWER></RefAnswer></ReferenceAnswers></NLM-QUESTION></LiveQA-Med-Test>')
 
 
 def _medicationqa() -> bytes:  # the MedicationQA layout; the real workbook has no licence to ship
@@ -97,11 +102,14 @@ SEEDS = {
     "medmcqa": ("jsonl", "dev.json", lambda: _lines(BUNDLED / "medmcqa" / "dev.json", 4)),
     "medqa": ("jsonl", "test.jsonl", lambda: _lines(BUNDLED / "medqa" / "phrases_no_exclude_test.jsonl", 4)),
     "mmlu": ("csv", "anatomy_dev.csv", lambda: _lines(BUNDLED / "mmlu" / "dev" / "anatomy_dev.csv", 4)),
-    "mmlu-ar": ("csv", "anatomy_dev.csv", lambda: _lines(BUNDLED / "mmlu_arabic" / "dev" / "anatomy_dev.csv", 4)),
+    "mmlu-ar": ("csv", "anatomy_dev.csv", lambda: _lines(BUNDLED / "mmlu_arabic" / "dev" / "anatomy_dev.csv",
+                                                         4)),
     "mentalqa": ("tsv", "Train_Dev.tsv", lambda: _lines(BUNDLED / "mentalqa" / "Train_Dev.tsv", 5)),
-    "healthcaremagic": ("json", "HealthCareMagic-100k.json", (FIXTURES / "HealthCareMagic-100k.json").read_bytes),
+    "healthcaremagic": ("json", "HealthCareMagic-100k.json",
+                        (FIXTURES / "HealthCareMagic-100k.json").read_bytes),
     "icliniq": ("json", "iCliniq.json", (FIXTURES / "iCliniq.json").read_bytes),
-    "meadow": ("json", "medical_meadow_flashcards.json", (FIXTURES / "medical_meadow_flashcards.json").read_bytes),
+    "meadow": ("json", "medical_meadow_flashcards.json",
+               (FIXTURES / "medical_meadow_flashcards.json").read_bytes),
     "umls": ("json", "umls_release.json", (FIXTURES / "umls_release.json").read_bytes),
     "medarabench": ("csv", "medarabench.csv", _medarabench),
     "liveqa": ("xml", "live.xml", _liveqa),
@@ -119,7 +127,8 @@ def test_every_converter_is_fuzzed():
 def mutated(draw, seed: bytes, kind: str) -> bytes:
     """``seed`` after one to three mutations (byte-level for every kind, structural where the kind allows)."""
     data = seed
-    structural = {"json": _mutate_json, "jsonl": _mutate_jsonl, "csv": _mutate_delimited, "tsv": _mutate_delimited,
+    structural = {"json": _mutate_json, "jsonl": _mutate_jsonl, "csv": _mutate_delimited,
+                  "tsv": _mutate_delimited,
                   "xml": _mutate_text, "yaml": _mutate_text}.get(kind)
     operations = ["truncate", "flip", "encoding"] + (["structure"] * 3 if structural else [])
     for operation in draw(st.lists(st.sampled_from(operations), min_size=1, max_size=3)):
@@ -213,7 +222,8 @@ def _mutate_delimited(draw, data: bytes, kind: str) -> bytes:
         return data
     row = draw(st.integers(0, len(rows) - 1))
     cells = rows[row]
-    action = draw(st.sampled_from(["drop-cell", "duplicate-cell", "replace-cell", "drop-row", "duplicate-row"]))
+    action = draw(st.sampled_from(["drop-cell", "duplicate-cell", "replace-cell", "drop-row",
+                                   "duplicate-row"]))
     if action == "drop-row":
         del rows[row]
     elif action == "duplicate-row":
@@ -323,8 +333,10 @@ def test_mutated_review_files_through_review_import(tmp_path):
     translated = write_jsonl(tmp_path / "ar.jsonl", [make_record(
         id=arabic_id(f"demo-en-{i:03d}"), source="demo", task="mcqa", language="ar", license="MIT",
         conversations=[{"from": "human", "value": f"سؤال {i}\nA. أ\nB. ب"}, {"from": "gpt", "value": "B. ب"}],
-        options=["أ", "ب"], answer="B", translation={"model": "m", "score": 50, "rounds": 1, "reviewed": False,
-                                                       "review_state": "queued", "source_id": f"demo-en-{i:03d}"})
+        options=["أ", "ب"], answer="B", translation={"model": "m", "score": 50, "rounds": 1,
+                                                     "reviewed": False,
+                                                       "review_state": "queued",
+                                                     "source_id": f"demo-en-{i:03d}"})
         for i in range(3)])
     seeds = {}
     for suffix in ("csv", "jsonl"):

@@ -52,7 +52,8 @@ def test_ctrl_c_in_translate_then_rerun(tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     with FakeOpenAIServer(latency=0.3) as server:
         command = [sys.executable, "-m", "bimedix", "translate", "--input", str(tmp_path / "en.jsonl"),
-                   "--output", str(tmp_path / "out" / "ar.jsonl"), "--base-url", server.base_url, "--model", MODEL,
+                   "--output", str(tmp_path / "out" / "ar.jsonl"), "--base-url", server.base_url, "--model",
+                   MODEL,
                    "--prices", str(tmp_path / "prices.json"), "--concurrency", "2"]
         result = _interrupt(command, lambda: server.count() >= 3, env)
         _assert_clean_interrupt(result, "translate", tmp_path / "out")

@@ -108,7 +108,8 @@ def test_budget_stops_before_sending(server, api_key, tmp_path):
     with pytest.raises(BudgetExceeded, match="budget of \\$0.0010"):
         _complete(client, max_tokens=1000)  # worst case 1000 output tokens * $2/1M = $0.002 > $0.001
     assert server.count() == 0
-    assert _complete(make_client(server.base_url, tmp_path / "c.sqlite", budget_usd=0.001), max_tokens=100).text
+    assert _complete(make_client(server.base_url, tmp_path / "c.sqlite", budget_usd=0.001),
+                     max_tokens=100).text
 
 
 def test_budget_needs_a_price(server, api_key, tmp_path):
@@ -141,14 +142,16 @@ def test_concurrency_is_bounded(api_key, tmp_path):
         client = make_client(slow.base_url, tmp_path / "c.sqlite", concurrency=2)
         prompts = [[{"role": "user", "content": str(i)}] for i in range(4)]
         start = time.monotonic()
-        results = run_closing(client, lambda c: asyncio.gather(*(c.complete(p, max_tokens=8) for p in prompts)))
+        results = run_closing(client, lambda c: asyncio.gather(*(c.complete(p,
+                                                                            max_tokens=8) for p in prompts)))
         assert len(results) == 4 and time.monotonic() - start >= 0.4  # two waves of two
         assert slow.count() == 4
 
 
 def test_batch_mode_parks_then_collects_at_half_price(api_key, tmp_path):
     with FakeOpenAIServer(batch_polls=2) as batch_server:
-        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True,
+                             batch_poll_interval=0.01)
 
         async def go():
             try:
@@ -195,7 +198,8 @@ def test_rate_limiter_spaces_requests_and_tokens():
 
 def test_batch_killed_while_waiting_is_polled_not_resubmitted(api_key, tmp_path):
     with FakeOpenAIServer(batch_polls=10_000) as batch_server:
-        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+        client = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True,
+                             batch_poll_interval=0.01)
 
         async def interrupted():
             try:
@@ -210,7 +214,8 @@ def test_batch_killed_while_waiting_is_polled_not_resubmitted(api_key, tmp_path)
         assert len(client.cache.open_batches()) == 1 and batch_server.count("/v1/batches") == 1
         for batch in batch_server._batches.values():
             batch["_polls"] = 0  # the provider finishes the job
-        resumed = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True, batch_poll_interval=0.01)
+        resumed = make_client(batch_server.base_url, tmp_path / "c.sqlite", batch=True,
+                              batch_poll_interval=0.01)
 
         async def resume():
             try:
@@ -235,7 +240,8 @@ def test_deadline_bounds_an_attempt_whose_body_drips(server, api_key, tmp_path):
     server.inject(Fault("drip", delay=0.5), Fault("drip", delay=0.5))  # each byte inside any read timeout
     client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=1.0, max_retries=1)
     start = time.monotonic()
-    with pytest.raises(LLMError, match=r"gave up after 2 attempts; last error: no complete response within 1 s") \
+    with pytest.raises(LLMError,
+                       match=r"gave up after 2 attempts; last error: no complete response within 1 s") \
             as caught:
         _complete(client)
     assert time.monotonic() - start < 4.0
@@ -253,7 +259,8 @@ def test_translate_cli_with_a_dripping_server_stops_at_the_deadline(api_key, tmp
     with FakeOpenAIServer() as server:
         server.inject(Fault("drip", delay=1.0))  # headers, then 1 byte/s
         start = time.monotonic()
-        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output",
+                     str(tmp_path / "ar.jsonl"),
                      "--base-url", server.base_url, "--model", MODEL, "--timeout", "3", "--max-retries", "0"])
         elapsed = time.monotonic() - start
         assert server.count() == 1
@@ -297,7 +304,8 @@ def test_full_disk_on_the_cache_is_a_clear_error(api_key, tmp_path, monkeypatch,
     monkeypatch.setattr(RequestCache, "__init__", capped)
     write_jsonl(tmp_path / "en.jsonl", [mcqa_record(0)])
     with FakeOpenAIServer(lambda body: "x" * 20_000) as server:  # more than the free space of any page
-        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output", str(tmp_path / "ar.jsonl"),
+        code = main(["translate", "--input", str(tmp_path / "en.jsonl"), "--output",
+                     str(tmp_path / "ar.jsonl"),
                      "--base-url", server.base_url, "--model", MODEL, "--max-retries", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -333,7 +341,8 @@ def test_batch_management_calls_have_a_deadline_too(api_key, tmp_path):
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        client = make_client(f"http://127.0.0.1:{httpd.server_address[1]}/v1", tmp_path / "c.sqlite", batch=True,
+        client = make_client(f"http://127.0.0.1:{httpd.server_address[1]}/v1", tmp_path / "c.sqlite",
+                             batch=True,
                              timeout=0.5)
 
         async def go():

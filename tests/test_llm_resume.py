@@ -105,8 +105,10 @@ def test_kill9_at_random_points_then_resume(api_key, tmp_path, engine):
 
     # the same result as an uninterrupted run, and the key is nowhere
     with FakeOpenAIServer() as clean_server:
-        client = make_client(clean_server.base_url, tmp_path / "clean" / "ar.llm.sqlite", concurrency=CONCURRENCY)
-        run_closing(client, lambda c: run_in_process(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl", c))
+        client = make_client(clean_server.base_url, tmp_path / "clean" / "ar.llm.sqlite",
+                             concurrency=CONCURRENCY)
+        run_closing(client, lambda c: run_in_process(tmp_path / "en.jsonl", tmp_path / "clean" / "ar.jsonl",
+                                                     c))
     clean = read_jsonl(tmp_path / "clean" / "ar.jsonl")
     assert sorted(map(json.dumps, clean)) == sorted(map(json.dumps, written))
     assert all(SECRET.encode() not in blob for blob in stderr)

@@ -55,7 +55,8 @@ def test_pubmedqa_splits_and_content(shared_data):
 def test_pubmedqa_artificial_and_unlabeled_layouts(tmp_path, caplog, layout, decisions, count):
     entry = {"QUESTION": "Does X help?", "CONTEXTS": ["Background.", "Results."], "LABELS": ["B", "R"],
              "MESHES": [], "LONG_ANSWER": "X helps."}
-    data = {str(pmid): {**entry, **({"final_decision": d} if d else {})} for pmid, d in zip((11, 12), decisions)}
+    data = {str(pmid): {**entry, **({"final_decision": d} if d else {})} for pmid, d in zip((11, 12),
+                                                                                            decisions)}
     path = tmp_path / layout
     path.write_text(json.dumps(data))
     caplog.set_level(logging.INFO, logger="bimedix.data.mcqa")
@@ -69,7 +70,8 @@ def test_pubmedqa_artificial_and_unlabeled_layouts(tmp_path, caplog, layout, dec
 def test_pubmedqa_bad_decision_names_pmid(tmp_path):
     path = tmp_path / "ori_pqal.json"
     path.write_text(json.dumps({"123": {"QUESTION": "Q?", "CONTEXTS": ["c"], "final_decision": "perhaps"}}))
-    with pytest.raises(RecordError, match=r"ori_pqal\.json: record '123': field `final_decision`: decision 'perhaps'"):
+    with pytest.raises(RecordError,
+                       match=r"ori_pqal\.json: record '123': field `final_decision`: decision 'perhaps'"):
         list(read_pubmedqa(path))
 
 
@@ -88,7 +90,8 @@ def test_medqa_real(shared_data):
     assert len(items) == 1018 and len({i.id for i in items}) == 1018
     assert items[1].question.startswith("Two weeks after undergoing an emergency cardiac catherization")
     assert (items[1].answer, items[1].answer_text) == ("B", "Cholesterol embolization")
-    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2" and items[1].subject in ("step1", "step2&3")
+    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2" and items[1].subject in ("step1",
+                                                                                              "step2&3")
 
 
 def test_mmlu_english_real(shared_data):
@@ -105,7 +108,8 @@ def test_mmlu_english_real(shared_data):
 
 
 def test_mmlu_arabic_rejects_ip_spoofing_rows(shared_data):
-    items, errors = _errors(read_mmlu, shared_data / "mmlu_medical_arabic_acegpt/MMLUArabic/test", language="ar")
+    items, errors = _errors(read_mmlu, shared_data / "mmlu_medical_arabic_acegpt/MMLUArabic/test",
+                            language="ar")
     assert (len(items), len(errors)) == (715, 156)  # KNOWN_ISSUES.md: 9 + 3 + 7 + 20 + 0 + 117 corrupted rows
     assert {e.field for e in errors} == {"question"} and all("IP spoofing" in e.reason for e in errors)
     assert sum("professional_medicine" in e.path for e in errors) == 117
@@ -134,7 +138,8 @@ def test_medarabench_real(shared_data):
 
 # --- bad records -------------------------------------------------------------------------------------------------
 
-MEDMCQA_OK = {"id": "q1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2, "exp": None,
+MEDMCQA_OK = {"id": "q1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2,
+              "exp": None,
               "subject_name": "Anatomy"}
 
 
@@ -186,7 +191,8 @@ def test_medqa_bad_records(tmp_path, record, field):
 def test_medqa_five_options(tmp_path):
     path = tmp_path / "US.jsonl"
     options = {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}
-    path.write_text(json.dumps({"question": "Q", "options": options, "answer_idx": "E", "answer": "e"}) + "\n")
+    path.write_text(json.dumps({"question": "Q", "options": options, "answer_idx": "E",
+                                "answer": "e"}) + "\n")
     item = next(read_medqa(path))
     assert item.options == list("abcde") and item.answer == "E"
 
@@ -209,13 +215,16 @@ def test_mmlu_bad_rows(tmp_path, row, field):
 # --- rendering ---------------------------------------------------------------------------------------------------
 
 ITEM = MCQAItem(id="demo-1", source="demo", language="en", question="Which vitamin deficiency causes scurvy?",
-                options=["Vitamin A", "Vitamin C", "Vitamin D"], answer="B", explanation="Collagen synthesis.",
+                options=["Vitamin A", "Vitamin C", "Vitamin D"], answer="B",
+                explanation="Collagen synthesis.",
                 original_id="1", license="MIT")
 
 
 @pytest.mark.parametrize("language, human_has, gpt", [
-    ("en", "Options:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D", "B. Vitamin C\n\nExplanation: Collagen synthesis."),
-    ("ar", "الخيارات:\nأ. Vitamin A\nب. Vitamin C\nج. Vitamin D", "ب. Vitamin C\n\nالشرح: Collagen synthesis."),
+    ("en", "Options:\nA. Vitamin A\nB. Vitamin C\nC. Vitamin D",
+     "B. Vitamin C\n\nExplanation: Collagen synthesis."),
+    ("ar", "الخيارات:\nأ. Vitamin A\nب. Vitamin C\nج. Vitamin D",
+     "ب. Vitamin C\n\nالشرح: Collagen synthesis."),
 ])
 def test_render_mcqa(language, human_has, gpt):
     human, answer = render_mcqa(ITEM, language)
@@ -227,7 +236,9 @@ def test_render_mcqa(language, human_has, gpt):
 
 @pytest.mark.parametrize("language, answer", [("en", "Maybe"), ("ar", "ربما")])
 def test_render_pubmedqa_style(language, answer):
-    item = MCQAItem(id="p", source="pubmedqa", language="en", question="Does X cause Y?", options=["yes", "no", "maybe"],
+    item = MCQAItem(id="p", source="pubmedqa", language="en", question="Does X cause Y?", options=["yes",
+                                                                                                   "no",
+                                                                                                   "maybe"],
                     answer="C", context="We studied X.")
     human, gpt = render_mcqa(item, language)
     assert "We studied X." in human["value"] and "Does X cause Y?" in human["value"]

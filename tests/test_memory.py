@@ -39,7 +39,8 @@ def paper_report(tmp_path_factory):
     """The paper recipe with `load_in_4bit` alone (no `quantize_experts`): what bitsandbytes leaves in bf16."""
     recipe = tmp_path_factory.mktemp("recipe") / "sft_qlora_bnb_only.yaml"
     lines = PAPER.read_text(encoding="utf-8").splitlines()
-    recipe.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")), encoding="utf-8")
+    recipe.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")),
+                      encoding="utf-8")
     return estimate_memory(recipe)  # Mixtral-8x7B config shipped with bimedix: works offline
 
 
@@ -90,7 +91,8 @@ def test_4bit_linears_and_4bit_experts_together_leave_only_router_and_embeddings
 
 def test_paper_recipe_with_4bit_experts_fits_80gb_on_8_gpus_with_room():
     """The issue's done-when: the paper's recipe on the paper's hardware (8 x 80 GB, ZeRO-2)."""
-    report = estimate_memory(PAPER, FULL_QLORA, num_processes=8, accelerate_config=CONFIGS / "deepspeed_zero2.yaml",
+    report = estimate_memory(PAPER, FULL_QLORA, num_processes=8,
+                             accelerate_config=CONFIGS / "deepspeed_zero2.yaml",
                              gpu=80)
     assert report["settings"]["num_processes"] == 8 and report["settings"]["sharding"]["name"] == "DeepSpeed ZeRO-2"
     assert report["stated_gpu"]["fits"] and report["totals"]["all"] < 45 * GIB
@@ -123,12 +125,15 @@ def test_sharding_divides_what_each_strategy_shards(mixtral_facts):
 
 def test_shipped_accelerate_configs_are_read():
     expected = {"ddp.yaml": ("DDP", False, False), "deepspeed_zero2.yaml": ("DeepSpeed ZeRO-2", False, True),
-                "deepspeed_zero3.yaml": ("DeepSpeed ZeRO-3", True, True), "fsdp.yaml": ("FSDP FULL_SHARD", True, True)}
+                "deepspeed_zero3.yaml": ("DeepSpeed ZeRO-3", True, True), "fsdp.yaml": ("FSDP FULL_SHARD",
+                                                                                        True, True)}
     for name, (label, params, grads) in expected.items():
         sharding, processes = read_accelerate_config(CONFIGS / name)
-        assert (sharding.name, sharding.parameters, sharding.gradients, processes) == (label, params, grads, 8), name
+        assert (sharding.name, sharding.parameters, sharding.gradients, processes) == (label, params, grads,
+                                                                                       8), name
     assert read_accelerate_config(CONFIGS / "fsdp.yaml", 2)[1] == 2  # --num-processes wins over the file
-    assert read_accelerate_config(None, 4)[0].name == "DDP" and read_accelerate_config(None)[0].kind == "single"
+    assert read_accelerate_config(None,
+                                  4)[0].name == "DDP" and read_accelerate_config(None)[0].kind == "single"
 
 
 def test_bad_accelerate_config_is_refused(tmp_path):
@@ -200,7 +205,8 @@ def test_cli_estimate_memory(capsys, tmp_path):
     # `load_in_4bit` alone leaves the experts bf16: it does not fit, and the nearest fitting setting is named
     bnb_only = tmp_path / "sft_qlora_bnb_only.yaml"
     lines = PAPER.read_text(encoding="utf-8").splitlines()
-    bnb_only.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")), encoding="utf-8")
+    bnb_only.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")),
+                        encoding="utf-8")
     assert main(["estimate-memory", "--recipe", str(bnb_only), "--num-processes", "8", "--gpu", "80"]) == 0
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "Nearest setting that fits" in out and "quantize_experts" in out
@@ -212,7 +218,8 @@ def test_cli_estimate_memory(capsys, tmp_path):
 def test_estimate_within_15_percent_of_measured_peak_for_real_mixtral_dimensions(flags):
     """2 Mixtral layers, measured RSS vs estimate: real size (~9 GB of RAM, a few minutes) and, with 4-bit experts,
     a quarter of the width (packing a real-size layer on CPU needs ~11 GB). See benchmarks/memory_estimate.py."""
-    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks" / "memory_estimate.py")
+    spec = importlib.util.spec_from_file_location("memory_estimate",
+                                                  ROOT / "benchmarks" / "memory_estimate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--steps", "1", *flags])

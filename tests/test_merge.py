@@ -19,11 +19,13 @@ IDS = torch.tensor([[1, 2223, 725, 28747, 6312, 28709, 13, 330]])
 def _adapter(tmp_path, groups: list[str], seed: int = 0):
     """A paper-preset adapter whose lora_B is random in ``groups`` and zero elsewhere (as if only they trained)."""
     torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
-    model = get_peft_model(build_tiny_model("mixtral", seed=0), build_lora_config(build_tiny_model(), "paper", r=4))
+    model = get_peft_model(build_tiny_model("mixtral", seed=0), build_lora_config(build_tiny_model(), "paper",
+                                                                                  r=4))
     generator = torch.Generator().manual_seed(seed)
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".",
+                                                                                                      1)[-1]
             weight = module.lora_B["default"].weight
             with torch.no_grad():
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 if group in groups else 0)
@@ -31,7 +33,8 @@ def _adapter(tmp_path, groups: list[str], seed: int = 0):
     return model, tmp_path / "adapter"
 
 
-@pytest.mark.parametrize("groups", [["experts"], ["router"], ["q_proj", "k_proj", "v_proj", "router", "experts"]],
+@pytest.mark.parametrize("groups", [["experts"], ["router"], ["q_proj", "k_proj", "v_proj", "router",
+                                                              "experts"]],
                          ids=["experts", "router", "paper"])
 def test_merged_model_keeps_expert_and_router_deltas(tiny_model_dir, tmp_path, groups):
     peft_model, adapter_dir = _adapter(tmp_path, groups)
@@ -48,7 +51,8 @@ def test_merged_model_keeps_expert_and_router_deltas(tiny_model_dir, tmp_path, g
     assert (merged_logits - base_logits).abs().max() > 1e-3
     merged_state, base_state = merged.state_dict(), base.state_dict()
     changed = {name for name in base_state if not torch.equal(merged_state[name], base_state[name])}
-    expected = {"experts": {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}, "router": {"mlp.gate.weight"},
+    expected = {"experts": {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"},
+                "router": {"mlp.gate.weight"},
                 "q_proj": {"self_attn.q_proj.weight"}, "k_proj": {"self_attn.k_proj.weight"},
                 "v_proj": {"self_attn.v_proj.weight"}}
     assert changed == {f"model.layers.{i}.{suffix}" for i in (0, 1) for g in groups for suffix in expected[g]}

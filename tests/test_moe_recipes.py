@@ -65,7 +65,8 @@ def test_tiny_twin_trains_merges_evaluates_and_chats(name, tmp_path, eval_bench_
     assert config["base_model_name_or_path"] == f"tiny:{arch}:42"
     assert config["rank_pattern"] and config["alpha_pattern"]  # the recipe's per-target ranks reach the adapter
 
-    assert main(["merge", "--adapter", str(adapter), "--output", str(merged), "--quantize_experts", "nf4"]) == 0
+    assert main(["merge", "--adapter", str(adapter), "--output", str(merged), "--quantize_experts",
+                 "nf4"]) == 0
     assert json.loads((merged / "config.json").read_text())["model_type"] == arch
 
     assert main(["eval", "--model", str(merged), "--tasks", "bimedix_medqa_en", "--limit", "2", "--data-dir",
@@ -96,7 +97,8 @@ def _twin(tmp_path, name: str):
         tiny_model=arch, dtype="float32", bf16=False, use_cpu=True,
         datasets=[{"path": "bimedix:recipes/tiny/data/train.jsonl"}], max_length=256, max_steps=2,
         per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch", learning_rate=1e-2,
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", output_dir=str(tmp_path / "out"))
+        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
+        output_dir=str(tmp_path / "out"))
     path = tmp_path / f"{name}-tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     return path

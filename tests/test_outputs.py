@@ -54,7 +54,8 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
     with pytest.raises(OutputError, match="not a single file or folder name"):
         folder.path("..", "escape.txt")
     assert folder.remove_tree("data") == 2
-    assert _snapshot(root / "data") == {root.joinpath("data", "mine.parquet").relative_to(root / "data"): b"user data"}
+    assert _snapshot(root / "data") == {root.joinpath("data",
+                                                      "mine.parquet").relative_to(root / "data"): b"user data"}
     assert not (root / "data" / "en").exists()  # the folder it made, now empty, is gone
     with pytest.raises(OutputError, match="not made by `bimedix eval`"):
         OutputFolder(root, "eval")  # another command's folder is foreign
@@ -70,7 +71,8 @@ def _kill_mid_write(target) -> None:
     assert subprocess.run([sys.executable, "-c", code, str(target)], check=False).returncode == -9
 
 
-def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkeypatch, capsys, mixtral_tokenizer):
+def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkeypatch, capsys,
+                                                                mixtral_tokenizer):
     """Repro: `build-data --output .` with sources in ./data cleared ./data (the user's source files)."""
     project = tmp_path / "project"
     recipe = write_sources(project / "data")
@@ -100,14 +102,16 @@ def test_build_data_keeps_a_users_files_in_an_existing_folder(tmp_path, mixtral_
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "data"]
     build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False, overwrite=True)
     (tmp_path / "sources" / "chat.jsonl").write_text((tmp_path / "sources" / "chat.jsonl").read_text()[:-1] + " \n")
-    build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)  # rebuild: clears its shards
+    build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer,
+               progress=False)  # rebuild: clears its shards
     assert (out / "data" / "mine.parquet").read_bytes() == b"PAR1 user rows"
 
 
 @pytest.mark.parametrize("name", ["../../../x", "/tmp/abs"])
 def test_recipe_source_names_cannot_escape_the_output(tmp_path, name):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: r\nsources:\n  - {{name: {json.dumps(name)}, converter: records, path: a.jsonl}}\n")
+    recipe.write_text("name: r\nsources:\n  - "
+                      f"{{name: {json.dumps(name)}, converter: records, path: a.jsonl}}\n")
     with pytest.raises(ValueError, match=r"source name .* cannot be used in a file name"):
         load_data_recipe(recipe)
 
@@ -144,8 +148,10 @@ MEDMCQA = {"id": "a", "question": "Which nerve?", "opa": "w", "opb": "x", "opc":
 @pytest.mark.parametrize("flags, message", [
     (["--output", "{input}"], "--output .*same.json would overwrite the input --input"),
     (["--output", "{link}"], "--output .*link.json would overwrite the input --input"),
-    (["--output", "{out}", "--on-error", "skip", "--rejects", "{input}"], "--rejects .* would overwrite the input"),
-    (["--output", "{out}", "--on-error", "skip", "--rejects", "{out}"], "--rejects .* is the same file as --output"),
+    (["--output", "{out}", "--on-error", "skip", "--rejects", "{input}"],
+     "--rejects .* would overwrite the input"),
+    (["--output", "{out}", "--on-error", "skip", "--rejects", "{out}"],
+     "--rejects .* is the same file as --output"),
 ], ids=["output=input", "output=symlink-to-input", "rejects=input", "rejects=output"])
 def test_convert_never_writes_over_its_input(tmp_path, capsys, flags, message):
     """Repro: `convert medmcqa --input same.json --output same.json` replaced the input; `--rejects` = input
@@ -182,7 +188,8 @@ def test_sft_output_dir_may_not_be_the_model_or_data(tmp_path, tiny_model_dir):
     data.write_text("")
     for output in (tiny_model_dir, data):
         script, training, model, mixture, bimedix = parse_args(
-            ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(output),
+            ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir",
+             str(output),
              "--use_cpu", "true"])
         with pytest.raises(OutputError, match="--output_dir .* would overwrite the input"):
             sft_main(script, training, model, mixture, bimedix)

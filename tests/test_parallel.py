@@ -10,7 +10,8 @@ from bimedix.data.schema import RecordError
 
 def _square_plus(context: int, task: int) -> int:
     if task < 0:
-        raise RecordError("negative task", path="tasks.jsonl", record=-task, field="value", raw={"value": task})
+        raise RecordError("negative task", path="tasks.jsonl", record=-task, field="value",
+                          raw={"value": task})
     return task * task + context
 
 

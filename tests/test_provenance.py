@@ -26,9 +26,11 @@ def _adapter(tmp_path, seed: int = 0, *, record: bool = True, name: str | None =
     folder = tmp_path / f"adapter-{seed}"
     model.save_pretrained(folder)
     config_file = folder / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": name}))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "base_model_name_or_path": name}))
     if record:
-        write_base_record(folder, f"tiny:mixtral:{seed}", base_fingerprint(build_tiny_model("mixtral", seed=seed)))
+        write_base_record(folder, f"tiny:mixtral:{seed}", base_fingerprint(build_tiny_model("mixtral",
+                                                                                            seed=seed)))
     return folder
 
 
@@ -37,12 +39,14 @@ def test_fingerprint_tells_same_shaped_bases_apart_and_ignores_dtype():
     assert first == again
     assert first["config"] == other["config"] and first["shapes"] == other["shapes"]
     assert first["tensors"] != other["tensors"]
-    assert base_fingerprint(build_tiny_model("mixtral", seed=0).to(dtype=__import__("torch").bfloat16)) == first
+    assert base_fingerprint(build_tiny_model("mixtral",
+                                             seed=0).to(dtype=__import__("torch").bfloat16)) == first
 
 
 def test_adapter_trained_on_another_base_of_the_same_shape_is_refused(tmp_path, caplog):
     adapter = _adapter(tmp_path, seed=0)
-    with pytest.raises(ProvenanceError, match=r"trained on 'tiny:mixtral:0'.*differs from it in tensors.*--force"):
+    with pytest.raises(ProvenanceError,
+                       match=r"trained on 'tiny:mixtral:0'.*differs from it in tensors.*--force"):
         merge_adapter("tiny:mixtral:1", adapter, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     report = merge_adapter("tiny:mixtral:1", adapter, tmp_path / "merged", force=True)
@@ -52,7 +56,8 @@ def test_adapter_trained_on_another_base_of_the_same_shape_is_refused(tmp_path, 
 
 def test_adapter_without_a_record_is_checked_by_its_base_name(tmp_path):
     adapter = _adapter(tmp_path, seed=0, record=False, name="tiny:mixtral:0")
-    with pytest.raises(ProvenanceError, match=r"trained on 'tiny:mixtral:0' \(adapter_config.json\), not --base"):
+    with pytest.raises(ProvenanceError,
+                       match=r"trained on 'tiny:mixtral:0' \(adapter_config.json\), not --base"):
         merge_adapter("tiny:mixtral:1", adapter, None)
     assert merge_adapter("tiny:mixtral:0", adapter, None)["provenance"] == "name"
 
@@ -77,7 +82,8 @@ def test_output_may_not_be_the_base_or_adapter_folder(tmp_path, tiny_model_dir, 
         merge_adapter(str(tiny_model_dir), adapter, output)
     assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--output", str(output),
                  "--overwrite", "--force"]) == 2
-    assert {path: path.read_bytes() for folder in (tiny_model_dir, adapter) for path in folder.iterdir()} == before
+    assert {path: path.read_bytes() for folder in (tiny_model_dir,
+                                                   adapter) for path in folder.iterdir()} == before
 
 
 def test_merged_files_get_the_default_mode_and_a_manifest(tmp_path):
@@ -94,4 +100,5 @@ def test_merged_files_get_the_default_mode_and_a_manifest(tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty.*--overwrite"):
         merge_adapter("tiny:mixtral:0", adapter, tmp_path / "foreign")
-    merge_adapter("tiny:mixtral:0", adapter, tmp_path / "merged")  # a re-run into its own folder needs no flag
+    merge_adapter("tiny:mixtral:0", adapter,
+                  tmp_path / "merged")  # a re-run into its own folder needs no flag

@@ -34,7 +34,8 @@ class FakeHub:
         """Replace the four `HfApi` methods bimedix calls; the fakes receive the `HfApi` instance first."""
         for name in ("create_repo", "create_branch", "list_repo_tree", "create_commit"):
             method = getattr(self, name)
-            monkeypatch.setattr(HfApi, name, lambda api, *args, _method=method, **kwargs: _method(api, *args, **kwargs))
+            monkeypatch.setattr(HfApi, name, lambda api, *args, _method=method, **kwargs: _method(api, *args,
+                                                                                                  **kwargs))
 
     def create_repo(self, api, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, "token": api.token, **kwargs}))
@@ -101,7 +102,8 @@ def test_unchanged_content_makes_no_commit(tiny_adapter_dir, hub):
 def test_only_changed_files_are_committed_and_stale_ones_deleted(tiny_adapter_dir, hub):
     push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE)
     hub.files["old-notes.txt"] = b"from an earlier push"
-    result = push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE, license="mit")  # card changes
+    result = push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE,
+                  license="mit")  # card changes
     assert result.uploaded == ["README.md"] and result.deleted == ["old-notes.txt"]
     assert "license: mit" in hub.files["README.md"].decode()
     assert ".gitattributes" in hub.files  # never deleted
@@ -113,13 +115,15 @@ def test_revision_branch_is_created_and_targeted(dataset_dir, hub):
     assert branch == [{"repo_id": "me/bimed", "branch": "v1", "repo_type": "dataset", "exist_ok": True}]
     (commit,) = hub.commits()
     assert commit["revision"] == "v1" and commit["repo_type"] == "dataset"
-    assert {"README.md", "stats.md", "data/en/train-00000.parquet", "data/ar/train-00000.parquet"} <= set(hub.files)
+    assert {"README.md", "stats.md", "data/en/train-00000.parquet",
+            "data/ar/train-00000.parquet"} <= set(hub.files)
 
 
 def test_token_never_leaks(tmp_path, tiny_adapter_dir, hub, monkeypatch, capsys, caplog):
     def refuse(api, repo_id, **kwargs):
         logging.getLogger("huggingface_hub").warning("request with Authorization: Bearer %s", api.token)
-        response = httpx2.Response(401, request=httpx2.Request("POST", "https://huggingface.co/api/repos/create"))
+        response = httpx2.Response(401, request=httpx2.Request("POST",
+                                                               "https://huggingface.co/api/repos/create"))
         raise HfHubHTTPError(f"401 Client Error: invalid token {api.token} for {repo_id}", response=response)
 
     monkeypatch.setattr(HfApi, "create_repo", refuse)
@@ -138,12 +142,15 @@ def test_token_never_leaks(tmp_path, tiny_adapter_dir, hub, monkeypatch, capsys,
 
 def test_successful_push_output_has_no_token(tiny_adapter_dir, hub, capsys, caplog):
     with caplog.at_level(logging.DEBUG):
-        assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--base-model", BASE]) == 0
-        assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--base-model", BASE]) == 0
+        assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--base-model",
+                     BASE]) == 0
+        assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--base-model",
+                     BASE]) == 0
     out = capsys.readouterr().out
     assert "pushed" in out and "up to date" in out
     assert SECRET not in out + caplog.text
-    assert [kw["token"] for name, kw in hub.calls if name == "create_repo"] == [SECRET, SECRET]  # but it is used
+    assert [kw["token"] for name, kw in hub.calls if name == "create_repo"] == [SECRET,
+                                                                                SECRET]  # but it is used
 
 
 def test_adapter_push_needs_a_hub_base_model(tiny_adapter_dir, hub):
@@ -162,7 +169,8 @@ def _with_sources(tmp_path: Path, *extra: tuple[str, str | None]) -> Path:
 
     records = _records() + [make_record(
         id=f"{source}-x", source=source, task="qa", language="en", license=license,
-        conversations=[{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}]) for source, license in extra]
+        conversations=[{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}]) for source,
+                            license in extra]
     return write_dataset_folder(tmp_path, records)
 
 
@@ -175,7 +183,8 @@ def test_research_only_sources_need_acknowledgement(tmp_path, hub, source, licen
         push("dataset", folder, repo_id="me/bimed", dry_run=tmp_path / "dry")
     assert "--acknowledge-research-only" in str(err.value)
     assert not (tmp_path / "dry").exists() or not any((tmp_path / "dry").iterdir())
-    result = push("dataset", folder, repo_id="me/bimed", dry_run=tmp_path / "dry2", acknowledge_research_only=True)
+    result = push("dataset", folder, repo_id="me/bimed", dry_run=tmp_path / "dry2",
+                  acknowledge_research_only=True)
     assert any(source in note and "acknowledged" in note for note in result.warnings)
     assert f"| {source} |" in (result.folder / "README.md").read_text()
 
@@ -193,17 +202,20 @@ def test_copyleft_sources_pass_with_a_note(dataset_dir):
 
 
 def test_push_cli_dry_run(tmp_path, dataset_dir, capsys):
-    assert main(["push", "dataset", str(dataset_dir), "--repo-id", "me/bimed", "--dry-run", str(tmp_path / "out")]) == 0
+    assert main(["push", "dataset", str(dataset_dir), "--repo-id", "me/bimed", "--dry-run",
+                 str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "dry run: 5 files" in out and "licence note: 'meadow'" in out  # README, stats.md, stats.json, 2 shards
     assert (tmp_path / "out" / "README.md").read_text().startswith("---\n")
 
 
-@pytest.mark.parametrize("source", ["MedArabiQ", "MedArabiQ-v2", "medarabiq ", " Med Arabi Q", "MEDARABIQ_test"])
+@pytest.mark.parametrize("source", ["MedArabiQ", "MedArabiQ-v2", "medarabiq ", " Med Arabi Q",
+                                    "MEDARABIQ_test"])
 @pytest.mark.parametrize("license", ["MIT", None, "internal non-commercial research only"])
 def test_medarabiq_is_refused_by_any_casing_spacing_or_suffix(tmp_path, source, license):
     folder = _with_sources(tmp_path / "d", (source, license))
-    with pytest.raises(LicenseError, match=rf"forbids redistribution: {re.escape(repr(source))}.*does not apply"):
+    with pytest.raises(LicenseError,
+                       match=rf"forbids redistribution: {re.escape(repr(source))}.*does not apply"):
         check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
 
 
@@ -217,7 +229,8 @@ def test_licences_that_forbid_redistribution_are_refused_even_when_acknowledged(
 @pytest.mark.parametrize("license", ["Proprietary", "CC-BY-NC-9.0", "see website"])
 def test_unknown_licences_are_refused_naming_source_and_licence(tmp_path, license):
     folder = _with_sources(tmp_path / "d", ("forum", license))
-    with pytest.raises(LicenseError, match=rf"does not know: 'forum' \({re.escape(license)}, 1 rows\).*SPDX id"):
+    with pytest.raises(LicenseError,
+                       match=rf"does not know: 'forum' \({re.escape(license)}, 1 rows\).*SPDX id"):
         check_licenses(summarize_dataset(folder), acknowledge_research_only=True)
 
 

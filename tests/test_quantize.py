@@ -170,7 +170,8 @@ def test_merge_path_dequantizes_experts():
     merged = model.merge_and_unload()
 
     assert len(names) == 2 * merged.config.num_hidden_layers
-    assert not any(is_quantized(e, n) for e in fused_experts(merged).values() for n in ("gate_up_proj", "down_proj"))
+    assert not any(is_quantized(e, n) for e in fused_experts(merged).values() for n in ("gate_up_proj",
+                                                                                        "down_proj"))
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=1e-4)
 
@@ -178,11 +179,14 @@ def test_merge_path_dequantizes_experts():
 def test_load_model_with_4bit_experts(tiny_model_dir):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGET_MODULES, target_parameters=TARGET_PARAMETERS,
                         lora_dropout=0.0)
-    model = load_model_with_4bit_experts(tiny_model_dir, device="cpu", dtype=torch.bfloat16, peft_config=config)
+    model = load_model_with_4bit_experts(tiny_model_dir, device="cpu", dtype=torch.bfloat16,
+                                         peft_config=config)
     experts = fused_experts(model)
-    assert experts and all(is_quantized(e, "gate_up_proj") and is_quantized(e, "down_proj") for e in experts.values())
+    assert experts and all(is_quantized(e, "gate_up_proj") and is_quantized(e,
+                                                                            "down_proj") for e in experts.values())
     assert sum("experts" in n and "lora_A" in n for n, _ in model.named_parameters()) == 2 * len(experts)
-    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
+    assert all(p.dtype == torch.bfloat16 for n,
+               p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
@@ -223,11 +227,14 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
     moved = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".",
+                                                                                                      1)[-1]
             moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
     assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
-    adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42), tmp_path)  # loads on the bf16 base
-    assert sum("lora_A" in n for n, _ in adapter.named_parameters()) == 2 * 6  # q, k, v, router, gate_up, down
+    adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42),
+                                        tmp_path)  # loads on the bf16 base
+    assert sum("lora_A" in n for n,
+               _ in adapter.named_parameters()) == 2 * 6  # q, k, v, router, gate_up, down
 
     report = estimate_memory(recipe)
     assert report["settings"]["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0

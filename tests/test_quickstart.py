@@ -17,8 +17,10 @@ def quickstart(tmp_path_factory):
     lines: list[str] = []
     capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
     try:
-        code = main(["quickstart", "--output", str(output), "--max-steps", "4", "--limit", "2", "--no-progress",
-                     "--tasks", "bimedix_mmlu_anatomy_bilingual,bimedix_medqa_en", "--repo-id", "me/bimedix-tiny"])
+        code = main(["quickstart", "--output", str(output), "--max-steps", "4", "--limit", "2",
+                     "--no-progress",
+                     "--tasks", "bimedix_mmlu_anatomy_bilingual,bimedix_medqa_en", "--repo-id",
+                     "me/bimedix-tiny"])
     finally:
         capture.undo()
     return code, output, "\n".join(lines)
@@ -48,7 +50,8 @@ def test_quickstart_training_loss_falls_and_adapter_targets_router_and_experts(q
     config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert {"q_proj", "k_proj", "v_proj"} <= set(config["target_modules"])
     for suffix in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):  # router and fused experts
-        assert any(name.endswith(suffix) for name in config["target_parameters"]), (suffix, config["target_parameters"])
+        assert any(name.endswith(suffix) for name in config["target_parameters"]), (suffix,
+                                                                                    config["target_parameters"])
 
 
 def test_quickstart_evaluates_both_languages(quickstart):
@@ -61,12 +64,14 @@ def test_quickstart_cards_and_dry_run_push(quickstart):
     _, output, _ = quickstart
     card = ModelCard.load(output / "hub" / "adapter" / "README.md")
     assert card.data.library_name == "peft" and card.data.language == ["en", "ar"]
-    assert {r.dataset_name for r in card.data.eval_results} >= {"bimedix_mmlu_anatomy_en", "bimedix_mmlu_anatomy_ar"}
+    assert {r.dataset_name for r in card.data.eval_results} >= {"bimedix_mmlu_anatomy_en",
+                                                                "bimedix_mmlu_anatomy_ar"}
     assert "**Steps:** 4" in card.text and "Not medical advice" in card.text
     assert "**Trained in full and saved with the adapter:** lm_head" in card.text  # the quickstart's extra
     assert (output / "eval" / "tables.md").read_text().strip() in card.text
     pushed = sorted(p.name for p in (output / "hub" / "adapter").iterdir())
-    assert pushed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", "bimedix_base.json",
+    assert pushed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors",
+                             "bimedix_base.json",
                              "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"])
     dataset_card = DatasetCard.load(output / "hub" / "dataset" / "README.md")
     assert dataset_card.data.to_dict()["configs"][0]["config_name"] == "all"

@@ -31,14 +31,17 @@ def test_paper_recipe_has_the_papers_hyper_parameters():
 
     _, training, model, _, bimedix = parse_args(
         ["--config", str(RECIPES / "bimedix-mixtral" / "sft_qlora.yaml"), "--use_cpu", "true"])
-    assert (model.lora_r, model.lora_alpha, bimedix.lora_preset, model.load_in_4bit) == (128, 64, "paper", True)
-    assert (training.learning_rate, str(training.lr_scheduler_type.value), training.warmup_steps) == (2e-4, "cosine", 10)
+    assert (model.lora_r, model.lora_alpha, bimedix.lora_preset, model.load_in_4bit) == (128, 64, "paper",
+                                                                                         True)
+    assert (training.learning_rate, str(training.lr_scheduler_type.value), training.warmup_steps) == (2e-4,
+                                                                                                      "cosine", 10)
     assert training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps == 16  # 8 GPUs
     assert (training.gradient_accumulation_steps, training.num_train_epochs) == (2, 2)
     assert training.activation_checkpointing and training.bf16 and training.optim.value == "adamw_torch"
 
 
-@pytest.mark.parametrize("config", sorted((RECIPES / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted((RECIPES / "accelerate_configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_accelerate_config_loads(config):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -56,7 +59,8 @@ def test_data_recipe_loads(recipe):
 @pytest.mark.parametrize("flags, named", [
     (["--model_name_or_path", "MY_MODEL"], ["tiny_model: mixtral", "model_name_or_path: MY_MODEL"]),
     (["--model_revision", "v2"], ["tiny_model: mixtral", "model_revision: v2"]),
-    (["--lora_preset", "attention", "--lora_target_modules", "q_proj"], ["lora_preset: attention", "lora_target_modules"]),
+    (["--lora_preset", "attention", "--lora_target_modules", "q_proj"], ["lora_preset: attention",
+                                                                         "lora_target_modules"]),
     (["--use_peft", "false", "--expert_lora", "folded"], ["expert_lora: folded", "use_peft: true"]),
 ])
 def test_conflicting_recipe_keys_are_errors_naming_both(flags, named):

@@ -118,7 +118,8 @@ def test_undecided_rows_leave_the_record_unreviewed(files, tmp_path):
 
 @pytest.mark.parametrize("breakage, expected", [
     (lambda rows: rows[1].update(decision="maybe"), "row 3: column `decision`: 'maybe' is not one of"),
-    (lambda rows: rows[2].update(id="demo-ar-999"), "row 4: column `id`: 'demo-ar-999' is not a machine-translated"),
+    (lambda rows: rows[2].update(id="demo-ar-999"),
+     "row 4: column `id`: 'demo-ar-999' is not a machine-translated"),
     (lambda rows: rows[0].update(field="options.9"), "row 2: column `field`: 'options.9' is not a text"),
     (lambda rows: rows[3].update(arabic=" "), "row 5: column `arabic`: is empty"),
     (lambda rows: rows[1].update(arabic="تغيير"), "row 3: column `decision`: the text was changed but"),
@@ -218,7 +219,8 @@ def test_csv_cells_that_spreadsheets_would_run_are_neutralized_and_restored(tmp_
     assert summary.approved == 2 and summary.edited == 0  # every text came back unchanged
     out = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     assert out[record["id"]]["conversations"][0]["value"] == FORMULAS[0]
-    assert {(rid, f"options.{i}"): t for rid, r in out.items() for i, t in enumerate(r["meta"]["options"])} == texts
+    assert {(rid, f"options.{i}"): t for rid, r in out.items() for i,
+            t in enumerate(r["meta"]["options"])} == texts
 
 
 @pytest.mark.parametrize("target", ["--input", "--source"])

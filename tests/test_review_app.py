@@ -17,7 +17,8 @@ from llm_support import mcqa_record, read_jsonl, write_jsonl
 from bimedix.llm.fake_server import FakeOpenAIServer
 from bimedix.llm.review import export_review_queue, import_reviews, read_audit
 
-expect = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)").expect
+expect = pytest.importorskip("playwright.sync_api",
+                             reason="Playwright is not installed (pip install playwright)").expect
 
 RECORDS = 6
 
@@ -37,9 +38,11 @@ def translated(tmp_path) -> tuple[Path, Path]:
 
 def _serve(translated: Path, source: Path, port: int, out: Path) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bimedix", "review", "serve", "--input", str(translated), "--source", str(source),
+        [sys.executable, "-m", "bimedix", "review", "serve", "--input", str(translated), "--source",
+         str(source),
          "--output", str(out), "--fraction", "1.0", "--reviewer", "Dr. Amal", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ,
+                                                                          "PYTHONUNBUFFERED": "1"})
     get_json(f"http://127.0.0.1:{port}/api/state")
     return process
 

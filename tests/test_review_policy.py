@@ -28,10 +28,12 @@ def _record(i: int, state: str | None, score: float | None, language: str = "ar"
     meta = {}
     if state is not None:
         meta["translation"] = {"model": "m", "score": score, "rounds": 1, "review_state": state,
-                               "reviewed": state in ("approved", "edited", "rejected"), "source_id": f"en-{i}"}
+                               "reviewed": state in ("approved", "edited", "rejected"),
+                               "source_id": f"en-{i}"}
     words = " ".join(f"كلمة{i}{j}" for j in range(12))
     return {"id": f"{language}-{i}", "source": "translated", "task": "qa", "language": language,
-            "conversations": [{"from": "human", "value": f"سؤال {words}"}, {"from": "gpt", "value": f"جواب {words}"}],
+            "conversations": [{"from": "human", "value": f"سؤال {words}"}, {"from": "gpt",
+                                                                            "value": f"جواب {words}"}],
             "meta": meta}
 
 
@@ -46,7 +48,8 @@ def test_status_and_decision(state, score, status, default, included):
 def test_translation_without_review_state_names_file_record_and_field():
     record = _record(3, "unreviewed", 90.0)
     del record["meta"]["translation"]["review_state"]
-    with pytest.raises(RecordError, match=r"tr\.jsonl: record 'ar-3': field `meta\.translation\.review_state`"):
+    with pytest.raises(RecordError,
+                       match=r"tr\.jsonl: record 'ar-3': field `meta\.translation\.review_state`"):
         ReviewPolicy().admits(record, path="tr.jsonl")
 
 
@@ -55,7 +58,8 @@ def translated_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("review")
     english = [{"id": f"en-{i}", "source": "english", "task": "qa", "language": "en", "conversations": [
         {"from": "human", "value": f"question {i} " + " ".join(f"w{i}x{j}" for j in range(12))},
-        {"from": "gpt", "value": f"answer {i} " + " ".join(f"v{i}y{j}" for j in range(12))}]} for i in range(6)]
+        {"from": "gpt",
+         "value": f"answer {i} " + " ".join(f"v{i}y{j}" for j in range(12))}]} for i in range(6)]
     (root / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in english))
     arabic = [_record(i, state, score) for i, (state, score, *_) in enumerate(CASES) if state is not None]
     (root / "ar.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arabic))
@@ -69,7 +73,8 @@ def translated_recipe(tmp_path_factory):
 def _ids(out) -> set[str]:
     import pyarrow.parquet as pq
 
-    return {row for path in out.glob("data/**/*.parquet") for row in pq.read_table(path, columns=["id"])["id"].to_pylist()}
+    return {row for path in out.glob("data/**/*.parquet") for row in pq.read_table(path,
+                                                                                   columns=["id"])["id"].to_pylist()}
 
 
 def test_build_data_leaves_out_rejected_and_unreviewed(translated_recipe, tmp_path, mixtral_tokenizer):
@@ -87,7 +92,8 @@ def test_build_data_leaves_out_rejected_and_unreviewed(translated_recipe, tmp_pa
     assert "| rejected | 1 | 0 | 1 |" in readme and "| all | ar | 3 | 4 | 75.0% |" in readme
 
 
-def test_build_data_include_unreviewed_still_never_uses_rejected(translated_recipe, tmp_path, mixtral_tokenizer,
+def test_build_data_include_unreviewed_still_never_uses_rejected(translated_recipe, tmp_path,
+                                                                 mixtral_tokenizer,
                                                                  capsys):
     from bimedix.cli import main
 
@@ -120,7 +126,8 @@ def test_push_refuses_rejected_and_unacknowledged_unreviewed(translated_recipe, 
     folder = tmp_path / "tampered" / "data" / "ar" / "qa"
     folder.mkdir(parents=True)
     rejected = normalize_record(_record(9, "rejected", 99.0))
-    pq.write_table(pa.Table.from_pylist([rejected], schema=FEATURES.arrow_schema), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([rejected], schema=FEATURES.arrow_schema),
+                   folder / "train-00000.parquet")
     with pytest.raises(ReviewError, match="1 reviewer-rejected"):
         check_review(summarize_dataset(tmp_path / "tampered"), include_unreviewed=True)
 

@@ -30,7 +30,8 @@ def files(tmp_path):
 def test_session_decisions_survive_a_crash_and_equal_review_import(files, tmp_path):
     english, translated = files
     out = tmp_path / "out.jsonl"
-    session = ReviewSession(translated, out, source=english, fraction=0.0)  # demo-ar-000 and demo-ar-002 (< 80)
+    session = ReviewSession(translated, out, source=english,
+                            fraction=0.0)  # demo-ar-000 and demo-ar-002 (< 80)
     assert list(session.items) == ["demo-ar-000", "demo-ar-002"] and session.progress()["left"] == 2
     view = session.view("demo-ar-000")
     assert view["texts"][0]["english"].startswith("Answer the following") and view["score"] == 55
@@ -72,7 +73,8 @@ def test_fully_reviewed_input_has_nothing_to_review(files, tmp_path, capsys):
     for item_id in session.items:
         session.decide(item_id, "approve", {}, reviewer="r")
     session.write_output()
-    assert main(["review", "serve", "--input", str(tmp_path / "first.jsonl"), "--port", str(free_port())]) == 2
+    assert main(["review", "serve", "--input", str(tmp_path / "first.jsonl"), "--port",
+                 str(free_port())]) == 2
     assert "nothing to review" in capsys.readouterr().err
 
 
@@ -117,7 +119,8 @@ def test_token_guards_every_route(files, tmp_path):
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(server.url.rstrip("/") + path)
             assert info.value.code == 401 and b"token" in info.value.read()
-        request = urllib.request.Request(server.url.rstrip("/") + "/api/state", headers={"Cookie": "bimedix_review_token=s3cret"})
+        request = urllib.request.Request(server.url.rstrip("/") + "/api/state",
+                                         headers={"Cookie": "bimedix_review_token=s3cret"})
         assert json.loads(urllib.request.urlopen(request).read())["progress"]["total"] == 2
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         assert b"bimedix translation review" in opener.open(server.url + "?token=s3cret").read()  # sets the cookie

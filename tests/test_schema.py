@@ -31,7 +31,8 @@ def test_valid_record_is_normalised_and_loads_into_datasets():
         id="chat-ar-1", source="medqa", task="chat", language="ar",
         conversations=[{"from": "human", "value": "مرحبا"}, {"from": "gpt", "value": "أهلا"}],
         generation={"model": "gpt-3.5", "prompt_version": "v1", "source_id": "medqa-en-1"},
-        translation={"model": "gpt-4", "score": 91.5, "rounds": 2, "reviewed": False, "review_state": "queued"},
+        translation={"model": "gpt-4", "score": 91.5, "rounds": 2, "reviewed": False,
+                     "review_state": "queued"},
     )
     records = [validate_record(_record()), chat]
     assert records[0]["meta"]["translation"] is None and records[0]["system"] is None

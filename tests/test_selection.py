@@ -37,7 +37,8 @@ def _picked(path) -> list[dict]:
 
 def test_target_is_split_over_task_and_source_in_proportion(pool, tmp_path):
     selection = select_for_translation(pool, tmp_path / "pick.jsonl", target=40)
-    assert (selection.pool, selection.target, selection.picked, selection.skipped_non_english) == (100, 40, 40, 4)
+    assert (selection.pool, selection.target, selection.picked, selection.skipped_non_english) == (100, 40,
+                                                                                                   40, 4)
     assert {key: entry["picked"] for key, entry in selection.strata.items()} == {
         "mcqa|medmcqa": 20, "mcqa|medqa": 12, "qa|healthcaremagic": 6, "chat|chats": 2}
     picked = _picked(tmp_path / "pick.jsonl")
@@ -60,7 +61,8 @@ def test_same_seed_same_picks_whatever_the_file_order(pool, tmp_path):
 
 def test_stratify_by_task_only(pool, tmp_path):
     selection = select_for_translation(pool, tmp_path / "pick.jsonl", target=20, by=["task"])
-    assert {key: entry["picked"] for key, entry in selection.strata.items()} == {"chat": 1, "mcqa": 16, "qa": 3}
+    assert {key: entry["picked"] for key, entry in selection.strata.items()} == {"chat": 1, "mcqa": 16,
+                                                                                 "qa": 3}
 
 
 def test_bad_input(pool, tmp_path):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="`transformers serve` needs the serve extra: pip install 'bimedix[serve]'")
-pytest.importorskip("uvicorn", reason="`transformers serve` needs the serve extra: pip install 'bimedix[serve]'")
+pytest.importorskip("fastapi",
+                    reason="`transformers serve` needs the serve extra: pip install 'bimedix[serve]'")
+pytest.importorskip("uvicorn",
+                    reason="`transformers serve` needs the serve extra: pip install 'bimedix[serve]'")
 openai = pytest.importorskip("openai")
 
 
@@ -32,7 +34,8 @@ def server(tiny_model_dir, tmp_path_factory):
     with open(log, "w") as out:
         process = subprocess.Popen([executable, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port",
                                     str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                           timeout=60)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -79,4 +82,5 @@ def test_streaming_arabic_chat(server):
     stream = client.chat.completions.create(model=model, max_tokens=4, stream=True, temperature=0,
                                             messages=[{"role": "user", "content": "ما هو فقر الدم؟"}])
     pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
-    assert "".join(pieces) == _greedy_reply(model, [{"role": "user", "content": "ما هو فقر الدم؟"}], max_new_tokens=4)
+    assert "".join(pieces) == _greedy_reply(model, [{"role": "user", "content": "ما هو فقر الدم؟"}],
+                                            max_new_tokens=4)

@@ -83,7 +83,8 @@ def test_chat_prompts_the_adapter_as_it_was_trained(full_run, tmp_path):
     from bimedix.training.tiny import save_tiny_model
 
     output, trainer = full_run
-    assert load_chat_settings(output) == {"chat_template": "vicuna", "system_prompt": None}  # the paper's: none
+    assert load_chat_settings(output) == {"chat_template": "vicuna",
+                                          "system_prompt": None}  # the paper's: none
     base = save_tiny_model(tmp_path / "base", "mixtral", seed=42)
     chat = ChatSession.from_pretrained(str(base), peft=str(output), device="cpu", max_new_tokens=2)
     record = {"conversations": [{"from": "human", "value": "ما هي أعراض فقر الدم؟"}]}
@@ -116,7 +117,8 @@ def test_language_of_a_sample_is_read_from_its_tokens(mixtral_tokenizer):
     arabic = arabic_token_table(mixtral_tokenizer)
     for record in read_records(resource_path("recipes", "tiny", "data", "train.jsonl")):
         ids = torch.tensor(mixtral_tokenizer.apply_chat_template(
-            to_messages(record, system="You are a careful medical assistant."), tokenize=True, return_dict=True
+            to_messages(record, system="You are a careful medical assistant."), tokenize=True,
+            return_dict=True
         )["input_ids"])
         language = sample_languages(ids, torch.zeros_like(ids), arabic)[0].item()
         assert ("en", "ar")[language] == record["language"], record["id"]
@@ -195,7 +197,8 @@ def test_dataset_sources_mixture_and_bad_records(tmp_path):
 
 def test_two_processes_both_ranks_finish(full_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               "29531",
                str(REPO / "recipes" / "sft.py"), "--config", RECIPE, "--output_dir", str(tmp_path), *SMALL,
                "--max_steps", "2", "--save_strategy", "no"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -221,7 +224,8 @@ def test_missing_model_folder_is_named(tmp_path, capsys):
     from bimedix.cli import main as cli
 
     recipe = tmp_path / "local.yaml"
-    recipe.write_text(Path(RECIPE).read_text().replace("tiny_model: mixtral", f"model_name_or_path: {tmp_path}/nope"))
+    recipe.write_text(Path(RECIPE).read_text().replace("tiny_model: mixtral",
+                                                       f"model_name_or_path: {tmp_path}/nope"))
     assert cli(["sft", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"model_name_or_path {tmp_path}/nope: no such model folder" in err and "Repo id" not in err

@@ -61,7 +61,8 @@ def test_full_qlora_quantizes_linears_and_experts_and_trains_every_group(qlora_r
     assert isinstance(attention.q_proj.base_layer, bnb.nn.Linear4bit)
     assert isinstance(attention.o_proj, bnb.nn.Linear4bit)  # not adapted, still 4-bit
     experts = fused_experts(model)
-    assert experts and all(is_quantized(m, p) for m in experts.values() for p in ("gate_up_proj", "down_proj"))
+    assert experts and all(is_quantized(m, p) for m in experts.values() for p in ("gate_up_proj",
+                                                                                  "down_proj"))
     groups = _lora_b_by_group(model)
     assert {"q_proj", "k_proj", "v_proj", "router"} <= set(groups) and len(groups) >= 6, sorted(groups)
     # PEFT initializes every lora_B to zero: non-zero after training means the group received updates
@@ -137,7 +138,8 @@ def test_full_qlora_from_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(("flags", "env", "message"), [
     (["--tiny_model", "llama"], {}, r"quantize_experts: nf4.*tiny_model: llama.*no fused MoE experts"),
     (["--use_peft", "false"], {}, r"quantize_experts: nf4.*needs LoRA \(`use_peft: true`\)"),
-    (["--load_in_8bit", "true"], {}, r"quantize_experts: nf4.*composes with `load_in_4bit: true`.*not with `load_in_8bit`"),
+    (["--load_in_8bit", "true"], {},
+     r"quantize_experts: nf4.*composes with `load_in_4bit: true`.*not with `load_in_8bit`"),
     ([], {"ACCELERATE_USE_FSDP": "true"}, r"quantize_experts: nf4.*not supported under FSDP.*ddp\.yaml"),
     ([], {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
      r"not supported under DeepSpeed ZeRO-3.*deepspeed_zero2\.yaml"),

@@ -14,7 +14,8 @@ from bimedix.training.template import render, to_messages
 
 def _record(id_, task, language, turns, system=None):
     return {"id": id_, "task": task, "language": language, "system": system,
-            "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]}
+            "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i,
+                              v in enumerate(turns)]}
 
 
 # Hand-checked Mixtral tokenizations:
@@ -31,9 +32,14 @@ HAND_SET = [
 
 def test_stats_on_hand_checked_set(mixtral_tokenizer):
     stats = compute_stats(HAND_SET, mixtral_tokenizer, batch_size=3)
-    assert (stats.cell("qa", "en").samples, stats.cell("qa", "en").turns, stats.cell("qa", "en").tokens) == (2, 2, 20)
-    assert (stats.cell("qa", "ar").samples, stats.cell("qa", "ar").turns, stats.cell("qa", "ar").tokens) == (1, 1, 22)
-    assert (stats.cell("chat", "en").samples, stats.cell("chat", "en").turns, stats.cell("chat").tokens) == (1, 2, 19)
+    assert (stats.cell("qa", "en").samples, stats.cell("qa", "en").turns, stats.cell("qa",
+                                                                                     "en").tokens) == (2, 2,
+                                                                                                       20)
+    assert (stats.cell("qa", "ar").samples, stats.cell("qa", "ar").turns, stats.cell("qa",
+                                                                                     "ar").tokens) == (1, 1,
+                                                                                                       22)
+    assert (stats.cell("chat", "en").samples, stats.cell("chat", "en").turns,
+            stats.cell("chat").tokens) == (1, 2, 19)
     total = stats.cell()
     assert (total.samples, total.turns, total.tokens) == (4, 5, 61) and total.avg_turns == 1.25
     table = stats.to_markdown()
@@ -52,7 +58,8 @@ def test_stats_merge_and_plot(mixtral_tokenizer, tmp_path):
 
 _EN = "the patient has a fever cough and chest pain since two days what dose of paracetamol is safe".split()
 _AR = "المريض يعاني من حمى وسعال وألم في الصدر منذ يومين ما هي الجرعة الآمنة من الباراسيتامول ٥٠٠ ملغ".split()
-_ODD = ["  leading and trailing spaces  ", "line\nbreaks\n\n", "tabs\tinside", "</s> in text", "<s>", "USER: ASSISTANT:",
+_ODD = ["  leading and trailing spaces  ", "line\nbreaks\n\n", "tabs\tinside", "</s> in text", "<s>",
+        "USER: ASSISTANT:",
         "emoji 💊", "mixed عربي and English 5 ٥", "a", "?!"]
 
 

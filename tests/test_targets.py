@@ -62,7 +62,8 @@ def test_per_expert_linear_layout_and_shared_expert_gate():
                                          for _ in range(2))
             self.shared_expert_gate = nn.Linear(8, 1)
 
-    layer = nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)}), "block_sparse_moe": Moe()})
+    layer = nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)}),
+                           "block_sparse_moe": Moe()})
     model = nn.ModuleDict({"layers": nn.ModuleList([layer])})
     groups = {t.name: (t.kind, t.group) for t in find_targets(model)}
     assert groups == {
@@ -80,7 +81,8 @@ def test_per_expert_linear_layout_and_shared_expert_gate():
 
 @pytest.mark.parametrize("preset", ["paper", "experts"])
 def test_dense_model_has_no_experts_error_says_what_it_has(preset):
-    with pytest.raises(ValueError, match=r"has none \(it has: \['q_proj', 'k_proj', 'v_proj', 'o_proj', 'mlp'\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"has none \(it has: \['q_proj', 'k_proj', 'v_proj', 'o_proj', 'mlp'\]\)"):
         build_lora_config(build_tiny_model("llama"), preset)
 
 
@@ -89,7 +91,8 @@ def test_unknown_preset_and_explicit_lists(caplog):
     with pytest.raises(ValueError, match="Unknown LoRA preset 'nope'"):
         build_lora_config(model, "nope")
     with caplog.at_level(logging.WARNING):
-        config = build_lora_config(model, None, target_modules=["o_proj"], target_parameters=["mlp.gate.weight"],
+        config = build_lora_config(model, None, target_modules=["o_proj"],
+                                   target_parameters=["mlp.gate.weight"],
                                    dropout=0.1)
     assert set(config.target_modules) == {"o_proj"} and config.target_parameters == ["mlp.gate.weight"]
     assert config.lora_dropout == 0.0 and "not supported on target_parameters" in caplog.text
@@ -105,7 +108,8 @@ def test_real_mixtral_8x7b_shape_trainable_count_at_r128():
     paper = trainable - per_group["o_proj"]
     attention = sum(per_group[g] for g in ATTN)
     print(f"\nMixtral-8x7B r=128: attention+router+experts (incl. o_proj) {trainable:,} "
-          f"({100 * trainable / total:.2f}%); paper q,k,v+router+experts {paper:,}; attention only {attention:,}")
+          f"({100 * trainable / total:.2f}%); paper q,k,v+router+experts {paper:,}; attention only "
+          f"{attention:,}")
     assert trainable == 1_803_583_488  # STACK-NOTES: 1.804 B
     assert paper == 1_770_029_056  # ~3.7% of 48.5 B: the paper's "approximately 4%"
     assert attention == 109_051_904  # STACK-NOTES: 0.109 B

@@ -19,9 +19,12 @@ from bimedix.training.masking import TRAIN_CLOSE, TRAIN_OPEN, assistant_token_ma
 from bimedix.training.sft import RequireTrainedTokens
 from bimedix.training.tiny import build_tiny_model
 
-EN = ("the", "patient", "has", "fever", "of", "39°C", "for", "3", "days;", "take", "500mg", "paracetamol", "(twice)",
-      "chest", "pain?", "ECG", "shows", "ST-elevation.", "USER:", "ASSISTANT:", "</s>-like", "\n", "e.g.", "HbA1c")
-AR = ("المريض", "يعاني", "من", "حمى", "منذ", "٣", "أيام", "،", "تناول", "باراسيتامول", "٥٠٠", "ملغ", "ألم", "في",
+EN = ("the", "patient", "has", "fever", "of", "39°C", "for", "3", "days;", "take", "500mg", "paracetamol",
+      "(twice)",
+      "chest", "pain?", "ECG", "shows", "ST-elevation.", "USER:", "ASSISTANT:", "</s>-like", "\n", "e.g.",
+      "HbA1c")
+AR = ("المريض", "يعاني", "من", "حمى", "منذ", "٣", "أيام", "،", "تناول", "باراسيتامول", "٥٠٠", "ملغ", "ألم",
+      "في",
       "الصدر؟", "تخطيط", "القلب", "يُظهر", "ارتفاعاً", ".", "السُّكَّري", "USER:", "\n", "ـــ")
 N_CONVERSATIONS = 48
 

@@ -54,13 +54,16 @@ def test_good_translation_keeps_invariants():
 
 
 @pytest.mark.parametrize("translation, expected", [
-    (_broken("turns", 1, "ج. إنسولين\n\nالشرح: HbA1c أعلى من ٩٪."), "turn 1: option letters changed from [B] to [C]"),
+    (_broken("turns", 1, "ج. إنسولين\n\nالشرح: HbA1c أعلى من ٩٪."),
+     "turn 1: option letters changed from [B] to [C]"),
     (_broken("turns", 0, "سؤال: مريض عمره ٤٥ عاماً، سكر 7٫5 mmol/L.\nA. Metformin 500 mg"),
      "turn 0: option letters changed from [A, B] to [A]"),
-    ({"turns": GOOD["turns"], "options": GOOD["options"][:1]}, "2 options in the source but 1 in the translation"),
+    ({"turns": GOOD["turns"], "options": GOOD["options"][:1]},
+     "2 options in the source but 1 in the translation"),
     (_broken("turns", 0, GOOD["turns"][0].replace("٤٥", "٥٤")), "turn 0: numbers missing or changed: ['45']"),
     (_broken("options", 0, "ميتفورمين 500 mg"), "option 0: protected terms not kept verbatim: ['Metformin']"),
-    (_broken("turns", 0, GOOD["turns"][0].replace("mmol/L", "ملمول/لتر")), "protected terms not kept verbatim"),
+    (_broken("turns", 0, GOOD["turns"][0].replace("mmol/L", "ملمول/لتر")),
+     "protected terms not kept verbatim"),
 ], ids=["answer-letter", "dropped-option-line", "dropped-option", "number", "drug-name", "unit"])
 def test_invariant_violations_are_caught(translation, expected):
     problems = check_invariants(SOURCE, translation, KEEP)
@@ -101,7 +104,8 @@ def _scripted(translate=None, judge=None):
 
 
 def test_end_to_end_provenance_and_review_state(api_key, tmp_path):
-    with FakeOpenAIServer(_scripted(judge=lambda payload, n: Reply('{"score": 91, "comments": "ok"}'))) as server:
+    with FakeOpenAIServer(_scripted(judge=lambda payload,
+                                    n: Reply('{"score": 91, "comments": "ok"}'))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(i) for i in range(4)], review_fraction=0.0)
     assert summary.complete and summary.accepted == 4 and summary.sent == 8  # translate + judge per record
     for record in read_jsonl(tmp_path / "out.jsonl"):
@@ -151,7 +155,8 @@ def test_invariant_violation_fails_the_round_and_refinement_fixes_it(api_key, tm
     assert info["rounds"] == 2 and info["score"] == 88
 
 
-@pytest.mark.parametrize("bad", ["not json at all", '{"comments": "no score"}', '{"score": 140}', '{"score": "high"}'])
+@pytest.mark.parametrize("bad", ["not json at all", '{"comments": "no score"}', '{"score": 140}',
+                                 '{"score": "high"}'])
 def test_malformed_judgement_is_retried_then_recorded_as_failure(api_key, tmp_path, bad):
     with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply(bad))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(0)], max_rounds=2, judge_attempts=2)
@@ -163,14 +168,16 @@ def test_malformed_judgement_is_retried_then_recorded_as_failure(api_key, tmp_pa
 
 
 def test_judge_recovers_on_second_attempt(api_key, tmp_path):
-    with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply("oops" if n == 1 else '{"score": 95}'))) as server:
+    with FakeOpenAIServer(_scripted(judge=lambda p,
+                                    n: Reply("oops" if n == 1 else '{"score": 95}'))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(0)])
     assert summary.accepted == 1 and summary.sent == 3
     assert read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]["score"] == 95
 
 
 def test_truncated_translation_is_a_failed_round(api_key, tmp_path):
-    with FakeOpenAIServer(_scripted(translate=lambda p, n: Reply('{"turns": ["نص', "length") if n == 1 else None,
+    with FakeOpenAIServer(_scripted(translate=lambda p, n: Reply('{"turns": ["نص',
+                                                                 "length") if n == 1 else None,
                                     judge=lambda p, n: Reply('{"score": 90}'))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(0)])
     assert summary.accepted == 1
@@ -197,7 +204,8 @@ def test_cached_rerun_pays_nothing(server, api_key, tmp_path):
 def test_batch_api_translation(api_key, tmp_path):
     with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply('{"score": 90}'))) as server:
         input_path = write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(3)])
-        client = make_client(server.base_url, tmp_path / "out.llm.sqlite", batch=True, batch_poll_interval=0.01)
+        client = make_client(server.base_url, tmp_path / "out.llm.sqlite", batch=True,
+                             batch_poll_interval=0.01)
         summary = run_closing(client, lambda c: translate_file(input_path, tmp_path / "out.jsonl", c,
                                                                TranslationConfig()))
         assert summary.accepted == 3 and server.count() == 0
@@ -233,7 +241,8 @@ def test_saved_dataset_input(server, api_key, tmp_path):
 
     from bimedix.data.schema import FEATURES
 
-    Dataset.from_list([mcqa_record(i) for i in range(2)], features=FEATURES).save_to_disk(str(tmp_path / "en_ds"))
+    Dataset.from_list([mcqa_record(i) for i in range(2)],
+                      features=FEATURES).save_to_disk(str(tmp_path / "en_ds"))
     client = make_client(server.base_url, tmp_path / "out.llm.sqlite")
     summary = run_closing(client, lambda c: translate_file(tmp_path / "en_ds", tmp_path / "out.jsonl", c,
                                                            TranslationConfig()))

@@ -12,21 +12,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` sub-command."""
     parser = subparsers.add_parser(
         "convert", help="convert an original source file into BiMed records (JSON Lines)",
-        description="Stream an original public source file (PubMedQA, MedMCQA, MedQA, MMLU, LiveQA, ...) into "
-                    "the bimedix conversation schema. Bad records stop the run (naming file:record: field) unless "
-                    "--on-error skip, which writes each of them with its reason to the rejects file.")
+        description="Stream an original public source file (PubMedQA, MedMCQA, MedQA, MMLU, LiveQA, ...) "
+                    "into the bimedix conversation schema. Bad records stop the run (naming file:record: "
+                    "field) unless --on-error skip, which writes each of them with its reason to the rejects "
+                    "file.")
     parser.add_argument("source", metavar="SOURCE",
-                        help="source name: pubmedqa, medmcqa, medqa, mmlu, mmlu-ar, medarabench, healthcaremagic, "
-                             "icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
+                        help="source name: pubmedqa, medmcqa, medqa, mmlu, mmlu-ar, medarabench, "
+                             "healthcaremagic, icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
     parser.add_argument("--input", required=True, type=Path,
                         help="the original file (a folder for mmlu / mmlu-ar)")
     parser.add_argument("--output", required=True, type=Path, help="where to write the records (.jsonl)")
     parser.add_argument("--language", choices=LANGUAGES, help="record language (default: the source's)")
     parser.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
-                        help="on a bad record: stop (raise, default) or write it to the rejects file and go on")
+                        help="on a bad record: stop (raise, default) or write it to the rejects file and go "
+                             "on")
     parser.add_argument("--rejects", type=Path,
                         help="rejects file for --on-error skip (default: OUTPUT with .rejects.jsonl)")
-    parser.add_argument("--ground-truth", type=Path, help="pubmedqa: test_ground_truth.json (labels, test PMIDs)")
+    parser.add_argument("--ground-truth", type=Path,
+                        help="pubmedqa: test_ground_truth.json (labels, test PMIDs)")
     parser.add_argument("--split", choices=["all", "train", "test"], help="pubmedqa: which PMIDs to keep "
                         "(test = those in --ground-truth)")
     parser.add_argument("--cop-base", type=int, choices=[0, 1],
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         except RecordError as err:
             hint = ("rerun with --on-error skip to set bad records aside" if args.on_error == "raise" else
                     "this error concerns the whole file, so --on-error skip cannot set it aside: fix the file")
-            raise RecordError(f"{err.reason} ({hint})", path=err.path, record=err.record, field=err.field) from None
+            raise RecordError(f"{err.reason} ({hint})", path=err.path, record=err.record,
+                              field=err.field) from None
     print(f"{args.source}: read {written + rejects.count}, written {written}, rejected {rejects.count} "
           f"-> {args.output}")
     if rejects_path is not None:

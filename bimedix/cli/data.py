@@ -14,9 +14,10 @@ def register(subparsers) -> None:
     """Add ``build-data``, ``select-for-translation`` and ``stats`` to the ``bimedix`` command line."""
     build = subparsers.add_parser(
         "build-data", help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
-        description="Convert the recipe's sources, apply the translation review policy, drop benchmark overlaps "
-                    "and duplicates, keep English whole (or sample to the recipe's explicit mix.ar_en_ratio), write "
-                    "Parquet shards, statistics, target vs achieved composition and reports. Re-running resumes.")
+        description="Convert the recipe's sources, apply the translation review policy, drop benchmark "
+                    "overlaps and duplicates, keep English whole (or sample to the recipe's explicit "
+                    "mix.ar_en_ratio), write Parquet shards, statistics, target vs achieved composition and "
+                    "reports. Re-running resumes.")
     build.add_argument("--recipe", required=True,
                        help="data recipe YAML, or a shipped recipe name: mini, bimed1.3m (see recipes/data/)")
     build.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
@@ -26,27 +27,31 @@ def register(subparsers) -> None:
                        help="raise: stop at the first malformed record (file:record:field); "
                             "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
     build.add_argument("--include-unreviewed", action="store_true",
-                       help="also use machine translations still pending human review or scoring below the judge "
-                            "threshold (default: left out; rejected ones are never used); counted in stats.json")
+                       help="also use machine translations still pending human review or scoring below the "
+                            "judge threshold (default: left out; rejected ones are never used); counted in "
+                            "stats.json")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.add_argument("--num-proc", type=int, default=None, metavar="N",
                        help="processes for the convert and clean stages (default: all cores); the output is "
                             "byte-identical for any N")
     build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty OUTPUT that no build made (its other files are kept; inputs are "
-                            "never written)")
+                       help="write into a non-empty OUTPUT that no build made (its other files are kept; "
+                            "inputs are never written)")
     build.set_defaults(func=_build_data)
 
     select = subparsers.add_parser(
-        "select-for-translation", help="pick the English records to translate (stratified, seeded, reproducible)",
-        description="Pick a target number (or fraction) of English records for translation, stratified by task and "
-                    "source in proportion to their sizes, by a seeded hash of the record id; write the picks and a "
-                    "summary table. The paper translates 444,995 of its ~866.6K English records (--target 444995, "
-                    "or about --target 0.51); English itself is never down-sampled.")
+        "select-for-translation",
+        help="pick the English records to translate (stratified, seeded, reproducible)",
+        description="Pick a target number (or fraction) of English records for translation, stratified by "
+                    "task and source in proportion to their sizes, by a seeded hash of the record id; write "
+                    "the picks and a summary table. The paper translates 444,995 of its ~866.6K English "
+                    "records (--target 444995, or about --target 0.51); English itself is never down-sampled.")
     select.add_argument("--input", required=True, type=Path,
-                        help="a JSON Lines file of bimedix records, or a folder of them (*.jsonl, recursively)")
+                        help="a JSON Lines file of bimedix records, or a folder of them (*.jsonl, "
+                             "recursively)")
     select.add_argument("--output", required=True, type=Path,
-                        help="where to write the picks (.jsonl; must not exist); the table goes to OUTPUT.summary.md")
+                        help="where to write the picks (.jsonl; must not exist); the table goes to "
+                             "OUTPUT.summary.md")
     select.add_argument("--target", required=True, type=float,
                         help="how many to pick: a count (444995) or a fraction of the English pool (0.51)")
     select.add_argument("--by", default="task,source", help="fields to stratify by: task, source or both "
@@ -54,7 +59,8 @@ def register(subparsers) -> None:
     select.add_argument("--seed", type=int, default=42, help="selection seed (default: 42)")
     select.set_defaults(func=_select_for_translation)
 
-    stats = subparsers.add_parser("stats", help="print the statistics table (Fig. 3 style) of a built dataset folder")
+    stats = subparsers.add_parser("stats",
+                                  help="print the statistics table (Fig. 3 style) of a built dataset folder")
     stats.add_argument("directory", type=Path, help="a folder made by `bimedix build-data` (or any folder of "
                                                      "bimedix Parquet files)")
     stats.add_argument("--json", action="store_true", help="print stats.json instead of the table")
@@ -81,7 +87,8 @@ def _build_data(args: argparse.Namespace) -> int:
         print(f"{name}: {counts.equation()}")
     print(f"\nTotal: {result.counts.equation()}")
     print(f"Shards: {result.shards_written} written, {result.shards_skipped} already finished (skipped)")
-    print(f"Dataset: {result.output} (load with datasets.load_dataset({str(result.output)!r}, 'all', split='train'))")
+    print(f"Dataset: {result.output} (load with datasets.load_dataset({str(result.output)!r}, 'all', "
+          "split='train'))")
     return 0 if result.counts.balanced else 1
 
 
@@ -97,7 +104,8 @@ def _stats(args: argparse.Namespace) -> int:
             equation = _counts_equation(summary)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: not the stats.json that `bimedix build-data` writes (cannot read "
-                             f"{type(err).__name__}: {err}); rebuild the dataset, or move the file away to compute "
+                             f"{type(err).__name__}: {err}); rebuild the dataset, or move the file away to "
+                             "compute "
                              "the table from the Parquet files") from None
     else:
         files = sorted(args.directory.glob("data/**/*.parquet")) or sorted(args.directory.glob("**/*.parquet"))
@@ -108,7 +116,8 @@ def _stats(args: argparse.Namespace) -> int:
 
         def rows():
             for file in files:
-                for batch in pq.ParquetFile(file).iter_batches(columns=["task", "language", "system", "conversations"]):
+                for batch in pq.ParquetFile(file).iter_batches(columns=["task", "language", "system",
+                                                                        "conversations"]):
                     yield from batch.to_pylist()
 
         stats = compute_stats(rows())
@@ -139,4 +148,5 @@ def _counts_equation(summary: dict) -> str | None:
     from ..data.build import Counts
 
     counts = summary.get("counts")
-    return None if counts is None else Counts(**{k: v for k, v in counts.items() if k != "balanced"}).equation()
+    return None if counts is None else Counts(**{k: v for k,
+                                                 v in counts.items() if k != "balanced"}).equation()

@@ -18,15 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--tasks", default="auto",
                      help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
                           "bimedix_table2|3|4, bimedix_<subset>_<en|ar>, or lm-eval tasks such as "
-                          "arabic_leaderboard_arabic_mmlu_anatomy; 'auto' (default): every subset the data has")
+                          "arabic_leaderboard_arabic_mmlu_anatomy; 'auto' (default): every subset the data "
+                          "has")
     run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     run.add_argument("--limit", type=float, default=None, help="questions per task (a fraction if < 1)")
     run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
     run.add_argument("--data-dir", default=None,
-                     help="folder written by `bimedix build-bench` (or its Hub id); default: the bundled slice")
+                     help="folder written by `bimedix build-bench` (or its Hub id); default: the bundled "
+                          "slice")
     run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
     run.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    run.add_argument("--output", required=True, help="folder for results.json, samples, consistency.json, tables.md")
+    run.add_argument("--output", required=True,
+                     help="folder for results.json, samples, consistency.json, tables.md")
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
     run.add_argument("--overwrite", action="store_true",
@@ -36,23 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = subparsers.add_parser(
         "build-bench", help="build the evaluation data (English + the Arabic benchmark) from original files",
         description="Read the original benchmark files under their original relative paths (the layout of "
-                    "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder is "
-                    "the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
+                    "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder "
+                    "is the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
     build.add_argument("--sources", required=True, help="folder holding the original benchmark files")
     build.add_argument("--output", required=True, help="evaluation data folder to write")
     build.add_argument("--translations", default=None,
                        help="JSON Lines of translated Arabic MCQA records (from the translation pipeline)")
     build.add_argument("--bimedix-arabic", default=None,
                        help="folder with local copies of BiMediX's Arabic eval sets (medqa-test_arabic/, ...)")
-    build.add_argument("--subsets", default=None, help="comma-separated subsets to build (default: all found)")
+    build.add_argument("--subsets", default=None,
+                       help="comma-separated subsets to build (default: all found)")
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
     build.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="skip",
                        help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
     build.add_argument("--include-unreviewed", action="store_true",
-                       help="--translations: also use translations pending human review or below the judge threshold "
-                            "(default: left out; rejected ones never enter); their rows say 'unreviewed'")
+                       help="--translations: also use translations pending human review or below the judge "
+                            "threshold (default: left out; rejected ones never enter); their rows say "
+                            "'unreviewed'")
     build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty OUTPUT that no build-bench made (its other files are kept)")
+                       help="write into a non-empty OUTPUT that no build-bench made (its other files are "
+                            "kept)")
     build.set_defaults(func=_build_bench)
 
 
@@ -63,7 +69,8 @@ def _eval(args: argparse.Namespace) -> int:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     kwargs = dict(tasks=args.tasks, backend=args.backend, data_dir=args.data_dir, limit=limit,
-                  num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device, output_dir=args.output,
+                  num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
+                  output_dir=args.output,
                   cache=args.cache, overwrite=args.overwrite)
     if args.backend == "vllm" and args.peft and expert_lora_targets(check_adapter(args.model, args.peft)):
         results = _evaluate_merged(args.model, args.peft, args.output, kwargs)
@@ -84,13 +91,15 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
     from bimedix.eval.run import evaluate
     from bimedix.training.merge import merge_adapter
 
-    folder = OutputFolder(output, "eval", inputs={"--model": model, "--peft": adapter}, overwrite=kwargs["overwrite"])
+    folder = OutputFolder(output, "eval", inputs={"--model": model, "--peft": adapter},
+                          overwrite=kwargs["overwrite"])
     merged = folder.folder("merged-model")  # recorded as this command's own, and removed below
-    print(f"{adapter} adapts fused MoE experts, which vLLM may not apply as LoRA: merging it into {model} first "
-          f"(logit-checked, as `bimedix merge`), in {merged} (removed afterwards)")
+    print(f"{adapter} adapts fused MoE experts, which vLLM may not apply as LoRA: merging it into {model} "
+          f"first (logit-checked, as `bimedix merge`), in {merged} (removed afterwards)")
     try:
         report = merge_adapter(model, adapter, merged)
-        print(f"merged: max |merged - adapter| logit difference {report['max_abs_diff_merged_vs_adapter']:.3g}")
+        print("merged: max |merged - adapter| logit difference "
+              f"{report['max_abs_diff_merged_vs_adapter']:.3g}")
         return evaluate(str(merged), **kwargs)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
@@ -109,7 +118,8 @@ def _build_bench(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     folder = OutputFolder(output, "build-bench", overwrite=args.overwrite, inputs={
-        **source_inputs(args.sources), "--translations": args.translations, "--bimedix-arabic": args.bimedix_arabic})
+        **source_inputs(args.sources), "--translations": args.translations,
+        "--bimedix-arabic": args.bimedix_arabic})
     arabic = []
     review = ReviewPolicy(include_unreviewed=args.include_unreviewed)
     if args.translations or args.bimedix_arabic:

@@ -18,14 +18,17 @@ INCOMPLETE = 3
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``translate``, ``generate-chats``, ``review`` and ``fake-openai-server`` sub-commands."""
     translate = subparsers.add_parser(
-        "translate", help="translate English records into Arabic with an LLM (score, refine, queue for review)",
+        "translate",
+        help="translate English records into Arabic with an LLM (score, refine, queue for review)",
         description="English->Arabic translation over any OpenAI-compatible endpoint: translate each whole "
-                    "conversation, check invariants (option letters, numbers, units, drug names), score 0-100 with "
-                    "an LLM judge, refine below --threshold for up to --max-rounds. Resumable; outputs are "
-                    "machine translations marked in meta.translation.")
+                    "conversation, check invariants (option letters, numbers, units, drug names), score "
+                    "0-100 with an LLM judge, refine below --threshold for up to --max-rounds. Resumable; "
+                    "outputs are machine translations marked in meta.translation.")
     _endpoint_arguments(translate)
-    translate.add_argument("--threshold", type=float, default=80.0, help="judge score to reach (0-100, default 80)")
-    translate.add_argument("--max-rounds", type=int, default=3, help="translate + refine rounds per record (default 3)")
+    translate.add_argument("--threshold", type=float, default=80.0,
+                           help="judge score to reach (0-100, default 80)")
+    translate.add_argument("--max-rounds", type=int, default=3,
+                           help="translate + refine rounds per record (default 3)")
     translate.add_argument("--judge-attempts", type=int, default=3,
                            help="tries to get a well-formed judgement per round (default 3)")
     translate.add_argument("--review-fraction", type=float, default=0.05,
@@ -36,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     chats = subparsers.add_parser(
         "generate-chats", help="generate MCQA-grounded doctor-patient chats with an LLM",
-        description="For every MCQA record, generate a multi-turn chat grounded in the question, options, answer and "
-                    "explanation (paper §3.1.1), until a logical conclusion; validate it and regenerate up to --max-attempts times. Resumable.")
+        description="For every MCQA record, generate a multi-turn chat grounded in the question, options, "
+                    "answer and explanation (paper §3.1.1), until a logical conclusion; validate it and "
+                    "regenerate up to --max-attempts times. Resumable.")
     _endpoint_arguments(chats)
     chats.add_argument("--min-turns", type=int, default=4, help="fewest human/gpt exchanges (default 4)")
     chats.add_argument("--max-turns", type=int, default=8, help="most human/gpt exchanges (default 8)")
@@ -48,66 +52,84 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     review = subparsers.add_parser("review", help="export translations for human review, import the reviews")
     actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
     export = actions.add_parser("export", help="write the review queue (CSV or JSONL)",
-                                description="Queue every translation below --threshold plus a seeded --fraction of "
-                                            "the rest, one row per turn and option.")
+                                description="Queue every translation below --threshold plus a seeded "
+                                            "--fraction of the rest, one row per turn and option.")
     export.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     export.add_argument("--output", required=True, type=Path, help="the queue, .csv or .jsonl")
-    export.add_argument("--source", type=Path, help="the English input, to show originals next to translations")
-    export.add_argument("--fraction", type=float, default=0.05, help="share of passing records sampled (default 0.05)")
+    export.add_argument("--source", type=Path,
+                        help="the English input, to show originals next to translations")
+    export.add_argument("--fraction", type=float, default=0.05,
+                        help="share of passing records sampled (default 0.05)")
     export.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    export.add_argument("--threshold", type=float, default=80.0, help="score below which all are queued (default 80)")
+    export.add_argument("--threshold", type=float, default=80.0,
+                        help="score below which all are queued (default 80)")
     export.set_defaults(func=_review_export)
     apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
-                               description="Check the whole review file (nothing is applied if any row is bad), "
-                                           "apply edits and decisions, mark records reviewed, append the audit trail.")
+                               description="Check the whole review file (nothing is applied if any row is "
+                                           "bad), apply edits and decisions, mark records reviewed, append "
+                                           "the audit trail.")
     apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
     apply.add_argument("--output", required=True, type=Path, help="all records with reviews applied (.jsonl)")
     apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
-    apply.add_argument("--audit", type=Path, help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
+    apply.add_argument("--audit", type=Path,
+                       help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
     apply.set_defaults(func=_review_import)
     serve = actions.add_parser(
         "serve", help="review the queue in the browser (same queue, audit trail and result as export/import)",
-        description="A local web app: one record at a time, English next to the editable Arabic, judge score, "
-                    "comments and invariant warnings; approve / edit / reject with keyboard shortcuts. Every decision "
-                    "is appended to the audit trail at once (a killed server loses nothing) and the reviewed records "
-                    "are written to --output as `review import` would write them. Needs `pip install 'bimedix[web]'`.")
+        description="A local web app: one record at a time, English next to the editable Arabic, judge "
+                    "score, comments and invariant warnings; approve / edit / reject with keyboard "
+                    "shortcuts. Every decision is appended to the audit trail at once (a killed server loses "
+                    "nothing) and the reviewed records are written to --output as `review import` would "
+                    "write them. Needs `pip install 'bimedix[web]'`.")
     serve.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     serve.add_argument("--source", type=Path, help="the English input, shown next to each translation")
-    serve.add_argument("--queue", type=Path, help="a queue from `review export` (default: draw it as export does)")
-    serve.add_argument("--output", type=Path, help="all records with the decisions applied (default: INPUT.reviewed.jsonl)")
-    serve.add_argument("--audit", type=Path, help="audit trail, the decision store (default: OUTPUT with .audit.jsonl)")
-    serve.add_argument("--reviewer", default="", help="your name, pre-filled in the page (recorded with each decision)")
-    serve.add_argument("--fraction", type=float, default=0.05, help="share of passing records sampled (default 0.05)")
+    serve.add_argument("--queue", type=Path,
+                       help="a queue from `review export` (default: draw it as export does)")
+    serve.add_argument("--output", type=Path,
+                       help="all records with the decisions applied (default: INPUT.reviewed.jsonl)")
+    serve.add_argument("--audit", type=Path,
+                       help="audit trail, the decision store (default: OUTPUT with .audit.jsonl)")
+    serve.add_argument("--reviewer", default="",
+                       help="your name, pre-filled in the page (recorded with each decision)")
+    serve.add_argument("--fraction", type=float, default=0.05,
+                       help="share of passing records sampled (default 0.05)")
     serve.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    serve.add_argument("--threshold", type=float, default=80.0, help="score below which all are queued (default 80)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--threshold", type=float, default=80.0,
+                       help="score below which all are queued (default 80)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--token", default=os.environ.get("BIMEDIX_REVIEW_TOKEN"),
-                       help="shared secret the browser must give (/?token=...); required with a non-local --host "
-                            "(default: $BIMEDIX_REVIEW_TOKEN)")
+                       help="shared secret the browser must give (/?token=...); required with a non-local "
+                            "--host (default: $BIMEDIX_REVIEW_TOKEN)")
     serve.set_defaults(func=_review_serve)
     stats = actions.add_parser(
         "stats", help="how well the LLM judge's scores agree with the reviewers",
-        description="Per score bucket, the share of reviewed translations approved / edited / rejected, and the ROC "
-                    "AUC of the score separating approved from edited-or-rejected.")
+        description="Per score bucket, the share of reviewed translations approved / edited / rejected, and "
+                    "the ROC AUC of the score separating approved from edited-or-rejected.")
     stats.add_argument("--input", required=True, type=Path, help="reviewed records (.jsonl)")
     stats.add_argument("--json", action="store_true", help="print the figures as JSON")
     stats.set_defaults(func=_review_stats)
 
     server = subparsers.add_parser(
         "fake-openai-server", help="run a scripted local OpenAI-compatible server (dry runs, no real model)",
-        description="Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry runs of "
-                    "translate / generate-chats. Not a model: its Arabic is letter-substituted English.")
+        description="Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry "
+                    "runs of translate / generate-chats. Not a model: its Arabic is letter-substituted "
+                    "English.")
     server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--latency", type=float, default=0.0, help="seconds each completion waits (default 0)")
+    server.add_argument("--latency", type=float, default=0.0,
+                        help="seconds each completion waits (default 0)")
     server.set_defaults(func=_fake_server)
 
 
 def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, type=Path, help="input records (.jsonl, .parquet or a saved dataset)")
-    parser.add_argument("--output", required=True, type=Path, help="output records (.jsonl); re-run to resume")
-    parser.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    parser.add_argument("--input", required=True, type=Path,
+                        help="input records (.jsonl, .parquet or a saved dataset)")
+    parser.add_argument("--output", required=True, type=Path,
+                        help="output records (.jsonl); re-run to resume")
+    parser.add_argument("--base-url", required=True,
+                        help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     parser.add_argument("--model", required=True, help="model name sent with each request")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
@@ -116,17 +138,25 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpm", type=int, help="tokens-per-minute limit")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one attempt may take, from connecting to the last byte (default 120)")
-    parser.add_argument("--max-retries", type=int, default=6, help="retries on transient failures (default 6)")
-    parser.add_argument("--budget-usd", type=float, help="stop before the ledger of this run's cache exceeds this")
-    parser.add_argument("--prices", type=Path, help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides')
-    parser.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (half price, slower)")
+    parser.add_argument("--max-retries", type=int, default=6,
+                        help="retries on transient failures (default 6)")
+    parser.add_argument("--budget-usd", type=float,
+                        help="stop before the ledger of this run's cache exceeds this")
+    parser.add_argument("--prices", type=Path,
+                        help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides')
+    parser.add_argument("--batch-api", action="store_true",
+                        help="use the OpenAI Batch API (half price, slower)")
     parser.add_argument("--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls")
-    parser.add_argument("--cache", type=Path, help="request cache and ledger (default: OUTPUT with .llm.sqlite)")
+    parser.add_argument("--cache", type=Path,
+                        help="request cache and ledger (default: OUTPUT with .llm.sqlite)")
     parser.add_argument("--prompts", help="folder with prompt YAMLs overriding the shipped ones")
     parser.add_argument("--seed", type=int, default=0, help="request and sampling seed (default 0)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="completion limit per request (default 4096)")
-    parser.add_argument("--max-tokens-field", choices=["max_tokens", "max_completion_tokens"], default="max_tokens",
-                        help="request field carrying --max-tokens (OpenAI reasoning models: max_completion_tokens)")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="completion limit per request (default 4096)")
+    parser.add_argument("--max-tokens-field", choices=["max_tokens", "max_completion_tokens"],
+                        default="max_tokens",
+                        help="request field carrying --max-tokens (OpenAI reasoning models: "
+                             "max_completion_tokens)")
     parser.add_argument("--no-json-mode", action="store_true",
                         help="do not send response_format=json_object (for servers without it)")
 
@@ -143,10 +173,12 @@ def _client(args: argparse.Namespace):
                    "--drug-names": getattr(args, "drug_names", None)})
 
     config = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                          concurrency=args.concurrency, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+                          concurrency=args.concurrency, requests_per_minute=args.rpm,
+                          tokens_per_minute=args.tpm,
                           timeout=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
                           prices=load_prices(args.prices) if args.prices else {}, batch=args.batch_api,
-                          batch_poll_interval=args.batch_poll_interval, max_tokens_field=args.max_tokens_field)
+                          batch_poll_interval=args.batch_poll_interval,
+                          max_tokens_field=args.max_tokens_field)
     return LLMClient(config, RequestCache(cache_path))
 
 
@@ -165,10 +197,11 @@ def _run(args: argparse.Namespace, engine) -> int:
             client.cache.close()
 
     summary = asyncio.run(main())
-    print(f"{args.command}: {summary.total} records: {summary.skipped} already done, {summary.accepted} written, "
-          f"{summary.rejected} rejected ({summary.rebuilt} of them from finished results in the cache) "
-          f"-> {args.output}")
-    print(f"requests sent {summary.sent}; cost this run ${summary.cost_usd:.4f}; ledger ${summary.ledger_usd:.4f}")
+    print(f"{args.command}: {summary.total} records: {summary.skipped} already done, {summary.accepted} "
+          f"written, {summary.rejected} rejected ({summary.rebuilt} of them from finished results in the "
+          f"cache) -> {args.output}")
+    print(f"requests sent {summary.sent}; cost this run ${summary.cost_usd:.4f}; ledger "
+          f"${summary.ledger_usd:.4f}")
     if summary.rejected:
         print(f"rejects: {rejects_path(args.output)}")
     if summary.stopped:
@@ -185,16 +218,19 @@ def _translate(args: argparse.Namespace) -> int:
     if args.drug_names:
         drugs = frozenset(line.strip() for line in args.drug_names.read_text(encoding="utf-8").splitlines()
                           if line.strip() and not line.startswith("#"))
-    config = TranslationConfig(threshold=args.threshold, max_rounds=args.max_rounds, judge_attempts=args.judge_attempts,
+    config = TranslationConfig(threshold=args.threshold, max_rounds=args.max_rounds,
+                               judge_attempts=args.judge_attempts,
                                review_fraction=args.review_fraction, seed=args.seed, drug_names=drugs,
-                               max_tokens=args.max_tokens, json_mode=not args.no_json_mode, prompts_dir=args.prompts)
+                               max_tokens=args.max_tokens, json_mode=not args.no_json_mode,
+                               prompts_dir=args.prompts)
     return _run(args, lambda client: translate_file(args.input, args.output, client, config))
 
 
 def _generate_chats(args: argparse.Namespace) -> int:
     from ..llm.dialogue import DialogueConfig, generate_chats_file
 
-    config = DialogueConfig(min_turns=args.min_turns, max_turns=args.max_turns, max_attempts=args.max_attempts,
+    config = DialogueConfig(min_turns=args.min_turns, max_turns=args.max_turns,
+                            max_attempts=args.max_attempts,
                             seed=args.seed, max_tokens=args.max_tokens, json_mode=not args.no_json_mode,
                             prompts_dir=args.prompts)
     return _run(args, lambda client: generate_chats_file(args.input, args.output, client, config))
@@ -203,7 +239,8 @@ def _generate_chats(args: argparse.Namespace) -> int:
 def _review_export(args: argparse.Namespace) -> int:
     from ..llm.review import export_review_queue
 
-    count = export_review_queue(args.input, args.output, source=args.source, fraction=args.fraction, seed=args.seed,
+    count = export_review_queue(args.input, args.output, source=args.source, fraction=args.fraction,
+                                seed=args.seed,
                                 threshold=args.threshold)
     print(f"review export: {count} records queued -> {args.output}")
     return 0
@@ -213,8 +250,9 @@ def _review_import(args: argparse.Namespace) -> int:
     from ..llm.review import import_reviews
 
     summary = import_reviews(args.input, args.reviews, args.output, reviewer=args.reviewer, audit=args.audit)
-    print(f"review import: {summary.reviewed} records reviewed ({summary.approved} approved, {summary.edited} edited, "
-          f"{summary.rejected} rejected); {summary.undecided_rows} rows left undecided -> {args.output}")
+    print(f"review import: {summary.reviewed} records reviewed ({summary.approved} approved, "
+          f"{summary.edited} edited, {summary.rejected} rejected); {summary.undecided_rows} rows left "
+          f"undecided -> {args.output}")
     return 0
 
 
@@ -226,17 +264,19 @@ def _review_serve(args: argparse.Namespace) -> int:
     from ..web.review_app import create_review_app
 
     if not is_loopback(args.host) and not args.token:
-        raise ValueError(f"--host {args.host} lets other machines reach the review app; give a shared secret with "
+        raise ValueError(f"--host {args.host} lets other machines reach the review app; give a shared secret "
+                         "with "
                          "--token (or $BIMEDIX_REVIEW_TOKEN), or keep the default --host 127.0.0.1")
     output = args.output or args.input.with_name(args.input.name.removesuffix(".jsonl") + ".reviewed.jsonl")
     session = ReviewSession(args.input, output, source=args.source, queue=args.queue, audit=args.audit,
                             fraction=args.fraction, seed=args.seed, threshold=args.threshold)
-    server = WebServer(create_review_app(session, reviewer=args.reviewer, token=args.token), args.host, args.port)
+    server = WebServer(create_review_app(session, reviewer=args.reviewer, token=args.token), args.host,
+                       args.port)
     for warning in session.warnings:
         print(f"warning: {warning}")
     progress = session.progress()
-    print(f"review serve: {progress['total']} records queued, {progress['done']} decided, {progress['left']} left; "
-          f"decisions -> {session.audit}, reviewed records -> {session.output}")
+    print(f"review serve: {progress['total']} records queued, {progress['done']} decided, {progress['left']} "
+          f"left; decisions -> {session.audit}, reviewed records -> {session.output}")
     if not progress["left"]:
         print("every queued record is already decided; open the page to see or overrule decisions")
     print(f"open {server.url}{'?token=...' if args.token else ''} (Ctrl-C to stop)", flush=True)
@@ -255,7 +295,8 @@ def _review_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     if not stats["reviewed"]:
-        print(f"review stats: no reviewed translation in {args.input} (run `review import` or `review serve` first)")
+        print(f"review stats: no reviewed translation in {args.input} (run `review import` or `review serve` "
+              "first)")
         return 0
     print(f"review stats: {stats['reviewed']} reviewed translations in {args.input}"
           + (f" ({stats['unscored']} without a score)" if stats["unscored"] else ""))

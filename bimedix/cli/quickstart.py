@@ -28,22 +28,30 @@ EAGER_EXPERTS = {"experts_implementation": "eager"}
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
+        "quickstart",
+        help="run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
                            "model card, dry-run push",
-        description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA on "
-                    "attention + router + experts (and its output head), evaluate it in English and Arabic, render its "
-                    "card and write a dry-run Hub push. A few minutes on 2 CPU cores; nothing is downloaded.")
+        description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA "
+                    "on attention + router + experts (and its output head), evaluate it in English and "
+                    "Arabic, render its card and write a dry-run Hub push. A few minutes on 2 CPU cores; "
+                    "nothing is downloaded.")
     parser.add_argument("--output", required=True, type=Path, help="folder for everything the run writes")
-    parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps of the LoRA run (default: 30)")
+    parser.add_argument("--max-steps", type=int, default=30,
+                        help="optimizer steps of the LoRA run (default: 30)")
     parser.add_argument("--limit", type=int, default=10,
-                        help="questions per benchmark subset and language (default: 10; the bundled slices hold 15)")
+                        help="questions per benchmark subset and language (default: 10; the bundled slices "
+                             "hold 15)")
     parser.add_argument("--tasks", default="auto",
-                        help="lm-eval tasks (default: auto = every bundled subset, bilingual where both languages ship)")
-    parser.add_argument("--repo-id", default=DEFAULT_REPO, help=f"repo id written into the cards (default: {DEFAULT_REPO})")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the tiny model and of training (default: 42)")
+                        help="lm-eval tasks (default: auto = every bundled subset, bilingual where both "
+                             "languages ship)")
+    parser.add_argument("--repo-id", default=DEFAULT_REPO,
+                        help=f"repo id written into the cards (default: {DEFAULT_REPO})")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the tiny model and of training (default: 42)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --output that no quickstart made (its other files are kept)")
+                        help="write into a non-empty --output that no quickstart made (its other files are "
+                             "kept)")
     parser.set_defaults(func=run)
 
 
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.run import evaluate
     from ..eval.tables import format_tables
 
-    results = evaluate(str(paths["base-model"]), peft=str(paths["adapter"]), tasks=args.tasks, limit=args.limit,
+    results = evaluate(str(paths["base-model"]), peft=str(paths["adapter"]), tasks=args.tasks,
+                       limit=args.limit,
                        device="cpu", batch_size=8, model_args=EAGER_EXPERTS, output_dir=paths["eval"])
     print(format_tables(results, model_name="quickstart (tiny random MoE + LoRA)"))
 
@@ -134,7 +143,8 @@ def _show_masked_sample(data_dir: Path, *, plain: bool) -> None:
     tokenizer = load_mixtral_tokenizer()
     apply_vicuna_template(tokenizer)
     dataset = load_dataset(str(data_dir), "ar", split="train")
-    record = min(dataset, key=lambda r: sum(len(turn["value"]) for turn in r["conversations"]))  # shortest: fits a screen
+    record = min(dataset,
+                 key=lambda r: sum(len(turn["value"]) for turn in r["conversations"]))  # shortest: fits a screen
     ids, mask = assistant_token_mask(tokenizer, to_messages(record))
     print(render_mask(tokenizer, ids, mask, plain=plain))
     print(f"\n[{record['id']} ({record['source']}, {record['license']}): {mask_summary(mask)}]")
@@ -149,10 +159,12 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
     from ..training.tiny import save_tiny_model
 
     save_tiny_model(paths["base-model"], arch="mixtral", seed=args.seed)
-    flags = ["--config", str(resource_path("recipes", "tiny", "sft.yaml")), "--output_dir", str(paths["adapter"]),
+    flags = ["--config", str(resource_path("recipes", "tiny", "sft.yaml")), "--output_dir",
+             str(paths["adapter"]),
              "--max_steps", str(args.max_steps), "--seed", str(args.seed), "--save_strategy", "no",
              # 768 tokens keep the answer of all but the 3 longest mini records (MentalQA, PubMedQA abstracts).
-             "--max_length", "768", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+             "--max_length", "768", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
+             "1",
              # transformers' default grouped_mm experts are ~10x slower than eager ones on CPU at this size.
              "--model_init_kwargs", json.dumps(EAGER_EXPERTS),
              "--disable_tqdm", str(args.no_progress).lower()]

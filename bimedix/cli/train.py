@@ -8,9 +8,11 @@ import json
 
 def register(subparsers) -> None:
     """Add the training sub-commands."""
-    p = subparsers.add_parser("targets", help="show which weights a LoRA preset adapts and the trainable share")
+    p = subparsers.add_parser("targets",
+                              help="show which weights a LoRA preset adapts and the trainable share")
     p.add_argument("model", nargs="?",
-                   help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached/shipped Hub id")
+                   help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached/shipped Hub "
+                        "id")
     p.add_argument("--recipe", help="an SFT recipe YAML: its model, preset, r, alpha and rank/alpha patterns "
                                     "(instead of MODEL and the flags below)")
     p.add_argument("--preset", default="paper", help="paper | attention | experts | all (default: paper)")
@@ -21,7 +23,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("show-mask", help="print a training sample with its trained tokens highlighted")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--recipe", help="an SFT recipe YAML: its data, template, system prompt and max_length")
+    source.add_argument("--recipe",
+                        help="an SFT recipe YAML: its data, template, system prompt and max_length")
     source.add_argument("--data", help="a schema-record JSONL file (or anything `datasets` loads)")
     p.add_argument("--index", type=int, default=0, help="row to show (default: 0)")
     p.add_argument("--model", help="tokenizer to use with --data (default: the Mixtral tokenizer)")
@@ -30,7 +33,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_show_mask)
 
     # '-' is not an option prefix here, so every flag reaches TrlParser untouched (it owns --help too)
-    p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)", add_help=False,
+    p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)",
+                              add_help=False,
                               prefix_chars="+",
                               description="Run `bimedix sft --config RECIPE.yaml [--key value ...]`; "
                                           "`bimedix sft --help` lists every key.")
@@ -38,7 +42,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_sft)
 
     p = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model after a logit check")
-    p.add_argument("--base", help="base model (folder, Hub id, or tiny:<arch>:<seed>); default: the adapter's")
+    p.add_argument("--base",
+                   help="base model (folder, Hub id, or tiny:<arch>:<seed>); default: the adapter's")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--output", required=True, help="output folder for the merged safetensors model")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |merged - adapter| logit difference")
@@ -46,25 +51,31 @@ def register(subparsers) -> None:
     p.add_argument("--quantize_experts", choices=["nf4", "fp4"],
                    help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
     p.add_argument("--force", action="store_true",
-                   help="merge even if the adapter was trained on another base or is already merged into --base")
+                   help="merge even if the adapter was trained on another base or is already merged into "
+                        "--base")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --output that no merge made (never the base or adapter folder)")
+                   help="write into a non-empty --output that no merge made (never the base or adapter "
+                        "folder)")
     p.set_defaults(func=_merge)
 
-    p = subparsers.add_parser("estimate-memory", help="GPU memory a recipe needs per process, from the model config only",
-                              description="Per-GPU memory of a recipe: frozen weights, adapter states, activations "
-                                          "and step transients, after the sharding of the accelerate config. Recipe "
-                                          "keys can be overridden after `--`, e.g. `-- --quantize_experts nf4`.")
+    p = subparsers.add_parser("estimate-memory",
+                              help="GPU memory a recipe needs per process, from the model config only",
+                              description="Per-GPU memory of a recipe: frozen weights, adapter states, "
+                                          "activations and step transients, after the sharding of the "
+                                          "accelerate config. Recipe keys can be overridden after `--`, e.g. "
+                                          "`-- --quantize_experts nf4`.")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
     p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int,
                    help="processes (GPUs); default: the accelerate config's, else 1")
     p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
-                   help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or one of "
-                        "single, ddp, zero1, zero2, zero3, fsdp; default: DDP when --num-processes > 1")
-    p.add_argument("--gpu", type=float, help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
+                   help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or "
+                        "one of single, ddp, zero1, zero2, zero3, fsdp; default: DDP when --num-processes > 1")
+    p.add_argument("--gpu", type=float,
+                   help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
                                              "fits and, when not, the nearest setting that does")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then recipe flags, e.g. -- --max_length 4096")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="-- then recipe flags, e.g. -- --max_length 4096")
     p.set_defaults(func=_estimate_memory)
 
 
@@ -116,7 +127,8 @@ def _show_mask(args) -> int:
     from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
 
     if args.recipe:
-        script, training, model_args, mixture, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])
+        script, training, model_args, mixture, bimedix = parse_args(["--config", args.recipe, "--use_cpu",
+                                                                     "true"])
         max_length = args.max_length or training.max_length
     else:
         script, model_args = ScriptArguments(), ModelConfig(model_name_or_path=args.model)
@@ -124,7 +136,8 @@ def _show_mask(args) -> int:
         bimedix = BimedixArguments(tiny_model=None if args.model else "mixtral")
         max_length = args.max_length
     tokenizer = load_tokenizer(model_args, bimedix)
-    dataset = load_sft_dataset(script, mixture, system_prompt=bimedix.system_prompt)[script.dataset_train_split]
+    dataset = load_sft_dataset(script, mixture,
+                               system_prompt=bimedix.system_prompt)[script.dataset_train_split]
     if not 0 <= args.index < len(dataset):
         raise ValueError(f"--index {args.index} is out of range: the data has {len(dataset)} rows.")
     ids, mask = assistant_token_mask(tokenizer, dataset[args.index]["messages"], max_length=max_length)

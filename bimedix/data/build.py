@@ -94,12 +94,13 @@ class Counts:
 
     def equation(self) -> str:
         """``read N = written + rejected + excluded by review + deduplicated + ...`` with numbers."""
-        return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + excluded by the review "
-                f"policy {self.excluded_review:,} + deduplicated "
-                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} of "
-                f"{self.near_candidates:,} LSH candidates) + "
-                f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + dropped "
-                f"for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT BALANCE]"))
+        return (f"read {self.read:,} = written {self.written:,} + rejected {self.rejected:,} + excluded by "
+                f"the review policy {self.excluded_review:,} + deduplicated "
+                f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} "
+                f"of {self.near_candidates:,} LSH candidates) + "
+                f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + "
+                f"dropped for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT "
+                                                                                          "BALANCE]"))
 
 
 @dataclass
@@ -185,7 +186,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)
     output = Path(output)
-    folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe, sources_dir), overwrite=overwrite)
+    folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe, sources_dir),
+                          overwrite=overwrite)
     work_dir = folder.folder(WORK_DIR)
     try:
         prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
@@ -209,7 +211,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
                for group in ((language, task) for language in LANGUAGES for task in TASKS)}
     dropped: Counter[str] = Counter()
     try:
-        for name, record in tqdm(prepared.iter_records(dropped), desc="write", unit="rec", disable=not progress):
+        for name, record in tqdm(prepared.iter_records(dropped), desc="write", unit="rec",
+                                 disable=not progress):
             writers[(record["language"], record["task"])].add(record)
             per_source[name].written += 1
         for writer in writers.values():
@@ -273,18 +276,22 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     num_proc = default_num_proc() if num_proc is None else num_proc
     folder = work_dir / "sources"
     converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]
-    shards = dict(zip(converted, ordered_map(_convert_task, converted, num_proc=max(min(num_proc, len(converted)), 1),
-                                             context=(recipe, folder, sources_dir, on_error, progress), prefetch=1)))
+    shards = dict(zip(converted, ordered_map(_convert_task, converted, num_proc=max(min(num_proc,
+                                                                                        len(converted)), 1),
+                                             context=(recipe, folder, sources_dir, on_error, progress),
+                                             prefetch=1)))
     for index, spec in enumerate(recipe.sources):  # record files: one file at a time, its lines in parallel
         if index not in shards:
-            shards[index] = _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress,
+            shards[index] = _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error,
+                                            progress,
                                             num_proc)
     shards = [shards[index] for index in range(len(recipe.sources))]
     benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
                    [[spec.name, spec.weight, spec.on_error] for spec in recipe.sources],
-                   [_content_hash(p) for p in benchmark_files], on_error, include_unreviewed, _FORMAT_VERSION])
+                   [_content_hash(p) for p in benchmark_files], on_error, include_unreviewed,
+                   _FORMAT_VERSION])
     clean_path = work_dir / f"clean-{key}.jsonl"
     manifest_path = work_dir / f"clean-{key}.json"
     source_rejects = [Path(shard["rejects"]) for shard in shards if shard["rejects"]]
@@ -313,14 +320,16 @@ def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.P
             try:
                 record = validate_record(obj, path=str(path), line=line)
             except RecordError as err:
-                report(RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj), on_error)
+                report(RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj),
+                       on_error)
                 continue
             yield record
         return
     from .converters import convert
 
     files = {name: recipe.resolve(value, sources_dir) for name, value in spec.files.items()}
-    yield from convert(spec.converter, path, language=spec.language, on_error=on_error, **spec.options, **files)
+    yield from convert(spec.converter, path, language=spec.language, on_error=on_error, **spec.options,
+                       **files)
 
 
 def _convert_task(context: tuple, index: int) -> dict:
@@ -333,7 +342,8 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
                     progress: bool, num_proc: int = 1) -> dict:
     path = recipe.resolve(spec.path, sources_dir)
     files = [path, *(recipe.resolve(value, sources_dir) for value in spec.files.values())]
-    key = _digest([spec.converter, spec.language, spec.options, sorted(spec.files), [_content_hash(p) for p in files],
+    key = _digest([spec.converter, spec.language, spec.options, sorted(spec.files),
+                   [_content_hash(p) for p in files],
                    on_error, _FORMAT_VERSION])
     stem = folder / f"{spec.name}-{key}"
     manifest_path = stem.with_suffix(".json")
@@ -355,7 +365,8 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     return manifest
 
 
-def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy, num_proc: int) -> Iterator[str]:
+def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy,
+                     num_proc: int) -> Iterator[str]:
     """The JSON lines of one source's records; a ``records`` file is validated in ``num_proc`` processes."""
     if spec.converter != RECORDS_CONVERTER:
         for record in iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy):
@@ -380,9 +391,11 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
     if recipe.decontaminate.benchmarks:
         skipped = RejectLog()
         spec = recipe.decontaminate
-        items = load_benchmark_items(spec.benchmarks, lambda path: recipe.resolve(path, sources_dir), on_error=skipped)
+        items = load_benchmark_items(spec.benchmarks, lambda path: recipe.resolve(path, sources_dir),
+                                     on_error=skipped)
         if skipped.count:
-            logger.warning("decontamination: %d malformed benchmark rows could not be indexed (%s)", skipped.count,
+            logger.warning("decontamination: %d malformed benchmark rows could not be indexed (%s)",
+                           skipped.count,
                            ", ".join(f"{n}× {reason}" for reason, n in skipped.reasons.most_common(3)))
         index = BenchmarkIndex(items, ngram=spec.ngram, threshold=spec.threshold,
                                max_item_frequency=spec.max_item_frequency)
@@ -400,15 +413,18 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             atomic_open(work_dir / f"clean-{key}.jsonl") as clean, \
             atomic_open(work_dir / f"clean-{key}.decontamination.jsonl") as contaminated, \
             atomic_open(work_dir / f"clean-{key}.duplicates.jsonl") as duplicates, \
-            OrderedPool(_clean_task, context=(recipe.seed, index, signer, review), num_proc=num_proc) as workers:
+            OrderedPool(_clean_task, context=(recipe.seed, index, signer, review),
+                        num_proc=num_proc) as workers:
         for shard_index, (spec, shard) in enumerate(zip(recipe.sources, shards)):
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
             source_path = recipe.resolve(spec.path, sources_dir)
             candidates = dedup.candidates
-            for offset, raw, (status, result) in tqdm(_clean_results(workers, readers, shard_index, spec, source_path),
-                                                       desc=f"clean {spec.name}", unit="rec", total=shard["written"],
+            for offset, raw, (status, result) in tqdm(_clean_results(workers, readers, shard_index, spec,
+                                                                     source_path),
+                                                       desc=f"clean {spec.name}", unit="rec",
+                                                      total=shard["written"],
                                                        disable=not progress):
                 if isinstance(status, RecordError):
                     tally.rejected += 1
@@ -439,8 +455,9 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                 id_hash = hash(record["id"])
                 if id_hash in seen_ids:
                     tally.rejected += 1
-                    report(RecordError("duplicate id (an earlier record with different content has it); make ids "
-                                       "unique across the recipe's sources", path=str(recipe.resolve(spec.path,
+                    report(RecordError("duplicate id (an earlier record with different content has it); make "
+                                       "ids unique across the recipe's sources",
+                                       path=str(recipe.resolve(spec.path,
                                        sources_dir)), record=record["id"], field="id", raw=record), policy)
                     continue
                 seen_ids.add(id_hash)
@@ -451,7 +468,8 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             tally.near_candidates = dedup.candidates - candidates
             counts[spec.name] = dataclasses.asdict(tally)
     readers.close()
-    return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan(), "review": review.summary()}
+    return {"key": key, "ranges": ranges, "counts": counts, "plan": planner.plan(),
+            "review": review.summary()}
 
 
 def _clean_results(workers: OrderedPool, readers: OffsetReader, shard_index: int, spec: SourceSpec,
@@ -485,7 +503,8 @@ def _clean_task(context: tuple, task: tuple) -> list:
         try:
             status = review.status(record, path=source_path)
         except RecordError as err:
-            results.append((RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=record),
+            results.append((RecordError(err.reason, path=err.path, record=err.record, field=err.field,
+                                        raw=record),
                             None))
             continue
         if not review.uses(status) or not keep_by_weight(seed, record["id"], weight, name):
@@ -594,9 +613,11 @@ def _write_reports(output: OutputFolder, recipe: DataRecipe, prepared: Prepared,
     summary = {"recipe": recipe.name, "counts": {**dataclasses.asdict(total), "balanced": total.balanced},
                "sources": {name: dataclasses.asdict(counts) for name, counts in per_source.items()},
                "ratio_plan": prepared.plan, "review": prepared.review, "composition": mix,
-               "build": {"description": recipe.description.strip(), "recipe_file": Path(recipe.recipe_path or "").name,
+               "build": {"description": recipe.description.strip(),
+                         "recipe_file": Path(recipe.recipe_path or "").name,
                          "seed": recipe.seed, "mix": _mix_words(recipe)},
-               "decontamination": {"threshold": recipe.decontaminate.threshold, "ngram": recipe.decontaminate.ngram,
+               "decontamination": {"threshold": recipe.decontaminate.threshold,
+                                   "ngram": recipe.decontaminate.ngram,
                                    "removed": _decontamination_summary(output.root)},
                **stats.to_dict()}
     write_json(output.path("stats.json"), summary)

@@ -27,8 +27,8 @@ from .build import CONFIGS, prepare
 from .recipe import load_data_recipe
 from .schema import FEATURES
 
-_DESCRIPTION = ("BiMed1.3M-style bilingual (English/Arabic) medical instructions: multiple-choice QA, open QA and "
-                "multi-turn chats in the bimedix conversation schema (BiMediX, arXiv 2402.13253).")
+_DESCRIPTION = ("BiMed1.3M-style bilingual (English/Arabic) medical instructions: multiple-choice QA, open "
+                "QA and multi-turn chats in the bimedix conversation schema (BiMediX, arXiv 2402.13253).")
 
 
 @dataclass
@@ -58,7 +58,8 @@ class BiMed(datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = BiMedConfig
     BUILDER_CONFIGS = [
-        BiMedConfig(name=name, language=None if language == "*" else language, task=None if task == "*" else task,
+        BiMedConfig(name=name, language=None if language == "*" else language,
+                    task=None if task == "*" else task,
                     description=f"BiMed records: language {language}, task {task}")
         for name, (language, task) in CONFIGS.items()
     ]
@@ -71,12 +72,14 @@ class BiMed(datasets.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         recipe = load_data_recipe(self.config.recipe)
         work_dir = Path(self.config.work_dir or Path(self._cache_dir_root) / "bimedix-work" / recipe.name)
-        prepared = prepare(recipe, work_dir, sources_dir=self.config.sources_dir, on_error=self.config.on_error)
+        prepared = prepare(recipe, work_dir, sources_dir=self.config.sources_dir,
+                           on_error=self.config.on_error)
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"prepared": prepared})]
 
     def _generate_examples(self, prepared):
         index = 0
         for _, record in prepared.iter_records():
-            if self.config.language in (None, record["language"]) and self.config.task in (None, record["task"]):
+            if self.config.language in (None, record["language"]) and self.config.task in (None,
+                                                                                           record["task"]):
                 yield Key(0, index), record
                 index += 1

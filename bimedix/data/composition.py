@@ -33,7 +33,8 @@ def composition(stats: DataStats, targets: Mapping[str, Mapping[str, int]] | Non
     rows = []
     for task in (*TASKS, ALL):
         for language in (*LANGUAGES, ALL):
-            achieved = stats.cell(None if task == ALL else task, None if language == ALL else language).samples
+            achieved = stats.cell(None if task == ALL else task,
+                                  None if language == ALL else language).samples
             rows.append({"task": task, "language": language, "target": targets.get(task, {}).get(language),
                          "achieved": achieved})
     return {"rows": rows, "tokens": {"target": target_tokens, "achieved": stats.cell().tokens}}
@@ -52,5 +53,6 @@ def composition_markdown(report: Mapping) -> str:
     entries.append(("tokens", ALL, tokens["achieved"], tokens["target"]))
     for task, language, achieved, target in entries:
         share = f"{achieved / target:.1%}" if target else ""
-        lines.append(f"| {task} | {language} | {achieved:,} | {'' if target is None else f'{target:,}'} | {share} |")
+        lines.append(f"| {task} | {language} | {achieved:,} | {'' if target is None else f'{target:,}'} | "
+                     f"{share} |")
     return "\n".join(lines) + "\n"

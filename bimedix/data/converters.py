@@ -116,7 +116,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("meadow", "qa", "en", "GPL-3.0", True, False,
                "Medical Meadow (kbressem/medAlpaca): JSON lists of {instruction, input, output}, all subsets"),
     SourceInfo("umls", "qa", "en", "UMLS Metathesaurus licence (via PMC-LLaMA MedC-I)", False, False,
-               "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON Lines of {instruction, input, output[, source]}"),
+               "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON Lines of {instruction, input, output[, "
+               "source]}"),
     SourceInfo("liveqa", "qa", "en", _RESEARCH_ONLY, False, False,
                "LiveQA TREC-2017 medical (abachaa/LiveQA_MedicalTask_TREC2017): TrainingDatasets/*.xml "
                "(in the repository's history) and TestDataset/*.xml"),
@@ -204,7 +205,8 @@ def convert_medqa(path: str | os.PathLike, *, language: str | None = None,
 def convert_mmlu(path: str | os.PathLike, *, language: str | None = None, on_error: OnError = None,
                  subject: str | None = None, source_language: str = "en") -> Iterator[dict]:
     """MMLU CSVs (English, or AceGPT's Arabic with ``source_language="ar"``) → mcqa records."""
-    return _mcqa(read_mmlu(path, language=source_language, subject=subject, on_error=on_error), language, on_error)
+    return _mcqa(read_mmlu(path, language=source_language, subject=subject, on_error=on_error), language,
+                 on_error)
 
 
 def convert_medarabench(path: str | os.PathLike, *, language: str | None = None,
@@ -285,7 +287,8 @@ def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
     yield from flat_map_records(parse, enumerate(root.iter("NLM-QUESTION"), start=1), on_error=on_error)
 
 
-def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str | None, fail) -> Iterator[dict]:
+def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str | None,
+                  fail) -> Iterator[dict]:
     """The training layout's question-answer pairs of one ``<NLM-QUESTION>`` (all checked before any is yielded)."""
     records = []
     for sub_no, sub in enumerate(question.iter("SUB-QUESTION"), start=1):
@@ -294,12 +297,14 @@ def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str
         kind = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/TYPE") if _xml_text(node)) or None
         nodes = sub.findall("ANSWERS/ANSWER")
         if not any(_xml_text(node) for node in nodes):
-            raise fail(f"SUB-QUESTION[{sub_no}].ANSWERS.ANSWER", f"sub-question {sub_id!r} has no non-empty <ANSWER>")
+            raise fail(f"SUB-QUESTION[{sub_no}].ANSWERS.ANSWER",
+                       f"sub-question {sub_id!r} has no non-empty <ANSWER>")
         for answer_no, node in enumerate(nodes, start=1):
             if _xml_text(node):
                 pair = f"{sub_id}-A{answer_no}"
                 records.append(_record("liveqa", f"liveqa-{pair}", path, qid, text, _xml_text(node), language,
-                                       original_id=node.get("answerid") or pair, subject=focus, question_type=kind))
+                                       original_id=node.get("answerid") or pair, subject=focus,
+                                       question_type=kind))
     if not records:
         raise fail("SUB-QUESTIONS.SUB-QUESTION", "the <SUB-QUESTIONS> block holds no <SUB-QUESTION>")
     yield from records
@@ -425,7 +430,8 @@ def _json_qa(path, source: str, language: str | None, on_error: OnError,
 
 def _qa_record(source: str, path, where, question: str, answer: str, language: str | None, *,
                seen: Counter[str], original_id: str, subject: str | None = None) -> dict:
-    return _record(source, stable_id(source, question, answer, seen=seen), path, where, question, answer, language,
+    return _record(source, stable_id(source, question, answer, seen=seen), path, where, question, answer,
+                   language,
                    original_id=original_id, subject=subject)
 
 
@@ -434,7 +440,8 @@ def _record(source: str, record_id: str, path, where, question: str, answer: str
     info = SOURCE_INFO[source]
     try:
         return make_record(id=record_id, source=source, task="qa", language=language or info.language,
-                           conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                           conversations=[{"from": "human", "value": question}, {"from": "gpt",
+                                                                                 "value": answer}],
                            license=info.license, original_id=original_id, subject=subject,
                            **({"question_type": question_type} if question_type else {}))
     except RecordError as err:
@@ -466,7 +473,8 @@ def _mentalqa_types(value: str, fail) -> str | None:
         letters = ast.literal_eval(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
     except (ValueError, SyntaxError):
         raise fail("final_QT", f"not a list of labels: {value!r:.80}") from None
-    if not isinstance(letters, list) or not all(isinstance(x, str) and x.strip() in MENTALQA_TYPES for x in letters):
+    if not isinstance(letters, list) or not all(isinstance(x,
+                                                           str) and x.strip() in MENTALQA_TYPES for x in letters):
         raise fail("final_QT", f"labels {value!r:.80} are not among {sorted(MENTALQA_TYPES)}")
     return ", ".join(MENTALQA_TYPES[x.strip()] for x in letters) or None
 
@@ -477,11 +485,13 @@ def _xlsx_rows(path) -> Iterator[tuple]:
     from openpyxl import load_workbook
     from openpyxl.utils.exceptions import InvalidFileException
 
-    damaged = (InvalidFileException, zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError, TypeError,
+    damaged = (InvalidFileException, zipfile.BadZipFile, zlib.error, KeyError, IndexError, ValueError,
+               TypeError,
                EOFError, SyntaxError)  # SyntaxError: the XML parsers' errors (ElementTree and lxml)
 
     def fail(err: BaseException) -> RecordError:
-        return RecordError(f"cannot read as .xlsx ({type(err).__name__}: {str(err)[:200]}); re-save it from a "
+        return RecordError(f"cannot read as .xlsx ({type(err).__name__}: {str(err)[:200]}); re-save it from "
+                           "a "
                            "spreadsheet program or download it again", path=str(path))
 
     try:

@@ -92,7 +92,8 @@ class BenchmarkIndex:
         self._index = {gram: tuple(ids) for gram, ids in postings.items() if len(ids) <= max_item_frequency}
         self._sizes = [sum(1 for gram in grams if gram in self._index) for grams in item_grams]
         # Evidence a match needs: `ngram` words, or all the item has; and a question gram when one is indexed.
-        self._needed = [min(ngram, sum(len(gram) for gram in grams if gram in self._index)) for grams in item_grams]
+        self._needed = [min(ngram,
+                            sum(len(gram) for gram in grams if gram in self._index)) for grams in item_grams]
         self._questions = [frozenset(gram for gram in grams if gram in self._index) for grams in question_grams]
         # Parts shorter than `ngram` words are one shorter gram; find them by first word and length.
         short: dict[str, set[int]] = defaultdict(set)
@@ -154,7 +155,8 @@ def load_benchmark_items(specs: Iterable, resolve, *, on_error=None) -> list[Ben
             kwargs["language"] = spec.language
         count = 0
         for item in reader(resolve(spec.path), on_error=on_error, **kwargs):
-            items.append(BenchmarkItem(spec.name, str(item.id), item.language, item.question, tuple(item.options)))
+            items.append(BenchmarkItem(spec.name, str(item.id), item.language, item.question,
+                                       tuple(item.options)))
             count += 1
         logger.info("benchmark %s: %d items from %s", spec.name, count, spec.path)
     return items
@@ -163,12 +165,14 @@ def load_benchmark_items(specs: Iterable, resolve, *, on_error=None) -> list[Ben
 def report_entry(record: Mapping, found: Contamination, ngram: int) -> dict:
     """One line of ``decontamination.jsonl``: both sides of a match and the evidence."""
     return {
-        "id": record["id"], "source": record["source"], "task": record["task"], "language": record["language"],
+        "id": record["id"], "source": record["source"], "task": record["task"],
+        "language": record["language"],
         "text": _excerpt(" ".join(turn["value"] for turn in record["conversations"])),
         "benchmark": found.item.benchmark, "benchmark_id": found.item.id,
         "benchmark_language": found.item.language, "benchmark_text": _excerpt(found.item.text),
         "overlap": round(found.overlap, 4), "matched_ngrams": found.matched, "ngram": ngram,
-        "reason": f"holds {found.overlap:.0%} of the {ngram}-grams of {found.item.benchmark} item {found.item.id}",
+        "reason": f"holds {found.overlap:.0%} of the {ngram}-grams of {found.item.benchmark} item "
+                  f"{found.item.id}",
     }
 
 

@@ -100,7 +100,8 @@ class Deduplicator:
         self._kept_shingles: dict[Hashable, np.ndarray] = {}
         self.shingle = shingle
         self.bands, self.rows = optimal_bands(threshold, num_perm)
-        self._permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32", hashfunc=zlib.crc32).permutations
+        self._permutations = MinHash(num_perm=num_perm, seed=seed, scheme="affine32",
+                                     hashfunc=zlib.crc32).permutations
         self._seed = seed
         self._exact: dict[int, str] = {}
         self._buckets: dict[int, tuple[str, Hashable]] = {}
@@ -123,7 +124,8 @@ class Deduplicator:
         kept = self._exact.get(digest)
         if kept is not None:
             return Duplicate("exact", kept)
-        candidates = list(dict.fromkeys(entry for entry in map(self._buckets.get, band_keys) if entry is not None))
+        candidates = list(dict.fromkeys(entry for entry in map(self._buckets.get,
+                                                               band_keys) if entry is not None))
         if candidates:
             self.candidates += 1
             for kept_id, kept_ref in candidates:

@@ -68,7 +68,8 @@ def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tupl
                                  record=line_no, raw=text)
 
 
-def read_records_lines(path: str | os.PathLike, lines: list[tuple[int, bytes]]) -> list[tuple[str | None, RecordError | None]]:
+def read_records_lines(path: str | os.PathLike, lines: list[tuple[int, bytes]]) -> list[tuple[str | None,
+                                                                                              RecordError | None]]:
     """Validate numbered raw lines of a schema-record JSON Lines file (a chunk, for worker processes).
 
     Returns:

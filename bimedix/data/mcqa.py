@@ -112,7 +112,8 @@ class MCQAItem:
         return self.options[OPTION_LETTERS.index(self.answer)]
 
 
-def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | None = None, *, split: str = "all",
+def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | None = None, *,
+                  split: str = "all",
                   on_error: OnError = None) -> Iterator[MCQAItem]:
     """Stream PubMedQA items from ``ori_pqal.json`` (PQA-L) or the PQA-A / PQA-U files of the same layout.
 
@@ -131,7 +132,8 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
     if split not in ("all", "test", "train"):
         raise ValueError(f"unknown PubMedQA split {split!r}; choose 'all', 'test' or 'train'")
     if split != "all" and ground_truth is None:
-        raise ValueError(f"split={split!r} needs ground_truth= (test_ground_truth.json) to know the test PMIDs")
+        raise ValueError(f"split={split!r} needs ground_truth= (test_ground_truth.json) to know the test "
+                         "PMIDs")
     data = read_json(path)
     if not isinstance(data, dict):
         raise RecordError(f"expected a JSON object keyed by PMID, got {type(data).__name__}", path=str(path))
@@ -173,7 +175,8 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
         log("%s: skipped %d items without a yes/no/maybe decision (PQA-U layout)", path, unlabeled)
 
 
-def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1, on_error: OnError = None) -> Iterator[MCQAItem]:
+def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1,
+                 on_error: OnError = None) -> Iterator[MCQAItem]:
     """Stream MedMCQA items from its JSON Lines files (``train.json``, ``dev.json``, despite the extension).
 
     Args:
@@ -371,7 +374,8 @@ def render_mcqa(item: MCQAItem, language: str | None = None) -> list[dict]:
         options = "\n".join(prompts["option"].format(letter=letter, text=text)
                             for letter, text in zip(letters, item.options))
         human = prompts["question"].format(question=item.question, options=options)
-        answer = prompts["option"].format(letter=letters[OPTION_LETTERS.index(item.answer)], text=item.answer_text)
+        answer = prompts["option"].format(letter=letters[OPTION_LETTERS.index(item.answer)],
+                                          text=item.answer_text)
     if item.explanation:
         answer = prompts["explanation"].format(answer=answer, explanation=item.explanation)
     return [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
@@ -450,7 +454,8 @@ def _letter(value: Any, options: list[str], field: str, fail, *, shown: Any = No
     letter = value.strip() if isinstance(value, str) else value
     allowed = OPTION_LETTERS[: len(options)]
     if not isinstance(letter, str) or len(letter) != 1 or letter not in allowed:
-        raise fail(field, f"answer {value if shown is None else shown!r:.80} is not one of the option letters "
+        raise fail(field,
+                   f"answer {value if shown is None else shown!r:.80} is not one of the option letters "
                           f"{list(allowed)}")
     return letter
 

@@ -65,15 +65,16 @@ class RatioPlanner:
         """
         counts = {group: len(keys) for group, keys in self.keys.items()}
         targets = dict(counts)
-        blocks = [] if self.ratio is None else sorted({task for task, _ in counts}) if self.per_task else [None]
+        blocks = [] if self.ratio is None else sorted({task for task,
+                                                       _ in counts}) if self.per_task else [None]
         for block in blocks:
             n_en = sum(n for (task, lang), n in counts.items() if lang == "en" and block in (None, task))
             n_ar = sum(n for (task, lang), n in counts.items() if lang == "ar" and block in (None, task))
             label = f"task {block!r}" if block else "the mixture"
             if n_en == 0 or n_ar == 0:
                 if n_en + n_ar:
-                    logger.warning("%s has %d English and %d Arabic records: the Arabic:English ratio cannot be met "
-                                   "by sampling, so it is kept as it is", label, n_en, n_ar)
+                    logger.warning("%s has %d English and %d Arabic records: the Arabic:English ratio cannot "
+                                   "be met by sampling, so it is kept as it is", label, n_en, n_ar)
                 continue
             if n_ar < self.ratio * n_en:
                 language, keep_total, have = "en", math.floor(n_ar / self.ratio + 1e-9), n_en
@@ -97,7 +98,8 @@ class RatioPlanner:
 def keeps(plan: Mapping[str, Mapping], seed: int, record: Mapping) -> bool:
     """Whether ``record`` is in the mixture under a `RatioPlanner.plan`."""
     entry = plan[f"{record['task']}|{record['language']}"]
-    return entry["keep"] == entry["available"] or selection_key(seed, record["id"], "ratio") <= entry["threshold"]
+    return entry["keep"] == entry["available"] or selection_key(seed, record["id"],
+                                                                "ratio") <= entry["threshold"]
 
 
 def apportion(sizes: list[int], total: int) -> list[int]:

@@ -48,7 +48,8 @@ class OrderedPool:
     Arguments as for `ordered_map`.
     """
 
-    def __init__(self, func: Callable[[Any, T], R], *, context: Any = None, num_proc: int = 1, prefetch: int = 4):
+    def __init__(self, func: Callable[[Any, T], R], *, context: Any = None, num_proc: int = 1,
+                 prefetch: int = 4):
         if num_proc < 1:
             raise ValueError(f"num_proc must be >= 1, got {num_proc}")
         self.func, self.context, self.num_proc, self.prefetch = func, context, num_proc, prefetch
@@ -58,7 +59,8 @@ class OrderedPool:
         if self.num_proc > 1:
             methods = multiprocessing.get_all_start_methods()
             pool_context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self._pool = pool_context.Pool(self.num_proc, initializer=_set_context, initargs=(self.func, self.context))
+            self._pool = pool_context.Pool(self.num_proc, initializer=_set_context, initargs=(self.func,
+                                                                                              self.context))
         return self
 
     def __exit__(self, *exc) -> None:

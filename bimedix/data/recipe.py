@@ -39,11 +39,14 @@ class SourceSpec:
                 "bimedix schema (translations, generated chats)."})
     language: str | None = field(default=None, metadata={"help": "Passed to the converter: `en` or `ar`."})
     weight: float = field(default=1.0, metadata={
-        "help": "Fraction of this source's records to keep, in (0, 1], chosen by a seeded hash of the record id."})
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the converter."})
+        "help": "Fraction of this source's records to keep, in (0, 1], chosen by a seeded hash of the record "
+                "id."})
+    options: dict[str, Any] = field(default_factory=dict,
+                                    metadata={"help": "Extra keyword arguments of the converter."})
     on_error: str | None = field(default=None, metadata={
-        "help": "`raise` or `skip` for this source only, overriding `--on-error` (e.g. `skip` for a source with "
-                "known corrupted upstream rows); rejected records still go to the rejects file and the counts."})
+        "help": "`raise` or `skip` for this source only, overriding `--on-error` (e.g. `skip` for a source "
+                "with known corrupted upstream rows); rejected records still go to the rejects file and the "
+                "counts."})
     files: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Extra file arguments (e.g. PubMedQA `ground_truth`), relative to `sources_dir`."})
 
@@ -53,9 +56,11 @@ class SourceSpec:
         if self.on_error not in (None, *ON_ERROR_POLICIES):
             raise ValueError(f"source {self.name!r}: on_error {self.on_error!r} must be `raise` or `skip`")
         if self.language is not None and self.language not in LANGUAGES:
-            raise ValueError(f"source {self.name!r}: language {self.language!r} is not one of {list(LANGUAGES)}")
+            raise ValueError(f"source {self.name!r}: language {self.language!r} is not one of "
+                             f"{list(LANGUAGES)}")
         if not 0 < float(self.weight) <= 1:
-            raise ValueError(f"source {self.name!r}: weight {self.weight!r} must be in (0, 1]; bimedix samples down "
+            raise ValueError(f"source {self.name!r}: weight {self.weight!r} must be in (0, 1]; bimedix "
+                             "samples down "
                              "but never repeats records (train for more epochs instead)")
         self.weight = float(self.weight)
 
@@ -68,7 +73,8 @@ class BenchmarkSpec:
     reader: str = field(metadata={"help": f"A `bimedix.data.mcqa` reader: one of {list(BENCHMARK_READERS)}."})
     path: str = field(metadata={"help": "File or folder, relative to `sources_dir`."})
     language: str | None = field(default=None, metadata={"help": "Passed to the reader: `en` or `ar`."})
-    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Extra keyword arguments of the reader."})
+    options: dict[str, Any] = field(default_factory=dict,
+                                    metadata={"help": "Extra keyword arguments of the reader."})
     files: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Extra file arguments (e.g. PubMedQA `ground_truth`), relative to `sources_dir`."})
 
@@ -92,8 +98,8 @@ class DecontamSpec:
 
     def __post_init__(self):
         if self.ngram < 1 or not 0 < self.threshold <= 1 or self.max_item_frequency < 1:
-            raise ValueError(f"decontaminate: need ngram >= 1, 0 < threshold <= 1 and max_item_frequency >= 1 "
-                             f"(got {self.ngram}, {self.threshold}, {self.max_item_frequency})")
+            raise ValueError(f"decontaminate: need ngram >= 1, 0 < threshold <= 1 and max_item_frequency >= "
+                             f"1 (got {self.ngram}, {self.threshold}, {self.max_item_frequency})")
 
 
 @dataclass
@@ -101,7 +107,8 @@ class DedupSpec:
     """Exact and MinHash near-duplicate removal."""
 
     num_perm: int = field(default=64, metadata={"help": "MinHash permutations."})
-    threshold: float = field(default=0.8, metadata={"help": "Jaccard similarity above which records are duplicates."})
+    threshold: float = field(default=0.8,
+                             metadata={"help": "Jaccard similarity above which records are duplicates."})
     shingle: int = field(default=3, metadata={"help": "Words per shingle."})
 
     def __post_init__(self):
@@ -120,24 +127,25 @@ class MixSpec:
     """
 
     ar_en_ratio: str | None = field(default=None, metadata={
-        "help": "Arabic:English samples, e.g. `1:2`, met by down-sampling the larger language; unset (default) "
-                "keeps every clean record."})
+        "help": "Arabic:English samples, e.g. `1:2`, met by down-sampling the larger language; unset "
+                "(default) keeps every clean record."})
     per_task: bool = field(default=True, metadata={"help": "With `ar_en_ratio`: meet it within each task."})
     targets: dict[str, dict[str, int]] = field(default_factory=dict, metadata={
-        "help": "Samples the build is compared against, `{task or all: {en, ar or all: n}}` (e.g. the paper's "
-                "Fig. 3); reported, never enforced."})
+        "help": "Samples the build is compared against, `{task or all: {en, ar or all: n}}` (e.g. the "
+                "paper's Fig. 3); reported, never enforced."})
     target_tokens: int | None = field(default=None, metadata={"help": "Training tokens to compare against."})
 
     def __post_init__(self):
         self.ratio  # validates
         for task, row in self.targets.items():
             if task not in (*TASKS, "all") or not isinstance(row, dict):
-                raise ValueError(f"mix.targets: key {task!r} must be one of {[*TASKS, 'all']} and map languages "
+                raise ValueError(f"mix.targets: key {task!r} must be one of {[*TASKS, 'all']} and map "
+                                 "languages "
                                  "to sample counts")
             for language, value in row.items():
                 if language not in (*LANGUAGES, "all") or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"mix.targets.{task}.{language}: need a language in {[*LANGUAGES, 'all']} and "
-                                     f"a count >= 0, got {value!r}")
+                    raise ValueError(f"mix.targets.{task}.{language}: need a language in "
+                                     f"{[*LANGUAGES, 'all']} and a count >= 0, got {value!r}")
 
     @property
     def ratio(self) -> float | None:
@@ -158,13 +166,16 @@ class DataRecipe:
     """A whole ``build-data`` recipe."""
 
     name: str = field(metadata={"help": "Dataset name, used in the README."})
-    sources: list[SourceSpec] = field(metadata={"help": "The inputs, in priority order (earlier wins a duplicate)."})
+    sources: list[SourceSpec] = field(metadata={"help": "The inputs, in priority order (earlier wins a "
+                                                        "duplicate)."})
     sources_dir: str = field(default=".", metadata={
-        "help": "Root of the source paths, relative to the recipe file; `bimedix:<path>` points into the package."})
+        "help": "Root of the source paths, relative to the recipe file; `bimedix:<path>` points into the "
+                "package."})
     seed: int = field(default=42, metadata={"help": "Seed of every sampling decision."})
     mix: MixSpec = field(default_factory=MixSpec, metadata={"help": "Language mix and composition targets."})
     dedup: DedupSpec = field(default_factory=DedupSpec, metadata={"help": "Near-duplicate settings."})
-    decontaminate: DecontamSpec = field(default_factory=DecontamSpec, metadata={"help": "Benchmark overlap test."})
+    decontaminate: DecontamSpec = field(default_factory=DecontamSpec,
+                                        metadata={"help": "Benchmark overlap test."})
     shard_size: int = field(default=100_000, metadata={"help": "Rows per Parquet shard."})
     description: str = field(default="", metadata={"help": "One paragraph for the dataset README."})
     recipe_path: str | None = field(default=None, metadata={"help": "Set by `load_data_recipe`."})
@@ -226,7 +237,8 @@ def load_data_recipe(path: str | os.PathLike) -> DataRecipe:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8") \
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as "
+                         "UTF-8") \
             from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -252,7 +264,8 @@ def _from_dict(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key `{where + '.' if where else ''}{unknown[0]}`; expected one of {sorted(fields)}")
+        raise ValueError(f"unknown key `{where + '.' if where else ''}{unknown[0]}`; expected one of "
+                         f"{sorted(fields)}")
     missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

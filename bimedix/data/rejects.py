@@ -49,7 +49,8 @@ def failer(path: str | os.PathLike, record: str | int | None,
     return fail
 
 
-def map_records(func: Callable[[Any], Any], items: Iterable[Any], *, on_error: OnError = None) -> Iterator[Any]:
+def map_records(func: Callable[[Any], Any], items: Iterable[Any], *,
+                on_error: OnError = None) -> Iterator[Any]:
     """Yield ``func(item)`` for every item, routing each `RecordError` through the policy.
 
     Args:

@@ -54,7 +54,8 @@ class ReviewPolicy:
     seen: Counter = field(default_factory=Counter)
     used: Counter = field(default_factory=Counter)
 
-    def status(self, record: Mapping, *, path: str | os.PathLike | None = None, line: int | None = None) -> str:
+    def status(self, record: Mapping, *, path: str | os.PathLike | None = None,
+               line: int | None = None) -> str:
         """Return the review status of ``record`` (one of `STATUSES`).
 
         Raises:
@@ -72,12 +73,16 @@ class ReviewPolicy:
             score = translation.get("score")
             return "judge-passed" if score is not None and score >= self.threshold else "below-threshold"
         raise RecordError(
-            f"a machine translation without a known review state ({state!r}); run it through `bimedix translate` "
-            "(which sets it) or `bimedix review import`, or set it to one of unreviewed/queued/approved/edited/rejected",
-            path=str(path) if path is not None else None, record=line if line is not None else record.get("id"),
+            f"a machine translation without a known review state ({state!r}); run it through `bimedix "
+            "translate` "
+            "(which sets it) or `bimedix review import`, or set it to one of "
+            "unreviewed/queued/approved/edited/rejected",
+            path=str(path) if path is not None else None,
+            record=line if line is not None else record.get("id"),
             field="meta.translation.review_state")
 
-    def admits(self, record: Mapping, *, path: str | os.PathLike | None = None, line: int | None = None) -> bool:
+    def admits(self, record: Mapping, *, path: str | os.PathLike | None = None,
+               line: int | None = None) -> bool:
         """Count ``record``'s status and return whether the policy uses it."""
         return self.count(self.status(record, path=path, line=line))
 

@@ -100,7 +100,8 @@ class RecordError(ValueError):
 
     def __reduce__(self):
         # rebuilt from its parts (not from the formatted message) when it crosses a process boundary
-        return functools.partial(type(self), self.reason, path=self.path, record=self.record, field=self.field,
+        return functools.partial(type(self), self.reason, path=self.path, record=self.record,
+                                 field=self.field,
                                  raw=self.raw), ()
 
     def _format(self) -> str:
@@ -116,7 +117,8 @@ class RecordError(ValueError):
     def located(self, *, path: str | None = None, record: str | int | None = None) -> RecordError:
         """Return a copy with the file and record filled in where they were unknown."""
         return RecordError(self.reason, path=self.path or path,
-                           record=self.record if self.record is not None else record, field=self.field, raw=self.raw)
+                           record=self.record if self.record is not None else record, field=self.field,
+                           raw=self.raw)
 
 
 def validate_record(record: Any, *, path: str | None = None, line: int | None = None) -> dict:
@@ -162,7 +164,8 @@ def validate_record(record: Any, *, path: str | None = None, line: int | None = 
         raise fail(f"meta.{unknown[0]}", f"unknown meta field; expected some of {list(META_FIELDS)}")
     options = meta.get("options")
     if options is not None:
-        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o.strip() for o in options):
+        if not isinstance(options, list) or not options or not all(isinstance(o,
+                                                                              str) and o.strip() for o in options):
             raise fail("meta.options", f"must be a non-empty list of non-empty strings, got {options!r}")
     answer = meta.get("answer")
     if answer is not None:
@@ -170,7 +173,8 @@ def validate_record(record: Any, *, path: str | None = None, line: int | None = 
         if not isinstance(answer, str) or answer not in allowed:
             raise fail("meta.answer", f"answer letter {answer!r} is not one of {list(allowed)}")
     if record["task"] == "mcqa" and (options is None or answer is None):
-        raise fail("meta.options" if options is None else "meta.answer", "an mcqa record needs meta.options and meta.answer")
+        raise fail("meta.options" if options is None else "meta.answer",
+                   "an mcqa record needs meta.options and meta.answer")
     for block, features in (("translation", TRANSLATION_FEATURES), ("generation", GENERATION_FEATURES)):
         value = meta.get(block)
         if value is None:
@@ -186,7 +190,8 @@ def validate_record(record: Any, *, path: str | None = None, line: int | None = 
         raise fail("meta.translation.score", f"must be a number in 0..100, got {score!r}")
     state = translation.get("review_state")
     if state is not None and state not in REVIEW_STATES:
-        raise fail("meta.translation.review_state", f"unknown state {state!r}; expected one of {list(REVIEW_STATES)}")
+        raise fail("meta.translation.review_state",
+                   f"unknown state {state!r}; expected one of {list(REVIEW_STATES)}")
     return normalize_record(record)
 
 
@@ -236,9 +241,11 @@ def _validate_conversations(conversations: Any, fail) -> None:
             raise fail(field, f"must be an object with `from` and `value`, got {turn!r:.80}")
         expected = ROLES[index % 2]
         if turn.get("from") != expected:
-            raise fail(f"{field}.from", f"expected {expected!r} (turns alternate, human first), got {turn.get('from')!r}")
+            raise fail(f"{field}.from",
+                       f"expected {expected!r} (turns alternate, human first), got {turn.get('from')!r}")
         value = turn.get("value")
         if not isinstance(value, str) or not value.strip():
             raise fail(f"{field}.value", f"must be a non-empty string, got {value!r:.80}")
     if conversations[-1]["from"] != "gpt":
-        raise fail(f"conversations[{len(conversations) - 1}].from", "a conversation must end with a `gpt` turn")
+        raise fail(f"conversations[{len(conversations) - 1}].from",
+                   "a conversation must end with a `gpt` turn")

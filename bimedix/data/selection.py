@@ -51,9 +51,11 @@ class Selection:
         lines = [f"| {header} | available | picked | share |", "|" + "---|" * len(by) + "---:|---:|---:|"]
         for key, entry in self.strata.items():
             share = entry["picked"] / entry["available"] if entry["available"] else 0.0
-            lines.append(f"| {' | '.join(key.split('|'))} | {entry['available']:,} | {entry['picked']:,} | {share:.1%} |")
+            lines.append(f"| {' | '.join(key.split('|'))} | {entry['available']:,} | {entry['picked']:,} | "
+                         f"{share:.1%} |")
         share = self.picked / self.pool if self.pool else 0.0
-        lines.append(f"| {' | '.join(['total'] + [''] * (len(by) - 1))} | {self.pool:,} | {self.picked:,} | {share:.1%} |")
+        lines.append(f"| {' | '.join(['total'] + [''] * (len(by) - 1))} | {self.pool:,} | {self.picked:,} | "
+                     f"{share:.1%} |")
         return "\n".join(lines) + "\n"
 
 
@@ -100,7 +102,8 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
     pool = sum(len(k) for k in keys.values())
     count = int(target) if target >= 1 else round(target * pool)
     if count > pool:
-        raise ValueError(f"--target {count:,} is larger than the English pool of {pool:,} records in {inputs}; "
+        raise ValueError(f"--target {count:,} is larger than the English pool of {pool:,} records in "
+                         f"{inputs}; "
                          "lower the target or add English sources")
     names = sorted(keys)
     quotas = apportion([len(keys[name]) for name in names], count)
@@ -116,7 +119,8 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
                     handle.write(_json_line(record))
                     written += 1
         if written != count:  # only records sharing an id share a key
-            raise ValueError(f"{inputs}: record ids are not unique ({written:,} picked for a target of {count:,}); "
+            raise ValueError(f"{inputs}: record ids are not unique ({written:,} picked for a target of "
+                             f"{count:,}); "
                              "make ids unique across the input files")
     with atomic_open(summary_path(output)) as handle:
         handle.write(selection.table(by))

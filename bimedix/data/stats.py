@@ -93,8 +93,8 @@ class DataStats:
                 stats = self.cell(task, language)
                 if not stats.samples:
                     continue
-                lines.append(f"| {task.upper() if task else 'Total'} | {LANGUAGE_NAMES.get(language, 'All')} | "
-                             f"{stats.samples:,} | {stats.avg_turns:.2f} | {stats.tokens:,} |")
+                lines.append(f"| {task.upper() if task else 'Total'} | {LANGUAGE_NAMES.get(language, 'All')} "
+                             f"| {stats.samples:,} | {stats.avg_turns:.2f} | {stats.tokens:,} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, target: str | os.PathLike | BinaryIO) -> None:
@@ -111,12 +111,14 @@ class DataStats:
                                                  ("tokens", "Tokens (Mixtral)")]):
             for offset, language in zip((-width / 2, width / 2), LANGUAGES):
                 values = [getattr(self.cell(task, language), metric) for task in tasks]
-                axis.bar([i + offset for i in range(len(tasks))], values, width, label=LANGUAGE_NAMES[language])
+                axis.bar([i + offset for i in range(len(tasks))], values, width,
+                         label=LANGUAGE_NAMES[language])
             axis.set_xticks(range(len(tasks)), [task.upper() for task in tasks])
             axis.set_title(title)
         axes[0].legend()
         total = self.cell()
-        figure.suptitle(f"{total.samples:,} samples, {total.avg_turns:.2f} avg. turns, {total.tokens:,} tokens")
+        figure.suptitle(f"{total.samples:,} samples, {total.avg_turns:.2f} avg. turns, {total.tokens:,} "
+                        "tokens")
         figure.tight_layout()
         figure.savefig(target, format="png", dpi=100)
         plt.close(figure)
@@ -149,4 +151,5 @@ def compute_stats(records: Iterable[Mapping], tokenizer=None, *, batch_size: int
 
 def _order(item) -> tuple[int, int]:
     (task, language), _ = item
-    return (TASKS.index(task) if task in TASKS else len(TASKS), LANGUAGES.index(language) if language in LANGUAGES else 2)
+    return (TASKS.index(task) if task in TASKS else len(TASKS),
+            LANGUAGES.index(language) if language in LANGUAGES else 2)

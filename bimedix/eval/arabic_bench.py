@@ -67,7 +67,8 @@ def rows_from_records(records: Iterable[dict], review: ReviewPolicy | None = Non
         human = next(turn["value"] for turn in record["conversations"] if turn["from"] == "human")
         question, context = _split_prompt(human, meta["options"])
         options = PUBMEDQA_OPTIONS["ar"] if subset == "pubmedqa" else meta["options"]
-        yield make_row(id=row_id(subset, meta.get("original_id") or record["id"]), language="ar", source=source,
+        yield make_row(id=row_id(subset, meta.get("original_id") or record["id"]), language="ar",
+                       source=source,
                        subject=subject, question=question, context=context, options=options,
                        answer=meta["answer"], license=record.get("license"),
                        engine=translation.get("model") or "unknown", score=translation.get("score"),
@@ -143,13 +144,15 @@ class ArabicBench(datasets.GeneratorBasedBuilder):
 
     def _generate_examples(self) -> Iterator[tuple[str, dict]]:
         wanted = set(PAPER_SUBSETS) if self.config.name == "all" else {self.config.name}
-        for row in collect_arabic_rows(self.config.sources, self.config.translations, self.config.bimedix_arabic):
+        for row in collect_arabic_rows(self.config.sources, self.config.translations,
+                                       self.config.bimedix_arabic):
             if subset_of(row) in wanted:
                 yield f"{subset_of(row)}/{row['id']}", row
 
 
 def collect_arabic_rows(sources: str | Path | None = None, translations: str | Path | None = None,
-                        bimedix_arabic: str | Path | None = None, review: ReviewPolicy | None = None) -> Iterator[dict]:
+                        bimedix_arabic: str | Path | None = None,
+                        review: ReviewPolicy | None = None) -> Iterator[dict]:
     """All Arabic rows from the given inputs: AceGPT MMLU-Arabic and MedAraBench under ``sources``,
     translated records that pass ``review`` (default: the strict `ReviewPolicy`), and BiMediX's Hub files
     (later inputs replace earlier rows with the same ``id``)."""
@@ -163,7 +166,8 @@ def collect_arabic_rows(sources: str | Path | None = None, translations: str | P
     if translations is not None:
         from bimedix.data.io import read_records
 
-        rows |= {row["id"]: row for row in rows_from_records(read_records(translations), review, translations)}
+        rows |= {row["id"]: row for row in rows_from_records(read_records(translations), review,
+                                                             translations)}
     if bimedix_arabic is not None:
         rows |= {row["id"]: row for row in import_bimedix_arabic(bimedix_arabic)}
     yield from rows.values()
@@ -206,13 +210,15 @@ def _medqa_row(raw: dict, index: int, subset: str) -> dict:
     options = raw["options"]
     if isinstance(options, dict):
         options = [options[key] for key in sorted(options)]
-    return _bimedix_row(subset, row_id(subset, index + 1), raw["question"], list(options), raw["answer_idx"].strip(),
+    return _bimedix_row(subset, row_id(subset, index + 1), raw["question"], list(options),
+                        raw["answer_idx"].strip(),
                         raw.get("meta_info") or "medqa")
 
 
 def _medmcqa_row(raw: dict, index: int, subset: str) -> dict:
     options = [raw["opa"], raw["opb"], raw["opc"], raw["opd"]]
-    return _bimedix_row(subset, row_id(subset, raw["id"]), raw["question"], options, OPTION_LETTERS["en"][int(raw["cop"])],
+    return _bimedix_row(subset, row_id(subset, raw["id"]), raw["question"], options,
+                        OPTION_LETTERS["en"][int(raw["cop"])],
                         raw.get("subject_name") or "medmcqa")
 
 

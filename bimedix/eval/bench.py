@@ -153,7 +153,8 @@ def source_inputs(sources: str | Path) -> dict[str, Path]:
     return {f"--sources {relative}": Path(sources) / relative for relative in sorted(relatives)}
 
 
-def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | OutputFolder) -> dict[str, int]:
+def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | OutputFolder) -> dict[str,
+                                                                                                      int]:
     """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per config.
 
     ``output`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one): subset names must be safe
@@ -167,13 +168,15 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | 
     root = output.root
     for subset, _ in tables:
         safe_name(subset, "benchmark subset name")
-    written = {root / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset, lang in tables}
+    written = {root / (ENGLISH_DIR if lang == "en" else ARABIC_DIR) / subset / "test.parquet" for subset,
+               lang in tables}
     for stale in [*root.glob(f"{ENGLISH_DIR}/*/test.parquet"), *root.glob(f"{ARABIC_DIR}/*/test.parquet")]:
         if stale not in written:  # a subset of an earlier build into the same folder
             if output.remove(stale):
                 logger.warning("removed %s: not part of this build", stale)
             else:
-                logger.warning("kept %s: not part of this build, but not written by build-bench either", stale)
+                logger.warning("kept %s: not part of this build, but not written by build-bench either",
+                               stale)
     counts = {}
     for (subset, language), rows in sorted(tables.items()):
         table = Dataset.from_list(rows, features=row_features()).data.table
@@ -211,8 +214,8 @@ def read_subset_table(path: str | Path):
         raise ValueError(f"{path}: not a readable Parquet file ({err}); {fix}") from None
     for name in TASK_COLUMNS:
         if name not in table.column_names:
-            raise ValueError(f"{path}: no column `{name}` (found: {table.column_names}); the evaluation tasks read "
-                             f"{list(TASK_COLUMNS)}; {fix}")
+            raise ValueError(f"{path}: no column `{name}` (found: {table.column_names}); the evaluation "
+                             f"tasks read {list(TASK_COLUMNS)}; {fix}")
         kind = table.schema.field(name).type
         is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
         is_list = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
@@ -261,8 +264,9 @@ def subset_path(subset: str, language: str, data_dir: str | Path | None = None) 
                 if language == "en" else
                 "add translated records (`bimedix build-bench --translations FILE`) or BiMediX's published "
                 "Arabic set (`--bimedix-arabic DIR`)")
-        raise ValueError(f"evaluation data folder {root} has no {what} subset {subset!r} (missing {path}); {hint}, "
-                         f"or pick tasks whose subsets it has: {', '.join(available_configs(root)) or 'none'}")
+        raise ValueError(f"evaluation data folder {root} has no {what} subset {subset!r} (missing {path}); "
+                         f"{hint}, or pick tasks whose subsets it has: "
+                         f"{', '.join(available_configs(root)) or 'none'}")
     return path
 
 
@@ -307,11 +311,13 @@ def read_sources(sources: Path, on_error: Callable[[Exception], None] | None = N
                 continue
             dropped: list[Exception] = []
             items = mcqa.read_mmlu(path, language=language, subject=subject,
-                                   on_error=_drop_corrupted(dropped, on_error) if language == "ar" else on_error)
+                                   on_error=_drop_corrupted(dropped,
+                                                            on_error) if language == "ar" else on_error)
             engine = ACEGPT_ENGINE if language == "ar" else None
             rows = [_item_row(item, subset, language, engine=engine) for item in items]
             if dropped:
-                logger.warning("%s: dropped %d rows corrupted upstream, kept %d", path, len(dropped), len(rows))
+                logger.warning("%s: dropped %d rows corrupted upstream, kept %d", path, len(dropped),
+                               len(rows))
             yield (subset, language), rows
     readers = {
         "medmcqa": lambda p: mcqa.read_medmcqa(p, cop_base=1, on_error=on_error),
@@ -346,7 +352,8 @@ def _item_row(item: Any, subset: str, language: str, engine: str | None = None) 
         options = PUBMEDQA_OPTIONS[language]
     mmlu = subset.startswith("mmlu_")
     return make_row(id=row_id(subset, item.original_id), language=language, source="mmlu" if mmlu else subset,
-                    subject=subset.removeprefix("mmlu_") if mmlu else (item.subject or subset), question=item.question, options=options,
+                    subject=subset.removeprefix("mmlu_") if mmlu else (item.subject or subset),
+                    question=item.question, options=options,
                     answer=item.answer, context=item.context or "", license=item.license,
                     engine=engine, reviewed=False if engine else None)
 
@@ -387,7 +394,8 @@ def _first_paired(tables: dict, limit: int) -> dict:
 def bench_configs(tables: dict[tuple[str, str], list[dict]]) -> list[dict]:
     """The ``configs:`` of a whole bench folder's README: one config per ``<subset>_<language>``."""
     return [{"config_name": f"{subset}_{language}", "data_files": [
-        {"split": "test", "path": f"{ENGLISH_DIR if language == 'en' else ARABIC_DIR}/{subset}/test.parquet"}]}
+        {"split": "test",
+         "path": f"{ENGLISH_DIR if language == 'en' else ARABIC_DIR}/{subset}/test.parquet"}]}
         for subset, language in sorted(tables)]
 
 
@@ -395,7 +403,8 @@ def arabic_configs(subsets: Iterable[str]) -> list[dict]:
     """The ``configs:`` of the Arabic benchmark's README: one per subset, ``all`` (the paper subsets), then extras."""
     subsets = set(subsets)
     paper = [s for s in PAPER_SUBSETS if s in subsets]
-    configs = [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]} for s in paper]
+    configs = [{"config_name": s, "data_files": [{"split": "test",
+                                                  "path": f"{s}/test.parquet"}]} for s in paper]
     if paper:
         configs.append({"config_name": "all",
                         "data_files": [{"split": "test", "path": [f"{s}/test.parquet" for s in paper]}]})

@@ -158,7 +158,8 @@ def resolve_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None
     if unknown:
         hints = {name: difflib.get_close_matches(name, ours, n=3) for name in unknown}
         groups = sorted(name for name in ours if not name.endswith(("_en", "_ar")))
-        raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); bimedix groups: {', '.join(groups)}; "
+        raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); bimedix groups: "
+                         f"{', '.join(groups)}; "
                          "tasks: bimedix_<subset>_<en|ar>; or any lm-eval task such as "
                          "arabic_leaderboard_arabic_mmlu_anatomy")
     return names, manager
@@ -235,11 +236,15 @@ def backend_model_args(backend: str, model: str, *, peft: str | None = None, dev
             experts = expert_lora_targets(config)
             if experts:
                 raise ValueError(
-                    f"adapter {peft} has LoRA on fused MoE experts (target_parameters {experts}); vLLM's fused-MoE "
-                    "LoRA may drop or mis-shape those deltas, so bimedix does not serve it as a LoRA. Merge it "
-                    f"first: `bimedix merge --base {model} --adapter {peft} --output MERGED` (checks the merged "
+                    f"adapter {peft} has LoRA on fused MoE experts (target_parameters {experts}); vLLM's "
+                    "fused-MoE "
+                    "LoRA may drop or mis-shape those deltas, so bimedix does not serve it as a LoRA. Merge "
+                    "it "
+                    f"first: `bimedix merge --base {model} --adapter {peft} --output MERGED` (checks the "
+                    "merged "
                     "logits), then evaluate or serve MERGED (`bimedix eval --model MERGED --backend vllm`, "
-                    "`vllm serve MERGED`). `bimedix eval --backend vllm --peft` does this in a temporary folder."
+                    "`vllm serve MERGED`). `bimedix eval --backend vllm --peft` does this in a temporary "
+                    "folder."
                 )
             rank = adapter_rank(config)
             args["lora_local_path"] = str(peft)
@@ -320,7 +325,8 @@ def _same_model(base: str, model: str) -> bool:
         keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "num_local_experts", "intermediate_size")
         try:
-            configs = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base_dir, model_dir)]
+            configs = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base_dir,
+                                                                                             model_dir)]
         except OSError:
             return False
         return all(configs[0].get(k) == configs[1].get(k) for k in keys)

@@ -61,7 +61,8 @@ def subset_scores(results: dict, language: str) -> dict[str, Score]:
         if metrics is None or "acc,none" not in metrics:
             continue
         n = results.get("n-samples", {}).get(task, {}).get("effective")
-        scores[subset] = Score(float(metrics["acc,none"]), _optional(metrics.get("acc_norm,none")), int(n or 0))
+        scores[subset] = Score(float(metrics["acc,none"]), _optional(metrics.get("acc_norm,none")),
+                               int(n or 0))
     return scores
 
 
@@ -142,7 +143,8 @@ def _consistency_table(consistency: dict, markdown: bool) -> str:
             continue
         pct = ["–" if v is None else f"{100 * v:.1f}" for v in (c["en_acc_on_disagreement"],
                                                                c["ar_acc_on_disagreement"])]
-        rows.append([labels[subset], str(c["n"]), f"{100 * c['agreement']:.1f}", f"{100 * c['both_correct']:.1f}",
+        rows.append([labels[subset], str(c["n"]), f"{100 * c['agreement']:.1f}",
+                     f"{100 * c['both_correct']:.1f}",
                      str(c["n_disagree"]), *pct])
     title = "Bilingual consistency (same option chosen in English and Arabic)"
     if markdown:

@@ -37,9 +37,12 @@ logger = logging.getLogger(__name__)
 MODEL_TAGS = ["bimedix", "medical", "arabic", "bilingual", "mixture-of-experts", "lora"]
 # SPDX-ish names used by the converters → licence ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses).
 HUB_LICENSES = {
-    "mit": "mit", "apache-2.0": "apache-2.0", "apache 2.0": "apache-2.0", "gpl-3.0": "gpl-3.0", "gpl-3": "gpl-3.0",
-    "gpl-2.0": "gpl-2.0", "lgpl-3.0": "lgpl-3.0", "bsd-3-clause": "bsd-3-clause", "bsd-2-clause": "bsd-2-clause",
-    "cc0-1.0": "cc0-1.0", "cc-by-4.0": "cc-by-4.0", "cc-by-sa-4.0": "cc-by-sa-4.0", "cc-by-nc-4.0": "cc-by-nc-4.0",
+    "mit": "mit", "apache-2.0": "apache-2.0", "apache 2.0": "apache-2.0", "gpl-3.0": "gpl-3.0",
+    "gpl-3": "gpl-3.0",
+    "gpl-2.0": "gpl-2.0", "lgpl-3.0": "lgpl-3.0", "bsd-3-clause": "bsd-3-clause",
+    "bsd-2-clause": "bsd-2-clause",
+    "cc0-1.0": "cc0-1.0", "cc-by-4.0": "cc-by-4.0", "cc-by-sa-4.0": "cc-by-sa-4.0",
+    "cc-by-nc-4.0": "cc-by-nc-4.0",
     "cc-by-nc-sa-4.0": "cc-by-nc-sa-4.0", "cc-by-nc-nd-4.0": "cc-by-nc-nd-4.0", "odc-by": "odc-by",
     "pddl": "pddl", "openrail": "openrail", "llama2": "llama2",
 }
@@ -159,7 +162,8 @@ def summarize_dataset(data_dir: str | os.PathLike, *, every_config: bool = False
             generated += bool(meta.get("generation"))
     return DatasetSummary(
         files=files, total=total, by_language=dict(languages), by_task_language=dict(task_language),
-        by_subset=dict(sorted(subsets.items())), sources=sorted(sources.values(), key=lambda s: (-s.count, s.source)),
+        by_subset=dict(sorted(subsets.items())), sources=sorted(sources.values(), key=lambda s: (-s.count,
+                                                                                                 s.source)),
         translated=translated, reviewed=reviewed, review_states=dict(review_states),
         translation_models=dict(models), generated=generated,
     )
@@ -203,7 +207,8 @@ def render_model_card(
     card_data = ModelCardData(
         base_model=hub_base, library_name="peft" if is_adapter else "transformers", license=license,
         language=list(LANGUAGES), pipeline_tag="text-generation",
-        tags=MODEL_TAGS + (["peft"] if is_adapter else ["merged"]), datasets=[dataset_repo] if dataset_repo else None,
+        tags=MODEL_TAGS + (["peft"] if is_adapter else ["merged"]),
+        datasets=[dataset_repo] if dataset_repo else None,
         model_name=name, eval_results=eval_results or None,
     )
     return ModelCard.from_template(
@@ -325,12 +330,14 @@ def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); it is not the file bimedix "
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); it is not the file "
+                         "bimedix "
                          "wrote: restore or regenerate it.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); restore or regenerate it.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; restore or regenerate it.")
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; restore or regenerate "
+                         "it.")
     return data
 
 
@@ -387,7 +394,8 @@ def _dataset_card_data(summary: DatasetSummary, configs: list[dict], pretty_name
         size_categories=[_size_category(summary.total)],
         source_datasets=[f"extended|{s}" for s in sorted({s.source for s in summary.sources})],
         task_categories=task_categories, task_ids=task_ids, configs=configs,
-        tags=["medical", "arabic", "bilingual", "bimedix"] + (["machine-translated"] if summary.translated else []),
+        tags=["medical", "arabic", "bilingual",
+              "bimedix"] + (["machine-translated"] if summary.translated else []),
         # Not a Hub-standard key: states in the metadata how much of the machine translation humans reviewed.
         translation_review={"machine_translated": summary.translated, "human_reviewed": summary.reviewed},
     )
@@ -450,12 +458,15 @@ def _translation_text(summary: DatasetSummary) -> str:
 def _build_text(counts: dict) -> str:
     """The record balance of ``bimedix build-data`` (``stats.json`` ``counts``) as one sentence."""
     return (f"`bimedix build-data` read {counts['read']:,} source records and wrote {counts['written']:,}: "
-            f"{counts['rejected']:,} rejected as malformed, {counts.get('excluded_review', 0):,} translations left "
+            f"{counts['rejected']:,} rejected as malformed, {counts.get('excluded_review', 0):,} "
+            "translations left "
             "out by the review policy (reviewer-rejected, or pending review / below the judge threshold), "
             f"{counts['deduplicated_exact']:,} exact and "
-            f"{counts['deduplicated_near']:,} near duplicates removed, {counts['decontaminated']:,} removed for "
-            f"overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped by source "
-            f"weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The decontamination report is "
+            f"{counts['deduplicated_near']:,} near duplicates removed, {counts['decontaminated']:,} removed "
+            f"for overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped "
+            f"by source weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The "
+            "decontamination "
+            "report is "
             "not published with the data, since it quotes the benchmark items.")
 
 
@@ -468,14 +479,16 @@ def _recipe_text(build: dict) -> str:
 def _source_counts_table(sources: dict) -> str:
     """Records read and written per recipe source (``stats.json`` ``sources``)."""
     return "\n".join(["| recipe source | read | written |", "|---|---:|---:|",
-                      *(f"| {name} | {counts['read']:,} | {counts['written']:,} |" for name, counts in sources.items())])
+                      *(f"| {name} | {counts['read']:,} | {counts['written']:,} |" for name,
+                        counts in sources.items())])
 
 
 def _review_text(review: dict) -> str:
     """The review policy's counts (``stats.json`` ``review``, `bimedix.data.review_policy`) as prose and a table."""
     policy = ReviewPolicy.from_summary(review)
     unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
-    note = (f"**{unreviewed:,} machine translations were used without human review** (`--include-unreviewed`); their "
+    note = (f"**{unreviewed:,} machine translations were used without human review** "
+            "(`--include-unreviewed`); their "
             "`meta.translation.review_state` says so." if unreviewed else
             "Translations pending review or scoring below the judge threshold were left out.")
     return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
@@ -574,7 +587,8 @@ def _training_data_context(data_dir: Path) -> dict:
 def _eval_section(eval_dir: Path) -> tuple[str, list[EvalResult]]:
     """Markdown tables written by ``bimedix eval`` plus `EvalResult` rows from its newest lm-eval JSON."""
     if not eval_dir.is_dir():
-        raise FileNotFoundError(f"{eval_dir}: evaluation folder not found (pass the --output of `bimedix eval`).")
+        raise FileNotFoundError(f"{eval_dir}: evaluation folder not found (pass the --output of `bimedix "
+                                "eval`).")
     results_files = [p for p in eval_dir.rglob("*.json") if "results" in (_read_json(p) or {})]
     if not results_files:
         raise FileNotFoundError(f"{eval_dir}: no lm-eval results JSON (a file with a `results` key) found.")
@@ -585,7 +599,8 @@ def _eval_section(eval_dir: Path) -> tuple[str, list[EvalResult]]:
         for key, value in sorted(metrics.items()):
             metric, _, _filter = key.partition(",")
             if metric in ("acc", "acc_norm", "exact_match") and isinstance(value, (int, float)):
-                eval_results.append(EvalResult(task_type="multiple-choice", dataset_type=task, dataset_name=task,
+                eval_results.append(EvalResult(task_type="multiple-choice", dataset_type=task,
+                                               dataset_name=task,
                                                metric_type="accuracy" if metric == "acc" else metric,
                                                metric_name=metric, metric_value=round(float(value), 4)))
     tables = [p.read_text(encoding="utf-8").strip() for p in sorted(eval_dir.rglob("*.md"))]

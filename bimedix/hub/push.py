@@ -73,13 +73,15 @@ FORBIDDEN_SOURCES = {
 # SPDX ids (lower-case) under which redistribution is allowed; copyleft and non-commercial terms travel with the rows.
 REDISTRIBUTABLE_LICENSES = frozenset(
     ["mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "odc-by", "pddl", "unlicense"]
-    + [f"cc-by{variant}-{version}" for variant in ("", "-sa", "-nc", "-nc-sa", "-nd", "-nc-nd") for version in ("3.0", "4.0")]
+    + [f"cc-by{variant}-{version}" for variant in ("", "-sa", "-nc", "-nc-sa", "-nd",
+                                                   "-nc-nd") for version in ("3.0", "4.0")]
     + [f"{gpl}-{version}{suffix}" for gpl in ("gpl", "lgpl") for version in ("2.0", "2.1", "3.0")
        for suffix in ("", "-only", "-or-later")])
 COPYLEFT = re.compile(r"(l?gpl|cc-by(-nc)?-sa)", re.IGNORECASE)
 NO_REDISTRIBUTION = re.compile(r"(no|not for|without|forbids?)[- ]+redistribution|do not (re)?distribute|"
                                r"\binternal\b.*\bonly\b", re.IGNORECASE)
-RESEARCH_ONLY = re.compile(r"^(|none( stated)?\b.*|no licen[cs]e( stated)?|unknown)$|research[- ](use[- ])?only",
+RESEARCH_ONLY = re.compile(r"^(|none( stated)?\b.*|no licen[cs]e( stated)?|unknown)$|research[- ](use[- "
+                           r"])?only",
                            re.IGNORECASE)
 
 
@@ -155,30 +157,35 @@ def push(
     if kind in ("adapter", "model") and not dry_run:
         base = base_model or _adapter_base(Path(source))
         if kind == "adapter" and not (base and is_hub_id(base)):
-            raise ValueError(f"the adapter's base model {base!r} is not a Hub id, so nobody could load the adapter "
+            raise ValueError(f"the adapter's base model {base!r} is not a Hub id, so nobody could load the "
+                             "adapter "
                              "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
     if dry_run:
         folder = Path(dry_run)
         check_outputs({"--dry-run": folder}, {"PATH": source, "--eval": eval_dir, "--data": data_dir})
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
-        warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
+        warnings = stage(kind, source, folder, repo_id=repo_id,
+                         acknowledge_research_only=acknowledge_research_only,
                          eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
                          include_unreviewed=include_unreviewed)
         return PushResult(folder=folder, files=_list_files(folder), warnings=warnings)
     with tempfile.TemporaryDirectory(prefix="bimedix-push-") as tmp:
         folder = Path(tmp)
-        warnings = stage(kind, source, folder, repo_id=repo_id, acknowledge_research_only=acknowledge_research_only,
+        warnings = stage(kind, source, folder, repo_id=repo_id,
+                         acknowledge_research_only=acknowledge_research_only,
                          eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
                          include_unreviewed=include_unreviewed)
-        result = sync_folder(folder, repo_id=repo_id, repo_type=KINDS[kind], private=private, revision=revision,
+        result = sync_folder(folder, repo_id=repo_id, repo_type=KINDS[kind], private=private,
+                             revision=revision,
                              commit_message=f"Upload {kind} with bimedix")
         result.warnings = warnings
         return result
 
 
 def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *, repo_id: str,
-          acknowledge_research_only: bool = False, eval_dir=None, data_dir=None, base_model: str | None = None,
+          acknowledge_research_only: bool = False, eval_dir=None, data_dir=None,
+          base_model: str | None = None,
           license: str = "apache-2.0", include_unreviewed: bool = False) -> list[str]:
     """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered ``README.md``.
 
@@ -237,17 +244,21 @@ def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool =
             notes.append(f"{label}: copyleft, the pushed rows stay under {entry.license}")
     if forbidden:
         raise LicenseError("refusing to push data whose licence forbids redistribution: " + "; ".join(forbidden)
-                           + ". Rebuild the dataset without these sources (--acknowledge-research-only does not "
+                           + ". Rebuild the dataset without these sources (--acknowledge-research-only does "
+                             "not "
                            "apply to them).")
     if unknown:
         raise LicenseError("refusing to push data under licences bimedix does not know: " + "; ".join(unknown)
-                           + ". If a licence allows redistribution, set the rows' `license` to its SPDX id (one of "
+                           + ". If a licence allows redistribution, set the rows' `license` to its SPDX id "
+                             "(one of "
                            f"{', '.join(sorted(REDISTRIBUTABLE_LICENSES)[:6])}, ...: see "
-                           "bimedix.hub.push.REDISTRIBUTABLE_LICENSES); otherwise rebuild without these sources.")
+                           "bimedix.hub.push.REDISTRIBUTABLE_LICENSES); otherwise rebuild without these "
+                           "sources.")
     if research_only and not acknowledge_research_only:
         raise LicenseError("refusing to push data from research-only sources (no licence that allows "
                            f"redistribution): {'; '.join(research_only)}. Rebuild without them, or pass "
-                           "--acknowledge-research-only if you have the right to share them (the card will list them).")
+                           "--acknowledge-research-only if you have the right to share them (the card will "
+                           "list them).")
     notes += [f"{label}: research-only, pushed because you acknowledged it" for label in research_only]
     return notes
 
@@ -263,13 +274,16 @@ def check_review(summary: DatasetSummary, *, include_unreviewed: bool = False) -
     """
     states = summary.review_states
     if states.get("rejected"):
-        raise ReviewError(f"refusing to push {states['rejected']:,} reviewer-rejected translation(s); rebuild the "
+        raise ReviewError(f"refusing to push {states['rejected']:,} reviewer-rejected translation(s); "
+                          "rebuild the "
                           "dataset with `bimedix build-data`, which leaves them out.")
     unreviewed = {state: states[state] for state in UNREVIEWED if states.get(state)}
     if unreviewed and not include_unreviewed:
         raise ReviewError(f"refusing to push translations nobody approved: {unreviewed}. Rebuild without "
-                          "--include-unreviewed, or pass --include-unreviewed to publish them (the card counts them).")
-    return [f"{n:,} {state} translation(s) pushed because of --include-unreviewed" for state, n in unreviewed.items()]
+                          "--include-unreviewed, or pass --include-unreviewed to publish them (the card "
+                          "counts them).")
+    return [f"{n:,} {state} translation(s) pushed because of --include-unreviewed" for state,
+            n in unreviewed.items()]
 
 
 def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "model", private: bool = False,
@@ -284,7 +298,8 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
 
     token = get_token()
     if not token:
-        raise RuntimeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run DIR).")
+        raise RuntimeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run "
+                           "DIR).")
     folder = Path(folder)
     files = _list_files(folder)
     with _masking(token):
@@ -292,7 +307,8 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision,
+        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True,
+                                                                    revision=revision,
                                                                      repo_type=repo_type)
                   if isinstance(entry, RepoFile)}
         changed = [path for path in files if not _same_content(folder / path, remote.get(path))]
@@ -300,11 +316,13 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
         if not changed and not stale:
             logger.info("%s is up to date: no commit made", repo_id)
             return PushResult(folder=folder, files=files)
-        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in changed]
+        operations = [CommitOperationAdd(path_in_repo=path,
+                                         path_or_fileobj=str(folder / path)) for path in changed]
         operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
         info = api.create_commit(repo_id, operations=operations, commit_message=commit_message,
                                  repo_type=repo_type, revision=revision)
-    return PushResult(folder=folder, files=files, uploaded=changed, deleted=stale, commit_url=str(info.commit_url))
+    return PushResult(folder=folder, files=files, uploaded=changed, deleted=stale,
+                      commit_url=str(info.commit_url))
 
 
 def _adapter_base(source: Path) -> str | None:

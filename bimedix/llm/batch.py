@@ -60,7 +60,8 @@ async def run_batches(openai_client, cache: RequestCache, *, model: str, price: 
     pending = cache.unsubmitted()
     for start in range(0, len(pending), MAX_REQUESTS_PER_BATCH):
         chunk = pending[start:start + MAX_REQUESTS_PER_BATCH]
-        lines = "".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
+        lines = "".join(json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                                    "body": body},
                                    ensure_ascii=False) + "\n" for key, body in chunk)
         uploaded = await within("uploading the batch file", api.files.create(
             file=("bimedix-batch.jsonl", lines.encode(), "application/jsonl"), purpose="batch"))
@@ -75,7 +76,8 @@ async def run_batches(openai_client, cache: RequestCache, *, model: str, price: 
             await asyncio.sleep(poll_interval)
             batch = await within(f"polling batch {batch_id}", api.batches.retrieve(batch_id))
         if batch.status != "completed":
-            logger.warning("batch %s ended %s; its unanswered requests will be resubmitted", batch_id, batch.status)
+            logger.warning("batch %s ended %s; its unanswered requests will be resubmitted", batch_id,
+                           batch.status)
         if batch.output_file_id:
             content = await within(f"downloading the output of batch {batch_id}",
                                    api.files.content(batch.output_file_id))
@@ -97,7 +99,8 @@ def _record_output(text: str, cache: RequestCache, model: str, price: Callable[[
                            item.get("error") or response.get("status_code"))
             continue
         choice, usage = body["choices"][0], body.get("usage") or {}
-        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        prompt_tokens, completion_tokens = int(usage.get("prompt_tokens",
+                                                         0)), int(usage.get("completion_tokens", 0))
         cache.put(item["custom_id"], model, CachedResponse(
             choice["message"].get("content") or "", choice.get("finish_reason") or "stop", prompt_tokens,
             completion_tokens, price(prompt_tokens, completion_tokens)), mode="batch")

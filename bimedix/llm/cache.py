@@ -84,7 +84,8 @@ class RequestCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, factory=_Connection)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   factory=_Connection)
         self._db.cache_path = self.path
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -93,7 +94,8 @@ class RequestCache:
     def get(self, key: str) -> CachedResponse | None:
         """The recorded response for ``key``, or ``None``."""
         row = self._db.execute(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens, cost_usd FROM responses WHERE key = ?",
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens, cost_usd FROM responses WHERE key "
+            "= ?",
             (key,)).fetchone()
         return CachedResponse(*row) if row else None
 
@@ -154,7 +156,8 @@ class RequestCache:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO batches VALUES (?, ?, ?)", (batch_id, input_file_id, time.time()))
-            self._db.executemany("UPDATE pending SET batch_id = ? WHERE key = ?", [(batch_id, k) for k in keys])
+            self._db.executemany("UPDATE pending SET batch_id = ? WHERE key = ?", [(batch_id,
+                                                                                    k) for k in keys])
 
     def open_batches(self) -> list[str]:
         """Submitted batches whose output has not been collected."""
@@ -199,11 +202,11 @@ class _Connection(sqlite3.Connection):
         except sqlite3.DatabaseError as err:
             text = str(err)
             if "not a database" in text or "malformed" in text:
-                fix = ("it is not a bimedix request cache (a SQLite database): point --cache at a new file, or at "
-                       "the .llm.sqlite file of an earlier run")
+                fix = ("it is not a bimedix request cache (a SQLite database): point --cache at a new file, "
+                       "or at the .llm.sqlite file of an earlier run")
             elif "full" in text:
-                fix = ("the disk is full: free some space and re-run the same command (recorded responses are "
-                       "kept and not paid again)")
+                fix = ("the disk is full: free some space and re-run the same command (recorded responses "
+                       "are kept and not paid again)")
             elif "locked" in text or "busy" in text:
                 fix = "another process holds the database: wait for it to finish, or use another --cache"
             elif "readonly" in text or "read-only" in text or "unable to open" in text:

@@ -126,8 +126,8 @@ def load_prices(path: str | os.PathLike | None = None) -> dict:
             raise ValueError(f"{path}: invalid JSON in price table ({err.msg} at line {err.lineno})") from None
         for model, entry in extra.items():
             if not (isinstance(entry, dict) and {"input", "output"} <= set(entry)):
-                raise ValueError(f"{path}: price of {model!r} must be {{\"input\": USD/1M, \"output\": USD/1M}}, "
-                                 f"got {entry!r}")
+                raise ValueError(f"{path}: price of {model!r} must be "
+                                 f"{{\"input\": USD/1M, \"output\": USD/1M}}, got {entry!r}")
         prices.update(extra)
     return prices
 
@@ -155,15 +155,19 @@ class LLMClient:
         self.price = prices.get(config.model)
         if self.price is None:
             if config.budget_usd is not None:
-                raise ValueError(f"no price for model {config.model!r}, so --budget-usd cannot be enforced; pass "
+                raise ValueError(f"no price for model {config.model!r}, so --budget-usd cannot be enforced; "
+                                 "pass "
                                  "--prices FILE with {\"" + config.model + "\": {\"input\": USD_PER_1M, "
                                  "\"output\": USD_PER_1M}}")
-            logger.warning("no price for model %r: costs are recorded as 0 (pass --prices to set one)", config.model)
+            logger.warning("no price for model %r: costs are recorded as 0 (pass --prices to set one)",
+                           config.model)
             self.price = {"input": 0.0, "output": 0.0}
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
-            raise ValueError(f"environment variable {config.api_key_env} is not set: export the API key there "
-                             "(for a local server any non-empty value works) or name another with --api-key-env")
+            raise ValueError(f"environment variable {config.api_key_env} is not set: export the API key "
+                             "there "
+                             "(for a local server any non-empty value works) or name another with "
+                             "--api-key-env")
         self._api_key = api_key
         self._openai = None
         self._semaphore = asyncio.Semaphore(config.concurrency)
@@ -185,7 +189,8 @@ class LLMClient:
 
     def request_body(self, messages: list[dict], **params) -> dict:
         """The exact body sent for ``messages``: model, messages and the non-``None`` parameters."""
-        return {"model": self.config.model, "messages": messages, **{k: v for k, v in params.items() if v is not None}}
+        return {"model": self.config.model, "messages": messages, **{k: v for k,
+                                                                     v in params.items() if v is not None}}
 
     async def complete(self, messages: list[dict], *, max_tokens: int, temperature: float | None = None,
                        seed: int | None = None, response_format: dict | None = None) -> Completion:
@@ -203,12 +208,14 @@ class LLMClient:
             `BudgetExceeded`: the request could take the ledger past ``budget_usd``.
             `Deferred`: batch mode parked the request.
         """
-        body = self.request_body(messages, temperature=temperature, seed=seed, response_format=response_format,
+        body = self.request_body(messages, temperature=temperature, seed=seed,
+                                 response_format=response_format,
                                  **{self.config.max_tokens_field: max_tokens})
         key = request_key(body)
         hit = self.cache.get(key)
         if hit is not None:
-            return Completion(hit.text, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens, hit.cost_usd,
+            return Completion(hit.text, hit.finish_reason, hit.prompt_tokens, hit.completion_tokens,
+                              hit.cost_usd,
                               True, key)
         estimate = self.cost(_estimate_tokens(messages), max_tokens, batch=self.config.batch)
         budget = self.config.budget_usd
@@ -235,7 +242,8 @@ class LLMClient:
     async def flush_batch(self) -> int:
         """Submit parked requests as Batch API jobs, wait for them and record their results; return how many."""
         recorded = await run_batches(self._client(), self.cache, model=self.config.model,
-                                     price=lambda prompt, completion: self.cost(prompt, completion, batch=True),
+                                     price=lambda prompt, completion: self.cost(prompt, completion,
+                                                                                batch=True),
                                      call_timeout=self.config.timeout, server=self.config.base_url,
                                      poll_interval=self.config.batch_poll_interval)
         self._spent, self._reserved = self.cache.total_cost(), 0.0
@@ -283,7 +291,8 @@ class LLMClient:
                 status = err.status_code
                 reason = f"HTTP {status}: {_error_message(err)}"
                 if status not in TRANSIENT_STATUSES:
-                    raise LLMError(f"{self.config.base_url} answered {reason}; not retried (check the model name, "
+                    raise LLMError(f"{self.config.base_url} answered {reason}; not retried (check the model "
+                                   "name, "
                                    "the API key and the request)", status=status) from None
                 wait = _retry_after(err.response.headers)
             except (openai.APITimeoutError, TimeoutError):
@@ -293,10 +302,12 @@ class LLMClient:
             except _MalformedResponse as err:
                 reason, status = f"malformed response body ({str(err)[:160]})", None
             if attempt + 1 == attempts:
-                raise LLMError(f"{self.config.base_url}: gave up after {attempts} attempts; last error: {reason}",
+                raise LLMError(f"{self.config.base_url}: gave up after {attempts} attempts; last error: "
+                               f"{reason}",
                                status=status, transient=True)
             if wait is None:
-                wait = min(self.config.backoff_max, self.config.backoff_base * 2 ** attempt) * random.uniform(0.5, 1)
+                wait = min(self.config.backoff_max,
+                           self.config.backoff_base * 2 ** attempt) * random.uniform(0.5, 1)
             self.retried += 1
             logger.info("retrying in %.2f s (attempt %d/%d): %s", wait, attempt + 2, attempts, reason)
             await asyncio.sleep(wait)

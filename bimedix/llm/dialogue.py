@@ -32,15 +32,16 @@ from .translation import parse_json_object
 
 logger = logging.getLogger(__name__)
 
-_ROLES = {"human": "human", "user": "human", "patient": "human", "gpt": "gpt", "assistant": "gpt", "doctor": "gpt"}
+_ROLES = {"human": "human", "user": "human", "patient": "human", "gpt": "gpt", "assistant": "gpt",
+          "doctor": "gpt"}
 # "option B", "choice (C)", "(D)", "the answer is B" -- but not "the answer is A defect in ..." (an article)
 _LEAK = re.compile(r"\b(?i:option|choice)s?\s*\(?[A-J]\b(?![-.'’]\w)|\(\s*[A-J]\s*\)"
                    r"|\b(?i:answer)\s*(?i:is\s*)?:?\s*(?:[B-J]|A(?!\s+[a-z]))\b(?![-.'’]\w)"
                    rf"|(?:الخيار|خيار)\s*\(?\s*(?:{'|'.join(LETTERS['ar'])})(?!\w)")
 _ENDORSE = re.compile(r"\b(?:answer is|correct answer|correct option|right answer|most likely|best answer|"
                       r"diagnosis is|treatment of choice|is correct|is the cause)\b", re.IGNORECASE)
-_NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrect|wrong|rather than|instead of|"
-                     r"excluded?)\b", re.IGNORECASE)
+_NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrect|wrong|rather than|instead "
+                     r"of|excluded?)\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?؟])\s+|\n+")
 
 
@@ -81,7 +82,8 @@ class DialogueConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
-def validate_dialogue(conversation: object, options: list[str], answer: str, config: DialogueConfig) -> list[str]:
+def validate_dialogue(conversation: object, options: list[str], answer: str,
+                      config: DialogueConfig) -> list[str]:
     """Return every problem of a generated conversation (empty when it is acceptable).
 
     Args:
@@ -99,13 +101,15 @@ def validate_dialogue(conversation: object, options: list[str], answer: str, con
         role = _ROLES.get(str(turn.get("from") or turn.get("role")).lower())
         expected = "human" if index % 2 == 0 else "gpt"
         if role != expected:
-            problems.append(f"turn {index} is from {turn.get('from') or turn.get('role')!r}, expected {expected!r}")
+            problems.append(f"turn {index} is from {turn.get('from') or turn.get('role')!r}, expected "
+                            f"{expected!r}")
         size = len(turn["value"].strip())
         if not config.min_turn_chars <= size <= config.max_turn_chars:
             problems.append(f"turn {index} has {size} characters (allowed {config.min_turn_chars}.."
                             f"{config.max_turn_chars})")
         if _LEAK.search(turn["value"]):
-            problems.append(f"turn {index} refers to an option by letter: {_LEAK.search(turn['value']).group(0)!r}")
+            problems.append(f"turn {index} refers to an option by letter: "
+                            f"{_LEAK.search(turn['value']).group(0)!r}")
     if len(conversation) % 2:
         problems.append("the conversation does not end with a gpt turn")
     exchanges = len(conversation) // 2
@@ -151,12 +155,14 @@ class DialogueGenerator:
                    "options": dict(zip(OPTION_LETTERS, options)), "answer": answer,
                    "answer_text": options[OPTION_LETTERS.index(answer)],
                    "explanation": record["conversations"][-1]["value"],
-                   "min_turns": config.min_turns, "max_turns": config.max_turns, "language": record["language"]}
+                   "min_turns": config.min_turns, "max_turns": config.max_turns,
+                   "language": record["language"]}
         messages = self.prompt.render(payload)
         cost, reasons = 0.0, []
         for attempt in range(config.max_attempts):
             completion = await self.client.complete(messages, max_tokens=config.max_tokens,
-                                                    temperature=config.temperature, seed=config.seed + attempt,
+                                                    temperature=config.temperature,
+                                                    seed=config.seed + attempt,
                                                     response_format=self.response_format)
             cost += completion.cost_usd
             if completion.finish_reason == "length":
@@ -180,11 +186,13 @@ class DialogueGenerator:
         return make_record(id=f"{record['id']}-chat", source=record["source"], task="chat",
                            language=record["language"], conversations=turns, license=record["license"],
                            original_id=meta.get("original_id"), subject=meta.get("subject"),
-                           generation={"model": self.client.config.model, "prompt_version": self.prompt.version,
+                           generation={"model": self.client.config.model,
+                                       "prompt_version": self.prompt.version,
                                        "source_id": record["id"], "cost_usd": cost})
 
 
-async def generate_chats_file(input_path: str | os.PathLike, output_path: str | os.PathLike, client: LLMClient,
+async def generate_chats_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
+                              client: LLMClient,
                               config: DialogueConfig) -> RunSummary:
     """Generate a chat for every MCQA record of ``input_path`` into ``output_path``, resuming a previous run.
 

@@ -164,7 +164,8 @@ class FakeOpenAIServer:
     def served_usage(self) -> tuple[int, int]:
         """``(prompt_tokens, completion_tokens)`` summed over every completion served in full."""
         with self._lock:
-            return (sum(item.prompt_tokens for item in self.log), sum(item.completion_tokens for item in self.log))
+            return (sum(item.prompt_tokens for item in self.log),
+                    sum(item.completion_tokens for item in self.log))
 
     def complete(self, body: dict, *, forced: str | None = None, digest: str | None = None
                  ) -> tuple[dict, ServedRequest]:
@@ -180,7 +181,8 @@ class FakeOpenAIServer:
         completion = {
             "id": self._new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish,
                          "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
@@ -217,7 +219,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
 
         def setup(self) -> None:
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle/delayed-ACK stalls
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                       1)  # no Nagle/delayed-ACK stalls
 
         def log_message(self, format, *args) -> None:  # noqa: A002 - http.server's signature
             logger.debug("fake server: " + format, *args)
@@ -254,7 +257,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             try:
                 body = json.loads(raw)
             except json.JSONDecodeError:
-                self._send_json(400, {"error": {"message": "request body is not JSON", "type": "invalid_request"}})
+                self._send_json(400, {"error": {"message": "request body is not JSON",
+                                                "type": "invalid_request"}})
                 return
             fault = server._next_fault()
             if server.latency:
@@ -281,7 +285,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 return
             if fault is not None and fault.kind == "status":
                 server._record(ServedRequest(self.path, digest, f"status:{fault.status}"))
-                self._send_json(fault.status, {"error": {"message": f"scripted {fault.status}", "type": "fault"}},
+                self._send_json(fault.status, {"error": {"message": f"scripted {fault.status}",
+                                                         "type": "fault"}},
                                 fault.headers)
                 return
             if fault is not None and fault.kind == "reset":
@@ -294,7 +299,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 server._record(ServedRequest(self.path, digest, "malformed"))
                 self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": oops', "application/json")
                 return
-            completion, served = server.complete(body, forced="length" if fault and fault.kind == "length" else None,
+            completion, served = server.complete(body,
+                                                 forced="length" if fault and fault.kind == "length" else None,
                                                  digest=digest)
             payload = json.dumps(completion, ensure_ascii=False).encode()
             if fault is not None and fault.kind == "truncated":
@@ -314,7 +320,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         def _upload(self, raw: bytes) -> None:
             message = BytesParser(policy=HTTP).parsebytes(
                 b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
-            parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+            parts = {part.get_param("name",
+                                    header="content-disposition"): part for part in message.iter_parts()}
             if "file" not in parts:
                 self._send_json(400, {"error": {"message": "missing file part", "type": "invalid_request"}})
                 return
@@ -323,7 +330,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             server._files[file_id] = content
             server._record(ServedRequest(self.path, hashlib.sha256(content).hexdigest(), "ok"))
             self._send_json(200, {"id": file_id, "object": "file", "bytes": len(content),
-                                  "created_at": int(time.time()), "filename": parts["file"].get_filename() or "input",
+                                  "created_at": int(time.time()),
+                                  "filename": parts["file"].get_filename() or "input",
                                   "purpose": "batch", "status": "processed"})
 
         def _create_batch(self, raw: bytes) -> None:
@@ -388,7 +396,8 @@ def default_responder(body: dict) -> Reply:
         return Reply(json.dumps(out, ensure_ascii=False))
     if task == "judge":
         digest = hashlib.sha256(json.dumps(payload.get("translation"), ensure_ascii=False).encode()).digest()
-        return Reply(json.dumps({"score": 60 + digest[0] % 40, "comments": "Fake judgement: check terminology."}))
+        return Reply(json.dumps({"score": 60 + digest[0] % 40,
+                                 "comments": "Fake judgement: check terminology."}))
     if task == "dialogue":
         return Reply(json.dumps({"conversation": _fake_dialogue(payload)}, ensure_ascii=False))
     return Reply(f"echo: {text[:200]}")
@@ -420,11 +429,14 @@ def _fake_dialogue(payload: dict) -> list[dict]:
     question = (payload.get("question") or "a health problem").split("\n")[0][:300]
     exchanges = max(int(payload.get("min_turns") or 2), 2)
     conversation = [{"from": "human", "value": f"Hello doctor, I have a question. {question}"},
-                    {"from": "gpt", "value": "Thank you for reaching out. Can you tell me more about your symptoms?"}]
+                    {"from": "gpt",
+                     "value": "Thank you for reaching out. Can you tell me more about your symptoms?"}]
     for index in range(exchanges - 2):
-        conversation += [{"from": "human", "value": f"Here is more detail about my situation, part {index + 1}."},
+        conversation += [{"from": "human",
+                          "value": f"Here is more detail about my situation, part {index + 1}."},
                          {"from": "gpt", "value": "I understand. That detail helps narrow things down."}]
     conversation += [{"from": "human", "value": "So what do you think it is?"},
-                     {"from": "gpt", "value": f"Based on what you describe, the most likely answer is {answer}. "
+                     {"from": "gpt",
+                      "value": f"Based on what you describe, the most likely answer is {answer}. "
                                               "Please see your physician to confirm."}]
     return conversation

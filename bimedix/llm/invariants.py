@@ -21,8 +21,10 @@ from collections import Counter
 from ..data.arabic import normalize_arabic
 from ..data.conventions import ANSWER_WORDS, OPTION_LETTERS
 
-UNITS = ("mg", "mcg", "µg", "ug", "g", "kg", "ng", "pg", "mL", "ml", "L", "dL", "dl", "mmHg", "cmH2O", "mmol", "µmol",
-         "mEq", "IU", "U", "units", "bpm", "cm", "mm", "km", "µm", "nm", "°C", "°F", "kcal", "Gy", "mSv", "Hz")
+UNITS = ("mg", "mcg", "µg", "ug", "g", "kg", "ng", "pg", "mL", "ml", "L", "dL", "dl", "mmHg", "cmH2O", "mmol",
+         "µmol",
+         "mEq", "IU", "U", "units", "bpm", "cm", "mm", "km", "µm", "nm", "°C", "°F", "kcal", "Gy", "mSv",
+         "Hz")
 _LETTER_INDEX = {letter: i for letters in OPTION_LETTERS.values() for i, letter in enumerate(letters)}
 _ALTERNATION = "|".join(sorted(map(re.escape, _LETTER_INDEX), key=len, reverse=True))
 _MARKER = re.compile(
@@ -33,7 +35,8 @@ _MARKER = re.compile(
     re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _UNIT_AFTER_NUMBER = re.compile(
-    r"\d\s*(" + "|".join(sorted(map(re.escape, UNITS), key=len, reverse=True)) + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
+    r"\d\s*(" + "|".join(sorted(map(re.escape, UNITS), key=len,
+                                reverse=True)) + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
 # a Latin token with two capitals or a letter and a digit (HbA1c, ECG, CD4, B12), hyphen-joined to further
 # capitals or digits (COVID-19, IL-6) but not to words (ST-segment keeps only ST)
 _CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9-])(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9]*|[A-Za-z]+\d[A-Za-z0-9]*)"

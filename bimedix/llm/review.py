@@ -84,7 +84,8 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
         `bimedix.data.outputs.OutputError`: ``queue`` is ``translated`` or ``source``.
     """
     check_outputs({"--output": queue}, {"--input": translated, "--source": source})
-    rows = queue_rows(read_records(translated), source=source, fraction=fraction, seed=seed, threshold=threshold)
+    rows = queue_rows(read_records(translated), source=source, fraction=fraction, seed=seed,
+                      threshold=threshold)
     _write_rows(Path(queue), rows)
     return len({row["id"] for row in rows})
 
@@ -172,7 +173,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
             undecided.add(row["id"])
         else:
             before = text_of(by_id[row["id"]], row["field"])
-            decided.setdefault(row["id"], []).append((row_no, {**row, "decision": decision, "before": before}))
+            decided.setdefault(row["id"], []).append((row_no, {**row, "decision": decision,
+                                                               "before": before}))
     if errors:
         shown = "\n".join(errors[:10]) + (f"\n... and {len(errors) - 10} more" if len(errors) > 10 else "")
         raise ValueError(f"{len(errors)} bad row(s) in the review file; nothing was applied:\n{shown}")
@@ -185,7 +187,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         try:
             by_id[record_id], state = apply_decisions(by_id[record_id], [row for _, row in entries])
         except ValueError as err:
-            raise ValueError(f"{reviews}:row {entries[0][0]}: column `arabic`: the edit breaks the record: {err}; "
+            raise ValueError(f"{reviews}:row {entries[0][0]}: column `arabic`: the edit breaks the record: "
+                             f"{err}; "
                              "nothing was applied") from None
         trail += [audit_entry(by_id[record_id], row, reviewer=reviewer, time=now) for _, row in entries]
         counts[state] += 1
@@ -238,7 +241,8 @@ def audit_entry(record: dict, row: dict, *, reviewer: str, time: str) -> dict:
     """The audit-trail line of one decided row: reviewer, UTC time, decision, before, after, score, comment."""
     return {"id": record["id"], "field": row["field"], "reviewer": reviewer, "time": time,
             "decision": row["decision"], "before": row["before"], "after": row["arabic"],
-            "score": (record["meta"].get("translation") or {}).get("score"), "comment": row.get("comment") or ""}
+            "score": (record["meta"].get("translation") or {}).get("score"),
+            "comment": row.get("comment") or ""}
 
 
 def append_audit(path: str | os.PathLike, entries: list[dict]) -> None:
@@ -362,7 +366,8 @@ def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
         rows = []
         for index, row in enumerate(reader, start=2):
             if None in row:
-                raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: the row has more cells than the header "
+                raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: the row has more cells than "
+                                 "the header "
                                  "(an unquoted comma?); nothing was applied")
             rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
         return rows

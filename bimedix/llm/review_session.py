@@ -68,7 +68,8 @@ class ReviewSession:
                  threshold: float = 80.0):
         self.output = Path(output)
         if self.output.resolve() in {Path(p).resolve() for p in (translated, source, queue) if p}:
-            raise ValueError(f"--output {output} is one of the inputs; pick a new file (the inputs are never written)")
+            raise ValueError(f"--output {output} is one of the inputs; pick a new file (the inputs are never "
+                             "written)")
         self.audit = Path(audit) if audit else self.output.with_name(
             self.output.name.removesuffix(".jsonl") + ".audit.jsonl")
         self.records = list(read_records(translated))
@@ -102,7 +103,8 @@ class ReviewSession:
         """``{total, done, left, by_state: {state: count}}`` over the items."""
         states = [self.state(item_id) for item_id in self.items]
         by_state = {state: states.count(state) for state in STATES}
-        return {"total": len(states), "done": len(states) - by_state["undecided"], "left": by_state["undecided"],
+        return {"total": len(states), "done": len(states) - by_state["undecided"],
+                "left": by_state["undecided"],
                 "by_state": by_state}
 
     def listing(self, state: str | None = None, min_score: float | None = None,
@@ -136,16 +138,19 @@ class ReviewSession:
             else:
                 label = f"Turn {index + 1} ({record['conversations'][index]['from']})"
             decided = self.latest.get((item_id, name))
-            texts.append({"field": name, "label": label, "english": text_of(original, name) if original else None,
+            texts.append({"field": name, "label": label, "english": text_of(original,
+                                                                            name) if original else None,
                           "original": text_of(record, name), "current": decided["after"] if decided else
                           text_of(record, name), "decision": decided["decision"] if decided else None})
-        return {"id": item_id, "task": record["task"], "score": info.get("score"), "comments": info.get("comments"),
+        return {"id": item_id, "task": record["task"], "score": info.get("score"),
+                "comments": info.get("comments"),
                 "review_state": info.get("review_state"), "state": self.state(item_id), "texts": texts,
                 "warnings": self._invariant_warnings(record, original, texts) if original else
                 ["no English original for this record in the source file"],
                 "history": self.history.get(item_id, [])}
 
-    def decide(self, item_id: str, action: str, texts: dict[str, str], *, reviewer: str, comment: str = "") -> dict:
+    def decide(self, item_id: str, action: str, texts: dict[str, str], *, reviewer: str,
+               comment: str = "") -> dict:
         """Record ``action`` on every text of the item (``texts``: field -> Arabic as the reviewer leaves it).
 
         ``approve`` and ``edit`` approve each text, marking changed ones ``edit``; ``reject`` needs a reason in
@@ -170,7 +175,8 @@ class ReviewSession:
         rows = []
         for name in item.fields:
             before = text_of(record, name)
-            after = texts.get(name, self.latest[(item_id, name)]["after"] if (item_id, name) in self.latest else before)
+            after = texts.get(name, self.latest[(item_id, name)]["after"] if (item_id,
+                                                                              name) in self.latest else before)
             decision = "reject" if action == "reject" else "approve" if after == before else "edit"
             row = {"id": item_id, "field": name, "arabic": after, "decision": decision, "before": before,
                    "comment": comment.strip()}
@@ -230,7 +236,8 @@ class ReviewSession:
         else:
             rows, errors = [], []
             for row_no, row in read_review_rows(queue):
-                problem = row_problem(self.by_id.get(row.get("id")), {"arabic": "-", "decision": "", **row}, translated)
+                problem = row_problem(self.by_id.get(row.get("id")), {"arabic": "-", "decision": "", **row},
+                                      translated)
                 if problem:
                     errors.append(f"{queue}:row {row_no}: column `{problem[0]}`: {problem[1]}")
                 rows.append(row)

@@ -103,7 +103,8 @@ def rejects_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
 
 
-async def run_records(input_path: str | os.PathLike, process: Callable[[dict], Awaitable[Accepted | Rejected]], *,
+async def run_records(input_path: str | os.PathLike, process: Callable[[dict],
+                                                                       Awaitable[Accepted | Rejected]], *,
                       output: str | os.PathLike, client: LLMClient, fingerprint: str,
                       source_id_of: Callable[[dict], str], desc: str) -> RunSummary:
     """Apply ``process`` to every input record not finished yet, writing results as they finish.
@@ -149,8 +150,8 @@ async def run_records(input_path: str | os.PathLike, process: Callable[[dict], A
                     break
                 logger.info("%d records wait on the Batch API", deferred)
                 if await client.flush_batch() == 0:
-                    raise RuntimeError("the Batch API returned no results for the parked requests; see the log "
-                                       "and re-run to resubmit them")
+                    raise RuntimeError("the Batch API returned no results for the parked requests; see the "
+                                       "log and re-run to resubmit them")
         finally:
             writer.close()
     summary.ledger_usd = client.spent_usd
@@ -222,9 +223,11 @@ def _decode(raw: bytes, path: Path, where: int) -> dict:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path=str(path), record=where) from None
+        raise RecordError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path=str(path),
+                          record=where) from None
     except json.JSONDecodeError as err:
-        raise RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path), record=where) from None
+        raise RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
+                          record=where) from None
     return validate_record(obj, path=str(path), line=where)
 
 
@@ -320,7 +323,8 @@ def _finished_ids(path: Path, id_of: Callable[[str], str]) -> set[str]:
                 try:
                     ids.add(id_of(line))
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{line_no}: cannot read the source id of a finished record ({err}); "
+                    raise ValueError(f"{path}:{line_no}: cannot read the source id of a finished record "
+                                     f"({err}); "
                                      "was this file written by another tool?") from None
     return ids
 

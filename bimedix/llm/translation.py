@@ -89,7 +89,8 @@ class Translator:
     def __init__(self, client: LLMClient, config: TranslationConfig):
         self.client = client
         self.config = config
-        self.prompts = {name: load_prompt(name, config.prompts_dir) for name in ("translate", "refine", "judge")}
+        self.prompts = {name: load_prompt(name, config.prompts_dir) for name in ("translate", "refine",
+                                                                                 "judge")}
         self.response_format = {"type": "json_object"} if config.json_mode else None
 
     @property
@@ -99,7 +100,8 @@ class Translator:
 
     async def __call__(self, record: dict) -> Accepted | Rejected:
         if record["language"] != "en":
-            return Rejected(record["id"], f"language is {record['language']!r}, only English records are translated")
+            return Rejected(record["id"],
+                            f"language is {record['language']!r}, only English records are translated")
         config = self.config
         source = {"turns": [turn["value"] for turn in record["conversations"]]}
         if record["meta"].get("options"):
@@ -116,7 +118,8 @@ class Translator:
                 payload = {"task": "refine", **source, "keep": keep, "translation": current, "score": score,
                            "comments": feedback or "The previous attempt failed; translate again."}
                 prompt = self.prompts["refine"]
-            completion = await self._ask(prompt.render(payload), config.max_tokens, seed=config.seed + round_no - 1)
+            completion = await self._ask(prompt.render(payload), config.max_tokens,
+                                         seed=config.seed + round_no - 1)
             cost += completion.cost_usd
             candidate, problem = _parse_translation(completion, source)
             if problem is None:
@@ -143,7 +146,8 @@ class Translator:
             return Rejected(record["id"], "; ".join(failures), cost)
         return Accepted(self._output(record, *best, rounds, cost))
 
-    async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int, resample: bool = False) -> Completion:
+    async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int,
+                   resample: bool = False) -> Completion:
         """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different answer."""
         temperature = max(self.config.temperature, 0.7) if resample else self.config.temperature
         return await self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
@@ -154,7 +158,8 @@ class Translator:
         messages = self.prompts["judge"].render({"task": "judge", "source": source, "translation": candidate})
         cost, reasons = 0.0, []
         for attempt in range(self.config.judge_attempts):
-            completion = await self._ask(messages, self.config.judge_max_tokens, seed=self.config.seed + attempt,
+            completion = await self._ask(messages, self.config.judge_max_tokens,
+                                         seed=self.config.seed + attempt,
                                          resample=attempt > 0)
             cost += completion.cost_usd
             judged = _parse_judgement(completion)
@@ -166,7 +171,8 @@ class Translator:
     def _output(self, record: dict, translation: dict, score: float, comments: str, rounds: int,
                 cost: float) -> dict:
         config = self.config
-        queued = score < config.threshold or sampled_for_review(record["id"], config.review_fraction, config.seed)
+        queued = score < config.threshold or sampled_for_review(record["id"], config.review_fraction,
+                                                                config.seed)
         meta = dict(record["meta"])
         if translation.get("options"):
             meta["options"] = translation["options"]
@@ -176,8 +182,10 @@ class Translator:
                                "comments": comments}
         conversations = [{"from": turn["from"], "value": arabic_option_letters(text)}
                          for turn, text in zip(record["conversations"], translation["turns"])]
-        return make_record(id=arabic_id(record["id"]), source=record["source"], task=record["task"], language="ar",
-                           conversations=conversations, system=record["system"], license=record["license"], **meta)
+        return make_record(id=arabic_id(record["id"]), source=record["source"], task=record["task"],
+                           language="ar",
+                           conversations=conversations, system=record["system"], license=record["license"],
+                           **meta)
 
 
 async def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, client: LLMClient,

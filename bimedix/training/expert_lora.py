@@ -107,7 +107,8 @@ class ExpertLoraWrapper(ParamWrapper):
             if name not in self.lora_A:
                 continue
             # the same reshapes as `ParamWrapper.get_delta_factors` (PEFT's layout of expert factors)
-            weight_a = self.lora_A[name].weight.reshape(self.num_experts, -1, self.lora_A[name].weight.shape[-1])
+            weight_a = self.lora_A[name].weight.reshape(self.num_experts, -1,
+                                                        self.lora_A[name].weight.shape[-1])
             weight_b = self.lora_B[name].weight
             weight_b = weight_b.reshape(weight_b.shape[0], -1, self.num_experts).permute(2, 0, 1)
             factors.append((weight_a, weight_b, self.scaling[name]))
@@ -167,7 +168,8 @@ def folded_experts_forward(
 
     current = _lora_grouped_linear(experts, up_name, lora.get(up_name, []), current, offsets, expert_ids)
     current = experts._apply_gate(current) if has_gate else experts.act_fn(current)
-    current = _lora_grouped_linear(experts, "down_proj", lora.get("down_proj", []), current, offsets, expert_ids)
+    current = _lora_grouped_linear(experts, "down_proj", lora.get("down_proj", []), current, offsets,
+                                   expert_ids)
     current = current * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
 
     inverse = torch.empty_like(perm)

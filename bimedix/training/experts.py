@@ -36,7 +36,8 @@ def is_quantized(module: nn.Module, param_name: str) -> bool:
     return bnb_parametrization(module, param_name) is not None
 
 
-def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                           torch.Tensor]:
     """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped GEMM).
 
     ``offsets`` are the cumulative row counts per expert (int32), as in transformers' `grouped_mm` experts.
@@ -91,7 +92,8 @@ def flat_dequantize(quantized: torch.Tensor, state) -> torch.Tensor:
     from bitsandbytes import functional as bnbf
 
     flat = bnbf.QuantState(absmax=state.absmax, shape=torch.Size((state.shape.numel() // state.blocksize,
-                           state.blocksize)), code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
+                           state.blocksize)), code=state.code, blocksize=state.blocksize,
+                           quant_type=state.quant_type,
                            dtype=state.dtype, offset=state.offset, state2=state.state2)
     return bnbf.dequantize_4bit(quantized, quant_state=flat).reshape(state.shape)
 
@@ -102,7 +104,8 @@ def bnb_parametrization(module: nn.Module, param_name: str):
         return None
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
 
-    return next((p for p in module.parametrizations[param_name] if isinstance(p, Bnb4bitParametrization)), None)
+    return next((p for p in module.parametrizations[param_name] if isinstance(p, Bnb4bitParametrization)),
+                None)
 
 
 def is_3d_expert_parameter(module: nn.Module, param_name: str) -> bool:

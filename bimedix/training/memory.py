@@ -93,7 +93,8 @@ class Settings:
     sharding: Sharding = STRATEGIES["single"]
 
 
-def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None, *, num_processes: int | None = None,
+def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None, *,
+                    num_processes: int | None = None,
                     accelerate_config: str | os.PathLike | None = None, gpu: float | None = None) -> dict:
     """Estimate the per-process training memory of a recipe.
 
@@ -112,7 +113,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
     from .sft import parse_args
 
     # `use_cpu` lets a bf16 GPU recipe parse on a machine without the GPU; nothing runs here
-    _, training, model_args, _, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true", *(overrides or [])])
+    _, training, model_args, _, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true",
+                                                      *(overrides or [])])
     model = _meta_model(model_args, bimedix)
     facts = model_facts(model, model_args, bimedix)
     sharding, config_processes = read_accelerate_config(accelerate_config, num_processes)
@@ -177,8 +179,10 @@ def model_facts(model: torch.nn.Module, model_args=None, bimedix=None, peft_conf
         "largest_expert_parameter": largest_expert,
         "layer_parameters": sum(counts.values()) / config.num_hidden_layers,
         "dims": {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
-                 "q": heads * head_dim, "kv": (getattr(config, "num_key_value_heads", None) or heads) * head_dim,
-                 "experts": experts, "top_k": (getattr(config, "num_experts_per_tok", 1) or 1) if experts else 0,
+                 "q": heads * head_dim, "kv": (getattr(config, "num_key_value_heads",
+                                                       None) or heads) * head_dim,
+                 "experts": experts, "top_k": (getattr(config, "num_experts_per_tok",
+                                                       1) or 1) if experts else 0,
                  "intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
                  "lora_r": getattr(peft_config, "r", 0) if peft_config is not None else 0},
     }
@@ -203,13 +207,15 @@ def estimate(facts: dict, settings: Settings) -> dict:
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
     # forward/backward transients come on top of the activations; the optimizer step comes after backward freed
     # them, so the step's peak is the larger of the two phases
-    during_backward = act_total + max(transients.get("expert_weights", 0), transients.get("gathered_layers", 0))
+    during_backward = act_total + max(transients.get("expert_weights", 0), transients.get("gathered_layers",
+                                                                                          0))
     step_peak = max(during_backward, transients.get("optimizer_step", 0))
     totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
               "transients": step_peak - act_total}
     totals["all"] = sum(totals.values())
     return {"model_type": facts["model_type"], "settings": {**asdict(settings), "sharding": asdict(shard)},
-            "parameters": params, "trainable": trainable, "activations": activations, "transients": transients,
+            "parameters": params, "trainable": trainable, "activations": activations,
+            "transients": transients,
             "totals": totals, "gpus": fits(totals["all"]), "notes": _notes(params, settings)}
 
 
@@ -235,7 +241,8 @@ def parameter_parts(model: torch.nn.Module) -> dict[str, str]:
     return parts
 
 
-def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None, quantize_experts: bool = False) -> dict:
+def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None,
+                    quantize_experts: bool = False) -> dict:
     """Bytes of the frozen model by part and by storage, as bitsandbytes (and bimedix) store it.
 
     bitsandbytes packs the ``nn.Linear`` weights of each part; bimedix packs the fused 3-D experts; the rest
@@ -248,7 +255,8 @@ def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None, q
         linear = facts["linear_counts"].get(part, 0) if quantization else 0
         if quantize_experts and part == "experts":
             linear = count  # fused experts are not Linears; bimedix packs them (per-expert Linears: bitsandbytes)
-        packed, per = ("nf4", NF4_BYTES) if quantization == "4bit" or (part == "experts" and quantize_experts) \
+        packed, per = ("nf4",
+                       NF4_BYTES) if quantization == "4bit" or (part == "experts" and quantize_experts) \
             else ("int8", INT8_BYTES)
         for storage, number, size in ((packed, linear, per), (plain, count - linear, dtype.itemsize)):
             if number:
@@ -279,12 +287,14 @@ def trainable_bytes(facts: dict, settings: Settings, dtype: torch.dtype) -> dict
     optimizer = count * 2 * states_per + (count * (4 + 4) if deepspeed else 0)  # + fp32 master and fp32 grads
     optimizer = 0 if shard.offload_optimizer else optimizer / (n if shard.optimizer else 1)
     buckets = count * per if shard.kind == "ddp" and n > 1 else 0
-    return {"parameters": count, "bytes_per_weight": per, "expert_lora": facts["expert_lora"], "weights": weights,
+    return {"parameters": count, "bytes_per_weight": per, "expert_lora": facts["expert_lora"],
+            "weights": weights,
             "gradients": gradients, "optimizer": optimizer, "ddp_buckets": buckets,
             "total": weights + gradients + optimizer + buckets}
 
 
-def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype, adapter_bytes: int = 0) -> dict:
+def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype,
+                     adapter_bytes: int = 0) -> dict:
     """Activation memory of one micro-batch kept for backward (SDPA attention: no stored attention matrix).
 
     Per token and layer, in the compute dtype unless said: attention keeps its input, the normed input, q, k,
@@ -315,7 +325,8 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     }
 
 
-def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict, trainable: dict) -> dict:
+def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict,
+                    trainable: dict) -> dict:
     """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or the
     optimizer step's when that is larger (it comes after backward has freed the activations).
 
@@ -343,7 +354,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
 
 def fits(total: float, reserve: float = CUDA_RESERVE) -> list[dict]:
     """Which `GPUS` hold ``total`` bytes plus ``reserve``, and the room left on each."""
-    return [{"gpu": label, "examples": examples, "memory": mib * 2**20, "fits": total + reserve <= mib * 2**20,
+    return [{"gpu": label, "examples": examples, "memory": mib * 2**20,
+             "fits": total + reserve <= mib * 2**20,
              "room": mib * 2**20 - total - reserve} for label, examples, mib in GPUS]
 
 
@@ -377,7 +389,8 @@ def suggest(facts: dict, settings: Settings, memory: float, reserve: float = CUD
     return None
 
 
-def read_accelerate_config(config: str | os.PathLike | None, num_processes: int | None = None) -> tuple[Sharding, int]:
+def read_accelerate_config(config: str | os.PathLike | None,
+                           num_processes: int | None = None) -> tuple[Sharding, int]:
     """The `Sharding` and process count of an accelerate config file (or a `STRATEGIES` name).
 
     Raises:
@@ -422,11 +435,12 @@ def format_report(report: dict) -> str:
     """A plain-text report of `estimate_memory`'s result (GiB), with the GPU table and any suggestion."""
     p, t, a, s = report["parameters"], report["trainable"], report["activations"], report["settings"]
     shard = s["sharding"]
-    lines = [f"Model: {report.get('model', '?')} ({report['model_type']}), compute dtype {s['compute_dtype']}, "
-             f"bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts" if s["quantize_experts"] else "")
+    lines = [f"Model: {report.get('model', '?')} ({report['model_type']}), compute dtype "
+             f"{s['compute_dtype']}, bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts" if s["quantize_experts"] else "")
              + f", expert LoRA {s['expert_lora']}",
              f"Launch: {s['num_processes']} process(es), {shard['name']}"
-             + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients", "optimizer") if shard[k]) + ")"
+             + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients",
+                                                      "optimizer") if shard[k]) + ")"
                 if any(shard[k] for k in ("parameters", "gradients", "optimizer")) else "")
              + (", optimizer offloaded to CPU" if shard["offload_optimizer"] else "")
              + (", parameters offloaded to CPU" if shard["offload_parameters"] else ""),
@@ -435,34 +449,41 @@ def format_report(report: dict) -> str:
         lines.append(f"  {part:<15} {_count(p['counts'][part])} params {_gib(size)}")
     lines.append("  by storage: " + ", ".join(f"{k} {_gib(v).strip()}" for k, v in p["by_storage"].items()))
     lines += ["", f"Trainable: {_count(t['parameters']).strip()} params, per process after sharding:",
-              f"  weights {_gib(t['weights'])}  gradients {_gib(t['gradients'])}  optimizer {_gib(t['optimizer'])}"
+              f"  weights {_gib(t['weights'])}  gradients {_gib(t['gradients'])}  optimizer "
+              f"{_gib(t['optimizer'])}"
               + (f"  DDP buckets {_gib(t['ddp_buckets'])}" if t["ddp_buckets"] else ""),
               "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
               f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
               (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
                f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
               "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
-                                                                for k, v in report["transients"].items()) or "none")]
+                                                                for k,
+                                               v in report["transients"].items()) or "none")]
     totals = report["totals"]
-    labels = {"parameters": "parameters", "trainable_states": "trainable states", "activations": "activations",
+    labels = {"parameters": "parameters", "trainable_states": "trainable states",
+              "activations": "activations",
               "transients": "step transients beyond them"}
-    lines += ["", "Per GPU: " + " + ".join(f"{label} {_gib(totals[k]).strip()}" for k, label in labels.items())
+    lines += ["", "Per GPU: " + " + ".join(f"{label} {_gib(totals[k]).strip()}" for k,
+                                           label in labels.items())
               + f" = {_gib(totals['all']).strip()} (+ {_gib(CUDA_RESERVE).strip()} CUDA context reserve)", ""]
     lines.append(f"  {'GPU':<8} {'e.g.':<24} {'memory':>12}  fits  {'room':>12}")
     for row in report["gpus"]:
-        lines.append(f"  {row['gpu']:<8} {row['examples']:<24} {_gib(row['memory'])}  {'yes ' if row['fits'] else 'no  '}"
-                     f"  {_gib(row['room'])}")
+        lines.append(f"  {row['gpu']:<8} {row['examples']:<24} {_gib(row['memory'])}  "
+                     f"{'yes ' if row['fits'] else 'no  '}  {_gib(row['room'])}")
     stated = report.get("stated_gpu")
     if stated:
         room = stated["memory"] - totals["all"] - CUDA_RESERVE
         lines += ["", f"Stated GPU ({stated['gb']:g} GB = {_gib(stated['memory']).strip()}): "
-                  + (f"fits, {_gib(room).strip()} to spare." if room >= 0 else f"does NOT fit ({_gib(-room).strip()} short).")]
+                  + (f"fits, {_gib(room).strip()} to spare." if room >= 0 else "does NOT fit "
+                                                                               f"({_gib(-room).strip()} "
+                                                                               "short).")]
         if room < 0 and stated["suggestion"]:
-            lines.append(f"  Nearest setting that fits ({_gib(stated['suggestion']['total']).strip()} per GPU): "
+            lines.append(f"  Nearest setting that fits ({_gib(stated['suggestion']['total']).strip()} per "
+                         "GPU): "
                          + "; ".join(stated["suggestion"]["changes"]))
         elif room < 0:
-            lines.append("  None of the tried changes fits: use more GPUs with ZeRO-3/FSDP, or lower LoRA ranks "
-                         "(`lora_r`, `lora_rank_pattern`).")
+            lines.append("  None of the tried changes fits: use more GPUs with ZeRO-3/FSDP, or lower LoRA "
+                         "ranks (`lora_r`, `lora_rank_pattern`).")
     lines += [""] + [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines)
 
@@ -486,7 +507,8 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     if "8bit" not in settings.optim:
         changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
     if settings.batch_size > 1:
-        changes.append((f"--per_device_train_batch_size 1 --gradient_accumulation_steps x{settings.batch_size}",
+        changes.append(("--per_device_train_batch_size 1 --gradient_accumulation_steps "
+                        f"x{settings.batch_size}",
                         {"batch_size": 1}))
     if settings.max_length > 256:
         changes.append((f"--max_length {settings.max_length // 2}", {"max_length": settings.max_length // 2}))
@@ -499,8 +521,10 @@ def _notes(params: dict, settings: Settings) -> list[str]:
     unquantized = params["by_part"].get("experts", 0)
     if settings.quantization and not settings.quantize_experts and unquantized:
         notes.append(
-            f"bitsandbytes load_in_{settings.quantization} quantizes nn.Linear layers only: the router and the fused "
-            f"3-D experts stay in the compute dtype ({_gib(unquantized).strip()} of experts here), and peft's "
+            f"bitsandbytes load_in_{settings.quantization} quantizes nn.Linear layers only: the router and "
+            f"the fused 3-D experts stay in the compute dtype ({_gib(unquantized).strip()} of experts here), "
+            "and "
+            "peft's "
             "prepare_model_for_kbit_training would upcast them to fp32 (twice that). bimedix's 4-bit experts "
             "(`quantize_experts: nf4`) store them in nf4.")
     if settings.quantize_experts and settings.sharding.parameters and settings.num_processes > 1:

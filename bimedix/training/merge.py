@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_PROMPTS = (
     "USER: What are the early symptoms of type 2 diabetes? ASSISTANT:",
     "USER: ما هي أعراض ارتفاع ضغط الدم؟ ASSISTANT:",
-    "USER: A 45-year-old man has crushing chest pain radiating to the left arm. What is the next step? ASSISTANT:",
+    "USER: A 45-year-old man has crushing chest pain radiating to the left arm. What is the next step? "
+    "ASSISTANT:",
     "USER: هل يمكن تناول الإيبوبروفين مع الباراسيتامول؟ ASSISTANT:",
 )
 
@@ -66,7 +67,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     adapter_dir = Path(adapter_dir)
     _adapter_config(adapter_dir)
     inputs = {"--adapter": adapter_dir, **({"--base": Path(base)} if Path(base).exists() else {})}
-    folder = OutputFolder(output_dir, "merge", inputs=inputs, overwrite=overwrite) if output_dir is not None else None
+    folder = OutputFolder(output_dir, "merge", inputs=inputs,
+                          overwrite=overwrite) if output_dir is not None else None
     model = load_base_model(base, getattr(torch, dtype))
     provenance = check_merge(base, model, adapter_dir, force=force)
     tokenizer = _load_tokenizer(adapter_dir, base)
@@ -84,7 +86,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         merged = peft_model.merge_and_unload()
         merged_logits = _logits(merged, batch)
     report = {
-        "base": base, "adapter": str(adapter_dir), "dtype": dtype, "prompts": len(prompts), "tolerance": tolerance,
+        "base": base, "adapter": str(adapter_dir), "dtype": dtype, "prompts": len(prompts),
+        "tolerance": tolerance,
         "quantize_experts": quantize_experts,
         "max_abs_diff_merged_vs_adapter": float((merged_logits - adapter_logits).abs().max()),
         "max_abs_diff_merged_vs_base": float((merged_logits - base_logits).abs().max()),
@@ -94,12 +97,14 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     if not report["max_abs_diff_merged_vs_adapter"] <= tolerance:
         raise RuntimeError(
             f"Refusing to write the merged model: its logits differ from the adapter model's by "
-            f"{report['max_abs_diff_merged_vs_adapter']:.3g} (> tolerance {tolerance:g}) on {len(prompts)} prompts, "
+            f"{report['max_abs_diff_merged_vs_adapter']:.3g} (> tolerance {tolerance:g}) on {len(prompts)} "
+            "prompts, "
             "so some adapter deltas (often the experts' or the router's) were not merged. "
             f"Merged vs base differ by {report['max_abs_diff_merged_vs_base']:.3g}."
         )
     if report["max_abs_diff_adapter_vs_base"] == 0:
-        logger.warning("The adapter in %s does not change the base model's logits (untrained adapter?).", adapter_dir)
+        logger.warning("The adapter in %s does not change the base model's logits (untrained adapter?).",
+                       adapter_dir)
     if folder is not None:
         output_dir = folder.root
         merged.save_pretrained(output_dir)

@@ -51,7 +51,8 @@ def base_fingerprint(model) -> dict[str, str]:
     tensors += [parameters[name] for name in norms[:1] + norms[-1:]]
     digest = hashlib.sha256()
     for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu",
+                                         torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return {"config": _sha256(json.dumps(config, sort_keys=True, default=str)),
             "shapes": _sha256(json.dumps(shapes)), "tensors": digest.hexdigest()}
 
@@ -100,28 +101,33 @@ def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool
     merged_before = list(previous.get("merged_adapters") or [])
     problems = []
     if any(entry.get("fingerprint") == adapter for entry in merged_before):
-        problems.append(f"--base {base} is a merged model that already holds the adapter {adapter_dir} (see its "
-                        f"{MERGE_REPORT}); merging it again would apply it twice. Merge into the original base")
+        problems.append(f"--base {base} is a merged model that already holds the adapter {adapter_dir} (see "
+                        f"its {MERGE_REPORT}); merging it again would apply it twice. Merge into the "
+                        "original "
+                        "base")
     fingerprint = base_fingerprint(model)
     record_path = adapter_dir / BASE_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        differs = [part for part, value in (record.get("fingerprint") or {}).items() if fingerprint.get(part) != value]
+        differs = [part for part,
+                   value in (record.get("fingerprint") or {}).items() if fingerprint.get(part) != value]
         provenance = "fingerprint"
         if differs:
-            problems.append(f"the adapter {adapter_dir} was trained on {record.get('base_model')!r}, and --base {base} "
-                            f"differs from it in {' and '.join(differs)} ({BASE_RECORD} holds the fingerprint). "
+            problems.append(f"the adapter {adapter_dir} was trained on {record.get('base_model')!r}, and "
+                            f"--base {base} differs from it in {' and '.join(differs)} ({BASE_RECORD} holds "
+                            "the "
+                            "fingerprint). "
                             "Pass the base it was trained on")
     else:
         recorded = _adapter_base_name(adapter_dir)
         provenance = "name"
         if recorded is None:
             provenance = "unchecked"
-            logger.warning("%s records no base model (no %s, no base_model_name_or_path): cannot check that --base %s "
-                           "is the model it was trained on.", adapter_dir, BASE_RECORD, base)
+            logger.warning("%s records no base model (no %s, no base_model_name_or_path): cannot check that "
+                           "--base %s is the model it was trained on.", adapter_dir, BASE_RECORD, base)
         elif not _same_model(recorded, base):
-            problems.append(f"the adapter {adapter_dir} was trained on {recorded!r} (adapter_config.json), not --base "
-                            f"{base}. Pass the base it was trained on")
+            problems.append(f"the adapter {adapter_dir} was trained on {recorded!r} (adapter_config.json), "
+                            f"not --base {base}. Pass the base it was trained on")
     for problem in problems:
         if not force:
             raise ProvenanceError(problem + ", or --force to merge anyway.")

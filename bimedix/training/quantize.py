@@ -69,7 +69,8 @@ def quantize_experts(
     experts = fused_experts(model)
     if not experts:
         raise ValueError(
-            f"{type(model).__name__} has no fused MoE experts (3-D `gate_up_proj`/`down_proj` parameters), so there "
+            f"{type(model).__name__} has no fused MoE experts (3-D `gate_up_proj`/`down_proj` parameters), "
+            "so there "
             "is nothing for `quantize_experts: nf4` to quantize. Use it with an MoE model such as Mixtral or "
             "Qwen-MoE, or drop the option (dense Linear layers are quantized by `load_in_4bit`)."
         )
@@ -83,7 +84,8 @@ def quantize_experts(
             full_name = f"{module_name}.{param_name}"
             _check_parameter(full_name, getattr(module, param_name), blocksize)
             replace_parameter_4bit(
-                module, param_name, compress_statistics=compress_statistics, quant_type=quant_type, blocksize=blocksize
+                module, param_name, compress_statistics=compress_statistics, quant_type=quant_type,
+                blocksize=blocksize
             )
             module.parametrizations[param_name][0].__class__ = _experts_parametrization_class()
             names.append(full_name)
@@ -233,8 +235,9 @@ def _check_bitsandbytes() -> None:
         from bitsandbytes.nn import parametrize as _  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
-            f"4-bit experts need bitsandbytes>={MIN_BITSANDBYTES} with `bitsandbytes.nn.parametrize` ({exc}). "
-            f"Install it with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'` (or `pip install bimedix[train]`)."
+            f"4-bit experts need bitsandbytes>={MIN_BITSANDBYTES} with `bitsandbytes.nn.parametrize` "
+            f"({exc}). Install it with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'` (or `pip install "
+            "bimedix[train]`)."
         ) from exc
     from packaging.version import Version
 

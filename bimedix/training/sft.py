@@ -39,14 +39,14 @@ class BimedixArguments:
 
     tiny_model: str | None = field(
         default=None,
-        metadata={"help": "Train a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, olmoe, "
-                          "llama) built in-process with the Mixtral tokenizer, instead of `model_name_or_path`. "
-                          "For CPU runs and tests; nothing is downloaded."},
+        metadata={"help": "Train a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, "
+                          "olmoe, llama) built in-process with the Mixtral tokenizer, instead of "
+                          "`model_name_or_path`. For CPU runs and tests; nothing is downloaded."},
     )
     tiny_model_config: dict | str | None = field(
         default=None,
-        metadata={"help": "Config overrides for `tiny_model`, e.g. {\"hidden_size\": 128, \"num_hidden_layers\": 4} "
-                          "(a mapping in YAML, a JSON string on the command line)."},
+        metadata={"help": "Config overrides for `tiny_model`, e.g. {\"hidden_size\": 128, "
+                          "\"num_hidden_layers\": 4} (a mapping in YAML, a JSON string on the command line)."},
     )
     lora_preset: str = field(
         default="paper",
@@ -55,10 +55,11 @@ class BimedixArguments:
     )
     lora_rank_pattern: dict | str | None = field(
         default=None,
-        metadata={"help": "Per-weight LoRA ranks (PEFT `rank_pattern`): {name or regex: rank}, matched against the end "
-                          "of full module names (attention, shared experts) and parameter names (router "
-                          "`mlp.gate.weight`, experts `mlp.experts.gate_up_proj`), e.g. {\"experts.gate_up_proj\": 8, \"experts.down_proj\": 8}. "
-                          "Every key must match a weight LoRA adapts. A mapping in YAML, a JSON string on the command line."},
+        metadata={"help": "Per-weight LoRA ranks (PEFT `rank_pattern`): {name or regex: rank}, matched "
+                          "against the end of full module names (attention, shared experts) and parameter "
+                          "names (router `mlp.gate.weight`, experts `mlp.experts.gate_up_proj`), e.g. "
+                          "{\"experts.gate_up_proj\": 8, \"experts.down_proj\": 8}. Every key must match a "
+                          "weight LoRA adapts. A mapping in YAML, a JSON string on the command line."},
     )
     lora_alpha_pattern: dict | str | None = field(
         default=None,
@@ -66,11 +67,12 @@ class BimedixArguments:
     )
     chat_template: str = field(
         default="vicuna",
-        metadata={"help": "`vicuna`: the BiMediX Vicuna v1.1 template with generation markers; `model`: keep the "
-                          "tokenizer's own template."},
+        metadata={"help": "`vicuna`: the BiMediX Vicuna v1.1 template with generation markers; `model`: keep "
+                          "the tokenizer's own template."},
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System prompt for records that have none (none by default, as in the paper)."}
+        default=None,
+        metadata={"help": "System prompt for records that have none (none by default, as in the paper)."}
     )
     router_report: bool = field(
         default=True,
@@ -80,14 +82,15 @@ class BimedixArguments:
     quantize_experts: str | None = field(
         default=None,
         metadata={"help": "`nf4` (or `fp4`): store the fused MoE experts in 4 bit with double quantization "
-                          "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The model loads "
-                          "on CPU, gets its LoRA, then reaches the device one packed layer at a time."},
+                          "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The "
+                          "model loads on CPU, gets its LoRA, then reaches the device one packed layer at a "
+                          "time."},
     )
     expert_lora: str = field(
         default="peft",
-        metadata={"help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on every "
-                          "forward) or `folded` (x·Wᵀ + s·(x·Aᵀ)·Bᵀ per routed expert: same adapter, less time "
-                          "and memory; `bimedix.training.expert_lora`)."},
+        metadata={"help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on "
+                          "every forward) or `folded` (x·Wᵀ + s·(x·Aᵀ)·Bᵀ per routed expert: same adapter, "
+                          "less time and memory; `bimedix.training.expert_lora`)."},
     )
 
     def __post_init__(self):
@@ -109,7 +112,8 @@ class BimedixArguments:
             if value is not None and (not isinstance(value, dict)
                                       or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                  for v in value.values())):
-                raise ValueError(f"{key}={value!r}: give a mapping of module/parameter name (or regex) to a positive "
+                raise ValueError(f"{key}={value!r}: give a mapping of module/parameter name (or regex) to a "
+                                 "positive "
                                  "integer, e.g. {\"experts.down_proj\": 8}.")
             setattr(self, key, value)
         if self.lora_preset not in PRESETS:
@@ -117,7 +121,8 @@ class BimedixArguments:
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template={self.chat_template!r} is not one of {list(CHAT_TEMPLATES)}.")
         if self.quantize_experts not in (None, "nf4", "fp4"):
-            raise ValueError(f"quantize_experts={self.quantize_experts!r}: use `nf4` (or `fp4`), or leave it unset.")
+            raise ValueError(f"quantize_experts={self.quantize_experts!r}: use `nf4` (or `fp4`), or leave it "
+                             "unset.")
         if self.expert_lora not in ("peft", "folded"):
             raise ValueError(f"expert_lora={self.expert_lora!r} is not one of ['peft', 'folded'].")
 
@@ -164,8 +169,10 @@ def check_value_types(*configs) -> None:
                 continue
             accepted = tuple(scalars) + ((int,) if float in scalars else ())
             if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
-                raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, got "
-                                 f"{value!r:.80} ({type(value).__name__}); fix it in the recipe or on the command line")
+                raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, "
+                                 f"got {value!r:.80} ({type(value).__name__}); fix it in the recipe or on "
+                                 "the "
+                                 "command line")
 
 
 def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
@@ -180,20 +187,26 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> 
     conflicts = []
     if bimedix_args.tiny_model:
         for key, value in (("model_name_or_path", model_args.model_name_or_path),
-                           ("model_revision", None if model_args.model_revision == "main" else model_args.model_revision)):
+                           ("model_revision",
+                            None if model_args.model_revision == "main" else model_args.model_revision)):
             if value is not None:
-                conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, so "
-                                 f"`{key}: {value}` would be ignored; remove one of the two (to train your own "
+                conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, "
+                                 f"so `{key}: {value}` would be ignored; remove one of the two (to train "
+                                 "your "
+                                 "own "
                                  "model, use a recipe without `tiny_model`)")
     targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
     if targets and bimedix_args.lora_preset != "paper":
-        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored when {' and '.join(f'`{k}`' for k in targets)} "
+        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored when "
+                         f"{' and '.join(f'`{k}`' for k in targets)} "
                          "is set; keep either the preset or the explicit target lists")
     if not model_args.use_peft:
         if bimedix_args.expert_lora != "peft":
-            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` needs LoRA: set `use_peft: true` or drop it")
+            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` needs LoRA: set `use_peft: true` or "
+                             "drop it")
         if bimedix_args.quantize_experts:
-            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` needs LoRA (`use_peft: true`): "
+            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` needs LoRA (`use_peft: "
+                             "true`): "
                              "4-bit experts cannot be trained directly")
     if conflicts:
         raise ValueError("The recipe sets keys that contradict each other:\n  - " + "\n  - ".join(conflicts))
@@ -273,7 +286,8 @@ def load_tokenizer(model_args: ModelConfig, bimedix_args: BimedixArguments):
         tokenizer = load_mixtral_tokenizer()
     else:
         _require_model(model_args)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                  revision=model_args.model_revision)
     if bimedix_args.chat_template == "vicuna":
         apply_vicuna_template(tokenizer)
     return tokenizer
@@ -306,13 +320,15 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
         return model
     _require_model(model_args)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
-                  dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code", False),
+                  dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code",
+                                                                    False),
                   quantization_config=quantization_config, device_map=device_map)
     kwargs.update(training_args.model_init_kwargs or {})
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
 
 
-def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
+def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
+                     bimedix_args: BimedixArguments) -> None:
     """Refuse, before anything is loaded, recipe options that cannot work together.
 
     `quantize_experts` needs LoRA and a model with fused experts, composes with `load_in_4bit` but not
@@ -329,14 +345,15 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_
         raise ValueError(f"{key} needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
     if model_args.load_in_8bit:
         raise ValueError(f"{key} composes with `load_in_4bit: true` (full QLoRA), not with `load_in_8bit`: "
-                         "8-bit bitsandbytes models cannot be moved to the GPU after loading. Use `load_in_4bit`.")
+                         "8-bit bitsandbytes models cannot be moved to the GPU after loading. Use "
+                         "`load_in_4bit`.")
     sharding = parameter_sharding(training_args)
     if sharding:
         raise ValueError(
             f"{key} is not supported under {sharding}: it would shard the packed 4-bit experts without their "
             "quantization state. Launch with DDP (recipes/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 "
-            "(recipes/accelerate_configs/deepspeed_zero2.yaml), which keep whole parameters on every GPU, or drop "
-            "`quantize_experts` (then only `load_in_4bit` quantizes, and the experts stay bf16; see "
+            "(recipes/accelerate_configs/deepspeed_zero2.yaml), which keep whole parameters on every GPU, or "
+            "drop `quantize_experts` (then only `load_in_4bit` quantizes, and the experts stay bf16; see "
             "docs/qlora-experts.md)."
         )
     name = bimedix_args.tiny_model or model_args.model_name_or_path
@@ -344,9 +361,10 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig, bimedix_
                                        trust_remote_code=getattr(training_args, "trust_remote_code", False)):
         source = f"`tiny_model: {name}`" if bimedix_args.tiny_model else f"`model_name_or_path: {name}`"
         raise ValueError(
-            f"{key} with {source}: that model has no fused MoE experts (3-D `mlp.experts.gate_up_proj`/`down_proj`), "
-            "so there is nothing to quantize. Drop `quantize_experts` (`load_in_4bit: true` quantizes dense Linear "
-            "layers) or use an MoE model (Mixtral, Qwen2/3-MoE, OLMoE)."
+            f"{key} with {source}: that model has no fused MoE experts (3-D "
+            "`mlp.experts.gate_up_proj`/`down_proj`), "
+            "so there is nothing to quantize. Drop `quantize_experts` (`load_in_4bit: true` quantizes dense "
+            "Linear layers) or use an MoE model (Mixtral, Qwen2/3-MoE, OLMoE)."
         )
 
 
@@ -431,7 +449,8 @@ def load_sft_dataset(script_args: ScriptArguments, mixture_args: DatasetMixtureC
     train = concatenate_datasets(parts)
     if mixture_args.test_split_size is not None:
         split = train.train_test_split(test_size=mixture_args.test_split_size, seed=0)
-        return DatasetDict({script_args.dataset_train_split: split["train"], script_args.dataset_test_split: split["test"]})
+        return DatasetDict({script_args.dataset_train_split: split["train"],
+                            script_args.dataset_test_split: split["test"]})
     return DatasetDict({script_args.dataset_train_split: train})
 
 
@@ -469,10 +488,12 @@ def _check_rows_left(trainer, rows, training_args: SFTConfig) -> None:
     if not (hasattr(rows, "__len__") and hasattr(trainer.train_dataset, "__len__")):
         return  # streamed data: RequireTrainedTokens still guards every batch
     dropped = len(rows) - len(trainer.train_dataset)
-    why = (f"after truncation to max_length={training_args.max_length} they have no assistant token left to train "
+    why = (f"after truncation to max_length={training_args.max_length} they have no assistant token left to "
+           "train "
            "on (with assistant_only_loss every label outside the assistant turns is masked)")
     if len(rows) and not len(trainer.train_dataset):
-        raise ValueError(f"all {len(rows)} training rows were dropped: {why}. Raise `max_length` (or shorten the "
+        raise ValueError(f"all {len(rows)} training rows were dropped: {why}. Raise `max_length` (or shorten "
+                         "the "
                          "system prompt and user turns) so that some assistant text fits.")
     if dropped > 0:
         logger.warning("%d of %d training rows were dropped: %s.", dropped, len(rows), why)
@@ -517,7 +538,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
         model.config.save_pretrained(folder)
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization_config,
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                    quantization_config=quantization_config,
                                                     device_map=device_map)
 
 
@@ -536,7 +558,8 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
         config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
                                             trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return bool(fused_experts(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)))
+        return bool(fused_experts(AutoModelForCausalLM.from_config(config,
+                                                                   trust_remote_code=trust_remote_code)))
 
 
 def _env_true(name: str) -> bool:
@@ -569,7 +592,8 @@ def _resolve_path(path: str) -> Path:
     if not path.startswith("bimedix:"):
         return Path(path)
     kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    return resource_path(kind, *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind, *rest.split("/"))
+    return resource_path(kind, *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind,
+                                                                                         *rest.split("/"))
 
 
 def _load_one(config):
@@ -593,7 +617,8 @@ def _load_one(config):
     if path.is_dir() and not config.data_files and not (path / "README.md").is_file():
         files = sorted(str(p) for p in path.rglob("*.parquet"))
         return load_dataset("parquet", data_files=files, split=config.split)
-    return load_dataset(str(path) if path.exists() else config.path, name=config.name, data_dir=config.data_dir, data_files=config.data_files,
+    return load_dataset(str(path) if path.exists() else config.path, name=config.name,
+                        data_dir=config.data_dir, data_files=config.data_files,
                         split=config.split)
 
 
@@ -612,5 +637,6 @@ def _as_messages(dataset, system_prompt: str | None, source: str):
                 messages.insert(0, {"role": "system", "content": system_prompt})
             return {"messages": messages}
     else:
-        raise ValueError(f"{source}: no `conversations` (schema records) or `messages` column (found: {columns}).")
+        raise ValueError(f"{source}: no `conversations` (schema records) or `messages` column (found: "
+                         f"{columns}).")
     return dataset.map(convert, remove_columns=columns, desc=f"Formatting {os.path.basename(source)}")

@@ -154,9 +154,11 @@ def build_lora_config(
     else:
         targets = select_targets(model, preset)
         modules = _names(model, [t.name for t in targets if t.kind == "module"], "module", full_names)
-        parameters = _names(model, [t.name for t in targets if t.kind == "parameter"], "parameter", full_names)
+        parameters = _names(model, [t.name for t in targets if t.kind == "parameter"], "parameter",
+                            full_names)
     if parameters and dropout:
-        logger.warning("lora_dropout=%s is not supported on target_parameters (router/fused experts); using 0.",
+        logger.warning("lora_dropout=%s is not supported on target_parameters (router/fused experts); using "
+                       "0.",
                        dropout)
         dropout = 0.0
     for recipe_key, pattern in (("lora_rank_pattern", rank_pattern), ("lora_alpha_pattern", alpha_pattern)):
@@ -187,8 +189,9 @@ def check_pattern(model: nn.Module, pattern: dict[str, int], target_modules: Seq
         if not matched:
             examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in adapted})[:8]
             raise ValueError(
-                f"{key_name} key {key!r} matches none of the {len(adapted)} weights LoRA adapts here; keys match the "
-                f"end of full names such as {examples}. Use e.g. 'experts.gate_up_proj', 'experts.down_proj', 'gate.weight' or 'q_proj'.")
+                f"{key_name} key {key!r} matches none of the {len(adapted)} weights LoRA adapts here; keys "
+                f"match the end of full names such as {examples}. Use e.g. 'experts.gate_up_proj', "
+                "'experts.down_proj', 'gate.weight' or 'q_proj'.")
 
 
 def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
@@ -244,7 +247,8 @@ def meta_model(model: str, **config_overrides) -> nn.Module:
 
     config = load_model_config(model, **config_overrides)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.bfloat16)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype",
+                                                                      None) or torch.bfloat16)
 
 
 def load_model_config(model: str, **overrides):
@@ -267,8 +271,8 @@ def load_model_config(model: str, **overrides):
             return AutoConfig.from_pretrained(model, local_files_only=True, **overrides)
         except OSError as err:
             raise OSError(
-                f"Cannot load the config of {model!r} offline: not a tiny arch ({sorted(TINY_CONFIGS)}), not a "
-                f"local folder, not shipped in {shipped} and not in the Hugging Face cache ({err})."
+                f"Cannot load the config of {model!r} offline: not a tiny arch ({sorted(TINY_CONFIGS)}), not "
+                f"a local folder, not shipped in {shipped} and not in the Hugging Face cache ({err})."
             ) from err
     return AutoConfig.from_pretrained(shipped_file, **overrides)
 
@@ -279,7 +283,8 @@ def load_model_config(model: str, **overrides):
 def _preset_groups(preset: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"Unknown LoRA preset {preset!r}; choose one of {sorted(PRESETS)} or a list of {GROUPS}.")
+            raise ValueError(f"Unknown LoRA preset {preset!r}; choose one of {sorted(PRESETS)} or a list of "
+                             f"{GROUPS}.")
         return PRESETS[preset]
     unknown = [g for g in preset if g not in GROUPS]
     if unknown:
@@ -330,8 +335,10 @@ def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -
     """The shortest dotted suffixes that match exactly ``selected`` among the model's module/parameter names."""
     if full_names or not selected:
         return sorted(selected)
-    pool = [n for n, _ in model.named_modules()] if kind == "module" else [n for n, _ in model.named_parameters()]
-    matching: dict[str, set[str]] = defaultdict(set)  # suffix -> names it matches (PEFT: equal or ends with .suffix)
+    pool = [n for n, _ in model.named_modules()] if kind == "module" else [n for n,
+                                                                           _ in model.named_parameters()]
+    matching: dict[str,
+                   set[str]] = defaultdict(set)  # suffix -> names it matches (PEFT: equal or ends with .suffix)
     for name in pool:
         parts = name.split(".")
         for i in range(len(parts)):

@@ -33,8 +33,8 @@ VICUNA_TEMPLATE = (
     "{{ 'ASSISTANT:' }}"
     "{%- generation -%}{{ ' ' + (message['content'] | trim) + eos_token }}{%- endgeneration -%}"
     "{%- else -%}"
-    "{{ raise_exception('Vicuna template: unexpected role ' + message['role'] + ' (use system, user, assistant)') }}"
-    "{%- endif -%}"
+    "{{ raise_exception('Vicuna template: unexpected role ' + message['role'] + ' (use system, user, "
+    "assistant)') }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
@@ -77,7 +77,8 @@ def render(messages: Sequence[Mapping[str, str]], *, bos_token: str = "<s>", eos
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
-        conversations=[list(messages)], chat_template=VICUNA_TEMPLATE, add_generation_prompt=add_generation_prompt,
+        conversations=[list(messages)], chat_template=VICUNA_TEMPLATE,
+        add_generation_prompt=add_generation_prompt,
         bos_token=bos_token, eos_token=eos_token,
     )
     return rendered[0]

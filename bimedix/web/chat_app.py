@@ -61,7 +61,8 @@ def create_chat_app(session, *, notice: str, language_of: Callable[[str], str]):
         bad = [turn for turn in message.history if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str)]
         if not text or bad:
             return JSONResponse({"error": "empty message" if not text else
-                                 f"history turns need a role in {list(ROLES)} and a content"}, status_code=400)
+                                 f"history turns need a role in {list(ROLES)} and a content"},
+                                status_code=400)
         return StreamingResponse(_reply(text, message.history), media_type="application/x-ndjson")
 
     def _reply(text: str, history: list[dict[str, str]]) -> Iterator[str]:

@@ -52,7 +52,8 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
                 response = RedirectResponse("/", status_code=303)
                 response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
                 return response
-            return JSONResponse({"error": "this review app needs its token: open it as /?token=..."}, status_code=401)
+            return JSONResponse({"error": "this review app needs its token: open it as /?token=..."},
+                                status_code=401)
         try:
             return await call_next(request)
         except Exception as err:  # shown in the page as a message, logged with its traceback here
@@ -67,7 +68,8 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
     def state(filter_state: str = "", min_score: float | None = None, max_score: float | None = None) -> dict:
         with lock:
             return {"progress": session.progress(), "warnings": session.warnings, "reviewer": reviewer,
-                    "items": session.listing(filter_state or None, min_score, max_score), "stats": session.stats(),
+                    "items": session.listing(filter_state or None, min_score, max_score),
+                    "stats": session.stats(),
                     "output": session.output.name, "audit": session.audit.name}
 
     @app.get("/api/item/{item_id}")

@@ -42,13 +42,15 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); another server may be using it: "
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); another server may be using "
+                             "it: "
                              "pass a free --port") from None
 
 
 def token_matches(expected: str | None, given: str | None) -> bool:
     """Constant-time check of a shared token; always true when no token is set."""
-    return expected is None or (given is not None and secrets.compare_digest(expected.encode(), given.encode()))
+    return expected is None or (given is not None and secrets.compare_digest(expected.encode(),
+                                                                             given.encode()))
 
 
 def page(name: str) -> str:

@@ -39,12 +39,14 @@ GROUPS = {
                           "Bilingual benchmark", "bilingual"),
     "bimedix_table2": ("Paper Table 2: the bilingual benchmark (same tasks as bimedix_bilingual).",
                        "Table 2 (bilingual)", "bilingual"),
-    "bimedix_table3": ("Paper Table 3: the Arabic benchmark (same tasks as bimedix_ar).", "Table 3 (Arabic)", "ar"),
-    "bimedix_table4": ("Paper Table 4: the English benchmark (same tasks as bimedix_en).", "Table 4 (English)", "en"),
+    "bimedix_table3": ("Paper Table 3: the Arabic benchmark (same tasks as bimedix_ar).", "Table 3 (Arabic)",
+                       "ar"),
+    "bimedix_table4": ("Paper Table 4: the English benchmark (same tasks as bimedix_en).",
+                       "Table 4 (English)", "en"),
 }
 MEDARABENCH_HEADER = (
-    "# MedAraBench (native Arabic exam questions, up to six options). No licence stated upstream: research use only.\n"
-    "# Not part of any group; present only when build-bench found medarabench/ in --sources.\n"
+    "# MedAraBench (native Arabic exam questions, up to six options). No licence stated upstream: research "
+    "use only.\n# Not part of any group; present only when build-bench found medarabench/ in --sources.\n"
 )
 
 
@@ -73,7 +75,8 @@ def write(directory: Path = TASKS_DIR) -> list[Path]:
 
 
 def _task(subset: str, language: str) -> str:
-    lines = [f"task: bimedix_{subset}_{language}", "include: _template.yaml", f"task_alias: {subset} ({language})",
+    lines = [f"task: bimedix_{subset}_{language}", "include: _template.yaml",
+             f"task_alias: {subset} ({language})",
              "dataset_kwargs:", f"  subset: {subset}", f"  language: {language}"]
     topics = TOPICS.get(subset)
     if topics is not None:

@@ -41,7 +41,8 @@ class PromptTemplate:
 
     def render(self, payload: dict) -> list[dict]:
         """Return OpenAI chat messages for ``payload`` (a JSON-serialisable dict with a ``task`` key)."""
-        values = {"arabic_option_letters": ", ".join(f"{en} → {ar}" for en, ar in zip(*OPTION_LETTERS.values())),
+        values = {"arabic_option_letters": ", ".join(f"{en} → {ar}" for en,
+                                                     ar in zip(*OPTION_LETTERS.values())),
                   **payload, "payload": json.dumps(payload, ensure_ascii=False)}
         system, user = self._compiled
         return [{"role": "system", "content": system.render(values).strip()},
