@@ -71,7 +71,8 @@ def bench_encoding(records: list[dict], count: int, runs: int) -> None:
     jinja_sample = sample[: min(len(sample), 2000)]
     jinja = timed(lambda items: [tokenizer.apply_chat_template(to_messages(r), tokenize=True,
                                                                return_dict=True,
-                                                               return_assistant_tokens_mask=True) for r in items],
+                                                               return_assistant_tokens_mask=True)
+                                 for r in items],
                   jinja_sample)
     fast, ceiling = [], []
     for _ in range(runs):  # alternating, so load changes hit both sides alike
@@ -131,11 +132,12 @@ def bench_build(records: list[dict], count: int, folder: Path) -> None:
 
 
 def _run_build(recipe: Path, output: Path, num_proc: int) -> tuple[float, float, str]:
-    """Run build-data in a child process; return wall seconds, peak memory in MB, CPU seconds and the total line.
+    """Run build-data in a child process; return wall seconds, peak memory in MB, CPU seconds and the total
+    line.
 
-    The peak is the larger of the child's own peak RSS (VmHWM) and the highest sum, sampled every 0.2 s, of the
-    proportional set sizes of the child and its worker processes (PSS splits pages the forked workers share
-    with the parent, which a sum of RSS would count twice)."""
+    The peak is the larger of the child's own peak RSS (VmHWM) and the highest sum, sampled every 0.2 s, of
+    the proportional set sizes of the child and its worker processes (PSS splits pages the forked workers
+    share with the parent, which a sum of RSS would count twice)."""
     start, cpu = time.perf_counter(), _children_cpu()
     log = output.with_suffix(".log")
     with open(log, "w") as handle:
@@ -183,9 +185,11 @@ def _children(pid: int) -> list[int]:
 
 
 def _same_files(a: Path, b: Path) -> bool:
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and ".work" not in p.relative_to(a).parts)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file()
+                   and ".work" not in p.relative_to(a).parts)
     return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and ".work" not in
-                           p.relative_to(b).parts) and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+                           p.relative_to(b).parts) and all((a / f).read_bytes() == (b / f).read_bytes()
+                                                           for f in files)
 
 
 def _load() -> str:

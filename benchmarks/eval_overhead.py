@@ -104,8 +104,8 @@ def main() -> None:
                 cpu[name].append(time.process_time() - start_cpu)
                 if name == "bimedix":
                     outside.append(wall[name][-1] - inner[-1])
-    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in (("wall", wall), ("cpu",
-                                                                                                        cpu))}
+    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind,
+           d in (("wall", wall), ("cpu", cpu))}
     print(f"questions per run: {questions} ({len(plain)} tasks, limit {args.limit}), tiny Mixtral, hf "
           f"backend, CPU, {args.repeats} alternating repeats")
     for kind in ("wall", "cpu"):

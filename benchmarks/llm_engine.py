@@ -68,8 +68,8 @@ def main() -> None:
               f"{args.records / resume_seconds:,.0f} records/s, requests sent {resumed.sent}")
 
 
-async def _concurrency(base_url: str, cache_path: Path, concurrency: int, requests: int) -> tuple[float,
-                                                                                                  float]:
+async def _concurrency(base_url: str, cache_path: Path, concurrency: int,
+                       requests: int) -> tuple[float, float]:
     client = LLMClient(ClientConfig(base_url=base_url, model="bench", concurrency=concurrency, prices=PRICES),
                        RequestCache(cache_path))
     try:

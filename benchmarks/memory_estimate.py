@@ -1,11 +1,11 @@
 """Hold `bimedix estimate-memory` against a measured peak: a real-dimension Mixtral of a few layers on CPU.
 
-The model is `MixtralForCausalLM` with Mixtral-8x7B's shipped config (hidden 4096, intermediate 14336, 8 experts,
-top-2, vocabulary 32,000) cut to ``--layers`` layers, random bf16 weights allocated a layer at a time, the paper's
-LoRA (r=128, alpha=64 on q, k, v + router + experts, built by `bimedix.training.targets.build_lora_config` as the
-recipes do), by default bf16 experts (``--experts nf4``: bimedix's 4-bit experts; packing one real-size layer on
-CPU takes about 11 GB, so use it at reduced ``--hidden``/``--intermediate``) with the folded expert LoRA,
-activation checkpointing and torch AdamW with
+The model is `MixtralForCausalLM` with Mixtral-8x7B's shipped config (hidden 4096, intermediate 14336, 8
+experts, top-2, vocabulary 32,000) cut to ``--layers`` layers, random bf16 weights allocated a layer at a
+time, the paper's LoRA (r=128, alpha=64 on q, k, v + router + experts, built by
+`bimedix.training.targets.build_lora_config` as the recipes do), by default bf16 experts (``--experts nf4``:
+bimedix's 4-bit experts; packing one real-size layer on CPU takes about 11 GB, so use it at reduced
+``--hidden``/``--intermediate``) with the folded expert LoRA, activation checkpointing and torch AdamW with
 ``foreach=True`` (what CUDA runs by default). It runs ``--steps`` training steps on ``--tokens`` tokens in a
 child process and samples its resident set size every millisecond (glibc told to return freed memory, as in
 ``benchmarks/moe_experts.py``); the measured peak is that maximum minus the size after imports.
@@ -14,8 +14,9 @@ The estimate is `bimedix.training.memory.estimate` for the same model (meta devi
 process without sharding and without the CUDA reserve (a CPU process has no CUDA context). It prints the
 estimate and the measurement by component and their ratio; the target is within ±15%.
 
-    python benchmarks/memory_estimate.py                       # 2 layers, 128 tokens: ~9 GB of RAM, a few minutes
-    python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584   # 4-bit experts, 1/4 size
+    python benchmarks/memory_estimate.py                       # 2 layers, 128 tokens: ~9 GB of RAM, a few
+    minutes python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584   # 4-bit
+    experts, 1/4 size
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def estimate(args: argparse.Namespace) -> dict:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """Build, adapt (and quantize) the model, train ``args.steps`` steps; return resident-size figures (bytes)."""
+    """Build, adapt (and quantize) the model, train ``args.steps`` steps; return resident-size figures
+    (bytes)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -117,7 +119,8 @@ def measure(args: argparse.Namespace) -> dict:
     baseline = _current_rss()
     config = load_model_config(MODEL, **_dims(args))
     torch.manual_seed(0)
-    with torch.device("meta"):  # LoRA first, then pack, as `bimedix sft` does; allocated a layer at a time below
+    # LoRA first, then pack, as `bimedix sft` does; allocated a layer at a time below
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model = get_peft_model(model, build_lora_config(model, "paper", r=args.rank, alpha=args.alpha))
     decoder = model.get_base_model().model
@@ -159,7 +162,8 @@ def _dims(args: argparse.Namespace) -> dict:
 
 
 def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Allocate the meta-device parameters of ``module`` on the CPU with random values (same dtype and grad flag)."""
+    """Allocate the meta-device parameters of ``module`` on the CPU with random values (same dtype and grad
+    flag)."""
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None and param.is_meta:

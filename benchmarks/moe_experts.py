@@ -10,7 +10,8 @@ forward + backward of ``--tokens`` tokens through ``--layers`` residual MoE laye
 
 Peak memory is `torch.cuda.max_memory_allocated` during the timed steps on CUDA; on CPU it is the peak
 resident set size during the timed steps (sampled; glibc told to return freed tensors) minus the size after
-imports, so it counts weights at rest plus the step's transients. Targets: experts memory >= 3x lower in 4-bit; folded LoRA
+imports, so it counts weights at rest plus the step's transients. Targets: experts memory >= 3x lower in
+4-bit; folded LoRA
 >= 1.5x faster than PEFT's default path.
 """
 
@@ -71,16 +72,18 @@ def main(argv=None) -> None:
           f"{torch.__version__}")
     results = {}
     for name in args.configs:
-        gathered = args.tokens * args.top_k * 3 * args.hidden * args.intermediate * 2  # batched_mm: W[e] per token
+        # batched_mm: W[e] per token
+        gathered = args.tokens * args.top_k * 3 * args.hidden * args.intermediate * 2
         if CONFIGS[name][2] == "batched_mm" and gathered > args.max_gather_gib * 2**30:
             print(f"{name:40s} skipped: it gathers {gathered / 2**30:.1f} GiB of expert weights per layer "
                   f"(> --max_gather_gib {args.max_gather_gib})")
             continue
-        command = [sys.executable, __file__, "--only",
-                   name] + _forwarded(argv if argv is not None else sys.argv[1:])
-        # a fixed mmap threshold makes glibc return freed tensors to the OS, so the CPU resident size follows them
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
-                                                                            "MALLOC_MMAP_THRESHOLD_": "65536"})
+        command = [sys.executable, __file__, "--only", name] + _forwarded(argv if argv is not None
+                                                                          else sys.argv[1:])
+        # a fixed mmap threshold makes glibc return freed tensors to the OS, so the CPU resident size follows
+        # them
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         if done.returncode:
             print(f"{name:40s} FAILED: "
                   f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")

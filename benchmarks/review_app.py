@@ -52,8 +52,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         translated = Path(tmp) / "ar.jsonl"
         with open(translated, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(translated_record(index, index < args.queued),
-                                         ensure_ascii=False) + "\n"
+            handle.writelines(json.dumps(translated_record(index, index < args.queued), ensure_ascii=False)
+                              + "\n"
                               for index in range(args.records))
         start = time.perf_counter()
         session = ReviewSession(translated, Path(tmp) / "out.jsonl", fraction=0.0)

@@ -122,9 +122,11 @@ def _train(spec: dict) -> dict:
             self.tokens = state.num_input_tokens_seen - self.tokens
 
     clock = Clock()
-    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):  # trainer logs
+    # trainer logs
+    with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
         script, training, model_args, mixture, bimedix = parse_args(_sft_flags(spec, output_dir))
-        model_args.lora_modules_to_save = None  # LoRA only: the tiny recipe's fully trained head would dominate
+        # LoRA only: the tiny recipe's fully trained head would dominate
+        model_args.lora_modules_to_save = None
         training.include_num_input_tokens_seen = "non_padding"  # the CLI parser only takes a bool here
         if spec["kind"] == "bimedix":
             from bimedix.training.sft import main

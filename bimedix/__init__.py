@@ -1,4 +1,5 @@
-"""bimedix: bilingual English/Arabic medical chat models on Mixture-of-Experts LLMs (BiMediX, arXiv 2402.13253).
+"""bimedix: bilingual English/Arabic medical chat models on Mixture-of-Experts LLMs (BiMediX, arXiv
+2402.13253).
 
 Public objects are imported lazily, so ``import bimedix`` stays fast and optional dependencies
 (openai, lm_eval, bitsandbytes) load only when used.

@@ -1,5 +1,5 @@
-"""Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks (`ChatSession.launch` for a web page),
-`run_chat` for the terminal.
+"""Bilingual chat with a BiMediX-style model: `ChatSession` for notebooks (`ChatSession.launch` for a web
+page), `run_chat` for the terminal.
 
 The model is prompted exactly as it was trained: `ChatSession.from_pretrained` reads the adapter's (or merged
 model's) ``bimedix_chat.json`` (`bimedix.training.template.load_chat_settings`) for its chat template and
@@ -37,7 +37,8 @@ from .training.template import VICUNA_TEMPLATE, load_chat_settings
 logger = logging.getLogger(__name__)
 
 #: Opt-in system prompts per language (``bimedix chat --system-prompt``); none is sent by default.
-# The Arabic prompt and notice were written by the bimedix developers; no professional translator reviewed them.
+# The Arabic prompt and notice were written by the bimedix developers; no professional translator reviewed
+# them.
 SYSTEM_PROMPTS = {
     "en": ("You are BiMediX, a bilingual medical assistant. Answer in English, clearly and briefly, and ask "
            "for details when you need them. You are not a doctor and this is not medical advice: for "
@@ -55,7 +56,8 @@ _LATIN = re.compile(r"[A-Za-z]")
 
 
 def detect_language(text: str) -> str:
-    """Return ``"ar"`` when ``text`` has at least as many Arabic letters as Latin ones (and some), else ``"en"``."""
+    """Return ``"ar"`` when ``text`` has at least as many Arabic letters as Latin ones (and some), else
+    ``"en"``."""
     arabic = sum(char.isalpha() for char in _ARABIC.findall(text))  # letters only, not Arabic-Indic digits
     return "ar" if arabic and arabic >= len(_LATIN.findall(text)) else "en"
 
@@ -98,10 +100,10 @@ class ChatSession:
                         **kwargs) -> ChatSession:
         """Load ``model`` (a folder or Hub id), optionally with the PEFT adapter ``peft``, on ``device``.
 
-        The tokenizer comes from the adapter folder when it has one, else from the model. The chat template and
-        system prompt come from the training run's ``bimedix_chat.json`` in the adapter folder (or, without an
-        adapter, the model folder) unless ``chat_template=`` or ``system=`` is passed. Other keyword arguments
-        go to `ChatSession`.
+        The tokenizer comes from the adapter folder when it has one, else from the model. The chat template
+        and system prompt come from the training run's ``bimedix_chat.json`` in the adapter folder (or,
+        without an adapter, the model folder) unless ``chat_template=`` or ``system=`` is passed. Other
+        keyword arguments go to `ChatSession`.
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,8 +134,8 @@ class ChatSession:
                 kwargs.setdefault("chat_template", VICUNA_TEMPLATE)
         logger.info("chat model %s%s, tokenizer from %s, on %s; training settings: %s", model,
                     f" + adapter {peft}" if peft else "", tokenizer_source, device,
-                    settings if settings is not None else "none recorded (tokenizer template, no system "
-                                                          "prompt)")
+                    settings if settings is not None
+                    else "none recorded (tokenizer template, no system prompt)")
         return cls(base, tokenizer, **kwargs)
 
     def messages(self, text: str) -> list[dict[str, str]]:
@@ -196,7 +198,8 @@ class ChatSession:
                                                              "content": "".join(pieces).strip()}]
 
     def fit_history(self, text: str) -> str:
-        """Drop the oldest exchanges until the prompt for ``text`` plus a full reply fits the context; return it.
+        """Drop the oldest exchanges until the prompt for ``text`` plus a full reply fits the context; return
+        it.
 
         Sets `trimmed_turns` to the number of exchanges dropped (0 when all fit). The system prompt is
         never dropped.
@@ -233,9 +236,11 @@ class ChatSession:
         """Serve this chat as a web page (needs ``pip install 'bimedix[web]'``); returns the running server.
 
         Args:
-            host (`str`, *optional*, defaults to `"127.0.0.1"`): address to listen on (this machine only by default).
+            host (`str`, *optional*, defaults to `"127.0.0.1"`): address to listen on (this machine only by
+            default).
             port (`int`, *optional*, defaults to `7860`): port.
-            block (`bool`, *optional*, defaults to `False`): serve in this thread until Ctrl-C (the CLI) instead
+            block (`bool`, *optional*, defaults to `False`): serve in this thread until Ctrl-C (the CLI)
+            instead
                 of a background thread (notebooks; stop it with ``server.close()``).
         """
         from .web.server import WebServer, require_web
@@ -252,7 +257,8 @@ class ChatSession:
 
 def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
              write: Callable[..., None] | None = None) -> None:
-    """Terminal loop: prints the notice, streams replies, handles ``/reset`` and ``/exit`` (and Ctrl-D/Ctrl-C).
+    """Terminal loop: prints the notice, streams replies, handles ``/reset`` and ``/exit`` (and
+    Ctrl-D/Ctrl-C).
 
     Ctrl-C during a reply stops it and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends the chat.
     Lines that are not valid UTF-8 are reported and skipped; when the history no longer fits the model's

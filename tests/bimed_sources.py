@@ -13,9 +13,10 @@ ar_mcqa       2 Arabic MCQA records
 chat          2 English and 1 Arabic multi-turn chats
 ============  ======================================================================================
 
-The recipe asks for the explicit per-task 1:2 ratio. After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en (4 dropped for the ratio); MCQA 4 en / 2 ar and chat
-2 en / 1 ar are already 1:2. Written: en 12, ar 6 (mcqa 6, qa 9, chat 3); read 27 = written 18 +
-rejected 1 + deduplicated 2 + decontaminated 2 + dropped for the ratio 4 (`EXPECTED`).
+The recipe asks for the explicit per-task 1:2 ratio. After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en (4
+dropped for the ratio); MCQA 4 en / 2 ar and chat 2 en / 1 ar are already 1:2. Written: en 12, ar 6 (mcqa 6,
+qa 9, chat 3); read 27 = written 18 + rejected 1 + deduplicated 2 + decontaminated 2 + dropped for the ratio 4
+(`EXPECTED`).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def write_sources(root: Path, *, with_bad_record: bool = True) -> Path:
              for i in range(10)]
     exact = json.loads(json.dumps(en_qa[1]))
     exact["id"] = "en-qa-exact-copy"
-    exact["conversations"][0]["value"] = exact["conversations"][0]["value"].upper() + "  "  # same after normalisation
+    # same after normalisation
+    exact["conversations"][0]["value"] = exact["conversations"][0]["value"].upper() + "  "
     near = json.loads(json.dumps(en_qa[2]))
     near["id"] = "en-qa-near-copy"
     words = near["conversations"][1]["value"].split()

@@ -1,4 +1,5 @@
-"""Shared pieces of the browser tests: headless Chromium through Playwright, free ports, waiting for a server."""
+"""Shared pieces of the browser tests: headless Chromium through Playwright, free ports, waiting for a
+server."""
 
 from __future__ import annotations
 

@@ -58,13 +58,14 @@ def tiny_model_dir(tmp_path_factory, _bimedix_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A saved PEFT LoRA adapter (attention + router + fused experts, r=4) on `tiny_model_dir`, with tokenizer."""
+    """A saved PEFT LoRA adapter (attention + router + fused experts, r=4) on `tiny_model_dir`, with
+    tokenizer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                             "o_proj"],
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj",
                                            "mlp.experts.down_proj"],
                         init_lora_weights=False)
@@ -98,8 +99,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
     tried = getattr(fuzz, "TRIED", None)
     if tried:
         ended = ", ".join(f"{count} {outcome}" for outcome, count in sorted(fuzz.OUTCOMES.items()))
-        failed = [report for report in terminalreporter.stats.get("failed",
-                                                                  []) if "test_fuzz.py" in report.nodeid]
+        failed = [report for report in terminalreporter.stats.get("failed", [])
+                  if "test_fuzz.py" in report.nodeid]
         verdict = f"{len(failed)} fuzz test(s) FAILED" if failed else "0 tracebacks, inputs unchanged"
         terminalreporter.write_line(f"fuzz: {sum(tried.values())} bad inputs tried over {len(tried)} "
                                     f"commands ({', '.join(f'{command} {count}' for command, count in sorted(tried.items()))}); "

@@ -1,4 +1,5 @@
-"""Shared pieces of the LLM engine tests: the fake server fixture, a client factory and runner, MCQA records."""
+"""Shared pieces of the LLM engine tests: the fake server fixture, a client factory and runner, MCQA
+records."""
 
 from __future__ import annotations
 

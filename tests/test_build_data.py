@@ -1,4 +1,5 @@
-"""`bimedix build-data`: configs and counts through `datasets.load_dataset`, balance, resumption, atomicity."""
+"""`bimedix build-data`: configs and counts through `datasets.load_dataset`, balance, resumption,
+atomicity."""
 
 from __future__ import annotations
 
@@ -216,17 +217,20 @@ def test_changed_source_is_reconverted_alone(tmp_path, mixtral_tokenizer):
     assert {name: after[name] for name in unchanged} == {name: before[name] for name in unchanged}
     assert len([name for name in after if name.startswith("chat-")]) == 1  # the stale conversion is gone
     assert result.counts.read == EXPECTED["counts"]["read"] + 1 and result.counts.balanced
-    assert len(list((out / ".work").glob("clean-*.jsonl"))) == 4  # clean, decontamination, duplicates, rejects
+    # clean, decontamination, duplicates, rejects
+    assert len(list((out / ".work").glob("clean-*.jsonl"))) == 4
 
 
 @pytest.mark.slow
 def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_path, mixtral_tokenizer):
-    """Every source and benchmark of ``bimed1.3m`` converts and the build balances, on stand-ins in its layout.
+    """Every source and benchmark of ``bimed1.3m`` converts and the build balances, on stand-ins in its
+    layout.
 
     Real files where ``../shared/data`` has them (test/dev splits stand in for missing train splits, so
-    decontamination has plenty to remove), the real LiveQA training files when ``BIMEDIX_LIVEQA_TRAIN`` points at
-    them (else fixtures in their layout), format fixtures for the sources only on Google Drive / the Hub, the
-    hand-made schema records for the generated chats, and translations in every review state for the Arabic.
+    decontamination has plenty to remove), the real LiveQA training files when ``BIMEDIX_LIVEQA_TRAIN`` points
+    at them (else fixtures in their layout), format fixtures for the sources only on Google Drive / the Hub,
+    the hand-made schema records for the generated chats, and translations in every review state for the
+    Arabic.
     """
     import os
 
@@ -240,8 +244,10 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
             shared_data / "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl",
         "chatdoctor/HealthCareMagic-100k.json": fixtures_dir / "sources/HealthCareMagic-100k.json",
         "chatdoctor/iCliniq.json": fixtures_dir / "sources/iCliniq.json",
-        "medical_meadow/medical_meadow_wikidoc.json": fixtures_dir / "sources/medical_meadow_health_advice.json",
-        "medical_meadow/medical_meadow_flashcards.json": fixtures_dir / "sources/medical_meadow_flashcards.json",
+        "medical_meadow/medical_meadow_wikidoc.json": fixtures_dir
+        / "sources/medical_meadow_health_advice.json",
+        "medical_meadow/medical_meadow_flashcards.json": fixtures_dir
+        / "sources/medical_meadow_flashcards.json",
         "pmc_llama/umls.jsonl": fixtures_dir / "sources/umls_release.json",
         "liveqa_medical_trec2017/TrainingDatasets/TREC-2017-LiveQA-Medical-Train-1.xml":
             live / "TREC-2017-LiveQA-Medical-Train-1.xml",
@@ -254,13 +260,13 @@ def test_bimed13m_recipe_runs_on_stand_in_files(shared_data, fixtures_dir, tmp_p
     states = ["approved", "rejected", "queued", "unreviewed"]  # ar-qa-0, the leaked one, ar-qa-1, ar-qa-2
     for record, state in zip(translated, states, strict=True):
         record["meta"]["translation"] = {"model": "m", "score": 90.0, "review_state": state}
-    (tmp_path / "bimed_ar.jsonl").write_text("".join(json.dumps(r,
-                                                                ensure_ascii=False) + "\n" for r in translated))
+    (tmp_path / "bimed_ar.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                     for r in translated))
     stand_ins["translated/bimed_ar.jsonl"] = tmp_path / "bimed_ar.jsonl"
     root = tmp_path / "originals"
     paths = {spec.path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]}
-    paths |= {path for spec in [*recipe.sources,
-                                *recipe.decontaminate.benchmarks] for path in spec.files.values()}
+    paths |= {path for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]
+              for path in spec.files.values()}
     for path in paths:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).symlink_to(stand_ins.get(path, shared_data / path))
@@ -319,7 +325,8 @@ def test_num_proc_output_is_byte_identical(built, tmp_path, mixtral_tokenizer):
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and ".work" not in p.parts)
     assert files and files == sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
                                      if p.is_file() and ".work" not in p.parts)
-    # `out` was last built by the CLI, whose README also holds the prose card (naming its folder): compare its configs
+    # `out` was last built by the CLI, whose README also holds the prose card (naming its folder): compare its
+    # configs
     assert [name for name in files if name != Path("README.md")
             and (out / name).read_bytes() != (tmp_path / "out" / name).read_bytes()] == []
     assert _configs(out) == _configs(tmp_path / "out")
@@ -327,7 +334,8 @@ def test_num_proc_output_is_byte_identical(built, tmp_path, mixtral_tokenizer):
                        progress=False,
                        num_proc=3)
     assert (tmp_path / "out3" / "data").is_dir() and three.counts == result.counts
-    assert all((tmp_path / "out" / name).read_bytes() == (tmp_path / "out3" / name).read_bytes() for name in files)
+    assert all((tmp_path / "out" / name).read_bytes() == (tmp_path / "out3" / name).read_bytes()
+               for name in files)
 
 
 def _configs(folder: Path) -> list[dict]:

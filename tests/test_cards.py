@@ -28,14 +28,14 @@ def _records() -> list[dict]:
     for i in range(6):
         records.append(make_record(
             id=f"medmcqa-en-{i}", source="medmcqa", task="mcqa", language="en", license="MIT",
-            conversations=[{"from": "human", "value": f"Question {i}? A. x B. y"}, {"from": "gpt",
-                                                                                    "value": "A. x"}],
+            conversations=[{"from": "human", "value": f"Question {i}? A. x B. y"},
+                           {"from": "gpt", "value": "A. x"}],
             options=["x", "y"], answer="A"))
     for i in range(3):  # machine-translated, the first one reviewed
         records.append(make_record(
             id=f"medmcqa-ar-{i}", source="medmcqa", task="mcqa", language="ar", license="MIT",
-            conversations=[{"from": "human", "value": f"سؤال {i}؟ A. س B. ص"}, {"from": "gpt",
-                                                                                "value": "A. س"}],
+            conversations=[{"from": "human", "value": f"سؤال {i}؟ A. س B. ص"},
+                           {"from": "gpt", "value": "A. س"}],
             options=["س", "ص"], answer="A",
             translation={"model": "gpt-4o", "score": 90.0, "rounds": 1, "reviewed": i == 0,
                          "review_state": "approved" if i == 0 else "unreviewed",
@@ -59,8 +59,8 @@ def write_dataset_folder(path: Path, records: list[dict]) -> Path:
 
     for language in ("en", "ar"):
         rows = [r for r in records if r["language"] == language]
-        Dataset.from_list(rows,
-                          features=FEATURES).to_parquet(str(path / "data" / language / "train-00000.parquet"))
+        Dataset.from_list(rows, features=FEATURES).to_parquet(str(path / "data" / language
+                                                                  / "train-00000.parquet"))
     (path / "README.md").write_text(
         "---\nconfigs:\n- config_name: all\n  default: true\n  data_files:\n  - split: train\n    path: "
         "data/*/*.parquet\n- config_name: en\n  data_files:\n  - split: train\n    path: data/en/*.parquet\n"
@@ -103,8 +103,8 @@ def eval_dir(tmp_path_factory) -> Path:
         "bimedix_medqa_en": {"alias": "medqa_en", "acc,none": 0.25, "acc_stderr,none": 0.1},
         "bimedix_medqa_ar": {"alias": "medqa_ar", "acc,none": 0.5, "acc_stderr,none": 0.1}}}),
                                             encoding="utf-8")
-    (path / "table.md").write_text("| Model | MedQA EN | MedQA AR |\n|---|---:|---:|\n| tiny | 25.0 | 50.0 "
-                                   "|\n")
+    (path
+     / "table.md").write_text("| Model | MedQA EN | MedQA AR |\n|---|---:|---:|\n| tiny | 25.0 | 50.0 |\n")
     return path
 
 
@@ -118,8 +118,8 @@ def test_model_card_from_adapter_artefacts(tmp_path, tiny_adapter_dir, eval_dir,
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
     (adapter / "trainer_state.json").write_text(json.dumps(
-        {"global_step": 30, "epoch": 1.5, "log_history": [{"loss": 10.25, "step": 5}, {"loss": 9.5,
-                                                                                       "step": 30}]}))
+        {"global_step": 30, "epoch": 1.5, "log_history": [{"loss": 10.25, "step": 5},
+                                                          {"loss": 9.5, "step": 30}]}))
     card = render_model_card(adapter, repo_id="me/bimedix-tiny", base_model="mistralai/Mixtral-8x7B-v0.1",
                              eval_dir=eval_dir, data_dir=dataset_dir, dataset_repo="me/bimed-mini")
     card.save(tmp_path / "README.md")
@@ -223,8 +223,8 @@ def test_dataset_card_needs_parquet(tmp_path):
         render_dataset_card(tmp_path)
 
 
-@pytest.mark.parametrize("name, expected", [("MIT", "mit"), ("Apache-2.0", "apache-2.0"), ("GPL-3.0",
-                                                                                           "gpl-3.0"),
+@pytest.mark.parametrize("name, expected", [("MIT", "mit"), ("Apache-2.0", "apache-2.0"),
+                                            ("GPL-3.0", "gpl-3.0"),
                                             ("none stated", "other"), (None, "other")])
 def test_hub_license(name, expected):
     assert hub_license(name) == expected

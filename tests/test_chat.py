@@ -1,5 +1,5 @@
-"""`ChatSession` and `bimedix chat`: prompts as in training (template, system prompt), opt-in language-following
-system prompts, streaming, /reset, /exit; the notice is printed, not prompted."""
+"""`ChatSession` and `bimedix chat`: prompts as in training (template, system prompt), opt-in
+language-following system prompts, streaming, /reset, /exit; the notice is printed, not prompted."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def test_history_is_trimmed_to_the_context_keeping_the_system_prompt(tiny_model_
              write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str, a)) + end))
     assert session.trimmed_turns == 1
     assert "(the 1 oldest exchange(s) were dropped to fit the model's context" in "".join(out)
-    assert [m["content"] for m in session.history if m["role"] == "user"] == ["And how is it treated?",
-                                                                              "Thanks."]
+    assert [m["content"] for m in session.history if m["role"]
+            == "user"] == ["And how is it treated?", "Thanks."]
     assert session.prompt("x").startswith("<s>" + SYSTEM_PROMPTS["en"])
     session.context_length = 8  # not even the system prompt and the message fit: reported, nothing sent
     history = list(session.history)
@@ -186,8 +186,8 @@ def test_undecodable_line_is_reported_and_skipped(session):
         return line.decode("utf-8") if isinstance(line, bytes) else line
 
     out = []
-    run_chat(session, read=read, write=lambda *a, end="\n", flush=False: out.append(" ".join(map(str,
-                                                                                                 a)) + end))
+    run_chat(session, read=read, write=lambda *a, end="\n",
+             flush=False: out.append(" ".join(map(str, a)) + end))
     assert "".join(out).count("not valid UTF-8 text and was skipped") == 2
     assert [m["content"] for m in session.history if m["role"] == "user"] == ["Hello"]
 

@@ -59,8 +59,8 @@ def test_chat_page_streams_english_and_arabic(browser, chat_server, tmp_path):
         assert arabic.evaluate("e => getComputedStyle(e).direction") == "rtl"
         assert page.locator(".turn.user").nth(1).evaluate("e => getComputedStyle(e).direction") == "rtl"
         assert page.locator(".turn.user").nth(0).evaluate("e => getComputedStyle(e).direction") == "ltr"
-        assert [turn["role"] for turn in session.history] == ["user",
-                                                              "assistant"] * 2  # the page sent its history
+        # the page sent its history
+        assert [turn["role"] for turn in session.history] == ["user", "assistant"] * 2
         screenshot(page, "chat-web.png", tmp_path)
         page.click("#reset")
         assert page.locator(".turn").count() == 0

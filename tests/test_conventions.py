@@ -1,5 +1,5 @@
-"""One convention from data to evaluation: a translated Arabic MCQA training record, a converted Arabic record and
-the Arabic lm-eval prompt of the same item letter the options alike (`bimedix.data.conventions`)."""
+"""One convention from data to evaluation: a translated Arabic MCQA training record, a converted Arabic record
+and the Arabic lm-eval prompt of the same item letter the options alike (`bimedix.data.conventions`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def _option_letters(text: str) -> list[str]:
 
 
 def _arabic_task_prompt(record: dict) -> tuple[str, list[str], int]:
-    """The Arabic lm-eval prompt, choices and gold index of the item in ``record`` (as `build-bench` stores it)."""
+    """The Arabic lm-eval prompt, choices and gold index of the item in ``record`` (as `build-bench` stores
+    it)."""
     row = make_row(id=record["id"], language="ar", source="medqa", subject="", question=ITEM.question,
                    options=record["meta"]["options"], answer=record["meta"]["answer"])
     return doc_to_text(row), doc_to_choice(row), doc_to_target(row)

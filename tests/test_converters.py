@@ -1,4 +1,5 @@
-"""Every source converter on real files (exact counts, known content), the fixtures, bad input, and the CLI."""
+"""Every source converter on real files (exact counts, known content), the fixtures, bad input, and the
+CLI."""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def test_liveqa_summaries_file_and_both_answer_tags(shared_data):
 
 
 # The LiveQA training files were deleted upstream and state no licence, so they are not in shared data; point
-# BIMEDIX_LIVEQA_TRAIN at a folder holding them (docs/data-pipeline.md shows the `git show` that recovers them).
+# BIMEDIX_LIVEQA_TRAIN at a folder holding them (docs/data-pipeline.md shows the `git show` that recovers
+# them).
 LIVEQA_TRAIN = {"TREC-2017-LiveQA-Medical-Train-1.xml": (200, 254, 388),
                 "TREC-2017-LiveQA-Medical-Train-2.xml": (246, 246, 246)}
 
@@ -123,7 +125,8 @@ def _liveqa_answers(path) -> dict[str, set[str]]:
     import xml.etree.ElementTree as ET
 
     root = ET.parse(path).getroot()
-    return {q.get("questionid") or q.get("qid"): {" ".join("".join(a.itertext()).split()) for a in q.iter("ANSWER")}
+    return {q.get("questionid") or q.get("qid"): {" ".join("".join(a.itertext()).split())
+                                                  for a in q.iter("ANSWER")}
             for q in root.iter("NLM-QUESTION")}
 
 
@@ -155,8 +158,8 @@ def test_liveqa_training_layout(fixtures_dir, name, questions, pairs):
         assert records[3]["conversations"][0]["value"].startswith("aspirin and ibuprofen\n\nCan I take")
     else:
         assert [r["id"] for r in records] == ["liveqa-1.0-S1-A1", "liveqa-3.0-S1-A1"]
-        assert (first["meta"]["subject"], first["meta"]["question_type"]) == ("Shingles vaccine",
-                                                                              "Indication")
+        assert (first["meta"]["subject"],
+                first["meta"]["question_type"]) == ("Shingles vaccine", "Indication")
 
 
 @pytest.mark.parametrize("name", sorted(LIVEQA_TRAIN))
@@ -182,7 +185,8 @@ def test_liveqa_unknown_layout_names_file_question_and_element(fixtures_dir, tmp
         list(convert("liveqa", path))
     errors: list[RecordError] = []
     records = list(convert("liveqa", path, on_error=errors.append))
-    assert [r["id"] for r in records] == ["liveqa-Q2-S1-A1"] and len(errors) == 1  # Q1 set aside whole, Q2 kept
+    # Q1 set aside whole, Q2 kept
+    assert [r["id"] for r in records] == ["liveqa-Q2-S1-A1"] and len(errors) == 1
     path.write_text('<NLM-QUESTIONS><NLM-QUESTION qid="7"><SUBJECT>x</SUBJECT><MESSAGE>y?</MESSAGE><Answers/>'
                     '</NLM-QUESTION></NLM-QUESTIONS>', encoding="utf-8")
     with pytest.raises(RecordError,
@@ -190,7 +194,8 @@ def test_liveqa_unknown_layout_names_file_question_and_element(fixtures_dir, tmp
         list(convert("liveqa", path))
 
 
-# --- fixtures for sources not in shared data (see tests/fixtures/sources/README.md) -----------------------------
+# --- fixtures for sources not in shared data (see tests/fixtures/sources/README.md)
+# -----------------------------
 
 @pytest.mark.parametrize("source, name, count, human_start, gpt_start", [
     ("healthcaremagic", "HealthCareMagic-100k.json", 3, "Hi doctor, I am 34",
@@ -209,7 +214,8 @@ def test_fixture_sources(fixtures_dir, source, name, count, human_start, gpt_sta
     assert len(records) == count and len({r["id"] for r in records}) == count
     assert records[0]["conversations"][0]["value"].startswith(human_start)
     assert records[0]["conversations"][1]["value"].startswith(gpt_start)
-    assert all(r["task"] == "qa" and r["language"] == "en" and r["id"].startswith(f"{source}-") for r in records)
+    assert all(r["task"] == "qa" and r["language"] == "en" and r["id"].startswith(f"{source}-")
+               for r in records)
     assert records == list(convert(source, fixtures_dir / "sources" / name))  # stable ids
     if source == "umls":
         assert [r["meta"]["original_id"] for r in records] == ["101", "102"]  # the medqa row is not umls
@@ -223,7 +229,8 @@ def test_language_override(fixtures_dir):
     assert record["language"] == "ar"
 
 
-# --- bad input: raise names file:record:field, skip sets it aside and keeps the rest -----------------------------
+# --- bad input: raise names file:record:field, skip sets it aside and keeps the rest
+# -----------------------------
 
 GOOD_MEDMCQA = {"id": "a", "question": "Q?", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 1}
 GOOD_QA = {"instruction": "Answer this question truthfully", "input": "What is X?", "output": "X is Y."}
@@ -240,8 +247,8 @@ CORRUPT = [
      2, None, "invalid JSON", 2),
     ("medmcqa", "dev.json", _jsonl(json.dumps({k: v for k, v in GOOD_MEDMCQA.items() if k != "question"}),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "question", "missing", 1),
-    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "cop": 7}), json.dumps({**GOOD_MEDMCQA,
-                                                                                       "id": "c"})),
+    ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "cop": 7}),
+                                   json.dumps({**GOOD_MEDMCQA, "id": "c"})),
      1, "cop", "not in 1..4", 1),
     ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "opa": "", "opb": "", "opc": "", "opd": ""}),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, "opa",
@@ -249,8 +256,8 @@ CORRUPT = [
     ("medmcqa", "dev.json", _jsonl(json.dumps({**GOOD_MEDMCQA, "question": "سؤال"},
                                               ensure_ascii=False).encode("cp1256"),
                                    json.dumps({**GOOD_MEDMCQA, "id": "c"})), 1, None, "not valid UTF-8", 1),
-    ("mmlu", "anatomy_test.csv",
-     b"Q1,a,b,c,d,A\r\n" + "سؤال,a,b,c,d,B\r\n".encode("cp1256") + b"Q3,a,b,c,d,C",
+    ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\n" + "سؤال,a,b,c,d,B\r\n".encode("cp1256")
+     + b"Q3,a,b,c,d,C",
      2, None, "not valid UTF-8", 2),
     ("mmlu", "anatomy_test.csv", b"Q1,a,b,c,d,A\r\nQ2,a,b,c,d,F\r\nQ3,a,b,c,d,C", 2, "answer",
      "not one of the option", 2),
@@ -280,7 +287,8 @@ def test_bad_records_raise_or_skip(tmp_path, source, name, data, where, field, m
     with RejectLog(tmp_path / "rejects.jsonl") as rejects:
         records = list(convert(source, path, on_error=rejects))
     assert len(records) == kept and rejects.count == 1
-    [entry] = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    [entry] = [json.loads(line) for line in (tmp_path
+                                             / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert entry["path"] == str(path) and entry["record"] == where and message in entry["reason"]
     assert entry["raw"] is not None
 
@@ -304,8 +312,8 @@ def test_bom_and_crlf_are_accepted(tmp_path, source, name, data):
 
 def test_cli_convert_raise_and_skip(tmp_path, capsys):
     source = tmp_path / "dev.json"
-    source.write_bytes(_jsonl(json.dumps(GOOD_MEDMCQA), "{oops", json.dumps({**GOOD_MEDMCQA, "id": "c",
-                                                                             "cop": 4})))
+    source.write_bytes(_jsonl(json.dumps(GOOD_MEDMCQA), "{oops",
+                              json.dumps({**GOOD_MEDMCQA, "id": "c", "cop": 4})))
     out = tmp_path / "out" / "medmcqa.jsonl"
     assert main(["convert", "medmcqa", "--input", str(source), "--output", str(out)]) == 2
     assert f"{source}:2: invalid JSON" in capsys.readouterr().err and not out.exists()
@@ -314,7 +322,8 @@ def test_cli_convert_raise_and_skip(tmp_path, capsys):
     assert "read 3, written 2, rejected 1" in capsys.readouterr().out
     records = list(read_records(out))
     assert [r["meta"]["answer"] for r in records] == ["A", "D"]
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "medmcqa.rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "out"
+                                             / "medmcqa.rejects.jsonl").read_text().splitlines()]
     assert [(r["record"], r["raw"]) for r in rejects] == [(2, "{oops")]
 
 
@@ -337,7 +346,8 @@ def test_cli_convert_unknown_source(tmp_path, capsys):
     assert "unknown source 'nope'" in capsys.readouterr().err
 
 
-# --- bundled data ------------------------------------------------------------------------------------------------
+# --- bundled data
+# ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source, written, rejected", [
     ("pubmedqa", 35, 0), ("medmcqa", 100, 0), ("medqa", 40, 0), ("mmlu", 30, 0), ("mmlu-ar", 27, 3),

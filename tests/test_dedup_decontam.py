@@ -33,8 +33,8 @@ def test_normalize_for_match(text, expected):
 
 
 def _record(id_: str, question: str, answer: str) -> dict:
-    return {"id": id_, "conversations": [{"from": "human", "value": question}, {"from": "gpt",
-                                                                                "value": answer}]}
+    return {"id": id_, "conversations": [{"from": "human", "value": question},
+                                         {"from": "gpt", "value": answer}]}
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -130,8 +130,8 @@ def test_build_report_names_both_sides(tmp_path, mixtral_tokenizer):
 
     recipe = write_sources(tmp_path / "sources")
     build_data(recipe, tmp_path / "out", on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
-    entries = {e["id"]: e for e in map(json.loads,
-                                       (tmp_path / "out" / "decontamination.jsonl").read_text().splitlines())}
+    entries = {e["id"]: e for e in map(json.loads, (tmp_path / "out"
+                                                    / "decontamination.jsonl").read_text().splitlines())}
     assert set(entries) == {"en-qa-leaked", "ar-qa-leaked"}
     assert entries["en-qa-leaked"]["benchmark"] == "medqa-test"
     assert entries["en-qa-leaked"]["benchmark_text"].startswith(BENCH_QUESTION[:40])
@@ -164,8 +164,8 @@ def test_decontam_real_benchmark_recall_and_precision(shared_data):
     assert len(leaked) == 1018 and all(index.match(record_text(r), normalized=True) for r in leaked)
     arabic_prompt = list(convert("medqa", path, language="ar"))[:100]  # Arabic template, English item text
     assert all(index.match(record_text(r), normalized=True) for r in arabic_prompt)
-    meadow = list(convert("meadow",
-                          shared_data / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
+    meadow = list(convert("meadow", shared_data
+                          / "medical_meadow_wikidoc_patient_info/medical_meadow_small.json"))
     assert sum(index.match(record_text(r), normalized=True) is not None for r in meadow[:2000]) == 0
 
 
@@ -190,5 +190,5 @@ def test_lsh_candidates_are_confirmed_by_exact_jaccard():
 def test_jaccard():
     import numpy as np
 
-    assert jaccard(np.array([1, 2, 3]), np.array([2, 3, 4])) == 0.5 and jaccard(np.array([]),
-                                                                                np.array([])) == 1.0
+    assert jaccard(np.array([1, 2, 3]), np.array([2, 3,
+                                                  4])) == 0.5 and jaccard(np.array([]), np.array([])) == 1.0

@@ -64,8 +64,8 @@ def test_invalid_dialogues_are_caught(conversation, expected):
 @pytest.mark.parametrize("text, leaks", [
     ("The answer is B.", True), ("Option A is right.", True), ("choice (C) fits", True), ("see (D)", True),
     ("The answer is A defect in iron absorption.", False), ("Vitamin B12 is low.", False),
-    ("An answer: C-reactive protein is raised.", False), ("الخيار ب هو الصحيح", True), ("خيارات العلاج",
-                                                                                        False),
+    ("An answer: C-reactive protein is raised.", False), ("الخيار ب هو الصحيح", True),
+    ("خيارات العلاج", False),
 ])
 def test_letter_leak_detection(text, leaks):
     chat = _chat("Let us see. " + text, "The most likely diagnosis is iron deficiency anaemia.")
@@ -115,8 +115,8 @@ def test_invalid_output_is_regenerated_then_accepted(api_key, tmp_path):
 
 
 def test_always_invalid_is_rejected_with_reasons(api_key, tmp_path):
-    bad = iter([Reply("no json here"), Reply('{"conversation": []}', ), Reply('{"conversation": [',
-                                                                              "length")])
+    bad = iter([Reply("no json here"), Reply('{"conversation": []}', ),
+                Reply('{"conversation": [', "length")])
     with FakeOpenAIServer(lambda body: next(bad)) as fake:
         summary = _generate(fake, tmp_path, [mcqa_record(0)], max_attempts=3)
         assert fake.count() == 3

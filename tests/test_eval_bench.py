@@ -1,4 +1,5 @@
-"""build-bench: the evaluation folder and the Arabic benchmark from original files, translations and BiMediX's sets."""
+"""build-bench: the evaluation folder and the Arabic benchmark from original files, translations and BiMediX's
+sets."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def test_build_bench_writes_every_subset_present_and_loads_with_datasets(built, 
     assert len(medqa) == 10  # --limit 10, although only 3 have an Arabic twin (those come first)
     first = json.loads((shared_data / SOURCE_PATHS["medqa"]).read_text(encoding="utf-8").splitlines()[0])
     assert medqa[0]["question"] == first["question"] and medqa[0]["answer"] == first["answer_idx"]
-    assert medqa[0]["options"] == [first["options"][k] for k in "ABCD"] and medqa[0]["provenance"] == "original"
+    assert medqa[0]["options"] == [first["options"][k]
+                                   for k in "ABCD"] and medqa[0]["provenance"] == "original"
     pubmedqa = load_dataset(str(built), "pubmedqa_en", split="test")
     assert set(pubmedqa["answer"]) <= {"A", "B", "C"} and all(pubmedqa["context"])
     assert json.loads((built / "rejects.jsonl").read_text(encoding="utf-8").splitlines()[0])["path"].endswith(
@@ -84,8 +86,8 @@ def test_english_and_arabic_rows_pair_by_id_and_corrupted_acegpt_rows_are_droppe
     path = shared_data / SOURCE_PATHS["mmlu_ar"].format(subject="professional_medicine")
     with open(path, encoding="utf-8", newline="") as handle:
         rows = list(csv.reader(handle))
-    corrupted = {f"mmlu_professional_medicine-{i}" for i, row in enumerate(rows, 1) if re.search(r"\bIP\b",
-                                                                                                 row[0])}
+    corrupted = {f"mmlu_professional_medicine-{i}" for i, row in enumerate(rows, 1)
+                 if re.search(r"\bIP\b", row[0])}
     assert corrupted and not corrupted & set(arabic)
 
 
@@ -109,8 +111,8 @@ def test_import_rejects_a_folder_in_another_layout(tmp_path):
 
 def test_translated_records_become_labelled_arabic_rows(shared_data):
     item = next(read_medqa(shared_data / SOURCE_PATHS["medqa"]))
-    record = item_to_record(item,
-                            language="ar")  # Arabic prompt around the (untranslated) text: plumbing only
+    # Arabic prompt around the (untranslated) text: plumbing only
+    record = item_to_record(item, language="ar")
     record["meta"]["translation"] = {"model": "gpt-4o-mini", "score": 91.0, "reviewed": False,
                                      "review_state": "unreviewed"}
     (row,) = rows_from_records([record, item_to_record(item, language="en")])
@@ -119,10 +121,10 @@ def test_translated_records_become_labelled_arabic_rows(shared_data):
 
 
 # review_state, score → in the bench by default, with include_unreviewed
-REVIEW_CASES = [("approved", 50.0, True, True), ("edited", 40.0, True, True), ("unreviewed", 85.0, True,
-                                                                               True),
-                ("queued", 90.0, False, True), ("unreviewed", 60.0, False, True), ("rejected", 95.0, False,
-                                                                                   False)]
+REVIEW_CASES = [("approved", 50.0, True, True), ("edited", 40.0, True, True),
+                ("unreviewed", 85.0, True, True),
+                ("queued", 90.0, False, True), ("unreviewed", 60.0, False, True),
+                ("rejected", 95.0, False, False)]
 
 
 def test_review_policy_decides_which_translations_enter_the_bench(shared_data, tmp_path):
@@ -134,9 +136,8 @@ def test_review_policy_decides_which_translations_enter_the_bench(shared_data, t
     records = []
     for item, (state, score, _, _) in zip(items, REVIEW_CASES, strict=True):
         record = item_to_record(item, language="ar")
-        record["meta"]["translation"] = {"model": "m", "score": score, "reviewed": state in ("approved",
-                                                                                             "edited",
-                                                                                             "rejected"),
+        record["meta"]["translation"] = {"model": "m", "score": score,
+                                         "reviewed": state in ("approved", "edited", "rejected"),
                                          "review_state": state}
         records.append(record)
     path = tmp_path / "translated.jsonl"
@@ -144,7 +145,8 @@ def test_review_policy_decides_which_translations_enter_the_bench(shared_data, t
     for include, column in ((False, 2), (True, 3)):
         review = ReviewPolicy(include_unreviewed=include)
         scores = {row["translation_score"] for row in collect_arabic_rows(translations=path, review=review)}
-        assert scores == {case[1] for case in REVIEW_CASES if case[column]} and len(scores) == (5 if include else 3)
+        assert scores == {case[1] for case in REVIEW_CASES
+                          if case[column]} and len(scores) == (5 if include else 3)
         assert review.seen["rejected"] == 1 and review.used["rejected"] == 0
     del records[0]["meta"]["translation"]["review_state"]
     path.write_text(json.dumps(records[0], ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,4 +1,5 @@
-"""``bimedix eval`` end to end on a tiny random MoE (with and without a LoRA adapter), and its plain errors."""
+"""``bimedix eval`` end to end on a tiny random MoE (with and without a LoRA adapter), and its plain
+errors."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def test_unknown_task_and_missing_subset_are_plain_cli_errors(tiny_model_dir, tm
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['bimedix_medqa_fr'\].*bimedix_medqa_ar"):
         resolve_tasks("bimedix_medqa_fr")
     names, manager = resolve_tasks("bimedix_en, arabic_leaderboard_arabic_mmlu_anatomy")
-    assert names == ["bimedix_en",
-                     "arabic_leaderboard_arabic_mmlu_anatomy"]  # lm-eval's own task side by side
+    # lm-eval's own task side by side
+    assert names == ["bimedix_en", "arabic_leaderboard_arabic_mmlu_anatomy"]
     assert "arabic_leaderboard_arabic_mmlu_anatomy" in manager.all_tasks
     code = main(["eval", "--model", str(tiny_model_dir), "--tasks", "bimedix_ar", "--output", str(tmp_path)])
     assert code == 2
@@ -130,7 +131,8 @@ def test_vllm_refuses_an_expert_adapter_as_lora_and_names_the_merge(tiny_model_d
 def test_cli_vllm_eval_of_an_expert_adapter_evaluates_a_merged_copy(tiny_model_dir, tiny_adapter_dir,
                                                                     tmp_path,
                                                                      monkeypatch, capsys):
-    """No vLLM needed: `evaluate` is replaced by a recorder; the merge (with its logit check) runs for real."""
+    """No vLLM needed: `evaluate` is replaced by a recorder; the merge (with its logit check) runs for
+    real."""
     import bimedix.eval.run
     import bimedix.eval.tables
 

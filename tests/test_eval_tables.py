@@ -1,4 +1,5 @@
-"""Paper-shaped tables (columns, AVG, pooled bilingual cells, reported rows) and the bilingual consistency metric."""
+"""Paper-shaped tables (columns, AVG, pooled bilingual cells, reported rows) and the bilingual consistency
+metric."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_reported_rows_average_to_the_paper_avg(table):
         assert len(values) == len(PAPER_SUBSETS) + 1
         mean = sum(values[:-1]) / 9
         if (table, model) == ("table3", "BiMediX (Bilingual)"):
-            # the paper prints AVG 56.5, but its nine cells average 57.3: kept as printed, flagged in the module
+            # the paper prints AVG 56.5, but its nine cells average 57.3: kept as printed, flagged in the
+            # module
             assert mean == pytest.approx(57.34, abs=0.01)
             continue
         assert mean == pytest.approx(values[-1], abs=0.051), model
@@ -65,10 +67,10 @@ def _sample(doc_id: str, chosen: int, target: int, n_choices: int = 4) -> dict:
 
 def test_consistency_pairs_questions_by_id_and_scores_disagreements():
     samples = {
-        "bimedix_medqa_en": [_sample("q1", 0, 0), _sample("q2", 1, 1), _sample("q3", 2, 3), _sample("q4", 0,
-                                                                                                    0)],
-        "bimedix_medqa_ar": [_sample("q1", 0, 0), _sample("q2", 2, 1), _sample("q3", 3, 3), _sample("q5", 0,
-                                                                                                    0)],
+        "bimedix_medqa_en": [_sample("q1", 0, 0), _sample("q2", 1, 1), _sample("q3", 2, 3),
+                             _sample("q4", 0, 0)],
+        "bimedix_medqa_ar": [_sample("q1", 0, 0), _sample("q2", 2, 1), _sample("q3", 3, 3),
+                             _sample("q5", 0, 0)],
         "bimedix_pubmedqa_en": [_sample("p1", 0, 0, 3)],
         "arabic_leaderboard_arabic_mmlu_anatomy": [_sample("x", 0, 0)],
     }

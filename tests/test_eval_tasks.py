@@ -1,4 +1,5 @@
-"""The packaged lm-eval tasks: they parse, render the documented prompts, and score exactly with a known LM."""
+"""The packaged lm-eval tasks: they parse, render the documented prompts, and score exactly with a known
+LM."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def test_stub_preferring_a_scores_the_share_of_gold_a_on_real_rows(real_bench, s
         assert results["results"][task]["acc_norm,none"] == pytest.approx(expected), task
     # hand check on the original file: MedQA's first 20 gold letters (answer_idx)
     medqa_file = shared_data / "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl"
-    gold = [json.loads(line)["answer_idx"] for line in medqa_file.read_text(encoding="utf-8").splitlines()[:20]]
+    gold = [json.loads(line)["answer_idx"]
+            for line in medqa_file.read_text(encoding="utf-8").splitlines()[:20]]
     assert results["results"]["bimedix_medqa_en"]["acc,none"] == pytest.approx(gold.count("A") / 20)
     # the group score is the paper's AVG: the unweighted mean of the nine subsets
     english = subset_scores(results, "en")

@@ -53,8 +53,8 @@ def test_folded_equals_peft_path_fp32(arch, overrides, quantize):
         pytest.importorskip("bitsandbytes")
     ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
     peft_model = _peft_model(arch, quantize=quantize, **overrides)
-    folded = _peft_model(arch, quantize=quantize,
-                         **overrides)  # no deepcopy: copies of parametrized modules share a cache
+    # no deepcopy: copies of parametrized modules share a cache
+    folded = _peft_model(arch, quantize=quantize, **overrides)
     set_expert_lora_mode(folded, "folded")
 
     logits, grads = _loss_and_grads(peft_model, ids)

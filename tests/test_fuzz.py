@@ -1,14 +1,14 @@
 """Fuzzing as a test: mutated real files through every converter, ``review import`` and the recipe loader.
 
 Each case starts from a real file (the slices bundled in ``bimedix/data/bundled``, the fixtures in
-``tests/fixtures/sources``, the shipped data recipes; a small file in the upstream layout for the three sources
-nothing redistributable exists for) and applies one to three mutations drawn by hypothesis: truncation, flipped
-bytes, another encoding, a dropped or duplicated field or column, a value replaced by a spreadsheet formula, a
-path-like id or a value of another type. Every run must end either normally or in one of the project's own
-errors naming the input file (never a traceback), leave its inputs byte-identical, and account for every
-record: ``read = written + rejected``, checked against the files written (and, where the format makes it
-unambiguous, against a count of the input's own records). ``derandomize=True`` makes CI runs repeatable; the
-number of cases tried is printed in the test summary (`tests/conftest.py`).
+``tests/fixtures/sources``, the shipped data recipes; a small file in the upstream layout for the three
+sources nothing redistributable exists for) and applies one to three mutations drawn by hypothesis:
+truncation, flipped bytes, another encoding, a dropped or duplicated field or column, a value replaced by a
+spreadsheet formula, a path-like id or a value of another type. Every run must end either normally or in one
+of the project's own errors naming the input file (never a traceback), leave its inputs byte-identical, and
+account for every record: ``read = written + rejected``, checked against the files written (and, where the
+format makes it unambiguous, against a count of the input's own records). ``derandomize=True`` makes CI runs
+repeatable; the number of cases tried is printed in the test summary (`tests/conftest.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from bimedix.resources import resource_path
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "sources"
 BUNDLED = resource_path("bimedix", "data", "bundled")
 EXAMPLES = int(os.environ.get("BIMEDIX_FUZZ_EXAMPLES", "30"))  # per command; raise it for a deeper local run
-#: ``(command, cases)`` tried in this run and how the runs ended, printed by ``pytest_terminal_summary`` in conftest.py
+#: ``(command, cases)`` tried in this run and how the runs ended, printed by ``pytest_terminal_summary`` in
+# conftest.py
 TRIED: Counter[str] = Counter()
 OUTCOMES: Counter[str] = Counter()
 
@@ -48,7 +49,8 @@ OTHER_TYPES = [None, 0, -1, 1.5, True, [], {}, ["a"], {"a": 1}]
 ENCODINGS = ["utf-16", "cp1256", "latin-1", "utf-8-sig", "utf-32"]
 
 
-# --- seeds: (kind, bytes) ------------------------------------------------------------------------------------
+# --- seeds: (kind, bytes)
+# ------------------------------------------------------------------------------------
 
 def _lines(path: Path, count: int) -> bytes:
     return b"".join(path.read_bytes().splitlines(keepends=True)[:count])
@@ -105,11 +107,11 @@ SEEDS = {
     "mmlu-ar": ("csv", "anatomy_dev.csv", lambda: _lines(BUNDLED / "mmlu_arabic" / "dev" / "anatomy_dev.csv",
                                                          4)),
     "mentalqa": ("tsv", "Train_Dev.tsv", lambda: _lines(BUNDLED / "mentalqa" / "Train_Dev.tsv", 5)),
-    "healthcaremagic": ("json", "HealthCareMagic-100k.json",
-                        (FIXTURES / "HealthCareMagic-100k.json").read_bytes),
+    "healthcaremagic": ("json", "HealthCareMagic-100k.json", (FIXTURES
+                                                              / "HealthCareMagic-100k.json").read_bytes),
     "icliniq": ("json", "iCliniq.json", (FIXTURES / "iCliniq.json").read_bytes),
-    "meadow": ("json", "medical_meadow_flashcards.json",
-               (FIXTURES / "medical_meadow_flashcards.json").read_bytes),
+    "meadow": ("json", "medical_meadow_flashcards.json", (FIXTURES
+                                                          / "medical_meadow_flashcards.json").read_bytes),
     "umls": ("json", "umls_release.json", (FIXTURES / "umls_release.json").read_bytes),
     "medarabench": ("csv", "medarabench.csv", _medarabench),
     "liveqa": ("xml", "live.xml", _liveqa),
@@ -121,7 +123,8 @@ def test_every_converter_is_fuzzed():
     assert set(SEEDS) == set(CONVERTERS)
 
 
-# --- mutations -----------------------------------------------------------------------------------------------
+# --- mutations
+# -----------------------------------------------------------------------------------------------
 
 @st.composite
 def mutated(draw, seed: bytes, kind: str) -> bytes:
@@ -251,7 +254,8 @@ def _mutate_text(draw, data: bytes, kind: str) -> bytes:
     return data[:at] + data[at + draw(st.integers(1, 40)):]
 
 
-# --- running a case ------------------------------------------------------------------------------------------
+# --- running a case
+# ------------------------------------------------------------------------------------------
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
     """Run the CLI in-process; an exception other than the CLI's own errors escapes and fails the test."""

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh --cpu: the GPU check's steps at tiny sizes on CPU (stack benchmark, full QLoRA from a
-checkpoint, merge with its logit check, hf evaluation; vLLM skipped), so the script is known to run."""
+"""benchmarks/gpu_check.sh --cpu: the GPU check's steps at tiny sizes on CPU (stack benchmark, full QLoRA from
+a checkpoint, merge with its logit check, hf evaluation; vLLM skipped), so the script is known to run."""
 
 from __future__ import annotations
 

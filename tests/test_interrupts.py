@@ -1,4 +1,5 @@
-"""Ctrl-C (a real SIGINT) in long commands: one line, exit 130, no traceback, no partial files, re-run resumes."""
+"""Ctrl-C (a real SIGINT) in long commands: one line, exit 130, no traceback, no partial files, re-run
+resumes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""LLMClient against a real local OpenAI-compatible server through the real openai SDK: faults, cache, ledger."""
+"""LLMClient against a real local OpenAI-compatible server through the real openai SDK: faults, cache,
+ledger."""
 
 from __future__ import annotations
 
@@ -142,8 +143,8 @@ def test_concurrency_is_bounded(api_key, tmp_path):
         client = make_client(slow.base_url, tmp_path / "c.sqlite", concurrency=2)
         prompts = [[{"role": "user", "content": str(i)}] for i in range(4)]
         start = time.monotonic()
-        results = run_closing(client, lambda c: asyncio.gather(*(c.complete(p,
-                                                                            max_tokens=8) for p in prompts)))
+        results = run_closing(client, lambda c: asyncio.gather(*(c.complete(p, max_tokens=8)
+                                                                 for p in prompts)))
         assert len(results) == 4 and time.monotonic() - start >= 0.4  # two waves of two
         assert slow.count() == 4
 
@@ -313,7 +314,8 @@ def test_full_disk_on_the_cache_is_a_clear_error(api_key, tmp_path, monkeypatch,
 
 
 def test_batch_management_calls_have_a_deadline_too(api_key, tmp_path):
-    """A server that answers every request with headers, then one byte every 0.2 s (below any read timeout)."""
+    """A server that answers every request with headers, then one byte every 0.2 s (below any read
+    timeout)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

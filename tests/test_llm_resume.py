@@ -1,4 +1,5 @@
-"""Crash safety: kill -9 the translate / generate-chats CLI at random points, resume, account for everything."""
+"""Crash safety: kill -9 the translate / generate-chats CLI at random points, resume, account for
+everything."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from bimedix.llm.fake_server import FakeOpenAIServer
 from bimedix.llm.translation import TranslationConfig, translate_file
 
 CONCURRENCY = 4
-#: command, records, largest random step (requests) between kills, source id of an output record, in-process run
+#: command, records, largest random step (requests) between kills, source id of an output record, in-process
+# run
 ENGINES = {
     "translate": (14, 14, lambda r: r["meta"]["translation"]["source_id"],
                   lambda i, o, c: translate_file(i, o, c, TranslationConfig())),

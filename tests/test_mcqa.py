@@ -30,7 +30,8 @@ def _errors(reader, *args, **kwargs) -> tuple[list, list[RecordError]]:
     return list(reader(*args, on_error=errors.append, **kwargs)), errors
 
 
-# --- real files: exact counts and a known item per source -------------------------------------------------------
+# --- real files: exact counts and a known item per source
+# -------------------------------------------------------
 
 def test_pubmedqa_splits_and_content(shared_data):
     path, truth = shared_data / PUBMEDQA, shared_data / PUBMEDQA_GT
@@ -55,8 +56,8 @@ def test_pubmedqa_splits_and_content(shared_data):
 def test_pubmedqa_artificial_and_unlabeled_layouts(tmp_path, caplog, layout, decisions, count):
     entry = {"QUESTION": "Does X help?", "CONTEXTS": ["Background.", "Results."], "LABELS": ["B", "R"],
              "MESHES": [], "LONG_ANSWER": "X helps."}
-    data = {str(pmid): {**entry, **({"final_decision": d} if d else {})} for pmid, d in zip((11, 12),
-                                                                                            decisions)}
+    data = {str(pmid): {**entry, **({"final_decision": d} if d else {})} for pmid,
+            d in zip((11, 12), decisions)}
     path = tmp_path / layout
     path.write_text(json.dumps(data))
     caplog.set_level(logging.INFO, logger="bimedix.data.mcqa")
@@ -90,8 +91,7 @@ def test_medqa_real(shared_data):
     assert len(items) == 1018 and len({i.id for i in items}) == 1018
     assert items[1].question.startswith("Two weeks after undergoing an emergency cardiac catherization")
     assert (items[1].answer, items[1].answer_text) == ("B", "Cholesterol embolization")
-    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2" and items[1].subject in ("step1",
-                                                                                              "step2&3")
+    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2" and items[1].subject in ("step1", "step2&3")
 
 
 def test_mmlu_english_real(shared_data):
@@ -117,7 +117,8 @@ def test_mmlu_arabic_rejects_ip_spoofing_rows(shared_data):
     assert ck.source == "mmlu-ar" and ck.language == "ar" and ck.answer == "A"
     assert ck.question == "ما هي السبب الأكثر شيوعًا للخرف في المملكة المتحدة؟"
     with pytest.raises(RecordError, match=r"professional_medicine_dev\.csv:\d+: field `question`: corrupted"):
-        list(read_mmlu(shared_data / "mmlu_medical_arabic_acegpt/MMLUArabic/dev/professional_medicine_dev.csv",
+        list(read_mmlu(shared_data
+                       / "mmlu_medical_arabic_acegpt/MMLUArabic/dev/professional_medicine_dev.csv",
                        language="ar"))
 
 
@@ -133,10 +134,12 @@ def test_medarabench_real(shared_data):
     assert first.question == "عضلات الكم المدوره للكتف"
     assert max(len(i.options) for i in items) == 6
     lower = [e for e in errors if e.raw and e.raw.get("Correct Answer", "").islower()]
-    assert not [e for e in lower if len(e.raw["Correct Answer"]) == 1]  # single lowercase letters are accepted
+    # single lowercase letters are accepted
+    assert not [e for e in lower if len(e.raw["Correct Answer"]) == 1]
 
 
-# --- bad records -------------------------------------------------------------------------------------------------
+# --- bad records
+# -------------------------------------------------------------------------------------------------
 
 MEDMCQA_OK = {"id": "q1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2,
               "exp": None,
@@ -160,7 +163,8 @@ def test_medmcqa_bad_records(tmp_path, change, field, message):
     assert (caught.value.path, caught.value.record, caught.value.field) == (str(path), 2, field)
     assert str(caught.value).startswith(f"{path}:2: field `{field}`")
     items, errors = _errors(read_medmcqa, path)
-    assert [i.id for i in items] == ["medmcqa-q1"] and len(errors) == 1 and errors[0].raw["question"] == ({**MEDMCQA_OK, **change})["question"]
+    assert [i.id
+            for i in items] == ["medmcqa-q1"] and len(errors) == 1 and errors[0].raw["question"] == ({**MEDMCQA_OK, **change})["question"]
 
 
 def test_medmcqa_cop_base_is_explicit(tmp_path):
@@ -191,8 +195,8 @@ def test_medqa_bad_records(tmp_path, record, field):
 def test_medqa_five_options(tmp_path):
     path = tmp_path / "US.jsonl"
     options = {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}
-    path.write_text(json.dumps({"question": "Q", "options": options, "answer_idx": "E",
-                                "answer": "e"}) + "\n")
+    path.write_text(json.dumps({"question": "Q", "options": options, "answer_idx": "E", "answer": "e"})
+                    + "\n")
     item = next(read_medqa(path))
     assert item.options == list("abcde") and item.answer == "E"
 
@@ -212,7 +216,8 @@ def test_mmlu_bad_rows(tmp_path, row, field):
     assert len(errors) == 1 and errors[0].field == field and errors[0].record == 3  # the row starts on line 3
 
 
-# --- rendering ---------------------------------------------------------------------------------------------------
+# --- rendering
+# ---------------------------------------------------------------------------------------------------
 
 ITEM = MCQAItem(id="demo-1", source="demo", language="en", question="Which vitamin deficiency causes scurvy?",
                 options=["Vitamin A", "Vitamin C", "Vitamin D"], answer="B",
@@ -236,9 +241,8 @@ def test_render_mcqa(language, human_has, gpt):
 
 @pytest.mark.parametrize("language, answer", [("en", "Maybe"), ("ar", "ربما")])
 def test_render_pubmedqa_style(language, answer):
-    item = MCQAItem(id="p", source="pubmedqa", language="en", question="Does X cause Y?", options=["yes",
-                                                                                                   "no",
-                                                                                                   "maybe"],
+    item = MCQAItem(id="p", source="pubmedqa", language="en", question="Does X cause Y?",
+                    options=["yes", "no", "maybe"],
                     answer="C", context="We studied X.")
     human, gpt = render_mcqa(item, language)
     assert "We studied X." in human["value"] and "Does X cause Y?" in human["value"]

@@ -1,4 +1,5 @@
-"""Memory estimates from a recipe's model config (meta device): parts, dtypes, sharding, GPU fit, suggestions."""
+"""Memory estimates from a recipe's model config (meta device): parts, dtypes, sharding, GPU fit,
+suggestions."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def paper_report(tmp_path_factory):
-    """The paper recipe with `load_in_4bit` alone (no `quantize_experts`): what bitsandbytes leaves in bf16."""
+    """The paper recipe with `load_in_4bit` alone (no `quantize_experts`): what bitsandbytes leaves in
+    bf16."""
     recipe = tmp_path_factory.mktemp("recipe") / "sft_qlora_bnb_only.yaml"
     lines = PAPER.read_text(encoding="utf-8").splitlines()
     recipe.write_text("\n".join(line for line in lines if not line.startswith("quantize_experts:")),
@@ -91,8 +93,8 @@ def test_4bit_linears_and_4bit_experts_together_leave_only_router_and_embeddings
 
 def test_paper_recipe_with_4bit_experts_fits_80gb_on_8_gpus_with_room():
     """The issue's done-when: the paper's recipe on the paper's hardware (8 x 80 GB, ZeRO-2)."""
-    report = estimate_memory(PAPER, FULL_QLORA, num_processes=8,
-                             accelerate_config=CONFIGS / "deepspeed_zero2.yaml",
+    report = estimate_memory(PAPER, FULL_QLORA, num_processes=8, accelerate_config=CONFIGS
+                             / "deepspeed_zero2.yaml",
                              gpu=80)
     assert report["settings"]["num_processes"] == 8 and report["settings"]["sharding"]["name"] == "DeepSpeed ZeRO-2"
     assert report["stated_gpu"]["fits"] and report["totals"]["all"] < 45 * GIB
@@ -125,12 +127,12 @@ def test_sharding_divides_what_each_strategy_shards(mixtral_facts):
 
 def test_shipped_accelerate_configs_are_read():
     expected = {"ddp.yaml": ("DDP", False, False), "deepspeed_zero2.yaml": ("DeepSpeed ZeRO-2", False, True),
-                "deepspeed_zero3.yaml": ("DeepSpeed ZeRO-3", True, True), "fsdp.yaml": ("FSDP FULL_SHARD",
-                                                                                        True, True)}
+                "deepspeed_zero3.yaml": ("DeepSpeed ZeRO-3", True, True),
+                "fsdp.yaml": ("FSDP FULL_SHARD", True, True)}
     for name, (label, params, grads) in expected.items():
         sharding, processes = read_accelerate_config(CONFIGS / name)
-        assert (sharding.name, sharding.parameters, sharding.gradients, processes) == (label, params, grads,
-                                                                                       8), name
+        assert (sharding.name, sharding.parameters, sharding.gradients,
+                processes) == (label, params, grads, 8), name
     assert read_accelerate_config(CONFIGS / "fsdp.yaml", 2)[1] == 2  # --num-processes wins over the file
     assert read_accelerate_config(None,
                                   4)[0].name == "DDP" and read_accelerate_config(None)[0].kind == "single"
@@ -216,10 +218,11 @@ def test_cli_estimate_memory(capsys, tmp_path):
 @pytest.mark.parametrize("flags", [[], ["--experts", "nf4", "--hidden", "1024", "--intermediate", "3584"]],
                          ids=["real-size-bf16-experts", "quarter-size-nf4-experts"])
 def test_estimate_within_15_percent_of_measured_peak_for_real_mixtral_dimensions(flags):
-    """2 Mixtral layers, measured RSS vs estimate: real size (~9 GB of RAM, a few minutes) and, with 4-bit experts,
-    a quarter of the width (packing a real-size layer on CPU needs ~11 GB). See benchmarks/memory_estimate.py."""
-    spec = importlib.util.spec_from_file_location("memory_estimate",
-                                                  ROOT / "benchmarks" / "memory_estimate.py")
+    """2 Mixtral layers, measured RSS vs estimate: real size (~9 GB of RAM, a few minutes) and, with 4-bit
+    experts, a quarter of the width (packing a real-size layer on CPU needs ~11 GB). See
+    benchmarks/memory_estimate.py."""
+    spec = importlib.util.spec_from_file_location("memory_estimate", ROOT / "benchmarks"
+                                                  / "memory_estimate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--steps", "1", *flags])

@@ -17,15 +17,15 @@ IDS = torch.tensor([[1, 2223, 725, 28747, 6312, 28709, 13, 330]])
 
 
 def _adapter(tmp_path, groups: list[str], seed: int = 0):
-    """A paper-preset adapter whose lora_B is random in ``groups`` and zero elsewhere (as if only they trained)."""
+    """A paper-preset adapter whose lora_B is random in ``groups`` and zero elsewhere (as if only they
+    trained)."""
     torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
-    model = get_peft_model(build_tiny_model("mixtral", seed=0), build_lora_config(build_tiny_model(), "paper",
-                                                                                  r=4))
+    model = get_peft_model(build_tiny_model("mixtral", seed=0),
+                           build_lora_config(build_tiny_model(), "paper", r=4))
     generator = torch.Generator().manual_seed(seed)
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".",
-                                                                                                      1)[-1]
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
             weight = module.lora_B["default"].weight
             with torch.no_grad():
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 if group in groups else 0)

@@ -1,5 +1,6 @@
 """Recipes for today's MoE bases (Qwen3-30B-A3B, OLMoE-1B-7B): parse, count and estimate offline; their tiny
-CPU twins (same recipe, tiny random model of the same architecture, bundled data) go train -> merge -> eval -> chat."""
+CPU twins (same recipe, tiny random model of the same architecture, bundled data) go train -> merge -> eval ->
+chat."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def test_tiny_twin_trains_merges_evaluates_and_chats(name, tmp_path, eval_bench_
     assert main(["sft", "--config", str(_twin(tmp_path, name)), "--output_dir", str(adapter)]) == 0
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == f"tiny:{arch}:42"
-    assert config["rank_pattern"] and config["alpha_pattern"]  # the recipe's per-target ranks reach the adapter
+    # the recipe's per-target ranks reach the adapter
+    assert config["rank_pattern"] and config["alpha_pattern"]
 
     assert main(["merge", "--adapter", str(adapter), "--output", str(merged), "--quantize_experts",
                  "nf4"]) == 0
@@ -89,7 +91,8 @@ def test_tiny_twin_trains_merges_evaluates_and_chats(name, tmp_path, eval_bench_
 
 
 def _twin(tmp_path, name: str):
-    """The recipe with a tiny random model of its architecture, the bundled records and a 2-step CPU schedule."""
+    """The recipe with a tiny random model of its architecture, the bundled records and a 2-step CPU
+    schedule."""
     arch, _ = RECIPES[name]
     recipe = yaml.safe_load(_recipe(name).read_text(encoding="utf-8"))
     recipe.pop("model_name_or_path")

@@ -1,4 +1,5 @@
-"""Output safety (`bimedix.data.outputs`): no command writes over its inputs or deletes what it did not write."""
+"""Output safety (`bimedix.data.outputs`): no command writes over its inputs or deletes what it did not
+write."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
     with pytest.raises(OutputError, match="not a single file or folder name"):
         folder.path("..", "escape.txt")
     assert folder.remove_tree("data") == 2
-    assert _snapshot(root / "data") == {root.joinpath("data",
-                                                      "mine.parquet").relative_to(root / "data"): b"user data"}
+    assert _snapshot(root
+                     / "data") == {root.joinpath("data",
+                                                 "mine.parquet").relative_to(root / "data"): b"user data"}
     assert not (root / "data" / "en").exists()  # the folder it made, now empty, is gone
     with pytest.raises(OutputError, match="not made by `bimedix eval`"):
         OutputFolder(root, "eval")  # another command's folder is foreign
@@ -90,7 +92,8 @@ def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkey
 
 
 def test_build_data_keeps_a_users_files_in_an_existing_folder(tmp_path, mixtral_tokenizer):
-    """Repro: building into an existing folder deleted the user's Parquet file and overwrote their README.md."""
+    """Repro: building into an existing folder deleted the user's Parquet file and overwrote their
+    README.md."""
     recipe = write_sources(tmp_path / "sources")
     out = tmp_path / "existing"
     (out / "data").mkdir(parents=True)
@@ -101,9 +104,10 @@ def test_build_data_keeps_a_users_files_in_an_existing_folder(tmp_path, mixtral_
     assert (out / "README.md").read_text() == "my notes" and (out / "data" / "mine.parquet").exists()
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "data"]
     build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False, overwrite=True)
-    (tmp_path / "sources" / "chat.jsonl").write_text((tmp_path / "sources" / "chat.jsonl").read_text()[:-1] + " \n")
-    build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer,
-               progress=False)  # rebuild: clears its shards
+    (tmp_path / "sources" / "chat.jsonl").write_text((tmp_path / "sources" / "chat.jsonl").read_text()[:-1]
+                                                     + " \n")
+    # rebuild: clears its shards
+    build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
     assert (out / "data" / "mine.parquet").read_bytes() == b"PAR1 user rows"
 
 
@@ -138,7 +142,8 @@ def test_next_build_removes_temporaries_of_a_killed_run(tmp_path, mixtral_tokeni
     assert len(stale) == 2
     build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
     assert not any(path.exists() for path in stale)
-    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists() and (out / ".bimedix-build-data.jsonl").is_file()
+    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists() and (out
+                                                                     / ".bimedix-build-data.jsonl").is_file()
     assert os.path.getsize(out / "data" / "en" / "qa" / "train-00000.parquet") > len(b"partial")
 
 
@@ -209,14 +214,16 @@ def test_writes_through_a_symlink_out_of_the_folder_are_refused(tmp_path):
 
 
 def test_next_write_of_a_file_removes_the_temporary_a_killed_write_left(tmp_path, capsys):
-    """`kill -9` during `convert` leaves `.out.jsonl.PID.XXXXXXXX.tmp`; the next convert to that file removes it."""
+    """`kill -9` during `convert` leaves `.out.jsonl.PID.XXXXXXXX.tmp`; the next convert to that file removes
+    it."""
     source = tmp_path / "medmcqa.json"
     source.write_text(json.dumps(MEDMCQA) + "\n")
     _kill_mid_write(tmp_path / "out.jsonl")
     _kill_mid_write(tmp_path / "other.jsonl")
     assert len(list(tmp_path.glob(".*.tmp"))) == 2
     assert main(["convert", "medmcqa", "--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 0
-    assert [p.name.split(".")[1] for p in tmp_path.glob(".*.tmp")] == ["other"]  # another file's: not ours to judge
+    # another file's: not ours to judge
+    assert [p.name.split(".")[1] for p in tmp_path.glob(".*.tmp")] == ["other"]
 
 
 def test_eval_output_is_checked_before_evaluating(tmp_path, tiny_model_dir):

@@ -29,8 +29,8 @@ def _adapter(tmp_path, seed: int = 0, *, record: bool = True, name: str | None =
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
                                        "base_model_name_or_path": name}))
     if record:
-        write_base_record(folder, f"tiny:mixtral:{seed}", base_fingerprint(build_tiny_model("mixtral",
-                                                                                            seed=seed)))
+        write_base_record(folder, f"tiny:mixtral:{seed}",
+                          base_fingerprint(build_tiny_model("mixtral", seed=seed)))
     return folder
 
 
@@ -82,8 +82,8 @@ def test_output_may_not_be_the_base_or_adapter_folder(tmp_path, tiny_model_dir, 
         merge_adapter(str(tiny_model_dir), adapter, output)
     assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter), "--output", str(output),
                  "--overwrite", "--force"]) == 2
-    assert {path: path.read_bytes() for folder in (tiny_model_dir,
-                                                   adapter) for path in folder.iterdir()} == before
+    assert {path: path.read_bytes() for folder in (tiny_model_dir, adapter)
+            for path in folder.iterdir()} == before
 
 
 def test_merged_files_get_the_default_mode_and_a_manifest(tmp_path):
@@ -100,5 +100,5 @@ def test_merged_files_get_the_default_mode_and_a_manifest(tmp_path):
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty.*--overwrite"):
         merge_adapter("tiny:mixtral:0", adapter, tmp_path / "foreign")
-    merge_adapter("tiny:mixtral:0", adapter,
-                  tmp_path / "merged")  # a re-run into its own folder needs no flag
+    # a re-run into its own folder needs no flag
+    merge_adapter("tiny:mixtral:0", adapter, tmp_path / "merged")

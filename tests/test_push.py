@@ -34,8 +34,8 @@ class FakeHub:
         """Replace the four `HfApi` methods bimedix calls; the fakes receive the `HfApi` instance first."""
         for name in ("create_repo", "create_branch", "list_repo_tree", "create_commit"):
             method = getattr(self, name)
-            monkeypatch.setattr(HfApi, name, lambda api, *args, _method=method, **kwargs: _method(api, *args,
-                                                                                                  **kwargs))
+            monkeypatch.setattr(HfApi, name, lambda api, *args, _method=method,
+                                **kwargs: _method(api, *args, **kwargs))
 
     def create_repo(self, api, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, "token": api.token, **kwargs}))
@@ -102,8 +102,8 @@ def test_unchanged_content_makes_no_commit(tiny_adapter_dir, hub):
 def test_only_changed_files_are_committed_and_stale_ones_deleted(tiny_adapter_dir, hub):
     push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE)
     hub.files["old-notes.txt"] = b"from an earlier push"
-    result = push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE,
-                  license="mit")  # card changes
+    # card changes
+    result = push("adapter", tiny_adapter_dir, repo_id="me/tiny", base_model=BASE, license="mit")
     assert result.uploaded == ["README.md"] and result.deleted == ["old-notes.txt"]
     assert "license: mit" in hub.files["README.md"].decode()
     assert ".gitattributes" in hub.files  # never deleted
@@ -149,8 +149,8 @@ def test_successful_push_output_has_no_token(tiny_adapter_dir, hub, capsys, capl
     out = capsys.readouterr().out
     assert "pushed" in out and "up to date" in out
     assert SECRET not in out + caplog.text
-    assert [kw["token"] for name, kw in hub.calls if name == "create_repo"] == [SECRET,
-                                                                                SECRET]  # but it is used
+    # but it is used
+    assert [kw["token"] for name, kw in hub.calls if name == "create_repo"] == [SECRET, SECRET]
 
 
 def test_adapter_push_needs_a_hub_base_model(tiny_adapter_dir, hub):
@@ -205,7 +205,8 @@ def test_push_cli_dry_run(tmp_path, dataset_dir, capsys):
     assert main(["push", "dataset", str(dataset_dir), "--repo-id", "me/bimed", "--dry-run",
                  str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "dry run: 5 files" in out and "licence note: 'meadow'" in out  # README, stats.md, stats.json, 2 shards
+    # README, stats.md, stats.json, 2 shards
+    assert "dry run: 5 files" in out and "licence note: 'meadow'" in out
     assert (tmp_path / "out" / "README.md").read_text().startswith("---\n")
 
 

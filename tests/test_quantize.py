@@ -155,7 +155,8 @@ def test_adapter_has_unquantized_keys_and_reloads_on_unquantized_base(tmp_path):
     # the trained adapter carries the base's quantization error over, about unchanged (mean: a flipped route
     # is not noise); the exact check below is the proof that the adapter means the same on both bases
     assert (dense_logits - quantized_logits).abs().mean() <= 3 * base_error
-    quantize_experts(reloaded)  # same adapter, same meaning: quantizing the reloaded model gives the trained one
+    # same adapter, same meaning: quantizing the reloaded model gives the trained one
+    quantize_experts(reloaded)
     torch.testing.assert_close(_logits(reloaded, ids), quantized_logits, atol=1e-5, rtol=1e-5)
 
 
@@ -170,8 +171,8 @@ def test_merge_path_dequantizes_experts():
     merged = model.merge_and_unload()
 
     assert len(names) == 2 * merged.config.num_hidden_layers
-    assert not any(is_quantized(e, n) for e in fused_experts(merged).values() for n in ("gate_up_proj",
-                                                                                        "down_proj"))
+    assert not any(is_quantized(e, n) for e in fused_experts(merged).values()
+                   for n in ("gate_up_proj", "down_proj"))
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=1e-4)
 
@@ -182,11 +183,11 @@ def test_load_model_with_4bit_experts(tiny_model_dir):
     model = load_model_with_4bit_experts(tiny_model_dir, device="cpu", dtype=torch.bfloat16,
                                          peft_config=config)
     experts = fused_experts(model)
-    assert experts and all(is_quantized(e, "gate_up_proj") and is_quantized(e,
-                                                                            "down_proj") for e in experts.values())
+    assert experts and all(is_quantized(e, "gate_up_proj") and is_quantized(e, "down_proj")
+                           for e in experts.values())
     assert sum("experts" in n and "lora_A" in n for n, _ in model.named_parameters()) == 2 * len(experts)
-    assert all(p.dtype == torch.bfloat16 for n,
-               p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "lora_" not in n
+               and p.is_floating_point())
     assert torch.isfinite(_logits(model, _ids())).all()
 
 
@@ -227,21 +228,21 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
     moved = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".",
-                                                                                                      1)[-1]
+            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
             moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
     assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
-    adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42),
-                                        tmp_path)  # loads on the bf16 base
-    assert sum("lora_A" in n for n,
-               _ in adapter.named_parameters()) == 2 * 6  # q, k, v, router, gate_up, down
+    # loads on the bf16 base
+    adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42), tmp_path)
+    # q, k, v, router, gate_up, down
+    assert sum("lora_A" in n for n, _ in adapter.named_parameters()) == 2 * 6
 
     report = estimate_memory(recipe)
     assert report["settings"]["quantize_experts"] and report["parameters"]["by_storage"].get("nf4", 0) > 0
 
     from bimedix.training.merge import merge_adapter
 
-    output = tmp_path.with_name(f"{tmp_path.name}-merged")  # not inside the adapter folder, an input of the merge
+    # not inside the adapter folder, an input of the merge
+    output = tmp_path.with_name(f"{tmp_path.name}-merged")
     merged = merge_adapter("tiny:mixtral:42", tmp_path, output, quantize_experts="nf4")
     assert merged["max_abs_diff_merged_vs_adapter"] <= 1e-3 < merged["max_abs_diff_adapter_vs_base"]
     assert merged["provenance"] == "fingerprint"  # sft recorded the base before quantizing its experts

@@ -1,4 +1,5 @@
-"""`bimedix quickstart`, shortened: every stage runs end to end on CPU and leaves its artefacts under --output."""
+"""`bimedix quickstart`, shortened: every stage runs end to end on CPU and leaves its artefacts under
+--output."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def test_quickstart_runs_every_stage(quickstart):
     assert code == 0
     for step in range(1, 7):
         assert f"[{step}/6]" in out
-    assert "| Total | All |" in out and "read " in out and " = written " in out  # statistics and count balance
-    assert "[[" in out and "]]" in out and "trained (" in out  # one masked sample (plain markers when not a tty)
+    # statistics and count balance
+    assert "| Total | All |" in out and "read " in out and " = written " in out
+    # one masked sample (plain markers when not a tty)
+    assert "[[" in out and "]]" in out and "trained (" in out
     assert "Table 2: Bilingual benchmark" in out  # the EN/AR table
     for path in ("data/README.md", "data/stats.md", "base-model/config.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/trainer_state.json", "eval/results.json",
@@ -50,8 +53,8 @@ def test_quickstart_training_loss_falls_and_adapter_targets_router_and_experts(q
     config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert {"q_proj", "k_proj", "v_proj"} <= set(config["target_modules"])
     for suffix in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):  # router and fused experts
-        assert any(name.endswith(suffix) for name in config["target_parameters"]), (suffix,
-                                                                                    config["target_parameters"])
+        assert any(name.endswith(suffix)
+                   for name in config["target_parameters"]), (suffix, config["target_parameters"])
 
 
 def test_quickstart_evaluates_both_languages(quickstart):

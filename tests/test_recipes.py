@@ -31,10 +31,10 @@ def test_paper_recipe_has_the_papers_hyper_parameters():
 
     _, training, model, _, bimedix = parse_args(
         ["--config", str(RECIPES / "bimedix-mixtral" / "sft_qlora.yaml"), "--use_cpu", "true"])
-    assert (model.lora_r, model.lora_alpha, bimedix.lora_preset, model.load_in_4bit) == (128, 64, "paper",
-                                                                                         True)
-    assert (training.learning_rate, str(training.lr_scheduler_type.value), training.warmup_steps) == (2e-4,
-                                                                                                      "cosine", 10)
+    assert (model.lora_r, model.lora_alpha, bimedix.lora_preset,
+            model.load_in_4bit) == (128, 64, "paper", True)
+    assert (training.learning_rate, str(training.lr_scheduler_type.value),
+            training.warmup_steps) == (2e-4, "cosine", 10)
     assert training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps == 16  # 8 GPUs
     assert (training.gradient_accumulation_steps, training.num_train_epochs) == (2, 2)
     assert training.activation_checkpointing and training.bf16 and training.optim.value == "adamw_torch"

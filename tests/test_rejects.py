@@ -16,8 +16,8 @@ from bimedix.data.schema import RecordError, validate_record
     (b'\xef\xbb\xbf{"a": 1}\r\n\r\n{"a": 2}', [(1, {"a": 1}), (3, {"a": 2})],
      []),  # BOM, CRLF, blank line, no final \n
     (b'{"a": 1}\n{"a": \n{"a": 3}\n', [(1, {"a": 1}), (3, {"a": 3})], [(2, "invalid JSON")]),
-    ('{"a": 1}\n{"a": "ب"}\n'.encode("cp1256") + b'{"a": 3}\n', [(1, {"a": 1}), (3, {"a": 3})], [(2,
-                                                                                                  "not valid UTF-8")]),
+    ('{"a": 1}\n{"a": "ب"}\n'.encode("cp1256") + b'{"a": 3}\n', [(1, {"a": 1}), (3, {"a": 3})],
+     [(2, "not valid UTF-8")]),
 ])
 def test_read_jsonl(tmp_path, data, rows, bad):
     path = tmp_path / "x.jsonl"
@@ -32,9 +32,8 @@ def test_read_jsonl(tmp_path, data, rows, bad):
 
 @pytest.mark.parametrize("data, rows, bad", [
     (b'a,b\r\n"x\r\ny",z', [(1, ["a", "b"]), (2, ["x\ny", "z"])], []),
-    (b'\xef\xbb\xbfa,b\n\n"multi\nline",2\nc,d\n', [(1, ["a", "b"]), (3, ["multi\nline", "2"]), (5, ["c",
-                                                                                                     "d"])],
-     []),
+    (b'\xef\xbb\xbfa,b\n\n"multi\nline",2\nc,d\n', [(1, ["a", "b"]), (3, ["multi\nline", "2"]),
+                                                    (5, ["c", "d"])], []),
     ("a,b\n\"س\nline\",2\nc,d\n".encode("cp1256"), [(1, ["a", "b"]), (4, ["c", "d"])], [2]),
 ])
 def test_read_delimited(tmp_path, data, rows, bad):
@@ -58,8 +57,8 @@ def test_read_json_errors(tmp_path):
 def test_reject_log_writes_reason_location_and_raw(tmp_path):
     out = tmp_path / "rejects.jsonl"
     with RejectLog(out) as log:
-        log(RecordError("answer 'Z' is not an option", path="a.csv", record=7, field="answer", raw=["q",
-                                                                                                    "Z"]))
+        log(RecordError("answer 'Z' is not an option", path="a.csv", record=7, field="answer",
+                        raw=["q", "Z"]))
         log(RecordError("invalid JSON", path="b.jsonl", record=3, raw="{oops"))
         assert not out.exists()  # written atomically on exit
     entries = [json.loads(line) for line in out.read_text().splitlines()]
@@ -90,8 +89,8 @@ def test_policies_and_map_records():
     with pytest.raises(RecordError, match="field `language`"):
         list(map_records(validate_record, [good, bad]))
     log = RejectLog()
-    assert [r["id"] for r in map_records(validate_record, [good, bad, good], on_error=on_error_for("skip",
-                                                                                                   log))] == ["1", "1"]
+    assert [r["id"] for r in map_records(validate_record, [good, bad, good],
+                                         on_error=on_error_for("skip", log))] == ["1", "1"]
     assert log.count == 1
 
 

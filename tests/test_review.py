@@ -1,4 +1,5 @@
-"""Human review round trip: export the queue, import edits with an audit trail, reject malformed files whole."""
+"""Human review round trip: export the queue, import edits with an audit trail, reject malformed files
+whole."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`bimedix review serve` in a real browser: review a fake-server translation with clicks and keys, kill and
-restart the server mid-way, overrule as a second reviewer, and get what `review import` gives for the same decisions."""
+restart the server mid-way, overrule as a second reviewer, and get what `review import` gives for the same
+decisions."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ RECORDS = 6
 
 @pytest.fixture
 def translated(tmp_path) -> tuple[Path, Path]:
-    """Six MCQA records translated by `bimedix translate` through the fake OpenAI server; the English file shown
-    in the app lacks the last original."""
+    """Six MCQA records translated by `bimedix translate` through the fake OpenAI server; the English file
+    shown in the app lacks the last original."""
     english = write_jsonl(tmp_path / "en.jsonl", [mcqa_record(i) for i in range(RECORDS)])
     with FakeOpenAIServer() as server:
         subprocess.run([sys.executable, "-m", "bimedix", "translate", "--input", str(english), "--output",
@@ -65,7 +66,8 @@ def test_review_in_the_browser_equals_review_import(browser, translated, tmp_pat
     try:
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#texts textarea")
-        assert "no English original" in page.locator("#warnings").inner_text()  # the last record's source is missing
+        # the last record's source is missing
+        assert "no English original" in page.locator("#warnings").inner_text()
         assert page.locator("#texts textarea").first.get_attribute("dir") == "rtl"
         assert page.locator("#texts textarea").first.evaluate("e => getComputedStyle(e).direction") == "rtl"
         assert "Option A / أ" in page.locator("#texts").inner_text()

@@ -1,4 +1,5 @@
-"""The one review policy: statuses, and that build-data and push honour it (build-bench: test_eval_bench.py)."""
+"""The one review policy: statuses, and that build-data and push honour it (build-bench:
+test_eval_bench.py)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def translated_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("review")
     english = [{"id": f"en-{i}", "source": "english", "task": "qa", "language": "en", "conversations": [
         {"from": "human", "value": f"question {i} " + " ".join(f"w{i}x{j}" for j in range(12))},
-        {"from": "gpt",
-         "value": f"answer {i} " + " ".join(f"v{i}y{j}" for j in range(12))}]} for i in range(6)]
+        {"from": "gpt", "value": f"answer {i} " + " ".join(f"v{i}y{j}" for j in range(12))}]}
+               for i in range(6)]
     (root / "en.jsonl").write_text("".join(json.dumps(r) + "\n" for r in english))
     arabic = [_record(i, state, score) for i, (state, score, *_) in enumerate(CASES) if state is not None]
     (root / "ar.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arabic))
@@ -73,8 +74,8 @@ def translated_recipe(tmp_path_factory):
 def _ids(out) -> set[str]:
     import pyarrow.parquet as pq
 
-    return {row for path in out.glob("data/**/*.parquet") for row in pq.read_table(path,
-                                                                                   columns=["id"])["id"].to_pylist()}
+    return {row for path in out.glob("data/**/*.parquet")
+            for row in pq.read_table(path, columns=["id"])["id"].to_pylist()}
 
 
 def test_build_data_leaves_out_rejected_and_unreviewed(translated_recipe, tmp_path, mixtral_tokenizer):
@@ -126,8 +127,8 @@ def test_push_refuses_rejected_and_unacknowledged_unreviewed(translated_recipe, 
     folder = tmp_path / "tampered" / "data" / "ar" / "qa"
     folder.mkdir(parents=True)
     rejected = normalize_record(_record(9, "rejected", 99.0))
-    pq.write_table(pa.Table.from_pylist([rejected], schema=FEATURES.arrow_schema),
-                   folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([rejected], schema=FEATURES.arrow_schema), folder
+                   / "train-00000.parquet")
     with pytest.raises(ReviewError, match="1 reviewer-rejected"):
         check_review(summarize_dataset(tmp_path / "tampered"), include_unreviewed=True)
 

@@ -30,8 +30,8 @@ def files(tmp_path):
 def test_session_decisions_survive_a_crash_and_equal_review_import(files, tmp_path):
     english, translated = files
     out = tmp_path / "out.jsonl"
-    session = ReviewSession(translated, out, source=english,
-                            fraction=0.0)  # demo-ar-000 and demo-ar-002 (< 80)
+    # demo-ar-000 and demo-ar-002 (< 80)
+    session = ReviewSession(translated, out, source=english, fraction=0.0)
     assert list(session.items) == ["demo-ar-000", "demo-ar-002"] and session.progress()["left"] == 2
     view = session.view("demo-ar-000")
     assert view["texts"][0]["english"].startswith("Answer the following") and view["score"] == 55
@@ -89,9 +89,11 @@ def test_review_stats_buckets_and_auc(tmp_path, capsys):
     assert stats["reviewed"] == 6
     buckets = {b["range"]: b for b in stats["buckets"]}
     assert buckets["80-90"] == {"range": "80-90", "count": 2, "approved": 0.5, "edited": 0.5, "rejected": 0.0}
-    assert buckets["90-100"]["count"] == 2 and buckets["90-100"]["approved"] == 1.0  # 100 is in the last bucket
+    # 100 is in the last bucket
+    assert buckets["90-100"]["count"] == 2 and buckets["90-100"]["approved"] == 1.0
     assert buckets["60-70"]["approved"] is None
-    assert stats["roc_auc"] == pytest.approx(8 / 9)  # 8 of the 9 approved/corrected pairs are ordered (85 < 88)
+    # 8 of the 9 approved/corrected pairs are ordered (85 < 88)
+    assert stats["roc_auc"] == pytest.approx(8 / 9)
     write_jsonl(tmp_path / "reviewed.jsonl", records)
     assert main(["review", "stats", "--input", str(tmp_path / "reviewed.jsonl")]) == 0
     out = capsys.readouterr().out
@@ -123,7 +125,8 @@ def test_token_guards_every_route(files, tmp_path):
                                          headers={"Cookie": "bimedix_review_token=s3cret"})
         assert json.loads(urllib.request.urlopen(request).read())["progress"]["total"] == 2
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-        assert b"bimedix translation review" in opener.open(server.url + "?token=s3cret").read()  # sets the cookie
+        # sets the cookie
+        assert b"bimedix translation review" in opener.open(server.url + "?token=s3cret").read()
     finally:
         server.close()
 

@@ -37,8 +37,8 @@ def _picked(path) -> list[dict]:
 
 def test_target_is_split_over_task_and_source_in_proportion(pool, tmp_path):
     selection = select_for_translation(pool, tmp_path / "pick.jsonl", target=40)
-    assert (selection.pool, selection.target, selection.picked, selection.skipped_non_english) == (100, 40,
-                                                                                                   40, 4)
+    assert (selection.pool, selection.target, selection.picked,
+            selection.skipped_non_english) == (100, 40, 40, 4)
     assert {key: entry["picked"] for key, entry in selection.strata.items()} == {
         "mcqa|medmcqa": 20, "mcqa|medqa": 12, "qa|healthcaremagic": 6, "chat|chats": 2}
     picked = _picked(tmp_path / "pick.jsonl")
@@ -53,7 +53,8 @@ def test_same_seed_same_picks_whatever_the_file_order(pool, tmp_path):
                                          for line in f.read_text().splitlines() if "rejects" not in f.name])))
     selection = select_for_translation(merged, tmp_path / "b.jsonl", target=0.51, seed=3)
     assert selection.target == 51
-    assert {r["id"] for r in _picked(tmp_path / "a.jsonl")} == {r["id"] for r in _picked(tmp_path / "b.jsonl")}
+    assert {r["id"] for r in _picked(tmp_path / "a.jsonl")} == {r["id"]
+                                                                for r in _picked(tmp_path / "b.jsonl")}
     other = select_for_translation(pool, tmp_path / "c.jsonl", target=0.51, seed=4)
     assert other.picked == 51 and {r["id"] for r in _picked(tmp_path / "c.jsonl")} != {
         r["id"] for r in _picked(tmp_path / "a.jsonl")}
@@ -61,8 +62,8 @@ def test_same_seed_same_picks_whatever_the_file_order(pool, tmp_path):
 
 def test_stratify_by_task_only(pool, tmp_path):
     selection = select_for_translation(pool, tmp_path / "pick.jsonl", target=20, by=["task"])
-    assert {key: entry["picked"] for key, entry in selection.strata.items()} == {"chat": 1, "mcqa": 16,
-                                                                                 "qa": 3}
+    assert {key: entry["picked"] for key,
+            entry in selection.strata.items()} == {"chat": 1, "mcqa": 16, "qa": 3}
 
 
 def test_bad_input(pool, tmp_path):

@@ -81,6 +81,7 @@ def test_streaming_arabic_chat(server):
     client, model = server
     stream = client.chat.completions.create(model=model, max_tokens=4, stream=True, temperature=0,
                                             messages=[{"role": "user", "content": "ما هو فقر الدم؟"}])
-    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices
+              and chunk.choices[0].delta.content]
     assert "".join(pieces) == _greedy_reply(model, [{"role": "user", "content": "ما هو فقر الدم؟"}],
                                             max_new_tokens=4)

@@ -66,13 +66,15 @@ def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
               for name, param in model.get_base_model().named_parameters()
               if "lora_" not in name and "modules_to_save" not in name}
     assert frozen.keys() == fresh.keys()
-    trained_head = model.get_base_model().lm_head.modules_to_save["default"].weight  # the recipe trains the head too
+    # the recipe trains the head too
+    trained_head = model.get_base_model().lm_head.modules_to_save["default"].weight
     assert not torch.equal(trained_head, fresh["lm_head.weight"])
     assert all(torch.equal(param, fresh[name]) for name, param in frozen.items())
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny:mixtral:42" and config["r"] == 8
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
-    record = json.loads((output / "bimedix_base.json").read_text())  # what `bimedix merge` checks --base against
+    # what `bimedix merge` checks --base against
+    record = json.loads((output / "bimedix_base.json").read_text())
     base = build_tiny_model("mixtral", seed=42)
     assert record == {"base_model": "tiny:mixtral:42", "fingerprint": base_fingerprint(base)}
 
@@ -83,8 +85,8 @@ def test_chat_prompts_the_adapter_as_it_was_trained(full_run, tmp_path):
     from bimedix.training.tiny import save_tiny_model
 
     output, trainer = full_run
-    assert load_chat_settings(output) == {"chat_template": "vicuna",
-                                          "system_prompt": None}  # the paper's: none
+    # the paper's: none
+    assert load_chat_settings(output) == {"chat_template": "vicuna", "system_prompt": None}
     base = save_tiny_model(tmp_path / "base", "mixtral", seed=42)
     chat = ChatSession.from_pretrained(str(base), peft=str(output), device="cpu", max_new_tokens=2)
     record = {"conversations": [{"from": "human", "value": "ما هي أعراض فقر الدم؟"}]}
@@ -131,7 +133,8 @@ def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
     assert stopped.state.global_step == 2 and (tmp_path / "checkpoint-2").is_dir()
     resumed = _run(tmp_path, "--max_steps", "4", "--save_steps", "2",
                    "--resume_from_checkpoint", str(tmp_path / "checkpoint-2"))
-    losses = _losses(resumed)  # steps 1-2 come from checkpoint-2's trainer state, 3-4 were trained after resuming
+    # steps 1-2 come from checkpoint-2's trainer state, 3-4 were trained after resuming
+    losses = _losses(resumed)
     assert sorted(losses) == [1, 2, 3, 4] and resumed.state.global_step == 4
     for step in (3, 4):
         assert losses[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)

@@ -47,7 +47,8 @@ def _lora_b_by_group(model) -> dict[str, list[torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
-    """Three steps of the tiny 4-bit-experts recipe with `load_in_4bit` too (full QLoRA), no checkpoint saved."""
+    """Three steps of the tiny 4-bit-experts recipe with `load_in_4bit` too (full QLoRA), no checkpoint
+    saved."""
     output = tmp_path_factory.mktemp("sft-qlora")
     return output, _run(output, *QLORA, "--max_steps", "3")
 
@@ -61,21 +62,23 @@ def test_full_qlora_quantizes_linears_and_experts_and_trains_every_group(qlora_r
     assert isinstance(attention.q_proj.base_layer, bnb.nn.Linear4bit)
     assert isinstance(attention.o_proj, bnb.nn.Linear4bit)  # not adapted, still 4-bit
     experts = fused_experts(model)
-    assert experts and all(is_quantized(m, p) for m in experts.values() for p in ("gate_up_proj",
-                                                                                  "down_proj"))
+    assert experts and all(is_quantized(m, p) for m in experts.values()
+                           for p in ("gate_up_proj", "down_proj"))
     groups = _lora_b_by_group(model)
     assert {"q_proj", "k_proj", "v_proj", "router"} <= set(groups) and len(groups) >= 6, sorted(groups)
     # PEFT initializes every lora_B to zero: non-zero after training means the group received updates
     for group, tensors in groups.items():
         assert all(t.abs().sum() > 0 for t in tensors), f"{group} adapter did not move"
     router_weight = model.base_model.model.model.layers[0].mlp.gate.weight
-    assert router_weight.dtype != torch.uint8 and not router_weight.requires_grad  # router trained via its LoRA
+    # router trained via its LoRA
+    assert router_weight.dtype != torch.uint8 and not router_weight.requires_grad
 
 
 def test_full_qlora_adapter_reloads_on_the_same_4bit_base(qlora_run):
     output, trainer = qlora_run
     ids = torch.tensor([[1, 330, 1149, 28747, 4567, 349, 264, 1369, 28723, 2]])
-    model = trainer.model.train()  # an eval-mode forward would repack the CPU Linear4bit weights (STACK-NOTES)
+    # an eval-mode forward would repack the CPU Linear4bit weights (STACK-NOTES)
+    model = trainer.model.train()
     with torch.no_grad():
         trained = model(input_ids=ids).logits.float()
     reloaded = _run_load(output)
@@ -85,7 +88,8 @@ def test_full_qlora_adapter_reloads_on_the_same_4bit_base(qlora_run):
 
 
 def _run_load(adapter_dir: Path):
-    """The same base the run trained on (tiny weights, bnb 4-bit Linears, NF4 experts), with the saved adapter."""
+    """The same base the run trained on (tiny weights, bnb 4-bit Linears, NF4 experts), with the saved
+    adapter."""
     from bimedix.training.quantize import quantize_experts
     from bimedix.training.sft import load_model
 

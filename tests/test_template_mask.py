@@ -120,7 +120,8 @@ def test_padding_free_and_packed_train_the_same_tokens(prepare, mixtral_tokenize
     expected = Counter(text for messages in conversations for text in _expected(messages))
     runs = _collated_runs(prepare(**variant))
     assert Counter(mixtral_tokenizer.decode(run).strip() for run in runs) == expected
-    reference = sum(len(run) for row in prepare(max_length=None).train_dataset for run in _runs(row["labels"]))
+    reference = sum(len(run) for row in prepare(max_length=None).train_dataset
+                    for run in _runs(row["labels"]))
     assert sum(len(run) for run in runs) == reference
 
 

@@ -168,16 +168,16 @@ def test_malformed_judgement_is_retried_then_recorded_as_failure(api_key, tmp_pa
 
 
 def test_judge_recovers_on_second_attempt(api_key, tmp_path):
-    with FakeOpenAIServer(_scripted(judge=lambda p,
-                                    n: Reply("oops" if n == 1 else '{"score": 95}'))) as server:
+    with FakeOpenAIServer(_scripted(judge=lambda p, n: Reply("oops" if n == 1
+                                                             else '{"score": 95}'))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(0)])
     assert summary.accepted == 1 and summary.sent == 3
     assert read_jsonl(tmp_path / "out.jsonl")[0]["meta"]["translation"]["score"] == 95
 
 
 def test_truncated_translation_is_a_failed_round(api_key, tmp_path):
-    with FakeOpenAIServer(_scripted(translate=lambda p, n: Reply('{"turns": ["نص',
-                                                                 "length") if n == 1 else None,
+    with FakeOpenAIServer(_scripted(translate=lambda p, n: Reply('{"turns": ["نص', "length") if n == 1
+                                    else None,
                                     judge=lambda p, n: Reply('{"score": 90}'))) as server:
         summary = _translate(server, tmp_path, [mcqa_record(0)])
     assert summary.accepted == 1
@@ -232,7 +232,8 @@ def test_budget_stops_cleanly_then_cli_rerun_finishes(server, api_key, tmp_path,
     assert partial < 6
     assert main(command + ["--budget-usd", "1"]) == 0
     records = read_jsonl(tmp_path / "ar.jsonl")
-    assert sorted(r["meta"]["translation"]["source_id"] for r in records) == [f"demo-en-{i:03d}" for i in range(6)]
+    assert sorted(r["meta"]["translation"]["source_id"]
+                  for r in records) == [f"demo-en-{i:03d}" for i in range(6)]
     assert all("glargine" in r["meta"]["options"][1] for r in records)  # a protected drug name kept verbatim
 
 
@@ -260,7 +261,8 @@ def test_record_level_400_is_rejected_transient_left_for_rerun_and_401_stops(ser
     server.inject(Fault("status", 400))
     (tmp_path / "a").mkdir()
     summary = _translate(server, tmp_path / "a", records)
-    assert summary.rejected == 1 and "HTTP 400" in read_jsonl(tmp_path / "a" / "out.rejects.jsonl")[0]["reason"]
+    assert summary.rejected == 1 and "HTTP 400" in read_jsonl(tmp_path / "a"
+                                                              / "out.rejects.jsonl")[0]["reason"]
 
     (tmp_path / "b").mkdir()
     server.inject(*[Fault("status", 503)] * 4)  # make_client allows 3 retries: 4 failures exhaust them

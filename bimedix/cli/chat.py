@@ -1,4 +1,5 @@
-"""``bimedix chat --model PATH [--peft ADAPTER] [--web]``: streaming bilingual chat in the terminal or a web page."""
+"""``bimedix chat --model PATH [--peft ADAPTER] [--web]``: streaming bilingual chat in the terminal or a web
+page."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
         require_web()
         check_port(args.host, args.port)  # before the model loads, which can take minutes
-    elif hasattr(sys.stdin,
-                 "reconfigure"):  # undecodable bytes reach run_chat, which reports and skips the line
+    # undecodable bytes reach run_chat, which reports and skips the line
+    elif hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.system is not None:

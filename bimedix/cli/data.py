@@ -1,5 +1,5 @@
-"""``bimedix build-data``, ``select-for-translation`` and ``stats``: build a BiMed1.3M-style dataset folder, pick
-what to translate, show statistics."""
+"""``bimedix build-data``, ``select-for-translation`` and ``stats``: build a BiMed1.3M-style dataset folder,
+pick what to translate, show statistics."""
 
 from __future__ import annotations
 
@@ -148,5 +148,5 @@ def _counts_equation(summary: dict) -> str | None:
     from ..data.build import Counts
 
     counts = summary.get("counts")
-    return None if counts is None else Counts(**{k: v for k,
-                                                 v in counts.items() if k != "balanced"}).equation()
+    return None if counts is None else Counts(**{k: v for k, v in counts.items() if k
+                                                 != "balanced"}).equation()

@@ -83,8 +83,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dict:
-    """Merge an adapter with expert LoRA into a folder of its own under ``output`` (with `bimedix merge`'s logit
-    check), evaluate the merged model and delete that folder: vLLM may drop the expert deltas of a LoRA adapter."""
+    """Merge an adapter with expert LoRA into a folder of its own under ``output`` (with `bimedix merge`'s
+    logit check), evaluate the merged model and delete that folder: vLLM may drop the expert deltas of a LoRA
+    adapter."""
     import shutil
 
     from bimedix.data.outputs import OutputFolder

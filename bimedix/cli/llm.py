@@ -1,4 +1,5 @@
-"""``bimedix translate``, ``generate-chats``, ``review export|import|serve|stats`` and ``fake-openai-server``: the LLM data engines.
+"""``bimedix translate``, ``generate-chats``, ``review export|import|serve|stats`` and ``fake-openai-server``:
+the LLM data engines.
 
 Re-running ``translate`` or ``generate-chats`` with the same ``--output`` resumes: finished records are
 skipped and recorded requests come from the cache (``OUT.llm.sqlite``) for free. Exit status 0 means

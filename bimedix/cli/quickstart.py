@@ -1,10 +1,12 @@
-"""``bimedix quickstart --output DIR``: the whole pipeline on CPU, from bundled real data to a dry-run Hub push.
+"""``bimedix quickstart --output DIR``: the whole pipeline on CPU, from bundled real data to a dry-run Hub
+push.
 
 Steps, each built on the public function of its area, everything written under ``--output``::
 
     data/         `bimedix.data.build.build_data` with the shipped ``mini`` recipe (bundled real data)
     base-model/   a tiny random Mixtral-shaped MoE (`bimedix.training.tiny.save_tiny_model`), real tokenizer
-    adapter/      LoRA on attention + router + experts, plus the output head, trained by `bimedix.training.sft.main`
+    adapter/      LoRA on attention + router + experts, plus the output head, trained by
+    `bimedix.training.sft.main`
                   (recipe ``recipes/tiny/sft.yaml``, data swapped for ``data/``)
     eval/         `bimedix.eval.run.evaluate` on the bundled benchmark slices, English and Arabic
     hub/adapter/  the dry-run push of the adapter (README.md = the model card), `bimedix.hub.push.push`
@@ -107,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     for note in adapter_push.warnings + dataset_push.warnings:
         print(f"licence note: {note}")
     card = (paths["hub"] / "adapter" / "README.md").read_text(encoding="utf-8")
-    print(card[card.index("## Model details"):card.index("## Training data")].strip())  # the rest is in the file
+    # the rest is in the file
+    print(card[card.index("## Model details"):card.index("## Training data")].strip())
 
     _step(6, f"Done in {time.monotonic() - start:.0f} s. Everything is under {out}/")
     rows = [
@@ -143,8 +146,8 @@ def _show_masked_sample(data_dir: Path, *, plain: bool) -> None:
     tokenizer = load_mixtral_tokenizer()
     apply_vicuna_template(tokenizer)
     dataset = load_dataset(str(data_dir), "ar", split="train")
-    record = min(dataset,
-                 key=lambda r: sum(len(turn["value"]) for turn in r["conversations"]))  # shortest: fits a screen
+    # shortest: fits a screen
+    record = min(dataset, key=lambda r: sum(len(turn["value"]) for turn in r["conversations"]))
     ids, mask = assistant_token_mask(tokenizer, to_messages(record))
     print(render_mask(tokenizer, ids, mask, plain=plain))
     print(f"\n[{record['id']} ({record['source']}, {record['license']}): {mask_summary(mask)}]")
@@ -162,14 +165,16 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
     flags = ["--config", str(resource_path("recipes", "tiny", "sft.yaml")), "--output_dir",
              str(paths["adapter"]),
              "--max_steps", str(args.max_steps), "--seed", str(args.seed), "--save_strategy", "no",
-             # 768 tokens keep the answer of all but the 3 longest mini records (MentalQA, PubMedQA abstracts).
+             # 768 tokens keep the answer of all but the 3 longest mini records (MentalQA, PubMedQA
+             # abstracts).
              "--max_length", "768", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps",
              "1",
              # transformers' default grouped_mm experts are ~10x slower than eager ones on CPU at this size.
              "--model_init_kwargs", json.dumps(EAGER_EXPERTS),
              "--disable_tqdm", str(args.no_progress).lower()]
     script_args, training_args, model_args, mixture_args, bimedix_args = parse_args(flags)
-    # Train the saved base model (so the adapter names a folder `eval`, `chat` and `merge` can load) on the built data.
+    # Train the saved base model (so the adapter names a folder `eval`, `chat` and `merge` can load) on the
+    # built data.
     bimedix_args.tiny_model = None
     model_args.model_name_or_path = str(paths["base-model"].resolve())
     mixture_args.datasets = [DatasetConfig(path=str(paths["data"]))]

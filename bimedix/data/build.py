@@ -85,7 +85,8 @@ class Counts:
 
     @property
     def balanced(self) -> bool:
-        return self.read == (self.written + self.rejected + self.excluded_review + self.deduplicated + self.decontaminated
+        return self.read == (self.written + self.rejected + self.excluded_review + self.deduplicated
+                             + self.decontaminated
                              + self.dropped_weight + self.dropped_ratio)
 
     def add(self, other: Counts) -> None:
@@ -99,8 +100,8 @@ class Counts:
                 f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} "
                 f"of {self.near_candidates:,} LSH candidates) + "
                 f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + "
-                f"dropped for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced else "  [DOES NOT "
-                                                                                          "BALANCE]"))
+                f"dropped for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced
+                                                                 else "  [DOES NOT BALANCE]"))
 
 
 @dataclass
@@ -168,7 +169,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         tokenizer (`PreTrainedTokenizerFast`, *optional*): for the statistics; defaults to Mixtral's.
         progress (`bool`, *optional*, defaults to `True`): show progress bars.
         include_unreviewed (`bool`, *optional*, defaults to `False`): also use translations still pending
-            review or below the judge threshold (`bimedix.data.review_policy`); they are counted in ``stats.json``.
+            review or below the judge threshold (`bimedix.data.review_policy`); they are counted in
+            ``stats.json``.
         num_proc (`int`, *optional*, defaults to all cores): processes for the convert and clean stages; the
             output is byte-identical to ``num_proc=1``.
 
@@ -180,7 +182,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
 
     Raises:
-        `bimedix.data.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a foreign
+        `bimedix.data.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a
+        foreign
             non-empty folder without ``overwrite``.
     """
     if not isinstance(recipe, DataRecipe):
@@ -192,7 +195,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     try:
         prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
                            include_unreviewed=include_unreviewed, num_proc=num_proc)
-    except BaseException:  # e.g. Ctrl-C: the worker processes were stopped mid-write; remove their temporaries
+    # e.g. Ctrl-C: the worker processes were stopped mid-write; remove their temporaries
+    except BaseException:
         folder.remove_stale_temporaries()
         raise
     if tokenizer is None:
@@ -272,12 +276,13 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
                if not recipe.resolve(path, sources_dir).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
-                                f"{recipe.root(sources_dir)} (check the paths and --sources):\n  " + "\n  ".join(missing))
+                                f"{recipe.root(sources_dir)} (check the paths and --sources):\n  "
+                                + "\n  ".join(missing))
     num_proc = default_num_proc() if num_proc is None else num_proc
     folder = work_dir / "sources"
     converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]
-    shards = dict(zip(converted, ordered_map(_convert_task, converted, num_proc=max(min(num_proc,
-                                                                                        len(converted)), 1),
+    shards = dict(zip(converted, ordered_map(_convert_task, converted,
+                                             num_proc=max(min(num_proc, len(converted)), 1),
                                              context=(recipe, folder, sources_dir, on_error, progress),
                                              prefetch=1)))
     for index, spec in enumerate(recipe.sources):  # record files: one file at a time, its lines in parallel

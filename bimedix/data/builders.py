@@ -37,7 +37,8 @@ class BiMedConfig(datasets.BuilderConfig):
 
     Args:
         recipe (`str`, defaults to ``"mini"``): a data recipe YAML path or shipped recipe name.
-        sources_dir (`str`, *optional*): the folder holding the original source files (overrides the recipe's).
+        sources_dir (`str`, *optional*): the folder holding the original source files (overrides the
+        recipe's).
         language (`str`, *optional*): keep only ``"en"`` or ``"ar"`` records.
         task (`str`, *optional*): keep only ``"mcqa"``, ``"qa"`` or ``"chat"`` records.
         on_error (`str`, defaults to ``"raise"``): ``"raise"`` or ``"skip"`` malformed source records.
@@ -58,8 +59,8 @@ class BiMed(datasets.GeneratorBasedBuilder):
 
     BUILDER_CONFIG_CLASS = BiMedConfig
     BUILDER_CONFIGS = [
-        BiMedConfig(name=name, language=None if language == "*" else language,
-                    task=None if task == "*" else task,
+        BiMedConfig(name=name, language=None if language == "*" else language, task=None if task == "*"
+                    else task,
                     description=f"BiMed records: language {language}, task {task}")
         for name, (language, task) in CONFIGS.items()
     ]
@@ -79,7 +80,7 @@ class BiMed(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, prepared):
         index = 0
         for _, record in prepared.iter_records():
-            if self.config.language in (None, record["language"]) and self.config.task in (None,
-                                                                                           record["task"]):
+            if self.config.language in (None,
+                                        record["language"]) and self.config.task in (None, record["task"]):
                 yield Key(0, index), record
                 index += 1

@@ -33,8 +33,8 @@ def composition(stats: DataStats, targets: Mapping[str, Mapping[str, int]] | Non
     rows = []
     for task in (*TASKS, ALL):
         for language in (*LANGUAGES, ALL):
-            achieved = stats.cell(None if task == ALL else task,
-                                  None if language == ALL else language).samples
+            achieved = stats.cell(None if task == ALL else task, None if language == ALL
+                                  else language).samples
             rows.append({"task": task, "language": language, "target": targets.get(task, {}).get(language),
                          "achieved": achieved})
     return {"rows": rows, "tokens": {"target": target_tokens, "achieved": stats.cell().tokens}}
@@ -46,7 +46,8 @@ def has_targets(report: Mapping) -> bool:
 
 
 def composition_markdown(report: Mapping) -> str:
-    """The `composition` report as a Markdown table (achieved / target and their ratio where a target is set)."""
+    """The `composition` report as a Markdown table (achieved / target and their ratio where a target is
+    set)."""
     lines = ["| task | language | achieved | target | achieved / target |", "|---|---|---:|---:|---:|"]
     entries = [(row["task"], row["language"], row["achieved"], row["target"]) for row in report["rows"]]
     tokens = report["tokens"]

@@ -1,4 +1,5 @@
-"""The conventions shared from data to evaluation: language codes, option letters, answer cues, on-error policies.
+"""The conventions shared from data to evaluation: language codes, option letters, answer cues, on-error
+policies.
 
 Defined once here and used by the converters and MCQA rendering (`bimedix.data.mcqa`), the translation prompts
 and their invariants (`bimedix.llm`), and the lm-eval tasks (`bimedix/eval/tasks/utils.py`), so a model is
@@ -15,7 +16,8 @@ from __future__ import annotations
 #: Language codes of records, benchmark rows and tasks.
 LANGUAGES = ("en", "ar")
 
-#: Option labels shown in prompts, per language (the abjad order for Arabic); the same index is the same option.
+#: Option labels shown in prompts, per language (the abjad order for Arabic); the same index is the same
+# option.
 OPTION_LETTERS = {"en": ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J"),
                   "ar": ("أ", "ب", "ج", "د", "هـ", "و", "ز", "ح", "ط", "ي")}
 
@@ -29,6 +31,8 @@ PUBMEDQA_ANSWERS = {"en": ("yes", "no", "maybe"), "ar": ("نعم", "لا", "رب
 #: lower case; the Arabic list has the hamza-less spelling writers often use.
 ANSWER_WORDS = {"en": ("answer", "option"), "ar": ("الإجابة", "الاجابة", "الخيار", "خيار")}
 
-#: The ``--on-error`` policies of the readers and builders: stop at the first bad record (``raise``), or set it
-#: aside in a rejects file and go on (``skip``); `bimedix.data.rejects.on_error_for` turns a name into an `OnError`.
+#: The ``--on-error`` policies of the readers and builders: stop at the first bad record (``raise``), or set
+# it
+#: aside in a rejects file and go on (``skip``); `bimedix.data.rejects.on_error_for` turns a name into an
+# `OnError`.
 ON_ERROR_POLICIES = ("raise", "skip")

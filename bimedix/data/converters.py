@@ -81,7 +81,8 @@ class SourceInfo:
         language (`str`): the language of the original text.
         license (`str`): the licence the source repository states (``"none stated"`` → research use only).
         redistributable (`bool`): whether its text may be published (e.g. pushed to the Hub) at all.
-        permissive (`bool`): whether it may ship inside this Apache-2.0 package (no copyleft, no restrictions).
+        permissive (`bool`): whether it may ship inside this Apache-2.0 package (no copyleft, no
+        restrictions).
         description (`str`): the source and its original files.
     """
 
@@ -160,7 +161,8 @@ def convert(source: str, path: str | os.PathLike, *, language: str | None = None
     Args:
         source (`str`): a key of `CONVERTERS`, e.g. ``"medmcqa"``.
         path (`str | os.PathLike`): the original file (a folder for ``mmlu``/``mmlu-ar``).
-        language (`str`, *optional*): the records' language (and MCQA prompt language); defaults to the source's.
+        language (`str`, *optional*): the records' language (and MCQA prompt language); defaults to the
+        source's.
         on_error (`OnError`, *optional*): ``None`` raises on a bad record; a callable (e.g. a
             `bimedix.data.rejects.RejectLog`) receives it and conversion continues.
         **options: source-specific options: ``ground_truth``/``split`` (pubmedqa), ``cop_base`` (medmcqa),
@@ -289,12 +291,16 @@ def convert_liveqa(path: str | os.PathLike, *, language: str | None = None,
 
 def _liveqa_pairs(path, qid: str, question: ET.Element, text: str, language: str | None,
                   fail) -> Iterator[dict]:
-    """The training layout's question-answer pairs of one ``<NLM-QUESTION>`` (all checked before any is yielded)."""
+    """The training layout's question-answer pairs of one ``<NLM-QUESTION>`` (all checked before any is
+    yielded)."""
     records = []
     for sub_no, sub in enumerate(question.iter("SUB-QUESTION"), start=1):
-        sub_id = f"{qid}-S{sub_no}"  # not `subqid`: two questions of Train-1 ("181", "182") disagree with theirs
-        focus = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/FOCUS") if _xml_text(node)) or None
-        kind = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/TYPE") if _xml_text(node)) or None
+        # not `subqid`: two questions of Train-1 ("181", "182") disagree with theirs
+        sub_id = f"{qid}-S{sub_no}"
+        focus = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/FOCUS")
+                          if _xml_text(node)) or None
+        kind = "; ".join(_xml_text(node) for node in sub.findall("ANNOTATIONS/TYPE")
+                         if _xml_text(node)) or None
         nodes = sub.findall("ANSWERS/ANSWER")
         if not any(_xml_text(node) for node in nodes):
             raise fail(f"SUB-QUESTION[{sub_no}].ANSWERS.ANSWER",
@@ -440,8 +446,8 @@ def _record(source: str, record_id: str, path, where, question: str, answer: str
     info = SOURCE_INFO[source]
     try:
         return make_record(id=record_id, source=source, task="qa", language=language or info.language,
-                           conversations=[{"from": "human", "value": question}, {"from": "gpt",
-                                                                                 "value": answer}],
+                           conversations=[{"from": "human", "value": question},
+                                          {"from": "gpt", "value": answer}],
                            license=info.license, original_id=original_id, subject=subject,
                            **({"question_type": question_type} if question_type else {}))
     except RecordError as err:
@@ -470,11 +476,12 @@ def _mentalqa_types(value: str, fail) -> str | None:
     """``"['A', 'D']"`` (or ``"A, D"``) → ``"diagnosis, epidemiology"``."""
     text = value.strip()
     try:
-        letters = ast.literal_eval(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+        letters = ast.literal_eval(text) if text.startswith("[") else [p for p in text.split(",")
+                                                                       if p.strip()]
     except (ValueError, SyntaxError):
         raise fail("final_QT", f"not a list of labels: {value!r:.80}") from None
-    if not isinstance(letters, list) or not all(isinstance(x,
-                                                           str) and x.strip() in MENTALQA_TYPES for x in letters):
+    if not isinstance(letters, list) or not all(isinstance(x, str) and x.strip() in MENTALQA_TYPES
+                                                for x in letters):
         raise fail("final_QT", f"labels {value!r:.80} are not among {sorted(MENTALQA_TYPES)}")
     return ", ".join(MENTALQA_TYPES[x.strip()] for x in letters) or None
 

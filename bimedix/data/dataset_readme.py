@@ -1,7 +1,8 @@
-"""The machine-readable README of a built dataset folder: YAML front matter whose ``configs:`` `datasets.load_dataset` reads.
+"""The machine-readable README of a built dataset folder: YAML front matter whose ``configs:``
+`datasets.load_dataset` reads.
 
-Builders write only this part; the prose card (statistics, sources, licences, limitations) is rendered from the
-``hub_cards/`` templates by `bimedix.hub.cards`, which keeps these ``configs``.
+Builders write only this part; the prose card (statistics, sources, licences, limitations) is rendered from
+the ``hub_cards/`` templates by `bimedix.hub.cards`, which keeps these ``configs``.
 """
 
 from __future__ import annotations

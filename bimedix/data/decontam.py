@@ -92,9 +92,10 @@ class BenchmarkIndex:
         self._index = {gram: tuple(ids) for gram, ids in postings.items() if len(ids) <= max_item_frequency}
         self._sizes = [sum(1 for gram in grams if gram in self._index) for grams in item_grams]
         # Evidence a match needs: `ngram` words, or all the item has; and a question gram when one is indexed.
-        self._needed = [min(ngram,
-                            sum(len(gram) for gram in grams if gram in self._index)) for grams in item_grams]
-        self._questions = [frozenset(gram for gram in grams if gram in self._index) for grams in question_grams]
+        self._needed = [min(ngram, sum(len(gram) for gram in grams if gram in self._index))
+                        for grams in item_grams]
+        self._questions = [frozenset(gram for gram in grams if gram in self._index)
+                           for grams in question_grams]
         # Parts shorter than `ngram` words are one shorter gram; find them by first word and length.
         short: dict[str, set[int]] = defaultdict(set)
         for gram in self._index:
@@ -112,7 +113,8 @@ class BenchmarkIndex:
 
         Args:
             text (`str`): the training text (all turns).
-            normalized (`bool`, *optional*, defaults to `False`): ``text`` is already `normalize_for_match`-ed.
+            normalized (`bool`, *optional*, defaults to `False`): ``text`` is already
+            `normalize_for_match`-ed.
         """
         words = (text if normalized else normalize_for_match(text)).split()
         grams = _ngrams(words, self.ngram, short=False)

@@ -5,8 +5,8 @@ A record's text is all its turns (and system prompt), normalised with
 Arabic-Indic digits). Exact duplicates share a 64-bit hash of that text. Near-duplicate *candidates*
 share a band of their MinHash signature (locality-sensitive hashing with the bands and rows that best fit
 the Jaccard ``threshold``); a candidate is removed only when the exact Jaccard similarity of its word
-shingles (as their CRC-32s, the MinHash input) with the kept record's reaches the threshold (``candidates`` and ``confirmed`` count both).
-The first record seen wins, so recipe order sets priority.
+shingles (as their CRC-32s, the MinHash input) with the kept record's reaches the threshold (``candidates``
+and ``confirmed`` count both). The first record seen wins, so recipe order sets priority.
 
 `Deduplicator.signature` (hash and band keys) is a pure function of the text, so callers can compute it in
 worker processes and hand it to `Deduplicator.check`, whose decisions stay sequential.
@@ -35,7 +35,8 @@ _SHINGLE_CACHE = 4096  # kept records whose shingles stay cached for confirming 
 
 
 class Signature(NamedTuple):
-    """What `Deduplicator.check` compares: the text's 64-bit hash, its LSH band keys and its shingle hashes."""
+    """What `Deduplicator.check` compares: the text's 64-bit hash, its LSH band keys and its shingle
+    hashes."""
 
     digest: int
     band_keys: list[int]
@@ -113,7 +114,8 @@ class Deduplicator:
         Args:
             record (`Mapping`): a schema record.
             text (`str`, *optional*): its `record_text`, when the caller has it already.
-            signature (`Signature`, *optional*): its `signature`, when the caller computed it (e.g. in a worker).
+            signature (`Signature`, *optional*): its `signature`, when the caller computed it (e.g. in a
+            worker).
             ref (`Hashable`, *optional*, defaults to the record id): what ``text_of`` gets to find this record
                 again if it is kept.
         """
@@ -124,8 +126,8 @@ class Deduplicator:
         kept = self._exact.get(digest)
         if kept is not None:
             return Duplicate("exact", kept)
-        candidates = list(dict.fromkeys(entry for entry in map(self._buckets.get,
-                                                               band_keys) if entry is not None))
+        candidates = list(dict.fromkeys(entry for entry in map(self._buckets.get, band_keys)
+                                        if entry is not None))
         if candidates:
             self.candidates += 1
             for kept_id, kept_ref in candidates:
@@ -141,13 +143,14 @@ class Deduplicator:
         return None
 
     def signature(self, text: str) -> Signature:
-        """Return what `check` compares for a `record_text`: a pure function of the text, for worker processes."""
+        """Return what `check` compares for a `record_text`: a pure function of the text, for worker
+        processes."""
         hashes = self.shingles(text)
         return Signature(_hash64(text.encode()), self.band_keys(hashes=hashes), hashes)
 
     def shingles(self, text: str) -> np.ndarray:
-        """The word shingles of ``text`` (``shingle`` words each; the whole text when shorter) as their sorted,
-        distinct CRC-32 hashes: the MinHash input, and what the Jaccard similarity is computed on."""
+        """The word shingles of ``text`` (``shingle`` words each; the whole text when shorter) as their
+        sorted, distinct CRC-32 hashes: the MinHash input, and what the Jaccard similarity is computed on."""
         words = text.split()
         size = min(self.shingle, len(words)) or 1
         return np.unique(np.fromiter((zlib.crc32(" ".join(words[i:i + size]).encode())
@@ -163,7 +166,8 @@ class Deduplicator:
         return shingles
 
     def band_keys(self, text: str | None = None, *, hashes: np.ndarray | None = None) -> list[int]:
-        """Return one 64-bit key per LSH band of the MinHash of ``text``'s word shingles (or of their ``hashes``)."""
+        """Return one 64-bit key per LSH band of the MinHash of ``text``'s word shingles (or of their
+        ``hashes``)."""
         hashes = self.shingles(text) if hashes is None else hashes
         minhash = MinHash(num_perm=self.num_perm, seed=self._seed, permutations=self._permutations,
                           scheme="affine32", hashfunc=int)  # the shingles' CRC-32s: stable across runs
@@ -174,7 +178,8 @@ class Deduplicator:
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """The Jaccard similarity ``|a ∩ b| / |a ∪ b|`` of two sorted arrays of distinct values (1 if both are empty)."""
+    """The Jaccard similarity ``|a ∩ b| / |a ∪ b|`` of two sorted arrays of distinct values (1 if both are
+    empty)."""
     if not len(a) and not len(b):
         return 1.0
     common = len(np.intersect1d(a, b, assume_unique=True))

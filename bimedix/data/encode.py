@@ -6,7 +6,8 @@ return_assistant_tokens_mask=True)`` gives with `bimedix.training.template.VICUN
 (``input_ids`` and ``assistant_masks``; ``tests/test_stats.py`` checks it token for token on random
 English and Arabic conversations), but renders the template with plain string operations and
 tokenizes in batches with the Rust tokenizer (every core), rendering and reading back one batch while the
-next is tokenized, which is several times faster than the Jinja path. The data statistics count tokens with it and trainers may use it for pre-tokenization.
+next is tokenized, which is several times faster than the Jinja path. The data statistics count tokens with it
+and trainers may use it for pre-tokenization.
 
 The rendered text, with ``{system} `` only when there is a system prompt::
 
@@ -79,12 +80,14 @@ def encode_conversations(tokenizer, records: Sequence[Mapping], *, system: str |
     """
     out: list[dict[str, list[int]]] = []
     pending: deque = deque()
-    # The Rust tokenizer releases the GIL and uses every core, so chunk k+1 is tokenized in a thread while this
-    # one renders the next chunk and reads back chunk k: Python work overlaps tokenization instead of adding to it.
+    # The Rust tokenizer releases the GIL and uses every core, so chunk k+1 is tokenized in a thread while
+    # this one renders the next chunk and reads back chunk k: Python work overlaps tokenization instead of
+    # adding to it.
     with ThreadPoolExecutor(max_workers=1) as pool:
         for start in range(0, len(records), _CHUNK):
             rendered = [render_vicuna(record, system=system, bos_token=tokenizer.bos_token,
-                                      eos_token=tokenizer.eos_token) for record in records[start:start + _CHUNK]]
+                                      eos_token=tokenizer.eos_token)
+                        for record in records[start:start + _CHUNK]]
             pending.append((rendered, pool.submit(tokenizer.backend_tokenizer.encode_batch,
                                                   [text for text, _ in rendered], add_special_tokens=False)))
             if len(pending) > 1:

@@ -56,7 +56,8 @@ def iter_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
 
 
 def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tuple[Any, RecordError | None]:
-    """Decode one JSON Lines line: ``(object, None)``, ``(_BLANK, None)`` for a blank line, or ``(None, error)``."""
+    """Decode one JSON Lines line: ``(object, None)``, ``(_BLANK, None)`` for a blank line, or ``(None,
+    error)``."""
     try:
         text = raw.decode("utf-8").strip()
         return (json.loads(text) if text else _BLANK), None
@@ -68,8 +69,8 @@ def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tupl
                                  record=line_no, raw=text)
 
 
-def read_records_lines(path: str | os.PathLike, lines: list[tuple[int, bytes]]) -> list[tuple[str | None,
-                                                                                              RecordError | None]]:
+def read_records_lines(path: str | os.PathLike,
+                       lines: list[tuple[int, bytes]]) -> list[tuple[str | None, RecordError | None]]:
     """Validate numbered raw lines of a schema-record JSON Lines file (a chunk, for worker processes).
 
     Returns:
@@ -93,7 +94,8 @@ def read_records_lines(path: str | os.PathLike, lines: list[tuple[int, bytes]]) 
 
 
 def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, bytes)`` for every line of a file, numbered from 1, without a leading UTF-8 BOM."""
+    """Yield ``(line_number, bytes)`` for every line of a file, numbered from 1, without a leading UTF-8
+    BOM."""
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -15,8 +15,8 @@ A record the reader cannot turn into an item raises `RecordError` naming ``file:
 with ``on_error`` set, is handed to it and skipped (see `bimedix.data.rejects`).
 
 `render_mcqa` turns an item into Vicuna turns with the prompts in `PROMPTS` (English and Arabic; Arabic
-prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while ``meta.answer`` stays a
-Latin letter), and `item_to_record`
+prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while ``meta.answer``
+stays a Latin letter), and `item_to_record`
 into a schema record.
 """
 
@@ -118,7 +118,8 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
     """Stream PubMedQA items from ``ori_pqal.json`` (PQA-L) or the PQA-A / PQA-U files of the same layout.
 
     Args:
-        path (`str | os.PathLike`): a JSON object keyed by PMID (``QUESTION``, ``CONTEXTS``, ``final_decision``,
+        path (`str | os.PathLike`): a JSON object keyed by PMID (``QUESTION``, ``CONTEXTS``,
+        ``final_decision``,
             ``LONG_ANSWER``, ...).
         ground_truth (`str | os.PathLike`, *optional*): ``test_ground_truth.json`` (PMID → yes/no/maybe); its
             labels win over ``final_decision`` and its PMIDs define the test split.
@@ -215,9 +216,9 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1,
 def read_medqa(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator[MCQAItem]:
     """Stream MedQA-USMLE items from its JSON Lines files (4-option or 5-option).
 
-    Fields: ``question``, ``options`` (``{"A": ..., ...}``), ``answer_idx`` (letter), ``answer`` (text, checked
-    against the option), ``meta_info`` (``step1`` / ``step2&3``, kept as the subject). The files carry no ids:
-    the id is a hash of question and options, ``original_id`` is ``"<file name>:<line>"``.
+    Fields: ``question``, ``options`` (``{"A": ..., ...}``), ``answer_idx`` (letter), ``answer`` (text,
+    checked against the option), ``meta_info`` (``step1`` / ``step2&3``, kept as the subject). The files carry
+    no ids: the id is a hash of question and options, ``original_id`` is ``"<file name>:<line>"``.
     """
     seen: Counter[str] = Counter()
 
@@ -252,10 +253,13 @@ def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | N
     """Stream MMLU items from its header-less CSVs (question, A, B, C, D, answer letter).
 
     Args:
-        path (`str | os.PathLike`): a ``<subject>_<split>.csv`` file, or a folder searched recursively for them.
-        language (`str`, *optional*, defaults to `"en"`): ``"en"`` (hendrycks/test; source ``"mmlu"``) or ``"ar"``
+        path (`str | os.PathLike`): a ``<subject>_<split>.csv`` file, or a folder searched recursively for
+        them.
+        language (`str`, *optional*, defaults to `"en"`): ``"en"`` (hendrycks/test; source ``"mmlu"``) or
+        ``"ar"``
             (AceGPT's MMLUArabic, same layout and rows; source ``"mmlu-ar"``).
-        subject (`str`, *optional*): the subject; defaults to the file name without ``_test``/``_dev``/``_val``.
+        subject (`str`, *optional*): the subject; defaults to the file name without
+        ``_test``/``_dev``/``_val``.
         on_error (`OnError`, *optional*): ``None`` raises on a bad record; a callable receives it instead.
 
     In the Arabic files, rows where the translator replaced question and options by an "IP spoofing"
@@ -352,7 +356,8 @@ def render_mcqa(item: MCQAItem, language: str | None = None) -> list[dict]:
     Examples:
 
     ```python
-    >>> item = MCQAItem(id="x", source="demo", language="en", question="2 + 2 = ?", options=["3", "4"], answer="B")
+    >>> item = MCQAItem(id="x", source="demo", language="en", question="2 + 2 = ?", options=["3", "4"],
+    answer="B")
     >>> render_mcqa(item)[1]["value"]
     'B. 4'
     >>> render_mcqa(item, "ar")[1]["value"]
@@ -410,7 +415,8 @@ def stable_id(source: str, *parts: str, seen: Counter[str] | None = None) -> str
     Args:
         source (`str`): the id prefix.
         *parts (`str`): the texts that identify the record (e.g. question and options).
-        seen (`collections.Counter`, *optional*): hashes met so far in this file; a repeat gets ``-2``, ``-3``...
+        seen (`collections.Counter`, *optional*): hashes met so far in this file; a repeat gets ``-2``,
+        ``-3``...
             so ids stay unique even for verbatim duplicates.
     """
     digest = hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
@@ -438,7 +444,8 @@ def _optional_text(value: Any) -> str | None:
 
 
 def _options(cells: list[tuple[str, Any]], fail) -> list[str]:
-    """Option texts in order; trailing empty options are dropped, an empty one before a filled one is an error."""
+    """Option texts in order; trailing empty options are dropped, an empty one before a filled one is an
+    error."""
     texts = ["" if value is None else str(value).strip() for _, value in cells]
     while texts and not texts[-1]:
         texts.pop()

@@ -6,7 +6,8 @@
 - A folder output is an `OutputFolder`: every write is confined under it (checked names, no
   ``..``, no absolute paths), recorded in the command's manifest (``.bimedix-COMMAND.jsonl``) before it
   happens, and the command deletes only what that manifest lists, never the folder's other contents.
-- Writing into a non-empty folder that the command did not create (no manifest of that command) needs ``overwrite=True``
+- Writing into a non-empty folder that the command did not create (no manifest of that command) needs
+``overwrite=True``
   (``--overwrite``), which still never touches inputs or deletes anything it did not write.
 - Temporaries left by a killed run (`bimedix.data.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
@@ -38,7 +39,8 @@ PathLike = str | os.PathLike
 
 
 class OutputError(ValueError):
-    """A write that would touch an input, escape the output folder, or clobber a folder the command did not make."""
+    """A write that would touch an input, escape the output folder, or clobber a folder the command did not
+    make."""
 
 
 def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, PathLike | None]) -> None:
@@ -82,8 +84,8 @@ def safe_name(name: str, what: str) -> str:
 
 
 def remove_stale_temporaries_of(path: PathLike) -> int:
-    """Delete the `atomic_open` temporaries of ``path`` (``.NAME.PID.XXXXXXXX.tmp`` beside it) whose process is
-    gone; return how many."""
+    """Delete the `atomic_open` temporaries of ``path`` (``.NAME.PID.XXXXXXXX.tmp`` beside it) whose process
+    is gone; return how many."""
     path = Path(path)
     removed = 0
     if path.parent.is_dir():
@@ -98,10 +100,10 @@ def remove_stale_temporaries_of(path: PathLike) -> int:
 class OutputFolder:
     """A folder a command writes into: confined, input-safe, and deleting only what it recorded writing.
 
-    The manifest ``.bimedix-COMMAND.jsonl`` lists each file claimed with `path` (``{"path": "data/x.parquet"}``)
-    and each folder this command created (``{"path": "data/"}``; ``"./"`` when it created ``root`` itself).
-    Everything inside a folder it created (other than ``root``) counts as its own for temporaries and empty
-    folders; files are deleted only when listed.
+    The manifest ``.bimedix-COMMAND.jsonl`` lists each file claimed with `path` (``{"path":
+    "data/x.parquet"}``) and each folder this command created (``{"path": "data/"}``; ``"./"`` when it created
+    ``root`` itself). Everything inside a folder it created (other than ``root``) counts as its own for
+    temporaries and empty folders; files are deleted only when listed.
 
     Args:
         root (`PathLike`): the output folder (created if missing).
@@ -109,7 +111,8 @@ class OutputFolder:
             command made counts as foreign.
         inputs (`Mapping[str, PathLike | None]`, *optional*): label → input path; nothing that is (or lies
             inside) one of them is ever written or deleted.
-        overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty folder this command
+        overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty folder this
+        command
             did not create (its other files are kept; files with the names this command writes are replaced).
         flag (`str`, *optional*, defaults to ``"--output"``): how the user named ``root``, for messages.
 
@@ -135,7 +138,8 @@ class OutputFolder:
                               "files with the names this command writes are replaced).")
         self._entries: set[str] = set()
         if self.manifest.is_file():
-            self._entries = {json.loads(line)["path"] for line in self.manifest.read_text("utf-8").splitlines()
+            self._entries = {json.loads(line)["path"]
+                             for line in self.manifest.read_text("utf-8").splitlines()
                              if line.strip()}
         self._created_root = fresh  # recorded with the first write, so a run that fails first leaves nothing
         self.remove_stale_temporaries()
@@ -190,7 +194,8 @@ class OutputFolder:
         return removed
 
     def remove_stale_temporaries(self) -> int:
-        """Delete `atomic_open` temporaries that killed runs left for files (or in folders) of this command."""
+        """Delete `atomic_open` temporaries that killed runs left for files (or in folders) of this
+        command."""
         removed = 0
         for folder in self._folders():
             for path in folder.glob(".*.tmp"):

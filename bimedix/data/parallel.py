@@ -1,9 +1,9 @@
 """Ordered parallel map for the stages of `bimedix build-data` (`--num-proc`).
 
-`ordered_map` runs ``func(context, task)`` for every task, in worker processes when ``num_proc > 1``, and yields
-the results in task order, so whatever the caller writes from them is byte-identical to a ``num_proc=1`` run
-(which runs the same function inline). ``context`` (read-only state such as a benchmark index) reaches the
-workers once, by ``fork`` where the platform has it, instead of once per task.
+`ordered_map` runs ``func(context, task)`` for every task, in worker processes when ``num_proc > 1``, and
+yields the results in task order, so whatever the caller writes from them is byte-identical to a
+``num_proc=1`` run (which runs the same function inline). ``context`` (read-only state such as a benchmark
+index) reaches the workers once, by ``fork`` where the platform has it, instead of once per task.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class OrderedPool:
         if self.num_proc > 1:
             methods = multiprocessing.get_all_start_methods()
             pool_context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self._pool = pool_context.Pool(self.num_proc, initializer=_set_context, initargs=(self.func,
-                                                                                              self.context))
+            self._pool = pool_context.Pool(self.num_proc, initializer=_set_context,
+                                           initargs=(self.func, self.context))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,8 +8,8 @@ Every reader and converter in bimedix takes one ``on_error`` argument, a `bimedi
   and field, to a JSON Lines file and counts them, so that callers can print
   ``read = written + rejected + ...``.
 
-The tolerant file readers (`bimedix.data.io.iter_jsonl`, `bimedix.data.io.read_delimited`) apply the policy record by record,
-so one bad line (invalid JSON, bytes that are not UTF-8) does not end the file.
+The tolerant file readers (`bimedix.data.io.iter_jsonl`, `bimedix.data.io.read_delimited`) apply the policy
+record by record, so one bad line (invalid JSON, bytes that are not UTF-8) does not end the file.
 
 Examples:
 
@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 def failer(path: str | os.PathLike, record: str | int | None,
            raw: Any = None) -> Callable[[str | None, str], RecordError]:
-    """Return ``fail(field, message)``: it builds a `RecordError` located at ``path:record`` carrying ``raw``."""
+    """Return ``fail(field, message)``: it builds a `RecordError` located at ``path:record`` carrying
+    ``raw``."""
 
     def fail(field: str | None, message: str) -> RecordError:
         return RecordError(message, path=str(path), record=record, field=field, raw=raw)

@@ -11,7 +11,8 @@ status              when                                                        
 ``edited``          a reviewer corrected it                                                     always
 ``judge-passed``    ``review_state: unreviewed`` and judge score >= ``threshold``                always
 ``pending``         ``review_state: queued`` (below the threshold, or drawn for the review       only with
-                    sample) and not reviewed yet                                                 ``include_unreviewed``
+                    sample) and not reviewed yet                                                
+                    ``include_unreviewed``
 ``below-threshold`` ``review_state: unreviewed`` with no score or a score below ``threshold``    only with
                                                                                                  ``include_unreviewed``
 ``rejected``        a reviewer rejected it                                                      never
@@ -54,8 +55,8 @@ class ReviewPolicy:
     seen: Counter = field(default_factory=Counter)
     used: Counter = field(default_factory=Counter)
 
-    def status(self, record: Mapping, *, path: str | os.PathLike | None = None,
-               line: int | None = None) -> str:
+    def status(self, record: Mapping, *, path: str | os.PathLike | None = None, line: int
+               | None = None) -> str:
         """Return the review status of ``record`` (one of `STATUSES`).
 
         Raises:
@@ -77,12 +78,12 @@ class ReviewPolicy:
             "translate` "
             "(which sets it) or `bimedix review import`, or set it to one of "
             "unreviewed/queued/approved/edited/rejected",
-            path=str(path) if path is not None else None,
-            record=line if line is not None else record.get("id"),
+            path=str(path) if path is not None else None, record=line if line is not None
+            else record.get("id"),
             field="meta.translation.review_state")
 
-    def admits(self, record: Mapping, *, path: str | os.PathLike | None = None,
-               line: int | None = None) -> bool:
+    def admits(self, record: Mapping, *, path: str | os.PathLike | None = None, line: int
+               | None = None) -> bool:
         """Count ``record``'s status and return whether the policy uses it."""
         return self.count(self.status(record, path=path, line=line))
 
@@ -99,7 +100,8 @@ class ReviewPolicy:
         return use
 
     def summary(self) -> dict:
-        """``{"include_unreviewed", "threshold", "states": {status: {"seen", "used", "excluded"}}}`` (seen ones only)."""
+        """``{"include_unreviewed", "threshold", "states": {status: {"seen", "used", "excluded"}}}`` (seen
+        ones only)."""
         return {"include_unreviewed": self.include_unreviewed, "threshold": self.threshold,
                 "states": {status: {"seen": self.seen[status], "used": self.used[status],
                                     "excluded": self.seen[status] - self.used[status]}

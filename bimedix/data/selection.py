@@ -64,12 +64,14 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
     """Pick ``target`` English records of ``inputs`` for translation and write them to ``output``.
 
     Args:
-        inputs (`str | os.PathLike`): a JSON Lines file of bimedix records, or a folder (every ``*.jsonl`` in it,
+        inputs (`str | os.PathLike`): a JSON Lines file of bimedix records, or a folder (every ``*.jsonl`` in
+        it,
             recursively, in name order, except ``*.rejects.jsonl`` reject logs; e.g. build-data's
             ``.work/sources``).
         output (`str | os.PathLike`): the picks, JSON Lines, in input order (must not exist yet); the summary
             table goes next to it (`summary_path`).
-        target (`float`): a count (an integer >= 1, e.g. the paper's 444995) or a fraction of the English pool in
+        target (`float`): a count (an integer >= 1, e.g. the paper's 444995) or a fraction of the English pool
+        in
             (0, 1) (e.g. 0.51).
         by (`Sequence[str]`, *optional*, defaults to ``("task", "source")``): the fields to stratify by.
         seed (`int`, *optional*, defaults to 42): the selection seed.
@@ -135,7 +137,8 @@ def summary_path(output: str | os.PathLike) -> Path:
 
 def _input_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file() and not p.name.endswith(".rejects.jsonl"))
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file()
+                       and not p.name.endswith(".rejects.jsonl"))
         if not files:
             raise FileNotFoundError(f"{path} holds no *.jsonl files of bimedix records")
         return files

@@ -71,7 +71,8 @@ class DataStats:
         return total
 
     def to_dict(self) -> dict:
-        """JSON form: ``{"groups": [{"task", "language", "samples", "turns", "tokens", "avg_turns"}], "total": ...}``."""
+        """JSON form: ``{"groups": [{"task", "language", "samples", "turns", "tokens", "avg_turns"}], "total":
+        ...}``."""
         rows = [{"task": task, "language": language, **asdict(stats), "avg_turns": round(stats.avg_turns, 4)}
                 for (task, language), stats in sorted(self.groups.items(), key=_order)]
         total = self.cell()
@@ -98,7 +99,8 @@ class DataStats:
         return "\n".join(lines) + "\n"
 
     def plot(self, target: str | os.PathLike | BinaryIO) -> None:
-        """Save a PNG (to a path or binary file) with samples, average turns and tokens per task, by language."""
+        """Save a PNG (to a path or binary file) with samples, average turns and tokens per task, by
+        language."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -151,5 +153,5 @@ def compute_stats(records: Iterable[Mapping], tokenizer=None, *, batch_size: int
 
 def _order(item) -> tuple[int, int]:
     (task, language), _ = item
-    return (TASKS.index(task) if task in TASKS else len(TASKS),
-            LANGUAGES.index(language) if language in LANGUAGES else 2)
+    return (TASKS.index(task) if task in TASKS else len(TASKS), LANGUAGES.index(language)
+            if language in LANGUAGES else 2)

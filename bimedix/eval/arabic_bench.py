@@ -82,7 +82,8 @@ def import_bimedix_arabic(folder: str | Path) -> Iterator[dict]:
         folder (`str | Path`): holds any of ``medqa-test_arabic/``, ``medmcqa-arabic/``,
             ``pubmedqa-test_arabic/``, ``mmlu-<subject>-arabic/`` (Parquet, JSON Lines or CSV inside).
 
-    Answer letters and option counts are kept as published; rows are labelled as BiMediX's reviewed translation.
+    Answer letters and option counts are kept as published; rows are labelled as BiMediX's reviewed
+    translation.
     """
     folder = Path(folder)
     repos = {"medqa-test_arabic": ("medqa", _medqa_row), "medmcqa-arabic": ("medmcqa", _medmcqa_row),
@@ -113,7 +114,8 @@ class ArabicBenchConfig(datasets.BuilderConfig):
     Args:
         sources (`str`, *optional*): folder of original benchmark files (for AceGPT MMLU-Arabic, MedAraBench).
         translations (`str`, *optional*): JSON Lines of translated records (`rows_from_records`).
-        bimedix_arabic (`str`, *optional*): folder of BiMediX's published Arabic sets (`import_bimedix_arabic`).
+        bimedix_arabic (`str`, *optional*): folder of BiMediX's published Arabic sets
+        (`import_bimedix_arabic`).
     """
 
     sources: str | None = None
@@ -151,8 +153,8 @@ class ArabicBench(datasets.GeneratorBasedBuilder):
 
 
 def collect_arabic_rows(sources: str | Path | None = None, translations: str | Path | None = None,
-                        bimedix_arabic: str | Path | None = None,
-                        review: ReviewPolicy | None = None) -> Iterator[dict]:
+                        bimedix_arabic: str | Path | None = None, review: ReviewPolicy
+                        | None = None) -> Iterator[dict]:
     """All Arabic rows from the given inputs: AceGPT MMLU-Arabic and MedAraBench under ``sources``,
     translated records that pass ``review`` (default: the strict `ReviewPolicy`), and BiMediX's Hub files
     (later inputs replace earlier rows with the same ``id``)."""

@@ -2,7 +2,8 @@
 
 A bench folder (written by `build_bench`, shipped as a small slice in ``bimedix/eval/data``) is one
 Hub-style dataset whose configs are ``<subset>_<en|ar>``; its ``arabic-bench/`` sub-folder is the
-stand-alone Arabic benchmark (configs one per subset plus ``all``), ready to push as ``BiMediX/arabic-bench``::
+stand-alone Arabic benchmark (configs one per subset plus ``all``), ready to push as
+``BiMediX/arabic-bench``::
 
     OUT/README.md                       configs: mmlu_anatomy_en, ..., medqa_ar, ...
     OUT/english/<subset>/test.parquet
@@ -86,7 +87,8 @@ def row_features():
 def make_row(*, id: str, language: str, source: str, subject: str, question: str, options: list[str],
              answer: str, context: str = "", license: str | None = None, engine: str | None = None,
              score: float | None = None, reviewed: bool | None = None) -> dict:
-    """Build one bench row; ``provenance`` says whether the text is original or a (reviewed) machine translation."""
+    """Build one bench row; ``provenance`` says whether the text is original or a (reviewed) machine
+    translation."""
     if engine is None:
         provenance = "original"
     else:
@@ -109,7 +111,8 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
 
     Args:
         sources (`str | Path`): folder holding the originals under their original relative paths.
-        output (`str | Path | OutputFolder`): the bench folder to write (created; Parquet files of an earlier build
+        output (`str | Path | OutputFolder`): the bench folder to write (created; Parquet files of an earlier
+        build
             are replaced or, for subsets not built now, removed; files it did not write are kept).
         limit (`int`, *optional*): keep the first ``limit`` rows per subset (the bundled slice uses 15).
         subsets (`Iterable[str]`, *optional*): build only these subsets (default: every one found).
@@ -149,13 +152,15 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
 
 def source_inputs(sources: str | Path) -> dict[str, Path]:
     """Label → path of each original benchmark file (or folder) `build_bench` may read under ``sources``."""
-    relatives = {relative.split("{")[0].rstrip("/") for relative in SOURCE_PATHS.values()}  # {subject}: the folder
+    # {subject}: the folder
+    relatives = {relative.split("{")[0].rstrip("/") for relative in SOURCE_PATHS.values()}
     return {f"--sources {relative}": Path(sources) / relative for relative in sorted(relatives)}
 
 
-def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | OutputFolder) -> dict[str,
-                                                                                                      int]:
-    """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per config.
+def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path
+                | OutputFolder) -> dict[str, int]:
+    """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per
+    config.
 
     ``output`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one): subset names must be safe
     file names, and only Parquet files an earlier build wrote are removed.
@@ -189,7 +194,8 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path | 
 
 
 def read_bench(data_dir: str | Path | None = None) -> dict[tuple[str, str], list[dict]]:
-    """Every subset of a bench folder as ``{(subset, language): rows}`` (e.g. to extend it and `write_bench` again)."""
+    """Every subset of a bench folder as ``{(subset, language): rows}`` (e.g. to extend it and `write_bench`
+    again)."""
     tables = {}
     for config in available_configs(data_dir):
         subset, language = config.rsplit("_", 1)
@@ -311,8 +317,8 @@ def read_sources(sources: Path, on_error: Callable[[Exception], None] | None = N
                 continue
             dropped: list[Exception] = []
             items = mcqa.read_mmlu(path, language=language, subject=subject,
-                                   on_error=_drop_corrupted(dropped,
-                                                            on_error) if language == "ar" else on_error)
+                                   on_error=_drop_corrupted(dropped, on_error) if language == "ar"
+                                   else on_error)
             engine = ACEGPT_ENGINE if language == "ar" else None
             rows = [_item_row(item, subset, language, engine=engine) for item in items]
             if dropped:
@@ -371,7 +377,8 @@ def _drop_corrupted(dropped: list[Exception], on_error):
 
 
 def _pair_arabic_with_english(tables: dict) -> None:
-    """Order Arabic rows like their English twins (same ``id``), so ``--limit N`` evaluates the same questions."""
+    """Order Arabic rows like their English twins (same ``id``), so ``--limit N`` evaluates the same
+    questions."""
     for (subset, language), rows in tables.items():
         english = tables.get((subset, "en"))
         if language != "ar" or english is None:
@@ -400,11 +407,12 @@ def bench_configs(tables: dict[tuple[str, str], list[dict]]) -> list[dict]:
 
 
 def arabic_configs(subsets: Iterable[str]) -> list[dict]:
-    """The ``configs:`` of the Arabic benchmark's README: one per subset, ``all`` (the paper subsets), then extras."""
+    """The ``configs:`` of the Arabic benchmark's README: one per subset, ``all`` (the paper subsets), then
+    extras."""
     subsets = set(subsets)
     paper = [s for s in PAPER_SUBSETS if s in subsets]
-    configs = [{"config_name": s, "data_files": [{"split": "test",
-                                                  "path": f"{s}/test.parquet"}]} for s in paper]
+    configs = [{"config_name": s, "data_files": [{"split": "test", "path": f"{s}/test.parquet"}]}
+               for s in paper]
     if paper:
         configs.append({"config_name": "all",
                         "data_files": [{"split": "test", "path": [f"{s}/test.parquet" for s in paper]}]})
@@ -413,7 +421,8 @@ def arabic_configs(subsets: Iterable[str]) -> list[dict]:
 
 
 def _write_readmes(output: OutputFolder, tables: dict) -> None:
-    """The machine-readable READMEs (``configs:`` for `datasets.load_dataset`); `bimedix build-bench` adds the prose."""
+    """The machine-readable READMEs (``configs:`` for `datasets.load_dataset`); `bimedix build-bench` adds the
+    prose."""
     with atomic_open(output.path("README.md")) as handle:
         handle.write(configs_readme(bench_configs(tables)))
     arabic = [subset for subset, language in tables if language == "ar"]

@@ -26,8 +26,8 @@ def bilingual_consistency(samples: Mapping[str, list[dict]]) -> dict[str, dict]:
 
     Returns:
         `dict[str, dict]`: per subset with paired questions: ``n`` (questions in both languages),
-        ``agreement``, ``both_correct``, ``n_disagree``, ``en_acc_on_disagreement``, ``ar_acc_on_disagreement``
-        (``None`` when there is no disagreement); ``"all"`` pools the subsets.
+        ``agreement``, ``both_correct``, ``n_disagree``, ``en_acc_on_disagreement``,
+        ``ar_acc_on_disagreement`` (``None`` when there is no disagreement); ``"all"`` pools the subsets.
     """
     by_subset: dict[str, dict[str, dict[str, tuple[int, bool]]]] = {}
     for task, task_samples in samples.items():

@@ -51,9 +51,11 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         tasks (`str | Iterable[str]`, *optional*, defaults to `"auto"`): task or group names, comma-separated
             or a list; ``bimedix_*`` names and any lm-eval built-in task. ``"auto"``: `auto_tasks`.
         backend (`str`, *optional*, defaults to `"hf"`): ``"hf"`` or ``"vllm"``.
-        data_dir (`str | Path`, *optional*): a ``bimedix build-bench`` folder or its Hub id; the bundled slice if unset.
+        data_dir (`str | Path`, *optional*): a ``bimedix build-bench`` folder or its Hub id; the bundled slice
+        if unset.
         limit (`int | float`, *optional*): questions per task (or a fraction).
-        num_fewshot (`int`, *optional*): few-shot examples per prompt (lm-eval samples them from the same subset).
+        num_fewshot (`int`, *optional*): few-shot examples per prompt (lm-eval samples them from the same
+        subset).
         batch_size (`int | str`, *optional*, defaults to `1`): lm-eval batch size (``"auto"`` works for hf).
         device (`str`, *optional*): ``"cuda"``, ``"cpu"``, ...; defaults to CUDA when available.
         model_args (`dict`, *optional*): extra backend arguments (e.g. ``{"dtype": "bfloat16"}``).
@@ -61,7 +63,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
             ``samples_<task>.jsonl``, ``consistency.json`` and ``tables.md``.
         cache (`str | Path`, *optional*): lm-eval's request cache (SQLite, ``use_cache``): answered requests
             are stored as they finish, so an interrupted run resumes where it stopped.
-        overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no evaluation made
+        overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no evaluation
+        made
             (checked before evaluating; the model, adapter, data and cache are never written).
 
     Returns:
@@ -255,7 +258,8 @@ def backend_model_args(backend: str, model: str, *, peft: str | None = None, dev
 
 
 def expert_lora_targets(config: dict) -> list[str]:
-    """The ``target_parameters`` of an adapter config that adapt fused MoE experts (empty for attention/router).
+    """The ``target_parameters`` of an adapter config that adapt fused MoE experts (empty for
+    attention/router).
 
     PEFT stores LoRA on a fused expert parameter per expert in the transposed ``[E, in, out]`` reading;
     vLLM's fused-MoE LoRA expects ``[out, in]``, so such adapters are served merged, never as LoRA.
@@ -271,10 +275,11 @@ def adapter_rank(config: dict) -> int:
 
 
 def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model_name: str = "model") -> Path:
-    """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown tables.
+    """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown
+    tables.
 
-    ``output_dir`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one); task names must be safe
-    file names.
+    ``output_dir`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one); task names must be
+    safe file names.
     """
     from lm_eval.utils import handle_non_serializable
 
@@ -300,7 +305,8 @@ def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model
 
 
 def _quiet_custom_dataset_notice(record: logging.LogRecord) -> bool:
-    """Drop lm-eval's per-task hint about ``--metadata`` for ``custom_dataset`` tasks (ours pass ``data_dir``)."""
+    """Drop lm-eval's per-task hint about ``--metadata`` for ``custom_dataset`` tasks (ours pass
+    ``data_dir``)."""
     return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
@@ -325,8 +331,8 @@ def _same_model(base: str, model: str) -> bool:
         keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "num_local_experts", "intermediate_size")
         try:
-            configs = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base_dir,
-                                                                                             model_dir)]
+            configs = [json.loads((d / "config.json").read_text(encoding="utf-8"))
+                       for d in (base_dir, model_dir)]
         except OSError:
             return False
         return all(configs[0].get(k) == configs[1].get(k) for k in keys)

@@ -74,7 +74,8 @@ def average(scores: dict[str, Score], metric: str = "acc") -> float | None:
 
 def format_table(results: dict, table: str, *, model_name: str = "model", markdown: bool = False,
                  metric: str = "acc") -> str | None:
-    """One paper table (``"table2"``, ``"table3"``, ``"table4"``) with this run's row; ``None`` if no subset ran.
+    """One paper table (``"table2"``, ``"table3"``, ``"table4"``) with this run's row; ``None`` if no subset
+    ran.
 
     Missing subsets print as ``–``; when some are missing, AVG averages the others and is starred.
     """

@@ -9,7 +9,8 @@ dataset's own Parquet rows (sources, licences, translation provenance) plus the 
 Examples:
 
 ```python
->>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval", repo_id="me/bimedix-tiny")
+>>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval",
+repo_id="me/bimedix-tiny")
 >>> card.data.library_name
 'peft'
 ```
@@ -35,7 +36,8 @@ from ..resources import resource_path
 logger = logging.getLogger(__name__)
 
 MODEL_TAGS = ["bimedix", "medical", "arabic", "bilingual", "mixture-of-experts", "lora"]
-# SPDX-ish names used by the converters → licence ids the Hub knows (https://huggingface.co/docs/hub/repositories-licenses).
+# SPDX-ish names used by the converters → licence ids the Hub knows
+# (https://huggingface.co/docs/hub/repositories-licenses).
 HUB_LICENSES = {
     "mit": "mit", "apache-2.0": "apache-2.0", "apache 2.0": "apache-2.0", "gpl-3.0": "gpl-3.0",
     "gpl-3": "gpl-3.0",
@@ -88,7 +90,8 @@ class DatasetSummary:
 
 
 def hub_license(name: str | None) -> str:
-    """Map a source licence string (``"MIT"``, ``"Apache-2.0"``, ``"none stated"``) to a Hub licence id or ``"other"``."""
+    """Map a source licence string (``"MIT"``, ``"Apache-2.0"``, ``"none stated"``) to a Hub licence id or
+    ``"other"``."""
     return HUB_LICENSES.get((name or "").strip().lower(), "other")
 
 
@@ -119,18 +122,20 @@ def dataset_config_files(data_dir: str | os.PathLike) -> tuple[list[dict], list[
 
 
 def summarize_dataset(data_dir: str | os.PathLike, *, every_config: bool = False) -> DatasetSummary:
-    """Count rows by language, task, source/licence and translation provenance from a dataset folder's Parquet.
+    """Count rows by language, task, source/licence and translation provenance from a dataset folder's
+    Parquet.
 
     Works on BiMed records (schema of `bimedix.data.schema`, provenance in ``meta.translation``, counted by
     review status of `bimedix.data.review_policy`; a translation without a review state is an error naming
-    the file and record) and on bench rows (`bimedix.eval.bench.make_row`: ``translation_engine``/``translation_reviewed`` columns, one
-    folder per subset).
+    the file and record) and on bench rows (`bimedix.eval.bench.make_row`:
+    ``translation_engine``/``translation_reviewed`` columns, one folder per subset).
     """
     import pyarrow.parquet as pq
 
     configs, files = dataset_config_files(data_dir)
     if every_config:  # every config's files, not only the main config's
-        files = sorted({path for config in configs for pattern in _data_file_patterns(config.get("data_files"))
+        files = sorted({path for config in configs
+                        for pattern in _data_file_patterns(config.get("data_files"))
                         for path in Path(data_dir).glob(pattern)})
     languages: Counter = Counter()
     task_language: Counter = Counter()
@@ -162,8 +167,8 @@ def summarize_dataset(data_dir: str | os.PathLike, *, every_config: bool = False
             generated += bool(meta.get("generation"))
     return DatasetSummary(
         files=files, total=total, by_language=dict(languages), by_task_language=dict(task_language),
-        by_subset=dict(sorted(subsets.items())), sources=sorted(sources.values(), key=lambda s: (-s.count,
-                                                                                                 s.source)),
+        by_subset=dict(sorted(subsets.items())), sources=sorted(sources.values(),
+                                                                key=lambda s: (-s.count, s.source)),
         translated=translated, reviewed=reviewed, review_states=dict(review_states),
         translation_models=dict(models), generated=generated,
     )
@@ -183,14 +188,19 @@ def render_model_card(
     """Render the adapter or merged-model card from the artefacts of a training run.
 
     Args:
-        model_dir (`str` or `os.PathLike`): a PEFT adapter folder (``adapter_config.json``) or a merged model folder.
+        model_dir (`str` or `os.PathLike`): a PEFT adapter folder (``adapter_config.json``) or a merged model
+        folder.
         repo_id (`str`, *optional*): where the card will live, used in the usage snippet.
-        base_model (`str`, *optional*, defaults to the adapter's ``base_model_name_or_path``): the base model's Hub id.
+        base_model (`str`, *optional*, defaults to the adapter's ``base_model_name_or_path``): the base
+        model's Hub id.
             Local paths are described in the text but left out of the metadata (they mean nothing on the Hub).
-        eval_dir (`str` or `os.PathLike`, *optional*): output folder of ``bimedix eval`` (lm-eval JSON, markdown tables).
-        data_dir (`str` or `os.PathLike`, *optional*): the training dataset folder written by ``bimedix build-data``.
+        eval_dir (`str` or `os.PathLike`, *optional*): output folder of ``bimedix eval`` (lm-eval JSON,
+        markdown tables).
+        data_dir (`str` or `os.PathLike`, *optional*): the training dataset folder written by ``bimedix
+        build-data``.
         dataset_repo (`str`, *optional*): the training dataset's Hub id, for the ``datasets`` metadata.
-        license (`str`, *optional*, defaults to `"apache-2.0"`): the licence of the weights in this repository.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): the licence of the weights in this
+        repository.
         model_name (`str`, *optional*, defaults to the last part of ``repo_id`` or the folder name).
     """
     model_dir = Path(model_dir)
@@ -207,8 +217,8 @@ def render_model_card(
     card_data = ModelCardData(
         base_model=hub_base, library_name="peft" if is_adapter else "transformers", license=license,
         language=list(LANGUAGES), pipeline_tag="text-generation",
-        tags=MODEL_TAGS + (["peft"] if is_adapter else ["merged"]),
-        datasets=[dataset_repo] if dataset_repo else None,
+        tags=MODEL_TAGS + (["peft"] if is_adapter else ["merged"]), datasets=[dataset_repo] if dataset_repo
+        else None,
         model_name=name, eval_results=eval_results or None,
     )
     return ModelCard.from_template(
@@ -260,7 +270,8 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
 
 
 def save_dataset_card(data_dir: str | os.PathLike) -> Path:
-    """Render the card of a ``bimedix build-data`` folder (see `render_dataset_card`) into its README; return it.
+    """Render the card of a ``bimedix build-data`` folder (see `render_dataset_card`) into its README; return
+    it.
 
     The builder wrote only the README's ``configs:``; the card keeps them.
     """
@@ -271,7 +282,8 @@ def save_dataset_card(data_dir: str | os.PathLike) -> Path:
 
 def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = None,
                       pretty_name: str = "BiMediX-style Arabic medical benchmark") -> DatasetCard:
-    """Render the dataset card of a folder written by ``bimedix build-bench``: its ``arabic-bench/`` or the whole.
+    """Render the dataset card of a folder written by ``bimedix build-bench``: its ``arabic-bench/`` or the
+    whole.
 
     A whole bench folder (configs ``<subset>_<language>``, no ``all``) is summarised over every config.
     """
@@ -298,7 +310,8 @@ def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = Non
 
 
 def save_bench_cards(bench_dir: str | os.PathLike) -> list[Path]:
-    """Render the cards of a ``bimedix build-bench`` folder into its READMEs (whole folder, ``arabic-bench/``).
+    """Render the cards of a ``bimedix build-bench`` folder into its READMEs (whole folder,
+    ``arabic-bench/``).
 
     The builder wrote only their ``configs:``; the cards keep them. Returns the READMEs written.
     """
@@ -313,7 +326,8 @@ def save_bench_cards(bench_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_model_card(model_dir: str | os.PathLike, **card_kwargs) -> Path:
-    """Render the card of a training run (see `render_model_card`) into ``model_dir/README.md``; return its path."""
+    """Render the card of a training run (see `render_model_card`) into ``model_dir/README.md``; return its
+    path."""
     path = Path(model_dir) / "README.md"
     render_model_card(model_dir, **card_kwargs).save(path)
     return path
@@ -342,7 +356,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _flat_translation(row: dict) -> dict | None:
-    """Translation provenance of an arabic-bench row (``translation_engine``/``_reviewed`` columns), if any."""
+    """Translation provenance of an arabic-bench row (``translation_engine``/``_reviewed`` columns), if
+    any."""
     if not row.get("translation_engine"):
         return None
     return {"model": row["translation_engine"], "reviewed": row.get("translation_reviewed")}
@@ -394,8 +409,8 @@ def _dataset_card_data(summary: DatasetSummary, configs: list[dict], pretty_name
         size_categories=[_size_category(summary.total)],
         source_datasets=[f"extended|{s}" for s in sorted({s.source for s in summary.sources})],
         task_categories=task_categories, task_ids=task_ids, configs=configs,
-        tags=["medical", "arabic", "bilingual",
-              "bimedix"] + (["machine-translated"] if summary.translated else []),
+        tags=["medical", "arabic", "bilingual", "bimedix"] + (["machine-translated"] if summary.translated
+                                                              else []),
         # Not a Hub-standard key: states in the metadata how much of the machine translation humans reviewed.
         translation_review={"machine_translated": summary.translated, "human_reviewed": summary.reviewed},
     )
@@ -471,7 +486,8 @@ def _build_text(counts: dict) -> str:
 
 
 def _recipe_text(build: dict) -> str:
-    """The recipe of ``bimedix build-data`` (``stats.json`` ``build``): its description, seed and mixing rule."""
+    """The recipe of ``bimedix build-data`` (``stats.json`` ``build``): its description, seed and mixing
+    rule."""
     return (f"{build['description']}\n\nBuilt from recipe `{build['recipe_file']}` (seed {build['seed']}, "
             f"{build['mix']}).")
 
@@ -484,7 +500,8 @@ def _source_counts_table(sources: dict) -> str:
 
 
 def _review_text(review: dict) -> str:
-    """The review policy's counts (``stats.json`` ``review``, `bimedix.data.review_policy`) as prose and a table."""
+    """The review policy's counts (``stats.json`` ``review``, `bimedix.data.review_policy`) as prose and a
+    table."""
     policy = ReviewPolicy.from_summary(review)
     unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
     note = (f"**{unreviewed:,} machine translations were used without human review** "
@@ -558,7 +575,8 @@ def _numel(shape: list[int]) -> int:
 
 
 def _training_context(model_dir: Path) -> dict | None:
-    checkpoints = [p for p in model_dir.glob("checkpoint-*/trainer_state.json") if p.parent.name[11:].isdigit()]
+    checkpoints = [p for p in model_dir.glob("checkpoint-*/trainer_state.json")
+                   if p.parent.name[11:].isdigit()]
     candidates = [model_dir / "trainer_state.json", model_dir.parent / "trainer_state.json",
                   *sorted(checkpoints, key=lambda p: int(p.parent.name[11:]), reverse=True)]
     path = next((p for p in candidates if p.is_file()), None)
@@ -570,7 +588,8 @@ def _training_context(model_dir: Path) -> dict | None:
     run_loss = next((entry["train_loss"] for entry in reversed(history) if "train_loss" in entry), None)
     if losses:
         loss_text = f"{losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)"
-    elif run_loss is not None:  # fewer steps than `logging_steps`: the run's mean loss is still in the summary
+    # fewer steps than `logging_steps`: the run's mean loss is still in the summary
+    elif run_loss is not None:
         loss_text = f"{run_loss:.4f} averaged over the run (no per-step log: fewer steps than `logging_steps`)"
     else:
         loss_text = "not logged"

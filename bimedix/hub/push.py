@@ -65,16 +65,17 @@ ALLOW_PATTERNS = {
     "dataset": ["**/*.parquet", "stats.json", "stats.md", "stats.png"],
     "bench": ["**/*.parquet"],
 }
-# Sources whose terms forbid redistribution, keyed by their name lower-cased without spaces or punctuation; a name
-# that starts with a key (``MedArabiQ-v2`` → ``medarabiqv2``) is refused too.
+# Sources whose terms forbid redistribution, keyed by their name lower-cased without spaces or punctuation; a
+# name that starts with a key (``MedArabiQ-v2`` → ``medarabiqv2``) is refused too.
 FORBIDDEN_SOURCES = {
     "medarabiq": "its licence allows internal non-commercial research only and forbids redistribution",
 }
-# SPDX ids (lower-case) under which redistribution is allowed; copyleft and non-commercial terms travel with the rows.
+# SPDX ids (lower-case) under which redistribution is allowed; copyleft and non-commercial terms travel with
+# the rows.
 REDISTRIBUTABLE_LICENSES = frozenset(
     ["mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "odc-by", "pddl", "unlicense"]
-    + [f"cc-by{variant}-{version}" for variant in ("", "-sa", "-nc", "-nc-sa", "-nd",
-                                                   "-nc-nd") for version in ("3.0", "4.0")]
+    + [f"cc-by{variant}-{version}" for variant in ("", "-sa", "-nc", "-nc-sa", "-nd", "-nc-nd")
+       for version in ("3.0", "4.0")]
     + [f"{gpl}-{version}{suffix}" for gpl in ("gpl", "lgpl") for version in ("2.0", "2.1", "3.0")
        for suffix in ("", "-only", "-or-later")])
 COPYLEFT = re.compile(r"(l?gpl|cc-by(-nc)?-sa)", re.IGNORECASE)
@@ -90,7 +91,8 @@ class LicenseError(ValueError):
 
 
 class ReviewError(ValueError):
-    """Data holding translations the review policy does not allow (rejected, or unreviewed and not acknowledged)."""
+    """Data holding translations the review policy does not allow (rejected, or unreviewed and not
+    acknowledged)."""
 
 
 @dataclass
@@ -133,13 +135,17 @@ def push(
 
     Args:
         kind (`str`): ``"adapter"``, ``"model"``, ``"dataset"`` or ``"bench"``.
-        source (`str` or `os.PathLike`): the adapter/model folder, the ``build-data`` output, or the bench folder.
+        source (`str` or `os.PathLike`): the adapter/model folder, the ``build-data`` output, or the bench
+        folder.
         repo_id (`str`): ``ORG/NAME`` on the Hub.
-        private (`bool`, *optional*, defaults to `False`): create the repository private (if it does not exist).
+        private (`bool`, *optional*, defaults to `False`): create the repository private (if it does not
+        exist).
         revision (`str`, *optional*): branch to push to (created from the default branch if missing).
         dry_run (`str` or `os.PathLike`, *optional*): write the staged folder here and contact nobody.
-        acknowledge_research_only (`bool`, *optional*, defaults to `False`): allow data from research-only sources.
-        include_unreviewed (`bool`, *optional*, defaults to `False`): allow translations pending review or below
+        acknowledge_research_only (`bool`, *optional*, defaults to `False`): allow data from research-only
+        sources.
+        include_unreviewed (`bool`, *optional*, defaults to `False`): allow translations pending review or
+        below
             the judge threshold in a ``dataset`` push (rejected ones are always refused).
         eval_dir, data_dir, base_model, license: card inputs, see `bimedix.hub.cards.render_model_card`.
 
@@ -184,10 +190,11 @@ def push(
 
 
 def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *, repo_id: str,
-          acknowledge_research_only: bool = False, eval_dir=None, data_dir=None,
-          base_model: str | None = None,
+          acknowledge_research_only: bool = False, eval_dir=None, data_dir=None, base_model: str
+          | None = None,
           license: str = "apache-2.0", include_unreviewed: bool = False) -> list[str]:
-    """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered ``README.md``.
+    """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered
+    ``README.md``.
 
     Returns:
         `list[str]`: licence notes to show the user (the push goes ahead with them).
@@ -208,7 +215,8 @@ def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *
     else:
         card = render_model_card(source, repo_id=repo_id, base_model=base_model, eval_dir=eval_dir,
                                  data_dir=data_dir, license=license)
-    files = sorted({path for pattern in ALLOW_PATTERNS[kind] for path in source.glob(pattern) if path.is_file()})
+    files = sorted({path for pattern in ALLOW_PATTERNS[kind] for path in source.glob(pattern)
+                    if path.is_file()})
     if not files:
         raise FileNotFoundError(f"{source}: nothing to push for `{kind}` (looked for {ALLOW_PATTERNS[kind]}).")
     output_dir = Path(output_dir)
@@ -243,7 +251,8 @@ def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool =
         elif COPYLEFT.match((entry.license or "").strip()):
             notes.append(f"{label}: copyleft, the pushed rows stay under {entry.license}")
     if forbidden:
-        raise LicenseError("refusing to push data whose licence forbids redistribution: " + "; ".join(forbidden)
+        raise LicenseError("refusing to push data whose licence forbids redistribution: "
+                           + "; ".join(forbidden)
                            + ". Rebuild the dataset without these sources (--acknowledge-research-only does "
                              "not "
                            "apply to them).")
@@ -288,10 +297,12 @@ def check_review(summary: DatasetSummary, *, include_unreviewed: bool = False) -
 
 def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "model", private: bool = False,
                 revision: str | None = None, commit_message: str = "Upload with bimedix") -> PushResult:
-    """Make ``repo_id`` (at ``revision``) mirror ``folder`` in one commit, or make no commit if nothing differs.
+    """Make ``repo_id`` (at ``revision``) mirror ``folder`` in one commit, or make no commit if nothing
+    differs.
 
-    Every network call goes through `huggingface_hub.HfApi` (``create_repo(exist_ok=True)``, ``create_branch``,
-    ``list_repo_tree``, ``create_commit``); errors come back as `RuntimeError` with the token masked.
+    Every network call goes through `huggingface_hub.HfApi` (``create_repo(exist_ok=True)``,
+    ``create_branch``, ``list_repo_tree``, ``create_commit``); errors come back as `RuntimeError` with the
+    token masked.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.hf_api import RepoFile
@@ -316,8 +327,8 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
         if not changed and not stale:
             logger.info("%s is up to date: no commit made", repo_id)
             return PushResult(folder=folder, files=files)
-        operations = [CommitOperationAdd(path_in_repo=path,
-                                         path_or_fileobj=str(folder / path)) for path in changed]
+        operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path))
+                      for path in changed]
         operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
         info = api.create_commit(repo_id, operations=operations, commit_message=commit_message,
                                  repo_type=repo_type, revision=revision)

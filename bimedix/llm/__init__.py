@@ -1,4 +1,5 @@
-"""LLM data engines over any OpenAI-compatible endpoint (paper §3.1): translation with review, dialogue generation.
+"""LLM data engines over any OpenAI-compatible endpoint (paper §3.1): translation with review, dialogue
+generation.
 
 ``client`` (the only code that talks to an endpoint) · ``cache`` (request cache, cost ledger, finished
 results) · ``batch`` (Batch API mode) · ``runner`` (the resumable loop over a file of records) ·

@@ -60,7 +60,8 @@ def request_key(body: dict) -> str:
 
 
 class CacheError(OSError):
-    """The cache file cannot be used (not a SQLite database, disk full, locked, read-only); the message says why."""
+    """The cache file cannot be used (not a SQLite database, disk full, locked, read-only); the message says
+    why."""
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,8 @@ class RequestCache:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("INSERT INTO batches VALUES (?, ?, ?)", (batch_id, input_file_id, time.time()))
-            self._db.executemany("UPDATE pending SET batch_id = ? WHERE key = ?", [(batch_id,
-                                                                                    k) for k in keys])
+            self._db.executemany("UPDATE pending SET batch_id = ? WHERE key = ?",
+                                 [(batch_id, k) for k in keys])
 
     def open_batches(self) -> list[str]:
         """Submitted batches whose output has not been collected."""

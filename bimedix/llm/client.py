@@ -51,7 +51,8 @@ BATCH_DISCOUNT = 0.5
 
 @dataclass(frozen=True)
 class Completion:
-    """One chat completion: its text, why it stopped, its usage and cost, and whether it came from the cache."""
+    """One chat completion: its text, why it stopped, its usage and cost, and whether it came from the
+    cache."""
 
     text: str
     finish_reason: str
@@ -142,9 +143,9 @@ class LLMClient:
     Examples:
 
     ```python
-    client = LLMClient(ClientConfig(base_url="http://127.0.0.1:8000/v1", model="m"), RequestCache("run.sqlite"))
-    completion = await client.complete([{"role": "user", "content": "Hi"}], max_tokens=64)
-    await client.aclose()
+    client = LLMClient(ClientConfig(base_url="http://127.0.0.1:8000/v1", model="m"),
+    RequestCache("run.sqlite")) completion = await client.complete([{"role": "user", "content": "Hi"}],
+    max_tokens=64) await client.aclose()
     ```
     """
 
@@ -189,8 +190,8 @@ class LLMClient:
 
     def request_body(self, messages: list[dict], **params) -> dict:
         """The exact body sent for ``messages``: model, messages and the non-``None`` parameters."""
-        return {"model": self.config.model, "messages": messages, **{k: v for k,
-                                                                     v in params.items() if v is not None}}
+        return {"model": self.config.model, "messages": messages, **{k: v for k, v in params.items()
+                                                                     if v is not None}}
 
     async def complete(self, messages: list[dict], *, max_tokens: int, temperature: float | None = None,
                        seed: int | None = None, response_format: dict | None = None) -> Completion:
@@ -240,10 +241,11 @@ class LLMClient:
                           response.completion_tokens, response.cost_usd, False, key)
 
     async def flush_batch(self) -> int:
-        """Submit parked requests as Batch API jobs, wait for them and record their results; return how many."""
+        """Submit parked requests as Batch API jobs, wait for them and record their results; return how
+        many."""
         recorded = await run_batches(self._client(), self.cache, model=self.config.model,
-                                     price=lambda prompt, completion: self.cost(prompt, completion,
-                                                                                batch=True),
+                                     price=lambda prompt,
+                                     completion: self.cost(prompt, completion, batch=True),
                                      call_timeout=self.config.timeout, server=self.config.base_url,
                                      poll_interval=self.config.batch_poll_interval)
         self._spent, self._reserved = self.cache.total_cost(), 0.0
@@ -283,7 +285,8 @@ class LLMClient:
                 await self._limiter.acquire(estimate_tokens)
                 async with self._semaphore:
                     self.sent += 1
-                    async with asyncio.timeout(self.config.timeout):  # connect + whole body, however it trickles
+                    # connect + whole body, however it trickles
+                    async with asyncio.timeout(self.config.timeout):
                         response = await client.post("/chat/completions", body=body, cast_to=httpx2.Response)
                         content = await response.aread()
                 return _parse(content)
@@ -306,8 +309,8 @@ class LLMClient:
                                f"{reason}",
                                status=status, transient=True)
             if wait is None:
-                wait = min(self.config.backoff_max,
-                           self.config.backoff_base * 2 ** attempt) * random.uniform(0.5, 1)
+                wait = min(self.config.backoff_max, self.config.backoff_base
+                           * 2 ** attempt) * random.uniform(0.5, 1)
             self.retried += 1
             logger.info("retrying in %.2f s (attempt %d/%d): %s", wait, attempt + 2, attempts, reason)
             await asyncio.sleep(wait)
@@ -368,7 +371,8 @@ def _estimate_tokens(messages: list[dict]) -> int:
 
 
 class _RateLimiter:
-    """Sliding ``window``-second window (a minute) over requests and tokens; a no-op when both limits are ``None``."""
+    """Sliding ``window``-second window (a minute) over requests and tokens; a no-op when both limits are
+    ``None``."""
 
     def __init__(self, rpm: int | None, tpm: int | None, window: float = 60.0):
         self.rpm, self.tpm, self.window = rpm, tpm, window

@@ -5,9 +5,9 @@ the ``dialogue`` prompt (version ``dialogue-v2``) asks for a doctor-patient dial
 both parties written by the LLM: the patient (``human``) describes the item's situation, the doctor
 (``gpt``) asks follow-up questions, and the dialogue continues until a logical conclusion is reached (the
 correct answer stated in words, why the alternatives are less likely, next steps). The prompt version
-is part of the engine fingerprint, so a new version never reuses generations cached under the old one. Each result is checked by
-`validate_dialogue`: roles alternate (human first, gpt last), ``min_turns`` to ``max_turns``
-exchanges (the paper's chats average 4.72), every turn within length bounds, the correct answer
+is part of the engine fingerprint, so a new version never reuses generations cached under the old one. Each
+result is checked by `validate_dialogue`: roles alternate (human first, gpt last), ``min_turns`` to
+``max_turns`` exchanges (the paper's chats average 4.72), every turn within length bounds, the correct answer
 stated in words, no wrong option endorsed, no option letters leaked ("option B"). An invalid result is
 regenerated with a new seed up to ``max_attempts`` times, then the record is rejected with every reason.
 
@@ -161,8 +161,8 @@ class DialogueGenerator:
         cost, reasons = 0.0, []
         for attempt in range(config.max_attempts):
             completion = await self.client.complete(messages, max_tokens=config.max_tokens,
-                                                    temperature=config.temperature,
-                                                    seed=config.seed + attempt,
+                                                    temperature=config.temperature, seed=config.seed
+                                                    + attempt,
                                                     response_format=self.response_format)
             cost += completion.cost_usd
             if completion.finish_reason == "length":

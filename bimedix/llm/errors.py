@@ -1,4 +1,5 @@
-"""The errors an LLM client raises: failed requests, the budget stop, and requests parked for the Batch API."""
+"""The errors an LLM client raises: failed requests, the budget stop, and requests parked for the Batch
+API."""
 
 from __future__ import annotations
 

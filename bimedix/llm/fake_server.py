@@ -164,8 +164,8 @@ class FakeOpenAIServer:
     def served_usage(self) -> tuple[int, int]:
         """``(prompt_tokens, completion_tokens)`` summed over every completion served in full."""
         with self._lock:
-            return (sum(item.prompt_tokens for item in self.log),
-                    sum(item.completion_tokens for item in self.log))
+            return (sum(item.prompt_tokens for item in self.log), sum(item.completion_tokens
+                                                                      for item in self.log))
 
     def complete(self, body: dict, *, forced: str | None = None, digest: str | None = None
                  ) -> tuple[dict, ServedRequest]:
@@ -219,8 +219,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
 
         def setup(self) -> None:
             super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
-                                       1)  # no Nagle/delayed-ACK stalls
+            # no Nagle/delayed-ACK stalls
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def log_message(self, format, *args) -> None:  # noqa: A002 - http.server's signature
             logger.debug("fake server: " + format, *args)
@@ -264,7 +264,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if server.latency:
                 time.sleep(server.latency)
             digest = request_hash(body)
-            if fault is not None and fault.kind == "delay":  # logged on arrival: the client will have given up
+            # logged on arrival: the client will have given up
+            if fault is not None and fault.kind == "delay":
                 server._record(ServedRequest(self.path, digest, "delay"))
                 time.sleep(fault.delay)
                 completion, _ = server.complete(body)
@@ -299,8 +300,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 server._record(ServedRequest(self.path, digest, "malformed"))
                 self._send(200, b'{"id": "chatcmpl-x", "choices": [{"message": oops', "application/json")
                 return
-            completion, served = server.complete(body,
-                                                 forced="length" if fault and fault.kind == "length" else None,
+            completion, served = server.complete(body, forced="length" if fault and fault.kind == "length"
+                                                 else None,
                                                  digest=digest)
             payload = json.dumps(completion, ensure_ascii=False).encode()
             if fault is not None and fault.kind == "truncated":
@@ -320,8 +321,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
         def _upload(self, raw: bytes) -> None:
             message = BytesParser(policy=HTTP).parsebytes(
                 b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + raw)
-            parts = {part.get_param("name",
-                                    header="content-disposition"): part for part in message.iter_parts()}
+            parts = {part.get_param("name", header="content-disposition"): part
+                     for part in message.iter_parts()}
             if "file" not in parts:
                 self._send_json(400, {"error": {"message": "missing file part", "type": "invalid_request"}})
                 return
@@ -330,8 +331,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             server._files[file_id] = content
             server._record(ServedRequest(self.path, hashlib.sha256(content).hexdigest(), "ok"))
             self._send_json(200, {"id": file_id, "object": "file", "bytes": len(content),
-                                  "created_at": int(time.time()),
-                                  "filename": parts["file"].get_filename() or "input",
+                                  "created_at": int(time.time()), "filename": parts["file"].get_filename()
+                                  or "input",
                                   "purpose": "batch", "status": "processed"})
 
         def _create_batch(self, raw: bytes) -> None:

@@ -35,8 +35,8 @@ _MARKER = re.compile(
     re.MULTILINE)
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _UNIT_AFTER_NUMBER = re.compile(
-    r"\d\s*(" + "|".join(sorted(map(re.escape, UNITS), key=len,
-                                reverse=True)) + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
+    r"\d\s*(" + "|".join(sorted(map(re.escape, UNITS), key=len, reverse=True))
+    + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
 # a Latin token with two capitals or a letter and a digit (HbA1c, ECG, CD4, B12), hyphen-joined to further
 # capitals or digits (COVID-19, IL-6) but not to words (ST-segment keeps only ST)
 _CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9-])(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9]*|[A-Za-z]+\d[A-Za-z0-9]*)"
@@ -54,7 +54,8 @@ def protected_terms(texts: list[str], drug_names: frozenset[str] | set[str] = fr
     """
     joined = "\n".join(texts)
     terms = set(_CODE_TOKEN.findall(joined))
-    terms.update(match.group(0)[match.start(1) - match.start(0):] for match in _UNIT_AFTER_NUMBER.finditer(joined))
+    terms.update(match.group(0)[match.start(1) - match.start(0):]
+                 for match in _UNIT_AFTER_NUMBER.finditer(joined))
     if drug_names:
         lowered = {name.lower() for name in drug_names}
         terms.update(word for word in re.findall(r"[A-Za-z][A-Za-z-]+", joined) if word.lower() in lowered)
@@ -93,10 +94,11 @@ def check_invariants(source: dict, translation: dict, keep: list[str] | None = N
 
 
 def arabic_option_letters(text: str) -> str:
-    """Rewrite the option-letter markers of ``text`` (the ones `check_invariants` compares) with Arabic letters.
+    """Rewrite the option-letter markers of ``text`` (the ones `check_invariants` compares) with Arabic
+    letters.
 
-    Translated MCQA turns then letter their options as the Arabic evaluation tasks and the Arabic converters do
-    (`bimedix.data.conventions.OPTION_LETTERS`), whichever letters the translator wrote.
+    Translated MCQA turns then letter their options as the Arabic evaluation tasks and the Arabic converters
+    do (`bimedix.data.conventions.OPTION_LETTERS`), whichever letters the translator wrote.
 
     Examples:
 

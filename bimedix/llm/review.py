@@ -44,8 +44,9 @@ from .invariants import arabic_option_letters
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
 REQUIRED_COLUMNS = ("id", "field", "arabic", "decision")
 DECISIONS = ("approve", "edit", "reject")
-# CSV cells starting with these run as formulas in spreadsheets (OWASP "CSV injection"): exported with a leading
-# single quote, as is text that starts with a quote itself, and one leading quote is removed again on import.
+# CSV cells starting with these run as formulas in spreadsheets (OWASP "CSV injection"): exported with a
+# leading single quote, as is text that starts with a quote itself, and one leading quote is removed again on
+# import.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,13 @@ def needs_review(record: dict, *, threshold: float, fraction: float, seed: int) 
 def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike, *,
                         source: str | os.PathLike | None = None, fraction: float = 0.05, seed: int = 0,
                         threshold: float = 80.0) -> int:
-    """Write the review queue of ``translated`` to ``queue`` (``.csv`` or ``.jsonl``); return the record count.
+    """Write the review queue of ``translated`` to ``queue`` (``.csv`` or ``.jsonl``); return the record
+    count.
 
     Args:
         translated (`str | os.PathLike`): translated records (the output of ``bimedix translate``).
-        queue (`str | os.PathLike`): the file for reviewers; CSV is UTF-8 with a BOM so spreadsheets show Arabic.
+        queue (`str | os.PathLike`): the file for reviewers; CSV is UTF-8 with a BOM so spreadsheets show
+        Arabic.
         source (`str | os.PathLike`, *optional*): the English input, to show the original next to each text.
         fraction (`float`, *optional*, defaults to `0.05`): share of passing records sampled for review.
         seed (`int`, *optional*, defaults to `0`): sampling seed (use the one given to ``translate``).
@@ -92,7 +95,8 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
 
 def queue_rows(records: Iterable[dict], *, source: str | os.PathLike | None = None, fraction: float = 0.05,
                seed: int = 0, threshold: float = 80.0) -> list[dict]:
-    """The review queue of ``records`` as rows (see `COLUMNS`), undecided; what `export_review_queue` writes."""
+    """The review queue of ``records`` as rows (see `COLUMNS`), undecided; what `export_review_queue`
+    writes."""
     english = {record["id"]: record for record in read_records(source)} if source else {}
     rows = []
     for record in records:
@@ -126,7 +130,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     Args:
         translated (`str | os.PathLike`): translated records.
         reviews (`str | os.PathLike`): the queue as edited by the reviewer (``.csv`` or ``.jsonl``).
-        output (`str | os.PathLike`): where to write every record, reviewed ones updated (a new file: never an input).
+        output (`str | os.PathLike`): where to write every record, reviewed ones updated (a new file: never an
+        input).
         reviewer (`str`): who reviewed, for the audit trail.
         audit (`str | os.PathLike`, *optional*): the audit trail, appended; defaults to ``OUT.audit.jsonl``.
 
@@ -137,7 +142,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     if not reviewer.strip():
         raise ValueError("--reviewer must name who reviewed")
     output = Path(output)
-    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl") + ".audit.jsonl")
+    audit_path = Path(audit) if audit else output.with_name(output.name.removesuffix(".jsonl")
+                                                            + ".audit.jsonl")
     check_outputs({"--output": output, "--audit": audit_path}, {"--input": translated, "--reviews": reviews})
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
@@ -199,7 +205,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
 
 
 def row_problem(record: dict | None, row: dict, translated: str | os.PathLike) -> tuple[str, str] | None:
-    """``(column, message)`` saying what is wrong with one review row of ``record``, or ``None`` when it is fine.
+    """``(column, message)`` saying what is wrong with one review row of ``record``, or ``None`` when it is
+    fine.
 
     ``row`` has ``id``, ``field``, ``arabic`` and ``decision`` (blank: not decided yet).
     """
@@ -220,10 +227,11 @@ def row_problem(record: dict | None, row: dict, translated: str | os.PathLike) -
 
 
 def apply_decisions(record: dict, rows: list[dict]) -> tuple[dict, str]:
-    """Apply the decided rows (``field``, ``decision``, ``arabic``) of one record; return the new record and its state.
+    """Apply the decided rows (``field``, ``decision``, ``arabic``) of one record; return the new record and
+    its state.
 
-    The record becomes ``reviewed`` with ``review_state`` ``rejected`` (any row rejected), ``edited`` (any text
-    changed) or ``approved``. Raises `ValueError` when an edit makes the record invalid.
+    The record becomes ``reviewed`` with ``review_state`` ``rejected`` (any row rejected), ``edited`` (any
+    text changed) or ``approved``. Raises `ValueError` when an edit makes the record invalid.
     """
     updated = json.loads(json.dumps(record))
     info = updated["meta"]["translation"] = dict(updated["meta"].get("translation") or {})
@@ -238,11 +246,12 @@ def apply_decisions(record: dict, rows: list[dict]) -> tuple[dict, str]:
 
 
 def audit_entry(record: dict, row: dict, *, reviewer: str, time: str) -> dict:
-    """The audit-trail line of one decided row: reviewer, UTC time, decision, before, after, score, comment."""
+    """The audit-trail line of one decided row: reviewer, UTC time, decision, before, after, score,
+    comment."""
     return {"id": record["id"], "field": row["field"], "reviewer": reviewer, "time": time,
             "decision": row["decision"], "before": row["before"], "after": row["arabic"],
-            "score": (record["meta"].get("translation") or {}).get("score"),
-            "comment": row.get("comment") or ""}
+            "score": (record["meta"].get("translation") or {}).get("score"), "comment": row.get("comment")
+            or ""}
 
 
 def append_audit(path: str | os.PathLike, entries: list[dict]) -> None:
@@ -308,13 +317,15 @@ def restore_cell(value: str) -> str:
 
 
 def review_texts(record: dict) -> list[tuple[str, str]]:
-    """``(field, text)`` of every reviewable text of ``record``: ``conversations.N`` turns, then ``options.N``."""
+    """``(field, text)`` of every reviewable text of ``record``: ``conversations.N`` turns, then
+    ``options.N``."""
     texts = [(f"conversations.{i}", turn["value"]) for i, turn in enumerate(record["conversations"])]
     return texts + [(f"options.{i}", option) for i, option in enumerate(record["meta"].get("options") or [])]
 
 
 def text_of(record: dict, field: str) -> str | None:
-    """The text at ``field`` (``conversations.N`` or ``options.N``) of ``record``, or ``None`` if there is none."""
+    """The text at ``field`` (``conversations.N`` or ``options.N``) of ``record``, or ``None`` if there is
+    none."""
     name, _, index = field.partition(".")
     items = record["conversations"] if name == "conversations" else (record["meta"].get("options") or []) \
         if name == "options" else None
@@ -346,7 +357,8 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(row_number, row)`` pairs of a review file: the line number for JSONL, the spreadsheet row (header = 1) for CSV."""
+    """``(row_number, row)`` pairs of a review file: the line number for JSONL, the spreadsheet row (header =
+    1) for CSV."""
     path = Path(path)
     if path.suffix == ".jsonl":
         rows = []

@@ -1,4 +1,5 @@
-"""A review session over the queue of `bimedix.llm.review`, decision by decision (what ``review serve`` runs on).
+"""A review session over the queue of `bimedix.llm.review`, decision by decision (what ``review serve`` runs
+on).
 
 The queue is the one ``review export`` writes (or the rows of a given queue file); an *item* is one record
 with all its queued texts. Every decision is appended to the audit trail (``OUT.audit.jsonl``, the file
@@ -55,7 +56,8 @@ class ReviewSession:
         output (`str | os.PathLike`): where the records with the decisions applied are written.
         source (`str | os.PathLike`, *optional*): the English input, shown next to each text.
         queue (`str | os.PathLike`, *optional*): a queue file from ``review export`` (its rows set the items);
-            by default the queue is drawn as ``review export`` draws it with ``fraction``, ``seed``, ``threshold``.
+            by default the queue is drawn as ``review export`` draws it with ``fraction``, ``seed``,
+            ``threshold``.
         audit (`str | os.PathLike`, *optional*): the audit trail; defaults to ``OUT.audit.jsonl``.
 
     Raises:
@@ -138,8 +140,8 @@ class ReviewSession:
             else:
                 label = f"Turn {index + 1} ({record['conversations'][index]['from']})"
             decided = self.latest.get((item_id, name))
-            texts.append({"field": name, "label": label, "english": text_of(original,
-                                                                            name) if original else None,
+            texts.append({"field": name, "label": label, "english": text_of(original, name) if original
+                          else None,
                           "original": text_of(record, name), "current": decided["after"] if decided else
                           text_of(record, name), "decision": decided["decision"] if decided else None})
         return {"id": item_id, "task": record["task"], "score": info.get("score"),
@@ -153,9 +155,9 @@ class ReviewSession:
                comment: str = "") -> dict:
         """Record ``action`` on every text of the item (``texts``: field -> Arabic as the reviewer leaves it).
 
-        ``approve`` and ``edit`` approve each text, marking changed ones ``edit``; ``reject`` needs a reason in
-        ``comment``. The decision is in the audit trail on disk when this returns; `write_output` writes the
-        reviewed records.
+        ``approve`` and ``edit`` approve each text, marking changed ones ``edit``; ``reject`` needs a reason
+        in ``comment``. The decision is in the audit trail on disk when this returns; `write_output` writes
+        the reviewed records.
 
         Raises:
             `ValueError`: unknown action or text, empty text, no reviewer, a reject without reason, or an edit
@@ -175,8 +177,8 @@ class ReviewSession:
         rows = []
         for name in item.fields:
             before = text_of(record, name)
-            after = texts.get(name, self.latest[(item_id, name)]["after"] if (item_id,
-                                                                              name) in self.latest else before)
+            after = texts.get(name, self.latest[(item_id, name)]["after"] if (item_id, name) in self.latest
+                              else before)
             decision = "reject" if action == "reject" else "approve" if after == before else "edit"
             row = {"id": item_id, "field": name, "arabic": after, "decision": decision, "before": before,
                    "comment": comment.strip()}
@@ -242,7 +244,8 @@ class ReviewSession:
                     errors.append(f"{queue}:row {row_no}: column `{problem[0]}`: {problem[1]}")
                 rows.append(row)
             if errors:
-                raise ValueError(f"{len(errors)} queue row(s) do not match {translated}:\n" + "\n".join(errors[:10]))
+                raise ValueError(f"{len(errors)} queue row(s) do not match {translated}:\n"
+                                 + "\n".join(errors[:10]))
         items: dict[str, ReviewItem] = {}
         for row in rows:
             item = items.setdefault(row["id"], ReviewItem(row["id"]))

@@ -1,4 +1,5 @@
-"""How well the LLM judge's scores agree with the human reviewers (paper §3.1.2 checked its scores the same way).
+"""How well the LLM judge's scores agree with the human reviewers (paper §3.1.2 checked its scores the same
+way).
 
 For every reviewed machine translation (``meta.translation.reviewed``), the judge's ``score`` is set against
 the reviewers' verdict (``review_state``): per score bucket, the share approved, edited and rejected; and the
@@ -60,7 +61,8 @@ def review_agreement(records: Iterable[dict], edges: tuple[float, ...] = BUCKET_
 
 
 def roc_auc(positives: list[float], negatives: list[float]) -> float | None:
-    """Probability that a random positive scores above a random negative (ties count half); ``None`` if one is empty."""
+    """Probability that a random positive scores above a random negative (ties count half); ``None`` if one is
+    empty."""
     if not positives or not negatives:
         return None
     ranked = sorted([(score, 1) for score in positives] + [(score, 0) for score in negatives])

@@ -63,7 +63,8 @@ class RunSummary:
         skipped (`int`): already finished by an earlier run.
         accepted (`int`): written to the output by this run.
         rejected (`int`): written to the rejects file by this run.
-        failed (`list[str]`): ``"id: reason"`` of records left unfinished by transient errors (re-run to retry).
+        failed (`list[str]`): ``"id: reason"`` of records left unfinished by transient errors (re-run to
+        retry).
         stopped (`str | None`): why the run stopped early (budget), or ``None``.
         cost_usd (`float`): USD this run added to the ledger.
         ledger_usd (`float`): the ledger total after the run.

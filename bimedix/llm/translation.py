@@ -10,8 +10,9 @@ judged round is rejected with the reasons of every round.
 
 Output records are ``language="ar"`` with id `arabic_id` of the English id and
 ``meta.translation = {model, score, rounds, reviewed: False, review_state, source_id, cost_usd, comments}``;
-Option letters in the output turns are Arabic (``أ. ...``, ``الإجابة: ب``: `bimedix.llm.invariants.arabic_option_letters`),
-as in the Arabic evaluation tasks; ``meta.answer`` stays Latin. ``review_state`` is ``"queued"`` below the threshold or when the seeded review sample picks the record
+Option letters in the output turns are Arabic (``أ. ...``, ``الإجابة: ب``:
+`bimedix.llm.invariants.arabic_option_letters`), as in the Arabic evaluation tasks; ``meta.answer`` stays
+Latin. ``review_state`` is ``"queued"`` below the threshold or when the seeded review sample picks the record
 (`bimedix.llm.review.sampled_for_review`), else ``"unreviewed"``. Every such record is machine-translated.
 """
 
@@ -73,7 +74,8 @@ class TranslationConfig:
 
 
 def arabic_id(english_id: str) -> str:
-    """The id of the Arabic translation of ``english_id``: an ``-en`` part becomes ``-ar``, else ``-ar`` is added."""
+    """The id of the Arabic translation of ``english_id``: an ``-en`` part becomes ``-ar``, else ``-ar`` is
+    added."""
     replaced = re.sub(r"-en(?=-|$)", "-ar", english_id, count=1)
     return replaced if replaced != english_id else f"{english_id}-ar"
 
@@ -89,8 +91,8 @@ class Translator:
     def __init__(self, client: LLMClient, config: TranslationConfig):
         self.client = client
         self.config = config
-        self.prompts = {name: load_prompt(name, config.prompts_dir) for name in ("translate", "refine",
-                                                                                 "judge")}
+        self.prompts = {name: load_prompt(name, config.prompts_dir)
+                        for name in ("translate", "refine", "judge")}
         self.response_format = {"type": "json_object"} if config.json_mode else None
 
     @property
@@ -118,8 +120,8 @@ class Translator:
                 payload = {"task": "refine", **source, "keep": keep, "translation": current, "score": score,
                            "comments": feedback or "The previous attempt failed; translate again."}
                 prompt = self.prompts["refine"]
-            completion = await self._ask(prompt.render(payload), config.max_tokens,
-                                         seed=config.seed + round_no - 1)
+            completion = await self._ask(prompt.render(payload), config.max_tokens, seed=config.seed
+                                         + round_no - 1)
             cost += completion.cost_usd
             candidate, problem = _parse_translation(completion, source)
             if problem is None:
@@ -148,7 +150,8 @@ class Translator:
 
     async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int,
                    resample: bool = False) -> Completion:
-        """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different answer."""
+        """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different
+        answer."""
         temperature = max(self.config.temperature, 0.7) if resample else self.config.temperature
         return await self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                           response_format=self.response_format)
@@ -158,8 +161,8 @@ class Translator:
         messages = self.prompts["judge"].render({"task": "judge", "source": source, "translation": candidate})
         cost, reasons = 0.0, []
         for attempt in range(self.config.judge_attempts):
-            completion = await self._ask(messages, self.config.judge_max_tokens,
-                                         seed=self.config.seed + attempt,
+            completion = await self._ask(messages, self.config.judge_max_tokens, seed=self.config.seed
+                                         + attempt,
                                          resample=attempt > 0)
             cost += completion.cost_usd
             judged = _parse_judgement(completion)

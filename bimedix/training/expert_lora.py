@@ -13,7 +13,8 @@ either mode are identical PEFT adapters.
 Examples:
 
 ```python
-model = get_peft_model(model, LoraConfig(target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+model = get_peft_model(model, LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"],
                                          lora_dropout=0.0, r=8))
 set_expert_lora_mode(model, "folded")
 ```
@@ -58,7 +59,8 @@ def set_expert_lora_mode(model: nn.Module, mode: str = "folded") -> int:
 def adopt_expert_wrappers(model: nn.Module) -> int:
     """Turn PEFT's plain wrappers over fused experts into `ExpertLoraWrapper` in ``"peft"`` mode (same path).
 
-    `quantize_experts` calls this: on 4-bit experts, PEFT's own wrapper needs the fixes of `ExpertLoraWrapper`.
+    `quantize_experts` calls this: on 4-bit experts, PEFT's own wrapper needs the fixes of
+    `ExpertLoraWrapper`.
     """
     return _switch_expert_wrappers(model, "peft", plain_only=True)
 
@@ -87,10 +89,12 @@ class ExpertLoraWrapper(ParamWrapper):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         chain = self._wrapper_chain()
         experts = chain[-1].get_base_layer()
-        if self.expert_lora_mode != "folded" or any(layer.merged for layer in chain) or kwargs.get("adapter_names"):
+        if self.expert_lora_mode != "folded" or any(layer.merged
+                                                    for layer in chain) or kwargs.get("adapter_names"):
             return super().forward(x, *args, **kwargs)
         self._check_forward_args(x, *args, **kwargs)
-        lora = {} if self.disable_adapters else {layer.parameter_name: layer._expert_factors() for layer in chain}
+        lora = {} if self.disable_adapters else {layer.parameter_name: layer._expert_factors()
+                                                 for layer in chain}
         return folded_experts_forward(experts, x, *args, lora=lora, **kwargs)
 
     def _wrapper_chain(self) -> list[ParamWrapper]:
@@ -101,7 +105,8 @@ class ExpertLoraWrapper(ParamWrapper):
         return chain
 
     def _expert_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-        """Per active adapter, ``(A, B, scaling)`` with A (E, r, in) and B (E, out, r): ΔW[e] = s·B[e]·A[e]."""
+        """Per active adapter, ``(A, B, scaling)`` with A (E, r, in) and B (E, out, r): ΔW[e] =
+        s·B[e]·A[e]."""
         factors = []
         for name in self.active_adapters:
             if name not in self.lora_A:
@@ -117,10 +122,10 @@ class ExpertLoraWrapper(ParamWrapper):
     @contextmanager
     def _activate_lora(self, active_adapters: list[str]):
         with super()._activate_lora(active_adapters):
-            # On a 4-bit (already parametrized) parameter, PEFT 0.21.2 reads it (`get_param`) before registering
-            # its LoRA proxy; inside an outer wrapper's `parametrize.cached()` that read caches the value without
-            # LoRA, and the experts then never see this adapter (its gradients stay None). Drop the stale entry
-            # (a no-op where PEFT does not read it first).
+            # On a 4-bit (already parametrized) parameter, PEFT 0.21.2 reads it (`get_param`) before
+            # registering its LoRA proxy; inside an outer wrapper's `parametrize.cached()` that read caches
+            # the value without LoRA, and the experts then never see this adapter (its gradients stay None).
+            # Drop the stale entry (a no-op where PEFT does not read it first).
             parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
             yield
 

@@ -38,7 +38,8 @@ def is_quantized(module: nn.Module, param_name: str) -> bool:
 
 def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor],
                                                                            torch.Tensor]:
-    """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped GEMM).
+    """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped
+    GEMM).
 
     ``offsets`` are the cumulative row counts per expert (int32), as in transformers' `grouped_mm` experts.
     A 4-bit parameter is dequantized for the call and again in backward instead of being kept for it

@@ -33,9 +33,11 @@ import torch
 
 PARTS = ("attention", "router", "experts", "shared_experts", "mlp", "embeddings", "other")
 GIB = 1024**3
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit block absmax (block 64) + double-quant fp32 stats
+# 4-bit codes + 8-bit block absmax (block 64) + double-quant fp32 stats
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1 + 4 / 4096  # int8 codes + row-wise fp32 scales (rough)
-CUDA_RESERVE = 1.0 * GIB  # CUDA context, cuBLAS/NCCL workspaces and allocator slack, added before comparing to a GPU
+# CUDA context, cuBLAS/NCCL workspaces and allocator slack, added before comparing to a GPU
+CUDA_RESERVE = 1.0 * GIB
 #: Common GPUs by nominal size: (label, examples, memory nvidia-smi reports in MiB).
 GPUS = (
     ("16 GB", "V100-16GB, RTX 4080", 16384),
@@ -93,8 +95,8 @@ class Settings:
     sharding: Sharding = STRATEGIES["single"]
 
 
-def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None, *,
-                    num_processes: int | None = None,
+def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = None, *, num_processes: int
+                    | None = None,
                     accelerate_config: str | os.PathLike | None = None, gpu: float | None = None) -> dict:
     """Estimate the per-process training memory of a recipe.
 
@@ -107,8 +109,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         gpu (`float`, *optional*): the GPU the run is meant for, in GB (see `gpu_memory`).
 
     Returns:
-        `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``, ``memory``,
-        ``fits`` and ``suggestion`` (see `suggest`; None when it fits or nothing tried fits).
+        `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``,
+        ``memory``, ``fits`` and ``suggestion`` (see `suggest`; None when it fits or nothing tried fits).
     """
     from .sft import parse_args
 
@@ -179,10 +181,10 @@ def model_facts(model: torch.nn.Module, model_args=None, bimedix=None, peft_conf
         "largest_expert_parameter": largest_expert,
         "layer_parameters": sum(counts.values()) / config.num_hidden_layers,
         "dims": {"hidden": config.hidden_size, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
-                 "q": heads * head_dim, "kv": (getattr(config, "num_key_value_heads",
-                                                       None) or heads) * head_dim,
-                 "experts": experts, "top_k": (getattr(config, "num_experts_per_tok",
-                                                       1) or 1) if experts else 0,
+                 "q": heads * head_dim, "kv": (getattr(config, "num_key_value_heads", None)
+                                               or heads) * head_dim,
+                 "experts": experts, "top_k": (getattr(config, "num_experts_per_tok", 1) or 1) if experts
+                 else 0,
                  "intermediate": getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
                  "lora_r": getattr(peft_config, "r", 0) if peft_config is not None else 0},
     }
@@ -192,9 +194,9 @@ def estimate(facts: dict, settings: Settings) -> dict:
     """Bytes per process of a run (see the module docstring); pure arithmetic on `model_facts`.
 
     Returns:
-        `dict`: ``settings``, ``parameters`` (``by_part``, ``by_storage``, ``counts``, ``total``), ``trainable``,
-        ``activations``, ``transients``, ``totals`` (``parameters``, ``trainable_states``, ``activations``,
-        ``transients``, ``all``), ``gpus`` (see `fits`) and ``notes``.
+        `dict`: ``settings``, ``parameters`` (``by_part``, ``by_storage``, ``counts``, ``total``),
+        ``trainable``, ``activations``, ``transients``, ``totals`` (``parameters``, ``trainable_states``,
+        ``activations``, ``transients``, ``all``), ``gpus`` (see `fits`) and ``notes``.
     """
     dtype = _DTYPES.get(settings.compute_dtype, torch.bfloat16)
     n, shard = max(settings.num_processes, 1), settings.sharding
@@ -205,10 +207,10 @@ def estimate(facts: dict, settings: Settings) -> dict:
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
-    # forward/backward transients come on top of the activations; the optimizer step comes after backward freed
-    # them, so the step's peak is the larger of the two phases
-    during_backward = act_total + max(transients.get("expert_weights", 0), transients.get("gathered_layers",
-                                                                                          0))
+    # forward/backward transients come on top of the activations; the optimizer step comes after backward
+    # freed them, so the step's peak is the larger of the two phases
+    during_backward = act_total + max(transients.get("expert_weights", 0),
+                                      transients.get("gathered_layers", 0))
     step_peak = max(during_backward, transients.get("optimizer_step", 0))
     totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
               "transients": step_peak - act_total}
@@ -254,9 +256,10 @@ def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None,
     for part, count in facts["counts"].items():
         linear = facts["linear_counts"].get(part, 0) if quantization else 0
         if quantize_experts and part == "experts":
-            linear = count  # fused experts are not Linears; bimedix packs them (per-expert Linears: bitsandbytes)
-        packed, per = ("nf4",
-                       NF4_BYTES) if quantization == "4bit" or (part == "experts" and quantize_experts) \
+            # fused experts are not Linears; bimedix packs them (per-expert Linears: bitsandbytes)
+            linear = count
+        packed, per = ("nf4", NF4_BYTES) if quantization == "4bit" or (part == "experts"
+                                                                       and quantize_experts) \
             else ("int8", INT8_BYTES)
         for storage, number, size in ((packed, linear, per), (plain, count - linear, dtype.itemsize)):
             if number:
@@ -327,8 +330,8 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
 
 def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict,
                     trainable: dict) -> dict:
-    """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or the
-    optimizer step's when that is larger (it comes after backward has freed the activations).
+    """Short-lived memory of one step; `estimate` adds the largest of them that overlaps the activations, or
+    the optimizer step's when that is larger (it comes after backward has freed the activations).
 
     - PEFT's LoRA on fused experts builds ΔW and ``W + ΔW`` for a whole expert parameter on every forward and
       recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
@@ -354,8 +357,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
 
 def fits(total: float, reserve: float = CUDA_RESERVE) -> list[dict]:
     """Which `GPUS` hold ``total`` bytes plus ``reserve``, and the room left on each."""
-    return [{"gpu": label, "examples": examples, "memory": mib * 2**20,
-             "fits": total + reserve <= mib * 2**20,
+    return [{"gpu": label, "examples": examples, "memory": mib * 2**20, "fits": total + reserve <= mib
+             * 2**20,
              "room": mib * 2**20 - total - reserve} for label, examples, mib in GPUS]
 
 
@@ -389,8 +392,8 @@ def suggest(facts: dict, settings: Settings, memory: float, reserve: float = CUD
     return None
 
 
-def read_accelerate_config(config: str | os.PathLike | None,
-                           num_processes: int | None = None) -> tuple[Sharding, int]:
+def read_accelerate_config(config: str | os.PathLike | None, num_processes: int
+                           | None = None) -> tuple[Sharding, int]:
     """The `Sharding` and process count of an accelerate config file (or a `STRATEGIES` name).
 
     Raises:
@@ -436,11 +439,12 @@ def format_report(report: dict) -> str:
     p, t, a, s = report["parameters"], report["trainable"], report["activations"], report["settings"]
     shard = s["sharding"]
     lines = [f"Model: {report.get('model', '?')} ({report['model_type']}), compute dtype "
-             f"{s['compute_dtype']}, bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts" if s["quantize_experts"] else "")
+             f"{s['compute_dtype']}, bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts"
+                                                             if s["quantize_experts"] else "")
              + f", expert LoRA {s['expert_lora']}",
              f"Launch: {s['num_processes']} process(es), {shard['name']}"
-             + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients",
-                                                      "optimizer") if shard[k]) + ")"
+             + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients", "optimizer") if shard[k])
+                + ")"
                 if any(shard[k] for k in ("parameters", "gradients", "optimizer")) else "")
              + (", optimizer offloaded to CPU" if shard["offload_optimizer"] else "")
              + (", parameters offloaded to CPU" if shard["offload_parameters"] else ""),
@@ -457,8 +461,8 @@ def format_report(report: dict) -> str:
               (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
                f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
               "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
-                                                                for k,
-                                               v in report["transients"].items()) or "none")]
+                                                                for k, v in report["transients"].items())
+                                     or "none")]
     totals = report["totals"]
     labels = {"parameters": "parameters", "trainable_states": "trainable states",
               "activations": "activations",
@@ -474,9 +478,8 @@ def format_report(report: dict) -> str:
     if stated:
         room = stated["memory"] - totals["all"] - CUDA_RESERVE
         lines += ["", f"Stated GPU ({stated['gb']:g} GB = {_gib(stated['memory']).strip()}): "
-                  + (f"fits, {_gib(room).strip()} to spare." if room >= 0 else "does NOT fit "
-                                                                               f"({_gib(-room).strip()} "
-                                                                               "short).")]
+                  + (f"fits, {_gib(room).strip()} to spare." if room >= 0
+                     else f"does NOT fit ({_gib(-room).strip()} short).")]
         if room < 0 and stated["suggestion"]:
             lines.append(f"  Nearest setting that fits ({_gib(stated['suggestion']['total']).strip()} per "
                          "GPU): "

@@ -40,24 +40,29 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
             `bimedix.training.tiny` model (what the tiny recipe trains; its adapter records this name).
         adapter_dir (`str | os.PathLike`): a PEFT adapter folder (``adapter_config.json`` + weights).
         output_dir (`str | os.PathLike`, *optional*): where to write; ``None`` checks without writing.
-        tolerance (`float`, *optional*, defaults to `1e-3`): largest allowed |merged - adapter| logit difference.
-        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load and merge in (the tolerance is for fp32).
+        tolerance (`float`, *optional*, defaults to `1e-3`): largest allowed |merged - adapter| logit
+        difference.
+        dtype (`str`, *optional*, defaults to `"float32"`): dtype to load and merge in (the tolerance is for
+        fp32).
         prompts (`tuple[str, ...]`, *optional*): the texts whose logits are compared.
         quantize_experts (`str`, *optional*): ``"nf4"``/``"fp4"`` for an adapter trained on 4-bit experts
-            (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained against
-            (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
-        force (`bool`, *optional*, defaults to `False`): merge even when `bimedix.training.provenance.check_merge`
+            (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained
+            against (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
+        force (`bool`, *optional*, defaults to `False`): merge even when
+        `bimedix.training.provenance.check_merge`
             finds the adapter was trained on another base or is merged into ``base`` already (with a warning).
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no merge made.
 
     Returns:
-        `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``, ``merged_adapters``,
-        the fingerprints, ...), also written as ``merge_report.json``: the record that the output is a merged model.
+        `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``,
+        ``merged_adapters``, the fingerprints, ...), also written as ``merge_report.json``: the record that
+        the output is a merged model.
 
     Raises:
         `RuntimeError`: when the merged model does not reproduce the adapter model; nothing is written.
-        `bimedix.training.provenance.ProvenanceError`: the adapter does not belong on ``base`` (see ``force``).
-        `bimedix.data.outputs.OutputError`: ``output_dir`` is the base or adapter folder (or inside one).
+        `bimedix.training.provenance.ProvenanceError`: the adapter does not belong on ``base`` (see
+        ``force``). `bimedix.data.outputs.OutputError`: ``output_dir`` is the base or adapter folder (or
+        inside one).
     """
     from peft import PeftModel
 
@@ -82,7 +87,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
             quantize.quantize_experts(peft_model, quant_type=quantize_experts)
         adapter_logits = _logits(peft_model, batch)
         if quantize_experts:
-            quantize.dequantize_experts(peft_model)  # PEFT merges into `param.data`: a temporary on 4-bit experts
+            # PEFT merges into `param.data`: a temporary on 4-bit experts
+            quantize.dequantize_experts(peft_model)
         merged = peft_model.merge_and_unload()
         merged_logits = _logits(merged, batch)
     report = {
@@ -114,7 +120,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
             save_chat_settings(output_dir, **settings)
         report["output_dir"] = str(output_dir)
         write_json(folder.path(MERGE_REPORT), report)
-        for path in output_dir.iterdir():  # record what the merge wrote; safetensors writes its file with mode 0600
+        # record what the merge wrote; safetensors writes its file with mode 0600
+        for path in output_dir.iterdir():
             if path.is_file() and path.name != folder.manifest.name:
                 give_default_mode(folder.path(path.name))
         logger.info("Merged model written to %s", output_dir)

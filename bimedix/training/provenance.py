@@ -38,7 +38,8 @@ class ProvenanceError(ValueError):
 
 
 def base_fingerprint(model) -> dict[str, str]:
-    """The ``config``, ``shapes`` and ``tensors`` hashes of a (not yet PEFT-wrapped) model; see the module doc."""
+    """The ``config``, ``shapes`` and ``tensors`` hashes of a (not yet PEFT-wrapped) model; see the module
+    doc."""
     config = {key: value for key, value in model.config.to_dict().items() if key not in _LOAD_TIME_KEYS}
     parameters = dict(model.named_parameters())
     shapes = sorted((name, list(getattr(getattr(p, "quant_state", None), "shape", None) or p.shape))
@@ -71,7 +72,8 @@ def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
 
 
 def write_base_record(adapter_dir: str | os.PathLike, base: str | None, fingerprint: dict[str, str]) -> Path:
-    """Write ``bimedix_base.json`` (base name and fingerprint) into a saved adapter folder; return its path."""
+    """Write ``bimedix_base.json`` (base name and fingerprint) into a saved adapter folder; return its
+    path."""
     from ..data.io import write_json
 
     path = Path(adapter_dir) / BASE_RECORD
@@ -80,7 +82,8 @@ def write_base_record(adapter_dir: str | os.PathLike, base: str | None, fingerpr
 
 
 def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool = False) -> dict:
-    """Check that ``adapter_dir`` belongs on ``model`` (loaded from ``base``) and is not merged into it already.
+    """Check that ``adapter_dir`` belongs on ``model`` (loaded from ``base``) and is not merged into it
+    already.
 
     Args:
         base (`str`): the ``--base`` given (folder, Hub id or ``tiny:...``).
@@ -89,8 +92,9 @@ def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool
         force (`bool`, *optional*, defaults to `False`): warn instead of refusing.
 
     Returns:
-        `dict`: what the merged model records: ``adapter_fingerprint``, ``base_fingerprint``, ``merged_adapters``
-        (earlier merges of ``base`` plus this one) and ``provenance`` (how the base was checked).
+        `dict`: what the merged model records: ``adapter_fingerprint``, ``base_fingerprint``,
+        ``merged_adapters`` (earlier merges of ``base`` plus this one) and ``provenance`` (how the base was
+        checked).
 
     Raises:
         `ProvenanceError`: naming the recorded and the given base and what differs; ``--force`` merges anyway.
@@ -109,8 +113,8 @@ def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool
     record_path = adapter_dir / BASE_RECORD
     if record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        differs = [part for part,
-                   value in (record.get("fingerprint") or {}).items() if fingerprint.get(part) != value]
+        differs = [part for part, value in (record.get("fingerprint") or {}).items()
+                   if fingerprint.get(part) != value]
         provenance = "fingerprint"
         if differs:
             problems.append(f"the adapter {adapter_dir} was trained on {record.get('base_model')!r}, and "

@@ -5,9 +5,10 @@ transformers 5 stores an MoE layer's experts as fused 3-D parameters (`mlp.exper
 about 97% of Mixtral's weights stay in bf16. `quantize_experts` packs those parameters to NF4 with double
 quantization through bitsandbytes' own parametrization (`replace_parameter_4bit`), so that they stay 4-bit
 at rest, any experts implementation still reads ``experts.gate_up_proj`` (dequantized on access), and the
-state dict carries bitsandbytes' quant-state keys. `experts.grouped_expert_linear` runs the grouped expert matmul
-from the packed bytes (dequantizing just in time, and again in backward): the folded expert-LoRA path in
-`bimedix.training.expert_lora` uses it, so no dequantized expert stack is kept between forward and backward.
+state dict carries bitsandbytes' quant-state keys. `experts.grouped_expert_linear` runs the grouped expert
+matmul from the packed bytes (dequantizing just in time, and again in backward): the folded expert-LoRA path
+in `bimedix.training.expert_lora` uses it, so no dequantized expert stack is kept between forward and
+backward.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def quantize_experts(
         model (`nn.Module`): a transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...).
         quant_type (`str`, *optional*, defaults to `"nf4"`): `"nf4"` or `"fp4"`.
         compress_statistics (`bool`, *optional*, defaults to `True`): double quantization (8-bit absmax).
-        blocksize (`int`, *optional*, defaults to `64`): values per absmax block; must divide one expert's size.
-        device (`str` or `torch.device`, *optional*): move each experts module there *before* quantizing it, so
+        blocksize (`int`, *optional*, defaults to `64`): values per absmax block; must divide one expert's
+        size.
+        device (`str` or `torch.device`, *optional*): move each experts module there *before* quantizing it,
+        so
             that a model loaded on CPU reaches the accelerator one packed layer at a time.
 
     Quantize *after* adding LoRA (`peft.get_peft_model` or `PeftModel.from_pretrained` on the bf16 model):
@@ -109,14 +112,16 @@ def load_model_with_4bit_experts(
     quant_type: str = "nf4",
     **from_pretrained_kwargs,
 ) -> nn.Module:
-    """Load a causal LM on CPU, add LoRA, and bring it to ``device`` with its experts packed to 4 bit layer by layer.
+    """Load a causal LM on CPU, add LoRA, and bring it to ``device`` with its experts packed to 4 bit layer by
+    layer.
 
     The bf16 expert stack only ever exists in host memory; on the accelerator each experts module is
     quantized right after it arrives, so the accelerator never holds more than one layer of bf16 experts.
 
     Args:
         model_name_or_path (`str` or `os.PathLike`): a Hub id or local folder.
-        device (`str` or `torch.device`, *optional*): target device; defaults to CUDA when available, else CPU.
+        device (`str` or `torch.device`, *optional*): target device; defaults to CUDA when available, else
+        CPU.
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of everything not quantized.
         peft_config (`peft.LoraConfig`, *optional*): new LoRA adapters to add before quantizing.
         adapter (`str` or `os.PathLike`, *optional*): a saved adapter to load (trainable) before quantizing.
@@ -147,7 +152,8 @@ def load_model_with_4bit_experts(
 
 
 def dequantize_experts(model: nn.Module) -> list[str]:
-    """Replace every 4-bit expert parameter of ``model`` by a dense parameter in its original dtype (in place).
+    """Replace every 4-bit expert parameter of ``model`` by a dense parameter in its original dtype (in
+    place).
 
     This is the merge path: PEFT's `merge_and_unload` adds ΔW to ``param.data``, which for a parametrized
     4-bit parameter is a temporary; dequantize first, then merge. Returns the names it dequantized.
@@ -192,7 +198,8 @@ def _experts_parametrization_class() -> type:
     from bitsandbytes.nn.parametrize import Bnb4bitParametrization
 
     class ExpertsBnb4bitParametrization(Bnb4bitParametrization):
-        """bitsandbytes' 4-bit parametrization, dequantizing through `flat_dequantize` (same state, same keys)."""
+        """bitsandbytes' 4-bit parametrization, dequantizing through `flat_dequantize` (same state, same
+        keys)."""
 
         @torch.no_grad()
         def forward(self, quantized_param: torch.Tensor) -> torch.Tensor:

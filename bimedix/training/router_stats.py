@@ -128,12 +128,11 @@ class RouterLoadCallback(TrainerCallback):
         logs = {}
         for layer in range(counts.shape[1]):
             if counts[:, layer].sum(-1).min() > 0:
-                logs[f"router/layer{layer}/tv_en_ar"] = round(float((shares[0, layer] - shares[1,
-                                                                                               layer]).abs().sum() / 2), 4)
+                logs[f"router/layer{layer}/tv_en_ar"] = round(float((shares[0,
+                                                                            layer] - shares[1, layer]).abs().sum() / 2), 4)
             for i, language in enumerate(LANGUAGES):
                 if counts[i, layer].sum() > 0:
-                    logs[f"router/layer{layer}/{language}_max_share"] = round(float(shares[i, layer].max()),
-                                                                              4)
+                    logs[f"router/layer{layer}/{language}_max_share"] = round(float(shares[i, layer].max()), 4)
         return logs
 
     def report(self, counts: torch.Tensor) -> dict:

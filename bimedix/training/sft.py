@@ -146,9 +146,11 @@ def parse_args(argv: list[str] | None = None):
 
 
 def check_value_types(*configs) -> None:
-    """Refuse recipe values of the wrong type that argparse lets through from YAML (``seed: 1.5``, ``lora_r: [8]``).
+    """Refuse recipe values of the wrong type that argparse lets through from YAML (``seed: 1.5``, ``lora_r:
+    [8]``).
 
-    Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the key.
+    Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the
+    key.
     """
     import dataclasses
     import enum
@@ -178,17 +180,18 @@ def check_value_types(*configs) -> None:
 def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
     """Raise one `ValueError` naming every pair of recipe keys that contradict each other.
 
-    Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so ``model_name_or_path``
-    and ``model_revision`` would have no effect; explicit ``lora_target_modules``/``lora_target_parameters``
-    replace ``lora_preset``; ``expert_lora`` and ``quantize_experts`` act on LoRA only. A key counts as set when
-    it differs from its default (YAML or command line alike). Combinations that are consistent but unsupported
-    (e.g. ``quantize_experts`` with ``load_in_8bit``) are refused by `check_compatible`.
+    Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so
+    ``model_name_or_path`` and ``model_revision`` would have no effect; explicit
+    ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``; ``expert_lora`` and
+    ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its default (YAML or
+    command line alike). Combinations that are consistent but unsupported (e.g. ``quantize_experts`` with
+    ``load_in_8bit``) are refused by `check_compatible`.
     """
     conflicts = []
     if bimedix_args.tiny_model:
         for key, value in (("model_name_or_path", model_args.model_name_or_path),
-                           ("model_revision",
-                            None if model_args.model_revision == "main" else model_args.model_revision)):
+                           ("model_revision", None if model_args.model_revision == "main"
+                            else model_args.model_revision)):
             if value is not None:
                 conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, "
                                  f"so `{key}: {value}` would be ignored; remove one of the two (to train "
@@ -217,7 +220,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     """Train, save the adapter (or model) and the router report; return the trainer.
 
     Args:
-        script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe (see `parse_args`).
+        script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe (see
+        `parse_args`).
         callbacks (`list[TrainerCallback]`, *optional*): extra trainer callbacks.
     """
     from trl import SFTTrainer
@@ -229,7 +233,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     from ..data.outputs import check_outputs
 
     inputs = [model_args.model_name_or_path, script_args.dataset_name,
-              *(config.path for config in mixture_args.datasets or [])]  # the local ones: Hub ids are not paths
+              *(config.path for config in mixture_args.datasets
+                or [])]  # the local ones: Hub ids are not paths
     check_outputs({"--output_dir": training_args.output_dir},
                   {f"input {path}": path for path in inputs if path and os.path.exists(path)})
     tokenizer = load_tokenizer(model_args, bimedix_args)
@@ -255,7 +260,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
         from .router_stats import RouterLoadCallback
 
-        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry too
+        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
+        # too
         trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
     train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
     _save_run(trainer, train_result)
@@ -406,8 +412,8 @@ def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArgume
 
 def check_lora_patterns(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
     """Refuse `lora_rank_pattern` / `lora_alpha_pattern` keys that match no adapted weight before any data or
-    weights are loaded, on a meta-device model (when the config is tiny, shipped or cached; the loaded model is
-    checked again in `make_peft_config`)."""
+    weights are loaded, on a meta-device model (when the config is tiny, shipped or cached; the loaded model
+    is checked again in `make_peft_config`)."""
     if not model_args.use_peft or not (bimedix_args.lora_rank_pattern or bimedix_args.lora_alpha_pattern):
         return
     from .targets import meta_model
@@ -534,7 +540,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory(prefix="bimedix-tiny-") as folder:
-        # written by every process: `save_pretrained` writes on rank 0 only once torch.distributed is initialized
+        # written by every process: `save_pretrained` writes on rank 0 only once torch.distributed is
+        # initialized
         model.config.save_pretrained(folder)
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
@@ -592,8 +599,8 @@ def _resolve_path(path: str) -> Path:
     if not path.startswith("bimedix:"):
         return Path(path)
     kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    return resource_path(kind, *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind,
-                                                                                         *rest.split("/"))
+    return resource_path(kind,
+                         *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind, *rest.split("/"))
 
 
 def _load_one(config):

@@ -125,7 +125,8 @@ def build_lora_config(
 
     Args:
         model (`nn.Module`): the model the adapter is for (meta-device models work).
-        preset (`str | Sequence[str]`, *optional*, defaults to `"paper"`): a `PRESETS` name or list of `GROUPS`;
+        preset (`str | Sequence[str]`, *optional*, defaults to `"paper"`): a `PRESETS` name or list of
+        `GROUPS`;
             ignored when ``target_modules`` or ``target_parameters`` is given.
         r (`int`, *optional*, defaults to `16`): LoRA rank.
         alpha (`int`, *optional*, defaults to `32`): LoRA alpha.
@@ -134,7 +135,8 @@ def build_lora_config(
         target_modules, target_parameters (`Sequence[str]`, *optional*): explicit PEFT name lists.
         full_names (`bool`, *optional*, defaults to `False`): emit full names instead of the shortest
             unambiguous suffixes (needed for parametrized, e.g. 4-bit, expert parameters).
-        rank_pattern, alpha_pattern (`dict[str, int]`, *optional*): PEFT's per-weight ranks and alphas, keyed by
+        rank_pattern, alpha_pattern (`dict[str, int]`, *optional*): PEFT's per-weight ranks and alphas, keyed
+        by
             a name or regex matched against the end of full module / parameter names (recipe keys
             ``lora_rank_pattern`` / ``lora_alpha_pattern``).
         **lora_kwargs: passed to `LoraConfig` (e.g. ``use_rslora``, ``modules_to_save``).
@@ -198,15 +200,17 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
     """Apply ``lora_config`` to ``model`` (use a meta-device model: nothing is allocated) and count.
 
     Returns:
-        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``, ``r``,
-        ``lora_params``), the trainable parameter count and the total parameter count (base + adapters).
+        `tuple[list[dict], int, int]`: one row per adapted weight (``name``, ``kind``, ``group``, ``shape``,
+        ``r``, ``lora_params``), the trainable parameter count and the total parameter count (base +
+        adapters).
     """
     from peft import get_peft_model
 
     by_name = {t.name: t for t in find_targets(model)}
     on_meta = next(model.parameters()).device.type == "meta"
     with torch.device("meta") if on_meta else contextlib.nullcontext(), warnings.catch_warnings():
-        # PEFT 0.21 checks rank/alpha pattern keys against target_modules only and warns wrongly for parameter keys
+        # PEFT 0.21 checks rank/alpha pattern keys against target_modules only and warns wrongly for parameter
+        # keys
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
         peft_model = get_peft_model(model, lora_config)  # adapters of a meta model: no memory
     rows = []
@@ -247,8 +251,8 @@ def meta_model(model: str, **config_overrides) -> nn.Module:
 
     config = load_model_config(model, **config_overrides)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype",
-                                                                      None) or torch.bfloat16)
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None)
+                                                or torch.bfloat16)
 
 
 def load_model_config(model: str, **overrides):
@@ -332,13 +336,14 @@ def _parameter_group(module_name: str, param_name: str, param: torch.Tensor,
 
 
 def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -> list[str]:
-    """The shortest dotted suffixes that match exactly ``selected`` among the model's module/parameter names."""
+    """The shortest dotted suffixes that match exactly ``selected`` among the model's module/parameter
+    names."""
     if full_names or not selected:
         return sorted(selected)
     pool = [n for n, _ in model.named_modules()] if kind == "module" else [n for n,
                                                                            _ in model.named_parameters()]
-    matching: dict[str,
-                   set[str]] = defaultdict(set)  # suffix -> names it matches (PEFT: equal or ends with .suffix)
+    # suffix -> names it matches (PEFT: equal or ends with .suffix)
+    matching: dict[str, set[str]] = defaultdict(set)
     for name in pool:
         parts = name.split(".")
         for i in range(len(parts)):

@@ -101,7 +101,8 @@ def save_chat_settings(folder: str | os.PathLike, *, chat_template: str, system_
 
 
 def load_chat_settings(folder: str | os.PathLike) -> dict | None:
-    """Read `CHAT_SETTINGS_FILE` from ``folder``; `None` when the folder has none (e.g. a Hub id or a base model).
+    """Read `CHAT_SETTINGS_FILE` from ``folder``; `None` when the folder has none (e.g. a Hub id or a base
+    model).
 
     Returns:
         `dict | None`: ``{"chat_template": "vicuna" | "model", "system_prompt": str | None}``.

@@ -54,7 +54,8 @@ def save_tiny_model(output_dir: str | os.PathLike, arch: str = "mixtral", seed: 
     """Write a tiny random model with the Mixtral tokenizer and Vicuna chat template to ``output_dir``.
 
     Returns:
-        `Path`: a folder `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline.
+        `Path`: a folder `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load
+        offline.
     """
     output_dir = Path(output_dir)
     model = build_tiny_model(arch, seed, **overrides)

@@ -25,7 +25,8 @@ def create_chat_app(session, *, notice: str, language_of: Callable[[str], str]):
     Args:
         session (`bimedix.chat.ChatSession`): the model, template and system prompts.
         notice (`str`): the not-medical-advice notice shown at the top of the page (one line per language).
-        language_of (`Callable[[str], str]`): ``"ar"`` or ``"en"`` for a text (`bimedix.chat.detect_language`).
+        language_of (`Callable[[str], str]`): ``"ar"`` or ``"en"`` for a text
+        (`bimedix.chat.detect_language`).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -58,7 +59,8 @@ def create_chat_app(session, *, notice: str, language_of: Callable[[str], str]):
     @app.post("/api/chat")
     def chat(message: Message):
         text = message.message.strip()
-        bad = [turn for turn in message.history if turn.get("role") not in ROLES or not isinstance(turn.get("content"), str)]
+        bad = [turn for turn in message.history if turn.get("role") not in ROLES
+               or not isinstance(turn.get("content"), str)]
         if not text or bad:
             return JSONResponse({"error": "empty message" if not text else
                                  f"history turns need a role in {list(ROLES)} and a content"},

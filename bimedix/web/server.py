@@ -49,8 +49,8 @@ def check_port(host: str, port: int) -> None:
 
 def token_matches(expected: str | None, given: str | None) -> bool:
     """Constant-time check of a shared token; always true when no token is set."""
-    return expected is None or (given is not None and secrets.compare_digest(expected.encode(),
-                                                                             given.encode()))
+    return expected is None or (given is not None
+                                and secrets.compare_digest(expected.encode(), given.encode()))
 
 
 def page(name: str) -> str:

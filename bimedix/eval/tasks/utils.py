@@ -1,4 +1,5 @@
-"""Dataset loading and prompts shared by every ``bimedix_*`` lm-eval task (referenced as ``!function utils.*``).
+"""Dataset loading and prompts shared by every ``bimedix_*`` lm-eval task (referenced as ``!function
+utils.*``).
 
 Each row of the evaluation data (see `bimedix.eval.bench`) has ``question``, ``options`` (list),
 ``answer`` (Latin letter), ``context`` (PubMedQA abstract, else empty) and ``language``.
@@ -49,7 +50,8 @@ def load_bench(subset: str, language: str, data_dir: str | None = None, **_: Any
 
 
 def doc_to_text(doc: dict) -> str:
-    """The prompt: question and lettered options (or abstract and question for PubMedQA), then the answer cue."""
+    """The prompt: question and lettered options (or abstract and question for PubMedQA), then the answer
+    cue."""
     language = doc["language"]
     if doc["source"] == "pubmedqa":
         abstract, question = _PUBMEDQA_CUES[language]
