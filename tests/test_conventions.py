@@ -24,7 +24,8 @@ from bimedix.llm.prompts import load_prompt
 from bimedix.llm.translation import TranslationConfig, translate_file
 
 ITEM = MCQAItem(id="medqa-demo-1", source="medqa", language="en",
-                question="A 45-year-old man has a fasting glucose of 7.5 mmol/L. What is the first-line drug?",
+                question="A 45-year-old man has a fasting glucose of "
+                         "7.5 mmol/L. What is the first-line drug?",
                 options=["Metformin", "Insulin glargine", "Glibenclamide", "Acarbose"], answer="A",
                 original_id="demo-1", license="MIT")
 _OPTION_LINE = re.compile(rf"^\s*({'|'.join(letter for letters in OPTION_LETTERS.values() for letter in letters)})\. ",

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
             written = write_jsonl(args.output, tqdm(records, desc=f"convert {args.source}", unit=" records"))
         except RecordError as err:
             hint = ("rerun with --on-error skip to set bad records aside" if args.on_error == "raise" else
-                    "this error concerns the whole file, so --on-error skip cannot set it aside: fix the file")
+                    "this error concerns the whole file, so "
+                    "--on-error skip cannot set it aside: fix the file")
             raise RecordError(f"{err.reason} ({hint})", path=err.path, record=err.record,
                               field=err.field) from None
     print(f"{args.source}: read {written + rejects.count}, written {written}, rejected {rejects.count} "

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
         description="Pick a target number (or fraction) of English records for translation, stratified by "
                     "task and source in proportion to their sizes, by a seeded hash of the record id; write "
                     "the picks and a summary table. The paper translates 444,995 of its ~866.6K English "
-                    "records (--target 444995, or about --target 0.51); English itself is never down-sampled.")
+                    "records (--target 444995, or about --target "
+                    "0.51); English itself is never down-sampled.")
     select.add_argument("--input", required=True, type=Path,
                         help="a JSON Lines file of bimedix records, or a folder of them (*.jsonl, "
                              "recursively)")

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
     run.add_argument("--overwrite", action="store_true",
-                     help="write into a non-empty --output that no evaluation made (its other files are kept)")
+                     help="write into a non-empty --output that no "
+                          "evaluation made (its other files are kept)")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--translations", default=None,
                        help="JSON Lines of translated Arabic MCQA records (from the translation pipeline)")
     build.add_argument("--bimedix-arabic", default=None,
-                       help="folder with local copies of BiMediX's Arabic eval sets (medqa-test_arabic/, ...)")
+                       help="folder with local copies of BiMediX's "
+                            "Arabic eval sets (medqa-test_arabic/, ...)")
     build.add_argument("--subsets", default=None,
                        help="comma-separated subsets to build (default: all found)")
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")

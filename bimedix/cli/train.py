@@ -69,7 +69,8 @@ def register(subparsers) -> None:
                    help="processes (GPUs); default: the accelerate config's, else 1")
     p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
                    help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or "
-                        "one of single, ddp, zero1, zero2, zero3, fsdp; default: DDP when --num-processes > 1")
+                        "one of single, ddp, zero1, zero2, zero3, "
+                        "fsdp; default: DDP when --num-processes > 1")
     p.add_argument("--gpu", type=float,
                    help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
                                              "fits and, when not, the nearest setting that does")

@@ -106,7 +106,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("mmlu", "mcqa", "en", LICENSES["mmlu"], True, True,
                "MMLU (hendrycks/test): data/{dev,test}/<subject>_<split>.csv, medical subjects"),
     SourceInfo("mmlu-ar", "mcqa", "ar", LICENSES["mmlu-ar"], True, True,
-               "AceGPT MMLUArabic (FreedomIntelligence/AceGPT): machine translation of MMLU, same CSV layout"),
+               "AceGPT MMLUArabic (FreedomIntelligence/AceGPT): "
+               "machine translation of MMLU, same CSV layout"),
     SourceInfo("medarabench", "mcqa", "ar", LICENSES["medarabench"], False, False,
                "MedAraBench (nyuad-cai/MedAraBench): medarabench-test_split.csv, options A-F"),
     SourceInfo("healthcaremagic", "qa", "en", "none stated (ChatDoctor; HealthCareMagic.com content)",
@@ -115,7 +116,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("icliniq", "qa", "en", "none stated (ChatDoctor; iCliniq.com content)", False, False,
                "ChatDoctor iCliniq: JSON list of {input, answer_icliniq, answer_chatgpt, answer_chatdoctor}"),
     SourceInfo("meadow", "qa", "en", "GPL-3.0", True, False,
-               "Medical Meadow (kbressem/medAlpaca): JSON lists of {instruction, input, output}, all subsets"),
+               "Medical Meadow (kbressem/medAlpaca): JSON lists "
+               "of {instruction, input, output}, all subsets"),
     SourceInfo("umls", "qa", "en", "UMLS Metathesaurus licence (via PMC-LLaMA MedC-I)", False, False,
                "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON Lines of {instruction, input, output[, "
                "source]}"),
@@ -125,7 +127,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
     SourceInfo("medicationqa", "qa", "en", _RESEARCH_ONLY, False, False,
                "MedicationQA (abachaa/Medication_QA_MedInfo2019): MedInfo2019-QA-Medications.xlsx"),
     SourceInfo("mentalqa", "qa", "ar", "MIT", True, True,
-               "MentalQA (hasanhuz/MentalQA): Train_Dev.tsv with header question, answer, final_QT, final_AS"),
+               "MentalQA (hasanhuz/MentalQA): Train_Dev.tsv "
+               "with header question, answer, final_QT, final_AS"),
 )}
 
 

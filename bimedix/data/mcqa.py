@@ -203,7 +203,8 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1,
             cop = int(cop)
         if not isinstance(cop, int) or isinstance(cop, bool) or not cop_base <= cop < cop_base + len(options):
             raise fail("cop", f"answer index {cop!r} is not in {cop_base}..{cop_base + len(options) - 1} "
-                              f"(cop_base={cop_base}; the original files are 1-based, the Hub export 0-based)")
+                              f"(cop_base={cop_base}; the original files "
+                              "are 1-based, the Hub export 0-based)")
         yield MCQAItem(id=f"medmcqa-{original_id}", source="medmcqa", language="en",
                        question=_text(obj, "question", fail), options=options,
                        answer=OPTION_LETTERS[cop - cop_base], subject=_optional_text(obj.get("subject_name")),

@@ -62,7 +62,8 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, P
         _check_not_input(label, Path(path), inputs)
         target = _resolve(path)
         if target in seen:
-            raise OutputError(f"{label} {path} is the same file as {seen[target]}; give them different paths.")
+            raise OutputError(f"{label} {path} is the same file as "
+                              f"{seen[target]}; give them different paths.")
         seen[target] = f"{label} {path}"
 
 

@@ -32,7 +32,8 @@ BENCHMARK_READERS = ("pubmedqa", "medmcqa", "medqa", "mmlu", "medarabench")
 class SourceSpec:
     """One input of the mixture: an original source file and how to convert it."""
 
-    name: str = field(metadata={"help": "Unique name of this input, used in counts, reports and cache files."})
+    name: str = field(metadata={"help": "Unique name of this input, used in "
+                                        "counts, reports and cache files."})
     path: str = field(metadata={"help": "File or folder, relative to `sources_dir`."})
     converter: str | None = field(default=None, metadata={
         "help": "A `bimedix convert` source name (defaults to `name`), or `records` for files already in the "

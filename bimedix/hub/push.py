@@ -218,7 +218,8 @@ def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *
     files = sorted({path for pattern in ALLOW_PATTERNS[kind] for path in source.glob(pattern)
                     if path.is_file()})
     if not files:
-        raise FileNotFoundError(f"{source}: nothing to push for `{kind}` (looked for {ALLOW_PATTERNS[kind]}).")
+        raise FileNotFoundError(f"{source}: nothing to push for `{kind}` "
+                                f"(looked for {ALLOW_PATTERNS[kind]}).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in files:

@@ -117,7 +117,8 @@ class RequestCache:
     def usage(self) -> tuple[int, int]:
         """``(prompt_tokens, completion_tokens)`` summed over the ledger."""
         row = self._db.execute(
-            "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) FROM responses").fetchone()
+            "SELECT COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0) FROM responses").fetchone()
         return int(row[0]), int(row[1])
 
     def keys(self) -> set[str]:
@@ -149,7 +150,8 @@ class RequestCache:
 
     def unsubmitted(self) -> list[tuple[str, dict]]:
         """Parked requests not yet part of a batch."""
-        rows = self._db.execute("SELECT key, body FROM pending WHERE batch_id IS NULL ORDER BY rowid").fetchall()
+        rows = self._db.execute("SELECT key, body FROM pending WHERE "
+                                "batch_id IS NULL ORDER BY rowid").fetchall()
         return [(key, json.loads(body)) for key, body in rows]
 
     def record_batch(self, batch_id: str, input_file_id: str, keys: list[str]) -> None:

@@ -124,7 +124,8 @@ def load_prices(path: str | os.PathLike | None = None) -> dict:
         try:
             extra = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON in price table ({err.msg} at line {err.lineno})") from None
+            raise ValueError(f"{path}: invalid JSON in price table "
+                             f"({err.msg} at line {err.lineno})") from None
         for model, entry in extra.items():
             if not (isinstance(entry, dict) and {"input", "output"} <= set(entry)):
                 raise ValueError(f"{path}: price of {model!r} must be "

@@ -46,7 +46,8 @@ class BimedixArguments:
     tiny_model_config: dict | str | None = field(
         default=None,
         metadata={"help": "Config overrides for `tiny_model`, e.g. {\"hidden_size\": 128, "
-                          "\"num_hidden_layers\": 4} (a mapping in YAML, a JSON string on the command line)."},
+                          "\"num_hidden_layers\": 4} (a mapping in "
+                          "YAML, a JSON string on the command line)."},
     )
     lora_preset: str = field(
         default="paper",
