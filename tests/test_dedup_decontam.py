@@ -117,7 +117,8 @@ def test_report_entry_names_both_sides(index):
               "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt",
                                                                        "value": "Levothyroxine"}]}
     entry = report_entry(record, index.match(QUESTION), index.ngram)
-    assert entry["id"] == "train-9" and entry["benchmark"] == "medqa-test" and entry["benchmark_id"] == "medqa-1"
+    assert entry["id"] == "train-9" and entry["benchmark"] == "medqa-test"
+    assert entry["benchmark_id"] == "medqa-1"
     assert entry["text"].startswith("A 30-year-old") and entry["benchmark_text"].startswith("A 30-year-old")
     assert "Levothyroxine" in entry["benchmark_text"] and 0.9 < entry["overlap"] < 1  # one option is missing
     json.dumps(entry)  # one JSON line

@@ -122,7 +122,8 @@ def test_always_invalid_is_rejected_with_reasons(api_key, tmp_path):
         assert fake.count() == 3
     assert summary.rejected == 1 and summary.accepted == 0
     reason = read_jsonl(tmp_path / "chats.rejects.jsonl")[0]["reason"]
-    assert "attempt 1: not a JSON object" in reason and "attempt 2: `conversation` is not a non-empty list" in reason
+    assert "attempt 1: not a JSON object" in reason
+    assert "attempt 2: `conversation` is not a non-empty list" in reason
     assert "attempt 3: cut off at max_tokens" in reason
 
 

@@ -117,7 +117,8 @@ def test_translated_records_become_labelled_arabic_rows(shared_data):
                                      "review_state": "unreviewed"}
     (row,) = rows_from_records([record, item_to_record(item, language="en")])
     assert row["id"] == "medqa-1" and row["question"] == item.question and row["options"] == item.options
-    assert row["provenance"] == "machine-translated, unreviewed" and row["translation_score"] == pytest.approx(91.0)
+    assert row["provenance"] == "machine-translated, unreviewed"
+    assert row["translation_score"] == pytest.approx(91.0)
 
 
 # review_state, score → in the bench by default, with include_unreviewed

@@ -43,7 +43,8 @@ def test_transient_faults_are_retried_then_succeed(server, api_key, tmp_path, fa
     server.inject(*faults)
     client = make_client(server.base_url, tmp_path / "c.sqlite", timeout=3.0)
     completion = _complete(client)
-    assert completion.text == "echo: Say hello." and completion.finish_reason == "stop" and not completion.cached
+    assert completion.text == "echo: Say hello." and completion.finish_reason == "stop"
+    assert not completion.cached
     assert server.count() == len(faults) + 1
     assert client.retried == len(faults)
     assert client.cache.get(completion.key) is not None

@@ -91,7 +91,8 @@ def test_medqa_real(shared_data):
     assert len(items) == 1018 and len({i.id for i in items}) == 1018
     assert items[1].question.startswith("Two weeks after undergoing an emergency cardiac catherization")
     assert (items[1].answer, items[1].answer_text) == ("B", "Cholesterol embolization")
-    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2" and items[1].subject in ("step1", "step2&3")
+    assert items[1].original_id == "phrases_no_exclude_test.jsonl:2"
+    assert items[1].subject in ("step1", "step2&3")
 
 
 def test_mmlu_english_real(shared_data):

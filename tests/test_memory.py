@@ -96,7 +96,8 @@ def test_paper_recipe_with_4bit_experts_fits_80gb_on_8_gpus_with_room():
     report = estimate_memory(PAPER, FULL_QLORA, num_processes=8, accelerate_config=CONFIGS
                              / "deepspeed_zero2.yaml",
                              gpu=80)
-    assert report["settings"]["num_processes"] == 8 and report["settings"]["sharding"]["name"] == "DeepSpeed ZeRO-2"
+    assert report["settings"]["num_processes"] == 8
+    assert report["settings"]["sharding"]["name"] == "DeepSpeed ZeRO-2"
     assert report["stated_gpu"]["fits"] and report["totals"]["all"] < 45 * GIB
     eighty = next(row for row in report["gpus"] if row["gpu"] == "80 GB")
     assert eighty["fits"] and eighty["room"] > 30 * GIB
@@ -175,7 +176,8 @@ def test_fold_and_quantize_change_the_expert_transient(mixtral_facts):
 
 def test_tiny_recipe_full_precision_adapter_states():
     report = estimate_memory(TINY)
-    assert report["settings"]["quantization"] is None and report["parameters"]["by_storage"].keys() == {"float32"}
+    assert report["settings"]["quantization"] is None
+    assert report["parameters"]["by_storage"].keys() == {"float32"}
     trainable = report["trainable"]
     assert trainable["weights"] == 4 * trainable["parameters"] and trainable["expert_lora"] > 0
     assert not report["notes"][1:]  # no bitsandbytes caveat without quantization

@@ -25,7 +25,8 @@ def test_ordered_map_keeps_task_order(num_proc):
 def test_worker_errors_keep_file_record_and_field(num_proc):
     with pytest.raises(RecordError) as error:
         list(ordered_map(_square_plus, [1, 2, -7], context=0, num_proc=num_proc))
-    assert str(error.value) == "tasks.jsonl:7: field `value`: negative task" and error.value.raw == {"value": -7}
+    assert str(error.value) == "tasks.jsonl:7: field `value`: negative task"
+    assert error.value.raw == {"value": -7}
 
 
 def test_offset_reader_chunks_and_rereads(tmp_path):

@@ -81,11 +81,13 @@ def dataset_dir(tmp_path) -> Path:
 def test_dry_run_writes_exactly_what_a_push_uploads(tmp_path, tiny_adapter_dir, hub):
     dry = push("adapter", tiny_adapter_dir, repo_id="me/tiny", dry_run=tmp_path / "dry", base_model=BASE)
     assert hub.calls == []  # a dry run contacts nobody
-    assert "README.md" in dry.files and "adapter_model.safetensors" in dry.files and "adapter_config.json" in dry.files
+    assert "README.md" in dry.files and "adapter_model.safetensors" in dry.files
+    assert "adapter_config.json" in dry.files
     assert all(not f.startswith("checkpoint-") for f in dry.files)
     result = push("adapter", tiny_adapter_dir, repo_id="me/tiny", private=True, base_model=BASE)
     (create_repo,) = [kw for name, kw in hub.calls if name == "create_repo"]
-    assert create_repo["exist_ok"] is True and create_repo["private"] is True and create_repo["repo_type"] == "model"
+    assert create_repo["exist_ok"] is True and create_repo["private"] is True
+    assert create_repo["repo_type"] == "model"
     (commit,) = hub.commits()
     assert sorted(op.path_in_repo for op in commit["operations"]) == dry.files == result.uploaded
     for path in dry.files:  # byte-identical to the dry-run folder

@@ -97,7 +97,8 @@ def test_review_stats_buckets_and_auc(tmp_path, capsys):
     write_jsonl(tmp_path / "reviewed.jsonl", records)
     assert main(["review", "stats", "--input", str(tmp_path / "reviewed.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "6 reviewed translations" in out and "ROC AUC (score: approved vs edited-or-rejected): 0.889" in out
+    assert "6 reviewed translations" in out
+    assert "ROC AUC (score: approved vs edited-or-rejected): 0.889" in out
     assert main(["review", "stats", "--input", str(tmp_path / "reviewed.jsonl"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == stats
 

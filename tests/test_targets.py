@@ -121,6 +121,7 @@ def test_cli_targets_json(capsys):
 
     assert main(["targets", "qwen2_moe", "--preset", "all", "--r", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert "experts.gate_up_proj" in out["target_parameters"] and "shared_expert_gate" in out["target_modules"]
+    assert "experts.gate_up_proj" in out["target_parameters"]
+    assert "shared_expert_gate" in out["target_modules"]
     assert main(["targets", "llama", "--preset", "experts"]) == 2
     assert "has none" in capsys.readouterr().err
