@@ -84,12 +84,12 @@ def bench_encoding(records: list[dict], count: int, runs: int) -> None:
           f"average), {runs} alternating runs each, {os.cpu_count()} CPUs, load average {_load()}:")
     print(f"  apply_chat_template + assistant mask : {jinja:10,.0f} records/s  (one run over "
           f"{len(jinja_sample):,}; ratio {jinja / ceiling_median:.2f})")
-    print(f"  bimedix encode_conversations          : median {fast_median:10,.0f}  best {max(fast):10,.0f} "
-          "records/s")
-    print(f"  raw encode_batch (ceiling)            : median {ceiling_median:10,.0f}  best "
-          f"{max(ceiling):10,.0f} records/s")
-    print(f"  fast / ceiling: {fast_median / ceiling_median:.2f} (medians), {max(fast) / max(ceiling):.2f} "
-          "(bests); "
+    print("  bimedix encode_conversations          : median "
+          f"{fast_median:10,.0f}  best {max(fast):10,.0f} records/s")
+    print("  raw encode_batch (ceiling)            : median "
+          f"{ceiling_median:10,.0f}  best {max(ceiling):10,.0f} records/s")
+    print(f"  fast / ceiling: {fast_median / ceiling_median:.2f} "
+          f"(medians), {max(fast) / max(ceiling):.2f} (bests); "
           "target >= 0.8")
 
 
@@ -124,8 +124,8 @@ def bench_build(records: list[dict], count: int, folder: Path) -> None:
     print(f"  --num-proc 1 : {one_time:8,.1f} s ({count / one_time:8,.0f} records/s), CPU {one_cpu:8,.1f} s, "
           f"peak memory {one_peak:6,.0f} MB")
     print(f"  --num-proc {cores} : {all_time:8,.1f} s ({count / all_time:8,.0f} records/s), CPU "
-          f"{all_cpu:8,.1f} s (with its workers), peak memory {all_peak:6,.0f} MB (with its workers; target "
-          "<= 2048 MB)")
+          f"{all_cpu:8,.1f} s (with its workers), peak memory "
+          f"{all_peak:6,.0f} MB (with its workers; target <= 2048 MB)")
     print(f"  speed-up {one_time / all_time:.2f}x on {cores} cores (target >= 1.7x on 2); outputs "
           f"byte-identical: {identical}")
     print(f"  {total}")
@@ -208,8 +208,8 @@ def bench_index(records: list[dict], count: int) -> None:
         "dedup = Deduplicator()\n"
         f"for i in range({count}):\n"
         "    dedup.check({'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': ' "
-        "'.join(rng.choices(words, k=60))}]})\nprint(before, _status_mb('self', 'VmHWM'), "
-        "len(dedup._exact))\n"
+        "'.join(rng.choices(words, k=60))}]})\nprint(before, "
+        "_status_mb('self', 'VmHWM'), len(dedup._exact))\n"
     )
     words = sorted({w for r in records for t in r["conversations"] for w in t["value"].split()})
     start = time.perf_counter()
@@ -240,8 +240,8 @@ def main() -> None:
                                                                                "(0 to skip)")
     parser.add_argument("--encode-records", type=int, default=20_000,
                         help="records encoded per run (>= 20000 for a "
-                                                                         "stable figure; the real records "
-                                                                         "repeated)")
+                                                                         "stable figure; the "
+                                                                         "real records repeated)")
     parser.add_argument("--encode-runs", type=int, default=5,
                         help="alternating runs of the fast path and the ceiling")
     args = parser.parse_args()

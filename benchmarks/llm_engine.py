@@ -95,8 +95,8 @@ async def _translate(base_url: str, tmp: Path, concurrency: int):
 
 def _record(index: int) -> dict:
     options = [f"Metformin {500 + index} mg", "Insulin glargine", "Lifestyle advice", "Start aspirin"]
-    human = (f"Question: A {20 + index % 60}-year-old has a fasting glucose of {7 + index % 30 / 10:.1f} "
-             "mmol/L. "
+    human = (f"Question: A {20 + index % 60}-year-old has a "
+             f"fasting glucose of {7 + index % 30 / 10:.1f} mmol/L. "
              "What is the next step?\n\nOptions:\n" + "\n".join(f"{k}. {t}" for k, t in zip("ABCD", options)))
     turns = [{"from": "human", "value": human}, {"from": "gpt", "value": "B. Insulin glargine"}]
     return make_record(id=f"bench-en-{index:06d}", source="bench", task="mcqa", language="en", license="MIT",

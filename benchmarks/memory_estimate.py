@@ -80,12 +80,12 @@ def main(argv=None) -> dict:
     print(f"Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} alpha={args.alpha} on "
           f"q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
-          f"{args.tokens} tokens, checkpointing {'off' if args.no_checkpointing else 'on'}, CPU, torch "
-          f"{torch.__version__}")
+          f"{args.tokens} tokens, checkpointing "
+          f"{'off' if args.no_checkpointing else 'on'}, CPU, torch {torch.__version__}")
     print(f"{'component':<34} {'estimate':>12} {'measured':>12} {'ratio':>7}")
     for label, est, got in rows:
-        print(f"{label:<34} {est / GIB:9.3f} GiB {got / GIB:9.3f} GiB "
-              f"{got / est if est else float('nan'):7.3f}")
+        print(f"{label:<34} {est / GIB:9.3f} GiB {got / GIB:9.3f} "
+              f"GiB {got / est if est else float('nan'):7.3f}")
     ratio = measured["peak"] / totals["all"]
     print(f"measured / estimate = {ratio:.3f} ({'within' if abs(ratio - 1) <= 0.15 else 'OUTSIDE'} the ±15% "
           f"target); step {measured['step_s']:.1f} s")

@@ -68,8 +68,8 @@ def main(argv=None) -> None:
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
     print(f"{args.layers} MoE layer(s): hidden {args.hidden}, intermediate {args.intermediate}, "
           f"{args.experts} experts, top-{args.top_k}; {args.tokens} tokens/step; LoRA r={args.rank} on "
-          f"router + experts; checkpointing {'on' if args.checkpointing else 'off'}; {card}; torch "
-          f"{torch.__version__}")
+          f"router + experts; checkpointing {'on' if args.checkpointing else 'off'}; "
+          f"{card}; torch {torch.__version__}")
     results = {}
     for name in args.configs:
         # batched_mm: W[e] per token
@@ -91,8 +91,8 @@ def main(argv=None) -> None:
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:40s} experts at rest {r['experts_bytes'] / 2**20:9.1f} MiB | peak "
-              f"{r['peak_bytes'] / 2**20:9.1f} MiB | step {r['step_s']:8.3f} s | "
-              f"{args.tokens / r['step_s']:9.0f} tokens/s")
+              f"{r['peak_bytes'] / 2**20:9.1f} MiB | step {r['step_s']:8.3f} "
+              f"s | {args.tokens / r['step_s']:9.0f} tokens/s")
     _print_ratios(results)
 
 

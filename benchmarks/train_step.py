@@ -42,8 +42,8 @@ def main() -> None:
                     "num_local_experts": args.experts,
                     "intermediate_size": 2 * args.hidden, "num_attention_heads": 4, "num_key_value_heads": 2}
     print(f"Model: random Mixtral-shaped MoE {model_config}, Mixtral tokenizer (vocab 32000), fp32, CPU "
-          f"({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: other work on the machine adds "
-          "noise)")
+          f"({os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}: other work on the machine adds noise)")
     print(f"Data: recipes/tiny/data/train.jsonl (24 EN + 24 AR), batch 4 x max_length 256, {args.steps} "
           f"steps, timed after {WARMUP_STEPS}, median of {args.repeats} alternating runs\n")
 
@@ -53,8 +53,8 @@ def main() -> None:
     median = 100 * (results["bare TRL"]["tokens_per_s"] / results["bimedix"]["tokens_per_s"] - 1)
     best = 100 * (results["bare TRL"]["spread"][1] / results["bimedix"]["spread"][1] - 1)
     _table("1. bimedix SFT vs bare TRL SFTTrainer (LoRA paper preset)", results)
-    print(f"   bimedix overhead: {median:+.1f}% time per token from medians, {best:+.1f}% from the fastest "
-          "runs "
+    print(f"   bimedix overhead: {median:+.1f}% time per token "
+          f"from medians, {best:+.1f}% from the fastest runs "
           "(target <= 3%; the fastest runs are the least disturbed by other work)\n")
 
     results = _alternate({"experts": dict(common, kind="bimedix", preset="experts"),

@@ -44,8 +44,8 @@ SYSTEM_PROMPTS = {
            "for details when you need them. You are not a doctor and this is not medical advice: for "
            "diagnosis, treatment or emergencies, the user must see a qualified health professional."),
     "ar": ("أنت BiMediX، مساعد طبي ثنائي اللغة. أجب باللغة العربية بوضوح وإيجاز، واطلب التفاصيل عند الحاجة. "
-           "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو العلاج أو في الحالات الطارئة يجب مراجعة مختص "
-           "صحي مؤهل."),
+           "أنت لست طبيبًا وهذه ليست استشارة طبية: للتشخيص أو "
+           "العلاج أو في الحالات الطارئة يجب مراجعة مختص صحي مؤهل."),
 }
 DISCLAIMER = ("Research model, not medical advice: it can be wrong. See a health professional for real "
               "concerns.\nنموذج بحثي، وليس استشارة طبية: قد يخطئ. راجع مختصًا صحيًا لأي مشكلة حقيقية.")
@@ -237,11 +237,10 @@ class ChatSession:
 
         Args:
             host (`str`, *optional*, defaults to `"127.0.0.1"`): address to listen on (this machine only by
-            default).
+                default).
             port (`int`, *optional*, defaults to `7860`): port.
             block (`bool`, *optional*, defaults to `False`): serve in this thread until Ctrl-C (the CLI)
-            instead
-                of a background thread (notebooks; stop it with ``server.close()``).
+                instead of a background thread (notebooks; stop it with ``server.close()``).
         """
         from .web.server import WebServer, require_web
 

@@ -48,6 +48,6 @@ def check_model_folder(name: str, option: str = "--model") -> None:
     path = Path(name).expanduser()
     if looks_local and not path.is_dir():
         what = "is a file, not a model folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(f"{option} {name}: no such model folder ({path} {what}); pass the folder "
-                                "that "
+        raise FileNotFoundError(f"{option} {name}: no such model folder "
+                                f"({path} {what}); pass the folder that "
                                 "holds config.json and the weights, or a Hub id such as org/name")

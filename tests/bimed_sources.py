@@ -13,10 +13,10 @@ ar_mcqa       2 Arabic MCQA records
 chat          2 English and 1 Arabic multi-turn chats
 ============  ======================================================================================
 
-The recipe asks for the explicit per-task 1:2 ratio. After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en (4
-dropped for the ratio); MCQA 4 en / 2 ar and chat 2 en / 1 ar are already 1:2. Written: en 12, ar 6 (mcqa 6,
-qa 9, chat 3); read 27 = written 18 + rejected 1 + deduplicated 2 + decontaminated 2 + dropped for the ratio 4
-(`EXPECTED`).
+The recipe asks for the explicit per-task 1:2 ratio. After cleaning: QA 10 en / 3 ar, so 1:2 keeps 6 en
+(4 dropped for the ratio); MCQA 4 en / 2 ar and chat 2 en / 1 ar are already 1:2. Written: en 12, ar 6
+(mcqa 6, qa 9, chat 3); read 27 = written 18 + rejected 1 + deduplicated 2 + decontaminated 2 + dropped for
+the ratio 4 (`EXPECTED`).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ BENCH_QUESTION = ("A 45-year-old man presents with crushing substernal chest pai
 BENCH_OPTIONS = {"A": "Right coronary artery", "B": "Left anterior descending artery",
                  "C": "Left circumflex artery",
                  "D": "Left main coronary artery"}
-AR_BENCH_QUESTION = "ما هو العلاج الأول لارتفاع ضغط الدم عند مريض عمره 65 سنة مصاب بالسكري والفشل الكلوي المزمن؟"
+AR_BENCH_QUESTION = ("ما هو العلاج الأول لارتفاع ضغط الدم عند مريض عمره 65 سنة "
+                     "مصاب بالسكري والفشل الكلوي المزمن؟")
 AR_BENCH_OPTIONS = ["مثبطات الإنزيم المحول للأنجيوتنسين", "حاصرات بيتا", "مدرات البول الثيازيدية",
                     "حاصرات قنوات الكالسيوم"]
 # The same question as a user might paste it: diacritics, tatweel and Arabic-Indic digits.
 AR_CONTAMINATED = ("مَا هُوَ العِلاجُ الأوَّل لارتفاع ضغط الـدم عند مريض عمره ٦٥ سنة مصاب بالسكري والفشل "
-                   "الكلوي المزمن؟ الخيارات: مثبطات الإنزيم المحول للأنجيوتنسين، حاصرات بيتا، مدرات البول "
-                   "الثيازيدية، حاصرات قنوات الكالسيوم")
+                   "الكلوي المزمن؟ الخيارات: مثبطات الإنزيم المحول للأنجيوتنسين، حاصرات "
+                   "بيتا، مدرات البول الثيازيدية، حاصرات قنوات الكالسيوم")
 
 EXPECTED = {
     "configs": {"all": 18, "en": 12, "ar": 6, "mcqa": 6, "qa": 9, "chat": 3},
@@ -50,8 +51,8 @@ EXPECTED = {
 _EN_WORDS = ("patient fever cough pain chest abdomen liver kidney heart lung blood pressure sugar insulin "
              "dose tablet infection virus bacteria antibiotic rash skin allergy asthma migraine nausea "
              "vomiting diarrhea fatigue anemia iron vitamin calcium bone fracture joint arthritis swelling "
-             "thyroid hormone pregnancy child elderly sleep anxiety depression stroke seizure vision hearing "
-             "ear throat tooth gum stomach ulcer reflux").split()
+             "thyroid hormone pregnancy child elderly sleep anxiety depression stroke seizure vision "
+             "hearing ear throat tooth gum stomach ulcer reflux").split()
 _AR_WORDS = ("مريض حمى سعال ألم صدر بطن كبد كلية قلب رئة دم ضغط سكر أنسولين جرعة قرص عدوى فيروس بكتيريا مضاد "
              "حيوي طفح جلد حساسية ربو صداع غثيان قيء إسهال تعب فقر حديد فيتامين كالسيوم عظم كسر مفصل تورم "
              "غدة هرمون حمل طفل نوم قلق اكتئاب سكتة نوبة بصر سمع أذن حلق سن معدة قرحة").split()

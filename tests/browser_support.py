@@ -36,7 +36,8 @@ def browser_fixture():
     except ImportError:
         executable = None
     if executable is None:
-        reason = "no headless browser: install Chromium (apt-get install chromium) and Playwright (pip install playwright)"
+        reason = ("no headless browser: install Chromium (apt-get install chromium) and Playwright "
+                  "(pip install playwright)")
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; .ci/run installs both")
         pytest.skip(reason)

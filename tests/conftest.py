@@ -103,5 +103,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
                   if "test_fuzz.py" in report.nodeid]
         verdict = f"{len(failed)} fuzz test(s) FAILED" if failed else "0 tracebacks, inputs unchanged"
         terminalreporter.write_line(f"fuzz: {sum(tried.values())} bad inputs tried over {len(tried)} "
-                                    f"commands ({', '.join(f'{command} {count}' for command, count in sorted(tried.items()))}); "
+                                    f"commands ({', '.join(f'{c} {n}' for c, n in sorted(tried.items()))}); "
                                     f"ended: {ended}; {verdict}")

@@ -61,10 +61,11 @@ def mcqa_record(index: int, *, answer: str = "B") -> dict:
     """An English MCQA record with numbers, a unit, a drug name and an abbreviation in it."""
     options = [f"Metformin {500 + index} mg", "Insulin glargine", "Check HbA1c in 3 months", "Start aspirin"]
     human = (f"Answer the following multiple-choice question.\n\nQuestion: A {40 + index}-year-old man has a "
-             f"fasting glucose of {7 + index / 10:.1f} mmol/L and an ECG that is normal. What is the next "
-             "step?\n\nOptions:\n"
+             f"fasting glucose of {7 + index / 10:.1f} mmol/L and an ECG "
+             "that is normal. What is the next step?\n\nOptions:\n"
              + "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options)))
-    gpt = f"{answer}. {options['ABCD'.index(answer)]}\n\nExplanation: guidelines recommend it at this glucose level."
+    gpt = (f"{answer}. {options['ABCD'.index(answer)]}\n\n"
+           "Explanation: guidelines recommend it at this glucose level.")
     return make_record(id=f"demo-en-{index:03d}", source="demo", task="mcqa", language="en",
                        conversations=[{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
                        license="MIT", options=options, answer=answer, original_id=str(index))

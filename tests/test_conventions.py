@@ -28,8 +28,8 @@ ITEM = MCQAItem(id="medqa-demo-1", source="medqa", language="en",
                          "7.5 mmol/L. What is the first-line drug?",
                 options=["Metformin", "Insulin glargine", "Glibenclamide", "Acarbose"], answer="A",
                 original_id="demo-1", license="MIT")
-_OPTION_LINE = re.compile(rf"^\s*({'|'.join(letter for letters in OPTION_LETTERS.values() for letter in letters)})\. ",
-                          re.MULTILINE)
+_ALL_LETTERS = "|".join(letter for letters in OPTION_LETTERS.values() for letter in letters)
+_OPTION_LINE = re.compile(rf"^\s*({_ALL_LETTERS})\. ", re.MULTILINE)
 
 
 def _option_letters(text: str) -> list[str]:

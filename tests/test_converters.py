@@ -106,7 +106,8 @@ def test_pubmedqa_with_ground_truth_split(shared_data):
 
 
 def test_liveqa_summaries_file_and_both_answer_tags(shared_data):
-    other = shared_data / "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test-Questions-w-summaries.xml"
+    other = (shared_data / "liveqa_medical_trec2017/TestDataset"
+             / "TREC-2017-LiveQA-Medical-Test-Questions-w-summaries.xml")
     records = list(convert("liveqa", other))
     assert len(records) == 104 and records[0]["id"] == "liveqa-TQ1"
     assert records[0]["conversations"][1]["value"].startswith("Noonan's syndrome")  # a <RefAnswer>
@@ -169,8 +170,8 @@ def test_liveqa_real_training_files(name):
 
     folder = os.environ.get("BIMEDIX_LIVEQA_TRAIN")
     if not folder or not (Path(folder) / name).is_file():
-        pytest.skip("set BIMEDIX_LIVEQA_TRAIN to a folder holding the LiveQA training files "
-                    "(docs/data-pipeline.md)")
+        pytest.skip("set BIMEDIX_LIVEQA_TRAIN to a folder holding "
+                    "the LiveQA training files (docs/data-pipeline.md)")
     questions, _, pairs = LIVEQA_TRAIN[name]
     _check_liveqa_training_file(Path(folder) / name, questions, pairs)
 
@@ -309,7 +310,7 @@ def test_bom_and_crlf_are_accepted(tmp_path, source, name, data):
                                for record in records for turn in record["conversations"])
 
 
-# --- CLI ---------------------------------------------------------------------------------------------------------
+# --- CLI -----------------------------------------------------------------------------------------------
 
 def test_cli_convert_raise_and_skip(tmp_path, capsys):
     source = tmp_path / "dev.json"

@@ -93,8 +93,8 @@ def index() -> BenchmarkIndex:
 
 
 def test_decontam_matches_english_question_and_keeps_a_clean_one(index):
-    found = index.match(f"USER: I saw this on a forum: {QUESTION} A. Levothyroxine B. Methimazole ASSISTANT: "
-                        "A")
+    found = index.match(f"USER: I saw this on a forum: {QUESTION} A. "
+                        "Levothyroxine B. Methimazole ASSISTANT: A")
     assert found is not None and found.item.id == "medqa-1" and found.overlap == 1.0
     clean = ("A 30-year-old woman asks how to take her thyroid tablets with breakfast and coffee every "
              "morning before work.")

@@ -164,7 +164,8 @@ def test_request_cache_lets_a_rerun_resume_without_asking_the_model_again(stub_l
     asked = CountingStub.calls
     second = evaluate(CountingStub(prefer="A"), tasks="bimedix_medqa_en", limit=3, cache=tmp_path / "cache")
     assert asked == 12 and CountingStub.calls == asked  # 3 questions x 4 options, all answered from the cache
-    assert second["results"]["bimedix_medqa_en"]["acc,none"] == first["results"]["bimedix_medqa_en"]["acc,none"]
+    accuracy = first["results"]["bimedix_medqa_en"]["acc,none"]
+    assert second["results"]["bimedix_medqa_en"]["acc,none"] == accuracy
 
 
 def test_medarabench_task_scores_up_to_six_arabic_letters(shared_data, tmp_path):

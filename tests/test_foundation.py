@@ -23,7 +23,8 @@ def test_vicuna_render_and_generation_prompt_is_a_token_prefix(mixtral_tokenizer
         {"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello!"},
         {"from": "human", "value": "مرحبا"}, {"from": "gpt", "value": "أهلا"}]}
     messages = to_messages(record)
-    assert render(messages) == "<s>Be careful. USER: Hi there ASSISTANT: Hello!</s>USER: مرحبا ASSISTANT: أهلا</s>"
+    assert render(messages) == ("<s>Be careful. USER: Hi there ASSISTANT: Hello!</s>"
+                                "USER: مرحبا ASSISTANT: أهلا</s>")
     full = mixtral_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                                  return_assistant_tokens_mask=True)
     prompt = mixtral_tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,

@@ -321,7 +321,8 @@ def test_mutated_inputs_through_convert(source):
             assert match and tuple(map(int, match.groups())) == (written + rejected, written, rejected), out
             expected = _expected_read(source, kind, data)
             if expected is not None:
-                assert written + rejected == expected, f"read {expected} != written {written} + rejected {rejected}"
+                assert written + rejected == expected, \
+                    f"read {expected} != written {written} + rejected {rejected}"
 
     case()
 

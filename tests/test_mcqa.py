@@ -164,8 +164,8 @@ def test_medmcqa_bad_records(tmp_path, change, field, message):
     assert (caught.value.path, caught.value.record, caught.value.field) == (str(path), 2, field)
     assert str(caught.value).startswith(f"{path}:2: field `{field}`")
     items, errors = _errors(read_medmcqa, path)
-    assert [i.id
-            for i in items] == ["medmcqa-q1"] and len(errors) == 1 and errors[0].raw["question"] == ({**MEDMCQA_OK, **change})["question"]
+    assert [i.id for i in items] == ["medmcqa-q1"] and len(errors) == 1
+    assert errors[0].raw["question"] == ({**MEDMCQA_OK, **change})["question"]
 
 
 def test_medmcqa_cop_base_is_explicit(tmp_path):

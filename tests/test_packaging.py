@@ -38,7 +38,8 @@ def test_wheel_contains_every_tracked_package_file(wheel):
         top, _, rest = path.partition("/")
         expected.add(f"{SHIPPED[top]}/{rest}")
     missing = sorted(expected - wheel_names)
-    assert not missing, f"files tracked in git but missing from the wheel (fix setup.cfg package_data): {missing}"
+    assert not missing, \
+        f"files tracked in git but missing from the wheel (fix setup.cfg package_data): {missing}"
 
 
 def test_wheel_ships_the_console_script(wheel):

@@ -228,7 +228,8 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
     moved = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = "router" if ".gate" in name else "experts" if ".experts" in name else name.rsplit(".", 1)[-1]
+            group = ("router" if ".gate" in name else "experts" if ".experts" in name
+                     else name.rsplit(".", 1)[-1])
             moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
     assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
     # loads on the bf16 base

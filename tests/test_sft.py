@@ -219,7 +219,8 @@ def test_every_row_masked_after_truncation_says_all_rows_were_dropped(tmp_path, 
     assert cli(["sft", "--config", RECIPE, "--max_length", "16", "--max_steps", "1",
                 "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "all 48 training rows were dropped: after truncation to max_length=16 they have no assistant token" in err
+    assert ("all 48 training rows were dropped: after truncation to max_length=16 they have no assistant "
+            "token" in err)
     assert "Raise `max_length`" in err and "num_samples" not in err
 
 

@@ -108,8 +108,8 @@ def test_real_mixtral_8x7b_shape_trainable_count_at_r128():
     paper = trainable - per_group["o_proj"]
     attention = sum(per_group[g] for g in ATTN)
     print(f"\nMixtral-8x7B r=128: attention+router+experts (incl. o_proj) {trainable:,} "
-          f"({100 * trainable / total:.2f}%); paper q,k,v+router+experts {paper:,}; attention only "
-          f"{attention:,}")
+          f"({100 * trainable / total:.2f}%); paper "
+          f"q,k,v+router+experts {paper:,}; attention only {attention:,}")
     assert trainable == 1_803_583_488  # STACK-NOTES: 1.804 B
     assert paper == 1_770_029_056  # ~3.7% of 48.5 B: the paper's "approximately 4%"
     assert attention == 109_051_904  # STACK-NOTES: 0.109 B

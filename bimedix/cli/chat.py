@@ -14,8 +14,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "chat", help="chat with a model in the terminal (English or Arabic; /reset, /exit)",
         description="Streaming multi-turn chat, prompted as the model was trained (the adapter's "
-                    "bimedix_chat.json: template and system prompt, normally none); the not-medical-advice "
-                    "notice is printed for you.")
+                    "bimedix_chat.json: template and system prompt, normally none); the "
+                    "not-medical-advice notice is printed for you.")
     parser.add_argument("--model", required=True,
                         help="model folder or Hub id (the base model when --peft is given)")
     parser.add_argument("--peft", metavar="ADAPTER", help="PEFT LoRA adapter folder or Hub id to load on top")
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         metavar="TEXT",
                         help="system prompt for every turn; without TEXT, a short one in each turn's "
                              "language saying the model is not a doctor (default: the adapter's training "
-                             "system prompt, normally none; the not-medical-advice notice is shown to you "
-                             "either way)")
+                             "system prompt, normally none; the not-medical-advice "
+                             "notice is shown to you either way)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")

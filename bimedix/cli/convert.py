@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="convert an original source file into BiMed records (JSON Lines)",
         description="Stream an original public source file (PubMedQA, MedMCQA, MedQA, MMLU, LiveQA, ...) "
                     "into the bimedix conversation schema. Bad records stop the run (naming file:record: "
-                    "field) unless --on-error skip, which writes each of them with its reason to the rejects "
-                    "file.")
+                    "field) unless --on-error skip, which writes each "
+                    "of them with its reason to the rejects file.")
     parser.add_argument("source", metavar="SOURCE",
                         help="source name: pubmedqa, medmcqa, medqa, mmlu, mmlu-ar, medarabench, "
                              "healthcaremagic, icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, type=Path, help="where to write the records (.jsonl)")
     parser.add_argument("--language", choices=LANGUAGES, help="record language (default: the source's)")
     parser.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
-                        help="on a bad record: stop (raise, default) or write it to the rejects file and go "
-                             "on")
+                        help="on a bad record: stop (raise, default) "
+                             "or write it to the rejects file and go on")
     parser.add_argument("--rejects", type=Path,
                         help="rejects file for --on-error skip (default: OUTPUT with .rejects.jsonl)")
     parser.add_argument("--ground-truth", type=Path,

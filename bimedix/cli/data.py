@@ -16,8 +16,8 @@ def register(subparsers) -> None:
         "build-data", help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
         description="Convert the recipe's sources, apply the translation review policy, drop benchmark "
                     "overlaps and duplicates, keep English whole (or sample to the recipe's explicit "
-                    "mix.ar_en_ratio), write Parquet shards, statistics, target vs achieved composition and "
-                    "reports. Re-running resumes.")
+                    "mix.ar_en_ratio), write Parquet shards, statistics, target vs achieved "
+                    "composition and reports. Re-running resumes.")
     build.add_argument("--recipe", required=True,
                        help="data recipe YAML, or a shipped recipe name: mini, bimed1.3m (see recipes/data/)")
     build.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
@@ -28,8 +28,8 @@ def register(subparsers) -> None:
                             "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
     build.add_argument("--include-unreviewed", action="store_true",
                        help="also use machine translations still pending human review or scoring below the "
-                            "judge threshold (default: left out; rejected ones are never used); counted in "
-                            "stats.json")
+                            "judge threshold (default: left out; rejected "
+                            "ones are never used); counted in stats.json")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.add_argument("--num-proc", type=int, default=None, metavar="N",
                        help="processes for the convert and clean stages (default: all cores); the output is "
@@ -48,11 +48,11 @@ def register(subparsers) -> None:
                     "records (--target 444995, or about --target "
                     "0.51); English itself is never down-sampled.")
     select.add_argument("--input", required=True, type=Path,
-                        help="a JSON Lines file of bimedix records, or a folder of them (*.jsonl, "
-                             "recursively)")
+                        help="a JSON Lines file of bimedix records, or "
+                             "a folder of them (*.jsonl, recursively)")
     select.add_argument("--output", required=True, type=Path,
-                        help="where to write the picks (.jsonl; must not exist); the table goes to "
-                             "OUTPUT.summary.md")
+                        help="where to write the picks (.jsonl; must not "
+                             "exist); the table goes to OUTPUT.summary.md")
     select.add_argument("--target", required=True, type=float,
                         help="how many to pick: a count (444995) or a fraction of the English pool (0.51)")
     select.add_argument("--by", default="task,source", help="fields to stratify by: task, source or both "
@@ -88,8 +88,8 @@ def _build_data(args: argparse.Namespace) -> int:
         print(f"{name}: {counts.equation()}")
     print(f"\nTotal: {result.counts.equation()}")
     print(f"Shards: {result.shards_written} written, {result.shards_skipped} already finished (skipped)")
-    print(f"Dataset: {result.output} (load with datasets.load_dataset({str(result.output)!r}, 'all', "
-          "split='train'))")
+    print(f"Dataset: {result.output} (load with "
+          f"datasets.load_dataset({str(result.output)!r}, 'all', split='train'))")
     return 0 if result.counts.balanced else 1
 
 
@@ -105,11 +105,12 @@ def _stats(args: argparse.Namespace) -> int:
             equation = _counts_equation(summary)
         except (KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: not the stats.json that `bimedix build-data` writes (cannot read "
-                             f"{type(err).__name__}: {err}); rebuild the dataset, or move the file away to "
-                             "compute "
+                             f"{type(err).__name__}: {err}); rebuild the "
+                             "dataset, or move the file away to compute "
                              "the table from the Parquet files") from None
     else:
-        files = sorted(args.directory.glob("data/**/*.parquet")) or sorted(args.directory.glob("**/*.parquet"))
+        files = (sorted(args.directory.glob("data/**/*.parquet"))
+                 or sorted(args.directory.glob("**/*.parquet")))
         if not files:
             raise FileNotFoundError(f"{args.directory} has neither stats.json nor Parquet files; "
                                     "build it with `bimedix build-data`")

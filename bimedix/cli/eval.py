@@ -18,14 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--tasks", default="auto",
                      help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
                           "bimedix_table2|3|4, bimedix_<subset>_<en|ar>, or lm-eval tasks such as "
-                          "arabic_leaderboard_arabic_mmlu_anatomy; 'auto' (default): every subset the data "
-                          "has")
+                          "arabic_leaderboard_arabic_mmlu_anatomy; "
+                          "'auto' (default): every subset the data has")
     run.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     run.add_argument("--limit", type=float, default=None, help="questions per task (a fraction if < 1)")
     run.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
     run.add_argument("--data-dir", default=None,
-                     help="folder written by `bimedix build-bench` (or its Hub id); default: the bundled "
-                          "slice")
+                     help="folder written by `bimedix build-bench` "
+                          "(or its Hub id); default: the bundled slice")
     run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
     run.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     run.add_argument("--output", required=True,
@@ -56,11 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
     build.add_argument("--include-unreviewed", action="store_true",
                        help="--translations: also use translations pending human review or below the judge "
-                            "threshold (default: left out; rejected ones never enter); their rows say "
-                            "'unreviewed'")
+                            "threshold (default: left out; rejected ones "
+                            "never enter); their rows say 'unreviewed'")
     build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty OUTPUT that no build-bench made (its other files are "
-                            "kept)")
+                       help="write into a non-empty OUTPUT that no "
+                            "build-bench made (its other files are kept)")
     build.set_defaults(func=_build_bench)
 
 

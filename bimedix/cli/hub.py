@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", metavar="DIR",
                         help="write the folder that would be uploaded to DIR and stop")
     parser.add_argument("--acknowledge-research-only", action="store_true",
-                        help="allow data from sources without a redistribution licence (you must have the "
-                             "right)")
+                        help="allow data from sources without a "
+                             "redistribution licence (you must have the right)")
     parser.add_argument("--include-unreviewed", action="store_true",
                         help="dataset: allow machine translations pending review or below the judge "
                              "threshold (reviewer-rejected ones are always refused)")
@@ -46,11 +46,11 @@ def run_push(args: argparse.Namespace) -> int:
     for note in result.warnings:
         print(f"licence note: {note}" if "--include-unreviewed" not in note else f"review note: {note}")
     if args.dry_run:
-        print(f"dry run: {len(result.files)} files that would be pushed to {args.repo_id} are in "
-              f"{result.folder}")
+        print(f"dry run: {len(result.files)} files that would be "
+              f"pushed to {args.repo_id} are in {result.folder}")
     elif result.commit_url is None:
         print(f"{args.repo_id} is up to date ({len(result.files)} files): no commit made")
     else:
-        print(f"pushed {len(result.uploaded)} changed file(s), deleted {len(result.deleted)}: "
-              f"{result.commit_url}")
+        print(f"pushed {len(result.uploaded)} changed file(s), "
+              f"deleted {len(result.deleted)}: {result.commit_url}")
     return 0

@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chats = subparsers.add_parser(
         "generate-chats", help="generate MCQA-grounded doctor-patient chats with an LLM",
         description="For every MCQA record, generate a multi-turn chat grounded in the question, options, "
-                    "answer and explanation (paper §3.1.1), until a logical conclusion; validate it and "
-                    "regenerate up to --max-attempts times. Resumable.")
+                    "answer and explanation (paper §3.1.1), until a logical conclusion; validate "
+                    "it and regenerate up to --max-attempts times. Resumable.")
     _endpoint_arguments(chats)
     chats.add_argument("--min-turns", type=int, default=4, help="fewest human/gpt exchanges (default 4)")
     chats.add_argument("--max-turns", type=int, default=8, help="most human/gpt exchanges (default 8)")
@@ -67,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=_review_export)
     apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
                                description="Check the whole review file (nothing is applied if any row is "
-                                           "bad), apply edits and decisions, mark records reviewed, append "
-                                           "the audit trail.")
+                                           "bad), apply edits and decisions, mark records "
+                                           "reviewed, append the audit trail.")
     apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
     apply.add_argument("--output", required=True, type=Path, help="all records with reviews applied (.jsonl)")
@@ -116,8 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server = subparsers.add_parser(
         "fake-openai-server", help="run a scripted local OpenAI-compatible server (dry runs, no real model)",
         description="Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry "
-                    "runs of translate / generate-chats. Not a model: its Arabic is letter-substituted "
-                    "English.")
+                    "runs of translate / generate-chats. Not a "
+                    "model: its Arabic is letter-substituted English.")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--latency", type=float, default=0.0,
                         help="seconds each completion waits (default 0)")
@@ -156,8 +156,8 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="completion limit per request (default 4096)")
     parser.add_argument("--max-tokens-field", choices=["max_tokens", "max_completion_tokens"],
                         default="max_tokens",
-                        help="request field carrying --max-tokens (OpenAI reasoning models: "
-                             "max_completion_tokens)")
+                        help="request field carrying --max-tokens (OpenAI "
+                             "reasoning models: max_completion_tokens)")
     parser.add_argument("--no-json-mode", action="store_true",
                         help="do not send response_format=json_object (for servers without it)")
 
@@ -201,8 +201,8 @@ def _run(args: argparse.Namespace, engine) -> int:
     print(f"{args.command}: {summary.total} records: {summary.skipped} already done, {summary.accepted} "
           f"written, {summary.rejected} rejected ({summary.rebuilt} of them from finished results in the "
           f"cache) -> {args.output}")
-    print(f"requests sent {summary.sent}; cost this run ${summary.cost_usd:.4f}; ledger "
-          f"${summary.ledger_usd:.4f}")
+    print(f"requests sent {summary.sent}; cost this run "
+          f"${summary.cost_usd:.4f}; ledger ${summary.ledger_usd:.4f}")
     if summary.rejected:
         print(f"rejects: {rejects_path(args.output)}")
     if summary.stopped:
@@ -252,8 +252,8 @@ def _review_import(args: argparse.Namespace) -> int:
 
     summary = import_reviews(args.input, args.reviews, args.output, reviewer=args.reviewer, audit=args.audit)
     print(f"review import: {summary.reviewed} records reviewed ({summary.approved} approved, "
-          f"{summary.edited} edited, {summary.rejected} rejected); {summary.undecided_rows} rows left "
-          f"undecided -> {args.output}")
+          f"{summary.edited} edited, {summary.rejected} rejected); "
+          f"{summary.undecided_rows} rows left undecided -> {args.output}")
     return 0
 
 
@@ -265,8 +265,8 @@ def _review_serve(args: argparse.Namespace) -> int:
     from ..web.review_app import create_review_app
 
     if not is_loopback(args.host) and not args.token:
-        raise ValueError(f"--host {args.host} lets other machines reach the review app; give a shared secret "
-                         "with "
+        raise ValueError(f"--host {args.host} lets other machines reach "
+                         "the review app; give a shared secret with "
                          "--token (or $BIMEDIX_REVIEW_TOKEN), or keep the default --host 127.0.0.1")
     output = args.output or args.input.with_name(args.input.name.removesuffix(".jsonl") + ".reviewed.jsonl")
     session = ReviewSession(args.input, output, source=args.source, queue=args.queue, audit=args.audit,
@@ -296,8 +296,8 @@ def _review_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=2))
         return 0
     if not stats["reviewed"]:
-        print(f"review stats: no reviewed translation in {args.input} (run `review import` or `review serve` "
-              "first)")
+        print(f"review stats: no reviewed translation in {args.input} "
+              "(run `review import` or `review serve` first)")
         return 0
     print(f"review stats: {stats['reviewed']} reviewed translations in {args.input}"
           + (f" ({stats['unscored']} without a score)" if stats["unscored"] else ""))

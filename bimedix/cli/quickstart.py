@@ -35,25 +35,25 @@ def register(subparsers) -> None:
                            "model card, dry-run push",
         description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA "
                     "on attention + router + experts (and its output head), evaluate it in English and "
-                    "Arabic, render its card and write a dry-run Hub push. A few minutes on 2 CPU cores; "
-                    "nothing is downloaded.")
+                    "Arabic, render its card and write a dry-run Hub push. A "
+                    "few minutes on 2 CPU cores; nothing is downloaded.")
     parser.add_argument("--output", required=True, type=Path, help="folder for everything the run writes")
     parser.add_argument("--max-steps", type=int, default=30,
                         help="optimizer steps of the LoRA run (default: 30)")
     parser.add_argument("--limit", type=int, default=10,
-                        help="questions per benchmark subset and language (default: 10; the bundled slices "
-                             "hold 15)")
+                        help="questions per benchmark subset and language "
+                             "(default: 10; the bundled slices hold 15)")
     parser.add_argument("--tasks", default="auto",
-                        help="lm-eval tasks (default: auto = every bundled subset, bilingual where both "
-                             "languages ship)")
+                        help="lm-eval tasks (default: auto = every bundled "
+                             "subset, bilingual where both languages ship)")
     parser.add_argument("--repo-id", default=DEFAULT_REPO,
                         help=f"repo id written into the cards (default: {DEFAULT_REPO})")
     parser.add_argument("--seed", type=int, default=42,
                         help="seed of the tiny model and of training (default: 42)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --output that no quickstart made (its other files are "
-                             "kept)")
+                        help="write into a non-empty --output that no "
+                             "quickstart made (its other files are kept)")
     parser.set_defaults(func=run)
 
 

@@ -11,8 +11,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("targets",
                               help="show which weights a LoRA preset adapts and the trainable share")
     p.add_argument("model", nargs="?",
-                   help="tiny arch name (mixtral, qwen2_moe, ...), local model folder, or cached/shipped Hub "
-                        "id")
+                   help="tiny arch name (mixtral, qwen2_moe, ...), "
+                        "local model folder, or cached/shipped Hub id")
     p.add_argument("--recipe", help="an SFT recipe YAML: its model, preset, r, alpha and rank/alpha patterns "
                                     "(instead of MODEL and the flags below)")
     p.add_argument("--preset", default="paper", help="paper | attention | experts | all (default: paper)")
@@ -51,19 +51,19 @@ def register(subparsers) -> None:
     p.add_argument("--quantize_experts", choices=["nf4", "fp4"],
                    help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
     p.add_argument("--force", action="store_true",
-                   help="merge even if the adapter was trained on another base or is already merged into "
-                        "--base")
+                   help="merge even if the adapter was trained on "
+                        "another base or is already merged into --base")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --output that no merge made (never the base or adapter "
-                        "folder)")
+                   help="write into a non-empty --output that no "
+                        "merge made (never the base or adapter folder)")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory",
                               help="GPU memory a recipe needs per process, from the model config only",
                               description="Per-GPU memory of a recipe: frozen weights, adapter states, "
                                           "activations and step transients, after the sharding of the "
-                                          "accelerate config. Recipe keys can be overridden after `--`, e.g. "
-                                          "`-- --quantize_experts nf4`.")
+                                          "accelerate config. Recipe keys can be overridden after `--`, "
+                                          "e.g. `-- --quantize_experts nf4`.")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
     p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int,
                    help="processes (GPUs); default: the accelerate config's, else 1")

@@ -643,8 +643,10 @@ def dataset_configs(stats: DataStats) -> list[dict]:
 
 def _mix_words(recipe: DataRecipe) -> str:
     if recipe.mix.ratio is None:
-        return "every clean record kept: English is not down-sampled, Arabic is what was translated and passed review"
-    return f"Arabic:English {recipe.mix.ar_en_ratio} by samples{' per task' if recipe.mix.per_task else ''}, met by down-sampling"
+        return ("every clean record kept: English is not down-sampled, Arabic is what was translated and "
+                "passed review")
+    per_task = " per task" if recipe.mix.per_task else ""
+    return f"Arabic:English {recipe.mix.ar_en_ratio} by samples{per_task}, met by down-sampling"
 
 
 def _decontamination_summary(output: Path) -> dict[str, int]:

@@ -38,7 +38,7 @@ class BiMedConfig(datasets.BuilderConfig):
     Args:
         recipe (`str`, defaults to ``"mini"``): a data recipe YAML path or shipped recipe name.
         sources_dir (`str`, *optional*): the folder holding the original source files (overrides the
-        recipe's).
+            recipe's).
         language (`str`, *optional*): keep only ``"en"`` or ``"ar"`` records.
         task (`str`, *optional*): keep only ``"mcqa"``, ``"qa"`` or ``"chat"`` records.
         on_error (`str`, defaults to ``"raise"``): ``"raise"`` or ``"skip"`` malformed source records.

@@ -54,6 +54,6 @@ def composition_markdown(report: Mapping) -> str:
     entries.append(("tokens", ALL, tokens["achieved"], tokens["target"]))
     for task, language, achieved, target in entries:
         share = f"{achieved / target:.1%}" if target else ""
-        lines.append(f"| {task} | {language} | {achieved:,} | {'' if target is None else f'{target:,}'} | "
-                     f"{share} |")
+        lines.append(f"| {task} | {language} | {achieved:,} | "
+                     f"{'' if target is None else f'{target:,}'} | {share} |")
     return "\n".join(lines) + "\n"

@@ -82,7 +82,7 @@ class SourceInfo:
         license (`str`): the licence the source repository states (``"none stated"`` → research use only).
         redistributable (`bool`): whether its text may be published (e.g. pushed to the Hub) at all.
         permissive (`bool`): whether it may ship inside this Apache-2.0 package (no copyleft, no
-        restrictions).
+            restrictions).
         description (`str`): the source and its original files.
     """
 
@@ -119,8 +119,8 @@ SOURCE_INFO: dict[str, SourceInfo] = {info.name: info for info in (
                "Medical Meadow (kbressem/medAlpaca): JSON lists "
                "of {instruction, input, output}, all subsets"),
     SourceInfo("umls", "qa", "en", "UMLS Metathesaurus licence (via PMC-LLaMA MedC-I)", False, False,
-               "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON Lines of {instruction, input, output[, "
-               "source]}"),
+               "UMLS QA of PMC-LLaMA's MedC-I: JSON list or JSON "
+               "Lines of {instruction, input, output[, source]}"),
     SourceInfo("liveqa", "qa", "en", _RESEARCH_ONLY, False, False,
                "LiveQA TREC-2017 medical (abachaa/LiveQA_MedicalTask_TREC2017): TrainingDatasets/*.xml "
                "(in the repository's history) and TestDataset/*.xml"),
@@ -165,7 +165,7 @@ def convert(source: str, path: str | os.PathLike, *, language: str | None = None
         source (`str`): a key of `CONVERTERS`, e.g. ``"medmcqa"``.
         path (`str | os.PathLike`): the original file (a folder for ``mmlu``/``mmlu-ar``).
         language (`str`, *optional*): the records' language (and MCQA prompt language); defaults to the
-        source's.
+            source's.
         on_error (`OnError`, *optional*): ``None`` raises on a bad record; a callable (e.g. a
             `bimedix.data.rejects.RejectLog`) receives it and conversion continues.
         **options: source-specific options: ``ground_truth``/``split`` (pubmedqa), ``cop_base`` (medmcqa),
@@ -500,8 +500,8 @@ def _xlsx_rows(path) -> Iterator[tuple]:
                EOFError, SyntaxError)  # SyntaxError: the XML parsers' errors (ElementTree and lxml)
 
     def fail(err: BaseException) -> RecordError:
-        return RecordError(f"cannot read as .xlsx ({type(err).__name__}: {str(err)[:200]}); re-save it from "
-                           "a "
+        return RecordError(f"cannot read as .xlsx ({type(err).__name__}: "
+                           f"{str(err)[:200]}); re-save it from a "
                            "spreadsheet program or download it again", path=str(path))
 
     try:

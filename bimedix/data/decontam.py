@@ -114,7 +114,7 @@ class BenchmarkIndex:
         Args:
             text (`str`): the training text (all turns).
             normalized (`bool`, *optional*, defaults to `False`): ``text`` is already
-            `normalize_for_match`-ed.
+                `normalize_for_match`-ed.
         """
         words = (text if normalized else normalize_for_match(text)).split()
         grams = _ngrams(words, self.ngram, short=False)
@@ -173,8 +173,8 @@ def report_entry(record: Mapping, found: Contamination, ngram: int) -> dict:
         "benchmark": found.item.benchmark, "benchmark_id": found.item.id,
         "benchmark_language": found.item.language, "benchmark_text": _excerpt(found.item.text),
         "overlap": round(found.overlap, 4), "matched_ngrams": found.matched, "ngram": ngram,
-        "reason": f"holds {found.overlap:.0%} of the {ngram}-grams of {found.item.benchmark} item "
-                  f"{found.item.id}",
+        "reason": f"holds {found.overlap:.0%} of the {ngram}-grams "
+                  f"of {found.item.benchmark} item {found.item.id}",
     }
 
 

@@ -115,7 +115,7 @@ class Deduplicator:
             record (`Mapping`): a schema record.
             text (`str`, *optional*): its `record_text`, when the caller has it already.
             signature (`Signature`, *optional*): its `signature`, when the caller computed it (e.g. in a
-            worker).
+                worker).
             ref (`Hashable`, *optional*, defaults to the record id): what ``text_of`` gets to find this record
                 again if it is kept.
         """

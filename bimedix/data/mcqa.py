@@ -15,9 +15,8 @@ A record the reader cannot turn into an item raises `RecordError` naming ``file:
 with ``on_error`` set, is handed to it and skipped (see `bimedix.data.rejects`).
 
 `render_mcqa` turns an item into Vicuna turns with the prompts in `PROMPTS` (English and Arabic; Arabic
-prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while ``meta.answer``
-stays a Latin letter), and `item_to_record`
-into a schema record.
+prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while
+``meta.answer`` stays a Latin letter), and `item_to_record` into a schema record.
 """
 
 from __future__ import annotations
@@ -119,8 +118,7 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
 
     Args:
         path (`str | os.PathLike`): a JSON object keyed by PMID (``QUESTION``, ``CONTEXTS``,
-        ``final_decision``,
-            ``LONG_ANSWER``, ...).
+            ``final_decision``, ``LONG_ANSWER``, ...).
         ground_truth (`str | os.PathLike`, *optional*): ``test_ground_truth.json`` (PMID → yes/no/maybe); its
             labels win over ``final_decision`` and its PMIDs define the test split.
         split (`str`, *optional*, defaults to `"all"`): ``"all"``, ``"test"`` (PMIDs in the ground truth) or
@@ -133,8 +131,8 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
     if split not in ("all", "test", "train"):
         raise ValueError(f"unknown PubMedQA split {split!r}; choose 'all', 'test' or 'train'")
     if split != "all" and ground_truth is None:
-        raise ValueError(f"split={split!r} needs ground_truth= (test_ground_truth.json) to know the test "
-                         "PMIDs")
+        raise ValueError(f"split={split!r} needs ground_truth= "
+                         "(test_ground_truth.json) to know the test PMIDs")
     data = read_json(path)
     if not isinstance(data, dict):
         raise RecordError(f"expected a JSON object keyed by PMID, got {type(data).__name__}", path=str(path))
@@ -255,12 +253,11 @@ def read_mmlu(path: str | os.PathLike, *, language: str = "en", subject: str | N
 
     Args:
         path (`str | os.PathLike`): a ``<subject>_<split>.csv`` file, or a folder searched recursively for
-        them.
+            them.
         language (`str`, *optional*, defaults to `"en"`): ``"en"`` (hendrycks/test; source ``"mmlu"``) or
-        ``"ar"``
-            (AceGPT's MMLUArabic, same layout and rows; source ``"mmlu-ar"``).
+            ``"ar"`` (AceGPT's MMLUArabic, same layout and rows; source ``"mmlu-ar"``).
         subject (`str`, *optional*): the subject; defaults to the file name without
-        ``_test``/``_dev``/``_val``.
+            ``_test``/``_dev``/``_val``.
         on_error (`OnError`, *optional*): ``None`` raises on a bad record; a callable receives it instead.
 
     In the Arabic files, rows where the translator replaced question and options by an "IP spoofing"
@@ -417,8 +414,7 @@ def stable_id(source: str, *parts: str, seen: Counter[str] | None = None) -> str
         source (`str`): the id prefix.
         *parts (`str`): the texts that identify the record (e.g. question and options).
         seen (`collections.Counter`, *optional*): hashes met so far in this file; a repeat gets ``-2``,
-        ``-3``...
-            so ids stay unique even for verbatim duplicates.
+            ``-3``... so ids stay unique even for verbatim duplicates.
     """
     digest = hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
     if seen is None:

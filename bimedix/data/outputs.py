@@ -78,8 +78,8 @@ def safe_name(name: str, what: str) -> str:
         `OutputError`: for ``..``, absolute paths, separators, empty or hidden names.
     """
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
-        raise OutputError(f"{what} {name!r} cannot be used in a file name: use letters, digits and . _ + - "
-                          "only "
+        raise OutputError(f"{what} {name!r} cannot be used in a file "
+                          "name: use letters, digits and . _ + - only "
                           "(no path separators, no '..', not starting with a dot).")
     return name
 
@@ -113,8 +113,8 @@ class OutputFolder:
         inputs (`Mapping[str, PathLike | None]`, *optional*): label → input path; nothing that is (or lies
             inside) one of them is ever written or deleted.
         overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty folder this
-        command
-            did not create (its other files are kept; files with the names this command writes are replaced).
+            command did not create (its other files are kept; files with the names this command writes are
+            replaced).
         flag (`str`, *optional*, defaults to ``"--output"``): how the user named ``root``, for messages.
 
     Raises:
@@ -133,8 +133,8 @@ class OutputFolder:
         self.manifest = self.root / f".bimedix-{safe_name(command, 'command')}.jsonl"
         fresh = not self.root.exists() or not any(self.root.iterdir())
         if not fresh and not self.manifest.is_file() and not overwrite:
-            raise OutputError(f"{flag} {self.root} is not empty and was not made by `bimedix {command}`; "
-                              "choose a new or "
+            raise OutputError(f"{flag} {self.root} is not empty and was not "
+                              f"made by `bimedix {command}`; choose a new or "
                               "empty folder, or pass --overwrite to write into it (its other files are kept, "
                               "files with the names this command writes are replaced).")
         self._entries: set[str] = set()
@@ -255,8 +255,8 @@ class OutputFolder:
 def _component(part: str) -> str:
     """One path component under the output folder: no separator, not empty, ``.`` or ``..``."""
     if not isinstance(part, str) or part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
-        raise OutputError(f"output name {part!r} is not a single file or folder name (no '/', '..' or empty "
-                          "names).")
+        raise OutputError(f"output name {part!r} is not a single file or "
+                          "folder name (no '/', '..' or empty names).")
     return part
 
 
@@ -286,8 +286,8 @@ def _check_not_input(label: str, path: Path, inputs: Mapping[str, PathLike]) -> 
     """Refuse ``path`` when it is an input or lies inside an input folder."""
     found = _is_input(path, inputs)
     if found is not None:
-        raise OutputError(f"{label} {path} would overwrite the input {found[0]} {found[1]}: a command never "
-                          "writes "
+        raise OutputError(f"{label} {path} would overwrite the input "
+                          f"{found[0]} {found[1]}: a command never writes "
                           "over its inputs; choose another output path.")
 
 

@@ -40,14 +40,14 @@ class SourceSpec:
                 "bimedix schema (translations, generated chats)."})
     language: str | None = field(default=None, metadata={"help": "Passed to the converter: `en` or `ar`."})
     weight: float = field(default=1.0, metadata={
-        "help": "Fraction of this source's records to keep, in (0, 1], chosen by a seeded hash of the record "
-                "id."})
+        "help": "Fraction of this source's records to keep, in "
+                "(0, 1], chosen by a seeded hash of the record id."})
     options: dict[str, Any] = field(default_factory=dict,
                                     metadata={"help": "Extra keyword arguments of the converter."})
     on_error: str | None = field(default=None, metadata={
         "help": "`raise` or `skip` for this source only, overriding `--on-error` (e.g. `skip` for a source "
-                "with known corrupted upstream rows); rejected records still go to the rejects file and the "
-                "counts."})
+                "with known corrupted upstream rows); rejected records "
+                "still go to the rejects file and the counts."})
     files: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Extra file arguments (e.g. PubMedQA `ground_truth`), relative to `sources_dir`."})
 
@@ -57,11 +57,11 @@ class SourceSpec:
         if self.on_error not in (None, *ON_ERROR_POLICIES):
             raise ValueError(f"source {self.name!r}: on_error {self.on_error!r} must be `raise` or `skip`")
         if self.language is not None and self.language not in LANGUAGES:
-            raise ValueError(f"source {self.name!r}: language {self.language!r} is not one of "
-                             f"{list(LANGUAGES)}")
+            raise ValueError(f"source {self.name!r}: language "
+                             f"{self.language!r} is not one of {list(LANGUAGES)}")
         if not 0 < float(self.weight) <= 1:
-            raise ValueError(f"source {self.name!r}: weight {self.weight!r} must be in (0, 1]; bimedix "
-                             "samples down "
+            raise ValueError(f"source {self.name!r}: weight {self.weight!r} "
+                             "must be in (0, 1]; bimedix samples down "
                              "but never repeats records (train for more epochs instead)")
         self.weight = float(self.weight)
 
@@ -140,8 +140,8 @@ class MixSpec:
         self.ratio  # validates
         for task, row in self.targets.items():
             if task not in (*TASKS, "all") or not isinstance(row, dict):
-                raise ValueError(f"mix.targets: key {task!r} must be one of {[*TASKS, 'all']} and map "
-                                 "languages "
+                raise ValueError(f"mix.targets: key {task!r} must be one "
+                                 f"of {[*TASKS, 'all']} and map languages "
                                  "to sample counts")
             for language, value in row.items():
                 if language not in (*LANGUAGES, "all") or not isinstance(value, int) or value < 0:
@@ -167,11 +167,11 @@ class DataRecipe:
     """A whole ``build-data`` recipe."""
 
     name: str = field(metadata={"help": "Dataset name, used in the README."})
-    sources: list[SourceSpec] = field(metadata={"help": "The inputs, in priority order (earlier wins a "
-                                                        "duplicate)."})
+    sources: list[SourceSpec] = field(metadata={"help": "The inputs, in priority order "
+                                                        "(earlier wins a duplicate)."})
     sources_dir: str = field(default=".", metadata={
-        "help": "Root of the source paths, relative to the recipe file; `bimedix:<path>` points into the "
-                "package."})
+        "help": "Root of the source paths, relative to the recipe "
+                "file; `bimedix:<path>` points into the package."})
     seed: int = field(default=42, metadata={"help": "Seed of every sampling decision."})
     mix: MixSpec = field(default_factory=MixSpec, metadata={"help": "Language mix and composition targets."})
     dedup: DedupSpec = field(default_factory=DedupSpec, metadata={"help": "Near-duplicate settings."})
@@ -238,8 +238,8 @@ def load_data_recipe(path: str | os.PathLike) -> DataRecipe:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as "
-                         "UTF-8") \
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at "
+                         f"byte {err.start}); save the recipe as UTF-8") \
             from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -265,8 +265,8 @@ def _from_dict(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key `{where + '.' if where else ''}{unknown[0]}`; expected one of "
-                         f"{sorted(fields)}")
+        raise ValueError(f"unknown key `{where + '.' if where else ''}{unknown[0]}`; "
+                         f"expected one of {sorted(fields)}")
     missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -3,20 +3,20 @@
 Each record gets a review status from ``meta.translation`` (set by `bimedix.llm.translation` and updated
 by `bimedix.llm.review.import_reviews`):
 
-==================  ==========================================================================  ===========
+==================  ==========================================================================  ======
 status              when                                                                        used?
-==================  ==========================================================================  ===========
+==================  ==========================================================================  ======
 ``original``        no ``meta.translation`` (source text, generated chats, native Arabic)        always
 ``approved``        a reviewer approved the translation                                         always
 ``edited``          a reviewer corrected it                                                     always
 ``judge-passed``    ``review_state: unreviewed`` and judge score >= ``threshold``                always
-``pending``         ``review_state: queued`` (below the threshold, or drawn for the review       only with
-                    sample) and not reviewed yet                                                
-                    ``include_unreviewed``
-``below-threshold`` ``review_state: unreviewed`` with no score or a score below ``threshold``    only with
-                                                                                                 ``include_unreviewed``
+``pending``         ``review_state: queued`` (below the threshold, or drawn for the review       opt-in
+                    sample) and not reviewed yet
+``below-threshold`` ``review_state: unreviewed`` with no score or a score below ``threshold``    opt-in
 ``rejected``        a reviewer rejected it                                                      never
-==================  ==========================================================================  ===========
+==================  ==========================================================================  ======
+
+"opt-in": used only with ``include_unreviewed``.
 
 This follows the paper (§3.1.2): every translation scoring below the threshold goes to a medical
 professional, and a random sample of the high-scoring ones too; translations that passed the judge and
@@ -74,10 +74,10 @@ class ReviewPolicy:
             score = translation.get("score")
             return "judge-passed" if score is not None and score >= self.threshold else "below-threshold"
         raise RecordError(
-            f"a machine translation without a known review state ({state!r}); run it through `bimedix "
-            "translate` "
-            "(which sets it) or `bimedix review import`, or set it to one of "
-            "unreviewed/queued/approved/edited/rejected",
+            "a machine translation without a known review state "
+            f"({state!r}); run it through `bimedix translate` "
+            "(which sets it) or `bimedix review import`, or set it "
+            "to one of unreviewed/queued/approved/edited/rejected",
             path=str(path) if path is not None else None, record=line if line is not None
             else record.get("id"),
             field="meta.translation.review_state")

@@ -51,11 +51,11 @@ class Selection:
         lines = [f"| {header} | available | picked | share |", "|" + "---|" * len(by) + "---:|---:|---:|"]
         for key, entry in self.strata.items():
             share = entry["picked"] / entry["available"] if entry["available"] else 0.0
-            lines.append(f"| {' | '.join(key.split('|'))} | {entry['available']:,} | {entry['picked']:,} | "
-                         f"{share:.1%} |")
+            lines.append(f"| {' | '.join(key.split('|'))} | {entry['available']:,} "
+                         f"| {entry['picked']:,} | {share:.1%} |")
         share = self.picked / self.pool if self.pool else 0.0
-        lines.append(f"| {' | '.join(['total'] + [''] * (len(by) - 1))} | {self.pool:,} | {self.picked:,} | "
-                     f"{share:.1%} |")
+        lines.append(f"| {' | '.join(['total'] + [''] * (len(by) - 1))} "
+                     f"| {self.pool:,} | {self.picked:,} | {share:.1%} |")
         return "\n".join(lines) + "\n"
 
 
@@ -65,14 +65,12 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
 
     Args:
         inputs (`str | os.PathLike`): a JSON Lines file of bimedix records, or a folder (every ``*.jsonl`` in
-        it,
-            recursively, in name order, except ``*.rejects.jsonl`` reject logs; e.g. build-data's
+            it, recursively, in name order, except ``*.rejects.jsonl`` reject logs; e.g. build-data's
             ``.work/sources``).
         output (`str | os.PathLike`): the picks, JSON Lines, in input order (must not exist yet); the summary
             table goes next to it (`summary_path`).
         target (`float`): a count (an integer >= 1, e.g. the paper's 444995) or a fraction of the English pool
-        in
-            (0, 1) (e.g. 0.51).
+            in (0, 1) (e.g. 0.51).
         by (`Sequence[str]`, *optional*, defaults to ``("task", "source")``): the fields to stratify by.
         seed (`int`, *optional*, defaults to 42): the selection seed.
 
@@ -104,8 +102,8 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
     pool = sum(len(k) for k in keys.values())
     count = int(target) if target >= 1 else round(target * pool)
     if count > pool:
-        raise ValueError(f"--target {count:,} is larger than the English pool of {pool:,} records in "
-                         f"{inputs}; "
+        raise ValueError(f"--target {count:,} is larger than the "
+                         f"English pool of {pool:,} records in {inputs}; "
                          "lower the target or add English sources")
     names = sorted(keys)
     quotas = apportion([len(keys[name]) for name in names], count)
@@ -121,8 +119,8 @@ def select_for_translation(inputs: str | os.PathLike, output: str | os.PathLike,
                     handle.write(_json_line(record))
                     written += 1
         if written != count:  # only records sharing an id share a key
-            raise ValueError(f"{inputs}: record ids are not unique ({written:,} picked for a target of "
-                             f"{count:,}); "
+            raise ValueError(f"{inputs}: record ids are not unique "
+                             f"({written:,} picked for a target of {count:,}); "
                              "make ids unique across the input files")
     with atomic_open(summary_path(output)) as handle:
         handle.write(selection.table(by))

@@ -119,8 +119,8 @@ class DataStats:
             axis.set_title(title)
         axes[0].legend()
         total = self.cell()
-        figure.suptitle(f"{total.samples:,} samples, {total.avg_turns:.2f} avg. turns, {total.tokens:,} "
-                        "tokens")
+        figure.suptitle(f"{total.samples:,} samples, {total.avg_turns:.2f} "
+                        f"avg. turns, {total.tokens:,} tokens")
         figure.tight_layout()
         figure.savefig(target, format="png", dpi=100)
         plt.close(figure)

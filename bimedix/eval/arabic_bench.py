@@ -115,7 +115,7 @@ class ArabicBenchConfig(datasets.BuilderConfig):
         sources (`str`, *optional*): folder of original benchmark files (for AceGPT MMLU-Arabic, MedAraBench).
         translations (`str`, *optional*): JSON Lines of translated records (`rows_from_records`).
         bimedix_arabic (`str`, *optional*): folder of BiMediX's published Arabic sets
-        (`import_bimedix_arabic`).
+            (`import_bimedix_arabic`).
     """
 
     sources: str | None = None

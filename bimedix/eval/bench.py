@@ -112,8 +112,7 @@ def build_bench(sources: str | Path, output: str | Path, *, limit: int | None = 
     Args:
         sources (`str | Path`): folder holding the originals under their original relative paths.
         output (`str | Path | OutputFolder`): the bench folder to write (created; Parquet files of an earlier
-        build
-            are replaced or, for subsets not built now, removed; files it did not write are kept).
+            build are replaced or, for subsets not built now, removed; files it did not write are kept).
         limit (`int`, *optional*): keep the first ``limit`` rows per subset (the bundled slice uses 15).
         subsets (`Iterable[str]`, *optional*): build only these subsets (default: every one found).
         arabic_rows (`Iterable[dict]`, *optional*): extra Arabic rows (`make_row` shape) to add.
@@ -270,8 +269,9 @@ def subset_path(subset: str, language: str, data_dir: str | Path | None = None) 
                 if language == "en" else
                 "add translated records (`bimedix build-bench --translations FILE`) or BiMediX's published "
                 "Arabic set (`--bimedix-arabic DIR`)")
-        raise ValueError(f"evaluation data folder {root} has no {what} subset {subset!r} (missing {path}); "
-                         f"{hint}, or pick tasks whose subsets it has: "
+        raise ValueError(f"evaluation data folder {root} has no {what} "
+                         f"subset {subset!r} (missing {path}); {hint}, "
+                         "or pick tasks whose subsets it has: "
                          f"{', '.join(available_configs(root)) or 'none'}")
     return path
 

@@ -52,10 +52,10 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
             or a list; ``bimedix_*`` names and any lm-eval built-in task. ``"auto"``: `auto_tasks`.
         backend (`str`, *optional*, defaults to `"hf"`): ``"hf"`` or ``"vllm"``.
         data_dir (`str | Path`, *optional*): a ``bimedix build-bench`` folder or its Hub id; the bundled slice
-        if unset.
+            if unset.
         limit (`int | float`, *optional*): questions per task (or a fraction).
         num_fewshot (`int`, *optional*): few-shot examples per prompt (lm-eval samples them from the same
-        subset).
+            subset).
         batch_size (`int | str`, *optional*, defaults to `1`): lm-eval batch size (``"auto"`` works for hf).
         device (`str`, *optional*): ``"cuda"``, ``"cpu"``, ...; defaults to CUDA when available.
         model_args (`dict`, *optional*): extra backend arguments (e.g. ``{"dtype": "bfloat16"}``).
@@ -64,8 +64,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         cache (`str | Path`, *optional*): lm-eval's request cache (SQLite, ``use_cache``): answered requests
             are stored as they finish, so an interrupted run resumes where it stopped.
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no evaluation
-        made
-            (checked before evaluating; the model, adapter, data and cache are never written).
+            made (checked before evaluating; the model, adapter, data and cache are never written).
 
     Returns:
         `dict`: lm-eval's results dict plus ``"bimedix_consistency"`` (see `bimedix.eval.consistency`).
@@ -161,8 +160,8 @@ def resolve_tasks(tasks: str | Iterable[str], data_dir: str | Path | None = None
     if unknown:
         hints = {name: difflib.get_close_matches(name, ours, n=3) for name in unknown}
         groups = sorted(name for name in ours if not name.endswith(("_en", "_ar")))
-        raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); bimedix groups: "
-                         f"{', '.join(groups)}; "
+        raise ValueError(f"unknown task(s) {unknown} (closest: {hints}); "
+                         f"bimedix groups: {', '.join(groups)}; "
                          "tasks: bimedix_<subset>_<en|ar>; or any lm-eval task such as "
                          "arabic_leaderboard_arabic_mmlu_anatomy")
     return names, manager
@@ -239,15 +238,15 @@ def backend_model_args(backend: str, model: str, *, peft: str | None = None, dev
             experts = expert_lora_targets(config)
             if experts:
                 raise ValueError(
-                    f"adapter {peft} has LoRA on fused MoE experts (target_parameters {experts}); vLLM's "
-                    "fused-MoE "
-                    "LoRA may drop or mis-shape those deltas, so bimedix does not serve it as a LoRA. Merge "
-                    "it "
-                    f"first: `bimedix merge --base {model} --adapter {peft} --output MERGED` (checks the "
-                    "merged "
+                    f"adapter {peft} has LoRA on fused MoE experts "
+                    f"(target_parameters {experts}); vLLM's fused-MoE "
+                    "LoRA may drop or mis-shape those deltas, so "
+                    "bimedix does not serve it as a LoRA. Merge it "
+                    f"first: `bimedix merge --base {model} --adapter "
+                    f"{peft} --output MERGED` (checks the merged "
                     "logits), then evaluate or serve MERGED (`bimedix eval --model MERGED --backend vllm`, "
-                    "`vllm serve MERGED`). `bimedix eval --backend vllm --peft` does this in a temporary "
-                    "folder."
+                    "`vllm serve MERGED`). `bimedix eval --backend "
+                    "vllm --peft` does this in a temporary folder."
                 )
             rank = adapter_rank(config)
             args["lora_local_path"] = str(peft)

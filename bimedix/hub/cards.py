@@ -189,18 +189,18 @@ def render_model_card(
 
     Args:
         model_dir (`str` or `os.PathLike`): a PEFT adapter folder (``adapter_config.json``) or a merged model
-        folder.
+            folder.
         repo_id (`str`, *optional*): where the card will live, used in the usage snippet.
         base_model (`str`, *optional*, defaults to the adapter's ``base_model_name_or_path``): the base
-        model's Hub id.
-            Local paths are described in the text but left out of the metadata (they mean nothing on the Hub).
+            model's Hub id. Local paths are described in the text but left out of the metadata (they mean
+            nothing on the Hub).
         eval_dir (`str` or `os.PathLike`, *optional*): output folder of ``bimedix eval`` (lm-eval JSON,
-        markdown tables).
+            markdown tables).
         data_dir (`str` or `os.PathLike`, *optional*): the training dataset folder written by ``bimedix
-        build-data``.
+            build-data``.
         dataset_repo (`str`, *optional*): the training dataset's Hub id, for the ``datasets`` metadata.
         license (`str`, *optional*, defaults to `"apache-2.0"`): the licence of the weights in this
-        repository.
+            repository.
         model_name (`str`, *optional*, defaults to the last part of ``repo_id`` or the folder name).
     """
     model_dir = Path(model_dir)
@@ -344,14 +344,14 @@ def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); it is not the file "
-                         "bimedix "
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); it is not the file bimedix "
                          "wrote: restore or regenerate it.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); restore or regenerate it.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; restore or regenerate "
-                         "it.")
+        raise ValueError(f"{path}: expected a JSON object, got "
+                         f"{type(data).__name__}; restore or regenerate it.")
     return data
 
 
@@ -473,15 +473,14 @@ def _translation_text(summary: DatasetSummary) -> str:
 def _build_text(counts: dict) -> str:
     """The record balance of ``bimedix build-data`` (``stats.json`` ``counts``) as one sentence."""
     return (f"`bimedix build-data` read {counts['read']:,} source records and wrote {counts['written']:,}: "
-            f"{counts['rejected']:,} rejected as malformed, {counts.get('excluded_review', 0):,} "
-            "translations left "
+            f"{counts['rejected']:,} rejected as malformed, "
+            f"{counts.get('excluded_review', 0):,} translations left "
             "out by the review policy (reviewer-rejected, or pending review / below the judge threshold), "
             f"{counts['deduplicated_exact']:,} exact and "
             f"{counts['deduplicated_near']:,} near duplicates removed, {counts['decontaminated']:,} removed "
             f"for overlapping an evaluation benchmark (n-gram match), {counts['dropped_weight']:,} dropped "
-            f"by source weight and {counts['dropped_ratio']:,} for the Arabic:English ratio. The "
-            "decontamination "
-            "report is "
+            f"by source weight and {counts['dropped_ratio']:,} for the "
+            "Arabic:English ratio. The decontamination report is "
             "not published with the data, since it quotes the benchmark items.")
 
 
@@ -504,8 +503,8 @@ def _review_text(review: dict) -> str:
     table."""
     policy = ReviewPolicy.from_summary(review)
     unreviewed = sum(policy.used[s] for s in ("pending", "below-threshold"))
-    note = (f"**{unreviewed:,} machine translations were used without human review** "
-            "(`--include-unreviewed`); their "
+    note = (f"**{unreviewed:,} machine translations were used "
+            "without human review** (`--include-unreviewed`); their "
             "`meta.translation.review_state` says so." if unreviewed else
             "Translations pending review or scoring below the judge threshold were left out.")
     return (f"Rejected translations are never used. Judge threshold {policy.threshold:g}. {note}\n\n"
@@ -590,7 +589,8 @@ def _training_context(model_dir: Path) -> dict | None:
         loss_text = f"{losses[0]:.4f} at the first log, {losses[-1]:.4f} at the last ({len(losses)} logs)"
     # fewer steps than `logging_steps`: the run's mean loss is still in the summary
     elif run_loss is not None:
-        loss_text = f"{run_loss:.4f} averaged over the run (no per-step log: fewer steps than `logging_steps`)"
+        loss_text = (f"{run_loss:.4f} averaged over the run "
+                     "(no per-step log: fewer steps than `logging_steps`)")
     else:
         loss_text = "not logged"
     return {"global_step": state.get("global_step"), "epoch": state.get("epoch"), "loss_text": loss_text,
@@ -606,8 +606,8 @@ def _training_data_context(data_dir: Path) -> dict:
 def _eval_section(eval_dir: Path) -> tuple[str, list[EvalResult]]:
     """Markdown tables written by ``bimedix eval`` plus `EvalResult` rows from its newest lm-eval JSON."""
     if not eval_dir.is_dir():
-        raise FileNotFoundError(f"{eval_dir}: evaluation folder not found (pass the --output of `bimedix "
-                                "eval`).")
+        raise FileNotFoundError(f"{eval_dir}: evaluation folder not found "
+                                "(pass the --output of `bimedix eval`).")
     results_files = [p for p in eval_dir.rglob("*.json") if "results" in (_read_json(p) or {})]
     if not results_files:
         raise FileNotFoundError(f"{eval_dir}: no lm-eval results JSON (a file with a `results` key) found.")

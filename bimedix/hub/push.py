@@ -81,8 +81,8 @@ REDISTRIBUTABLE_LICENSES = frozenset(
 COPYLEFT = re.compile(r"(l?gpl|cc-by(-nc)?-sa)", re.IGNORECASE)
 NO_REDISTRIBUTION = re.compile(r"(no|not for|without|forbids?)[- ]+redistribution|do not (re)?distribute|"
                                r"\binternal\b.*\bonly\b", re.IGNORECASE)
-RESEARCH_ONLY = re.compile(r"^(|none( stated)?\b.*|no licen[cs]e( stated)?|unknown)$|research[- ](use[- "
-                           r"])?only",
+RESEARCH_ONLY = re.compile(r"^(|none( stated)?\b.*|no licen[cs]e( "
+                           r"stated)?|unknown)$|research[- ](use[- ])?only",
                            re.IGNORECASE)
 
 
@@ -136,17 +136,16 @@ def push(
     Args:
         kind (`str`): ``"adapter"``, ``"model"``, ``"dataset"`` or ``"bench"``.
         source (`str` or `os.PathLike`): the adapter/model folder, the ``build-data`` output, or the bench
-        folder.
+            folder.
         repo_id (`str`): ``ORG/NAME`` on the Hub.
         private (`bool`, *optional*, defaults to `False`): create the repository private (if it does not
-        exist).
+            exist).
         revision (`str`, *optional*): branch to push to (created from the default branch if missing).
         dry_run (`str` or `os.PathLike`, *optional*): write the staged folder here and contact nobody.
         acknowledge_research_only (`bool`, *optional*, defaults to `False`): allow data from research-only
-        sources.
+            sources.
         include_unreviewed (`bool`, *optional*, defaults to `False`): allow translations pending review or
-        below
-            the judge threshold in a ``dataset`` push (rejected ones are always refused).
+            below the judge threshold in a ``dataset`` push (rejected ones are always refused).
         eval_dir, data_dir, base_model, license: card inputs, see `bimedix.hub.cards.render_model_card`.
 
     Returns:
@@ -163,8 +162,8 @@ def push(
     if kind in ("adapter", "model") and not dry_run:
         base = base_model or _adapter_base(Path(source))
         if kind == "adapter" and not (base and is_hub_id(base)):
-            raise ValueError(f"the adapter's base model {base!r} is not a Hub id, so nobody could load the "
-                             "adapter "
+            raise ValueError(f"the adapter's base model {base!r} is not "
+                             "a Hub id, so nobody could load the adapter "
                              "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
     if dry_run:
         folder = Path(dry_run)
@@ -254,21 +253,21 @@ def check_licenses(summary: DatasetSummary, *, acknowledge_research_only: bool =
     if forbidden:
         raise LicenseError("refusing to push data whose licence forbids redistribution: "
                            + "; ".join(forbidden)
-                           + ". Rebuild the dataset without these sources (--acknowledge-research-only does "
-                             "not "
+                           + ". Rebuild the dataset without these sources "
+                             "(--acknowledge-research-only does not "
                            "apply to them).")
     if unknown:
         raise LicenseError("refusing to push data under licences bimedix does not know: " + "; ".join(unknown)
-                           + ". If a licence allows redistribution, set the rows' `license` to its SPDX id "
-                             "(one of "
+                           + ". If a licence allows redistribution, set "
+                             "the rows' `license` to its SPDX id (one of "
                            f"{', '.join(sorted(REDISTRIBUTABLE_LICENSES)[:6])}, ...: see "
-                           "bimedix.hub.push.REDISTRIBUTABLE_LICENSES); otherwise rebuild without these "
-                           "sources.")
+                           "bimedix.hub.push.REDISTRIBUTABLE_LICENSES); "
+                           "otherwise rebuild without these sources.")
     if research_only and not acknowledge_research_only:
         raise LicenseError("refusing to push data from research-only sources (no licence that allows "
                            f"redistribution): {'; '.join(research_only)}. Rebuild without them, or pass "
-                           "--acknowledge-research-only if you have the right to share them (the card will "
-                           "list them).")
+                           "--acknowledge-research-only if you have the "
+                           "right to share them (the card will list them).")
     notes += [f"{label}: research-only, pushed because you acknowledged it" for label in research_only]
     return notes
 
@@ -284,14 +283,14 @@ def check_review(summary: DatasetSummary, *, include_unreviewed: bool = False) -
     """
     states = summary.review_states
     if states.get("rejected"):
-        raise ReviewError(f"refusing to push {states['rejected']:,} reviewer-rejected translation(s); "
-                          "rebuild the "
+        raise ReviewError(f"refusing to push {states['rejected']:,} "
+                          "reviewer-rejected translation(s); rebuild the "
                           "dataset with `bimedix build-data`, which leaves them out.")
     unreviewed = {state: states[state] for state in UNREVIEWED if states.get(state)}
     if unreviewed and not include_unreviewed:
         raise ReviewError(f"refusing to push translations nobody approved: {unreviewed}. Rebuild without "
-                          "--include-unreviewed, or pass --include-unreviewed to publish them (the card "
-                          "counts them).")
+                          "--include-unreviewed, or pass --include-unreviewed "
+                          "to publish them (the card counts them).")
     return [f"{n:,} {state} translation(s) pushed because of --include-unreviewed" for state,
             n in unreviewed.items()]
 
@@ -310,8 +309,8 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
 
     token = get_token()
     if not token:
-        raise RuntimeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (or use --dry-run "
-                           "DIR).")
+        raise RuntimeError("no Hugging Face token: run `hf auth login` "
+                           "or set HF_TOKEN (or use --dry-run DIR).")
     folder = Path(folder)
     files = _list_files(folder)
     with _masking(token):
@@ -341,7 +340,9 @@ def _adapter_base(source: Path) -> str | None:
     import json
 
     config = source / "adapter_config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") if config.is_file() else None
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
 def license_class(source: str, license: str | None) -> tuple[str, str]:

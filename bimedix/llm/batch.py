@@ -42,7 +42,7 @@ async def run_batches(openai_client, cache: RequestCache, *, model: str, price: 
         price (`Callable[[int, int], float]`): the cost of an answer from its prompt and completion tokens
             (batch discount applied).
         call_timeout (`float`): the client's per-request timeout in seconds, which sets the management
-        deadline.
+            deadline.
         server (`str`): the API base URL, named in errors.
         poll_interval (`float`, *optional*, defaults to `30`): seconds between status checks.
         completion_window (`str`, *optional*, defaults to `"24h"`): the Batch API completion window.

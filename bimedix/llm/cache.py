@@ -95,8 +95,8 @@ class RequestCache:
     def get(self, key: str) -> CachedResponse | None:
         """The recorded response for ``key``, or ``None``."""
         row = self._db.execute(
-            "SELECT text, finish_reason, prompt_tokens, completion_tokens, cost_usd FROM responses WHERE key "
-            "= ?",
+            "SELECT text, finish_reason, prompt_tokens, "
+            "completion_tokens, cost_usd FROM responses WHERE key = ?",
             (key,)).fetchone()
         return CachedResponse(*row) if row else None
 

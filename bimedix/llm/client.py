@@ -157,8 +157,8 @@ class LLMClient:
         self.price = prices.get(config.model)
         if self.price is None:
             if config.budget_usd is not None:
-                raise ValueError(f"no price for model {config.model!r}, so --budget-usd cannot be enforced; "
-                                 "pass "
+                raise ValueError(f"no price for model {config.model!r}, so "
+                                 "--budget-usd cannot be enforced; pass "
                                  "--prices FILE with {\"" + config.model + "\": {\"input\": USD_PER_1M, "
                                  "\"output\": USD_PER_1M}}")
             logger.warning("no price for model %r: costs are recorded as 0 (pass --prices to set one)",
@@ -166,10 +166,10 @@ class LLMClient:
             self.price = {"input": 0.0, "output": 0.0}
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
-            raise ValueError(f"environment variable {config.api_key_env} is not set: export the API key "
-                             "there "
-                             "(for a local server any non-empty value works) or name another with "
-                             "--api-key-env")
+            raise ValueError(f"environment variable {config.api_key_env} "
+                             "is not set: export the API key there "
+                             "(for a local server any non-empty value "
+                             "works) or name another with --api-key-env")
         self._api_key = api_key
         self._openai = None
         self._semaphore = asyncio.Semaphore(config.concurrency)
@@ -295,8 +295,8 @@ class LLMClient:
                 status = err.status_code
                 reason = f"HTTP {status}: {_error_message(err)}"
                 if status not in TRANSIENT_STATUSES:
-                    raise LLMError(f"{self.config.base_url} answered {reason}; not retried (check the model "
-                                   "name, "
+                    raise LLMError(f"{self.config.base_url} answered {reason}; "
+                                   "not retried (check the model name, "
                                    "the API key and the request)", status=status) from None
                 wait = _retry_after(err.response.headers)
             except (openai.APITimeoutError, TimeoutError):
@@ -306,8 +306,8 @@ class LLMClient:
             except _MalformedResponse as err:
                 reason, status = f"malformed response body ({str(err)[:160]})", None
             if attempt + 1 == attempts:
-                raise LLMError(f"{self.config.base_url}: gave up after {attempts} attempts; last error: "
-                               f"{reason}",
+                raise LLMError(f"{self.config.base_url}: gave up after "
+                               f"{attempts} attempts; last error: {reason}",
                                status=status, transient=True)
             if wait is None:
                 wait = min(self.config.backoff_max, self.config.backoff_base

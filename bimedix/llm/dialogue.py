@@ -101,8 +101,8 @@ def validate_dialogue(conversation: object, options: list[str], answer: str,
         role = _ROLES.get(str(turn.get("from") or turn.get("role")).lower())
         expected = "human" if index % 2 == 0 else "gpt"
         if role != expected:
-            problems.append(f"turn {index} is from {turn.get('from') or turn.get('role')!r}, expected "
-                            f"{expected!r}")
+            problems.append(f"turn {index} is from "
+                            f"{turn.get('from') or turn.get('role')!r}, expected {expected!r}")
         size = len(turn["value"].strip())
         if not config.min_turn_chars <= size <= config.max_turn_chars:
             problems.append(f"turn {index} has {size} characters (allowed {config.min_turn_chars}.."

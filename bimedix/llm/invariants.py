@@ -39,7 +39,8 @@ _UNIT_AFTER_NUMBER = re.compile(
     + r")(?:/[A-Za-zµ]+)?(?![A-Za-z])")
 # a Latin token with two capitals or a letter and a digit (HbA1c, ECG, CD4, B12), hyphen-joined to further
 # capitals or digits (COVID-19, IL-6) but not to words (ST-segment keeps only ST)
-_CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9-])(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9]*|[A-Za-z]+\d[A-Za-z0-9]*)"
+_CODE_TOKEN = re.compile(r"(?<![A-Za-z0-9-])"
+                         r"(?:[A-Za-z]*[A-Z][A-Za-z]*[A-Z0-9][A-Za-z0-9]*|[A-Za-z]+\d[A-Za-z0-9]*)"
                          r"(?:-[A-Z0-9][A-Z0-9]*)*(?![A-Za-z0-9])")
 _ARABIC_SEPARATORS = str.maketrans({"٫": ".", "٬": ",", "٪": "%", "،": ","})
 

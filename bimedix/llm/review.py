@@ -77,7 +77,7 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
     Args:
         translated (`str | os.PathLike`): translated records (the output of ``bimedix translate``).
         queue (`str | os.PathLike`): the file for reviewers; CSV is UTF-8 with a BOM so spreadsheets show
-        Arabic.
+            Arabic.
         source (`str | os.PathLike`, *optional*): the English input, to show the original next to each text.
         fraction (`float`, *optional*, defaults to `0.05`): share of passing records sampled for review.
         seed (`int`, *optional*, defaults to `0`): sampling seed (use the one given to ``translate``).
@@ -131,7 +131,7 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         translated (`str | os.PathLike`): translated records.
         reviews (`str | os.PathLike`): the queue as edited by the reviewer (``.csv`` or ``.jsonl``).
         output (`str | os.PathLike`): where to write every record, reviewed ones updated (a new file: never an
-        input).
+            input).
         reviewer (`str`): who reviewed, for the audit trail.
         audit (`str | os.PathLike`, *optional*): the audit trail, appended; defaults to ``OUT.audit.jsonl``.
 
@@ -193,8 +193,8 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
         try:
             by_id[record_id], state = apply_decisions(by_id[record_id], [row for _, row in entries])
         except ValueError as err:
-            raise ValueError(f"{reviews}:row {entries[0][0]}: column `arabic`: the edit breaks the record: "
-                             f"{err}; "
+            raise ValueError(f"{reviews}:row {entries[0][0]}: column "
+                             f"`arabic`: the edit breaks the record: {err}; "
                              "nothing was applied") from None
         trail += [audit_entry(by_id[record_id], row, reviewer=reviewer, time=now) for _, row in entries]
         counts[state] += 1
@@ -214,11 +214,13 @@ def row_problem(record: dict | None, row: dict, translated: str | os.PathLike) -
         return "id", f"{row['id']!r} is not a machine-translated record of {translated}"
     before = text_of(record, row["field"])
     if before is None:
-        return "field", f"{row['field']!r} is not a text of record {row['id']!r} (use conversations.N or options.N)"
+        return "field", (f"{row['field']!r} is not a text of record {row['id']!r} "
+                         "(use conversations.N or options.N)")
     decision = str(row["decision"] or "").strip().lower()
     after = row["arabic"] if isinstance(row["arabic"], str) else ""
     if decision and decision not in DECISIONS:
-        return "decision", f"{row['decision']!r} is not one of {list(DECISIONS)} (or blank to leave for later)"
+        return "decision", (f"{row['decision']!r} is not one of {list(DECISIONS)} "
+                            "(or blank to leave for later)")
     if not after.strip():
         return "arabic", "is empty; put the corrected text, or decision `reject`"
     if decision == "approve" and after != before:
@@ -378,8 +380,8 @@ def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
         rows = []
         for index, row in enumerate(reader, start=2):
             if None in row:
-                raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: the row has more cells than "
-                                 "the header "
+                raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: "
+                                 "the row has more cells than the header "
                                  "(an unquoted comma?); nothing was applied")
             rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
         return rows

@@ -70,8 +70,8 @@ class ReviewSession:
                  threshold: float = 80.0):
         self.output = Path(output)
         if self.output.resolve() in {Path(p).resolve() for p in (translated, source, queue) if p}:
-            raise ValueError(f"--output {output} is one of the inputs; pick a new file (the inputs are never "
-                             "written)")
+            raise ValueError(f"--output {output} is one of the inputs; pick "
+                             "a new file (the inputs are never written)")
         self.audit = Path(audit) if audit else self.output.with_name(
             self.output.name.removesuffix(".jsonl") + ".audit.jsonl")
         self.records = list(read_records(translated))

@@ -64,7 +64,7 @@ class RunSummary:
         accepted (`int`): written to the output by this run.
         rejected (`int`): written to the rejects file by this run.
         failed (`list[str]`): ``"id: reason"`` of records left unfinished by transient errors (re-run to
-        retry).
+            retry).
         stopped (`str | None`): why the run stopped early (budget), or ``None``.
         cost_usd (`float`): USD this run added to the ledger.
         ledger_usd (`float`): the ledger total after the run.
@@ -210,7 +210,8 @@ def _raw_inputs(path: Path) -> Iterator[tuple[int, bytes]]:
     if path.is_dir() or path.suffix == ".parquet":
         import datasets
 
-        data = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
+        data = (datasets.load_from_disk(str(path)) if path.is_dir()
+                else datasets.Dataset.from_parquet(str(path)))
         for index, row in enumerate(data):
             yield index, json.dumps(row, ensure_ascii=False, sort_keys=True).encode()
         return
@@ -324,8 +325,8 @@ def _finished_ids(path: Path, id_of: Callable[[str], str]) -> set[str]:
                 try:
                     ids.add(id_of(line))
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ValueError(f"{path}:{line_no}: cannot read the source id of a finished record "
-                                     f"({err}); "
+                    raise ValueError(f"{path}:{line_no}: cannot read the "
+                                     f"source id of a finished record ({err}); "
                                      "was this file written by another tool?") from None
     return ids
 

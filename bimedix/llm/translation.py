@@ -137,7 +137,8 @@ class Translator:
             cost += judge_cost
             if isinstance(judged, str):
                 failures.append(f"round {round_no}: {judged}")
-                feedback, score = "No reliable quality judgement was available; re-check the whole translation.", None
+                feedback = "No reliable quality judgement was available; re-check the whole translation."
+                score = None
                 continue
             score, feedback = judged
             if best is None or score > best[1]:

@@ -349,7 +349,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     elif settings.quantize_experts:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
-        out["gathered_layers"] = 2 * facts["layer_parameters"] * params["total"] / max(sum(params["counts"].values()), 1)
+        out["gathered_layers"] = (2 * facts["layer_parameters"] * params["total"]
+                                  / max(sum(params["counts"].values()), 1))
     if settings.optim == "adamw_torch" and not settings.sharding.offload_optimizer:
         out["optimizer_step"] = trainable["weights"]
     return {k: v for k, v in out.items() if v}
@@ -453,8 +454,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  {part:<15} {_count(p['counts'][part])} params {_gib(size)}")
     lines.append("  by storage: " + ", ".join(f"{k} {_gib(v).strip()}" for k, v in p["by_storage"].items()))
     lines += ["", f"Trainable: {_count(t['parameters']).strip()} params, per process after sharding:",
-              f"  weights {_gib(t['weights'])}  gradients {_gib(t['gradients'])}  optimizer "
-              f"{_gib(t['optimizer'])}"
+              f"  weights {_gib(t['weights'])}  gradients "
+              f"{_gib(t['gradients'])}  optimizer {_gib(t['optimizer'])}"
               + (f"  DDP buckets {_gib(t['ddp_buckets'])}" if t["ddp_buckets"] else ""),
               "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
               f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
@@ -481,8 +482,8 @@ def format_report(report: dict) -> str:
                   + (f"fits, {_gib(room).strip()} to spare." if room >= 0
                      else f"does NOT fit ({_gib(-room).strip()} short).")]
         if room < 0 and stated["suggestion"]:
-            lines.append(f"  Nearest setting that fits ({_gib(stated['suggestion']['total']).strip()} per "
-                         "GPU): "
+            lines.append("  Nearest setting that fits "
+                         f"({_gib(stated['suggestion']['total']).strip()} per GPU): "
                          + "; ".join(stated["suggestion"]["changes"]))
         elif room < 0:
             lines.append("  None of the tried changes fits: use more GPUs with ZeRO-3/FSDP, or lower LoRA "
@@ -505,13 +506,14 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     if settings.num_processes > 1:
         for key in ("zero2", "zero3"):
             if not (settings.sharding.parameters or (key == "zero2" and settings.sharding.gradients)):
-                label = f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml ({STRATEGIES[key].name})"
+                label = (f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml "
+                         f"({STRATEGIES[key].name})")
                 changes.append((label, {"sharding": STRATEGIES[key]}))
     if "8bit" not in settings.optim:
         changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
     if settings.batch_size > 1:
-        changes.append(("--per_device_train_batch_size 1 --gradient_accumulation_steps "
-                        f"x{settings.batch_size}",
+        changes.append(("--per_device_train_batch_size 1 "
+                        f"--gradient_accumulation_steps x{settings.batch_size}",
                         {"batch_size": 1}))
     if settings.max_length > 256:
         changes.append((f"--max_length {settings.max_length // 2}", {"max_length": settings.max_length // 2}))
@@ -524,10 +526,10 @@ def _notes(params: dict, settings: Settings) -> list[str]:
     unquantized = params["by_part"].get("experts", 0)
     if settings.quantization and not settings.quantize_experts and unquantized:
         notes.append(
-            f"bitsandbytes load_in_{settings.quantization} quantizes nn.Linear layers only: the router and "
-            f"the fused 3-D experts stay in the compute dtype ({_gib(unquantized).strip()} of experts here), "
-            "and "
-            "peft's "
+            f"bitsandbytes load_in_{settings.quantization} quantizes "
+            "nn.Linear layers only: the router and the fused "
+            "3-D experts stay in the compute dtype "
+            f"({_gib(unquantized).strip()} of experts here), and peft's "
             "prepare_model_for_kbit_training would upcast them to fp32 (twice that). bimedix's 4-bit experts "
             "(`quantize_experts: nf4`) store them in nf4.")
     if settings.quantize_experts and settings.sharding.parameters and settings.num_processes > 1:

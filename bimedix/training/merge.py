@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 SAMPLE_PROMPTS = (
     "USER: What are the early symptoms of type 2 diabetes? ASSISTANT:",
     "USER: ما هي أعراض ارتفاع ضغط الدم؟ ASSISTANT:",
-    "USER: A 45-year-old man has crushing chest pain radiating to the left arm. What is the next step? "
-    "ASSISTANT:",
+    "USER: A 45-year-old man has crushing chest pain radiating "
+    "to the left arm. What is the next step? ASSISTANT:",
     "USER: هل يمكن تناول الإيبوبروفين مع الباراسيتامول؟ ASSISTANT:",
 )
 
@@ -41,16 +41,16 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         adapter_dir (`str | os.PathLike`): a PEFT adapter folder (``adapter_config.json`` + weights).
         output_dir (`str | os.PathLike`, *optional*): where to write; ``None`` checks without writing.
         tolerance (`float`, *optional*, defaults to `1e-3`): largest allowed |merged - adapter| logit
-        difference.
+            difference.
         dtype (`str`, *optional*, defaults to `"float32"`): dtype to load and merge in (the tolerance is for
-        fp32).
+            fp32).
         prompts (`tuple[str, ...]`, *optional*): the texts whose logits are compared.
         quantize_experts (`str`, *optional*): ``"nf4"``/``"fp4"`` for an adapter trained on 4-bit experts
             (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained
             against (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
         force (`bool`, *optional*, defaults to `False`): merge even when
-        `bimedix.training.provenance.check_merge`
-            finds the adapter was trained on another base or is merged into ``base`` already (with a warning).
+            `bimedix.training.provenance.check_merge` finds the adapter was trained on another base or is
+            merged into ``base`` already (with a warning).
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no merge made.
 
     Returns:
@@ -103,8 +103,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     if not report["max_abs_diff_merged_vs_adapter"] <= tolerance:
         raise RuntimeError(
             f"Refusing to write the merged model: its logits differ from the adapter model's by "
-            f"{report['max_abs_diff_merged_vs_adapter']:.3g} (> tolerance {tolerance:g}) on {len(prompts)} "
-            "prompts, "
+            f"{report['max_abs_diff_merged_vs_adapter']:.3g} (> "
+            f"tolerance {tolerance:g}) on {len(prompts)} prompts, "
             "so some adapter deltas (often the experts' or the router's) were not merged. "
             f"Merged vs base differ by {report['max_abs_diff_merged_vs_base']:.3g}."
         )

@@ -60,7 +60,8 @@ def base_fingerprint(model) -> dict[str, str]:
 
 def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
     """SHA-256 of an adapter's weight file(s): what identifies it in a merged model's report."""
-    files = sorted(Path(adapter_dir).glob("adapter_model*.safetensors")) or sorted(Path(adapter_dir).glob("adapter_model*.bin"))
+    files = (sorted(Path(adapter_dir).glob("adapter_model*.safetensors"))
+             or sorted(Path(adapter_dir).glob("adapter_model*.bin")))
     if not files:
         raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors: not a saved PEFT adapter.")
     digest = hashlib.sha256()
@@ -106,9 +107,8 @@ def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool
     problems = []
     if any(entry.get("fingerprint") == adapter for entry in merged_before):
         problems.append(f"--base {base} is a merged model that already holds the adapter {adapter_dir} (see "
-                        f"its {MERGE_REPORT}); merging it again would apply it twice. Merge into the "
-                        "original "
-                        "base")
+                        f"its {MERGE_REPORT}); merging it again would "
+                        "apply it twice. Merge into the original base")
     fingerprint = base_fingerprint(model)
     record_path = adapter_dir / BASE_RECORD
     if record_path.is_file():
@@ -118,9 +118,8 @@ def check_merge(base: str, model, adapter_dir: str | os.PathLike, *, force: bool
         provenance = "fingerprint"
         if differs:
             problems.append(f"the adapter {adapter_dir} was trained on {record.get('base_model')!r}, and "
-                            f"--base {base} differs from it in {' and '.join(differs)} ({BASE_RECORD} holds "
-                            "the "
-                            "fingerprint). "
+                            f"--base {base} differs from it in {' and '.join(differs)} "
+                            f"({BASE_RECORD} holds the fingerprint). "
                             "Pass the base it was trained on")
     else:
         recorded = _adapter_base_name(adapter_dir)
@@ -147,7 +146,9 @@ def _merge_report(base: str) -> dict:
 
 def _adapter_base_name(adapter_dir: Path) -> str | None:
     path = adapter_dir / "adapter_config.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path") if path.is_file() else None
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
 def _same_model(recorded: str, given: str) -> bool:

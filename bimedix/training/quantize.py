@@ -51,10 +51,9 @@ def quantize_experts(
         quant_type (`str`, *optional*, defaults to `"nf4"`): `"nf4"` or `"fp4"`.
         compress_statistics (`bool`, *optional*, defaults to `True`): double quantization (8-bit absmax).
         blocksize (`int`, *optional*, defaults to `64`): values per absmax block; must divide one expert's
-        size.
+            size.
         device (`str` or `torch.device`, *optional*): move each experts module there *before* quantizing it,
-        so
-            that a model loaded on CPU reaches the accelerator one packed layer at a time.
+            so that a model loaded on CPU reaches the accelerator one packed layer at a time.
 
     Quantize *after* adding LoRA (`peft.get_peft_model` or `PeftModel.from_pretrained` on the bf16 model):
     PEFT then matches and nests the expert adapters exactly as on an unquantized model, so the adapter
@@ -72,8 +71,8 @@ def quantize_experts(
     experts = fused_experts(model)
     if not experts:
         raise ValueError(
-            f"{type(model).__name__} has no fused MoE experts (3-D `gate_up_proj`/`down_proj` parameters), "
-            "so there "
+            f"{type(model).__name__} has no fused MoE experts (3-D "
+            "`gate_up_proj`/`down_proj` parameters), so there "
             "is nothing for `quantize_experts: nf4` to quantize. Use it with an MoE model such as Mixtral or "
             "Qwen-MoE, or drop the option (dense Linear layers are quantized by `load_in_4bit`)."
         )
@@ -121,7 +120,7 @@ def load_model_with_4bit_experts(
     Args:
         model_name_or_path (`str` or `os.PathLike`): a Hub id or local folder.
         device (`str` or `torch.device`, *optional*): target device; defaults to CUDA when available, else
-        CPU.
+            CPU.
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of everything not quantized.
         peft_config (`peft.LoraConfig`, *optional*): new LoRA adapters to add before quantizing.
         adapter (`str` or `os.PathLike`, *optional*): a saved adapter to load (trainable) before quantizing.
@@ -185,8 +184,8 @@ def expert_parameter_bytes(model: nn.Module, codebooks: bool = True) -> int:
             parametrization = bnb_parametrization(module, param_name)
             if parametrization is not None:
                 original = module.parametrizations[param_name].original
-                total += original.numel() * original.element_size() + _quant_state_bytes(parametrization.quant_state,
-                                                                                          codebooks)
+                total += (original.numel() * original.element_size()
+                          + _quant_state_bytes(parametrization.quant_state, codebooks))
             elif is_3d_expert_parameter(module, param_name):
                 param = getattr(module, param_name)
                 total += param.numel() * param.element_size()
@@ -243,8 +242,8 @@ def _check_bitsandbytes() -> None:
     except ImportError as exc:
         raise RuntimeError(
             f"4-bit experts need bitsandbytes>={MIN_BITSANDBYTES} with `bitsandbytes.nn.parametrize` "
-            f"({exc}). Install it with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'` (or `pip install "
-            "bimedix[train]`)."
+            f"({exc}). Install it with `pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'` "
+            "(or `pip install bimedix[train]`)."
         ) from exc
     from packaging.version import Version
 

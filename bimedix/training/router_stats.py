@@ -128,11 +128,12 @@ class RouterLoadCallback(TrainerCallback):
         logs = {}
         for layer in range(counts.shape[1]):
             if counts[:, layer].sum(-1).min() > 0:
-                logs[f"router/layer{layer}/tv_en_ar"] = round(float((shares[0,
-                                                                            layer] - shares[1, layer]).abs().sum() / 2), 4)
+                total_variation = float((shares[0, layer] - shares[1, layer]).abs().sum() / 2)
+                logs[f"router/layer{layer}/tv_en_ar"] = round(total_variation, 4)
             for i, language in enumerate(LANGUAGES):
                 if counts[i, layer].sum() > 0:
-                    logs[f"router/layer{layer}/{language}_max_share"] = round(float(shares[i, layer].max()), 4)
+                    max_share = float(shares[i, layer].max())
+                    logs[f"router/layer{layer}/{language}_max_share"] = round(max_share, 4)
         return logs
 
     def report(self, counts: torch.Tensor) -> dict:
@@ -149,8 +150,8 @@ class RouterLoadCallback(TrainerCallback):
                 for i, language in enumerate(LANGUAGES)
             },
             "tv_en_ar": [round(float(v), 6) for v in (shares[0] - shares[1]).abs().sum(-1) / 2],
-            "note": "counts[layer][expert] = tokens routed to that expert (top-k), by sample language read "
-                    "from tokens",
+            "note": "counts[layer][expert] = tokens routed to that "
+                    "expert (top-k), by sample language read from tokens",
         }
 
     # --- hooks ------------------------------------------------------------------------------------

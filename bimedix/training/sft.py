@@ -84,8 +84,8 @@ class BimedixArguments:
         default=None,
         metadata={"help": "`nf4` (or `fp4`): store the fused MoE experts in 4 bit with double quantization "
                           "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The "
-                          "model loads on CPU, gets its LoRA, then reaches the device one packed layer at a "
-                          "time."},
+                          "model loads on CPU, gets its LoRA, then "
+                          "reaches the device one packed layer at a time."},
     )
     expert_lora: str = field(
         default="peft",
@@ -113,8 +113,8 @@ class BimedixArguments:
             if value is not None and (not isinstance(value, dict)
                                       or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                  for v in value.values())):
-                raise ValueError(f"{key}={value!r}: give a mapping of module/parameter name (or regex) to a "
-                                 "positive "
+                raise ValueError(f"{key}={value!r}: give a mapping of "
+                                 "module/parameter name (or regex) to a positive "
                                  "integer, e.g. {\"experts.down_proj\": 8}.")
             setattr(self, key, value)
         if self.lora_preset not in PRESETS:
@@ -122,8 +122,8 @@ class BimedixArguments:
         if self.chat_template not in CHAT_TEMPLATES:
             raise ValueError(f"chat_template={self.chat_template!r} is not one of {list(CHAT_TEMPLATES)}.")
         if self.quantize_experts not in (None, "nf4", "fp4"):
-            raise ValueError(f"quantize_experts={self.quantize_experts!r}: use `nf4` (or `fp4`), or leave it "
-                             "unset.")
+            raise ValueError(f"quantize_experts={self.quantize_experts!r}: "
+                             "use `nf4` (or `fp4`), or leave it unset.")
         if self.expert_lora not in ("peft", "folded"):
             raise ValueError(f"expert_lora={self.expert_lora!r} is not one of ['peft', 'folded'].")
 
@@ -173,9 +173,8 @@ def check_value_types(*configs) -> None:
             accepted = tuple(scalars) + ((int,) if float in scalars else ())
             if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
                 raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, "
-                                 f"got {value!r:.80} ({type(value).__name__}); fix it in the recipe or on "
-                                 "the "
-                                 "command line")
+                                 f"got {value!r:.80} ({type(value).__name__}); "
+                                 "fix it in the recipe or on the command line")
 
 
 def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
@@ -195,22 +194,21 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> 
                             else model_args.model_revision)):
             if value is not None:
                 conflicts.append(f"`tiny_model: {bimedix_args.tiny_model}` builds a random model in-process, "
-                                 f"so `{key}: {value}` would be ignored; remove one of the two (to train "
-                                 "your "
-                                 "own "
+                                 f"so `{key}: {value}` would be ignored; "
+                                 "remove one of the two (to train your own "
                                  "model, use a recipe without `tiny_model`)")
     targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
     if targets and bimedix_args.lora_preset != "paper":
-        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored when "
-                         f"{' and '.join(f'`{k}`' for k in targets)} "
+        conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored "
+                         f"when {' and '.join(f'`{k}`' for k in targets)} "
                          "is set; keep either the preset or the explicit target lists")
     if not model_args.use_peft:
         if bimedix_args.expert_lora != "peft":
-            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` needs LoRA: set `use_peft: true` or "
-                             "drop it")
+            conflicts.append(f"`expert_lora: {bimedix_args.expert_lora}` "
+                             "needs LoRA: set `use_peft: true` or drop it")
         if bimedix_args.quantize_experts:
-            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` needs LoRA (`use_peft: "
-                             "true`): "
+            conflicts.append(f"`quantize_experts: {bimedix_args.quantize_experts}` "
+                             "needs LoRA (`use_peft: true`): "
                              "4-bit experts cannot be trained directly")
     if conflicts:
         raise ValueError("The recipe sets keys that contradict each other:\n  - " + "\n  - ".join(conflicts))
@@ -319,7 +317,8 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     if bimedix_args.tiny_model:
         model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed,
                                  **(bimedix_args.tiny_model_config or {}))
-        name = None if bimedix_args.tiny_model_config else f"tiny:{bimedix_args.tiny_model}:{training_args.seed}"
+        name = (None if bimedix_args.tiny_model_config
+                else f"tiny:{bimedix_args.tiny_model}:{training_args.seed}")
         if quantization_config is not None:
             model = _reload_quantized(model, quantization_config, device_map, model_args.dtype)
         if name:  # PEFT records it as the base model, which `bimedix merge` rebuilds
@@ -352,8 +351,8 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
         raise ValueError(f"{key} needs LoRA (`use_peft: true`): 4-bit experts cannot be trained directly.")
     if model_args.load_in_8bit:
         raise ValueError(f"{key} composes with `load_in_4bit: true` (full QLoRA), not with `load_in_8bit`: "
-                         "8-bit bitsandbytes models cannot be moved to the GPU after loading. Use "
-                         "`load_in_4bit`.")
+                         "8-bit bitsandbytes models cannot be moved to "
+                         "the GPU after loading. Use `load_in_4bit`.")
     sharding = parameter_sharding(training_args)
     if sharding:
         raise ValueError(
@@ -368,8 +367,8 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
                                        trust_remote_code=getattr(training_args, "trust_remote_code", False)):
         source = f"`tiny_model: {name}`" if bimedix_args.tiny_model else f"`model_name_or_path: {name}`"
         raise ValueError(
-            f"{key} with {source}: that model has no fused MoE experts (3-D "
-            "`mlp.experts.gate_up_proj`/`down_proj`), "
+            f"{key} with {source}: that model has no fused MoE "
+            "experts (3-D `mlp.experts.gate_up_proj`/`down_proj`), "
             "so there is nothing to quantize. Drop `quantize_experts` (`load_in_4bit: true` quantizes dense "
             "Linear layers) or use an MoE model (Mixtral, Qwen2/3-MoE, OLMoE)."
         )
@@ -495,12 +494,12 @@ def _check_rows_left(trainer, rows, training_args: SFTConfig) -> None:
     if not (hasattr(rows, "__len__") and hasattr(trainer.train_dataset, "__len__")):
         return  # streamed data: RequireTrainedTokens still guards every batch
     dropped = len(rows) - len(trainer.train_dataset)
-    why = (f"after truncation to max_length={training_args.max_length} they have no assistant token left to "
-           "train "
+    why = (f"after truncation to max_length={training_args.max_length} "
+           "they have no assistant token left to train "
            "on (with assistant_only_loss every label outside the assistant turns is masked)")
     if len(rows) and not len(trainer.train_dataset):
-        raise ValueError(f"all {len(rows)} training rows were dropped: {why}. Raise `max_length` (or shorten "
-                         "the "
+        raise ValueError(f"all {len(rows)} training rows were dropped: "
+                         f"{why}. Raise `max_length` (or shorten the "
                          "system prompt and user turns) so that some assistant text fits.")
     if dropped > 0:
         logger.warning("%d of %d training rows were dropped: %s.", dropped, len(rows), why)
@@ -600,8 +599,9 @@ def _resolve_path(path: str) -> Path:
     if not path.startswith("bimedix:"):
         return Path(path)
     kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    return resource_path(kind,
-                         *rest.split("/")) if kind == "recipes" else resource_path("bimedix", kind, *rest.split("/"))
+    if kind == "recipes":
+        return resource_path(kind, *rest.split("/"))
+    return resource_path("bimedix", kind, *rest.split("/"))
 
 
 def _load_one(config):
@@ -645,6 +645,6 @@ def _as_messages(dataset, system_prompt: str | None, source: str):
                 messages.insert(0, {"role": "system", "content": system_prompt})
             return {"messages": messages}
     else:
-        raise ValueError(f"{source}: no `conversations` (schema records) or `messages` column (found: "
-                         f"{columns}).")
+        raise ValueError(f"{source}: no `conversations` (schema records) "
+                         f"or `messages` column (found: {columns}).")
     return dataset.map(convert, remove_columns=columns, desc=f"Formatting {os.path.basename(source)}")

@@ -126,8 +126,7 @@ def build_lora_config(
     Args:
         model (`nn.Module`): the model the adapter is for (meta-device models work).
         preset (`str | Sequence[str]`, *optional*, defaults to `"paper"`): a `PRESETS` name or list of
-        `GROUPS`;
-            ignored when ``target_modules`` or ``target_parameters`` is given.
+            `GROUPS`; ignored when ``target_modules`` or ``target_parameters`` is given.
         r (`int`, *optional*, defaults to `16`): LoRA rank.
         alpha (`int`, *optional*, defaults to `32`): LoRA alpha.
         dropout (`float`, *optional*, defaults to `0.0`): LoRA dropout; forced to 0 (with a warning) when
@@ -159,8 +158,8 @@ def build_lora_config(
         parameters = _names(model, [t.name for t in targets if t.kind == "parameter"], "parameter",
                             full_names)
     if parameters and dropout:
-        logger.warning("lora_dropout=%s is not supported on target_parameters (router/fused experts); using "
-                       "0.",
+        logger.warning("lora_dropout=%s is not supported on "
+                       "target_parameters (router/fused experts); using 0.",
                        dropout)
         dropout = 0.0
     for recipe_key, pattern in (("lora_rank_pattern", rank_pattern), ("lora_alpha_pattern", alpha_pattern)):
@@ -192,8 +191,8 @@ def check_pattern(model: nn.Module, pattern: dict[str, int], target_modules: Seq
             examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in adapted})[:8]
             raise ValueError(
                 f"{key_name} key {key!r} matches none of the {len(adapted)} weights LoRA adapts here; keys "
-                f"match the end of full names such as {examples}. Use e.g. 'experts.gate_up_proj', "
-                "'experts.down_proj', 'gate.weight' or 'q_proj'.")
+                f"match the end of full names such as {examples}. Use e.g. "
+                "'experts.gate_up_proj', 'experts.down_proj', 'gate.weight' or 'q_proj'.")
 
 
 def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
@@ -287,8 +286,8 @@ def load_model_config(model: str, **overrides):
 def _preset_groups(preset: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"Unknown LoRA preset {preset!r}; choose one of {sorted(PRESETS)} or a list of "
-                             f"{GROUPS}.")
+            raise ValueError(f"Unknown LoRA preset {preset!r}; choose one "
+                             f"of {sorted(PRESETS)} or a list of {GROUPS}.")
         return PRESETS[preset]
     unknown = [g for g in preset if g not in GROUPS]
     if unknown:

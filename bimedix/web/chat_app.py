@@ -26,7 +26,7 @@ def create_chat_app(session, *, notice: str, language_of: Callable[[str], str]):
         session (`bimedix.chat.ChatSession`): the model, template and system prompts.
         notice (`str`): the not-medical-advice notice shown at the top of the page (one line per language).
         language_of (`Callable[[str], str]`): ``"ar"`` or ``"en"`` for a text
-        (`bimedix.chat.detect_language`).
+            (`bimedix.chat.detect_language`).
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse

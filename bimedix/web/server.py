@@ -42,8 +42,8 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); another server may be using "
-                             "it: "
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); "
+                             "another server may be using it: "
                              "pass a free --port") from None
 
 
