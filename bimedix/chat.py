@@ -32,6 +32,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 
+from .resources import check_model_folder
 from .training.template import VICUNA_TEMPLATE, load_chat_settings
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,6 @@ class ChatSession:
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .resources import check_model_folder
 
         check_model_folder(model)
         if peft:

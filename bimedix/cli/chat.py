@@ -4,7 +4,9 @@ page."""
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat
 from ..resources import check_model_folder
 
 _PER_LANGUAGE = object()  # `--system-prompt` given without text
@@ -37,10 +39,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat
-
     check_model_folder(args.model)
     if args.peft:
         check_model_folder(args.peft, "--peft")

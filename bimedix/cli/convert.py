@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..data.conventions import LANGUAGES, ON_ERROR_POLICIES
+from ..data.outputs import check_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.converters import convert
     from ..data.io import write_jsonl
-    from ..data.outputs import check_outputs
     from ..data.rejects import RejectLog, on_error_for
     from ..data.schema import RecordError
 

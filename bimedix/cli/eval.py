@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
+
+from bimedix.data.outputs import OutputFolder
 
 from ..data.conventions import ON_ERROR_POLICIES
 
@@ -88,9 +92,7 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
     """Merge an adapter with expert LoRA into a folder of its own under ``output`` (with `bimedix merge`'s
     logit check), evaluate the merged model and delete that folder: vLLM may drop the expert deltas of a LoRA
     adapter."""
-    import shutil
 
-    from bimedix.data.outputs import OutputFolder
     from bimedix.eval.run import evaluate
     from bimedix.training.merge import merge_adapter
 
@@ -109,10 +111,7 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
 
 
 def _build_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from bimedix.data.io import write_json
-    from bimedix.data.outputs import OutputFolder
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows

@@ -10,8 +10,12 @@ records left by transient errors) and a re-run continues it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
+
+from ..data.outputs import check_outputs
+from ..llm.review_stats import VERDICTS, review_agreement
 
 INCOMPLETE = 3
 
@@ -163,7 +167,6 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace):
-    from ..data.outputs import check_outputs
     from ..llm.cache import RequestCache
     from ..llm.client import ClientConfig, LLMClient, load_prices
     from ..llm.runner import rejects_path
@@ -286,10 +289,7 @@ def _review_serve(args: argparse.Namespace) -> int:
 
 
 def _review_stats(args: argparse.Namespace) -> int:
-    import json
-
     from ..data.io import read_records
-    from ..llm.review_stats import VERDICTS, review_agreement
 
     stats = review_agreement(read_records(args.input))
     if args.json:

@@ -24,6 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.outputs import OutputFolder
+from ..resources import resource_path
+from ..training.masking import assistant_token_mask, mask_summary, render_mask
+from ..training.template import apply_vicuna_template, to_messages
+
 DEFAULT_REPO = "your-name/bimedix-tiny-quickstart"
 EAGER_EXPERTS = {"experts_implementation": "eager"}
 
@@ -59,7 +64,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    from ..data.outputs import OutputFolder
 
     out = args.output
     folder = OutputFolder(out, "quickstart", overwrite=args.overwrite)
@@ -140,8 +144,6 @@ def _show_masked_sample(data_dir: Path, *, plain: bool) -> None:
     from datasets import load_dataset
 
     from ..data.tokenizer import load_mixtral_tokenizer
-    from ..training.masking import assistant_token_mask, mask_summary, render_mask
-    from ..training.template import apply_vicuna_template, to_messages
 
     tokenizer = load_mixtral_tokenizer()
     apply_vicuna_template(tokenizer)
@@ -157,7 +159,6 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
     """Run the tiny SFT recipe on the built dataset with a saved tiny base model; return the trainer."""
     from trl.scripts.utils import DatasetConfig
 
-    from ..resources import resource_path
     from ..training.sft import main, parse_args
     from ..training.tiny import save_tiny_model
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
+
 
 def register(subparsers) -> None:
     """Add the training sub-commands."""
@@ -124,7 +126,6 @@ def _show_mask(args) -> int:
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     from trl.scripts.utils import DatasetConfig
 
-    from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
     from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
 
     if args.recipe:

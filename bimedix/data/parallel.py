@@ -8,6 +8,7 @@ index) reaches the workers once, by ``fork`` where the platform has it, instead 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from collections import deque
@@ -124,7 +125,6 @@ class OffsetReader:
 
     def record(self, index: int, offset: int) -> dict:
         """The JSON object on the line starting at byte ``offset`` of file ``index``."""
-        import json
 
         handle = self._handles.get(index)
         if handle is None:

@@ -11,6 +11,7 @@ MedMCQA, PubMedQA ``pqa_labeled``, ``cais/mmlu``); the tests use fixtures in tha
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import datasets
 
 from bimedix.data.conventions import OPTION_LETTERS
+from bimedix.data.mcqa import PROMPTS
 from bimedix.data.review_policy import ReviewPolicy
 
 from .bench import (
@@ -182,9 +184,6 @@ def _split_prompt(text: str, options: list[str]) -> tuple[str, str]:
 
     Falls back to the text before the first option line when the turn does not follow those prompts.
     """
-    import re
-
-    from bimedix.data.mcqa import PROMPTS
 
     for prompts in PROMPTS.values():
         for kind in ("question", "context"):

@@ -21,6 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+
+from bimedix.data import mcqa
+from bimedix.resources import resource_path
+
 from ..data.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
 from ..data.dataset_readme import configs_readme
 from ..data.io import atomic_open
@@ -65,7 +70,6 @@ TASK_COLUMNS = ("id", "language", "source", "question", "context", "options", "a
 
 def row_features():
     """The `datasets.Features` of every bench row (English and Arabic alike)."""
-    from datasets import Features, List, Value
 
     return Features({
         "id": Value("string"),
@@ -165,7 +169,6 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path
     file names, and only Parquet files an earlier build wrote are removed.
     """
     import pyarrow.parquet as pq
-    from datasets import Dataset
 
     if not isinstance(output, OutputFolder):
         output = OutputFolder(output, "build-bench")
@@ -245,7 +248,6 @@ def load_subset(subset: str, language: str, data_dir: str | Path | None = None):
         data_dir (`str | Path`, *optional*): a bench folder, or the Hub id of one (then the config
             ``<subset>_<language>`` is loaded). Defaults to the slice bundled with the package.
     """
-    from datasets import Dataset, DatasetDict, load_dataset
 
     path = subset_path(subset, language, data_dir)
     if path is None:  # a Hub id
@@ -287,7 +289,6 @@ def available_configs(data_dir: str | Path | None = None) -> list[str]:
 
 def bundled_data_dir() -> Path:
     """The small benchmark slice shipped with the package (MIT / Apache-2.0 sources only)."""
-    from bimedix.resources import resource_path
 
     return resource_path("bimedix", "eval", "data")
 
@@ -304,7 +305,6 @@ def read_sources(sources: Path, on_error: Callable[[Exception], None] | None = N
     Rows of AceGPT's Arabic MMLU that were corrupted upstream (see `bimedix.data.mcqa.read_mmlu`) are
     dropped and counted in the log; other bad records go to ``on_error`` (by default they raise).
     """
-    from bimedix.data import mcqa
 
     for subject in MMLU_SUBJECTS:
         subset = f"mmlu_{subject}"

@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from bimedix.data.conventions import LANGUAGES
-from bimedix.data.outputs import OutputFolder
+from bimedix.data.io import atomic_open, write_json
+from bimedix.data.outputs import OutputFolder, safe_name
+from bimedix.resources import resource_path
 
 from ..resources import check_model_folder
-from .bench import subset_path
+from .bench import PAPER_SUBSETS, available_configs, subset_path
+from .consistency import bilingual_consistency
+from .tables import format_tables
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,6 @@ EXPERT_PARAMETER_NAMES = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 def tasks_dir() -> Path:
     """The folder of packaged lm-eval task YAMLs (``lm_eval --include_path $(...)``)."""
-    from bimedix.resources import resource_path
 
     return resource_path("bimedix", "eval", "tasks")
 
@@ -81,8 +84,6 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
     import lm_eval
     from lm_eval.api.model import LM
 
-    from .consistency import bilingual_consistency
-
     folder = None
     if output_dir is not None:
         inputs = {"--model": model if isinstance(model, (str, Path)) and Path(model).exists() else None,
@@ -118,7 +119,6 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
 def auto_tasks(data_dir: str | Path | None = None) -> list[str]:
     """Every paper subset the data folder has: ``bimedix_<subset>_bilingual`` where it has both languages,
     else ``bimedix_<subset>_<language>`` (the bundled slice has Arabic for the MMLU subsets only)."""
-    from .bench import PAPER_SUBSETS, available_configs
 
     present = set(available_configs(data_dir))
     names = []
@@ -281,11 +281,6 @@ def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model
     safe file names.
     """
     from lm_eval.utils import handle_non_serializable
-
-    from bimedix.data.io import atomic_open, write_json
-    from bimedix.data.outputs import safe_name
-
-    from .tables import format_tables
 
     folder = output_dir if isinstance(output_dir, OutputFolder) else OutputFolder(output_dir, "eval")
     summary = {k: v for k, v in results.items() if k != "samples"}

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -40,6 +41,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+from huggingface_hub.hf_api import RepoFile
 
 from ..data.outputs import check_outputs
 from ..data.review_policy import UNREVIEWED
@@ -304,8 +308,6 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
     ``create_branch``, ``list_repo_tree``, ``create_commit``); errors come back as `RuntimeError` with the
     token masked.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-    from huggingface_hub.hf_api import RepoFile
 
     token = get_token()
     if not token:
@@ -337,8 +339,6 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
 
 
 def _adapter_base(source: Path) -> str | None:
-    import json
-
     config = source / "adapter_config.json"
     if not config.is_file():
         return None

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .targets import ATTENTION_NAMES, find_targets, lora_table, meta_model
+
 PARTS = ("attention", "router", "experts", "shared_experts", "mlp", "embeddings", "other")
 GIB = 1024**3
 # 4-bit codes + 8-bit block absmax (block 64) + double-quant fp32 stats
@@ -148,7 +150,6 @@ def model_facts(model: torch.nn.Module, model_args=None, bimedix=None, peft_conf
         model_args, bimedix: the recipe's `ModelConfig` and `BimedixArguments` (for the LoRA config), or
         peft_config (`peft.LoraConfig`, *optional*): the adapter; neither: full fine-tuning.
     """
-    from .targets import lora_table
 
     parts = parameter_parts(model)
     linear_weights = {f"{n}.weight" for n, m in model.named_modules()
@@ -223,7 +224,6 @@ def estimate(facts: dict, settings: Settings) -> dict:
 
 def parameter_parts(model: torch.nn.Module) -> dict[str, str]:
     """Map every parameter name to one of `PARTS`."""
-    from .targets import ATTENTION_NAMES, find_targets
 
     by_name = {}
     for target in find_targets(model):
@@ -547,8 +547,6 @@ def _count(n: float) -> str:
 
 
 def _meta_model(model_args, bimedix) -> torch.nn.Module:
-    from .targets import meta_model
-
     name = bimedix.tiny_model or model_args.model_name_or_path
     if not name:
         raise ValueError("The recipe sets neither `model_name_or_path` nor `tiny_model`.")

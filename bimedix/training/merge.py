@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from ..data.io import give_default_mode, write_json
+from ..data.outputs import OutputFolder
+from .provenance import MERGE_REPORT, check_merge
 from .template import load_chat_settings, save_chat_settings
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,6 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         inside one).
     """
     from peft import PeftModel
-
-    from ..data.outputs import OutputFolder
-    from .provenance import MERGE_REPORT, check_merge
 
     adapter_dir = Path(adapter_dir)
     _adapter_config(adapter_dir)

@@ -15,18 +15,30 @@ the router load by language (`bimedix.training.router_stats`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import functools
 import json
 import logging
 import os
+import tempfile
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+import torch
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
+from trl.scripts.utils import DatasetConfig
+from trl.trainer.utils import get_quantization_config
 
+from ..data.outputs import check_outputs
+from ..resources import check_model_folder, resource_path
 from .provenance import base_fingerprint, write_base_record
-from .targets import PRESETS
+from .quantize import fused_experts, quantize_experts
+from .targets import PRESETS, build_lora_config, meta_model
+from .template import apply_vicuna_template, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +165,6 @@ def check_value_types(*configs) -> None:
     Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the
     key.
     """
-    import dataclasses
-    import enum
-    import types
-    import typing
 
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     for config in configs:
@@ -223,13 +231,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         `parse_args`).
         callbacks (`list[TrainerCallback]`, *optional*): extra trainer callbacks.
     """
-    from trl import SFTTrainer
 
     check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
     check_conflicts(model_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     check_compatible(training_args, model_args, bimedix_args)
-    from ..data.outputs import check_outputs
 
     inputs = [model_args.model_name_or_path, script_args.dataset_name,
               *(config.path for config in mixture_args.datasets
@@ -285,7 +291,6 @@ def load_tokenizer(model_args: ModelConfig, bimedix_args: BimedixArguments):
     from transformers import AutoTokenizer
 
     from ..data.tokenizer import load_mixtral_tokenizer
-    from .template import apply_vicuna_template
 
     if bimedix_args.tiny_model:
         tokenizer = load_mixtral_tokenizer()
@@ -306,7 +311,6 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     `load_in_4bit` goes through the same `from_pretrained` path from a temporary folder.
     """
     from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import get_quantization_config
 
     from .tiny import build_tiny_model
 
@@ -397,7 +401,6 @@ def parameter_sharding(training_args: SFTConfig) -> str | None:
 
 def make_peft_config(model, model_args: ModelConfig, bimedix_args: BimedixArguments):
     """The `LoraConfig` of the recipe (preset or explicit lists), or None for full fine-tuning."""
-    from .targets import build_lora_config
 
     if not model_args.use_peft:
         return None
@@ -416,7 +419,6 @@ def check_lora_patterns(model_args: ModelConfig, bimedix_args: BimedixArguments)
     is checked again in `make_peft_config`)."""
     if not model_args.use_peft or not (bimedix_args.lora_rank_pattern or bimedix_args.lora_alpha_pattern):
         return
-    from .targets import meta_model
 
     try:
         model = meta_model(bimedix_args.tiny_model or model_args.model_name_or_path,
@@ -436,7 +438,6 @@ def load_sft_dataset(script_args: ScriptArguments, mixture_args: DatasetMixtureC
     with `bimedix.training.template.to_messages`; ``fraction`` mixes as in TRL's `get_dataset`.
     """
     from datasets import DatasetDict, concatenate_datasets
-    from trl.scripts.utils import DatasetConfig
 
     configs = list(mixture_args.datasets)
     if not configs:
@@ -506,8 +507,6 @@ def _check_rows_left(trainer, rows, training_args: SFTConfig) -> None:
 
 
 def _require_model(model_args: ModelConfig) -> None:
-    from ..resources import check_model_folder
-
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` (a local folder or Hub id) or `tiny_model` in the recipe.")
     check_model_folder(model_args.model_name_or_path, "model_name_or_path")
@@ -522,8 +521,6 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
     """
     from peft import get_peft_model
 
-    from .quantize import quantize_experts
-
     model = get_peft_model(model, peft_config)
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
     if model_args.load_in_4bit:
@@ -534,7 +531,6 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
 
 def _reload_quantized(model, quantization_config, device_map, dtype: str | None):
     """Load an in-process model again through `from_pretrained` with a `BitsAndBytesConfig` (tiny runs)."""
-    import tempfile
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -553,10 +549,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
 def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig,
                        trust_remote_code: bool = False) -> bool:
     """Whether the model's architecture has fused experts, built from its config on the meta device."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .quantize import fused_experts
     from .tiny import tiny_config
 
     if bimedix_args.tiny_model:
@@ -594,7 +588,6 @@ def _resume_value(value: str | bool | None) -> str | bool | None:
 
 def _resolve_path(path: str) -> Path:
     """``bimedix:recipes/...`` (or ``bimedix:<path in the package>``) → the installed file; else the path."""
-    from ..resources import resource_path
 
     if not path.startswith("bimedix:"):
         return Path(path)
@@ -632,7 +625,6 @@ def _load_one(config):
 
 def _as_messages(dataset, system_prompt: str | None, source: str):
     """Keep only a ``messages`` column, converting schema records with `to_messages`."""
-    from .template import to_messages
 
     columns = dataset.column_names
     if "conversations" in columns:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..resources import resource_path
+
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -262,7 +264,6 @@ def load_model_config(model: str, **overrides):
     """
     from transformers import AutoConfig
 
-    from ..resources import resource_path
     from .tiny import TINY_CONFIGS, tiny_config
 
     if model in TINY_CONFIGS:

@@ -8,6 +8,7 @@ which sets a cookie; every API call without it gets 401.
 
 import logging
 import threading
+from contextlib import asynccontextmanager
 
 from ..llm.review_session import ReviewSession
 from .server import page, token_matches
@@ -25,7 +26,6 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
         reviewer (`str`, *optional*): the name filled in the page (each reviewer can change it there).
         token (`str`, *optional*): shared secret required from every browser (for a non-localhost bind).
     """
-    from contextlib import asynccontextmanager
 
     from fastapi import BackgroundTasks, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
