@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from lora_support import lora_group
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -25,11 +26,10 @@ def _adapter(tmp_path, groups: list[str], seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     for name, module in model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = ("router" if ".gate" in name else "experts" if ".experts" in name
-                     else name.rsplit(".", 1)[-1])
             weight = module.lora_B["default"].weight
             with torch.no_grad():
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 if group in groups else 0)
+                trained = lora_group(name) in groups
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5 if trained else 0)
     model.save_pretrained(tmp_path / "adapter")
     return model, tmp_path / "adapter"
 

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+from lora_support import updated_lora_groups  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
@@ -225,13 +226,8 @@ def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
                                      for e in experts.values())
     wrappers = [m for m in model.modules() if isinstance(m, ExpertLoraWrapper)]
     assert len(wrappers) == 4 and {m.expert_lora_mode for m in wrappers} == {"folded"}
-    moved = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = ("router" if ".gate" in name else "experts" if ".experts" in name
-                     else name.rsplit(".", 1)[-1])
-            moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
-    assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
+    assert updated_lora_groups(model) == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True,
+                                          "experts": True}
     # loads on the bf16 base
     adapter = PeftModel.from_pretrained(build_tiny_model("mixtral", seed=42), tmp_path)
     # q, k, v, router, gate_up, down

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_support import updated_lora_groups
 from transformers import TrainerCallback
 
 from bimedix.resources import resource_path
@@ -54,13 +55,8 @@ def full_run(tmp_path_factory):
 def test_every_adapter_group_is_updated_and_base_is_frozen(full_run):
     output, trainer = full_run
     model = trainer.model
-    moved = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_B") and "default" in module.lora_B:
-            group = ("router" if ".gate" in name else "experts" if ".experts" in name
-                     else name.rsplit(".", 1)[-1])
-            moved[group] = moved.get(group, False) or bool(module.lora_B["default"].weight.abs().sum() > 0)
-    assert moved == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True, "experts": True}
+    assert updated_lora_groups(model) == {"q_proj": True, "k_proj": True, "v_proj": True, "router": True,
+                                          "experts": True}
     fresh = build_tiny_model("mixtral", seed=42).state_dict()
     frozen = {name.replace(".base_layer", "").replace(".original_module", ""): param
               for name, param in model.get_base_model().named_parameters()
