@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat
 from ..resources import check_model_folder
 
 _PER_LANGUAGE = object()  # `--system-prompt` given without text
@@ -39,6 +38,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat  # looked up at call time: tests replace run_chat
+
     check_model_folder(args.model)
     if args.peft:
         check_model_folder(args.peft, "--peft")

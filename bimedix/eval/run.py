@@ -23,7 +23,6 @@ from bimedix.resources import resource_path
 from ..resources import check_model_folder
 from .bench import PAPER_SUBSETS, available_configs, subset_path
 from .consistency import bilingual_consistency
-from .tables import format_tables
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +280,8 @@ def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model
     safe file names.
     """
     from lm_eval.utils import handle_non_serializable
+
+    from .tables import format_tables  # looked up at call time: tests replace it
 
     folder = output_dir if isinstance(output_dir, OutputFolder) else OutputFolder(output_dir, "eval")
     summary = {k: v for k, v in results.items() if k != "samples"}
