@@ -167,9 +167,8 @@ def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
             if param is not None and param.is_meta:
-                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param,
-                                                                            device="cpu").normal_(std=std),
-                                                           requires_grad=param.requires_grad)
+                values = torch.empty_like(param, device="cpu").normal_(std=std)
+                sub._parameters[name] = torch.nn.Parameter(values, requires_grad=param.requires_grad)
 
 
 class _RssSampler:

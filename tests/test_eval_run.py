@@ -129,8 +129,7 @@ def test_vllm_refuses_an_expert_adapter_as_lora_and_names_the_merge(tiny_model_d
 
 
 def test_cli_vllm_eval_of_an_expert_adapter_evaluates_a_merged_copy(tiny_model_dir, tiny_adapter_dir,
-                                                                    tmp_path,
-                                                                     monkeypatch, capsys):
+                                                                    tmp_path, monkeypatch, capsys):
     """No vLLM needed: `evaluate` is replaced by a recorder; the merge (with its logit check) runs for
     real."""
     import bimedix.eval.run

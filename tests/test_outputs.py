@@ -142,8 +142,8 @@ def test_next_build_removes_temporaries_of_a_killed_run(tmp_path, mixtral_tokeni
     assert len(stale) == 2
     build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
     assert not any(path.exists() for path in stale)
-    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists() and (out
-                                                                     / ".bimedix-build-data.jsonl").is_file()
+    assert (out / "notes" / ".draft.123.abcdefgh.tmp").exists()
+    assert (out / ".bimedix-build-data.jsonl").is_file()
     assert os.path.getsize(out / "data" / "en" / "qa" / "train-00000.parquet") > len(b"partial")
 
 

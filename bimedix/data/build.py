@@ -426,11 +426,9 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             start = line
             source_path = recipe.resolve(spec.path, sources_dir)
             candidates = dedup.candidates
-            for offset, raw, (status, result) in tqdm(_clean_results(workers, readers, shard_index, spec,
-                                                                     source_path),
-                                                       desc=f"clean {spec.name}", unit="rec",
-                                                      total=shard["written"],
-                                                       disable=not progress):
+            results = _clean_results(workers, readers, shard_index, spec, source_path)
+            for offset, raw, (status, result) in tqdm(results, desc=f"clean {spec.name}", unit="rec",
+                                                       total=shard["written"], disable=not progress):
                 if isinstance(status, RecordError):
                     tally.rejected += 1
                     report(status, policy)

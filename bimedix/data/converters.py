@@ -479,8 +479,8 @@ def _mentalqa_types(value: str, fail) -> str | None:
     """``"['A', 'D']"`` (or ``"A, D"``) → ``"diagnosis, epidemiology"``."""
     text = value.strip()
     try:
-        letters = ast.literal_eval(text) if text.startswith("[") else [p for p in text.split(",")
-                                                                       if p.strip()]
+        letters = (ast.literal_eval(text) if text.startswith("[")
+                   else [p for p in text.split(",") if p.strip()])
     except (ValueError, SyntaxError):
         raise fail("final_QT", f"not a list of labels: {value!r:.80}") from None
     if not isinstance(letters, list) or not all(isinstance(x, str) and x.strip() in MENTALQA_TYPES

@@ -164,8 +164,8 @@ def validate_record(record: Any, *, path: str | None = None, line: int | None = 
         raise fail(f"meta.{unknown[0]}", f"unknown meta field; expected some of {list(META_FIELDS)}")
     options = meta.get("options")
     if options is not None:
-        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o.strip()
-                                                                   for o in options):
+        if not isinstance(options, list) or not options or not all(
+                isinstance(o, str) and o.strip() for o in options):
             raise fail("meta.options", f"must be a non-empty list of non-empty strings, got {options!r}")
     answer = meta.get("answer")
     if answer is not None:

@@ -320,10 +320,8 @@ def sync_folder(folder: str | os.PathLike, *, repo_id: str, repo_type: str = "mo
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, recursive=True,
-                                                                    revision=revision,
-                                                                     repo_type=repo_type)
-                  if isinstance(entry, RepoFile)}
+        tree = api.list_repo_tree(repo_id, recursive=True, revision=revision, repo_type=repo_type)
+        remote = {entry.path: entry for entry in tree if isinstance(entry, RepoFile)}
         changed = [path for path in files if not _same_content(folder / path, remote.get(path))]
         stale = sorted(set(remote) - set(files) - {".gitattributes"})
         if not changed and not stale:

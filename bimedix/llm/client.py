@@ -191,8 +191,8 @@ class LLMClient:
 
     def request_body(self, messages: list[dict], **params) -> dict:
         """The exact body sent for ``messages``: model, messages and the non-``None`` parameters."""
-        return {"model": self.config.model, "messages": messages, **{k: v for k, v in params.items()
-                                                                     if v is not None}}
+        return {"model": self.config.model, "messages": messages,
+                **{k: v for k, v in params.items() if v is not None}}
 
     async def complete(self, messages: list[dict], *, max_tokens: int, temperature: float | None = None,
                        seed: int | None = None, response_format: dict | None = None) -> Completion:

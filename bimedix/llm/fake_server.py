@@ -164,8 +164,8 @@ class FakeOpenAIServer:
     def served_usage(self) -> tuple[int, int]:
         """``(prompt_tokens, completion_tokens)`` summed over every completion served in full."""
         with self._lock:
-            return (sum(item.prompt_tokens for item in self.log), sum(item.completion_tokens
-                                                                      for item in self.log))
+            return (sum(item.prompt_tokens for item in self.log),
+                    sum(item.completion_tokens for item in self.log))
 
     def complete(self, body: dict, *, forced: str | None = None, digest: str | None = None
                  ) -> tuple[dict, ServedRequest]:

@@ -104,8 +104,8 @@ def rejects_path(output: str | os.PathLike) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".rejects.jsonl")
 
 
-async def run_records(input_path: str | os.PathLike, process: Callable[[dict],
-                                                                       Awaitable[Accepted | Rejected]], *,
+async def run_records(input_path: str | os.PathLike,
+                      process: Callable[[dict], Awaitable[Accepted | Rejected]], *,
                       output: str | os.PathLike, client: LLMClient, fingerprint: str,
                       source_id_of: Callable[[dict], str], desc: str) -> RunSummary:
     """Apply ``process`` to every input record not finished yet, writing results as they finish.

@@ -36,8 +36,8 @@ def is_quantized(module: nn.Module, param_name: str) -> bool:
     return bnb_parametrization(module, param_name) is not None
 
 
-def grouped_expert_linear(experts: nn.Module, param_name: str) -> Callable[[torch.Tensor, torch.Tensor],
-                                                                           torch.Tensor]:
+def grouped_expert_linear(experts: nn.Module,
+                          param_name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return ``linear(x, offsets)``: rows of ``x`` sorted by expert, group ``e`` times ``W[e]ᵀ`` (grouped
     GEMM).
 

@@ -258,9 +258,8 @@ def parameter_bytes(facts: dict, dtype: torch.dtype, quantization: str | None,
         if quantize_experts and part == "experts":
             # fused experts are not Linears; bimedix packs them (per-expert Linears: bitsandbytes)
             linear = count
-        packed, per = ("nf4", NF4_BYTES) if quantization == "4bit" or (part == "experts"
-                                                                       and quantize_experts) \
-            else ("int8", INT8_BYTES)
+        nf4 = quantization == "4bit" or (part == "experts" and quantize_experts)
+        packed, per = ("nf4", NF4_BYTES) if nf4 else ("int8", INT8_BYTES)
         for storage, number, size in ((packed, linear, per), (plain, count - linear, dtype.itemsize)):
             if number:
                 by_part[part] += number * size

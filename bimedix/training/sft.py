@@ -330,8 +330,8 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
         return model
     _require_model(model_args)
     kwargs = dict(revision=model_args.model_revision, attn_implementation=model_args.attn_implementation,
-                  dtype=model_args.dtype, trust_remote_code=getattr(training_args, "trust_remote_code",
-                                                                    False),
+                  dtype=model_args.dtype,
+                  trust_remote_code=getattr(training_args, "trust_remote_code", False),
                   quantization_config=quantization_config, device_map=device_map)
     kwargs.update(training_args.model_init_kwargs or {})
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
@@ -559,8 +559,8 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
         config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
                                             trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        return bool(fused_experts(AutoModelForCausalLM.from_config(config,
-                                                                   trust_remote_code=trust_remote_code)))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return bool(fused_experts(model))
 
 
 def _env_true(name: str) -> bool:

@@ -340,8 +340,8 @@ def _names(model: nn.Module, selected: list[str], kind: str, full_names: bool) -
     names."""
     if full_names or not selected:
         return sorted(selected)
-    pool = [n for n, _ in model.named_modules()] if kind == "module" else [n for n,
-                                                                           _ in model.named_parameters()]
+    named = model.named_modules() if kind == "module" else model.named_parameters()
+    pool = [n for n, _ in named]
     # suffix -> names it matches (PEFT: equal or ends with .suffix)
     matching: dict[str, set[str]] = defaultdict(set)
     for name in pool:
