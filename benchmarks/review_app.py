@@ -29,8 +29,7 @@ def translated_record(index: int, queued: bool) -> dict:
         id=f"bench-ar-{index:06d}", source="bench", task="mcqa", language="ar", license="MIT",
         conversations=[{"from": "human",
                         "value": f"سؤال رقم {index}: ما هو العلاج المناسب لمريض عمره {index % 90} سنة؟\n"
-                                                  + "\n".join(f"{letter}. {text}" for letter,
-                                                              text in zip("ABCD", options))},
+                                 + "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", options))},
                        {"from": "gpt",
                         "value": f"B. {options[1]}\n\nالشرح: توصي الإرشادات به عند هذا المستوى."}],
         options=options, answer="B",

@@ -100,8 +100,8 @@ class Counts:
                 f"{self.deduplicated:,} (exact {self.deduplicated_exact:,}, near {self.deduplicated_near:,} "
                 f"of {self.near_candidates:,} LSH candidates) + "
                 f"decontaminated {self.decontaminated:,} + dropped by weight {self.dropped_weight:,} + "
-                f"dropped for the AR:EN ratio {self.dropped_ratio:,}" + ("" if self.balanced
-                                                                 else "  [DOES NOT BALANCE]"))
+                f"dropped for the AR:EN ratio {self.dropped_ratio:,}"
+                + ("" if self.balanced else "  [DOES NOT BALANCE]"))
 
 
 @dataclass
@@ -428,7 +428,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             candidates = dedup.candidates
             results = _clean_results(workers, readers, shard_index, spec, source_path)
             for offset, raw, (status, result) in tqdm(results, desc=f"clean {spec.name}", unit="rec",
-                                                       total=shard["written"], disable=not progress):
+                                                      total=shard["written"], disable=not progress):
                 if isinstance(status, RecordError):
                     tally.rejected += 1
                     report(status, policy)

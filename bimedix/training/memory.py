@@ -439,8 +439,8 @@ def format_report(report: dict) -> str:
     p, t, a, s = report["parameters"], report["trainable"], report["activations"], report["settings"]
     shard = s["sharding"]
     lines = [f"Model: {report.get('model', '?')} ({report['model_type']}), compute dtype "
-             f"{s['compute_dtype']}, bitsandbytes {s['quantization'] or 'off'}" + (", bimedix 4-bit experts"
-                                                             if s["quantize_experts"] else "")
+             f"{s['compute_dtype']}, bitsandbytes {s['quantization'] or 'off'}"
+             + (", bimedix 4-bit experts" if s["quantize_experts"] else "")
              + f", expert LoRA {s['expert_lora']}",
              f"Launch: {s['num_processes']} process(es), {shard['name']}"
              + (" (sharded: " + ", ".join(k for k in ("parameters", "gradients", "optimizer") if shard[k])
@@ -461,8 +461,7 @@ def format_report(report: dict) -> str:
               (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
                f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
               "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
-                                                                for k, v in report["transients"].items())
-                                     or "none")]
+                                               for k, v in report["transients"].items()) or "none")]
     totals = report["totals"]
     labels = {"parameters": "parameters", "trainable_states": "trainable states",
               "activations": "activations",
