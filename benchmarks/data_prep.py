@@ -209,13 +209,14 @@ def bench_index(records: list[dict], count: int) -> None:
         "from data_prep import _status_mb\n"
         "from bimedix.data.dedup import Deduplicator\n"
         "words = json.loads(sys.stdin.read())\n"
-        "rng = random.Random(0)\n"
+        "def text(i):\n"
+        "    return ' '.join(random.Random(i).choices(words, k=60))\n"
         "before = _status_mb('self', 'VmRSS')\n"
-        "dedup = Deduplicator()\n"
+        "dedup = Deduplicator(text_of=text)  # as in build-data: kept texts are re-read, not held\n"
         f"for i in range({count}):\n"
-        "    dedup.check({'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': ' "
-        "'.join(rng.choices(words, k=60))}]})\nprint(before, "
-        "_status_mb('self', 'VmHWM'), len(dedup._exact))\n"
+        "    record = {'id': f'record-{i}', 'conversations': [{'from': 'human', 'value': text(i)}]}\n"
+        "    dedup.check(record, ref=i)\n"
+        "print(before, _status_mb('self', 'VmHWM'), len(dedup._exact))\n"
     )
     words = sorted({w for r in records for t in r["conversations"] for w in t["value"].split()})
     start = time.perf_counter()
