@@ -38,13 +38,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .composition import composition
 from .conventions import LANGUAGES
 from .dataset_readme import configs_readme
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
-from .dedup import Deduplicator, record_text
+from .dedup import Deduplicator, Signature, record_text
 from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, report, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
 from .outputs import OutputFolder
@@ -440,6 +441,9 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                     tally.dropped_weight += 1
                     continue
                 record_id, found, signature = result
+                if signature is not None:
+                    digest, band_keys, shingles = signature
+                    signature = Signature(digest, band_keys, np.frombuffer(shingles, dtype=np.uint32))
                 if found is not None:
                     tally.decontaminated += 1
                     contaminated.write(_json_line(report_entry(json.loads(raw), found, index.ngram)))
@@ -515,7 +519,10 @@ def _clean_task(context: tuple, task: tuple) -> list:
             continue
         text = record_text(record)
         found = index.match(text, normalized=True) if index is not None else None
-        results.append((status, (record["id"], found, None if found is not None else signer.signature(text))))
+        signature = None if found is not None else signer.signature(text)
+        if signature is not None:  # raw bytes pickle far cheaper than a numpy array: one per record
+            signature = (signature.digest, signature.band_keys, signature.shingles.tobytes())
+        results.append((status, (record["id"], found, signature)))
     return results
 
 
