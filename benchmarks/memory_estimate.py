@@ -26,10 +26,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from moe_experts import RssSampler, current_rss  # noqa: E402  (the sibling benchmark's sampler)
 
 MODEL = "mistralai/Mixtral-8x7B-v0.1"
 GIB = 1024**3
@@ -116,7 +118,7 @@ def measure(args: argparse.Namespace) -> dict:
     from bimedix.training.quantize import quantize_experts
     from bimedix.training.targets import build_lora_config, load_model_config
 
-    baseline = _current_rss()
+    baseline = current_rss()
     config = load_model_config(MODEL, **_dims(args))
     torch.manual_seed(0)
     # LoRA first, then pack, as `bimedix sft` does; allocated a layer at a time below
@@ -135,7 +137,7 @@ def measure(args: argparse.Namespace) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    at_rest = _current_rss() - baseline
+    at_rest = current_rss() - baseline
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
     ids = torch.randint(3, config.vocab_size, (1, args.tokens))
 
@@ -145,8 +147,8 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # allocates AdamW's states; the gradients are freed again by zero_grad
-    warm = _current_rss() - baseline
-    sampler = _RssSampler()
+    warm = current_rss() - baseline
+    sampler = RssSampler()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -169,30 +171,6 @@ def _materialize(module: torch.nn.Module, std: float = 0.02) -> None:
             if param is not None and param.is_meta:
                 values = torch.empty_like(param, device="cpu").normal_(std=std)
                 sub._parameters[name] = torch.nn.Parameter(values, requires_grad=param.requires_grad)
-
-
-class _RssSampler:
-    """Peak resident set size of this process while it runs (sampled every millisecond in a thread)."""
-
-    def __init__(self):
-        self.peak, self._running = _current_rss(), True
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _current_rss())
-            time.sleep(0.001)
-
-    def stop(self) -> int:
-        self._running = False
-        self._thread.join()
-        return self.peak
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 if __name__ == "__main__":

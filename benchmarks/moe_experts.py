@@ -106,7 +106,7 @@ def run_config(args: argparse.Namespace, experts: str, lora: str, implementation
     from bimedix.training.quantize import expert_parameter_bytes, quantize_experts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    baseline = _current_rss()
+    baseline = current_rss()
     config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
                            num_local_experts=args.experts, num_experts_per_tok=args.top_k,
                            num_hidden_layers=args.layers, router_jitter_noise=0.0)
@@ -138,7 +138,7 @@ def run_config(args: argparse.Namespace, experts: str, lora: str, implementation
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    sampler = _RssSampler() if device.type == "cpu" else None
+    sampler = RssSampler() if device.type == "cpu" else None
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -169,17 +169,17 @@ class MoEStack(nn.Module):
         return hidden
 
 
-class _RssSampler:
+class RssSampler:
     """Peak resident set size of this process while it runs (sampled every millisecond in a thread)."""
 
     def __init__(self):
-        self.peak, self._running = _current_rss(), True
+        self.peak, self._running = current_rss(), True
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while self._running:
-            self.peak = max(self.peak, _current_rss())
+            self.peak = max(self.peak, current_rss())
             time.sleep(0.001)
 
     def stop(self) -> int:
@@ -244,7 +244,7 @@ def _forwarded(argv: list[str]) -> list[str]:
     return out
 
 
-def _current_rss() -> int:
+def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
