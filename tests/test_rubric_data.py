@@ -15,15 +15,22 @@ EXAMPLES = resource_path("bimedix", "eval", "rubric_examples")
 
 
 def good(prompt_id: str = "p1") -> dict:
-    return {"prompt_id": prompt_id, "prompt": [{"role": "user", "content": "Hi, I have a cough."}],
-            "rubrics": [{"criterion": "Asks how long", "points": 5, "tags": ["axis:context_awareness"]},
-                        {"criterion": "Prescribes antibiotics", "points": -4, "tags": ["axis:accuracy"]}],
-            "example_tags": ["theme:context_seeking"]}
+    return {
+        "prompt_id": prompt_id,
+        "prompt": [{"role": "user", "content": "Hi, I have a cough."}],
+        "rubrics": [
+            {"criterion": "Asks how long", "points": 5, "tags": ["axis:context_awareness"]},
+            {"criterion": "Prescribes antibiotics", "points": -4, "tags": ["axis:accuracy"]},
+        ],
+        "example_tags": ["theme:context_seeking"],
+    }
 
 
 def write(path, lines) -> object:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -40,17 +47,23 @@ def test_bundled_examples_are_paired_bilingual_sets():
     assert str(Criterion("Says X", 7)) == "[7] Says X"  # HealthBench's grader-prompt rendering
 
 
-@pytest.mark.parametrize("mutate, field, message", [
-    (lambda r: r["rubrics"][0].update(points=0), "rubrics[0].points", "is 0"),
-    (lambda r: r["rubrics"].pop(0), "rubrics", "no criterion with positive points"),
-    (lambda r: r["prompt"].append({"role": "assistant", "content": "ok"}), "prompt[1].role",
-     "end with a user turn"),
-    (lambda r: r["rubrics"][1].update(tags=["axis:bedside_manner"]), "rubrics[1].tags", "unknown tag"),
-    (lambda r: r.update(example_tags=["topic:cough"]), "example_tags", "unknown tag"),
-    (lambda r: r["rubrics"][0].update(points="5"), "rubrics[0].points", "must be a number"),
-    (lambda r: r.pop("prompt_id"), "prompt_id", "non-empty string"),
-    (lambda r: r["prompt"][0].update(content=""), "prompt[0].content", "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, message",
+    [
+        (lambda r: r["rubrics"][0].update(points=0), "rubrics[0].points", "is 0"),
+        (lambda r: r["rubrics"].pop(0), "rubrics", "no criterion with positive points"),
+        (
+            lambda r: r["prompt"].append({"role": "assistant", "content": "ok"}),
+            "prompt[1].role",
+            "end with a user turn",
+        ),
+        (lambda r: r["rubrics"][1].update(tags=["axis:bedside_manner"]), "rubrics[1].tags", "unknown tag"),
+        (lambda r: r.update(example_tags=["topic:cough"]), "example_tags", "unknown tag"),
+        (lambda r: r["rubrics"][0].update(points="5"), "rubrics[0].points", "must be a number"),
+        (lambda r: r.pop("prompt_id"), "prompt_id", "non-empty string"),
+        (lambda r: r["prompt"][0].update(content=""), "prompt[0].content", "non-empty string"),
+    ],
+)
 def test_bad_example_names_line_and_field(tmp_path, mutate, field, message):
     bad = good("p2")
     mutate(bad)

@@ -32,8 +32,15 @@ from .schema import RecordError
 #: Tag families HealthBench uses on examples and on criteria, and the values of the two that are reported.
 EXAMPLE_TAG_PREFIXES = ("theme", "physician_agreed_category")
 CRITERION_TAG_PREFIXES = ("axis", "level", "cluster")
-THEMES = ("emergency_referrals", "context_seeking", "global_health", "health_data_tasks", "communication",
-          "hedging", "complex_responses")
+THEMES = (
+    "emergency_referrals",
+    "context_seeking",
+    "global_health",
+    "health_data_tasks",
+    "communication",
+    "hedging",
+    "complex_responses",
+)
 AXES = ("accuracy", "completeness", "communication_quality", "context_awareness", "instruction_following")
 ROLES = ("system", "user", "assistant", "developer")
 _KNOWN_VALUES = {"theme": THEMES, "axis": AXES}
@@ -78,13 +85,19 @@ class RubricExample:
 
     def to_dict(self) -> dict:
         """The example as a HealthBench JSON line (with ``language`` and any extra fields)."""
-        return {"prompt_id": self.prompt_id, "prompt": [dict(m) for m in self.prompt],
-                "rubrics": [c.to_dict() for c in self.rubrics], "example_tags": list(self.example_tags),
-                "language": self.language, **self.extra}
+        return {
+            "prompt_id": self.prompt_id,
+            "prompt": [dict(m) for m in self.prompt],
+            "rubrics": [c.to_dict() for c in self.rubrics],
+            "example_tags": list(self.example_tags),
+            "language": self.language,
+            **self.extra,
+        }
 
 
-def read_rubric_examples(path: str | os.PathLike, *, language: str = "en",
-                         on_error: OnError = None) -> list[RubricExample]:
+def read_rubric_examples(
+    path: str | os.PathLike, *, language: str = "en", on_error: OnError = None
+) -> list[RubricExample]:
     """Read and check a HealthBench-format JSON Lines file.
 
     Args:
@@ -104,9 +117,13 @@ def read_rubric_examples(path: str | os.PathLike, *, language: str = "en",
         try:
             example = parse_rubric_example(obj, path=path, line=line_no, language=language)
             if example.prompt_id in seen:
-                raise RecordError(f"prompt_id {example.prompt_id!r} already used on line "
-                                  f"{seen[example.prompt_id]}", path=str(path), record=line_no,
-                                  field="prompt_id", raw=obj)
+                raise RecordError(
+                    f"prompt_id {example.prompt_id!r} already used on line {seen[example.prompt_id]}",
+                    path=str(path),
+                    record=line_no,
+                    field="prompt_id",
+                    raw=obj,
+                )
         except RecordError as err:
             report(err, on_error)
             continue
@@ -115,8 +132,9 @@ def read_rubric_examples(path: str | os.PathLike, *, language: str = "en",
     return examples
 
 
-def parse_rubric_example(obj: Any, *, path: str | os.PathLike = "<input>", line: int | None = None,
-                         language: str = "en") -> RubricExample:
+def parse_rubric_example(
+    obj: Any, *, path: str | os.PathLike = "<input>", line: int | None = None, language: str = "en"
+) -> RubricExample:
     """Check one decoded line and return it as a `RubricExample` (see the module docstring for the rules)."""
 
     def fail(field_name: str | None, message: str) -> RecordError:
@@ -134,27 +152,40 @@ def parse_rubric_example(obj: Any, *, path: str | os.PathLike = "<input>", line:
         raise fail("prompt", f"must be a non-empty list of {{role, content}} messages, got {prompt!r:.80}")
     for index, message in enumerate(prompt):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise fail(f"prompt[{index}].role", f"must be one of {list(ROLES)}, got "
-                       f"{message.get('role') if isinstance(message, dict) else message!r:.80}")
+            raise fail(
+                f"prompt[{index}].role",
+                f"must be one of {list(ROLES)}, got "
+                f"{message.get('role') if isinstance(message, dict) else message!r:.80}",
+            )
         if not isinstance(message.get("content"), str) or not message["content"].strip():
-            raise fail(f"prompt[{index}].content",
-                       f"must be a non-empty string, got {message.get('content')!r:.80}")
+            raise fail(
+                f"prompt[{index}].content", f"must be a non-empty string, got {message.get('content')!r:.80}"
+            )
     if prompt[-1]["role"] != "user":
-        raise fail(f"prompt[{len(prompt) - 1}].role", "the conversation must end with a user turn (the reply "
-                   f"is graded), got {prompt[-1]['role']!r}")
+        raise fail(
+            f"prompt[{len(prompt) - 1}].role",
+            f"the conversation must end with a user turn (the reply is graded), got {prompt[-1]['role']!r}",
+        )
     rubrics = obj.get("rubrics")
     if not isinstance(rubrics, list) or not rubrics:
         raise fail("rubrics", f"must be a non-empty list of criteria, got {rubrics!r:.80}")
     criteria = [_criterion(item, f"rubrics[{index}]", fail) for index, item in enumerate(rubrics)]
     if not any(c.points > 0 for c in criteria):
-        raise fail("rubrics", "has no criterion with positive points, so no score can be computed "
-                   "(the score divides by the sum of positive points)")
+        raise fail(
+            "rubrics",
+            "has no criterion with positive points, so no score can be computed "
+            "(the score divides by the sum of positive points)",
+        )
     example_tags = _tags(obj.get("example_tags", []), "example_tags", EXAMPLE_TAG_PREFIXES, fail)
     known = {"prompt_id", "prompt", "rubrics", "example_tags", "language"}
-    return RubricExample(prompt_id=prompt_id, prompt=tuple({"role": m["role"], "content": m["content"]}
-                                                           for m in prompt),
-                         rubrics=tuple(criteria), example_tags=tuple(example_tags), language=language,
-                         extra={k: v for k, v in obj.items() if k not in known})
+    return RubricExample(
+        prompt_id=prompt_id,
+        prompt=tuple({"role": m["role"], "content": m["content"]} for m in prompt),
+        rubrics=tuple(criteria),
+        example_tags=tuple(example_tags),
+        language=language,
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
 
 
 def _criterion(item: Any, where: str, fail) -> Criterion:
@@ -167,10 +198,13 @@ def _criterion(item: Any, where: str, fail) -> Criterion:
     if isinstance(points, bool) or not isinstance(points, (int, float)):
         raise fail(f"{where}.points", f"must be a number, got {points!r:.80}")
     if points == 0:
-        raise fail(f"{where}.points", "is 0: a criterion must be worth positive points (should do) or "
-                   "negative points (must not do)")
-    return Criterion(text, points, tuple(_tags(item.get("tags", []), f"{where}.tags", CRITERION_TAG_PREFIXES,
-                                               fail)))
+        raise fail(
+            f"{where}.points",
+            "is 0: a criterion must be worth positive points (should do) or negative points (must not do)",
+        )
+    return Criterion(
+        text, points, tuple(_tags(item.get("tags", []), f"{where}.tags", CRITERION_TAG_PREFIXES, fail))
+    )
 
 
 def _tags(tags: Any, where: str, prefixes: tuple[str, ...], fail) -> list[str]:
@@ -204,8 +238,12 @@ def _explain_truncation(on_error: OnError, truncated_line: int | None) -> OnErro
 
     def handle(error: RecordError) -> None:
         if error.record == truncated_line and error.reason.startswith("invalid JSON"):
-            error = RecordError(error.reason + "; the last line has no newline: the file looks truncated "
-                                "(download it again)", path=error.path, record=error.record, raw=error.raw)
+            error = RecordError(
+                error.reason + "; the last line has no newline: the file looks truncated (download it again)",
+                path=error.path,
+                record=error.record,
+                raw=error.raw,
+            )
         report(error, on_error)
 
     return handle
