@@ -321,3 +321,22 @@ def test_local_model_replies_are_generated_once(tiny_model_dir, api_key, server,
     assert main(argv) == 0
     assert len(loads) == 1  # every reply came from the run's cache
     assert read_jsonl(tmp_path / "out" / "examples.jsonl") == first
+
+
+def test_push_dry_run_puts_the_table_in_the_model_card(server, api_key, tmp_path, tiny_adapter_dir):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    assert main(command(server.base_url, tmp_path, "out", "--languages", "en,ar", "--data-ar",
+                        str(EXAMPLES / "examples_ar.jsonl"))) == 0
+    staged = tmp_path / "staged"
+    assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--dry-run", str(staged),
+                 "--eval-chat", str(out)]) == 0
+    text = (staged / "README.md").read_text(encoding="utf-8")
+    assert "### Open-ended answers (rubric grading)" in text
+    assert (out / "table.md").read_text(encoding="utf-8").strip() in text
+    results = json.loads((out / "results.json").read_text())
+    card = ModelCard.load(staged / "README.md")
+    scores = {r.dataset_name: r.metric_value for r in card.data.eval_results}
+    assert scores == {f"Rubric-graded open-ended answers ({language})": round(results[language]["score"], 4)
+                      for language in ("en", "ar")}
