@@ -327,16 +327,131 @@ def test_push_dry_run_puts_the_table_in_the_model_card(server, api_key, tmp_path
     from huggingface_hub import ModelCard
 
     out = tmp_path / "out"
-    assert main(command(server.base_url, tmp_path, "out", "--languages", "en,ar", "--data-ar",
-                        str(EXAMPLES / "examples_ar.jsonl"))) == 0
+    assert (
+        main(
+            command(
+                server.base_url,
+                tmp_path,
+                "out",
+                "--languages",
+                "en,ar",
+                "--data-ar",
+                str(EXAMPLES / "examples_ar.jsonl"),
+            )
+        )
+        == 0
+    )
     staged = tmp_path / "staged"
-    assert main(["push", "adapter", str(tiny_adapter_dir), "--repo-id", "me/tiny", "--dry-run", str(staged),
-                 "--eval-chat", str(out)]) == 0
+    assert (
+        main(
+            [
+                "push",
+                "adapter",
+                str(tiny_adapter_dir),
+                "--repo-id",
+                "me/tiny",
+                "--dry-run",
+                str(staged),
+                "--eval-chat",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = (staged / "README.md").read_text(encoding="utf-8")
     assert "### Open-ended answers (rubric grading)" in text
     assert (out / "table.md").read_text(encoding="utf-8").strip() in text
     results = json.loads((out / "results.json").read_text())
     card = ModelCard.load(staged / "README.md")
     scores = {r.dataset_name: r.metric_value for r in card.data.eval_results}
-    assert scores == {f"Rubric-graded open-ended answers ({language})": round(results[language]["score"], 4)
-                      for language in ("en", "ar")}
+    assert scores == {
+        f"Rubric-graded open-ended answers ({language})": round(results[language]["score"], 4)
+        for language in ("en", "ar")
+    }
+
+
+def test_clinician_review_of_the_arabic_translation(server, api_key, tmp_path, capsys):
+    argv = command(server.base_url, tmp_path, "out", "--languages", "en,ar")
+    assert main(argv) == 0
+    out = tmp_path / "out"
+    with open(out / "data_ar.review.csv", encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    queued = sorted({row["id"] for row in rows})
+    assert len(queued) >= 2
+    approve, edit = queued[0], queued[1]
+    rows = [row for row in rows if row["id"] in (approve, edit)]
+    for row in rows:
+        row["decision"] = "approve"
+    target = next(row for row in rows if row["id"] == edit and row["field"] == "rubrics.0")
+    target.update(arabic="معيار مصحح من الطبيب", decision="edit")
+    reject = next(row for row in read_jsonl(out / "data_ar.jsonl") if row["prompt_id"] not in queued)
+    rows.append(
+        {
+            **rows[0],
+            "id": reject["prompt_id"],
+            "field": "prompt.0",
+            "arabic": reject["prompt"][0]["content"],
+            "decision": "reject",
+        }
+    )
+
+    def write(name, table):
+        with open(tmp_path / name, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        return str(tmp_path / name)
+
+    bad = [dict(row) for row in rows]
+    bad[0]["decision"] = "ok"
+    assert (
+        main(
+            ["eval-chat", "--output", str(out), "--apply-review", write("bad.csv", bad), "--reviewer", "dr-a"]
+        )
+        == 2
+    )
+    assert "bad.csv:row 2: column `decision`: 'ok' is not one of" in capsys.readouterr().err
+    assert not (out / "data_ar.reviewed.jsonl").exists()
+
+    assert (
+        main(
+            [
+                "eval-chat",
+                "--output",
+                str(out),
+                "--apply-review",
+                write("done.csv", rows),
+                "--reviewer",
+                "dr-a",
+            ]
+        )
+        == 0
+    )
+    assert "1 approved, 1 edited, 1 rejected (left out)" in capsys.readouterr().out
+    reviewed = {row["prompt_id"]: row for row in read_jsonl(out / "data_ar.reviewed.jsonl")}
+    assert len(reviewed) == 7 and reject["prompt_id"] not in reviewed
+    assert reviewed[edit]["rubrics"][0]["criterion"] == "معيار مصحح من الطبيب"
+    assert reviewed[edit]["translation"]["review_state"] == "edited"
+    assert reviewed[approve]["translation"] | {"reviewed": True} == reviewed[approve]["translation"]
+    audit = read_jsonl(out / "data_ar.reviewed.audit.jsonl")
+    assert len(audit) == len(rows) and {entry["reviewer"] for entry in audit} == {"dr-a"}
+
+    assert (
+        main(
+            command(
+                server.base_url,
+                tmp_path,
+                "rev",
+                "--languages",
+                "en,ar",
+                "--data-ar",
+                str(out / "data_ar.reviewed.jsonl"),
+            )
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "rev" / "results.json").read_text())
+    assert results["ar"]["n"] == 7 and "2 of 7 examples marked reviewed" in results["run"]["arabic_source"]
+    assert results["run"]["untranslated"] == [
+        {"prompt_id": reject["prompt_id"], "reason": f"not in {out / 'data_ar.reviewed.jsonl'}"}
+    ]

@@ -143,6 +143,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)"
     )
+    review = parser.add_argument_group("clinician review of the machine-translated Arabic set")
+    review.add_argument(
+        "--apply-review",
+        type=Path,
+        metavar="QUEUE",
+        help="the reviewed OUTPUT/data_ar.review.csv (or .jsonl): write "
+        "OUTPUT/data_ar.reviewed.jsonl (+ .audit.jsonl) to pass with --data-ar",
+    )
+    review.add_argument("--reviewer", help="with --apply-review: who reviewed (recorded in the audit trail)")
     calibration = parser.add_argument_group("judge calibration")
     calibration.add_argument(
         "--calibration-sample",
@@ -166,6 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.agreement:
         return _agreement(args)
+    if args.apply_review:
+        return _apply_review(args)
     from ..data.outputs import OutputFolder, check_outputs
     from ..data.rejects import RejectLog, on_error_for
     from ..data.rubric import read_rubric_examples
@@ -251,7 +262,10 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             run_state.examples["en"] = english
         if "ar" in languages and reviewed is not None:
             run_state.examples["ar"] = _pair(english, reviewed, args.data_ar, run_state)
-            info["arabic_source"] = f"{args.data_ar} (given with --data-ar)"
+            marked = sum(bool((e.extra.get("translation") or {}).get("reviewed")) for e in reviewed)
+            info["arabic_source"] = (
+                f"{args.data_ar} (given with --data-ar; {marked} of {len(reviewed)} examples marked reviewed)"
+            )
         elif "ar" in languages:
             client = _client(
                 args,
@@ -324,7 +338,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
     if queue is not None:
         print(
             f"Arabic: machine-translated set {folder.path('data_ar.jsonl')}; {queue[1]} example(s) queued "
-            f"for clinician review in {queue[0]} (fix data_ar.jsonl from it and re-run with --data-ar)"
+            f"for clinician review in {queue[0]} (apply it with --apply-review QUEUE --reviewer NAME)"
         )
     for item in run_state.untranslated[:5]:
         print(f"not in Arabic: {item['prompt_id']}: {item['reason'][:200]}")
@@ -454,4 +468,30 @@ def _agreement(args: argparse.Namespace) -> int:
     write_json(target, report)
     print(format_agreement(report))
     print(f"-> {target}")
+    return 0
+
+
+def _apply_review(args: argparse.Namespace) -> int:
+    from ..data.outputs import OutputFolder
+    from ..eval.rubric_review import apply_arabic_review
+
+    data_ar = args.output / "data_ar.jsonl"
+    if not data_ar.is_file():
+        raise FileNotFoundError(
+            f"{data_ar}: not found; --output must be the folder of an eval-chat run with ar"
+        )
+    folder = OutputFolder(args.output, "eval-chat", overwrite=args.overwrite)
+    output = folder.path("data_ar.reviewed.jsonl")
+    summary = apply_arabic_review(
+        data_ar,
+        args.apply_review,
+        output,
+        reviewer=args.reviewer or "",
+        audit=folder.path("data_ar.reviewed.audit.jsonl"),
+    )
+    print(
+        f"eval-chat --apply-review: {summary.approved} approved, {summary.edited} edited, {summary.rejected} "
+        f"rejected (left out), {summary.undecided} still undecided; {summary.written} examples -> {output}"
+    )
+    print(f"evaluate on it with: --languages en,ar --data-ar {output}")
     return 0

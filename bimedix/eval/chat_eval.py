@@ -6,7 +6,8 @@ Three phases over the run's one SQLite request cache (``DIR/eval-chat.llm.sqlite
    and criteria together (criteria go in as the translator's ``options``), with `Translator.translate`:
    invariants, judge score, refinement. The Arabic set is written to ``DIR/data_ar.jsonl``, each line
    marked ``translation.machine_translated`` with its score and review state, and the examples the review
-   policy queues (below the threshold, or sampled) go to ``DIR/data_ar.review.csv`` for clinicians.
+   policy queues (below the threshold, or sampled) go to ``DIR/data_ar.review.csv`` for clinicians
+   (`bimedix.eval.rubric_review` applies their decisions).
 2. **Replies** of the model under test, one per example and language: from an OpenAI-compatible endpoint
    (`EndpointReplies`) or a local model (`LocalReplies`, kept in the cache's ``records`` table).
 3. **Grading**: one `RubricGrader` call per criterion, the Arabic reply against the Arabic criterion.
