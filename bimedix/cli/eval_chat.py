@@ -201,6 +201,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--languages {args.languages!r}: use en, ar or en,ar")
     if args.peft and args.base_url:
         raise ValueError("--peft applies to a local --model; an endpoint (--base-url) serves its own adapter")
+    if not args.base_url:  # before any request: a local model that cannot load fails now, not after paying
+        from ..resources import check_model_folder
+
+        check_model_folder(args.model)
+        if args.peft:
+            check_model_folder(args.peft, "--peft")
     inputs = {
         "--data": args.data,
         "--data-ar": args.data_ar,
