@@ -245,7 +245,8 @@ def test_reply_to_a_whole_conversation_is_the_chat_reply_and_keeps_history(sessi
     expected = session.send("What is anemia?")
     follow_up = session.send("And in children?")
     kept = list(session.history)
-    conversation = [{"role": "user", "content": "What is anemia?"}, {"role": "assistant", "content": expected},
+    conversation = [{"role": "user", "content": "What is anemia?"},
+                    {"role": "assistant", "content": expected},
                     {"role": "user", "content": "And in children?"}]
     assert session.reply_to(conversation[:1]) == expected
     assert session.reply_to(conversation) == follow_up
