@@ -280,10 +280,11 @@ def test_kill9_resumes_without_paying_twice(api_key, tmp_path):
         time.sleep(0.1)  # let requests in flight at the kill reach the server log
         recorded = RequestCache(cache_path).keys()
         count_at_kill = server.count()
-        assert 0 < len(recorded) < 40 + 4
+        assert 0 < len(recorded) <= count_at_kill
         final = subprocess.run(argv, env=env, capture_output=True, timeout=300)
         assert final.returncode == 0, final.stderr.decode()[-2000:]
         log = list(server.log)
+    assert len(recorded) < len(RequestCache(cache_path).keys())  # the kill came part-way
     assert [item for item in log[count_at_kill:] if item.body_hash in recorded] == []
     served = [item for item in log if item.outcome == "ok"]
     assert len(served) - len({item.body_hash for item in served}) <= 4  # only requests in flight at the kill
