@@ -309,9 +309,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             finally:
                 await client.aclose()
         else:
-            source = LocalReplies(
-                _local_generator(args), cache, name=info["model"], fingerprint=_local_fingerprint(args)
-            )
+            source = LocalReplies(_local_generator(args), cache, fingerprint=_local_fingerprint(args))
             await generate_replies(source, run_state, cost=cache.total_cost)
         client = _client(args, args.judge_base_url, args.judge_model, args.judge_api_key_env, cache)
         grader = RubricGrader(

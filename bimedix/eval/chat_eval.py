@@ -62,7 +62,6 @@ class EndpointReplies:
     def __init__(self, client: LLMClient, *, max_tokens: int, temperature: float = 0.0, seed: int = 0):
         self.client = client
         self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
-        self.name = client.config.model
         self.concurrency = client.config.concurrency
 
     async def reply(self, prompt: list[dict]) -> str:
@@ -78,16 +77,13 @@ class LocalReplies:
     Args:
         generate (`Callable[[list[dict]], str]`): the reply to a conversation (`ChatSession.reply_to`).
         cache (`RequestCache`): the run's cache (replies go in its ``records`` table).
-        name (`str`): the model (and adapter) as reported.
         fingerprint (`str`): model, adapter, template and decoding settings: a change generates anew.
     """
 
     concurrency = 1
 
-    def __init__(
-        self, generate: Callable[[list[dict]], str], cache: RequestCache, *, name: str, fingerprint: str
-    ):
-        self.generate, self.cache, self.name, self.fingerprint = generate, cache, name, fingerprint
+    def __init__(self, generate: Callable[[list[dict]], str], cache: RequestCache, *, fingerprint: str):
+        self.generate, self.cache, self.fingerprint = generate, cache, fingerprint
         self._lock = asyncio.Lock()
 
     async def reply(self, prompt: list[dict]) -> str:
@@ -141,7 +137,7 @@ class ChatEvalRun:
 
 
 async def translate_examples(
-    english: list[RubricExample], translator: Translator, run: ChatEvalRun, *, desc: str = "translate"
+    english: list[RubricExample], translator: Translator, run: ChatEvalRun
 ) -> list[RubricExample]:
     """Arabic versions of ``english`` by ``translator`` (criteria as its ``options``), in input order."""
     results: dict[str, RubricExample] = {}
@@ -190,7 +186,7 @@ async def translate_examples(
         [(example.prompt_id, lambda e=example: work(e)) for example in english],
         concurrency=translator.client.config.concurrency,
         run=run,
-        desc=desc,
+        desc="translate",
         cost=lambda: translator.client.spent_usd,
     )
     return [results[e.prompt_id] for e in english if e.prompt_id in results]
