@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..resources import RESOURCE_PREFIXES, resolve_resource
 from .conventions import LANGUAGES, ON_ERROR_POLICIES
 from .outputs import safe_name
 from .schema import TASKS
 
-RESOURCE_PREFIXES = {"bimedix:": "bimedix", "recipes:": "recipes"}
 RECORDS_CONVERTER = "records"
 BENCHMARK_READERS = ("pubmedqa", "medmcqa", "medqa", "mmlu", "medarabench")
 
@@ -198,19 +198,16 @@ class DataRecipe:
             path (`str`): relative to the root (absolute paths are kept).
             sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
         """
-        for prefix, kind in RESOURCE_PREFIXES.items():
-            if path.startswith(prefix):
-                from ..resources import resource_path
-
-                return resource_path(kind, *Path(path[len(prefix):]).parts)
+        if path.startswith(RESOURCE_PREFIXES):
+            return resolve_resource(path)
         return self.root(sources_dir) / path
 
     def root(self, sources_dir: str | os.PathLike | None = None) -> Path:
         """Return the sources root: ``sources_dir`` if given, else the recipe's, resolved."""
         if sources_dir is not None:
             return Path(sources_dir).resolve()
-        if self.sources_dir.startswith(tuple(RESOURCE_PREFIXES)):
-            return self.resolve(self.sources_dir)
+        if self.sources_dir.startswith(RESOURCE_PREFIXES):
+            return resolve_resource(self.sources_dir)
         base = Path(self.recipe_path).parent if self.recipe_path else Path.cwd()
         return (base / self.sources_dir).resolve()
 
