@@ -202,6 +202,23 @@ class DataRecipe:
             return resolve_resource(path)
         return self.root(sources_dir) / path
 
+    def rooted(self, sources_dir: str | os.PathLike | None = None) -> DataRecipe:
+        """Return a copy whose source and benchmark paths (``path`` and ``files``) are absolute, resolved once
+        under `root`; a rooted recipe roots to itself.
+
+        Args:
+            sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
+        """
+        def root_spec(spec):
+            return dataclasses.replace(spec, path=str(self.resolve(spec.path, sources_dir)),
+                                       files={key: str(self.resolve(value, sources_dir))
+                                              for key, value in spec.files.items()})
+
+        benchmarks = [root_spec(spec) for spec in self.decontaminate.benchmarks]
+        decontaminate = dataclasses.replace(self.decontaminate, benchmarks=benchmarks)
+        return dataclasses.replace(self, sources=[root_spec(spec) for spec in self.sources],
+                                   decontaminate=decontaminate, sources_dir=str(self.root(sources_dir)))
+
     def root(self, sources_dir: str | os.PathLike | None = None) -> Path:
         """Return the sources root: ``sources_dir`` if given, else the recipe's, resolved."""
         if sources_dir is not None:
