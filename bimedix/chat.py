@@ -16,10 +16,12 @@ Examples:
 
 ```python
 >>> from bimedix.chat import ChatSession
->>> chat = ChatSession.from_pretrained("runs/quickstart/base-model", peft="runs/quickstart/adapter")
->>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):
+>>> chat = ChatSession.from_pretrained("runs/quickstart/base-model",  # doctest: +SKIP
+...                                    peft="runs/quickstart/adapter")
+>>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):  # doctest: +SKIP
 ...     print(piece, end="", flush=True)
->>> chat.reset()
+>>> chat.reset()  # doctest: +SKIP
+
 ```
 """
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from browser_support import browser_fixture, free_port, screenshot  # noqa: F401 (fixture)
+from browser_support import free_port, screenshot
 
 from bimedix.chat import ChatSession
 from bimedix.cli import main

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from browser_support import browser_fixture, free_port, get_json, screenshot  # noqa: F401 (fixture)
+from browser_support import free_port, get_json, screenshot
 from llm_support import mcqa_record, read_jsonl, write_jsonl
 
 from bimedix.llm.fake_server import FakeOpenAIServer

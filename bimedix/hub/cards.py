@@ -9,10 +9,11 @@ dataset's own Parquet rows (sources, licences, translation provenance) plus the 
 Examples:
 
 ```python
->>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval",
-repo_id="me/bimedix-tiny")
->>> card.data.library_name
+>>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval",  # doctest: +SKIP
+...                          repo_id="me/bimedix-tiny")
+>>> card.data.library_name  # doctest: +SKIP
 'peft'
+
 ```
 """
 

@@ -80,7 +80,7 @@ class RouterLoadCallback(TrainerCallback):
             ``<output_dir>/router_load.json``.
 
     Example:
-        >>> trainer.add_callback(RouterLoadCallback(tokenizer, log=trainer.log))
+        >>> trainer.add_callback(RouterLoadCallback(tokenizer, log=trainer.log))  # doctest: +SKIP
     """
 
     def __init__(self, tokenizer, log: Callable[[dict], None] | None = None,

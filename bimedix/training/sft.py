@@ -34,7 +34,7 @@ from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
 from ..data.outputs import check_outputs
-from ..resources import check_model_folder, resource_path
+from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
 from .quantize import fused_experts, quantize_experts
 from .targets import PRESETS, build_lora_config, meta_model
@@ -586,17 +586,6 @@ def _resume_value(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def _resolve_path(path: str) -> Path:
-    """``bimedix:recipes/...`` (or ``bimedix:<path in the package>``) → the installed file; else the path."""
-
-    if not path.startswith("bimedix:"):
-        return Path(path)
-    kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    if kind == "recipes":
-        return resource_path(kind, *rest.split("/"))
-    return resource_path("bimedix", kind, *rest.split("/"))
-
-
 def _load_one(config):
     """One mixture entry as a `Dataset`."""
     from datasets import Dataset, load_dataset
@@ -604,7 +593,7 @@ def _load_one(config):
     from ..data.io import read_records
     from ..data.schema import FEATURES, normalize_record
 
-    path = _resolve_path(config.path)
+    path = resolve_resource(config.path)
     record_files = []
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         record_files = [path]
