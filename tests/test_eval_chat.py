@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from llm_support import MODEL, PRICES, SECRET, api_key_fixture, read_jsonl, server_fixture  # noqa: F401
+from llm_support import MODEL, PRICES, SECRET, read_jsonl
 
 from bimedix.cli import main
 from bimedix.llm.cache import RequestCache

@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import pytest
-from llm_support import api_key_fixture, make_client, run_closing  # noqa: F401 - fixtures
+from llm_support import make_client, run_closing
 
 from bimedix.data.rubric import Criterion
 from bimedix.eval.rubric_scores import axis_scores, bootstrap, example_score, language_agreement, summarize
