@@ -275,12 +275,29 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
                  tokenizer, train_dataset, peft_config=None, eval_dataset=None,
                  callbacks: list | None = None):
     """TRL's `SFTTrainer` for a loaded model plus what bimedix adds: the trained-token check on every batch,
-    the folded expert LoRA, the router report. `main` and ``benchmarks/recipe_speed.py`` build trainers here.
+    the folded expert LoRA, the router report, padding-free micro-batches without packing. `main` and
+    ``benchmarks/recipe_speed.py`` build trainers here.
+
+    ``padding_free: true`` with ``packing: false``: TRL refuses it when ``max_length`` is set (it would not
+    truncate); here TRL truncates the rows as usual and TRL's own padding-free collator then concatenates
+    the samples of each micro-batch into one row whose ``position_ids`` restart at every sample, so that the
+    attention kernel keeps samples apart and no pad token is computed.
     """
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=callbacks)
+    padding_free = bool(training_args.padding_free and not training_args.packing)
+    training_args.padding_free = training_args.padding_free and not padding_free
+    try:
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=callbacks)
+    finally:
+        training_args.padding_free = training_args.padding_free or padding_free
     _check_rows_left(trainer, train_dataset, training_args)
+    if padding_free:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        trainer.data_collator = DataCollatorForLanguageModeling(
+            pad_token_id=trainer.processing_class.pad_token_id, padding_free=True,
+            pad_to_multiple_of=training_args.pad_to_multiple_of)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
         from .expert_lora import set_expert_lora_mode
