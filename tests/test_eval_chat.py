@@ -456,3 +456,20 @@ def test_clinician_review_of_the_arabic_translation(server, api_key, tmp_path, c
     assert results["run"]["untranslated"] == [
         {"prompt_id": reject["prompt_id"], "reason": f"not in {out / 'data_ar.reviewed.jsonl'}"}
     ]
+
+
+def test_batch_api_gives_the_same_scores_at_half_the_judge_price(api_key, tmp_path):
+    with FakeOpenAIServer() as server:
+        assert main(command(server.base_url, tmp_path, "online", "--languages", "en,ar")) == 0
+    with FakeOpenAIServer() as server:
+        argv = command(server.base_url, tmp_path, "batch", "--languages", "en,ar", "--batch-api",
+                       "--batch-poll-interval", "0.01")
+        assert main(argv) == 0
+        assert server.count() == 16  # only the replies of the model under test were asked directly
+        assert server.count("batch") > 60 and server.count("/v1/batches") >= 2
+        served = server.count("batch")
+        assert main(argv) == 0 and server.count("batch") == served and server.count() == 16
+    online = json.loads((tmp_path / "online" / "results.json").read_text())
+    batch = json.loads((tmp_path / "batch" / "results.json").read_text())
+    assert {k: v for k, v in batch.items() if k != "run"} == {k: v for k, v in online.items() if k != "run"}
+    assert batch["run"]["ledger_usd"] < online["run"]["ledger_usd"]

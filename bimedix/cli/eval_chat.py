@@ -138,6 +138,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="request field carrying the completion limit (OpenAI reasoning models: max_completion_tokens)",
     )
     engine.add_argument(
+        "--batch-api",
+        action="store_true",
+        help="send the judge's and the translator's requests through the OpenAI Batch API (half price, "
+        "slower; the model under test is asked directly)",
+    )
+    engine.add_argument(
+        "--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls (default 30)"
+    )
+    engine.add_argument(
         "--seed", type=int, default=0, help="request, sampling and bootstrap seed (default 0)"
     )
     engine.add_argument(
@@ -279,6 +288,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
                 args.translate_model or args.judge_model,
                 args.translate_api_key_env or args.judge_api_key_env,
                 cache,
+                batch=args.batch_api,
             )
             config = TranslationConfig(
                 threshold=args.threshold,
@@ -311,7 +321,9 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
         else:
             source = LocalReplies(_local_generator(args), cache, fingerprint=_local_fingerprint(args))
             await generate_replies(source, run_state, cost=cache.total_cost)
-        client = _client(args, args.judge_base_url, args.judge_model, args.judge_api_key_env, cache)
+        client = _client(
+            args, args.judge_base_url, args.judge_model, args.judge_api_key_env, cache, batch=args.batch_api
+        )
         grader = RubricGrader(
             client,
             GradingConfig(
@@ -391,7 +403,7 @@ def _pair(english, arabic, path, run_state):
     return [given[e.prompt_id] for e in english if e.prompt_id in given]
 
 
-def _client(args, base_url: str, model: str, api_key_env: str, cache):
+def _client(args, base_url: str, model: str, api_key_env: str, cache, *, batch: bool = False):
     from ..llm.client import ClientConfig, LLMClient, load_prices
 
     config = ClientConfig(
@@ -406,6 +418,8 @@ def _client(args, base_url: str, model: str, api_key_env: str, cache):
         budget_usd=args.budget_usd,
         prices=load_prices(args.prices) if args.prices else {},
         max_tokens_field=args.max_tokens_field,
+        batch=batch,
+        batch_poll_interval=args.batch_poll_interval,
     )
     return LLMClient(config, cache)
 

@@ -36,7 +36,7 @@ from ..data.outputs import OutputFolder
 from ..data.rubric import Criterion, RubricExample
 from ..llm.cache import RequestCache
 from ..llm.client import LLMClient
-from ..llm.errors import BudgetExceeded, LLMError
+from ..llm.errors import BudgetExceeded, Deferred, LLMError
 from ..llm.grading import RubricGrader, Verdict
 from ..llm.review import COLUMNS, neutralize_cell, sampled_for_review
 from ..llm.runner import RECORD_LEVEL_STATUSES
@@ -188,6 +188,7 @@ async def translate_examples(
         run=run,
         desc="translate",
         cost=lambda: translator.client.spent_usd,
+        batch=translator.client,
     )
     return [results[e.prompt_id] for e in english if e.prompt_id in results]
 
@@ -245,6 +246,7 @@ async def grade_replies(grader: RubricGrader, run: ChatEvalRun) -> None:
         run=run,
         desc="grade",
         cost=lambda: grader.client.spent_usd,
+        batch=grader.client,
     )
 
 
@@ -347,18 +349,21 @@ async def _pool(
     run: ChatEvalRun,
     desc: str,
     cost: Callable[[], float],
+    batch: LLMClient | None = None,
 ) -> None:
     """Run ``jobs`` with ``concurrency`` workers and a progress bar with the ledger so far.
 
     A budget stop ends the phase (``run.stopped``); a transient failure leaves its job for the next run
-    (``run.failed``); any other error is raised once the jobs in flight have finished.
+    (``run.failed``); any other error is raised once the jobs in flight have finished. When ``batch`` is a
+    client in Batch API mode, jobs whose requests it parked (`Deferred`) run again after each
+    `LLMClient.flush_batch` (their answers then come from the cache) until none is parked; batches a killed
+    run left open are collected first.
     """
     if not jobs or run.stopped:
         return
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    fatal: list[BaseException] = []
+    batch = batch if batch is not None and batch.config.batch else None
+    if batch is not None:
+        await batch.flush_batch()
     bar = tqdm(
         total=len(jobs),
         desc=desc,
@@ -366,12 +371,40 @@ async def _pool(
         dynamic_ncols=True,
         mininterval=0.5,
     )
+    try:
+        while True:
+            parked = await _one_pass(jobs, concurrency, run, desc, cost, bar)
+            if not parked or run.stopped:
+                return
+            logger.info("%s: %d jobs wait on the Batch API", desc, len(parked))
+            if await batch.flush_batch() == 0:
+                raise RuntimeError(
+                    "the Batch API returned no results for the parked requests; see the log "
+                    "and re-run to resubmit them"
+                )
+            jobs = parked
+    finally:
+        bar.close()
+
+
+async def _one_pass(
+    jobs, concurrency: int, run: ChatEvalRun, desc: str, cost: Callable[[], float], bar: tqdm
+) -> list:
+    """One pass of the workers over ``jobs``; returns the jobs whose requests were parked for a batch."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    fatal: list[BaseException] = []
+    parked = []
 
     async def worker() -> None:
         while not queue.empty() and not fatal and not run.stopped:
             name, job = queue.get_nowait()
             try:
                 await job()
+            except Deferred:
+                parked.append((name, job))
+                continue
             except BudgetExceeded as err:
                 run.stopped = str(err)
                 return
@@ -384,9 +417,7 @@ async def _pool(
             bar.update(1)
             bar.set_postfix_str(f"${cost():.4f}", refresh=False)
 
-    try:
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
-    finally:
-        bar.close()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
     if fatal:
         raise fatal[0]
+    return parked
