@@ -462,8 +462,16 @@ def test_batch_api_gives_the_same_scores_at_half_the_judge_price(api_key, tmp_pa
     with FakeOpenAIServer() as server:
         assert main(command(server.base_url, tmp_path, "online", "--languages", "en,ar")) == 0
     with FakeOpenAIServer() as server:
-        argv = command(server.base_url, tmp_path, "batch", "--languages", "en,ar", "--batch-api",
-                       "--batch-poll-interval", "0.01")
+        argv = command(
+            server.base_url,
+            tmp_path,
+            "batch",
+            "--languages",
+            "en,ar",
+            "--batch-api",
+            "--batch-poll-interval",
+            "0.01",
+        )
         assert main(argv) == 0
         assert server.count() == 16  # only the replies of the model under test were asked directly
         assert server.count("batch") > 60 and server.count("/v1/batches") >= 2
@@ -473,3 +481,36 @@ def test_batch_api_gives_the_same_scores_at_half_the_judge_price(api_key, tmp_pa
     batch = json.loads((tmp_path / "batch" / "results.json").read_text())
     assert {k: v for k, v in batch.items() if k != "run"} == {k: v for k, v in online.items() if k != "run"}
     assert batch["run"]["ledger_usd"] < online["run"]["ledger_usd"]
+
+
+def test_arabic_only_limit_and_mismatched_arabic_set(server, api_key, tmp_path, capsys):
+    argv = command(
+        server.base_url,
+        tmp_path,
+        "out",
+        "--languages",
+        "ar",
+        "--limit",
+        "3",
+        "--data-ar",
+        str(EXAMPLES / "examples_ar.jsonl"),
+    )
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"ar", "run"} and results["ar"]["n"] == 3
+    assert server.count() == 3 + sum(
+        len(x["criteria"]) for x in read_jsonl(tmp_path / "out" / "examples.jsonl")
+    )
+    arabic = [
+        json.loads(line) for line in (EXAMPLES / "examples_ar.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    arabic[2]["rubrics"][0]["points"] = 1
+    (tmp_path / "ar.jsonl").write_text(
+        "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in arabic), encoding="utf-8"
+    )
+    argv[argv.index("--data-ar") + 1] = str(tmp_path / "ar.jsonl")
+    assert main(argv[:-4] + ["--data-ar", str(tmp_path / "ar.jsonl"), "--overwrite"]) == 2
+    assert (
+        "prompt_id 'bx-003': field `rubrics`: the criteria's points [1, 5, -10] differ"
+        in capsys.readouterr().err
+    )

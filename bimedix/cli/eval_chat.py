@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 from ..data.conventions import LANGUAGES, ON_ERROR_POLICIES
@@ -51,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=ON_ERROR_POLICIES,
         default="raise",
         help="bad input lines: stop at the first (default) or skip them into OUTPUT/rejects.jsonl",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate a seeded random sample of N examples (as HealthBench's num_examples; --seed), in file "
+        "order: a cheap first look before the full run",
     )
     parser.add_argument(
         "--overwrite",
@@ -238,6 +246,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if rejects.count:
         print(f"skipped {rejects.count} bad input line(s) (see {folder.path('rejects.jsonl')})")
+    if reviewed is not None:
+        _check_arabic(english, reviewed, args.data_ar)
+    if args.limit is not None and args.limit < len(english):
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        keep = set(random.Random(args.seed).sample(range(len(english)), args.limit))
+        english = [example for index, example in enumerate(english) if index in keep]
     cache = RequestCache(cache_path)
     try:
         return _evaluate(args, languages, english, reviewed, folder, cache)
@@ -277,9 +292,10 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             run_state.examples["en"] = english
         if "ar" in languages and reviewed is not None:
             run_state.examples["ar"] = _pair(english, reviewed, args.data_ar, run_state)
-            marked = sum(bool((e.extra.get("translation") or {}).get("reviewed")) for e in reviewed)
+            paired = run_state.examples["ar"]
+            marked = sum(bool((e.extra.get("translation") or {}).get("reviewed")) for e in paired)
             info["arabic_source"] = (
-                f"{args.data_ar} (given with --data-ar; {marked} of {len(reviewed)} examples marked reviewed)"
+                f"{args.data_ar} (given with --data-ar; {marked} of {len(paired)} examples marked reviewed)"
             )
         elif "ar" in languages:
             client = _client(
@@ -383,8 +399,8 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
     return 0
 
 
-def _pair(english, arabic, path, run_state):
-    """The reviewed Arabic examples in English order, checked against their English pair."""
+def _check_arabic(english, arabic, path) -> None:
+    """Refuse an Arabic set with an example that is not in the English file or whose points differ."""
     by_id = {e.prompt_id: e for e in english}
     for example in arabic:
         source = by_id.get(example.prompt_id)
@@ -396,6 +412,10 @@ def _pair(english, arabic, path, run_state):
                 f"{[c.points for c in example.rubrics]} differ from the English "
                 f"{[c.points for c in source.rubrics]} (same criteria, same order expected)"
             )
+
+
+def _pair(english, arabic, path, run_state):
+    """The Arabic examples of the English ones, in English order; English ones without a pair are listed."""
     given = {e.prompt_id: e for e in arabic}
     run_state.untranslated += [
         {"prompt_id": e.prompt_id, "reason": f"not in {path}"} for e in english if e.prompt_id not in given
