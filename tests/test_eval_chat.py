@@ -106,7 +106,19 @@ def test_english_and_arabic_scores_match_healthbench_formula_and_rerun_is_free(
     assert results["run"]["complete"] and results["run"]["cost_this_run_usd"] > 0
     arabic = read_jsonl(out / "data_ar.jsonl")
     assert len(arabic) == 8 and all(a["translation"]["machine_translated"] for a in arabic)
-    assert (out / "data_ar.review.csv").read_text(encoding="utf-8-sig").startswith("id,field,score")
+    with open(out / "data_ar.review.csv", encoding="utf-8-sig", newline="") as handle:
+        queue = list(csv.DictReader(handle))
+    english = {x["prompt_id"]: x for x in read_jsonl(out / "examples.jsonl") if x["language"] == "en"}
+    assert queue and all(row["decision"] == "" for row in queue)
+    for row in queue:  # every queued text next to its English original
+        kind, index = row["field"].split(".")
+        source = english[row["id"]]
+        expected = (
+            source["prompt"][int(index)]["content"]
+            if kind == "prompt"
+            else source["criteria"][int(index)]["criterion"]
+        )
+        assert row["english"] == expected
     assert "| Overall |" in (out / "table.md").read_text()
     with open(out / "calibration.csv", encoding="utf-8-sig", newline="") as handle:
         sheet = list(csv.DictReader(handle))

@@ -318,7 +318,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             finally:
                 await client.aclose()
             run_state.examples["ar"] = arabic
-            queue = write_arabic_set(folder, arabic)
+            queue = write_arabic_set(folder, arabic, english)
             info["arabic_source"] = (
                 f"machine translation by {client.config.model}, not reviewed "
                 f"(data_ar.jsonl; review queue data_ar.review.csv)"

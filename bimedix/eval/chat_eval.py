@@ -107,7 +107,6 @@ class ChatEvalRun:
         examples (`dict`): language → the English or Arabic examples evaluated.
         replies (`dict`): ``(language, prompt_id)`` → reply.
         verdicts (`dict`): ``(language, prompt_id, criterion index)`` → `Verdict`.
-        translations (`dict`): prompt_id → the ``translation`` info of a machine-translated Arabic example.
         untranslated (`list`): ``{"prompt_id", "reason"}`` of English examples with no valid translation.
         unanswered (`list`): ``{"language", "prompt_id", "reason"}`` of examples the local model cannot answer
             (the conversation does not fit its context); they are left out of the scores.
@@ -118,7 +117,6 @@ class ChatEvalRun:
     examples: dict[str, list[RubricExample]] = field(default_factory=dict)
     replies: dict[tuple, str] = field(default_factory=dict)
     verdicts: dict[tuple, Verdict] = field(default_factory=dict)
-    translations: dict[str, dict] = field(default_factory=dict)
     untranslated: list[dict] = field(default_factory=list)
     unanswered: list[dict] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -166,7 +164,6 @@ async def translate_examples(
             "cost_usd": result.cost_usd,
             "comments": result.comments,
         }
-        run.translations[example.prompt_id] = info
         results[example.prompt_id] = RubricExample(
             prompt_id=example.prompt_id,
             language="ar",
@@ -308,30 +305,40 @@ def write_results(
     return results
 
 
-def write_arabic_set(folder: OutputFolder, arabic: list[RubricExample]) -> tuple[str, int]:
+def write_arabic_set(
+    folder: OutputFolder, arabic: list[RubricExample], english: list[RubricExample]
+) -> tuple[str, int]:
     """Write the machine-translated set (``data_ar.jsonl``) and its review queue (``data_ar.review.csv``, one
-    row per text of each queued example, the columns of ``bimedix review export``); return the queue path and
-    its example count."""
+    row per text of each queued example with its English original, the columns of ``bimedix review export``);
+    return the queue path and its example count."""
     write_jsonl(folder.path("data_ar.jsonl"), [example.to_dict() for example in arabic])
+    originals = {example.prompt_id: example for example in english}
     rows = []
     for example in arabic:
         info = example.extra["translation"]
         if info["review_state"] != "queued":
             continue
-        texts = [(f"prompt.{i}", m["content"]) for i, m in enumerate(example.prompt)]
-        texts += [(f"rubrics.{i}", c.criterion) for i, c in enumerate(example.rubrics)]
+        source = originals[example.prompt_id]
+        texts = [
+            (f"prompt.{i}", m["content"], s["content"])
+            for i, (m, s) in enumerate(zip(example.prompt, source.prompt, strict=True))
+        ]
+        texts += [
+            (f"rubrics.{i}", c.criterion, s.criterion)
+            for i, (c, s) in enumerate(zip(example.rubrics, source.rubrics, strict=True))
+        ]
         rows += [
             {
                 "id": example.prompt_id,
                 "field": name,
                 "score": info["score"],
                 "review_state": "queued",
-                "english": "",
+                "english": original,
                 "arabic": text,
                 "decision": "",
                 "comment": "",
             }
-            for name, text in texts
+            for name, text, original in texts
         ]
     queue = folder.path("data_ar.review.csv")
     with atomic_open(queue) as handle:
