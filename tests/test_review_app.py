@@ -50,8 +50,8 @@ def _serve(translated: Path, source: Path, port: int, out: Path) -> subprocess.P
 
 def _wait_done(page, count: int) -> None:
     """Wait until the page has saved a decision, shows ``count`` done and has loaded the next item."""
-    page.wait_for_function(f"!document.body.dataset.busy && document.querySelector('#counts').textContent"
-                           f".startsWith('{count} done')")
+    page.wait_for_function(f"() => !document.body.dataset.busy && "
+                           f"document.querySelector('#counts').textContent.startsWith('{count} done')")
 
 
 def _counts(page) -> str:
@@ -104,17 +104,18 @@ def test_review_in_the_browser_equals_review_import(browser, translated, tmp_pat
 
         page.fill("#reviewer", "Dr. Badr")  # a second reviewer overrules the first approval
         page.select_option("#filter-state", "approved")
-        page.wait_for_function("document.querySelectorAll('#list div').length === 4")
+        page.wait_for_function("() => document.querySelectorAll('#list div').length === 4")
         overruled = page.locator("#list div").first.get_attribute("data-id")
         page.locator("#list div").first.click()
-        page.wait_for_function(f"document.querySelector('#list div.current').dataset.id === '{overruled}'")
+        page.wait_for_function(f"() => document.querySelector('#list div.current').dataset.id === "
+                               f"'{overruled}'")
         page.fill("#reason", "wrong drug name")
         page.click("#reject")
-        page.wait_for_function("!document.body.dataset.busy && document.querySelector('#counts').textContent"
-                               ".includes('rejected 2')")
+        page.wait_for_function("() => !document.body.dataset.busy && "
+                               "document.querySelector('#counts').textContent.includes('rejected 2')")
         page.select_option("#filter-state", "")
         page.locator(f"#list div[data-id='{overruled}']").click()
-        page.wait_for_function("document.querySelectorAll('#history-list li').length > 0")
+        page.wait_for_function("() => document.querySelectorAll('#history-list li').length > 0")
         page.click("#history summary")
         history = page.locator("#history-list").inner_text()
         assert "Dr. Amal: approved" in history and "Dr. Badr: rejected — wrong drug name" in history
