@@ -175,7 +175,10 @@ def test_chat_page_guards(chat_server):
             assert response.headers["X-Frame-Options"] == "DENY" and json.loads(response.read())["notice"]
 
 
-def test_chat_page_token(tiny_model_dir, capsys):
+def test_chat_page_token(tiny_model_dir, capsys, monkeypatch):
+    from bimedix.web.server import WebServer
+
+    monkeypatch.setattr(WebServer, "run", lambda self: pytest.fail("served on 0.0.0.0 without a token"))
     assert main(["chat", "--web", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 2
     assert "--host 0.0.0.0 lets other machines reach the chat page; give a shared secret with --token" \
         in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """`bimedix review serve` in a real browser: review a fake-server translation with clicks and keys, kill and
 restart the server mid-way, overrule as a second reviewer, and get what `review import` gives for the same
-decisions."""
+decisions; a decision on a page another reviewer has decided since is refused and the page offers a reload."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from browser_support import browser_fixture, free_port, get_json, screenshot  # noqa: F401 (fixture)
@@ -164,6 +165,17 @@ def test_bad_requests_show_a_message_not_a_traceback(browser, translated, tmp_pa
         page.locator("#texts textarea").first.fill("")
         page.click("#save")
         expect(page.locator("#message")).to_contain_text("conversations.0: is empty")
+        shown = page.locator("#list div.current").get_attribute("data-id")  # another reviewer decides it now
+        api = f"http://127.0.0.1:{port}/api/item/{quote(shown, safe='')}"
+        version = page.request.get(api).json()["version"]
+        other = page.request.post(api, data={"action": "reject", "version": version, "reviewer": "Dr. Badr",
+                                             "comment": "meaning lost"})
+        assert other.status == 200
+        page.click("#approve")  # on the page loaded before that decision
+        expect(page.locator("#message")).to_contain_text(f"'{shown}' changed after you opened it (Dr. Badr")
+        page.click("#reload")
+        expect(page.locator("#item-state")).to_have_text("rejected")
+        expect(page.locator("#message")).to_be_hidden()
         response = page.request.get(f"http://127.0.0.1:{port}/api/item/..%2F..%2Fetc%2Fpasswd")
         assert response.status == 404 and "Traceback" not in response.text()
         assert page.request.get(f"http://127.0.0.1:{port}/static/review.html").status == 404
