@@ -210,6 +210,9 @@ def test_fitting_a_long_history_renders_few_prompts(tiny_model_dir):
     assert 0 < len(session.history) < 1600 and session.trimmed_turns == 800 - len(session.history) // 2
     assert len(renders) <= 13  # bisection over 800 exchanges, not one render per dropped exchange
     assert fitted == prompt("What now?")
-    fits = session._fits(fitted)
+
+    def fits(text: str) -> bool:
+        return len(session.tokenizer(text, add_special_tokens=False)["input_ids"]) + 16 <= 400
+
     session.history = [turn for exchange in exchanges[session.trimmed_turns - 1:] for turn in exchange]
-    assert fits and not session._fits(prompt("What now?"))  # one more exchange would not fit
+    assert fits(fitted) and not fits(prompt("What now?"))  # one more exchange would not fit

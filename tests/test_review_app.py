@@ -45,7 +45,7 @@ def _serve(translated: Path, source: Path, port: int, out: Path) -> subprocess.P
          "--output", str(out), "--fraction", "1.0", "--reviewer", "Dr. Amal", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ,
                                                                           "PYTHONUNBUFFERED": "1"})
-    get_json(f"http://127.0.0.1:{port}/api/state")
+    get_json(f"http://127.0.0.1:{port}/api/state", process=process)
     return process
 
 

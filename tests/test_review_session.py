@@ -259,6 +259,9 @@ def test_server_guards(files, tmp_path, capsys, monkeypatch):
     _, translated = files
     assert main(["review", "serve", "--input", str(translated), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+    for token in ("", " ", "a\nb"):
+        assert main(["review", "serve", "--input", str(translated), "--token", token]) == 2
+        assert "--token must be non-empty text without control characters" in capsys.readouterr().err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
