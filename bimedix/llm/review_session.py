@@ -7,7 +7,9 @@ with all its queued texts. Every decision is appended to the audit trail (``OUT.
 nothing decided; on start the trail is read back and the latest decision on each text wins, earlier ones
 (another reviewer's) staying in the trail. The reviewed records are written to ``OUT`` (`write_output`, and
 on start after an earlier run) with `apply_decisions`, the code ``review import`` uses, so the result is
-the one ``review import`` gives for the same decisions.
+the one ``review import`` gives for the same decisions. Each item has a `version` (its decision entries so
+far); a decision naming an older one is refused (`StaleDecision`), so nobody reverts a decision unseen. The
+output and the audit trail are checked against the inputs by `bimedix.data.outputs.check_outputs`.
 """
 
 from __future__ import annotations
