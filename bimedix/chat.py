@@ -16,10 +16,12 @@ Examples:
 
 ```python
 >>> from bimedix.chat import ChatSession
->>> chat = ChatSession.from_pretrained("runs/quickstart/base-model", peft="runs/quickstart/adapter")
->>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):
+>>> chat = ChatSession.from_pretrained("runs/quickstart/base-model",  # doctest: +SKIP
+...                                    peft="runs/quickstart/adapter")
+>>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):  # doctest: +SKIP
 ...     print(piece, end="", flush=True)
->>> chat.reset()
+>>> chat.reset()  # doctest: +SKIP
+
 ```
 """
 
@@ -242,6 +244,32 @@ class ChatSession:
     def send(self, text: str) -> str:
         """Generate the whole reply to ``text`` and return it."""
         return "".join(self.stream(text)).strip()
+
+    def reply_to(self, messages: list[dict[str, str]]) -> str:
+        """The whole reply to a given conversation (ending with a user turn), leaving `history` alone.
+
+        Used by ``bimedix eval-chat``: the same template, system prompt (unless ``messages`` has one),
+        decoding settings and length limit as a chat turn. Raises `ValueError` when the conversation does not
+        fit.
+        """
+        if not any(m["role"] == "system" for m in messages):
+            last = messages[-1]["content"]
+            system = self.system[detect_language(last)] if isinstance(self.system, Mapping) else self.system
+            messages = [{"role": "system", "content": system}, *messages] if system else list(messages)
+        prompt = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                    add_generation_prompt=True, tokenize=False)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        length = inputs["input_ids"].shape[1]
+        if self.context_length is not None and length + self.max_new_tokens > self.context_length:
+            raise ValueError(f"the conversation ({length} tokens) plus a {self.max_new_tokens}-token reply "
+                             f"does not fit the model's context of {self.context_length} tokens")
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
+            if self.temperature > 0 else {"do_sample": False}
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, pad_token_id=pad,
+                                     **sampling)
+        return self.tokenizer.decode(output[0, length:], skip_special_tokens=True).strip()
 
     def reset(self) -> None:
         """Forget the conversation."""

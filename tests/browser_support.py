@@ -13,8 +13,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -22,30 +20,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 def chromium_path() -> str | None:
     """Debian's ``chromium`` (or ``$BIMEDIX_CHROMIUM``)."""
     return os.environ.get("BIMEDIX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module", name="browser")
-def browser_fixture():
-    """A headless Chromium; skipped (failed under CI, which must install it) when it or Playwright is missing.
-
-    Module-scoped: Playwright's sync API holds an event loop in this thread while it runs, which would break
-    the `asyncio.run` of later test modules.
-    """
-    executable = chromium_path()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        executable = None
-    if executable is None:
-        reason = ("no headless browser: install Chromium (apt-get install chromium) and Playwright "
-                  "(pip install playwright)")
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; .ci/run installs both")
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from browser_support import browser_fixture, free_port, screenshot  # noqa: F401 (fixture)
+from browser_support import free_port, screenshot
 
 from bimedix.chat import ChatSession
 from bimedix.cli import main

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from browser_support import browser_fixture, free_port, get_json, screenshot  # noqa: F401 (fixture)
+from browser_support import free_port, get_json, screenshot
 from llm_support import mcqa_record, read_jsonl, write_jsonl
 
 from bimedix.llm.fake_server import FakeOpenAIServer

@@ -34,7 +34,7 @@ from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
 from ..data.outputs import check_outputs
-from ..resources import check_model_folder, resource_path
+from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
 from .quantize import fused_experts, quantize_experts
 from .targets import PRESETS, build_lora_config, meta_model
@@ -249,25 +249,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     peft_config = make_peft_config(model, model_args, bimedix_args)
     if bimedix_args.quantize_experts:
         model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
-    trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-    )
-    _check_rows_left(trainer, dataset[script_args.dataset_train_split], training_args)
-    trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
-    if model_args.use_peft and bimedix_args.expert_lora == "folded":
-        from .expert_lora import set_expert_lora_mode
-
-        set_expert_lora_mode(trainer.model, "folded")
-    if bimedix_args.router_report and is_moe(model):
-        from transformers import Trainer
-
-        from .router_stats import RouterLoadCallback
-
-        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
-        # too
-        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
+    trainer = make_trainer(training_args, model_args, bimedix_args, model, tokenizer,
+                           dataset[script_args.dataset_train_split], peft_config=peft_config,
+                           eval_dataset=dataset[script_args.dataset_test_split]
+                           if training_args.eval_strategy != "no" else None, callbacks=callbacks)
     train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
     _save_run(trainer, train_result)
     if trainer.accelerator.is_main_process:
@@ -283,6 +268,49 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if hasattr(trainer, "end"):
         trainer.end()
+    return trainer
+
+
+def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments, model,
+                 tokenizer, train_dataset, peft_config=None, eval_dataset=None,
+                 callbacks: list | None = None):
+    """TRL's `SFTTrainer` for a loaded model plus what bimedix adds: the trained-token check on every batch,
+    the folded expert LoRA, the router report, padding-free micro-batches without packing. `main` and
+    ``benchmarks/recipe_speed.py`` build trainers here.
+
+    ``padding_free: true`` with ``packing: false``: TRL refuses it when ``max_length`` is set (it would not
+    truncate); here TRL truncates the rows as usual and TRL's own padding-free collator then concatenates
+    the samples of each micro-batch into one row whose ``position_ids`` restart at every sample, so that the
+    attention kernel keeps samples apart and no pad token is computed.
+    """
+    padding_free = bool(training_args.padding_free and not training_args.packing)
+    training_args.padding_free = training_args.padding_free and not padding_free
+    try:
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=callbacks)
+    finally:
+        training_args.padding_free = training_args.padding_free or padding_free
+    _check_rows_left(trainer, train_dataset, training_args)
+    if padding_free:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        trainer.data_collator = DataCollatorForLanguageModeling(
+            pad_token_id=trainer.processing_class.pad_token_id, padding_free=True,
+            pad_to_multiple_of=training_args.pad_to_multiple_of)
+    trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
+    if model_args.use_peft and bimedix_args.expert_lora == "folded":
+        from .expert_lora import set_expert_lora_mode
+
+        set_expert_lora_mode(trainer.model, "folded")
+    if bimedix_args.router_report and is_moe(trainer.model):
+        from transformers import Trainer
+
+        from .router_stats import RouterLoadCallback
+
+        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
+        # too
+        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
     return trainer
 
 
@@ -586,17 +614,6 @@ def _resume_value(value: str | bool | None) -> str | bool | None:
     return value
 
 
-def _resolve_path(path: str) -> Path:
-    """``bimedix:recipes/...`` (or ``bimedix:<path in the package>``) → the installed file; else the path."""
-
-    if not path.startswith("bimedix:"):
-        return Path(path)
-    kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    if kind == "recipes":
-        return resource_path(kind, *rest.split("/"))
-    return resource_path("bimedix", kind, *rest.split("/"))
-
-
 def _load_one(config):
     """One mixture entry as a `Dataset`."""
     from datasets import Dataset, load_dataset
@@ -604,7 +621,7 @@ def _load_one(config):
     from ..data.io import read_records
     from ..data.schema import FEATURES, normalize_record
 
-    path = _resolve_path(config.path)
+    path = resolve_resource(config.path)
     record_files = []
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         record_files = [path]
