@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -27,14 +28,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def get_json(url: str, timeout: float = 60.0) -> dict:
-    """GET ``url`` as JSON, retrying until the server answers or ``timeout`` passes."""
+def get_json(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> dict:
+    """GET ``url`` as JSON, retrying until the server answers (its port is open) or ``timeout`` passes.
+
+    With ``process`` (the server, its stdout a pipe), fail at once with its output if it exits first.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError):
+            if process is not None and process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode} before answering {url}:\n"
+                            f"{process.stdout.read() if process.stdout else ''}")
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
