@@ -424,6 +424,9 @@ def read_accelerate_config(config: str | os.PathLike | None, num_processes: int
     elif kind == "FSDP":
         fsdp = data.get("fsdp_config") or {}
         strategy = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        if "fsdp_reshard_after_forward" in fsdp:  # FSDP2's form of FULL_SHARD / SHARD_GRAD_OP
+            resharded = str(fsdp["fsdp_reshard_after_forward"]).lower() == "true"
+            strategy = "FULL_SHARD" if resharded else "SHARD_GRAD_OP"
         shard_params = strategy in ("FULL_SHARD", "1", "HYBRID_SHARD", "4")
         shard_rest = shard_params or strategy in ("SHARD_GRAD_OP", "2", "_HYBRID_SHARD_ZERO2", "5")
         offload = bool(fsdp.get("fsdp_offload_params", False))
@@ -502,10 +505,11 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     if settings.quantization != "4bit":
         changes.append(("--load_in_4bit true (bitsandbytes 4-bit Linears)", {"quantization": "4bit"}))
     if settings.num_processes > 1:
-        for key in ("zero2", "zero3"):
+        # ZeRO-3 cannot shard bimedix's 4-bit experts; FSDP can
+        for key in ("zero2", "fsdp" if settings.quantize_experts else "zero3"):
             if not (settings.sharding.parameters or (key == "zero2" and settings.sharding.gradients)):
-                label = (f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml "
-                         f"({STRATEGIES[key].name})")
+                file = "fsdp.yaml" if key == "fsdp" else f"deepspeed_{key}.yaml"
+                label = f"accelerate config recipes/accelerate_configs/{file} ({STRATEGIES[key].name})"
                 changes.append((label, {"sharding": STRATEGIES[key]}))
     if "8bit" not in settings.optim:
         changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
@@ -530,9 +534,14 @@ def _notes(params: dict, settings: Settings) -> list[str]:
             f"({_gib(unquantized).strip()} of experts here), and peft's "
             "prepare_model_for_kbit_training would upcast them to fp32 (twice that). bimedix's 4-bit experts "
             "(`quantize_experts: nf4`) store them in nf4.")
-    if settings.quantize_experts and settings.sharding.parameters and settings.num_processes > 1:
-        notes.append("ZeRO-3 / FSDP would shard the packed 4-bit experts without their quantization state; "
-                     "bimedix supports 4-bit experts with DDP or ZeRO-2.")
+    if settings.quantize_experts and settings.sharding.kind == "deepspeed" and settings.sharding.parameters:
+        notes.append("ZeRO-3 would partition the packed 4-bit experts without their quantization state; "
+                     "bimedix shards 4-bit experts under FSDP (recipes/accelerate_configs/fsdp.yaml).")
+    if settings.quantize_experts and settings.sharding.kind == "fsdp" and settings.num_processes > 1:
+        notes.append("FSDP: each process holds 1/world of the packed experts and their statistics; a "
+                     "layer is gathered for its forward and backward (two in flight with prefetch). With "
+                     "load_in_4bit set `bnb_4bit_quant_storage: bfloat16` so the 4-bit Linears shard too "
+                     "(counted sharded).")
     return notes
 
 
