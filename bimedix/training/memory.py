@@ -208,10 +208,10 @@ def estimate(facts: dict, settings: Settings) -> dict:
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
-    # forward/backward transients come on top of the activations; the optimizer step comes after backward
-    # freed them, so the step's peak is the larger of the two phases
-    during_backward = act_total + max(transients.get("expert_weights", 0),
-                                      transients.get("gathered_layers", 0))
+    # forward/backward transients come on top of the activations (a 4-bit expert is dequantized from the layer
+    # ZeRO-3 / FSDP gathered: both at once); the optimizer step comes after backward freed them, so the step's
+    # peak is the larger of the two phases
+    during_backward = act_total + transients.get("expert_weights", 0) + transients.get("gathered_layers", 0)
     step_peak = max(during_backward, transients.get("optimizer_step", 0))
     totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
               "transients": step_peak - act_total}
@@ -336,7 +336,9 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
       recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
     - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
       time, just in time: one expert parameter in the compute dtype.
-    - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
+    - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers (frozen weights
+      and adapter), plus the computing layer's unsharded trainable gradients twice (autograd's and the
+      reduce-scatter's input).
     - torch's AdamW ``foreach`` step (``adamw_torch`` on CUDA) allocates temporaries the size of the trainable
       weights (the fused and 8-bit optimizers update in place).
     """
@@ -348,8 +350,13 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     elif settings.quantize_experts:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
-        out["gathered_layers"] = (2 * facts["layer_parameters"] * params["total"]
-                                  / max(sum(params["counts"].values()), 1))
+        # the layer computing and the one prefetched are gathered whole, frozen weights and adapter alike; in
+        # backward the computing layer's trainable gradients exist unsharded, and again as the
+        # reduce-scatter's input
+        frozen_layer = facts["layer_parameters"] * params["total"] / max(sum(params["counts"].values()), 1)
+        trainable_layer = trainable["parameters"] * trainable["bytes_per_weight"] / facts["dims"]["layers"]
+        out["gathered_layers"] = (2 * (frozen_layer + trainable_layer) + 2 * trainable_layer if facts["peft"]
+                                  else 4 * frozen_layer)
     if settings.optim == "adamw_torch" and not settings.sharding.offload_optimizer:
         out["optimizer_step"] = trainable["weights"]
     return {k: v for k, v in out.items() if v}

@@ -266,7 +266,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     plugin = fsdp_plugin(training_args) if fsdp and training_args.world_size > 1 else None
     shard_experts = plugin is not None and bool(bimedix_args.quantize_experts)
     set_seed(training_args.seed)  # the same adapter initialisation on every process
-    with load_in_turns() if shard_experts else contextlib.nullcontext():
+    # packing 4-bit experts needs the bf16 model in host memory: one process of a node at a time
+    turns = bool(bimedix_args.quantize_experts) and training_args.world_size > 1
+    with load_in_turns() if turns else contextlib.nullcontext():
         model = load_model(model_args, training_args, bimedix_args)
         fingerprint = base_fingerprint(model)
         peft_config = make_peft_config(model, model_args, bimedix_args)
