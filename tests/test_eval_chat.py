@@ -106,7 +106,19 @@ def test_english_and_arabic_scores_match_healthbench_formula_and_rerun_is_free(
     assert results["run"]["complete"] and results["run"]["cost_this_run_usd"] > 0
     arabic = read_jsonl(out / "data_ar.jsonl")
     assert len(arabic) == 8 and all(a["translation"]["machine_translated"] for a in arabic)
-    assert (out / "data_ar.review.csv").read_text(encoding="utf-8-sig").startswith("id,field,score")
+    with open(out / "data_ar.review.csv", encoding="utf-8-sig", newline="") as handle:
+        queue = list(csv.DictReader(handle))
+    english = {x["prompt_id"]: x for x in read_jsonl(out / "examples.jsonl") if x["language"] == "en"}
+    assert queue and all(row["decision"] == "" for row in queue)
+    for row in queue:  # every queued text next to its English original
+        kind, index = row["field"].split(".")
+        source = english[row["id"]]
+        expected = (
+            source["prompt"][int(index)]["content"]
+            if kind == "prompt"
+            else source["criteria"][int(index)]["criterion"]
+        )
+        assert row["english"] == expected
     assert "| Overall |" in (out / "table.md").read_text()
     with open(out / "calibration.csv", encoding="utf-8-sig", newline="") as handle:
         sheet = list(csv.DictReader(handle))
@@ -456,3 +468,61 @@ def test_clinician_review_of_the_arabic_translation(server, api_key, tmp_path, c
     assert results["run"]["untranslated"] == [
         {"prompt_id": reject["prompt_id"], "reason": f"not in {out / 'data_ar.reviewed.jsonl'}"}
     ]
+
+
+def test_batch_api_gives_the_same_scores_at_half_the_judge_price(api_key, tmp_path):
+    with FakeOpenAIServer() as server:
+        assert main(command(server.base_url, tmp_path, "online", "--languages", "en,ar")) == 0
+    with FakeOpenAIServer() as server:
+        argv = command(
+            server.base_url,
+            tmp_path,
+            "batch",
+            "--languages",
+            "en,ar",
+            "--batch-api",
+            "--batch-poll-interval",
+            "0.01",
+        )
+        assert main(argv) == 0
+        assert server.count() == 16  # only the replies of the model under test were asked directly
+        assert server.count("batch") > 60 and server.count("/v1/batches") >= 2
+        served = server.count("batch")
+        assert main(argv) == 0 and server.count("batch") == served and server.count() == 16
+    online = json.loads((tmp_path / "online" / "results.json").read_text())
+    batch = json.loads((tmp_path / "batch" / "results.json").read_text())
+    assert {k: v for k, v in batch.items() if k != "run"} == {k: v for k, v in online.items() if k != "run"}
+    assert batch["run"]["ledger_usd"] < online["run"]["ledger_usd"]
+
+
+def test_arabic_only_limit_and_mismatched_arabic_set(server, api_key, tmp_path, capsys):
+    argv = command(
+        server.base_url,
+        tmp_path,
+        "out",
+        "--languages",
+        "ar",
+        "--limit",
+        "3",
+        "--data-ar",
+        str(EXAMPLES / "examples_ar.jsonl"),
+    )
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"ar", "run"} and results["ar"]["n"] == 3
+    assert server.count() == 3 + sum(
+        len(x["criteria"]) for x in read_jsonl(tmp_path / "out" / "examples.jsonl")
+    )
+    arabic = [
+        json.loads(line) for line in (EXAMPLES / "examples_ar.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    arabic[2]["rubrics"][0]["points"] = 1
+    (tmp_path / "ar.jsonl").write_text(
+        "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in arabic), encoding="utf-8"
+    )
+    argv[argv.index("--data-ar") + 1] = str(tmp_path / "ar.jsonl")
+    assert main(argv[:-4] + ["--data-ar", str(tmp_path / "ar.jsonl"), "--overwrite"]) == 2
+    assert (
+        "prompt_id 'bx-003': field `rubrics`: the criteria's points [1, 5, -10] differ"
+        in capsys.readouterr().err
+    )

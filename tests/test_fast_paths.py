@@ -137,3 +137,51 @@ def test_router_counts_match_reference_and_never_sync(mixtral_tokenizer):
     callback.on_train_end(SimpleNamespace(output_dir="unused"), SimpleNamespace(is_world_process_zero=False),
                           None)
     assert not model.get_decoder()._forward_hooks  # the hooks are gone
+
+
+def _folded_4bit_model():
+    from peft import LoraConfig, get_peft_model
+
+    from bimedix.training.expert_lora import set_expert_lora_mode
+    from bimedix.training.quantize import quantize_experts
+
+    model = build_tiny_model("mixtral", seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj",
+                                                                "mlp.experts.down_proj"],
+                                             lora_dropout=0.0, init_lora_weights=False))
+    quantize_experts(model)
+    set_expert_lora_mode(model, "folded")
+    return model.train()
+
+
+def test_checkpointed_4bit_experts_dequantize_twice_not_three_times(monkeypatch):
+    """Under activation checkpointing the recomputation's dequantized experts serve backward: 2
+    dequantizations per expert parameter and micro-step instead of 3 (the gradients of no checkpointing)."""
+    pytest.importorskip("bitsandbytes")
+    from bimedix.training import experts
+
+    calls = []
+
+    def counted(quantized, state):
+        calls.append(quantized.data_ptr())
+        return dequantize(quantized, state)
+
+    dequantize = experts.flat_dequantize
+    monkeypatch.setattr(experts, "flat_dequantize", counted)
+    ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for checkpointing in (False, True):
+        model = _folded_4bit_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = (len(calls), grads)
+    quantized = 2 * model.config.num_hidden_layers  # gate_up_proj and down_proj per layer
+    assert results[False][0] == 2 * quantized  # forward + backward, packed bytes saved in between
+    assert results[True][0] == 2 * quantized  # forward + recomputation; backward reuses the recomputation's
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
 from ..data.conventions import LANGUAGES, ON_ERROR_POLICIES
@@ -51,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=ON_ERROR_POLICIES,
         default="raise",
         help="bad input lines: stop at the first (default) or skip them into OUTPUT/rejects.jsonl",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate a seeded random sample of N examples (as HealthBench's num_examples; --seed), in file "
+        "order: a cheap first look before the full run",
     )
     parser.add_argument(
         "--overwrite",
@@ -136,6 +144,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["max_tokens", "max_completion_tokens"],
         default="max_tokens",
         help="request field carrying the completion limit (OpenAI reasoning models: max_completion_tokens)",
+    )
+    engine.add_argument(
+        "--batch-api",
+        action="store_true",
+        help="send the judge's and the translator's requests through the OpenAI Batch API (half price, "
+        "slower; the model under test is asked directly)",
+    )
+    engine.add_argument(
+        "--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls (default 30)"
     )
     engine.add_argument(
         "--seed", type=int, default=0, help="request, sampling and bootstrap seed (default 0)"
@@ -229,6 +246,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if rejects.count:
         print(f"skipped {rejects.count} bad input line(s) (see {folder.path('rejects.jsonl')})")
+    if reviewed is not None:
+        _check_arabic(english, reviewed, args.data_ar)
+    if args.limit is not None and args.limit < len(english):
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        keep = set(random.Random(args.seed).sample(range(len(english)), args.limit))
+        english = [example for index, example in enumerate(english) if index in keep]
     cache = RequestCache(cache_path)
     try:
         return _evaluate(args, languages, english, reviewed, folder, cache)
@@ -268,9 +292,10 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             run_state.examples["en"] = english
         if "ar" in languages and reviewed is not None:
             run_state.examples["ar"] = _pair(english, reviewed, args.data_ar, run_state)
-            marked = sum(bool((e.extra.get("translation") or {}).get("reviewed")) for e in reviewed)
+            paired = run_state.examples["ar"]
+            marked = sum(bool((e.extra.get("translation") or {}).get("reviewed")) for e in paired)
             info["arabic_source"] = (
-                f"{args.data_ar} (given with --data-ar; {marked} of {len(reviewed)} examples marked reviewed)"
+                f"{args.data_ar} (given with --data-ar; {marked} of {len(paired)} examples marked reviewed)"
             )
         elif "ar" in languages:
             client = _client(
@@ -279,6 +304,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
                 args.translate_model or args.judge_model,
                 args.translate_api_key_env or args.judge_api_key_env,
                 cache,
+                batch=args.batch_api,
             )
             config = TranslationConfig(
                 threshold=args.threshold,
@@ -292,7 +318,7 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
             finally:
                 await client.aclose()
             run_state.examples["ar"] = arabic
-            queue = write_arabic_set(folder, arabic)
+            queue = write_arabic_set(folder, arabic, english)
             info["arabic_source"] = (
                 f"machine translation by {client.config.model}, not reviewed "
                 f"(data_ar.jsonl; review queue data_ar.review.csv)"
@@ -311,7 +337,9 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
         else:
             source = LocalReplies(_local_generator(args), cache, fingerprint=_local_fingerprint(args))
             await generate_replies(source, run_state, cost=cache.total_cost)
-        client = _client(args, args.judge_base_url, args.judge_model, args.judge_api_key_env, cache)
+        client = _client(
+            args, args.judge_base_url, args.judge_model, args.judge_api_key_env, cache, batch=args.batch_api
+        )
         grader = RubricGrader(
             client,
             GradingConfig(
@@ -371,8 +399,8 @@ def _evaluate(args, languages, english, reviewed, folder, cache) -> int:
     return 0
 
 
-def _pair(english, arabic, path, run_state):
-    """The reviewed Arabic examples in English order, checked against their English pair."""
+def _check_arabic(english, arabic, path) -> None:
+    """Refuse an Arabic set with an example that is not in the English file or whose points differ."""
     by_id = {e.prompt_id: e for e in english}
     for example in arabic:
         source = by_id.get(example.prompt_id)
@@ -384,6 +412,10 @@ def _pair(english, arabic, path, run_state):
                 f"{[c.points for c in example.rubrics]} differ from the English "
                 f"{[c.points for c in source.rubrics]} (same criteria, same order expected)"
             )
+
+
+def _pair(english, arabic, path, run_state):
+    """The Arabic examples of the English ones, in English order; English ones without a pair are listed."""
     given = {e.prompt_id: e for e in arabic}
     run_state.untranslated += [
         {"prompt_id": e.prompt_id, "reason": f"not in {path}"} for e in english if e.prompt_id not in given
@@ -391,7 +423,7 @@ def _pair(english, arabic, path, run_state):
     return [given[e.prompt_id] for e in english if e.prompt_id in given]
 
 
-def _client(args, base_url: str, model: str, api_key_env: str, cache):
+def _client(args, base_url: str, model: str, api_key_env: str, cache, *, batch: bool = False):
     from ..llm.client import ClientConfig, LLMClient, load_prices
 
     config = ClientConfig(
@@ -406,6 +438,8 @@ def _client(args, base_url: str, model: str, api_key_env: str, cache):
         budget_usd=args.budget_usd,
         prices=load_prices(args.prices) if args.prices else {},
         max_tokens_field=args.max_tokens_field,
+        batch=batch,
+        batch_poll_interval=args.batch_poll_interval,
     )
     return LLMClient(config, cache)
 

@@ -36,7 +36,7 @@ from ..data.outputs import OutputFolder
 from ..data.rubric import Criterion, RubricExample
 from ..llm.cache import RequestCache
 from ..llm.client import LLMClient
-from ..llm.errors import BudgetExceeded, LLMError
+from ..llm.errors import BudgetExceeded, Deferred, LLMError
 from ..llm.grading import RubricGrader, Verdict
 from ..llm.review import COLUMNS, neutralize_cell, sampled_for_review
 from ..llm.runner import RECORD_LEVEL_STATUSES
@@ -107,7 +107,6 @@ class ChatEvalRun:
         examples (`dict`): language → the English or Arabic examples evaluated.
         replies (`dict`): ``(language, prompt_id)`` → reply.
         verdicts (`dict`): ``(language, prompt_id, criterion index)`` → `Verdict`.
-        translations (`dict`): prompt_id → the ``translation`` info of a machine-translated Arabic example.
         untranslated (`list`): ``{"prompt_id", "reason"}`` of English examples with no valid translation.
         unanswered (`list`): ``{"language", "prompt_id", "reason"}`` of examples the local model cannot answer
             (the conversation does not fit its context); they are left out of the scores.
@@ -118,7 +117,6 @@ class ChatEvalRun:
     examples: dict[str, list[RubricExample]] = field(default_factory=dict)
     replies: dict[tuple, str] = field(default_factory=dict)
     verdicts: dict[tuple, Verdict] = field(default_factory=dict)
-    translations: dict[str, dict] = field(default_factory=dict)
     untranslated: list[dict] = field(default_factory=list)
     unanswered: list[dict] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -166,7 +164,6 @@ async def translate_examples(
             "cost_usd": result.cost_usd,
             "comments": result.comments,
         }
-        run.translations[example.prompt_id] = info
         results[example.prompt_id] = RubricExample(
             prompt_id=example.prompt_id,
             language="ar",
@@ -188,6 +185,7 @@ async def translate_examples(
         run=run,
         desc="translate",
         cost=lambda: translator.client.spent_usd,
+        batch=translator.client,
     )
     return [results[e.prompt_id] for e in english if e.prompt_id in results]
 
@@ -245,6 +243,7 @@ async def grade_replies(grader: RubricGrader, run: ChatEvalRun) -> None:
         run=run,
         desc="grade",
         cost=lambda: grader.client.spent_usd,
+        batch=grader.client,
     )
 
 
@@ -306,30 +305,40 @@ def write_results(
     return results
 
 
-def write_arabic_set(folder: OutputFolder, arabic: list[RubricExample]) -> tuple[str, int]:
+def write_arabic_set(
+    folder: OutputFolder, arabic: list[RubricExample], english: list[RubricExample]
+) -> tuple[str, int]:
     """Write the machine-translated set (``data_ar.jsonl``) and its review queue (``data_ar.review.csv``, one
-    row per text of each queued example, the columns of ``bimedix review export``); return the queue path and
-    its example count."""
+    row per text of each queued example with its English original, the columns of ``bimedix review export``);
+    return the queue path and its example count."""
     write_jsonl(folder.path("data_ar.jsonl"), [example.to_dict() for example in arabic])
+    originals = {example.prompt_id: example for example in english}
     rows = []
     for example in arabic:
         info = example.extra["translation"]
         if info["review_state"] != "queued":
             continue
-        texts = [(f"prompt.{i}", m["content"]) for i, m in enumerate(example.prompt)]
-        texts += [(f"rubrics.{i}", c.criterion) for i, c in enumerate(example.rubrics)]
+        source = originals[example.prompt_id]
+        texts = [
+            (f"prompt.{i}", m["content"], s["content"])
+            for i, (m, s) in enumerate(zip(example.prompt, source.prompt, strict=True))
+        ]
+        texts += [
+            (f"rubrics.{i}", c.criterion, s.criterion)
+            for i, (c, s) in enumerate(zip(example.rubrics, source.rubrics, strict=True))
+        ]
         rows += [
             {
                 "id": example.prompt_id,
                 "field": name,
                 "score": info["score"],
                 "review_state": "queued",
-                "english": "",
+                "english": original,
                 "arabic": text,
                 "decision": "",
                 "comment": "",
             }
-            for name, text in texts
+            for name, text, original in texts
         ]
     queue = folder.path("data_ar.review.csv")
     with atomic_open(queue) as handle:
@@ -347,18 +356,21 @@ async def _pool(
     run: ChatEvalRun,
     desc: str,
     cost: Callable[[], float],
+    batch: LLMClient | None = None,
 ) -> None:
     """Run ``jobs`` with ``concurrency`` workers and a progress bar with the ledger so far.
 
     A budget stop ends the phase (``run.stopped``); a transient failure leaves its job for the next run
-    (``run.failed``); any other error is raised once the jobs in flight have finished.
+    (``run.failed``); any other error is raised once the jobs in flight have finished. When ``batch`` is a
+    client in Batch API mode, jobs whose requests it parked (`Deferred`) run again after each
+    `LLMClient.flush_batch` (their answers then come from the cache) until none is parked; batches a killed
+    run left open are collected first.
     """
     if not jobs or run.stopped:
         return
-    queue: asyncio.Queue = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    fatal: list[BaseException] = []
+    batch = batch if batch is not None and batch.config.batch else None
+    if batch is not None:
+        await batch.flush_batch()
     bar = tqdm(
         total=len(jobs),
         desc=desc,
@@ -366,12 +378,40 @@ async def _pool(
         dynamic_ncols=True,
         mininterval=0.5,
     )
+    try:
+        while True:
+            parked = await _one_pass(jobs, concurrency, run, desc, cost, bar)
+            if not parked or run.stopped:
+                return
+            logger.info("%s: %d jobs wait on the Batch API", desc, len(parked))
+            if await batch.flush_batch() == 0:
+                raise RuntimeError(
+                    "the Batch API returned no results for the parked requests; see the log "
+                    "and re-run to resubmit them"
+                )
+            jobs = parked
+    finally:
+        bar.close()
+
+
+async def _one_pass(
+    jobs, concurrency: int, run: ChatEvalRun, desc: str, cost: Callable[[], float], bar: tqdm
+) -> list:
+    """One pass of the workers over ``jobs``; returns the jobs whose requests were parked for a batch."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    fatal: list[BaseException] = []
+    parked = []
 
     async def worker() -> None:
         while not queue.empty() and not fatal and not run.stopped:
             name, job = queue.get_nowait()
             try:
                 await job()
+            except Deferred:
+                parked.append((name, job))
+                continue
             except BudgetExceeded as err:
                 run.stopped = str(err)
                 return
@@ -384,9 +424,7 @@ async def _pool(
             bar.update(1)
             bar.set_postfix_str(f"${cost():.4f}", refresh=False)
 
-    try:
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
-    finally:
-        bar.close()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)))))
     if fatal:
         raise fatal[0]
+    return parked

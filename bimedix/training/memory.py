@@ -335,7 +335,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     - PEFT's LoRA on fused experts builds ΔW and ``W + ΔW`` for a whole expert parameter on every forward and
       recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
     - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
-      time, just in time: one expert parameter in the compute dtype.
+      time, just in time: one expert parameter in the compute dtype, or, with activation checkpointing, every
+      expert parameter of one layer (the recomputation keeps them for that layer's backward).
     - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
     - torch's AdamW ``foreach`` step (``adamw_torch`` on CUDA) allocates temporaries the size of the trainable
       weights (the fused and 8-bit optimizers update in place).
@@ -345,6 +346,8 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     if facts["expert_lora"] and settings.expert_lora != "folded":
         copies = 3 if settings.quantize_experts else 2  # (dequantized W), ΔW, W + ΔW
         out["expert_weights"] = copies * facts["largest_expert_parameter"] * size
+    elif settings.quantize_experts and settings.checkpointing:
+        out["expert_weights"] = facts["counts"].get("experts", 0) / max(facts["dims"]["layers"], 1) * size
     elif settings.quantize_experts:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
