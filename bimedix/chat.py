@@ -350,8 +350,8 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
         if session.trimmed_turns:
             write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context "
                   f"of {session.context_length} tokens)")
-        write("bimedix> ", end="", flush=True)
-        try:
+        try:  # the prompt is inside: Ctrl-C right after it is printed must stop the reply, not the chat
+            write("bimedix> ", end="", flush=True)
             for piece in itertools.chain([first] if first is not None else [], reply):
                 write(piece, end="", flush=True)
         except KeyboardInterrupt:
