@@ -240,7 +240,16 @@ def test_fsdp_matches_one_process_shards_the_experts_and_merges(quantization, tm
         assert _kib(experts_held) == pytest.approx(_kib(experts_whole) / 2, rel=0.02)
         assert _kib(held) < _kib(whole)
 
-    if not quantization:  # the adapter of a sharded run is a normal PEFT adapter: merge checks its logits
+    # the adapter of a sharded run is a normal PEFT adapter: the same tensors as one process's, whole
+    from safetensors.torch import load_file
+
+    whole, gathered = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("p1", "p2"))
+    assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in whole.items()}
+    configs = [{key: sorted(value) if isinstance(value, list) else value  # PEFT writes sets as lists
+                for key, value in json.loads((tmp_path / run / "adapter_config.json").read_text()).items()}
+               for run in ("p1", "p2")]
+    assert configs[0] == configs[1]
+    if not quantization:  # and `bimedix merge` checks its logits
         from bimedix.training.merge import merge_adapter
 
         report = merge_adapter("tiny:mixtral:42", tmp_path / "p2", tmp_path / "merged",
