@@ -32,6 +32,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 
+from .deprecations import quiet_peft_checkpointing_warning
 from .resources import check_model_folder
 from .training.template import VICUNA_TEMPLATE, load_chat_settings
 
@@ -121,7 +122,8 @@ class ChatSession:
         if peft:
             from peft import PeftModel
 
-            base = PeftModel.from_pretrained(base, peft).to(device)
+            with quiet_peft_checkpointing_warning():
+                base = PeftModel.from_pretrained(base, peft).to(device)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(peft)
                 tokenizer_source = peft

@@ -20,6 +20,7 @@ from bimedix.data.io import atomic_open, write_json
 from bimedix.data.outputs import OutputFolder, safe_name
 from bimedix.resources import resource_path
 
+from ..deprecations import quiet_peft_checkpointing_warning
 from ..hub_kernels import hub_kernel_errors
 from ..resources import check_model_folder
 from .bench import PAPER_SUBSETS, available_configs, subset_path
@@ -107,7 +108,9 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args,
                                                   use_kernels=use_kernels)
     logging.getLogger("lm_eval.api.task").addFilter(_quiet_custom_dataset_notice)
-    with hub_kernel_errors(use_kernels and lm_args is not None and backend == "hf"):
+    # lm-eval wraps an adapter in PEFT
+    with hub_kernel_errors(use_kernels and lm_args is not None and backend == "hf"), \
+            quiet_peft_checkpointing_warning():
         results = lm_eval.simple_evaluate(
             model=lm, model_args=lm_args, tasks=names, task_manager=manager, limit=limit,
             num_fewshot=num_fewshot, batch_size=batch_size,

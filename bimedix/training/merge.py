@@ -18,6 +18,7 @@ import torch
 
 from ..data.io import give_default_mode, write_json
 from ..data.outputs import OutputFolder
+from ..deprecations import quiet_peft_checkpointing_warning
 from .provenance import MERGE_REPORT, check_merge
 from .template import load_chat_settings, save_chat_settings
 
@@ -82,7 +83,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     with torch.no_grad():
         base_logits = _logits(model, batch)
-        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        with quiet_peft_checkpointing_warning():
+            peft_model = PeftModel.from_pretrained(model, adapter_dir)
         if quantize_experts:
             from . import quantize
 

@@ -134,6 +134,7 @@ def load_model_with_4bit_experts(
     """
     from transformers import AutoModelForCausalLM
 
+    from ..deprecations import quiet_peft_checkpointing_warning
     from ..hub_kernels import load_pretrained
 
     _check_bitsandbytes()
@@ -145,11 +146,13 @@ def load_model_with_4bit_experts(
     if peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config)
+        with quiet_peft_checkpointing_warning():
+            model = get_peft_model(model, peft_config)
     elif adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with quiet_peft_checkpointing_warning():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     quantize_experts(model, quant_type=quant_type, device=device)
     return model.to(device)
 

@@ -34,6 +34,7 @@ from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
 from ..data.outputs import check_outputs
+from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resource_path
 from .provenance import base_fingerprint, write_base_record
 from .quantize import fused_experts, quantize_experts
@@ -256,11 +257,13 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     peft_config = make_peft_config(model, model_args, bimedix_args)
     if bimedix_args.quantize_experts:
         model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
-    trainer = SFTTrainer(
-        model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-    )
+    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+    with quiet_peft_checkpointing_warning():  # TRL wraps the model in PEFT
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
+            eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
+            callbacks=callbacks,
+        )
     _check_rows_left(trainer, dataset[script_args.dataset_train_split], training_args)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
@@ -534,7 +537,8 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
     """
     from peft import get_peft_model
 
-    model = get_peft_model(model, peft_config)
+    with quiet_peft_checkpointing_warning():
+        model = get_peft_model(model, peft_config)
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
     if model_args.load_in_4bit:
         model.to(training_args.device)
