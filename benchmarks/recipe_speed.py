@@ -446,7 +446,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
     tokens_per_s = tokens / step
     if len(runs) == 2:
         (a, ta), (b, tb) = [(run["depth"], run["median_step_s"]) for run in runs]
-        per_layer = (tb - ta) / (b - a)
+        per_layer = max((tb - ta) / (b - a), 0.0)
         print(f"Extrapolation: step(L) = {ta - per_layer * a:.4f} s + L x {per_layer:.4f} s "
               f"(from {a} and {b} layers) -> {step:.3f} s at {full_depth} layers")
     flops = flops_per_token(config, full_depth, statistics.mean(run["context_per_token"] for run in runs),
@@ -496,10 +496,13 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
 def _extrapolate(runs: list[dict], full_depth: int):
     """Step time, peak memory and estimate at ``full_depth`` (linear in the depth from two runs)."""
     def at_full(values: list[float]) -> float:
-        if len(runs) == 1:
-            return values[0] * full_depth / runs[0]["depth"]
-        (a, va), (b, vb) = zip([run["depth"] for run in runs], values)
+        (a, va), (b, vb) = zip([run["depth"] for run in runs], values) if len(runs) == 2 else [(0, 0)] * 2
+        if len(runs) == 1 or vb <= va:  # one depth, or noise larger than a layer's cost: scale the deeper run
+            return values[-1] * full_depth / runs[-1]["depth"]
         return va + (vb - va) / (b - a) * (full_depth - a)
+
+    if len(runs) == 2 and runs[1]["median_step_s"] <= runs[0]["median_step_s"]:
+        print("  !! the deeper run was not slower (timing noise): its step time is scaled by depth instead")
 
     if len(runs) == 1 and runs[0]["depth"] != full_depth:
         print(f"  (one depth only: step time scaled by {full_depth}/{runs[0]['depth']}; pass two depths to "
@@ -561,10 +564,12 @@ def _run_in_subprocess(args: argparse.Namespace, depth: int) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--profile_steps", str(args.profile_steps),
                "--seed", str(args.seed), *(["--cpu"] if args.cpu else []), "--", *args.overrides]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # the run's own log (progress, warnings, errors) goes straight to this process's stderr
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise SystemExit(f"the {depth}-layer run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise SystemExit(f"the {depth}-layer run failed (exit {done.returncode}); its log is above:\n"
+                         f"{done.stdout[-2000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
