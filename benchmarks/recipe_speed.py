@@ -64,17 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True,
                         help="a YAML recipe, e.g. recipes/bimedix-mixtral/sft_qlora.yaml")
     parser.add_argument("--layers", type=int, nargs="+",
-                        help="decoder layers: one depth, or two to extrapolate (default: the model's)")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
-    parser.add_argument("--profile_steps", type=int, default=2,
-                        help="optimizer steps under torch.profiler (after the timed ones)")
+                        help="decoder layers: one depth, or two to extrapolate (default: the model's; 1 2 "
+                             "with --cpu)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps after the warm-up (default 8; 2 "
+                                                  "with --cpu)")
+    parser.add_argument("--warmup", type=int, help="optimizer steps before timing (default 2; 1 with --cpu)")
+    parser.add_argument("--profile_steps", type=int,
+                        help="optimizer steps under torch.profiler after the timed ones (default 2; 1 with "
+                             "--cpu)")
     parser.add_argument("--cpu", action="store_true", help="toy sizes on CPU (tests, dry runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file (must not exist)")
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # one depth, in this process
     args = parser.parse_args(argv)
     args.overrides = overrides
+    for key, gpu, cpu in (("steps", 8, 2), ("warmup", 2, 1), ("profile_steps", 2, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, cpu if args.cpu else gpu)
+    if args.cpu and not args.layers and args.depth is None:
+        args.layers = [1, 2]
     if args.layers and len(args.layers) > 2:
         parser.error("--layers takes one depth or two (to extrapolate)")
     if not args.cpu and args.depth is None and not torch.cuda.is_available():
