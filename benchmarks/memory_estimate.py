@@ -14,9 +14,15 @@ The estimate is `bimedix.training.memory.estimate` for the same model (meta devi
 process without sharding and without the CUDA reserve (a CPU process has no CUDA context). It prints the
 estimate and the measurement by component and their ratio; the target is within ±15%.
 
-    python benchmarks/memory_estimate.py                       # 2 layers, 128 tokens: ~9 GB of RAM, a few
-    minutes python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584   # 4-bit
-    experts, 1/4 size
+``--processes N`` runs the same model under FSDP2 on N CPU processes (gloo, `torch.distributed.run`): each
+layer is allocated, packed (``--experts nf4``) and sharded in turn as `bimedix sft` does under FSDP
+(`bimedix.training.sharding.shard_model`), every process measures its own resident size, and the largest is
+compared with the estimate for N processes under FSDP ``FULL_SHARD``.
+
+    python benchmarks/memory_estimate.py            # 2 layers, 128 tokens: ~9 GB of RAM, a few minutes
+    python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584     # 4-bit, 1/4 size
+    python benchmarks/memory_estimate.py --experts nf4 --hidden 1024 --intermediate 3584 --layers 4 \
+        --processes 2                                   # the same, 4 layers sharded over 2 processes
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="expert LoRA path")
     parser.add_argument("--no_checkpointing", action="store_true", help="keep every layer's activations")
     parser.add_argument("--steps", type=int, default=2, help="measured steps (after one warm-up step)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="CPU processes under FSDP2 (gloo); 1: no sharding")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -62,12 +70,17 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(args)))
         return {}
     command = [sys.executable, __file__, "--child", *(argv if argv is not None else sys.argv[1:])]
+    if args.processes > 1:
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", str(args.processes)]
     # a fixed mmap threshold makes glibc return freed tensors to the OS, so the resident size follows them
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if done.returncode:
         raise RuntimeError(f"measurement failed:\n{done.stderr[-3000:]}")
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    # one line per process: compare the process that peaked highest
+    measured = max((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                   key=lambda figures: figures["peak"])
     report = estimate(args)
     totals = report["totals"]
     trainable = report["trainable"]
@@ -80,8 +93,9 @@ def main(argv=None) -> dict:
         ("peak (total)", totals["all"], measured["peak"]),
     ]
     print(f"Mixtral, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"{args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} alpha={args.alpha} on "
-          f"q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
+          + (f"FSDP2 over {args.processes} processes (the largest process), " if args.processes > 1 else "")
+          + f"{args.experts} experts, {args.expert_lora} expert LoRA, LoRA r={args.rank} alpha={args.alpha} "
+          f"on q,k,v + router + experts ({report['trainable']['parameters'] / 1e6:.1f} M trainable), "
           f"{args.tokens} tokens, checkpointing "
           f"{'off' if args.no_checkpointing else 'on'}, CPU, torch {torch.__version__}")
     print(f"{'component':<34} {'estimate':>12} {'measured':>12} {'ratio':>7}")
@@ -96,7 +110,7 @@ def main(argv=None) -> dict:
 
 def estimate(args: argparse.Namespace) -> dict:
     """`bimedix.training.memory.estimate` for the benchmark's model and settings."""
-    from bimedix.training.memory import Settings, model_facts
+    from bimedix.training.memory import STRATEGIES, Settings, model_facts
     from bimedix.training.memory import estimate as estimate_bytes
     from bimedix.training.targets import build_lora_config, meta_model
 
@@ -104,7 +118,9 @@ def estimate(args: argparse.Namespace) -> dict:
     peft_config = build_lora_config(model, "paper", r=args.rank, alpha=args.alpha)
     settings = Settings(compute_dtype="bfloat16", quantize_experts=args.experts == "nf4",
                         expert_lora=args.expert_lora,
-                        batch_size=1, max_length=args.tokens, checkpointing=not args.no_checkpointing)
+                        batch_size=1, max_length=args.tokens, checkpointing=not args.no_checkpointing,
+                        num_processes=args.processes,
+                        sharding=STRATEGIES["fsdp" if args.processes > 1 else "single"])
     return estimate_bytes(model_facts(model, peft_config=peft_config), settings)
 
 
@@ -116,6 +132,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from bimedix.training.expert_lora import set_expert_lora_mode
     from bimedix.training.quantize import quantize_experts
+    from bimedix.training.sharding import make_experts_shardable, shard_model
     from bimedix.training.targets import build_lora_config, load_model_config
 
     baseline = current_rss()
@@ -126,12 +143,28 @@ def measure(args: argparse.Namespace) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model = get_peft_model(model, build_lora_config(model, "paper", r=args.rank, alpha=args.alpha))
     decoder = model.get_base_model().model
-    for layer in decoder.layers:  # so that 4-bit experts never hold more than one layer in bf16
+    decoder.rotary_emb = type(decoder.rotary_emb)(config)  # its buffers are computed, not random
+
+    def prepare(layer):  # so that 4-bit experts never hold more than one layer in bf16
         _materialize(layer)
         if args.experts == "nf4":
             quantize_experts(layer)
-    _materialize(model)
-    decoder.rotary_emb = type(decoder.rotary_emb)(config)  # its buffers are computed, not random
+            if args.processes > 1:
+                make_experts_shardable(layer)
+
+    if args.processes > 1:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        torch.distributed.init_process_group("gloo")
+        for part in (decoder.embed_tokens, decoder.norm, model.get_base_model().lm_head):
+            _materialize(part)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                transformer_cls_names_to_wrap=["MixtralDecoderLayer"])
+        shard_model(model, plugin, prepare=prepare)
+    else:
+        for layer in decoder.layers:
+            prepare(layer)
+        _materialize(model)
     set_expert_lora_mode(model, args.expert_lora)
     if not args.no_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

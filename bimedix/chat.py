@@ -16,10 +16,12 @@ Examples:
 
 ```python
 >>> from bimedix.chat import ChatSession
->>> chat = ChatSession.from_pretrained("runs/quickstart/base-model", peft="runs/quickstart/adapter")
->>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):
+>>> chat = ChatSession.from_pretrained("runs/quickstart/base-model",  # doctest: +SKIP
+...                                    peft="runs/quickstart/adapter")
+>>> for piece in chat.stream("ما هي أعراض فقر الدم؟"):  # doctest: +SKIP
 ...     print(piece, end="", flush=True)
->>> chat.reset()
+>>> chat.reset()  # doctest: +SKIP
+
 ```
 """
 
@@ -206,53 +208,99 @@ class ChatSession:
         it.
 
         Sets `trimmed_turns` to the number of exchanges dropped (0 when all fit). The system prompt is
-        never dropped.
+        never dropped. The fewest exchanges to drop are found by bisection: about log2(exchanges) prompts are
+        rendered and tokenized, not one per dropped exchange (`benchmarks/chat_history.py`).
 
         Raises:
             `ValueError`: ``text`` does not fit even with no history (the history is then left as it was).
         """
         self.trimmed_turns = 0
         prompt = self.prompt(text)
-        if self.context_length is None:
+        if self.context_length is None or self._fits(prompt):
             return prompt
         kept = list(self.history)
-        while len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + self.max_new_tokens \
-                > self.context_length:
-            if not self.history:
-                self.history[:] = kept
-                self.trimmed_turns = 0
-                raise ValueError(f"the message does not fit the model's context of {self.context_length} "
-                                 f"tokens (with {self.max_new_tokens} kept for the reply); shorten it")
-            del self.history[:2]
-            self.trimmed_turns += 1
-            prompt = self.prompt(text)
+
+        def dropping(count: int) -> str:
+            self.history[:] = kept[2 * count:]
+            return self.prompt(text)
+
+        low, high = 0, (len(kept) + 1) // 2  # dropping `low` exchanges does not fit; dropping `high` must
+        prompt = dropping(high)
+        if not self._fits(prompt):
+            self.history[:] = kept
+            raise ValueError(f"the message does not fit the model's context of {self.context_length} "
+                             f"tokens (with {self.max_new_tokens} kept for the reply); shorten it")
+        while high - low > 1:
+            middle = (low + high) // 2
+            candidate = dropping(middle)
+            if self._fits(candidate):
+                high, prompt = middle, candidate
+            else:
+                low = middle
+        self.history[:] = kept[2 * high:]
+        self.trimmed_turns = high
         return prompt
+
+    def _fits(self, prompt: str) -> bool:
+        """Whether ``prompt`` plus a reply of `max_new_tokens` fits the context."""
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + self.max_new_tokens \
+            <= self.context_length
 
     def send(self, text: str) -> str:
         """Generate the whole reply to ``text`` and return it."""
         return "".join(self.stream(text)).strip()
 
+    def reply_to(self, messages: list[dict[str, str]]) -> str:
+        """The whole reply to a given conversation (ending with a user turn), leaving `history` alone.
+
+        Used by ``bimedix eval-chat``: the same template, system prompt (unless ``messages`` has one),
+        decoding settings and length limit as a chat turn. Raises `ValueError` when the conversation does not
+        fit.
+        """
+        if not any(m["role"] == "system" for m in messages):
+            last = messages[-1]["content"]
+            system = self.system[detect_language(last)] if isinstance(self.system, Mapping) else self.system
+            messages = [{"role": "system", "content": system}, *messages] if system else list(messages)
+        prompt = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                    add_generation_prompt=True, tokenize=False)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        length = inputs["input_ids"].shape[1]
+        if self.context_length is not None and length + self.max_new_tokens > self.context_length:
+            raise ValueError(f"the conversation ({length} tokens) plus a {self.max_new_tokens}-token reply "
+                             f"does not fit the model's context of {self.context_length} tokens")
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p} \
+            if self.temperature > 0 else {"do_sample": False}
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, pad_token_id=pad,
+                                     **sampling)
+        return self.tokenizer.decode(output[0, length:], skip_special_tokens=True).strip()
+
     def reset(self) -> None:
         """Forget the conversation."""
         self.history.clear()
 
-    def launch(self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = False):
+    def launch(self, host: str = "127.0.0.1", port: int = 7860, *, block: bool = False,
+               token: str | None = None):
         """Serve this chat as a web page (needs ``pip install 'bimedix[web]'``); returns the running server.
 
         Args:
             host (`str`, *optional*, defaults to `"127.0.0.1"`): address to listen on (this machine only by
-                default).
+                default; any other needs ``token``).
             port (`int`, *optional*, defaults to `7860`): port.
             block (`bool`, *optional*, defaults to `False`): serve in this thread until Ctrl-C (the CLI)
                 instead of a background thread (notebooks; stop it with ``server.close()``).
+            token (`str`, *optional*): shared secret: the page is then opened as ``/?token=...``.
         """
         from .web.server import WebServer, require_web
 
         require_web()
         from .web.chat_app import create_chat_app
 
-        server = WebServer(create_chat_app(self, notice=DISCLAIMER, language_of=detect_language), host, port)
-        print(f"BiMediX chat page on {server.url}" + (" (Ctrl-C to stop)" if block else ""), flush=True)
+        app = create_chat_app(self, notice=DISCLAIMER, language_of=detect_language, token=token, host=host)
+        server = WebServer(app, host, port)
+        print(f"BiMediX chat page on {server.url}{'?token=...' if token else ''}"
+              + (" (Ctrl-C to stop)" if block else ""), flush=True)
         if block:
             server.run()
         return server if block else server.start()

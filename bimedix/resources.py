@@ -7,10 +7,12 @@ to the checkout. Always reach them through `resource_path`, never through ``__fi
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
 _PACKAGES = {"recipes": "bimedix.recipes", "hub_cards": "bimedix.hub_cards", "bimedix": "bimedix"}
+RESOURCE_PREFIXES = ("bimedix:", "recipes:")
 
 
 def resource_path(kind: str, *parts: str) -> Path:
@@ -30,6 +32,35 @@ def resource_path(kind: str, *parts: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{'/'.join(parts)} is not shipped in {_PACKAGES[kind]} (looked in {path}).")
     return path
+
+
+def resolve_resource(path: str | os.PathLike) -> Path:
+    """Resolve a ``bimedix:<path>`` or ``recipes:<path>`` reference to the installed file; other paths are
+    returned as they are.
+
+    ``bimedix:<path>`` is a path inside the package (``bimedix:data/bundled/...``); ``recipes:<path>`` and
+    ``bimedix:recipes/<path>`` are shipped recipe files, which a wheel installs as ``bimedix/recipes``.
+
+    Examples:
+
+    ```python
+    >>> resolve_resource("recipes:tiny/sft.yaml") == resource_path("recipes", "tiny", "sft.yaml")
+    True
+    >>> resolve_resource("bimedix:recipes/tiny/sft.yaml") == resolve_resource("recipes:tiny/sft.yaml")
+    True
+    >>> resolve_resource("data/train.jsonl")
+    PosixPath('data/train.jsonl')
+
+    ```
+    """
+    text = os.fspath(path)
+    if not text.startswith(RESOURCE_PREFIXES):
+        return Path(text)
+    prefix, _, rest = text.partition(":")
+    parts = Path(rest).parts
+    if prefix == "bimedix" and parts[:1] == ("recipes",):
+        prefix, parts = "recipes", parts[1:]
+    return resource_path(prefix, *parts)
 
 
 def check_model_folder(name: str, option: str = "--model") -> None:

@@ -10,6 +10,7 @@ Errors are reported as by ``bimedix sft``: one line naming the problem and the f
 (set ``BIMEDIX_TRACEBACK=1`` to see the traceback); Ctrl-C exits with 130.
 """
 
+import logging
 import os
 import sys
 
@@ -26,4 +27,7 @@ def sft() -> None:
 
 
 if __name__ == "__main__":
+    # bimedix's start-up lines (how the model is placed, what was quantized) at INFO; libraries at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bimedix").setLevel(logging.INFO)
     sys.exit(run_command("recipes/sft.py", sft, verbose=os.environ.get("BIMEDIX_TRACEBACK") == "1"))

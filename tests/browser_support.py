@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -23,38 +24,20 @@ def chromium_path() -> str | None:
     return os.environ.get("BIMEDIX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module", name="browser")
-def browser_fixture():
-    """A headless Chromium; skipped (failed under CI, which must install it) when it or Playwright is missing.
+def get_json(url: str, timeout: float = 60.0, process: subprocess.Popen | None = None) -> dict:
+    """GET ``url`` as JSON, retrying until the server answers (its port is open) or ``timeout`` passes.
 
-    Module-scoped: Playwright's sync API holds an event loop in this thread while it runs, which would break
-    the `asyncio.run` of later test modules.
+    With ``process`` (the server, its stdout a pipe), fail at once with its output if it exits first.
     """
-    executable = chromium_path()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        executable = None
-    if executable is None:
-        reason = ("no headless browser: install Chromium (apt-get install chromium) and Playwright "
-                  "(pip install playwright)")
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; .ci/run installs both")
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def get_json(url: str, timeout: float = 60.0) -> dict:
-    """GET ``url`` as JSON, retrying until the server answers or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, ConnectionError):
+            if process is not None and process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode} before answering {url}:\n"
+                            f"{process.stdout.read() if process.stdout else ''}")
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

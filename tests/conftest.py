@@ -1,4 +1,5 @@
-"""Shared fixtures: offline Hub, the real Mixtral tokenizer, tiny random MoE models, the shared data."""
+"""Shared fixtures: offline Hub, the real Mixtral tokenizer, tiny random MoE models, the shared data, the fake
+OpenAI-compatible server and a headless browser."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from browser_support import CHROMIUM_ARGS, chromium_path
+from llm_support import SECRET
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -91,6 +94,47 @@ def eval_bench_dir(tmp_path_factory, fixtures_dir) -> Path:
     output = tmp_path_factory.mktemp("eval-bench")
     write_bench(tables, output)
     return output
+
+
+# The fake OpenAI-compatible server and its API key (LLM engine tests), and a headless browser (web apps).
+@pytest.fixture(name="api_key")
+def api_key_fixture(monkeypatch) -> str:
+    """A recognisable fake key in OPENAI_API_KEY, to check it never leaks."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    return SECRET
+
+
+@pytest.fixture(name="server")
+def server_fixture():
+    """A fresh scripted server with the default (bimedix-prompt-aware) responder."""
+    from bimedix.llm.fake_server import FakeOpenAIServer
+
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module", name="browser")
+def browser_fixture():
+    """A headless Chromium; skipped (failed under CI, which must install it) when it or Playwright is missing.
+
+    Module-scoped: Playwright's sync API holds an event loop in this thread while it runs, which would break
+    the `asyncio.run` of later test modules.
+    """
+    executable = chromium_path()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        executable = None
+    if executable is None:
+        reason = ("no headless browser: install Chromium (apt-get install chromium) and Playwright "
+                  "(pip install playwright)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; .ci/run installs both")
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

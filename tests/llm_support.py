@@ -1,5 +1,5 @@
-"""Shared pieces of the LLM engine tests: the fake server fixture, a client factory and runner, MCQA
-records."""
+"""Shared pieces of the LLM engine tests: a client factory and runner, MCQA records (the ``api_key`` and
+``server`` fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
 from bimedix.data.schema import make_record
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import ClientConfig, LLMClient
-from bimedix.llm.fake_server import FakeOpenAIServer
 
 T = TypeVar("T")
 
 SECRET = "sk-test-DO-NOT-LEAK-7f3a9c51"
 MODEL = "test-model"
 PRICES = {MODEL: {"input": 1.0, "output": 2.0}}  # USD per 1M tokens
-
-
-@pytest.fixture(name="api_key")
-def api_key_fixture(monkeypatch) -> str:
-    """A recognisable fake key in OPENAI_API_KEY, to check it never leaks."""
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    return SECRET
-
-
-@pytest.fixture(name="server")
-def server_fixture():
-    """A fresh scripted server with the default (bimedix-prompt-aware) responder."""
-    with FakeOpenAIServer() as fake:
-        yield fake
 
 
 def make_client(base_url: str, cache_path: Path, **overrides) -> LLMClient:

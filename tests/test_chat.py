@@ -257,3 +257,18 @@ def test_cli_chat_system_prompt_is_opt_in(tiny_model_dir, monkeypatch, flags, sy
     monkeypatch.setattr(bimedix.chat, "run_chat", sessions.append)
     assert main(["chat", "--model", str(tiny_model_dir), "--device", "cpu", *flags]) == 0
     assert sessions[0].system == system
+
+
+def test_reply_to_a_whole_conversation_is_the_chat_reply_and_keeps_history(session):
+    session.reset()
+    expected = session.send("What is anemia?")
+    follow_up = session.send("And in children?")
+    kept = list(session.history)
+    conversation = [{"role": "user", "content": "What is anemia?"},
+                    {"role": "assistant", "content": expected},
+                    {"role": "user", "content": "And in children?"}]
+    assert session.reply_to(conversation[:1]) == expected
+    assert session.reply_to(conversation) == follow_up
+    assert session.history == kept
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        session.reply_to([{"role": "user", "content": "word " * (session.context_length or 10 ** 6)}])

@@ -6,12 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from llm_support import (  # noqa: F401 - fixtures
-    api_key_fixture,
+from llm_support import (
     make_client,
     read_jsonl,
     run_closing,
-    server_fixture,
     write_jsonl,
 )
 

@@ -8,13 +8,11 @@ import logging
 import time
 
 import pytest
-from llm_support import (  # noqa: F401 - fixtures
+from llm_support import (
     MODEL,
     PRICES,
-    api_key_fixture,
     make_client,
     run_closing,
-    server_fixture,
 )
 
 from bimedix.llm.cache import RequestCache

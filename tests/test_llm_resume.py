@@ -11,16 +11,14 @@ import subprocess
 import sys
 
 import pytest
-from llm_support import (  # noqa: F401 - fixtures
+from llm_support import (
     MODEL,
     PRICES,
     SECRET,
-    api_key_fixture,
     make_client,
     mcqa_record,
     read_jsonl,
     run_closing,
-    server_fixture,
     write_jsonl,
 )
 from process_support import WatchedProcess

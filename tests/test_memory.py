@@ -170,7 +170,11 @@ def test_fold_and_quantize_change_the_expert_transient(mixtral_facts):
     folded_bf16 = estimate(mixtral_facts, Settings(expert_lora="folded"))
     peft_nf4 = estimate(mixtral_facts, Settings(quantize_experts=True))["transients"]["expert_weights"]
     assert peft_bf16 == 2 * largest * 2 and peft_nf4 == 3 * largest * 2  # ΔW, W + ΔW (and the dequantized W)
-    assert folded_nf4["transients"]["expert_weights"] == largest * 2
+    # with checkpointing (the default) the recomputation keeps the layer's dequantized experts for backward
+    assert folded_nf4["transients"]["expert_weights"] == 3 * 14336 * 4096 * 8 * 2
+    unchecked = estimate(mixtral_facts, Settings(quantize_experts=True, expert_lora="folded",
+                                                 checkpointing=False))
+    assert unchecked["transients"]["expert_weights"] == largest * 2
     assert "expert_weights" not in folded_bf16["transients"]
 
 
@@ -229,3 +233,15 @@ def test_estimate_within_15_percent_of_measured_peak_for_real_mixtral_dimensions
     spec.loader.exec_module(bench)
     result = bench.main(["--steps", "1", *flags])
     assert 0.85 <= result["ratio"] <= 1.15, result
+
+
+def test_mixtral_8x22b_recipe_fits_8x80gb_under_fsdp_and_not_under_ddp():
+    recipe = resource_path("recipes", "mixtral-8x22b", "sft_qlora.yaml")
+    fsdp = estimate_memory(recipe, accelerate_config=CONFIGS / "fsdp.yaml", gpu=80)
+    assert fsdp["settings"]["num_processes"] == 8 and fsdp["settings"]["sharding"]["kind"] == "fsdp"
+    assert fsdp["settings"]["quantize_experts"] and fsdp["parameters"]["total"] > 65 * GIB  # > one 80 GB
+    assert fsdp["totals"]["parameters"] == pytest.approx(fsdp["parameters"]["total"] / 8)
+    assert fsdp["stated_gpu"]["fits"] and fsdp["transients"]["gathered_layers"] > 0
+    ddp = estimate_memory(recipe, accelerate_config=CONFIGS / "ddp.yaml", gpu=80)
+    assert not ddp["stated_gpu"]["fits"]
+    assert any("fsdp.yaml" in change for change in ddp["stated_gpu"]["suggestion"]["changes"])

@@ -36,7 +36,10 @@ def test_paper_recipe_has_the_papers_hyper_parameters():
     assert (training.learning_rate, str(training.lr_scheduler_type.value),
             training.warmup_steps) == (2e-4, "cosine", 10)
     assert training.per_device_train_batch_size * 8 * training.gradient_accumulation_steps == 16  # 8 GPUs
-    assert (training.gradient_accumulation_steps, training.num_train_epochs) == (2, 2)
+    # the paper's 2 accumulation steps of 1 sample, as one padding-free micro-batch of 2 (test_fast_paths.py)
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 1)
+    assert training.padding_free and not training.packing and training.num_train_epochs == 2
+    assert bimedix.expert_lora == "folded" and bimedix.quantize_experts == "nf4"
     assert training.activation_checkpointing and training.bf16 and training.optim.value == "adamw_torch"
 
 

@@ -1,6 +1,6 @@
 """`bimedix review serve` in a real browser: review a fake-server translation with clicks and keys, kill and
 restart the server mid-way, overrule as a second reviewer, and get what `review import` gives for the same
-decisions."""
+decisions; a decision on a page another reviewer has decided since is refused and the page offers a reload."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from browser_support import browser_fixture, free_port, get_json, screenshot  # noqa: F401 (fixture)
+from browser_support import free_port, get_json, screenshot
 from llm_support import mcqa_record, read_jsonl, write_jsonl
 
 from bimedix.llm.fake_server import FakeOpenAIServer
@@ -44,14 +45,14 @@ def _serve(translated: Path, source: Path, port: int, out: Path) -> subprocess.P
          "--output", str(out), "--fraction", "1.0", "--reviewer", "Dr. Amal", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ,
                                                                           "PYTHONUNBUFFERED": "1"})
-    get_json(f"http://127.0.0.1:{port}/api/state")
+    get_json(f"http://127.0.0.1:{port}/api/state", process=process)
     return process
 
 
 def _wait_done(page, count: int) -> None:
     """Wait until the page has saved a decision, shows ``count`` done and has loaded the next item."""
-    page.wait_for_function(f"!document.body.dataset.busy && document.querySelector('#counts').textContent"
-                           f".startsWith('{count} done')")
+    page.wait_for_function(f"() => !document.body.dataset.busy && "
+                           f"document.querySelector('#counts').textContent.startsWith('{count} done')")
 
 
 def _counts(page) -> str:
@@ -104,17 +105,18 @@ def test_review_in_the_browser_equals_review_import(browser, translated, tmp_pat
 
         page.fill("#reviewer", "Dr. Badr")  # a second reviewer overrules the first approval
         page.select_option("#filter-state", "approved")
-        page.wait_for_function("document.querySelectorAll('#list div').length === 4")
+        page.wait_for_function("() => document.querySelectorAll('#list div').length === 4")
         overruled = page.locator("#list div").first.get_attribute("data-id")
         page.locator("#list div").first.click()
-        page.wait_for_function(f"document.querySelector('#list div.current').dataset.id === '{overruled}'")
+        page.wait_for_function(f"() => document.querySelector('#list div.current').dataset.id === "
+                               f"'{overruled}'")
         page.fill("#reason", "wrong drug name")
         page.click("#reject")
-        page.wait_for_function("!document.body.dataset.busy && document.querySelector('#counts').textContent"
-                               ".includes('rejected 2')")
+        page.wait_for_function("() => !document.body.dataset.busy && "
+                               "document.querySelector('#counts').textContent.includes('rejected 2')")
         page.select_option("#filter-state", "")
         page.locator(f"#list div[data-id='{overruled}']").click()
-        page.wait_for_function("document.querySelectorAll('#history-list li').length > 0")
+        page.wait_for_function("() => document.querySelectorAll('#history-list li').length > 0")
         page.click("#history summary")
         history = page.locator("#history-list").inner_text()
         assert "Dr. Amal: approved" in history and "Dr. Badr: rejected — wrong drug name" in history
@@ -163,6 +165,17 @@ def test_bad_requests_show_a_message_not_a_traceback(browser, translated, tmp_pa
         page.locator("#texts textarea").first.fill("")
         page.click("#save")
         expect(page.locator("#message")).to_contain_text("conversations.0: is empty")
+        shown = page.locator("#list div.current").get_attribute("data-id")  # another reviewer decides it now
+        api = f"http://127.0.0.1:{port}/api/item/{quote(shown, safe='')}"
+        version = page.request.get(api).json()["version"]
+        other = page.request.post(api, data={"action": "reject", "version": version, "reviewer": "Dr. Badr",
+                                             "comment": "meaning lost"})
+        assert other.status == 200
+        page.click("#approve")  # on the page loaded before that decision
+        expect(page.locator("#message")).to_contain_text(f"'{shown}' changed after you opened it (Dr. Badr")
+        page.click("#reload")
+        expect(page.locator("#item-state")).to_have_text("rejected")
+        expect(page.locator("#message")).to_be_hidden()
         response = page.request.get(f"http://127.0.0.1:{port}/api/item/..%2F..%2Fetc%2Fpasswd")
         assert response.status == 404 and "Traceback" not in response.text()
         assert page.request.get(f"http://127.0.0.1:{port}/static/review.html").status == 404

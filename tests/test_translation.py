@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from llm_support import (  # noqa: F401 - fixtures
+from llm_support import (
     MODEL,
-    api_key_fixture,
     make_client,
     mcqa_record,
     read_jsonl,
     run_closing,
-    server_fixture,
     write_jsonl,
 )
 

@@ -4,6 +4,7 @@ page."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..resources import check_model_folder
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="with --web: address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="with --web: port (default 7860)")
+    parser.add_argument("--token", default=os.environ.get("BIMEDIX_CHAT_TOKEN"),
+                        help="with --web: shared secret the browser must give (/?token=...); required with a "
+                             "non-local --host (default: $BIMEDIX_CHAT_TOKEN)")
     parser.set_defaults(func=run)
 
 
@@ -47,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.peft:
         check_model_folder(args.peft, "--peft")
     if args.web:
-        from ..web.server import check_port, require_web
+        from ..web.chat_app import TOKEN_ENV
+        from ..web.server import check_exposure, check_port, require_web
 
         require_web()
-        check_port(args.host, args.port)  # before the model loads, which can take minutes
+        check_exposure(args.host, args.token, app="the chat page", token_env=TOKEN_ENV)
+        check_port(args.host, args.port)  # both before the model loads, which can take minutes
     # undecodable bytes reach run_chat, which reports and skips the line
     elif hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession.from_pretrained(args.model, args.peft, device=args.device,
                                           use_kernels=args.use_kernels, **options)
     if args.web:
-        session.launch(args.host, args.port, block=True)
+        session.launch(args.host, args.port, block=True, token=args.token)
     else:
         run_chat(session)
     return 0

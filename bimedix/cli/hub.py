@@ -27,6 +27,8 @@ def register(subparsers) -> None:
                              "threshold (reviewer-rejected ones are always refused)")
     parser.add_argument("--eval", dest="eval_dir", metavar="DIR",
                         help="`bimedix eval` output for the model card")
+    parser.add_argument("--eval-chat", dest="eval_chat_dir", metavar="DIR",
+                        help="`bimedix eval-chat` output: its rubric-score table goes in the model card")
     parser.add_argument("--data", dest="data_dir", metavar="DIR",
                         help="training data folder for the model card")
     parser.add_argument("--base-model", help="Hub id of the base model (defaults to the adapter's)")
@@ -42,7 +44,7 @@ def run_push(args: argparse.Namespace) -> int:
                   dry_run=args.dry_run, acknowledge_research_only=args.acknowledge_research_only,
                   eval_dir=args.eval_dir, data_dir=args.data_dir, base_model=args.base_model,
                   license=args.license,
-                  include_unreviewed=args.include_unreviewed)
+                  include_unreviewed=args.include_unreviewed, eval_chat_dir=args.eval_chat_dir)
     for note in result.warnings:
         print(f"licence note: {note}" if "--include-unreviewed" not in note else f"review note: {note}")
     if args.dry_run:

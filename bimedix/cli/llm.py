@@ -94,7 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--output", type=Path,
                        help="all records with the decisions applied (default: INPUT.reviewed.jsonl)")
     serve.add_argument("--audit", type=Path,
-                       help="audit trail, the decision store (default: OUTPUT with .audit.jsonl)")
+                       help="audit trail, the decision store (default: OUTPUT with .audit.jsonl); never an "
+                            "input or the output")
     serve.add_argument("--reviewer", default="",
                        help="your name, pre-filled in the page (recorded with each decision)")
     serve.add_argument("--fraction", type=float, default=0.05,
@@ -262,20 +263,17 @@ def _review_import(args: argparse.Namespace) -> int:
 
 def _review_serve(args: argparse.Namespace) -> int:
     from ..llm.review_session import ReviewSession
-    from ..web.server import WebServer, is_loopback, require_web
+    from ..web.server import WebServer, check_exposure, require_web
 
     require_web()
-    from ..web.review_app import create_review_app
+    from ..web.review_app import TOKEN_ENV, create_review_app
 
-    if not is_loopback(args.host) and not args.token:
-        raise ValueError(f"--host {args.host} lets other machines reach "
-                         "the review app; give a shared secret with "
-                         "--token (or $BIMEDIX_REVIEW_TOKEN), or keep the default --host 127.0.0.1")
+    check_exposure(args.host, args.token, app="the review app", token_env=TOKEN_ENV)
     output = args.output or args.input.with_name(args.input.name.removesuffix(".jsonl") + ".reviewed.jsonl")
     session = ReviewSession(args.input, output, source=args.source, queue=args.queue, audit=args.audit,
                             fraction=args.fraction, seed=args.seed, threshold=args.threshold)
-    server = WebServer(create_review_app(session, reviewer=args.reviewer, token=args.token), args.host,
-                       args.port)
+    server = WebServer(create_review_app(session, reviewer=args.reviewer, token=args.token, host=args.host),
+                       args.host, args.port)
     for warning in session.warnings:
         print(f"warning: {warning}")
     progress = session.progress()

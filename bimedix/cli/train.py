@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
 
@@ -155,6 +156,8 @@ def _sft(args) -> int:
     from bimedix.hub.cards import save_model_card
     from bimedix.training.sft import main, make_parser
 
+    # start-up lines a user checks before a long run (how the model is placed, what was quantized)
+    logging.getLogger("bimedix").setLevel(logging.INFO)
     parser = make_parser()
     parser.prog = "bimedix sft"
     trainer = main(*parser.parse_args_and_config(args.args))

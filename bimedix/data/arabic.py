@@ -35,6 +35,7 @@ def normalize_arabic(text: str) -> str:
     ```python
     >>> normalize_arabic("مُسْتَشْفَى ٥")
     'مستشفي 5'
+
     ```
     """
     if text.isascii():
@@ -56,6 +57,7 @@ def normalize_for_match(text: str) -> str:
     ```python
     >>> normalize_for_match("What is the DOSE of  Aspirin? (5 mg)")
     'what is the dose of aspirin 5 mg'
+
     ```
     """
     if not text.isascii():

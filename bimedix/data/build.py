@@ -53,7 +53,7 @@ from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for
 from .review_policy import ReviewPolicy
-from .schema import FEATURES, TASKS, RecordError, validate_record
+from .schema import FEATURES, TASKS, RecordError
 from .stats import DataStats
 
 logger = logging.getLogger(__name__)
@@ -189,13 +189,14 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     """
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)
+    recipe = recipe.rooted(sources_dir)
     output = Path(output)
     inputs = recipe_inputs(recipe, sources_dir)
     check_outputs({"--output": output, "--output's data folder": output / "data"}, inputs)  # before any work
     folder = OutputFolder(output, "build-data", inputs=inputs, overwrite=overwrite)
     work_dir = folder.folder(WORK_DIR)
     try:
-        prepared = prepare(recipe, work_dir, sources_dir=sources_dir, on_error=on_error, progress=progress,
+        prepared = prepare(recipe, work_dir, on_error=on_error, progress=progress,
                            include_unreviewed=include_unreviewed, num_proc=num_proc)
     # e.g. Ctrl-C: the worker processes were stopped mid-write; remove their temporaries
     except BaseException:
@@ -244,11 +245,12 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
 def recipe_inputs(recipe: DataRecipe, sources_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Label → path of everything a recipe reads: the recipe itself, each source's files and benchmarks, and
     the ``--sources`` folder when given (the whole folder is an input: its README and licence files too)."""
+    recipe = recipe.rooted(sources_dir)
     inputs = {"--recipe": Path(recipe.recipe_path)} if recipe.recipe_path else {}
     for kind, specs in (("source", recipe.sources), ("benchmark", recipe.decontaminate.benchmarks)):
         for spec in specs:
             for key, path in [("path", spec.path), *spec.files.items()]:
-                inputs[f"{kind} {spec.name!r} {key}"] = recipe.resolve(path, sources_dir)
+                inputs[f"{kind} {spec.name!r} {key}"] = Path(path)
     if sources_dir is not None:  # named last: a file's own label is the clearer one
         inputs["--sources"] = recipe.root(sources_dir)
     return inputs
@@ -274,16 +276,16 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         `Prepared`: the cleaned records, the mixing plan, the counts so far and the review counts.
     """
     on_error_for(on_error, RejectLog())  # validates the policy name
+    recipe = recipe.rooted(sources_dir)
     work_dir = Path(work_dir)
     wanted = [(spec.name, path) for spec in [*recipe.sources, *recipe.decontaminate.benchmarks]
               for path in [spec.path, *spec.files.values()]]
-    missing = [f"{name}: {recipe.resolve(path, sources_dir)}" for name, path in wanted
-               if not recipe.resolve(path, sources_dir).exists()]
+    missing = [f"{name}: {path}" for name, path in wanted if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
-                                f"{recipe.root(sources_dir)} (check the paths and --sources):\n  "
+                                f"{recipe.sources_dir} (check the paths and --sources):\n  "
                                 + "\n  ".join(missing))
-    resolved = [(name, recipe.resolve(path, sources_dir)) for name, path in wanted]
+    resolved = [(name, Path(path)) for name, path in wanted]
     special = [f"{name}: {path}" for name, path in resolved if not (path.is_file() or path.is_dir())]
     if special:
         raise ValueError(f"recipe {recipe.name!r}: {'; '.join(special)} is not a regular file or folder (a "
@@ -294,15 +296,13 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
     converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]
     shards = dict(zip(converted, ordered_map(_convert_task, converted,
                                              num_proc=max(min(num_proc, len(converted)), 1),
-                                             context=(recipe, folder, sources_dir, on_error, progress),
+                                             context=(recipe, folder, on_error, progress),
                                              prefetch=1)))
     for index, spec in enumerate(recipe.sources):  # record files: one file at a time, its lines in parallel
         if index not in shards:
-            shards[index] = _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error,
-                                            progress,
-                                            num_proc)
+            shards[index] = _convert_source(spec, folder, spec.on_error or on_error, progress, num_proc)
     shards = [shards[index] for index in range(len(recipe.sources))]
-    benchmark_files = [recipe.resolve(spec.path, sources_dir) for spec in recipe.decontaminate.benchmarks]
+    benchmark_files = [Path(spec.path) for spec in recipe.decontaminate.benchmarks]
     key = _digest([[shard["key"] for shard in shards], dataclasses.asdict(recipe.decontaminate),
                    dataclasses.asdict(recipe.dedup), dataclasses.asdict(recipe.mix), recipe.seed,
                    [[spec.name, spec.weight, spec.on_error] for spec in recipe.sources],
@@ -315,8 +315,7 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         logger.info("clean stage %s is up to date, skipping it", key)
         manifest = json.loads(manifest_path.read_text())
     else:
-        manifest = _clean(recipe, shards, work_dir, key, sources_dir, on_error, progress, include_unreviewed,
-                          num_proc)
+        manifest = _clean(recipe, shards, work_dir, key, on_error, progress, include_unreviewed, num_proc)
         write_json(manifest_path, manifest)
         _remove_stale(work_dir, "clean", key)
     rejects = source_rejects + [work_dir / f"clean-{key}.rejects.jsonl"]
@@ -328,36 +327,20 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
 def iter_source(recipe: DataRecipe, spec: SourceSpec, *, sources_dir: str | os.PathLike | None = None,
                 on_error=None) -> Iterator[dict]:
     """Stream the schema records of one recipe source (converted, or read for ``converter: records``)."""
-    path = recipe.resolve(spec.path, sources_dir)
-    if spec.converter == RECORDS_CONVERTER:
-        if not path.is_file():
-            raise FileNotFoundError(f"source {spec.name!r}: {path} does not exist")
-        for line, obj in iter_jsonl(path, on_error=on_error):
-            try:
-                record = validate_record(obj, path=str(path), line=line)
-            except RecordError as err:
-                report(RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj),
-                       on_error)
-                continue
-            yield record
-        return
-    from .converters import convert
-
-    files = {name: recipe.resolve(value, sources_dir) for name, value in spec.files.items()}
-    yield from convert(spec.converter, path, language=spec.language, on_error=on_error, **spec.options,
-                       **files)
+    spec = recipe.rooted(sources_dir).sources[recipe.sources.index(spec)]
+    for line in _source_lines(spec, on_error, num_proc=1):
+        yield json.loads(line)
 
 
 def _convert_task(context: tuple, index: int) -> dict:
-    recipe, folder, sources_dir, on_error, progress = context
+    recipe, folder, on_error, progress = context
     spec = recipe.sources[index]
-    return _convert_source(recipe, spec, folder, sources_dir, spec.on_error or on_error, progress)
+    return _convert_source(spec, folder, spec.on_error or on_error, progress)
 
 
-def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_dir, on_error: str,
-                    progress: bool, num_proc: int = 1) -> dict:
-    path = recipe.resolve(spec.path, sources_dir)
-    files = [path, *(recipe.resolve(value, sources_dir) for value in spec.files.values())]
+def _convert_source(spec: SourceSpec, folder: Path, on_error: str, progress: bool, num_proc: int = 1) -> dict:
+    """Convert one rooted source into a cached JSON Lines shard under ``folder``; return its manifest."""
+    files = [Path(spec.path), *(Path(value) for value in spec.files.values())]
     key = _digest([spec.converter, spec.language, spec.options, sorted(spec.files),
                    [_content_hash(p) for p in files],
                    on_error, _FORMAT_VERSION])
@@ -370,7 +353,7 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     written = 0
     with RejectLog(rejects_path) as rejects, atomic_open(stem.with_suffix(".jsonl")) as handle:
         policy = on_error_for(on_error, rejects)
-        for line in tqdm(_converted_lines(recipe, spec, sources_dir, policy, num_proc),
+        for line in tqdm(_source_lines(spec, policy, num_proc),
                          desc=f"convert {spec.name}", unit="rec", disable=not progress):
             handle.write(line)
             written += 1
@@ -381,14 +364,18 @@ def _convert_source(recipe: DataRecipe, spec: SourceSpec, folder: Path, sources_
     return manifest
 
 
-def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy,
-                     num_proc: int) -> Iterator[str]:
-    """The JSON lines of one source's records; a ``records`` file is validated in ``num_proc`` processes."""
+def _source_lines(spec: SourceSpec, policy, num_proc: int) -> Iterator[str]:
+    """The records of one rooted source as JSON lines: converted from the original file, or, for
+    ``converter: records``, validated in ``num_proc`` processes."""
+    path = Path(spec.path)
     if spec.converter != RECORDS_CONVERTER:
-        for record in iter_source(recipe, spec, sources_dir=sources_dir, on_error=policy):
+        from .converters import convert
+
+        files = {name: Path(value) for name, value in spec.files.items()}
+        for record in convert(spec.converter, path, language=spec.language, on_error=policy, **spec.options,
+                              **files):
             yield json.dumps(record, ensure_ascii=False) + "\n"
         return
-    path = recipe.resolve(spec.path, sources_dir)
     if not path.is_file():
         raise FileNotFoundError(f"source {spec.name!r}: {path} does not exist")
     lines = raw_lines(path)
@@ -401,14 +388,13 @@ def _converted_lines(recipe: DataRecipe, spec: SourceSpec, sources_dir, policy,
                 yield line
 
 
-def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sources_dir, on_error: str,
-           progress: bool, include_unreviewed: bool, num_proc: int) -> dict:
+def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, on_error: str, progress: bool,
+           include_unreviewed: bool, num_proc: int) -> dict:
     index = None
     if recipe.decontaminate.benchmarks:
         skipped = RejectLog()
         spec = recipe.decontaminate
-        items = load_benchmark_items(spec.benchmarks, lambda path: recipe.resolve(path, sources_dir),
-                                     on_error=skipped)
+        items = load_benchmark_items(spec.benchmarks, Path, on_error=skipped)
         if skipped.count:
             logger.warning("decontamination: %d malformed benchmark rows could not be indexed (%s)",
                            skipped.count,
@@ -435,7 +421,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
             policy = on_error_for(spec.on_error or on_error, rejects)
             tally = Counts(read=shard["written"] + shard["rejected"], rejected=shard["rejected"])
             start = line
-            source_path = recipe.resolve(spec.path, sources_dir)
+            source_path = Path(spec.path)
             candidates = dedup.candidates
             results = _clean_results(workers, readers, shard_index, spec, source_path)
             for offset, raw, (status, result) in tqdm(results, desc=f"clean {spec.name}", unit="rec",
@@ -474,8 +460,7 @@ def _clean(recipe: DataRecipe, shards: list[dict], work_dir: Path, key: str, sou
                     tally.rejected += 1
                     report(RecordError("duplicate id (an earlier record with different content has it); make "
                                        "ids unique across the recipe's sources",
-                                       path=str(recipe.resolve(spec.path,
-                                       sources_dir)), record=record["id"], field="id", raw=record), policy)
+                                       path=spec.path, record=record["id"], field="id", raw=record), policy)
                     continue
                 seen_ids.add(id_hash)
                 clean.write(_json_line(record))

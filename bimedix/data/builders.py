@@ -9,9 +9,10 @@ Examples:
 
 ```python
 >>> from bimedix.data.builders import BiMed
->>> builder = BiMed(config_name="ar", recipe="bimed1.3m", sources_dir="/data/originals")
->>> builder.download_and_prepare()
->>> arabic = builder.as_dataset(split="train")
+>>> builder = BiMed(config_name="ar", recipe="bimed1.3m", sources_dir="/data/originals")  # doctest: +SKIP
+>>> builder.download_and_prepare()  # doctest: +SKIP
+>>> arabic = builder.as_dataset(split="train")  # doctest: +SKIP
+
 ```
 """
 

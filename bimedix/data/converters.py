@@ -152,6 +152,7 @@ def bundled_path(*parts: str) -> Path:
     >>> records = list(convert("medmcqa", bundled_path(BUNDLED["medmcqa"])))
     >>> len(records)
     100
+
     ```
     """
     return resource_path("bimedix", "data", "bundled", *parts)
@@ -174,9 +175,10 @@ def convert(source: str, path: str | os.PathLike, *, language: str | None = None
     Examples:
 
     ```python
-    >>> records = list(convert("medmcqa", "medmcqa/data/dev.json"))
+    >>> records = list(convert("medmcqa", bundled_path(BUNDLED["medmcqa"])))
     >>> records[0]["meta"]["answer"]
     'A'
+
     ```
     """
     if source not in CONVERTERS:

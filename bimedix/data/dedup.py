@@ -82,11 +82,14 @@ class Deduplicator:
     Examples:
 
     ```python
+    >>> record = {"id": "a", "conversations": [{"from": "human", "value": "What is anemia?"},
+    ...                                        {"from": "gpt", "value": "A low red cell count."}]}
     >>> dedup = Deduplicator()
     >>> dedup.check(record) is None        # first time: kept
     True
-    >>> dedup.check(same_record_again)
-    Duplicate(kind='exact', kept_id='...')
+    >>> dedup.check({**record, "id": "b"})
+    Duplicate(kind='exact', kept_id='a')
+
     ```
     """
 

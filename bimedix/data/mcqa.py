@@ -355,11 +355,12 @@ def render_mcqa(item: MCQAItem, language: str | None = None) -> list[dict]:
 
     ```python
     >>> item = MCQAItem(id="x", source="demo", language="en", question="2 + 2 = ?", options=["3", "4"],
-    answer="B")
+    ...                answer="B")
     >>> render_mcqa(item)[1]["value"]
     'B. 4'
     >>> render_mcqa(item, "ar")[1]["value"]
     'ب. 4'
+
     ```
     """
     language = language or item.language

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..resources import RESOURCE_PREFIXES, resolve_resource
 from .conventions import LANGUAGES, ON_ERROR_POLICIES
 from .outputs import safe_name
 from .schema import TASKS
 
-RESOURCE_PREFIXES = {"bimedix:": "bimedix", "recipes:": "recipes"}
 RECORDS_CONVERTER = "records"
 BENCHMARK_READERS = ("pubmedqa", "medmcqa", "medqa", "mmlu", "medarabench")
 
@@ -198,19 +198,33 @@ class DataRecipe:
             path (`str`): relative to the root (absolute paths are kept).
             sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
         """
-        for prefix, kind in RESOURCE_PREFIXES.items():
-            if path.startswith(prefix):
-                from ..resources import resource_path
-
-                return resource_path(kind, *Path(path[len(prefix):]).parts)
+        if path.startswith(RESOURCE_PREFIXES):
+            return resolve_resource(path)
         return self.root(sources_dir) / path
+
+    def rooted(self, sources_dir: str | os.PathLike | None = None) -> DataRecipe:
+        """Return a copy whose source and benchmark paths (``path`` and ``files``) are absolute, resolved once
+        under `root`; a rooted recipe roots to itself.
+
+        Args:
+            sources_dir (`str | os.PathLike`, *optional*): overrides the recipe's ``sources_dir``.
+        """
+        def root_spec(spec):
+            return dataclasses.replace(spec, path=str(self.resolve(spec.path, sources_dir)),
+                                       files={key: str(self.resolve(value, sources_dir))
+                                              for key, value in spec.files.items()})
+
+        benchmarks = [root_spec(spec) for spec in self.decontaminate.benchmarks]
+        decontaminate = dataclasses.replace(self.decontaminate, benchmarks=benchmarks)
+        return dataclasses.replace(self, sources=[root_spec(spec) for spec in self.sources],
+                                   decontaminate=decontaminate, sources_dir=str(self.root(sources_dir)))
 
     def root(self, sources_dir: str | os.PathLike | None = None) -> Path:
         """Return the sources root: ``sources_dir`` if given, else the recipe's, resolved."""
         if sources_dir is not None:
             return Path(sources_dir).resolve()
-        if self.sources_dir.startswith(tuple(RESOURCE_PREFIXES)):
-            return self.resolve(self.sources_dir)
+        if self.sources_dir.startswith(RESOURCE_PREFIXES):
+            return resolve_resource(self.sources_dir)
         base = Path(self.recipe_path).parent if self.recipe_path else Path.cwd()
         return (base / self.sources_dir).resolve()
 

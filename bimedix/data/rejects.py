@@ -15,10 +15,11 @@ Examples:
 
 ```python
 >>> from bimedix.data.mcqa import read_medmcqa
->>> with RejectLog("rejects.jsonl") as rejects:
+>>> with RejectLog("rejects.jsonl") as rejects:  # doctest: +SKIP
 ...     items = list(read_medmcqa("dev.json", on_error=rejects))
->>> rejects.count
+>>> rejects.count  # doctest: +SKIP
 0
+
 ```
 """
 

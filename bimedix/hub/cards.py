@@ -9,10 +9,11 @@ dataset's own Parquet rows (sources, licences, translation provenance) plus the 
 Examples:
 
 ```python
->>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval",
-repo_id="me/bimedix-tiny")
->>> card.data.library_name
+>>> card = render_model_card("runs/quickstart/adapter", eval_dir="runs/quickstart/eval",  # doctest: +SKIP
+...                          repo_id="me/bimedix-tiny")
+>>> card.data.library_name  # doctest: +SKIP
 'peft'
+
 ```
 """
 
@@ -180,6 +181,7 @@ def render_model_card(
     repo_id: str | None = None,
     base_model: str | None = None,
     eval_dir: str | os.PathLike | None = None,
+    eval_chat_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
     dataset_repo: str | None = None,
     license: str = "apache-2.0",
@@ -196,6 +198,8 @@ def render_model_card(
             nothing on the Hub).
         eval_dir (`str` or `os.PathLike`, *optional*): output folder of ``bimedix eval`` (lm-eval JSON,
             markdown tables).
+        eval_chat_dir (`str` or `os.PathLike`, *optional*): output folder of ``bimedix eval-chat`` (its
+            ``table.md`` and ``results.json``: rubric scores of open-ended replies, English and Arabic).
         data_dir (`str` or `os.PathLike`, *optional*): the training dataset folder written by ``bimedix
             build-data``.
         dataset_repo (`str`, *optional*): the training dataset's Hub id, for the ``datasets`` metadata.
@@ -213,6 +217,8 @@ def render_model_card(
     hub_base = base if base and is_hub_id(base) else None
     name = model_name or (repo_id or str(model_dir.resolve())).rstrip("/").split("/")[-1]
     evaluation, eval_results = _eval_section(Path(eval_dir)) if eval_dir else (None, None)
+    eval_chat, chat_results = _eval_chat_section(Path(eval_chat_dir)) if eval_chat_dir else (None, [])
+    eval_results = (eval_results or []) + chat_results
     data = _training_data_context(Path(data_dir)) if data_dir else None
     card_data = ModelCardData(
         base_model=hub_base, library_name="peft" if is_adapter else "transformers", license=license,
@@ -228,7 +234,7 @@ def render_model_card(
         base_model_text=_base_model_text(base, hub_base),
         architecture=_architecture(model_dir if not is_adapter else Path(base) if base else None),
         adapter=_adapter_context(model_dir, adapter_config) if is_adapter else None,
-        data=data, training=_training_context(model_dir), evaluation=evaluation,
+        data=data, training=_training_context(model_dir), evaluation=evaluation, eval_chat=eval_chat,
         merge=None if is_adapter else _read_json(model_dir / "merge_report.json"),
     )
 
@@ -633,3 +639,26 @@ def _eval_section(eval_dir: Path) -> tuple[str, list[EvalResult]]:
         rows += [f"| {r.dataset_name} | {r.metric_name} | {r.metric_value:.4f} |" for r in eval_results]
         tables = ["\n".join(rows)]
     return "\n\n".join(tables) + f"\n\nFrom `{newest.relative_to(eval_dir)}`.", eval_results
+
+
+def _eval_chat_section(eval_chat_dir: Path) -> tuple[str, list[EvalResult]]:
+    """The table ``bimedix eval-chat`` wrote (``table.md``) and one `EvalResult` per language from its
+    ``results.json``."""
+    results = _read_json(eval_chat_dir / "results.json")
+    table = eval_chat_dir / "table.md"
+    if results is None or not table.is_file():
+        raise FileNotFoundError(f"{eval_chat_dir}: no results.json and table.md of `bimedix eval-chat` found "
+                                "(pass its --output folder).")
+    eval_results = [EvalResult(task_type="text-generation", dataset_type=f"rubric-graded-chat-{language}",
+                               dataset_name=f"Rubric-graded open-ended answers ({language})",
+                               metric_type="rubric_score", metric_name="rubric score (HealthBench formula)",
+                               metric_value=round(float(results[language]["score"]), 4))
+                    for language in LANGUAGES if (results.get(language) or {}).get("score") is not None]
+    run = results.get("run") or {}
+    note = ("Each reply is graded criterion by criterion by an LLM judge with HealthBench's grader prompt; "
+            "the score is the mean over conversations of met points over possible points, clipped to "
+            "[0, 100], with a bootstrap 95% confidence interval.")
+    if not run.get("complete", True):
+        note += " **The run was incomplete** (budget or errors): re-run `bimedix eval-chat` before citing it."
+    return f"{table.read_text(encoding='utf-8').strip()}\n\n{note}\n\nData: `{run.get('data', '?')}`.", \
+        eval_results

@@ -134,6 +134,7 @@ def push(
     base_model: str | None = None,
     license: str = "apache-2.0",
     include_unreviewed: bool = False,
+    eval_chat_dir: str | os.PathLike | None = None,
 ) -> PushResult:
     """Stage ``source`` as a ``kind`` repository and push it to ``repo_id`` (or only write it, for a dry run).
 
@@ -150,7 +151,8 @@ def push(
             sources.
         include_unreviewed (`bool`, *optional*, defaults to `False`): allow translations pending review or
             below the judge threshold in a ``dataset`` push (rejected ones are always refused).
-        eval_dir, data_dir, base_model, license: card inputs, see `bimedix.hub.cards.render_model_card`.
+        eval_dir, eval_chat_dir, data_dir, base_model, license: card inputs, see
+            `bimedix.hub.cards.render_model_card`.
 
     Returns:
         `PushResult`.
@@ -171,22 +173,23 @@ def push(
                              "from the Hub; pass --base-model ORG/NAME (the model it was trained on).")
     if dry_run:
         folder = Path(dry_run)
-        check_outputs({"--dry-run": folder}, {"PATH": source, "--eval": eval_dir, "--data": data_dir})
+        check_outputs({"--dry-run": folder}, {"PATH": source, "--eval": eval_dir, "--data": data_dir,
+                                              "--eval-chat": eval_chat_dir})
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
-        inputs = {"PATH": source, "--eval": eval_dir, "--data": data_dir}
+        inputs = {"PATH": source, "--eval": eval_dir, "--data": data_dir, "--eval-chat": eval_chat_dir}
         with staged_folder(OutputFolder(folder, "push", inputs=inputs, flag="--dry-run")) as staging:
             warnings = stage(kind, source, staging.root, repo_id=repo_id,  # whole, then swapped in
                              acknowledge_research_only=acknowledge_research_only,
                              eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
-                             include_unreviewed=include_unreviewed)
+                             include_unreviewed=include_unreviewed, eval_chat_dir=eval_chat_dir)
         return PushResult(folder=folder, files=_list_files(folder), warnings=warnings)
     with tempfile.TemporaryDirectory(prefix="bimedix-push-") as tmp:
         folder = Path(tmp)
         warnings = stage(kind, source, folder, repo_id=repo_id,
                          acknowledge_research_only=acknowledge_research_only,
                          eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
-                         include_unreviewed=include_unreviewed)
+                         include_unreviewed=include_unreviewed, eval_chat_dir=eval_chat_dir)
         result = sync_folder(folder, repo_id=repo_id, repo_type=KINDS[kind], private=private,
                              revision=revision,
                              commit_message=f"Upload {kind} with bimedix")
@@ -197,7 +200,7 @@ def push(
 def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *, repo_id: str,
           acknowledge_research_only: bool = False, eval_dir=None, data_dir=None, base_model: str
           | None = None,
-          license: str = "apache-2.0", include_unreviewed: bool = False) -> list[str]:
+          license: str = "apache-2.0", include_unreviewed: bool = False, eval_chat_dir=None) -> list[str]:
     """Write the folder a ``kind`` push uploads: the allowed files of ``source`` plus a rendered
     ``README.md``.
 
@@ -219,7 +222,7 @@ def stage(kind: str, source: str | os.PathLike, output_dir: str | os.PathLike, *
         card = (render_dataset_card if kind == "dataset" else render_bench_card)(source, repo_id=repo_id)
     else:
         card = render_model_card(source, repo_id=repo_id, base_model=base_model, eval_dir=eval_dir,
-                                 data_dir=data_dir, license=license)
+                                 data_dir=data_dir, license=license, eval_chat_dir=eval_chat_dir)
     files = sorted({path for pattern in ALLOW_PATTERNS[kind] for path in source.glob(pattern)
                     if path.is_file()})
     if not files:

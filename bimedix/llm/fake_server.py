@@ -3,8 +3,9 @@
 It speaks the parts of the OpenAI API the engines use: ``POST /v1/chat/completions``, ``POST /v1/files``,
 ``GET /v1/files/{id}/content``, ``POST /v1/batches`` and ``GET /v1/batches/{id}``. Replies come from a
 *responder* (``body -> text`` or `Reply`); the default one understands the bimedix prompts (their user
-message is a JSON payload with a ``task`` key) and returns deterministic, invariant-preserving fake
-Arabic, judge scores and dialogues, so a whole pipeline can be dry-run without paying anyone::
+message is a JSON payload with a ``task`` key, or HealthBench's grader prompt) and returns deterministic,
+invariant-preserving fake Arabic, judge scores, dialogues and rubric verdicts (`fake_criteria_met`), so a
+whole pipeline can be dry-run without paying anyone::
 
     bimedix fake-openai-server --port 8000 --latency 0.2 &
     OPENAI_API_KEY=dry-run bimedix translate --input en.jsonl --output ar.jsonl \\
@@ -383,6 +384,8 @@ def default_responder(body: dict) -> Reply:
     """
     messages = body.get("messages") or [{}]
     text = messages[-1].get("content") or ""
+    if all(marker in text for marker in _GRADER_MARKERS):
+        return _fake_rubric_verdict(text)
     try:
         payload = json.loads(text[text.index("{"):])
     except ValueError:
@@ -402,6 +405,26 @@ def default_responder(body: dict) -> Reply:
     if task == "dialogue":
         return Reply(json.dumps({"conversation": _fake_dialogue(payload)}, ensure_ascii=False))
     return Reply(f"echo: {text[:200]}")
+
+
+_GRADER_MARKERS = ("# Conversation\n", "\n\n# Rubric item\n", "\n\n# Instructions\n")
+
+
+def fake_criteria_met(criterion: str, reply: str) -> bool:
+    """The fake grader's verdict: is the first byte of SHA-256 of ``criterion + "\\n" + reply`` even?"""
+    return hashlib.sha256(f"{criterion}\n{reply}".encode()).digest()[0] % 2 == 0
+
+
+def _fake_rubric_verdict(text: str) -> Reply:
+    """Answer HealthBench's grader prompt with `fake_criteria_met` of its criterion and last assistant
+    turn."""
+    start, item, end = (text.index(marker) for marker in _GRADER_MARKERS)
+    conversation = text[start + len(_GRADER_MARKERS[0]):item]
+    reply = conversation[conversation.rindex("assistant: ") + len("assistant: "):]
+    criterion = text[item + len(_GRADER_MARKERS[1]):end].split("] ", 1)[-1]
+    met = fake_criteria_met(criterion, reply)
+    return Reply(json.dumps({"explanation": f"Fake verdict: {'met' if met else 'not met'}.",
+                             "criteria_met": met}))
 
 
 _LETTERS = dict(zip("abcdefghijklmnopqrstuvwxyz", "ابكدهفغحيجكلمنوبقرستوفوكيز"))

@@ -78,6 +78,7 @@ def check_invariants(source: dict, translation: dict, keep: list[str] | None = N
     []
     >>> check_invariants({"turns": ["Answer: B"]}, {"turns": ["الإجابة: C"]})
     ['turn 0: option letters changed from [B] to [C]']
+
     ```
     """
     problems = []
@@ -95,7 +96,7 @@ def check_invariants(source: dict, translation: dict, keep: list[str] | None = N
 
 
 def arabic_option_letters(text: str) -> str:
-    """Rewrite the option-letter markers of ``text`` (the ones `check_invariants` compares) with Arabic
+    r"""Rewrite the option-letter markers of ``text`` (the ones `check_invariants` compares) with Arabic
     letters.
 
     Translated MCQA turns then letter their options as the Arabic evaluation tasks and the Arabic converters
@@ -106,6 +107,7 @@ def arabic_option_letters(text: str) -> str:
     ```python
     >>> arabic_option_letters("السؤال: ...\nA. إنسولين\nB. ميتفورمين\n\nالإجابة: B")
     'السؤال: ...\nأ. إنسولين\nب. ميتفورمين\n\nالإجابة: ب'
+
     ```
     """
     def replace(match: re.Match) -> str:

@@ -7,7 +7,9 @@ with all its queued texts. Every decision is appended to the audit trail (``OUT.
 nothing decided; on start the trail is read back and the latest decision on each text wins, earlier ones
 (another reviewer's) staying in the trail. The reviewed records are written to ``OUT`` (`write_output`, and
 on start after an earlier run) with `apply_decisions`, the code ``review import`` uses, so the result is
-the one ``review import`` gives for the same decisions.
+the one ``review import`` gives for the same decisions. Each item has a `version` (its decision entries so
+far); a decision naming an older one is refused (`StaleDecision`), so nobody reverts a decision unseen. The
+output and the audit trail are checked against the inputs by `bimedix.data.outputs.check_outputs`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from ..data.io import read_records, write_jsonl
 from ..data.mcqa import LETTERS
+from ..data.outputs import check_outputs
 from .invariants import check_invariants, protected_terms
 from .review import (
     append_audit,
@@ -38,6 +41,11 @@ logger = logging.getLogger(__name__)
 
 ACTIONS = ("approve", "edit", "reject")
 STATES = ("undecided", "approved", "edited", "rejected")
+
+
+class StaleDecision(ValueError):
+    """A decision made on an older version of an item than the current one (another reviewer decided it
+    since)."""
 
 
 @dataclass
@@ -62,6 +70,7 @@ class ReviewSession:
 
     Raises:
         `ValueError`: for a queue row naming an unknown record or text, or an empty queue.
+        `bimedix.data.outputs.OutputError`: the output or the audit trail is an input, or they are one file.
     """
 
     def __init__(self, translated: str | os.PathLike, output: str | os.PathLike, *,
@@ -69,11 +78,10 @@ class ReviewSession:
                  audit: str | os.PathLike | None = None, fraction: float = 0.05, seed: int = 0,
                  threshold: float = 80.0):
         self.output = Path(output)
-        if self.output.resolve() in {Path(p).resolve() for p in (translated, source, queue) if p}:
-            raise ValueError(f"--output {output} is one of the inputs; pick "
-                             "a new file (the inputs are never written)")
         self.audit = Path(audit) if audit else self.output.with_name(
             self.output.name.removesuffix(".jsonl") + ".audit.jsonl")
+        check_outputs({"--output": self.output, "--audit": self.audit},
+                      {"--input": translated, "--source": source, "--queue": queue})
         self.records = list(read_records(translated))
         self.by_id = {record["id"]: record for record in self.records}
         self.warnings: list[str] = []
@@ -125,8 +133,13 @@ class ReviewSession:
             rows.append({"id": item_id, "score": score, "state": current})
         return rows
 
+    def version(self, item_id: str) -> int:
+        """The item's version: how many decision entries its texts have in the audit trail (0: undecided)."""
+        return len(self.history.get(item_id, []))
+
     def view(self, item_id: str) -> dict:
-        """Everything the page shows for one item: texts side by side, score, comments, warnings, history."""
+        """Everything the page shows for one item: texts side by side, score, comments, warnings, history,
+        and the `version` a decision on it must name."""
         item = self._item(item_id)
         record = self.by_id[item_id]
         info = record["meta"]["translation"]
@@ -144,26 +157,33 @@ class ReviewSession:
                           else None,
                           "original": text_of(record, name), "current": decided["after"] if decided else
                           text_of(record, name), "decision": decided["decision"] if decided else None})
-        return {"id": item_id, "task": record["task"], "score": info.get("score"),
-                "comments": info.get("comments"),
+        return {"id": item_id, "version": self.version(item_id), "task": record["task"],
+                "score": info.get("score"), "comments": info.get("comments"),
                 "review_state": info.get("review_state"), "state": self.state(item_id), "texts": texts,
                 "warnings": self._invariant_warnings(record, original, texts) if original else
                 ["no English original for this record in the source file"],
                 "history": self.history.get(item_id, [])}
 
     def decide(self, item_id: str, action: str, texts: dict[str, str], *, reviewer: str,
-               comment: str = "") -> dict:
+               comment: str = "", version: int | None = None) -> dict:
         """Record ``action`` on every text of the item (``texts``: field -> Arabic as the reviewer leaves it).
 
         ``approve`` and ``edit`` approve each text, marking changed ones ``edit``; ``reject`` needs a reason
         in ``comment``. The decision is in the audit trail on disk when this returns; `write_output` writes
-        the reviewed records.
+        the reviewed records. ``version`` is the item's `version` the reviewer saw (the web app always sends
+        it): a decision on an older one is refused, so nobody silently reverts a decision they never saw.
 
         Raises:
+            `StaleDecision`: ``version`` is not the item's current version; nothing is recorded then.
             `ValueError`: unknown action or text, empty text, no reviewer, a reject without reason, or an edit
                 that makes the record invalid; nothing is recorded then.
         """
         item = self._item(item_id)
+        if version is not None and version != self.version(item_id):
+            last = self.history[item_id][-1] if self.history.get(item_id) else None
+            since = f" ({last['reviewer']} decided it at {last['time']})" if last else ""
+            raise StaleDecision(f"{item_id!r} changed after you opened it{since}; reload it to see the "
+                                "current texts, then decide again")
         record = self.by_id[item_id]
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {list(ACTIONS)}")

@@ -13,6 +13,7 @@ Examples:
 >>> from bimedix.llm.review_stats import roc_auc
 >>> roc_auc([90, 95, 80], [70, 85])
 0.8333333333333334
+
 ```
 """
 

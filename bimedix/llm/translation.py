@@ -73,6 +73,19 @@ class TranslationConfig:
             raise ValueError(f"review_fraction must be in 0..1, got {self.review_fraction}")
 
 
+@dataclass(frozen=True)
+class TranslationResult:
+    """What `Translator.translate` made of one source: the kept translation (``None`` if none passed), its
+    judge score and comments, rounds run, cost, and the reason of every failed round."""
+
+    translation: dict | None
+    score: float | None
+    comments: str
+    rounds: int
+    cost_usd: float
+    failures: list[str]
+
+
 def arabic_id(english_id: str) -> str:
     """The id of the Arabic translation of ``english_id``: an ``-en`` part becomes ``-ar``, else ``-ar`` is
     added."""
@@ -104,10 +117,23 @@ class Translator:
         if record["language"] != "en":
             return Rejected(record["id"],
                             f"language is {record['language']!r}, only English records are translated")
-        config = self.config
         source = {"turns": [turn["value"] for turn in record["conversations"]]}
         if record["meta"].get("options"):
             source["options"] = list(record["meta"]["options"])
+        result = await self.translate(source)
+        if result.translation is None:
+            return Rejected(record["id"], "; ".join(result.failures), result.cost_usd)
+        return Accepted(self._output(record, result.translation, result.score, result.comments, result.rounds,
+                                     result.cost_usd))
+
+    async def translate(self, source: dict) -> TranslationResult:
+        """Translate ``{"turns": [...], "options": [...]}`` (options optional) with the judge-and-refine loop.
+
+        Returns:
+            `TranslationResult`: the best-scoring valid translation (``None`` if no round gave one), its score
+            and comments, the rounds run, the cost and every failed round's reason.
+        """
+        config = self.config
         keep = protected_terms(source["turns"] + source.get("options", []), config.drug_names)
         cost, failures, best, rounds = 0.0, [], None, 0
         current, feedback, score = None, None, None
@@ -146,8 +172,8 @@ class Translator:
             if score >= config.threshold:
                 break
         if best is None:
-            return Rejected(record["id"], "; ".join(failures), cost)
-        return Accepted(self._output(record, *best, rounds, cost))
+            return TranslationResult(None, None, "", rounds, cost, failures)
+        return TranslationResult(best[0], float(best[1]), best[2], rounds, cost, failures)
 
     async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int,
                    resample: bool = False) -> Completion:

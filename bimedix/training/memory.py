@@ -208,10 +208,10 @@ def estimate(facts: dict, settings: Settings) -> dict:
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
-    # forward/backward transients come on top of the activations; the optimizer step comes after backward
-    # freed them, so the step's peak is the larger of the two phases
-    during_backward = act_total + max(transients.get("expert_weights", 0),
-                                      transients.get("gathered_layers", 0))
+    # forward/backward transients come on top of the activations (a 4-bit expert is dequantized from the layer
+    # ZeRO-3 / FSDP gathered: both at once); the optimizer step comes after backward freed them, so the step's
+    # peak is the larger of the two phases
+    during_backward = act_total + transients.get("expert_weights", 0) + transients.get("gathered_layers", 0)
     step_peak = max(during_backward, transients.get("optimizer_step", 0))
     totals = {"parameters": param_total, "trainable_states": trainable["total"], "activations": act_total,
               "transients": step_peak - act_total}
@@ -335,8 +335,11 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     - PEFT's LoRA on fused experts builds ΔW and ``W + ΔW`` for a whole expert parameter on every forward and
       recompute: two expert parameters in the compute dtype, three when W is 4-bit and dequantized first.
     - bimedix's folded path builds nothing for bf16 experts; 4-bit experts are dequantized one parameter at a
-      time, just in time: one expert parameter in the compute dtype.
-    - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers.
+      time, just in time: one expert parameter in the compute dtype, or, with activation checkpointing, every
+      expert parameter of one layer (the recomputation keeps them for that layer's backward).
+    - ZeRO-3 / FSDP gather a layer's parameters before use and prefetch the next: two layers (frozen weights
+      and adapter), plus the computing layer's unsharded trainable gradients twice (autograd's and the
+      reduce-scatter's input).
     - torch's AdamW ``foreach`` step (``adamw_torch`` on CUDA) allocates temporaries the size of the trainable
       weights (the fused and 8-bit optimizers update in place).
     """
@@ -345,11 +348,18 @@ def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params:
     if facts["expert_lora"] and settings.expert_lora != "folded":
         copies = 3 if settings.quantize_experts else 2  # (dequantized W), ΔW, W + ΔW
         out["expert_weights"] = copies * facts["largest_expert_parameter"] * size
+    elif settings.quantize_experts and settings.checkpointing:
+        out["expert_weights"] = facts["counts"].get("experts", 0) / max(facts["dims"]["layers"], 1) * size
     elif settings.quantize_experts:
         out["expert_weights"] = facts["largest_expert_parameter"] * size
     if settings.sharding.parameters and n > 1:
-        out["gathered_layers"] = (2 * facts["layer_parameters"] * params["total"]
-                                  / max(sum(params["counts"].values()), 1))
+        # the layer computing and the one prefetched are gathered whole, frozen weights and adapter alike; in
+        # backward the computing layer's trainable gradients exist unsharded, and again as the
+        # reduce-scatter's input
+        frozen_layer = facts["layer_parameters"] * params["total"] / max(sum(params["counts"].values()), 1)
+        trainable_layer = trainable["parameters"] * trainable["bytes_per_weight"] / facts["dims"]["layers"]
+        out["gathered_layers"] = (2 * (frozen_layer + trainable_layer) + 2 * trainable_layer if facts["peft"]
+                                  else 4 * frozen_layer)
     if settings.optim == "adamw_torch" and not settings.sharding.offload_optimizer:
         out["optimizer_step"] = trainable["weights"]
     return {k: v for k, v in out.items() if v}
@@ -424,6 +434,9 @@ def read_accelerate_config(config: str | os.PathLike | None, num_processes: int
     elif kind == "FSDP":
         fsdp = data.get("fsdp_config") or {}
         strategy = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD")).upper()
+        if "fsdp_reshard_after_forward" in fsdp:  # FSDP2's form of FULL_SHARD / SHARD_GRAD_OP
+            resharded = str(fsdp["fsdp_reshard_after_forward"]).lower() == "true"
+            strategy = "FULL_SHARD" if resharded else "SHARD_GRAD_OP"
         shard_params = strategy in ("FULL_SHARD", "1", "HYBRID_SHARD", "4")
         shard_rest = shard_params or strategy in ("SHARD_GRAD_OP", "2", "_HYBRID_SHARD_ZERO2", "5")
         offload = bool(fsdp.get("fsdp_offload_params", False))
@@ -502,10 +515,11 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     if settings.quantization != "4bit":
         changes.append(("--load_in_4bit true (bitsandbytes 4-bit Linears)", {"quantization": "4bit"}))
     if settings.num_processes > 1:
-        for key in ("zero2", "zero3"):
+        # ZeRO-3 cannot shard bimedix's 4-bit experts; FSDP can
+        for key in ("zero2", "fsdp" if settings.quantize_experts else "zero3"):
             if not (settings.sharding.parameters or (key == "zero2" and settings.sharding.gradients)):
-                label = (f"accelerate config recipes/accelerate_configs/deepspeed_{key}.yaml "
-                         f"({STRATEGIES[key].name})")
+                file = "fsdp.yaml" if key == "fsdp" else f"deepspeed_{key}.yaml"
+                label = f"accelerate config recipes/accelerate_configs/{file} ({STRATEGIES[key].name})"
                 changes.append((label, {"sharding": STRATEGIES[key]}))
     if "8bit" not in settings.optim:
         changes.append(("--optim adamw_bnb_8bit (8-bit AdamW states)", {"optim": "adamw_bnb_8bit"}))
@@ -530,9 +544,14 @@ def _notes(params: dict, settings: Settings) -> list[str]:
             f"({_gib(unquantized).strip()} of experts here), and peft's "
             "prepare_model_for_kbit_training would upcast them to fp32 (twice that). bimedix's 4-bit experts "
             "(`quantize_experts: nf4`) store them in nf4.")
-    if settings.quantize_experts and settings.sharding.parameters and settings.num_processes > 1:
-        notes.append("ZeRO-3 / FSDP would shard the packed 4-bit experts without their quantization state; "
-                     "bimedix supports 4-bit experts with DDP or ZeRO-2.")
+    if settings.quantize_experts and settings.sharding.kind == "deepspeed" and settings.sharding.parameters:
+        notes.append("ZeRO-3 would partition the packed 4-bit experts without their quantization state; "
+                     "bimedix shards 4-bit experts under FSDP (recipes/accelerate_configs/fsdp.yaml).")
+    if settings.quantize_experts and settings.sharding.kind == "fsdp" and settings.num_processes > 1:
+        notes.append("FSDP: each process holds 1/world of the packed experts and their statistics; a "
+                     "layer is gathered for its forward and backward (two in flight with prefetch). With "
+                     "load_in_4bit set `bnb_4bit_quant_storage: bfloat16` so the 4-bit Linears shard too "
+                     "(counted sharded).")
     return notes
 
 

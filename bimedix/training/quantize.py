@@ -6,7 +6,8 @@ about 97% of Mixtral's weights stay in bf16. `quantize_experts` packs those para
 quantization through bitsandbytes' own parametrization (`replace_parameter_4bit`), so that they stay 4-bit
 at rest, any experts implementation still reads ``experts.gate_up_proj`` (dequantized on access), and the
 state dict carries bitsandbytes' quant-state keys. `experts.grouped_expert_linear` runs the grouped expert
-matmul from the packed bytes (dequantizing just in time, and again in backward): the folded expert-LoRA path
+matmul from the packed bytes (dequantizing just in time, and again in backward unless a checkpoint
+recomputation already did): the folded expert-LoRA path
 in `bimedix.training.expert_lora` uses it, so no dequantized expert stack is kept between forward and
 backward.
 """

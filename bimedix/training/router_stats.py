@@ -4,7 +4,9 @@
 (``input_ids`` plus ``attention_mask`` or, for packed / padding-free batches, ``position_ids``) and asks
 the decoder for its router logits; a forward hook counts, per layer, how many tokens each expert
 receives (top-k of the router logits), per sample language. Only training forwards count, once per
-step (gradient-checkpoint recomputation happens inside the layers and is not seen here).
+step (gradient-checkpoint recomputation happens inside the layers and is not seen here). The counts stay on
+the device and the hooks never wait for it (no ``.item()``, no boolean indexing, no copy to the host): they
+are read only at logging steps and at the end.
 
 The language of a sample is read from its tokens, because TRL's packing keeps only ``input_ids`` and
 ``labels``: a sample (a row, or a packed segment) is Arabic when at least `ARABIC_SHARE` of its
@@ -56,17 +58,16 @@ def sample_languages(input_ids: torch.Tensor, segments: torch.Tensor, arabic: to
 
     Returns:
         `torch.Tensor`: ``(N,)`` long, ``-1`` for padding.
+
+    Computed without a host-device sync: there are at most N samples, and padding counts in an extra slot.
     """
     valid = segments >= 0
-    n_segments = int(segments.max()) + 1 if valid.any() else 0
-    seg = segments[valid]
-    is_ar = arabic.to(input_ids.device)[input_ids[valid]].float()
-    totals = torch.zeros(n_segments, device=input_ids.device).index_add_(0, seg, torch.ones_like(is_ar))
-    ar = torch.zeros(n_segments, device=input_ids.device).index_add_(0, seg, is_ar)
+    slot = torch.where(valid, segments, segments.numel())
+    is_ar = arabic.to(input_ids.device)[input_ids].float() * valid
+    totals = torch.zeros(segments.numel() + 1, device=input_ids.device).index_add_(0, slot, valid.float())
+    ar = torch.zeros(segments.numel() + 1, device=input_ids.device).index_add_(0, slot, is_ar)
     segment_language = (ar >= ARABIC_SHARE * totals).long()
-    languages = torch.full_like(segments, -1)
-    languages[valid] = segment_language[seg]
-    return languages
+    return torch.where(valid, segment_language[slot], -1)
 
 
 class RouterLoadCallback(TrainerCallback):
@@ -80,7 +81,7 @@ class RouterLoadCallback(TrainerCallback):
             ``<output_dir>/router_load.json``.
 
     Example:
-        >>> trainer.add_callback(RouterLoadCallback(tokenizer, log=trainer.log))
+        >>> trainer.add_callback(RouterLoadCallback(tokenizer, log=trainer.log))  # doctest: +SKIP
     """
 
     def __init__(self, tokenizer, log: Callable[[dict], None] | None = None,
@@ -88,7 +89,7 @@ class RouterLoadCallback(TrainerCallback):
         self.arabic = arabic_token_table(tokenizer)
         self.log = log
         self.report_path = Path(report_path) if report_path else None
-        self.counts: torch.Tensor | None = None  # (languages, layers, experts)
+        self.counts: torch.Tensor | None = None  # (languages, layers, experts), float64 on the device
         self.top_k = 1
         self._languages: torch.Tensor | None = None  # of the batch being forwarded
         self._handles: list = []
@@ -162,6 +163,8 @@ class RouterLoadCallback(TrainerCallback):
             self._languages = None
             return None
         segments = _segments(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        if self.arabic.device != input_ids.device:  # copied to the device once
+            self.arabic = self.arabic.to(input_ids.device)
         self._languages = sample_languages(input_ids.reshape(-1), segments, self.arabic)
         kwargs["output_router_logits"] = True
         return args, kwargs
@@ -173,21 +176,25 @@ class RouterLoadCallback(TrainerCallback):
         languages, self._languages = self._languages, None
         if not router_logits:
             return
-        valid = languages >= 0
-        n_experts = router_logits[0].shape[-1]
+        n_layers, n_experts = len(router_logits), router_logits[0].shape[-1]
         if self.counts is None:
-            self.counts = torch.zeros(len(LANGUAGES), len(router_logits), n_experts, dtype=torch.float64)
+            self.counts = torch.zeros(len(LANGUAGES), n_layers, n_experts, dtype=torch.float64,
+                                      device=languages.device)
         with torch.no_grad():
-            for layer, logits in enumerate(router_logits):
-                chosen = logits.detach().reshape(-1, n_experts)[valid].topk(self.top_k, dim=-1).indices
-                for i in range(len(LANGUAGES)):
-                    picked = chosen[languages[valid] == i].reshape(-1)
-                    self.counts[i, layer] += torch.bincount(picked, minlength=n_experts).double().cpu()
+            # one scatter-add for all layers into (language, layer, expert) slots; padding: a dropped slot
+            chosen = torch.stack([logits.detach().reshape(-1, n_experts).to(languages.device)
+                                  for logits in router_logits]).topk(self.top_k, dim=-1).indices
+            layer = torch.arange(n_layers, device=languages.device)[:, None, None]
+            slot = (languages[None, :, None] * n_layers + layer) * n_experts + chosen
+            slot = torch.where(languages[None, :, None] >= 0, slot, self.counts.numel()).reshape(-1)
+            added = torch.zeros(self.counts.numel() + 1, dtype=torch.float64, device=languages.device)
+            added.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float64))
+            self.counts += added[:-1].view_as(self.counts)
 
     def _gathered(self, args) -> torch.Tensor:
-        """The counts summed over processes (a no-op in a single process)."""
+        """The counts summed over processes, on the host (the one read of the device counts)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.counts
+            return self.counts.cpu()
         total = self.counts.to(args.device, torch.float32)
         torch.distributed.all_reduce(total)
         return total.cpu().double()

@@ -15,6 +15,7 @@ the router load by language (`bimedix.training.router_stats`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -29,15 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser
 from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
 from ..data.outputs import OutputFolder, check_outputs
 from ..deprecations import quiet_peft_checkpointing_warning
-from ..resources import check_model_folder, resource_path
+from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
 from .quantize import fused_experts, quantize_experts
+from .sharding import (
+    PlacementReport,
+    check_one_job,
+    enable_fsdp_on_cpu,
+    fsdp_plugin,
+    load_in_turns,
+    save_sharded_adapter,
+)
 from .targets import PRESETS, build_lora_config, meta_model
 from .template import apply_vicuna_template, to_messages
 
@@ -160,8 +170,13 @@ DATACLASS_TYPES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig
 def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlParser:
     """Return the `TrlParser` shared by ``recipes/sft.py`` and ``bimedix sft`` (YAML, then CLI overrides)."""
     if subparsers is not None:
-        return subparsers.add_parser("sft", help="Fine-tune an MoE model", dataclass_types=DATACLASS_TYPES)
-    return TrlParser(DATACLASS_TYPES)
+        parser = subparsers.add_parser("sft", help="Fine-tune an MoE model", dataclass_types=DATACLASS_TYPES)
+    else:
+        parser = TrlParser(DATACLASS_TYPES)
+    for action in parser._actions:
+        if action.dest == "fsdp":  # transformers' `--fsdp` takes legacy strings only: accept `--fsdp true`
+            action.type = _fsdp_flag
+    return parser
 
 
 def parse_args(argv: list[str] | None = None):
@@ -191,6 +206,8 @@ def check_value_types(*configs) -> None:
             if not scalars or len(scalars) + (type(None) in options) != len(options):
                 continue  # lists, dicts, enums and mixed unions are checked by their owners
             if value is None and type(None) in options or isinstance(value, enum.Enum):
+                continue
+            if item.name == "fsdp" and isinstance(value, bool):  # `fsdp: true` (transformers: str | bool)
                 continue
             accepted = tuple(scalars) + ((int,) if float in scalars else ())
             if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
@@ -250,6 +267,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     check_conflicts(model_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     check_compatible(training_args, model_args, bimedix_args)
+    fsdp = parameter_sharding(training_args) == "FSDP"
+    check_one_job(fsdp)
 
     inputs = [model_args.model_name_or_path, script_args.dataset_name,
               *(config.path for config in mixture_args.datasets
@@ -261,33 +280,27 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                  flag="--output_dir").path("README.md")
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
-    model = load_model(model_args, training_args, bimedix_args)
-    fingerprint = base_fingerprint(model)
-    peft_config = make_peft_config(model, model_args, bimedix_args)
-    if bimedix_args.quantize_experts:
-        model, peft_config = _quantize_experts(model, peft_config, model_args, training_args, bimedix_args)
-    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
-    with quiet_peft_checkpointing_warning():  # TRL wraps the model in PEFT
-        trainer = SFTTrainer(
-            model=model, args=training_args, train_dataset=dataset[script_args.dataset_train_split],
-            eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-            callbacks=callbacks,
-        )
-    _check_rows_left(trainer, dataset[script_args.dataset_train_split], training_args)
-    trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
-    if model_args.use_peft and bimedix_args.expert_lora == "folded":
-        from .expert_lora import set_expert_lora_mode
-
-        set_expert_lora_mode(trainer.model, "folded")
-    if bimedix_args.router_report and is_moe(model):
-        from transformers import Trainer
-
-        from .router_stats import RouterLoadCallback
-
-        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
-        # too
-        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
-    train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
+    plugin = fsdp_plugin(training_args) if fsdp and training_args.world_size > 1 else None
+    shard_experts = plugin is not None and bool(bimedix_args.quantize_experts)
+    set_seed(training_args.seed)  # the same adapter initialisation on every process
+    # packing 4-bit experts needs the bf16 model in host memory: one process of a node at a time
+    turns = bool(bimedix_args.quantize_experts) and training_args.world_size > 1
+    with load_in_turns() if turns else contextlib.nullcontext():
+        model = load_model(model_args, training_args, bimedix_args)
+        fingerprint = base_fingerprint(model)
+        peft_config = make_peft_config(model, model_args, bimedix_args)
+        if bimedix_args.quantize_experts:
+            model, peft_config = _quantize_experts(model, peft_config, model_args, training_args,
+                                                   bimedix_args, plugin if shard_experts else None)
+    trainer = make_trainer(training_args, model_args, bimedix_args, model, tokenizer,
+                           dataset[script_args.dataset_train_split], peft_config=peft_config,
+                           eval_dataset=dataset[script_args.dataset_test_split]
+                           if training_args.eval_strategy != "no" else None, callbacks=callbacks)
+    if plugin is not None:
+        enable_fsdp_on_cpu(trainer, plugin)
+    trainer.add_callback(PlacementReport(trainer.accelerator))
+    train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint,
+                                                                      training_args.output_dir))
     _save_run(trainer, train_result)
     if trainer.accelerator.is_main_process:
         from .template import save_chat_settings
@@ -304,6 +317,50 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     # freed with the trainer while holding the GIL; ~ProcessGroupGloo joins a gloo thread that is still
     # freeing an all-gather's tensors and waits for the GIL: a deadlock at the end of 2-process CPU runs
     # (1 run in 4 here). The group is released at exit.
+    return trainer
+
+
+def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments, model,
+                 tokenizer, train_dataset, peft_config=None, eval_dataset=None,
+                 callbacks: list | None = None):
+    """TRL's `SFTTrainer` for a loaded model plus what bimedix adds: the trained-token check on every batch,
+    the folded expert LoRA, the router report, padding-free micro-batches without packing. `main` and
+    ``benchmarks/recipe_speed.py`` build trainers here.
+
+    ``padding_free: true`` with ``packing: false``: TRL refuses it when ``max_length`` is set (it would not
+    truncate); here TRL truncates the rows as usual and TRL's own padding-free collator then concatenates
+    the samples of each micro-batch into one row whose ``position_ids`` restart at every sample, so that the
+    attention kernel keeps samples apart and no pad token is computed.
+    """
+    padding_free = bool(training_args.padding_free and not training_args.packing)
+    training_args.padding_free = training_args.padding_free and not padding_free
+    try:
+        with quiet_peft_checkpointing_warning():  # TRL wraps the model in PEFT
+            trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, processing_class=tokenizer,
+                                 peft_config=peft_config, callbacks=callbacks)
+    finally:
+        training_args.padding_free = training_args.padding_free or padding_free
+    _check_rows_left(trainer, train_dataset, training_args)
+    if padding_free:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        trainer.data_collator = DataCollatorForLanguageModeling(
+            pad_token_id=trainer.processing_class.pad_token_id, padding_free=True,
+            pad_to_multiple_of=training_args.pad_to_multiple_of)
+    trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
+    if model_args.use_peft and bimedix_args.expert_lora == "folded":
+        from .expert_lora import set_expert_lora_mode
+
+        set_expert_lora_mode(trainer.model, "folded")
+    if bimedix_args.router_report and is_moe(trainer.model):
+        from transformers import Trainer
+
+        from .router_stats import RouterLoadCallback
+
+        # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
+        # too
+        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
     return trainer
 
 
@@ -369,8 +426,9 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
     """Refuse, before anything is loaded, recipe options that cannot work together.
 
     `quantize_experts` needs LoRA and a model with fused experts, composes with `load_in_4bit` but not
-    `load_in_8bit`, and is refused under FSDP and DeepSpeed
-    ZeRO-3 (they would shard the packed bytes without their quantization state): use DDP or ZeRO-2.
+    `load_in_8bit`, and is refused under DeepSpeed ZeRO-3 (it would partition the packed bytes without their
+    quantization state). Under FSDP it needs FSDP2 and the recipe's `activation_checkpointing` (bimedix shards
+    the 4-bit layers itself, `bimedix.training.sharding`).
 
     Raises:
         `ValueError`: naming the recipe keys at fault and what to do.
@@ -385,14 +443,29 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
                          "8-bit bitsandbytes models cannot be moved to "
                          "the GPU after loading. Use `load_in_4bit`.")
     sharding = parameter_sharding(training_args)
-    if sharding:
+    if sharding == "DeepSpeed ZeRO-3":
         raise ValueError(
-            f"{key} is not supported under {sharding}: it would shard the packed 4-bit experts without their "
-            "quantization state. Launch with DDP (recipes/accelerate_configs/ddp.yaml) or DeepSpeed ZeRO-2 "
-            "(recipes/accelerate_configs/deepspeed_zero2.yaml), which keep whole parameters on every GPU, or "
-            "drop `quantize_experts` (then only `load_in_4bit` quantizes, and the experts stay bf16; see "
-            "docs/qlora-experts.md)."
+            f"{key} is not supported under DeepSpeed ZeRO-3: it would partition the packed 4-bit experts "
+            "without their quantization state. Use FSDP (recipes/accelerate_configs/fsdp.yaml, or "
+            "`fsdp: true` in the recipe), which shards both, or DDP / DeepSpeed ZeRO-2 "
+            "(recipes/accelerate_configs/deepspeed_zero2.yaml), which keep whole parameters on every GPU."
         )
+    if sharding == "FSDP":
+        config = training_args.fsdp_config or {}
+        version = int(config.get("version", os.environ.get("FSDP_VERSION", "2")) if training_args.fsdp
+                      else os.environ.get("FSDP_VERSION", "1"))
+        if version != 2:
+            raise ValueError(
+                f"{key} shards under FSDP2 only, but the launch asks for FSDP{version} (`fsdp_config: "
+                f"{{version: {version}}}` or `fsdp_version: {version}` in the accelerate config). "
+                "Set version 2.")
+        if _env_true("FSDP_ACTIVATION_CHECKPOINTING") or str(config.get("activation_checkpointing",
+                                                                         "false")).lower() == "true":
+            raise ValueError(
+                f"{key} under FSDP with FSDP's own activation checkpointing (`fsdp_config: "
+                "{activation_checkpointing: true}` or `fsdp_activation_checkpointing: true` in the "
+                "accelerate config): bimedix shards the 4-bit layers itself, so set "
+                "`activation_checkpointing: true` in the recipe instead.")
     name = bimedix_args.tiny_model or model_args.model_name_or_path
     if name and not _has_fused_experts(name, bimedix_args, model_args,
                                        trust_remote_code=getattr(training_args, "trust_remote_code", False)):
@@ -540,16 +613,28 @@ def _require_model(model_args: ModelConfig) -> None:
 
 
 def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args: SFTConfig,
-                      bimedix_args: BimedixArguments):
+                      bimedix_args: BimedixArguments, plugin=None):
     """Add the LoRA adapters (so they nest as on a bf16 base), then pack the experts to 4 bit on the device.
 
     With `load_in_4bit` too, bitsandbytes has already quantized the Linear layers on CPU: they follow the
     experts to the device once every layer is packed (full QLoRA; the router stays trainable through LoRA).
+    Under FSDP (``plugin``) each layer is packed and sharded in turn (`bimedix.training.sharding`).
     """
     from peft import get_peft_model
 
     with quiet_peft_checkpointing_warning():
         model = get_peft_model(model, peft_config)
+    if plugin is not None:
+        from .sharding import shard_4bit_experts
+
+        if model_args.load_in_4bit:  # SFTTrainer's bf16 cast of a quantized model's adapter, done before FSDP
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+        model = shard_4bit_experts(model, bimedix_args.quantize_experts, training_args.device, plugin)
+        if model_args.load_in_4bit:
+            model.base_model.model.hf_device_map = {"": training_args.device}
+        return model, None
     quantize_experts(model, quant_type=bimedix_args.quantize_experts, device=training_args.device)
     if model_args.load_in_4bit:
         model.to(training_args.device)
@@ -593,6 +678,18 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
         return bool(fused_experts(model))
 
 
+def _fsdp_flag(value: str) -> str | bool | None:
+    """``--fsdp true``/``false`` as booleans; other values stay strings (``"full_shard auto_wrap"``)."""
+    lowered = value.lower()
+    return True if lowered in ("true", "1", "yes") else None if lowered in ("false", "0", "no") else value
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
@@ -604,27 +701,29 @@ def _save_run(trainer, train_result) -> None:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    trainer.save_model(trainer.args.output_dir)
+    if trainer.is_fsdp_enabled and _is_peft(trainer.model):
+        save_sharded_adapter(trainer, trainer.args.output_dir)
+    else:
+        trainer.save_model(trainer.args.output_dir)
 
 
-def _resume_value(value: str | bool | None) -> str | bool | None:
-    """``true``/``last`` resume from the newest checkpoint in ``output_dir``; a path resumes from it."""
-    if isinstance(value, str) and value.lower() in ("true", "last"):
-        return True
+def _resume_value(value: str | bool | None, output_dir: str) -> str | bool | None:
+    """``true``/``last`` resume from the newest complete checkpoint in ``output_dir``; a path resumes from it.
+
+    A checkpoint is complete once the trainer wrote its ``trainer_state.json`` (its last file): a process
+    killed while saving leaves a newer folder without it, which is skipped with a warning.
+    """
     if isinstance(value, str) and value.lower() in ("false", ""):
         return None
-    return value
-
-
-def _resolve_path(path: str) -> Path:
-    """``bimedix:recipes/...`` (or ``bimedix:<path in the package>``) → the installed file; else the path."""
-
-    if not path.startswith("bimedix:"):
-        return Path(path)
-    kind, _, rest = path.removeprefix("bimedix:").partition("/")
-    if kind == "recipes":
-        return resource_path(kind, *rest.split("/"))
-    return resource_path("bimedix", kind, *rest.split("/"))
+    if not (value is True or isinstance(value, str) and value.lower() in ("true", "last")):
+        return value
+    checkpoints = sorted((path for path in Path(output_dir).glob("checkpoint-*")
+                          if path.is_dir() and path.name.removeprefix("checkpoint-").isdigit()),
+                         key=lambda path: int(path.name.removeprefix("checkpoint-")))
+    while checkpoints and not (checkpoints[-1] / "trainer_state.json").is_file():
+        logger.warning("Skipping %s: it has no trainer_state.json (interrupted while saving).",
+                       checkpoints.pop())
+    return str(checkpoints[-1]) if checkpoints else True
 
 
 def _load_one(config):
@@ -634,7 +733,7 @@ def _load_one(config):
     from ..data.io import read_records
     from ..data.schema import FEATURES, normalize_record
 
-    path = _resolve_path(config.path)
+    path = resolve_resource(config.path)
     record_files = []
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         record_files = [path]

@@ -2,10 +2,11 @@
 
 Each ``<name>.yaml`` holds ``version`` (recorded in the output's provenance), ``system`` and ``user``,
 both Jinja templates. They are rendered with ``payload`` (the task's JSON, which the user template must
-include), every top-level key of the task payload (e.g. ``min_turns``) and ``arabic_option_letters``
-(``A → أ, B → ب, ...`` from `bimedix.data.conventions.OPTION_LETTERS`). To change a prompt, copy the
-shipped file into a folder, edit it (and its ``version``), and pass that folder with ``--prompts DIR``;
-names missing there fall back to the shipped ones.
+include unless the file lists the variables it uses instead under ``inputs``, as ``grader.yaml``,
+HealthBench's grader prompt, does), every top-level key of the task payload (e.g. ``min_turns``) and
+``arabic_option_letters`` (``A → أ, B → ب, ...`` from `bimedix.data.conventions.OPTION_LETTERS`). To
+change a prompt, copy the shipped file into a folder, edit it (and its ``version``), and pass that folder
+with ``--prompts DIR``; names missing there fall back to the shipped ones.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import yaml
 from ...data.conventions import OPTION_LETTERS
 from ...resources import resource_path
 
-PROMPT_NAMES = ("translate", "refine", "judge", "dialogue")
+PROMPT_NAMES = ("translate", "refine", "judge", "dialogue", "grader")
 
 
 @dataclass
@@ -69,8 +70,12 @@ def load_prompt(name: str, override_dir: str | os.PathLike | None = None) -> Pro
     for key in ("version", "system", "user"):
         if not isinstance(data.get(key), str) or not data[key].strip():
             raise ValueError(f"{path}: field `{key}` must be a non-empty string")
-    if not re.search(r"\{\{\s*payload\s*\}\}", data["user"]):
-        raise ValueError(f"{path}: field `user` must include {{{{ payload }}}}, the task's JSON")
+    inputs = data.get("inputs") or ["payload"]
+    missing = [name for name in inputs
+               if not re.search(r"\{\{\s*" + re.escape(str(name)) + r"\s*\}\}", data["user"])]
+    if missing:
+        raise ValueError(f"{path}: field `user` must include {{{{ {missing[0]} }}}}"
+                         + (", the task's JSON" if missing[0] == "payload" else ""))
     try:
         return PromptTemplate(name, data["version"].strip(), data["system"], data["user"])
     except jinja2.TemplateSyntaxError as err:

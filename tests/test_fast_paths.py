@@ -1,0 +1,187 @@
+"""The fast training paths are the reference paths, on tiny models.
+
+- padding-free micro-batches (the samples of a step in one row, ``position_ids`` restarting per sample):
+  every sample's logits equal the sample run alone (attention never crosses samples), the trained labels are
+  the padded batch's, and training with ``per_device_train_batch_size 2 x accumulation 1`` padding-free gives
+  the losses and adapter weights of ``1 x 2`` with padding (same 2 samples per optimizer step, same LR
+  schedule) within 1e-5;
+- router statistics are counted on the device without a host sync.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from bimedix.resources import resource_path
+from bimedix.training.router_stats import RouterLoadCallback, arabic_token_table
+from bimedix.training.sft import main, parse_args
+from bimedix.training.tiny import build_tiny_model
+
+TINY_RECIPE = str(resource_path("recipes", "tiny", "sft.yaml"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_padding_free_row_equals_each_sample_alone(arch, attention):
+    model = build_tiny_model(arch, seed=0, attn_implementation=attention).eval()
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (7, 12, 5)]
+    examples = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]} for ids in samples]
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, 24)
+    with torch.no_grad():
+        # as TRL's `compute_loss` calls it: no KV cache (with one, transformers does not look for samples)
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits[0]
+        start = 0
+        for ids in samples:
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(logits[start:start + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            start += len(ids)
+    # the trained (next-token) targets are the padded batch's: label t+1 of each sample
+    targets_packed, targets_padded, start = [], [], 0
+    for row, ids in enumerate(samples):
+        targets_packed.append(packed["labels"][0, start + 1:start + len(ids)])
+        targets_padded.append(padded["labels"][row, 1:len(ids)])
+        assert (padded["labels"][row, len(ids):] == -100).all()
+        start += len(ids)
+    assert torch.equal(torch.cat(targets_packed), torch.cat(targets_padded))
+
+
+def _train(output_dir, *flags):
+    return main(*parse_args(["--config", TINY_RECIPE, "--output_dir", str(output_dir), "--max_steps", "3",
+                             "--max_length", "96", "--logging_steps", "1", "--warmup_steps", "1",
+                             "--router_aux_loss_coef", "0", "--save_strategy", "no",
+                             "--router_report", "false", *flags]))
+
+
+def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path):
+    """2 samples per optimizer step either way: loss per step and adapter weights after 3 steps agree."""
+    reference = _train(tmp_path / "ref", "--per_device_train_batch_size", "1",
+                       "--gradient_accumulation_steps", "2")
+    fast = _train(tmp_path / "fast", "--per_device_train_batch_size", "2",
+                  "--gradient_accumulation_steps", "1", "--padding_free", "true")
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reference, fast)]
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=1e-5)
+    weights = [{n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad}
+               for t in (reference, fast)]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert fast.args.padding_free and not fast.args.packing and fast.data_collator.collator.padding_free
+
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select"}
+
+
+def _reference_counts(model, inputs, token_languages, top_k=2):
+    """Per (language, layer, expert) counts by plain loops over the router logits of the same forward."""
+    with torch.no_grad():
+        logits = model(**inputs, output_router_logits=True).router_logits
+    counts = torch.zeros(2, len(logits), logits[0].shape[-1], dtype=torch.float64)
+    for layer, layer_logits in enumerate(logits):
+        chosen = layer_logits.topk(top_k, dim=-1).indices
+        for token, language in enumerate(token_languages):
+            if language >= 0:
+                for expert in chosen[token].tolist():
+                    counts[language, layer, expert] += 1
+    return counts
+
+
+def _assert_hooks_never_sync(callback, model, inputs):
+    """The callback's two hooks, profiled alone on a training forward's inputs and router logits."""
+    with torch.no_grad():
+        output = model(**inputs, output_router_logits=True)
+    counts = callback.counts.clone()
+    decoder = model.get_decoder()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        callback._before_forward(decoder, (), dict(inputs))
+        callback._after_forward(decoder, (), SimpleNamespace(router_logits=output.router_logits))
+    assert not SYNC_OPS & {event.key for event in prof.key_averages()}
+    callback.counts = counts
+
+
+def test_router_counts_match_reference_and_never_sync(mixtral_tokenizer):
+    model = build_tiny_model("mixtral", seed=0)
+    arabic = arabic_token_table(mixtral_tokenizer)
+    ar_ids = torch.nonzero(arabic).flatten()[:40]
+    en_ids = torch.nonzero(~arabic).flatten()[1000:1040]
+    # a padded batch: an English row and an Arabic row with 5 pads
+    padded = torch.stack([en_ids[:12], torch.cat([ar_ids[:7], torch.zeros(5, dtype=torch.long)])])
+    mask = torch.ones_like(padded)
+    mask[1, 7:] = 0
+    callback = RouterLoadCallback(mixtral_tokenizer)
+    callback.on_train_begin(None, None, None, model=model)
+    model.train()
+    model(input_ids=padded, attention_mask=mask)
+    _assert_hooks_never_sync(callback, model, {"input_ids": padded, "attention_mask": mask})
+    model.eval()  # the reference forward must not count
+    torch.testing.assert_close(callback.counts, _reference_counts(
+        model, {"input_ids": padded, "attention_mask": mask}, [0] * 12 + [1] * 7 + [-1] * 5))
+
+    # a packed, padding-free row (position_ids restart at 0): Arabic, English, Arabic samples
+    packed = torch.cat([ar_ids[:9], en_ids[:6], ar_ids[9:20]])[None]
+    position_ids = torch.cat([torch.arange(9), torch.arange(6), torch.arange(11)])[None]
+    callback.counts = None
+    model.train()
+    model(input_ids=packed, position_ids=position_ids)
+    _assert_hooks_never_sync(callback, model, {"input_ids": packed, "position_ids": position_ids})
+    model.eval()
+    torch.testing.assert_close(callback.counts, _reference_counts(
+        model, {"input_ids": packed, "position_ids": position_ids}, [1] * 9 + [0] * 6 + [1] * 11))
+    callback.on_train_end(SimpleNamespace(output_dir="unused"), SimpleNamespace(is_world_process_zero=False),
+                          None)
+    assert not model.get_decoder()._forward_hooks  # the hooks are gone
+
+
+def _folded_4bit_model():
+    from peft import LoraConfig, get_peft_model
+
+    from bimedix.training.expert_lora import set_expert_lora_mode
+    from bimedix.training.quantize import quantize_experts
+
+    model = build_tiny_model("mixtral", seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj",
+                                                                "mlp.experts.down_proj"],
+                                             lora_dropout=0.0, init_lora_weights=False))
+    quantize_experts(model)
+    set_expert_lora_mode(model, "folded")
+    return model.train()
+
+
+def test_checkpointed_4bit_experts_dequantize_twice_not_three_times(monkeypatch):
+    """Under activation checkpointing the recomputation's dequantized experts serve backward: 2
+    dequantizations per expert parameter and micro-step instead of 3 (the gradients of no checkpointing)."""
+    pytest.importorskip("bitsandbytes")
+    from bimedix.training import experts
+
+    calls = []
+
+    def counted(quantized, state):
+        calls.append(quantized.data_ptr())
+        return dequantize(quantized, state)
+
+    dequantize = experts.flat_dequantize
+    monkeypatch.setattr(experts, "flat_dequantize", counted)
+    ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for checkpointing in (False, True):
+        model = _folded_4bit_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[checkpointing] = (len(calls), grads)
+    quantized = 2 * model.config.num_hidden_layers  # gate_up_proj and down_proj per layer
+    assert results[False][0] == 2 * quantized  # forward + backward, packed bytes saved in between
+    assert results[True][0] == 2 * quantized  # forward + recomputation; backward reuses the recomputation's
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

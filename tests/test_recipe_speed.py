@@ -1,0 +1,49 @@
+"""benchmarks/recipe_speed.py --cpu: the paper recipe at toy sizes and two depths, every figure it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "recipe_speed.py"
+RECIPE = REPO / "recipes" / "bimedix-mixtral" / "sft_qlora.yaml"
+
+
+def test_recipe_speed_cpu_prints_every_figure(tmp_path):
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--recipe", str(RECIPE), "--cpu", "--layers", "1",
+                           "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    text = done.stdout
+    assert done.returncode == 0, (text + done.stderr)[-3000:]
+    for expected in ("non-padding tokens/s", "MFU", "model FLOPs/token", "estimate-memory", "Extrapolation",
+                     "steps/epoch", "h on 8 devices", "host-device syncs per step", "dequantization share"):
+        assert expected in text, expected
+    result = json.loads(out.read_text())
+    runs, summary = result["runs"], result["summary"]
+    assert [run["depth"] for run in runs] == [1, 2] and summary["full_depth"] == 32
+    assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] and summary["hours_8"] > 0
+    # the recipe's optimization semantics: 1 sample x 2 accumulation steps per device, LR schedule kept
+    settings = runs[0]["settings"]
+    assert (settings["per_device_train_batch_size"], settings["gradient_accumulation_steps"]) == (1, 2)
+    assert settings["learning_rate"] == 2e-4 and settings["lr_scheduler_type"] == "cosine"
+    assert settings["quantize_experts"] == "nf4" and settings["load_in_4bit"]
+    # rows follow the BiMed1.3M histogram, scaled by 1/8 on CPU: mean 482 -> about 60 tokens
+    assert 20 < runs[0]["tokens_per_step"] / 2 < 150
+    profile = summary["profile"]
+    assert profile["top"] and "aten::_local_scalar_dense" in profile["syncs_per_step"]
+    assert 0 < profile["dequantize_share"] < 1  # NF4 experts and Linear4bit weights dequantize every step
+    assert runs[1]["estimate"]["all"] > runs[0]["estimate"]["all"]
+    again = subprocess.run([sys.executable, str(SCRIPT), "--recipe", str(RECIPE), "--cpu", "--json",
+                            str(out)],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr
