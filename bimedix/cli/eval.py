@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bimedix.data.outputs import OutputFolder
+from bimedix.data.outputs import OutputFolder, staged_folder
 
 from ..data.conventions import ON_ERROR_POLICIES
 
@@ -131,17 +131,19 @@ def _build_bench(args: argparse.Namespace) -> int:
         arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic,
                                           review=review))
     subsets = args.subsets.split(",") if args.subsets else None
-    with RejectLog(folder.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
-        counts = build_bench(args.sources, folder, limit=args.limit, subsets=subsets, arabic_rows=arabic,
-                             on_error=on_error_for(args.on_error, rejects))
+    with staged_folder(folder) as staging:  # written whole beside OUTPUT, then swapped in
+        with RejectLog(staging.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
+            counts = build_bench(args.sources, staging, limit=args.limit, subsets=subsets, arabic_rows=arabic,
+                                 on_error=on_error_for(args.on_error, rejects))
+        if args.translations:
+            write_json(staging.path("review.json"), review.summary())
+        save_bench_cards(staging.root, name=output)
     for config, n in sorted(counts.items()):
         print(f"{config:32s} {n:6d}")
     if args.translations:
-        write_json(output / "review.json", review.summary())
         print(f"translations by review status (written to {output / 'review.json'}):\n{review.table()}")
     if rejects.count:
         print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
-    save_bench_cards(output)
     arabic = output / "arabic-bench"
     print(f"wrote {output}" + (f" (Arabic benchmark: {arabic})" if (arabic / "README.md").exists() else ""))
     return 0

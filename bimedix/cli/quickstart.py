@@ -172,7 +172,9 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
              "1",
              # transformers' default grouped_mm experts are ~10x slower than eager ones on CPU at this size.
              "--model_init_kwargs", json.dumps(EAGER_EXPERTS),
-             "--disable_tqdm", str(args.no_progress).lower()]
+             "--disable_tqdm", str(args.no_progress).lower(),
+             # an adapter/ folder no sft run made (an older quickstart's) is written into only when asked
+             "--overwrite", str(args.overwrite).lower()]
     script_args, training_args, model_args, mixture_args, bimedix_args = parse_args(flags)
     # Train the saved base model (so the adapter names a folder `eval`, `chat` and `merge` can load) on the
     # built data.
