@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{module.name}").register(subparsers)
+        if not module.name.startswith("_"):  # _options: the shared flags, no command
+            importlib.import_module(f"{__name__}.{module.name}").register(subparsers)
     return parser
 
 
