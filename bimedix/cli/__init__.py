@@ -17,6 +17,7 @@ from collections.abc import Callable
 from .. import __version__
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
+INCOMPLETE = 3  # exit status of a run that stopped early (budget, transient errors): re-running continues it
 
 
 def build_parser() -> argparse.ArgumentParser:

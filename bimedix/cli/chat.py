@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..resources import check_model_folder
-from ._options import add_model, add_server
+from . import _options
 
 _PER_LANGUAGE = object()  # `--system-prompt` given without text
 
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         description="Streaming multi-turn chat, prompted as the model was trained (the adapter's "
                     "bimedix_chat.json: template and system prompt, normally none); the "
                     "not-medical-advice notice is printed for you.")
-    add_model(parser, max_new_tokens=256)
+    _options.add_model(parser, max_new_tokens=256)
     parser.add_argument("--system-prompt", "--system", dest="system", nargs="?", const=_PER_LANGUAGE,
                         metavar="TEXT",
                         help="system prompt for every turn; without TEXT, a short one in each turn's "
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                              "notice is shown to you either way)")
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
-    add_server(parser, "BIMEDIX_CHAT_TOKEN", when="with --web: ")
+    _options.add_server(parser, "BIMEDIX_CHAT_TOKEN", when="with --web: ")
     parser.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data.conventions import LANGUAGES
 from ..data.outputs import check_outputs
-from ._options import add_on_error, add_output
+from . import _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "healthcaremagic, icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
     parser.add_argument("--input", required=True, type=Path,
                         help="the original file (a folder for mmlu / mmlu-ar)")
-    add_output(parser, "where to write the records (.jsonl)")
+    _options.add_output(parser, "where to write the records (.jsonl)")
     parser.add_argument("--language", choices=LANGUAGES, help="record language (default: the source's)")
-    add_on_error(parser, "raise", "the --rejects file")
+    _options.add_on_error(parser, "raise", "the --rejects file")
     parser.add_argument("--rejects", type=Path,
                         help="rejects file for --on-error skip (default: OUTPUT with .rejects.jsonl)")
     parser.add_argument("--ground-truth", type=Path,

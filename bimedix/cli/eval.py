@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bimedix.data.outputs import OutputFolder
 
-from ._options import add_include_unreviewed, add_model, add_on_error, add_output, add_overwrite
+from . import _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a model on the English / Arabic / bilingual medical benchmarks (lm-eval)",
         description="Run the packaged lm-eval tasks, write lm-eval's JSON, print tables shaped like the "
                     "paper's Tables 2-4 next to its reported rows, and write them as markdown (tables.md).")
-    add_model(run)
+    _options.add_model(run)
     run.add_argument("--tasks", default="auto",
                      help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
                           "bimedix_table2|3|4, bimedix_<subset>_<en|ar>, or lm-eval tasks such as "
@@ -30,10 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="folder written by `bimedix build-bench` "
                           "(or its Hub id); default: the bundled slice")
     run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
-    add_output(run, "folder for results.json, samples, consistency.json, tables.md", path=False)
+    _options.add_output(run, "folder for results.json, samples, consistency.json, tables.md", path=False)
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
-    add_overwrite(run, "eval")
+    _options.add_overwrite(run, "eval")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder "
                     "is the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
     build.add_argument("--sources", required=True, help="folder holding the original benchmark files")
-    add_output(build, "evaluation data folder to write", path=False)
+    _options.add_output(build, "evaluation data folder to write", path=False)
     build.add_argument("--translations", default=None,
                        help="JSON Lines of translated Arabic MCQA records (from the translation pipeline)")
     build.add_argument("--bimedix-arabic", default=None,
@@ -51,9 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--subsets", default=None,
                        help="comma-separated subsets to build (default: all found)")
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
-    add_on_error(build, "skip", "OUTPUT/rejects.jsonl")
-    add_include_unreviewed(build, "--translations: ")
-    add_overwrite(build, "build-bench")
+    _options.add_on_error(build, "skip", "OUTPUT/rejects.jsonl")
+    _options.add_include_unreviewed(build, "--translations: ")
+    _options.add_overwrite(build, "build-bench")
     build.set_defaults(func=_build_bench)
 
 

@@ -16,17 +16,7 @@ import random
 from pathlib import Path
 
 from ..data.conventions import LANGUAGES
-from ._options import (
-    add_engine,
-    add_model,
-    add_on_error,
-    add_output,
-    add_overwrite,
-    add_seed,
-    add_translation_options,
-)
-
-INCOMPLETE = 3
+from . import INCOMPLETE, _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", type=Path, help="HealthBench-format JSON Lines (prompt, rubrics, example_tags)"
     )
-    add_output(parser, "folder for results.json, examples.jsonl, table.md (re-run to resume)")
+    _options.add_output(parser, "folder for results.json, examples.jsonl, table.md (re-run to resume)")
     parser.add_argument("--languages", default="en", help="comma-separated: en, ar or en,ar (default en)")
     parser.add_argument(
         "--data-ar",
@@ -51,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an already reviewed Arabic set (same prompt_ids and criteria as --data) instead of "
         "machine translation",
     )
-    add_on_error(parser, "raise", "OUTPUT/rejects.jsonl")
+    _options.add_on_error(parser, "raise", "OUTPUT/rejects.jsonl")
     parser.add_argument(
         "--limit",
         type=int,
@@ -59,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a seeded random sample of N examples (as HealthBench's num_examples; --seed), in file "
         "order: a cheap first look before the full run",
     )
-    add_overwrite(parser, "eval-chat")
+    _options.add_overwrite(parser, "eval-chat")
     model = parser.add_argument_group("model under test")
-    add_model(model, required=False, served=True, max_new_tokens=1024)
+    _options.add_model(model, required=False, served=True, max_new_tokens=1024)
     model.add_argument(
         "--base-url", help="OpenAI-compatible endpoint serving --model (vLLM, transformers serve)"
     )
@@ -96,12 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     translate.add_argument("--translate-base-url", help="translation endpoint (default: the judge's)")
     translate.add_argument("--translate-model", help="translation model (default: the judge's)")
     translate.add_argument("--translate-api-key-env", help="its key variable (default: the judge's)")
-    add_translation_options(translate)
+    _options.add_translation_options(translate)
     engine = parser.add_argument_group(
         "engine", "requests to the judge and the translator (the model under test is asked directly)"
     )
-    add_engine(engine, "OUTPUT/eval-chat.llm.sqlite")
-    add_seed(engine, 0, "the requests, the sampling and the bootstrap")
+    _options.add_engine(engine, "OUTPUT/eval-chat.llm.sqlite")
+    _options.add_seed(engine, 0, "the requests, the sampling and the bootstrap")
     engine.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)"
     )

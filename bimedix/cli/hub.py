@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._options import add_include_unreviewed
+from . import _options
 
 
 def register(subparsers) -> None:
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--acknowledge-research-only", action="store_true",
                         help="allow data from sources without a "
                              "redistribution licence (you must have the right)")
-    add_include_unreviewed(parser, "dataset: ")
+    _options.add_include_unreviewed(parser, "dataset: ")
     parser.add_argument("--eval", dest="eval_dir", metavar="DIR",
                         help="`bimedix eval` output for the model card")
     parser.add_argument("--eval-chat", dest="eval_chat_dir", metavar="DIR",

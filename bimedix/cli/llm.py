@@ -15,17 +15,7 @@ from pathlib import Path
 
 from ..data.outputs import check_outputs
 from ..llm.review_stats import VERDICTS, review_agreement
-from ._options import (
-    add_engine,
-    add_json,
-    add_output,
-    add_review_sampling,
-    add_seed,
-    add_server,
-    add_translation_options,
-)
-
-INCOMPLETE = 3
+from . import INCOMPLETE, _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "0-100 with an LLM judge, refine below --threshold for up to --max-rounds. Resumable; "
                     "outputs are machine translations marked in meta.translation.")
     _endpoint_arguments(translate)
-    add_translation_options(translate)
+    _options.add_translation_options(translate)
     translate.add_argument("--judge-attempts", type=int, default=3,
                            help="tries to get a well-formed judgement per round (default 3)")
     translate.add_argument("--drug-names", type=Path,
@@ -63,10 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description="Queue every translation below --threshold plus a seeded "
                                             "--fraction of the rest, one row per turn and option.")
     export.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
-    add_output(export, "the queue, .csv or .jsonl")
+    _options.add_output(export, "the queue, .csv or .jsonl")
     export.add_argument("--source", type=Path,
                         help="the English input, to show originals next to translations")
-    add_review_sampling(export)
+    _options.add_review_sampling(export)
     export.set_defaults(func=_review_export)
     apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
                                description="Check the whole review file (nothing is applied if any row is "
@@ -74,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                            "reviewed, append the audit trail.")
     apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
-    add_output(apply, "all records with reviews applied (.jsonl)")
+    _options.add_output(apply, "all records with reviews applied (.jsonl)")
     apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
     apply.add_argument("--audit", type=Path,
                        help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
@@ -90,22 +80,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--source", type=Path, help="the English input, shown next to each translation")
     serve.add_argument("--queue", type=Path,
                        help="a queue from `review export` (default: draw it as export does)")
-    add_output(serve, "all records with the decisions applied (default: INPUT.reviewed.jsonl)",
+    _options.add_output(serve, "all records with the decisions applied (default: INPUT.reviewed.jsonl)",
                required=False)
     serve.add_argument("--audit", type=Path,
                        help="audit trail, the decision store (default: OUTPUT with .audit.jsonl); never an "
                             "input or the output")
     serve.add_argument("--reviewer", default="",
                        help="your name, pre-filled in the page (recorded with each decision)")
-    add_review_sampling(serve)
-    add_server(serve, "BIMEDIX_REVIEW_TOKEN")
+    _options.add_review_sampling(serve)
+    _options.add_server(serve, "BIMEDIX_REVIEW_TOKEN")
     serve.set_defaults(func=_review_serve)
     stats = actions.add_parser(
         "stats", help="how well the LLM judge's scores agree with the reviewers",
         description="Per score bucket, the share of reviewed translations approved / edited / rejected, and "
                     "the ROC AUC of the score separating approved from edited-or-rejected.")
     stats.add_argument("--input", required=True, type=Path, help="reviewed records (.jsonl)")
-    add_json(stats)
+    _options.add_json(stats)
     stats.set_defaults(func=_review_stats)
 
     server = subparsers.add_parser(
@@ -122,14 +112,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path,
                         help="input records (.jsonl, .parquet or a saved dataset)")
-    add_output(parser, "output records (.jsonl); re-run to resume")
+    _options.add_output(parser, "output records (.jsonl); re-run to resume")
     parser.add_argument("--base-url", required=True,
                         help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     parser.add_argument("--model", required=True, help="model name sent with each request")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
-    add_engine(parser, "OUTPUT with .llm.sqlite")
-    add_seed(parser, 0, "the requests and the sampling")
+    _options.add_engine(parser, "OUTPUT with .llm.sqlite")
+    _options.add_seed(parser, 0, "the requests and the sampling")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="completion limit per request (default 4096)")
     parser.add_argument("--no-json-mode", action="store_true",
