@@ -52,22 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _options.add_overwrite(parser, "eval-chat")
     model = parser.add_argument_group("model under test")
     _options.add_model(model, required=False, served=True, max_new_tokens=1024)
-    model.add_argument(
-        "--base-url", help="OpenAI-compatible endpoint serving --model (vLLM, transformers serve)"
-    )
-    model.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable with the --base-url key (default OPENAI_API_KEY)",
-    )
-    judge = parser.add_argument_group("judge")
-    judge.add_argument("--judge-base-url", help="OpenAI-compatible endpoint of the grader")
-    judge.add_argument("--judge-model", help="grader model name")
-    judge.add_argument(
-        "--judge-api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable with the judge's key (default OPENAI_API_KEY)",
-    )
+    _options.add_endpoint(model, model=False)  # vLLM, transformers serve, ... serving --model
+    judge = parser.add_argument_group("judge (the grader)")
+    _options.add_endpoint(judge, "judge-")
     judge.add_argument(
         "--judge-attempts",
         type=int,
@@ -83,9 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send response_format=json_object to the judge (HealthBench does not)",
     )
     translate = parser.add_argument_group("Arabic translation (--languages with ar, no --data-ar)")
-    translate.add_argument("--translate-base-url", help="translation endpoint (default: the judge's)")
-    translate.add_argument("--translate-model", help="translation model (default: the judge's)")
-    translate.add_argument("--translate-api-key-env", help="its key variable (default: the judge's)")
+    _options.add_endpoint(translate, "translate-", fallback="the judge's")
     _options.add_translation_options(translate)
     engine = parser.add_argument_group(
         "engine", "requests to the judge and the translator (the model under test is asked directly)"

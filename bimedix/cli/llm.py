@@ -113,11 +113,7 @@ def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path,
                         help="input records (.jsonl, .parquet or a saved dataset)")
     _options.add_output(parser, "output records (.jsonl); re-run to resume")
-    parser.add_argument("--base-url", required=True,
-                        help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
-    parser.add_argument("--model", required=True, help="model name sent with each request")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key (default OPENAI_API_KEY)")
+    _options.add_endpoint(parser, required=True)
     _options.add_engine(parser, "OUTPUT with .llm.sqlite")
     _options.add_seed(parser, 0, "the requests and the sampling")
     parser.add_argument("--max-tokens", type=int, default=4096,
