@@ -37,13 +37,15 @@ def test_visible_flags_are_kebab_case(command):
 
 def test_shared_flags_have_one_wording():
     shared = ("--overwrite", "--include-unreviewed", "--peft", "--device", "--token", "--fraction",
-              "--concurrency", "--timeout", "--max-retries", "--prices", "--batch-api", "--no-progress")
+              "--concurrency", "--timeout", "--max-retries", "--prices", "--batch-api", "--no-progress",
+              "--api-key-env")
     wordings: dict[str, set[str]] = {flag: set() for flag in shared}
     for name, parser in COMMANDS.items():
         flags = _visible_flags(parser)
         for flag in set(shared) & set(flags):
             wording = flags[flag].help.replace(f"no {name.split()[-1]} made", "no COMMAND made")
-            for where in ("dataset: ", "--translations: ", "with --web: "):  # which input, or when it applies
+            # which input, or when it applies
+            for where in ("dataset: ", "--translations: ", "with --web: ", "hf backend: "):
                 wording = wording.removeprefix(where)
             wordings[flag].add(wording.split(" (default: $")[0])  # --token: each app's own variable
     assert {flag: found for flag, found in wordings.items() if len(found) != 1} == {}
@@ -58,6 +60,10 @@ def test_shared_flags_have_one_wording():
     (["merge", "--adapter", "a", "--output", "o"], "quantize_experts", None),
     (["estimate-memory", "--recipe", "r.yaml", "--num_processes", "8"], "num_processes", 8),
     (["estimate-memory", "--recipe", "r.yaml", "--accelerate_config", "zero2"], "accelerate_config", "zero2"),
+    (["chat", "--model", "m", "--use_kernels"], "use_kernels", True),
+    (["eval", "--model", "m", "--output", "o", "--use_kernels"], "use_kernels", True),
+    (["merge", "--adapter", "a", "--output", "o", "--use-kernels"], "use_kernels", True),
+    (["merge", "--adapter", "a", "--output", "o"], "use_kernels", False),
 ])
 def test_old_snake_case_spellings_still_parse(argv, dest, value):
     assert getattr(build_parser().parse_args(argv), dest) == value

@@ -99,6 +99,15 @@ def add_model(parser, *, required: bool = True, served: bool = False,
                             help="reply sampling temperature; 0 decodes greedily (default: 0)")
 
 
+def add_use_kernels(parser, what: str = "the model", *, when: str = "") -> None:
+    """``--use-kernels`` (hidden alias ``--use_kernels``): load ``what`` with transformers' hub kernels."""
+    flag = parser.add_argument("--use-kernels", action="store_true",
+                               help=f"{when}load {what} with transformers' hub kernels (the `kernels` "
+                                    "package; fused RMSNorm/rotary on CUDA, fetched from the Hub or its "
+                                    "cache); off by default")
+    add_hidden_alias(parser, flag, "--use_kernels")
+
+
 def add_endpoint(parser, prefix: str = "", *, required: bool = False, model: bool = True,
                  fallback: str | None = None) -> None:
     """``--{prefix}base-url``, ``--{prefix}model``, ``--{prefix}api-key-env``: an OpenAI-compatible endpoint.

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
                              "language saying the model is not a doctor (default: the adapter's training "
                              "system prompt, normally none; the not-medical-advice "
                              "notice is shown to you either way)")
+    _options.add_use_kernels(parser)
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
     _options.add_server(parser, "BIMEDIX_CHAT_TOKEN", when="with --web: ")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.system is not None:
         options["system"] = SYSTEM_PROMPTS if args.system is _PER_LANGUAGE else args.system
-    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, **options)
+    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device,
+                                          use_kernels=args.use_kernels, **options)
     if args.web:
         session.launch(args.host, args.port, block=True, token=args.token)
     else:

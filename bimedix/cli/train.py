@@ -62,6 +62,7 @@ def register(subparsers) -> None:
                    help="merge even if the adapter was trained on "
                         "another base or is already merged into --base")
     _options.add_overwrite(p, "merge")
+    _options.add_use_kernels(p, "the base")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory",
@@ -175,7 +176,8 @@ def _merge(args) -> int:
     if not base:
         raise ValueError(f"{args.adapter}/adapter_config.json names no base model: pass --base.")
     report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype,
-                           quantize_experts=args.quantize_experts, force=args.force, overwrite=args.overwrite)
+                           quantize_experts=args.quantize_experts, force=args.force, overwrite=args.overwrite,
+                           use_kernels=args.use_kernels)
     print(f"merged {args.adapter} into {base} -> {args.output}")
     print(f"max |merged - adapter| logit difference: {report['max_abs_diff_merged_vs_adapter']:.3g} "
           f"(tolerance {args.tolerance:g}); max |merged - base|: {report['max_abs_diff_merged_vs_base']:.3g}")
