@@ -109,7 +109,8 @@ def page(name: str) -> str:
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "static"), autoescape=True,
-                                      undefined=jinja2.StrictUndefined)
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                      keep_trailing_newline=True)
     return environment.get_template(name).render()
 
 
