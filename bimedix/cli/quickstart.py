@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.tables import format_tables
 
     results = evaluate(str(paths["base-model"]), peft=str(paths["adapter"]), tasks=args.tasks,
-                       limit=args.limit,
-                       device="cpu", batch_size=8, model_args=EAGER_EXPERTS, output_dir=paths["eval"])
+                       limit=args.limit, device="cpu", batch_size=8, model_args=EAGER_EXPERTS,
+                       output_dir=paths["eval"])
     print(format_tables(results, model_name="quickstart (tiny random MoE + LoRA)"))
 
     _step(5, "Render the model and dataset cards and write the dry-run Hub pushes")

@@ -40,8 +40,7 @@ def register(subparsers) -> None:
 
     # '-' is not an option prefix here, so every flag reaches TrlParser untouched (it owns --help too)
     p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)",
-                              add_help=False,
-                              prefix_chars="+",
+                              add_help=False, prefix_chars="+",
                               description="Run `bimedix sft --config RECIPE.yaml [--key value ...]`; "
                                           "`bimedix sft --help` lists every key.")
     p.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE and --key value flags")
