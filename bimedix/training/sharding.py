@@ -245,18 +245,6 @@ def shard_model(model: nn.Module, plugin, prepare=None, device=None) -> nn.Modul
     return fully_shard(model, **kwargs, ignored_params=_whole_params(model, device) or None)
 
 
-def _whole_params(module: nn.Module, device) -> set[nn.Parameter]:
-    """The uint8 bitsandbytes `Params4bit` of ``module``, which FSDP cannot shard (moved to ``device``)."""
-    whole = set()
-    for child in module.modules():
-        weight = getattr(child, "weight", None)
-        if type(weight).__name__ == "Params4bit" and not weight.is_floating_point():
-            if device is not None and weight.device != torch.device(device):
-                child.to(device)
-            whole.add(child.weight)
-    return whole
-
-
 def placement(model: nn.Module) -> dict[str, int]:
     """Bytes of frozen weights (and of 4-bit expert storage) this rank holds, and the whole model's."""
     from torch.distributed.tensor import DTensor
@@ -324,6 +312,21 @@ def save_sharded_adapter(trainer, output_dir: str | os.PathLike) -> None:
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(output_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _whole_params(module: nn.Module, device) -> set[nn.Parameter]:
+    """The uint8 bitsandbytes `Params4bit` of ``module``, which FSDP cannot shard (moved to ``device``)."""
+    whole = set()
+    for child in module.modules():
+        weight = getattr(child, "weight", None)
+        if type(weight).__name__ == "Params4bit" and not weight.is_floating_point():
+            if device is not None and weight.device != torch.device(device):
+                child.to(device)
+            whole.add(child.weight)
+    return whole
 
 
 def _size(size: float) -> str:
