@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles between bimedix modules, no private names imported across modules."""
+"""The package's import graph: one-way layers, no cycles between bimedix modules, no private names imported
+across modules."""
 
 from __future__ import annotations
 
@@ -8,6 +9,24 @@ from pathlib import Path
 import bimedix
 
 PACKAGE_DIR = Path(bimedix.__file__).parent
+
+#: The bimedix packages (and top-level modules) each one may import besides itself: data flows one way, from
+#: original files to records, dataset, trainer, adapter, eval, card and chat (docs: STYLE.md). ``core`` and
+#: ``resources`` are the base layer; nothing imports ``cli``.
+BASE = {"core", "resources"}
+LAYERS = {
+    "core": set(),
+    "resources": set(),
+    "data": BASE,
+    "llm": BASE | {"data"},
+    "training": BASE | {"data"},
+    "hub": BASE | {"data"},
+    "eval": BASE | {"data", "llm"},
+    "web": BASE | {"data", "llm"},
+    "chat": BASE | {"data", "training", "web"},
+    "cli": BASE | {"data", "llm", "training", "hub", "eval", "web", "chat"},
+    "__main__": {"cli"},
+}
 
 
 def _module_name(path: Path) -> str:
@@ -35,6 +54,11 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, str | None]]:
                 submodule = f"{target}.{alias.name}"
                 found.append((submodule, None) if submodule in modules else (target, alias.name))
     return found
+
+
+def _layer(module: str) -> str:
+    """The `LAYERS` key of a bimedix module: its package below ``bimedix``, or the top-level module's name."""
+    return module.split(".")[1]
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
@@ -94,10 +118,22 @@ def test_cycle_finder_sees_a_cycle():
 
 def test_no_import_cycles():
     graph, _ = _graph()
-    assert "bimedix.data.io" in graph and graph["bimedix.cli.data"], "the import graph was not read"
+    assert "bimedix.core.io" in graph and graph["bimedix.cli.data"], "the import graph was not read"
     assert _cycles(graph) == []
 
 
 def test_no_private_names_imported_across_modules():
     _, private = _graph()
     assert private == []
+
+
+def test_layers_are_one_way():
+    graph, _ = _graph()
+    modules = [m for m in graph if m != "bimedix"]
+    unknown = sorted({_layer(m) for m in modules} - set(LAYERS))
+    assert unknown == [], f"add {unknown} to LAYERS with the packages they may import"
+    wrong = sorted(f"{source} imports {target}" for source in modules for target in graph[source]
+                   if target != "bimedix" and _layer(target) != _layer(source)
+                   and _layer(target) not in LAYERS[_layer(source)])
+    assert wrong == []
+

@@ -1,4 +1,4 @@
-"""Output safety (`bimedix.data.outputs`): no command writes over its inputs or deletes what it did not
+"""Output safety (`bimedix.core.outputs`): no command writes over its inputs or deletes what it did not
 write."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from bimed_sources import write_sources
 
 from bimedix.cli import main
+from bimedix.core.outputs import OutputError, OutputFolder, check_outputs, safe_name
 from bimedix.data.build import build_data
-from bimedix.data.outputs import OutputError, OutputFolder, check_outputs, safe_name
 from bimedix.data.recipe import load_data_recipe
 
 
@@ -67,7 +67,7 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
 
 def _kill_mid_write(target) -> None:
     """Run `atomic_open` in a child process that `kill -9`s itself mid-write, leaving its temporary behind."""
-    code = ("import os, signal, sys\nfrom bimedix.data.io import atomic_open\n"
+    code = ("import os, signal, sys\nfrom bimedix.core.io import atomic_open\n"
             "with atomic_open(sys.argv[1], 'wb') as handle:\n"
             "    handle.write(b'partial'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", code, str(target)], check=False).returncode == -9

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.conventions import LANGUAGES, ON_ERROR_POLICIES
-from ..data.outputs import check_outputs
+from ..core.conventions import LANGUAGES, ON_ERROR_POLICIES
+from ..core.outputs import check_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert, write atomically, print read / written / rejected counts."""
     from tqdm.auto import tqdm
 
+    from ..core.io import write_jsonl
     from ..data.converters import convert
-    from ..data.io import write_jsonl
     from ..data.rejects import RejectLog, on_error_for
     from ..data.schema import RecordError
 

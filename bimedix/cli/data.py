@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data.conventions import ON_ERROR_POLICIES
+from ..core.conventions import ON_ERROR_POLICIES
 
 
 def register(subparsers) -> None:
@@ -94,7 +94,7 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ..data.io import read_json
+    from ..core.io import read_json
     from ..data.stats import DataStats, compute_stats
 
     path = args.directory / "stats.json"

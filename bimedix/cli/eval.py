@@ -6,9 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bimedix.data.outputs import OutputFolder
+from bimedix.core.outputs import OutputFolder
 
-from ..data.conventions import ON_ERROR_POLICIES
+from ..core.conventions import ON_ERROR_POLICIES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +111,7 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
 
 
 def _build_bench(args: argparse.Namespace) -> int:
-    from bimedix.data.io import write_json
+    from bimedix.core.io import write_json
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows

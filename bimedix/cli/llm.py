@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ..data.outputs import check_outputs
+from ..core.outputs import check_outputs
 from ..llm.review_stats import VERDICTS, review_agreement
 
 INCOMPLETE = 3
@@ -287,7 +287,7 @@ def _review_serve(args: argparse.Namespace) -> int:
 
 
 def _review_stats(args: argparse.Namespace) -> int:
-    from ..data.io import read_records
+    from ..data.schema import read_records
 
     stats = review_agreement(read_records(args.input))
     if args.json:

@@ -45,7 +45,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.hf_api import RepoFile
 
-from ..data.outputs import check_outputs
+from ..core.outputs import check_outputs
 from ..data.review_policy import UNREVIEWED
 from .cards import (
     DatasetSummary,

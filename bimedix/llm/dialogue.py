@@ -22,8 +22,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..core.conventions import OPTION_LETTERS as LETTERS
 from ..data.arabic import normalize_for_match
-from ..data.conventions import OPTION_LETTERS as LETTERS
 from ..data.schema import OPTION_LETTERS, make_record
 from .client import LLMClient
 from .prompts import load_prompt

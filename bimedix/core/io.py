@@ -4,7 +4,8 @@ Reading tolerates what real files carry (a UTF-8 BOM, CRLF line endings, blank l
 everything else (bad JSON, bytes that are not UTF-8, a malformed CSV row) into a `RecordError` naming
 ``file:line``. The record-by-record readers (`iter_jsonl`, `read_delimited`) take one on-error policy, an
 `OnError`: ``None`` raises the error, a callable (e.g. `bimedix.data.rejects.RejectLog`) receives it and
-reading goes on; `report` applies it.
+reading goes on; `report` applies it. The readers of schema records (`bimedix.data.schema.read_records`)
+validate on top of these.
 Writing goes to a temporary file in the same folder and is renamed into place, so a crash never
 leaves a half-written output behind.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import tempfile
@@ -21,9 +23,53 @@ from pathlib import Path
 from typing import IO, Any
 
 from .outputs import remove_stale_temporaries_of
-from .schema import RecordError, validate_record
 
-_BLANK = object()  # what `decode_jsonl_line` returns for a blank line
+BLANK = object()  # what `decode_jsonl_line` returns for a blank line
+
+
+class RecordError(ValueError):
+    """A bad record (unreadable, or breaking the schema); its message names the file, the record and the
+    field.
+
+    Args:
+        message (`str`): what is wrong and, where possible, how to fix it.
+        path (`str`, *optional*): the file the record came from.
+        record (`str | int`, *optional*): the record's line number (int) or id (str).
+        field (`str`, *optional*): the dotted field name, e.g. ``conversations[2].from``.
+        raw (`Any`, *optional*): the offending record as read (written to rejects files).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, record: str | int | None = None,
+                 field: str | None = None, raw: Any = None):
+        self.reason = message
+        self.path = path
+        self.record = record
+        self.field = field
+        self.raw = raw  # the offending record as read, kept for rejects files
+        super().__init__(self._format())
+
+    def __reduce__(self):
+        # rebuilt from its parts (not from the formatted message) when it crosses a process boundary
+        return functools.partial(type(self), self.reason, path=self.path, record=self.record,
+                                 field=self.field,
+                                 raw=self.raw), ()
+
+    def _format(self) -> str:
+        where = str(self.path) if self.path else "<input>"
+        if isinstance(self.record, int):
+            where += f":{self.record}"
+        elif self.record is not None:
+            where += f": record {self.record!r}"
+        if self.field:
+            where += f": field `{self.field}`"
+        return f"{where}: {self.reason}"
+
+    def located(self, *, path: str | None = None, record: str | int | None = None) -> RecordError:
+        """Return a copy with the file and record filled in where they were unknown."""
+        return RecordError(self.reason, path=self.path or path,
+                           record=self.record if self.record is not None else record, field=self.field,
+                           raw=self.raw)
+
 
 #: What to do with a bad record: ``None`` raises it, a callable receives it and reading goes on.
 OnError = Callable[[RecordError], None] | None
@@ -51,46 +97,22 @@ def iter_jsonl(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
         obj, error = decode_jsonl_line(path, line_no, raw)
         if error is not None:
             report(error, on_error)
-        elif obj is not _BLANK:
+        elif obj is not BLANK:
             yield line_no, obj
 
 
 def decode_jsonl_line(path: str | os.PathLike, line_no: int, raw: bytes) -> tuple[Any, RecordError | None]:
-    """Decode one JSON Lines line: ``(object, None)``, ``(_BLANK, None)`` for a blank line, or ``(None,
+    """Decode one JSON Lines line: ``(object, None)``, ``(BLANK, None)`` for a blank line, or ``(None,
     error)``."""
     try:
         text = raw.decode("utf-8").strip()
-        return (json.loads(text) if text else _BLANK), None
+        return (json.loads(text) if text else BLANK), None
     except UnicodeDecodeError as err:
         return None, RecordError(not_utf8_message(err), path=str(path), record=line_no,
                                  raw=raw.decode("utf-8", "replace"))
     except json.JSONDecodeError as err:
         return None, RecordError(f"invalid JSON ({err.msg} at column {err.colno})", path=str(path),
                                  record=line_no, raw=text)
-
-
-def read_records_lines(path: str | os.PathLike,
-                       lines: list[tuple[int, bytes]]) -> list[tuple[str | None, RecordError | None]]:
-    """Validate numbered raw lines of a schema-record JSON Lines file (a chunk, for worker processes).
-
-    Returns:
-        `list`: per non-blank line, ``(the record as one JSON line, None)`` or ``(None, the RecordError)``.
-    """
-    results = []
-    for line_no, raw in lines:
-        obj, error = decode_jsonl_line(path, line_no, raw)
-        if obj is _BLANK:
-            continue
-        if error is None:
-            try:
-                record = validate_record(obj, path=str(path), line=line_no)
-            except RecordError as err:
-                error = RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj)
-            else:
-                results.append((json.dumps(record, ensure_ascii=False) + "\n", None))
-                continue
-        results.append((None, error))
-    return results
 
 
 def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
@@ -159,19 +181,13 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
         start = end + 1
 
 
-def read_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield validated, normalised schema records from a JSON Lines file."""
-    for line_no, obj in iter_jsonl(path):
-        yield validate_record(obj, path=str(path), line=line_no)
-
-
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing and rename it over ``path`` on success.
 
     On an exception the temporary file is removed and ``path`` is left as it was. The temporary is named
     ``.NAME.PID.XXXXXXXX.tmp``, so after a ``kill -9`` the next write of ``path`` can tell it is stale and
-    removes it (`bimedix.data.outputs.remove_stale_temporaries_of`).
+    removes it (`bimedix.core.outputs.remove_stale_temporaries_of`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@
 - Writing into a non-empty folder that the command did not create (no manifest of that command) needs
 ``overwrite=True``
   (``--overwrite``), which still never touches inputs or deletes anything it did not write.
-- Temporaries left by a killed run (`bimedix.data.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
+- Temporaries left by a killed run (`bimedix.core.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
   and by the next run that owns their folder.
 
