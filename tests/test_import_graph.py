@@ -1,5 +1,5 @@
 """The package's import graph: one-way layers, no cycles between bimedix modules, no private names imported
-across modules."""
+across modules, and no imports of the old module paths kept for one release."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import bimedix
 
 PACKAGE_DIR = Path(bimedix.__file__).parent
+REPO_DIR = PACKAGE_DIR.parent
 
 #: The bimedix packages (and top-level modules) each one may import besides itself: data flows one way, from
 #: original files to records, dataset, trainer, adapter, eval, card and chat (docs: STYLE.md). ``core`` and
@@ -59,6 +60,19 @@ def _imports(path: Path, modules: set[str]) -> list[tuple[str, str | None]]:
 def _layer(module: str) -> str:
     """The `LAYERS` key of a bimedix module: its package below ``bimedix``, or the top-level module's name."""
     return module.split(".")[1]
+
+
+def _deprecated_modules() -> set[str]:
+    """The old module paths kept for one release: modules whose ``__getattr__`` is made by
+    `bimedix.core.deprecation.moved`."""
+    found = set()
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            targets = [getattr(target, "id", None) for target in getattr(node, "targets", [])]
+            if (targets == ["__getattr__"] and isinstance(node.value, ast.Call)
+                    and getattr(node.value.func, "id", None) == "moved"):
+                found.add(_module_name(path))
+    return found
 
 
 def _graph() -> tuple[dict[str, set[str]], list[str]]:
@@ -137,3 +151,15 @@ def test_layers_are_one_way():
                    and _layer(target) not in LAYERS[_layer(source)])
     assert wrong == []
 
+
+def test_nothing_imports_the_deprecated_module_paths():
+    deprecated = _deprecated_modules()
+    assert "bimedix.data.io" in deprecated, "the deprecated modules were not found"
+    graph, _ = _graph()
+    modules = set(graph)
+    scripts = [p for folder in ("tests", "benchmarks", "scripts", "recipes")
+               for p in (REPO_DIR / folder).rglob("*.py")]
+    users = {_module_name(p): p for p in [*PACKAGE_DIR.rglob("*.py"), *scripts] if "bundled" not in p.parts}
+    wrong = sorted(f"{name} imports {target}" for name, path in users.items() if name not in deprecated
+                   for target, _ in _imports(path, modules) if target in deprecated)
+    assert wrong == [], "import from the new module paths (bimedix.core, bimedix.data.schema)"
