@@ -66,7 +66,7 @@ def main() -> None:
         (tmp / "plain").mkdir()
         plain = plain_tasks(tmp / "plain")
         manager = TaskManager(include_path=str(tmp / "plain"), include_defaults=False)
-        model_args = {"pretrained": str(model), "dtype": "auto"}
+        model_args = {"pretrained": str(model), "dtype": "auto", "use_kernels": False}  # as `evaluate` loads
         inner: list[float] = []
         simple_evaluate = lm_eval.simple_evaluate
 

@@ -383,6 +383,7 @@ def summarize_profile(profiler, steps: int, device: torch.device, top: int = 8) 
     total = sum(t for _, t, _ in timed) or 1
     timed.sort(key=lambda item: -item[1])
     dequantize = sum(t for key, t, _ in timed if "dequant" in key.lower())
+    dequantize_calls = sum(count for key, _, count in timed if "dequant" in key.lower())
     syncs = {event.key: event.count / steps for event in averages if event.key in SYNC_OPS}
     return {
         "steps": steps, "time_basis": "device kernels" if device.type == "cuda" else "CPU ops (self time)",
@@ -390,6 +391,7 @@ def summarize_profile(profiler, steps: int, device: torch.device, top: int = 8) 
         "top": [{"name": key[:90], "share": round(t / total, 4), "calls_per_step": count / steps}
                 for key, t, count in timed[:top]],
         "syncs_per_step": syncs, "dequantize_share": round(dequantize / total, 4),
+        "dequantize_calls_per_step": dequantize_calls / steps,
     }
 
 
@@ -483,7 +485,9 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
             print(f"    {100 * item['share']:5.1f}%  {item['calls_per_step']:8.1f} calls/step  "
                   f"{item['name']}")
         print(f"  host-device syncs per step: {json.dumps(profile['syncs_per_step'])}")
-        print(f"  dequantization share: {100 * profile['dequantize_share']:.1f}%")
+        print(f"  dequantization share: {100 * profile['dequantize_share']:.1f}% "
+              f"({profile.get('dequantize_calls_per_step', 0):.0f} dequantize ops or kernels per step; "
+              "double quantization runs 2 per dequantized weight)")
     return {"full_depth": full_depth, "step_s": step, "tokens_per_s": tokens_per_s, "mfu": mfu,
             "flops": flops, "peak_tflops": peak_flops, "peak": peak, "estimate": estimate,
             "hours_8": hours / PROJECTED_GPUS, "hours_1": hours, "profile": profile}

@@ -34,6 +34,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 
+from .deprecations import quiet_peft_checkpointing_warning
 from .resources import check_model_folder
 from .training.template import VICUNA_TEMPLATE, load_chat_settings
 
@@ -100,27 +101,31 @@ class ChatSession:
 
     @classmethod
     def from_pretrained(cls, model: str, peft: str | None = None, *, device: str | None = None,
-                        **kwargs) -> ChatSession:
+                        use_kernels: bool = False, **kwargs) -> ChatSession:
         """Load ``model`` (a folder or Hub id), optionally with the PEFT adapter ``peft``, on ``device``.
 
         The tokenizer comes from the adapter folder when it has one, else from the model. The chat template
         and system prompt come from the training run's ``bimedix_chat.json`` in the adapter folder (or,
-        without an adapter, the model folder) unless ``chat_template=`` or ``system=`` is passed. Other
-        keyword arguments go to `ChatSession`.
+        without an adapter, the model folder) unless ``chat_template=`` or ``system=`` is passed. Hub kernels
+        are used only with ``use_kernels=True`` (`bimedix.hub_kernels`). Other keyword arguments go to
+        `ChatSession`.
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .hub_kernels import load_pretrained
 
         check_model_folder(model)
         if peft:
             check_model_folder(peft, "--peft")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        base = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device)
+        base = load_pretrained(AutoModelForCausalLM, model, use_kernels=use_kernels, dtype="auto").to(device)
         tokenizer_source = model
         if peft:
             from peft import PeftModel
 
-            base = PeftModel.from_pretrained(base, peft).to(device)
+            with quiet_peft_checkpointing_warning():
+                base = PeftModel.from_pretrained(base, peft).to(device)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(peft)
                 tokenizer_source = peft
@@ -192,7 +197,7 @@ class ChatSession:
                 yield piece
         finally:
             stop.set()  # a no-op after a finished reply; otherwise generation ends at the next token
-            thread.join()
+            _join(thread)
         if errors:
             raise errors[0]
         self.history += [{"role": "user", "content": text}, {"role": "assistant",
@@ -306,7 +311,8 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
     """Terminal loop: prints the notice, streams replies, handles ``/reset`` and ``/exit`` (and
     Ctrl-D/Ctrl-C).
 
-    Ctrl-C during a reply stops it and returns to the prompt; Ctrl-C or Ctrl-D at the prompt ends the chat.
+    Ctrl-C at any point of a turn (before the reply starts too) stops it and returns to the prompt; Ctrl-C or
+    Ctrl-D at the prompt ends the chat.
     Lines that are not valid UTF-8 are reported and skipped; when the history no longer fits the model's
     context the oldest exchanges are dropped, with a notice.
 
@@ -339,26 +345,40 @@ def run_chat(session: ChatSession, *, read: Callable[[str], str] | None = None,
             continue
         reply = session.stream(text)
         try:
-            first = next(reply, None)
+            _reply(session, reply, write)
         except ValueError as err:  # the message alone is longer than the context
             write(f"({err})")
-            continue
-        except KeyboardInterrupt:
-            reply.close()
-            write("(reply stopped)")
-            continue
-        if session.trimmed_turns:
-            write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context "
-                  f"of {session.context_length} tokens)")
-        write("bimedix> ", end="", flush=True)
-        try:
-            for piece in itertools.chain([first] if first is not None else [], reply):
-                write(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            reply.close()
+        except KeyboardInterrupt:  # at any point of the turn: before generation starts too
+            try:
+                reply.close()
+            except KeyboardInterrupt:  # pressed again while stopping: the generation has ended (`_join`)
+                pass
             write("\n(reply stopped; it is not kept in the conversation)")
-            continue
-        write()
+
+
+def _reply(session: ChatSession, reply: Iterator[str], write: Callable[..., None]) -> None:
+    """Print one streamed reply (after the context notice, when exchanges were dropped)."""
+    first = next(reply, None)
+    if session.trimmed_turns:
+        write(f"(the {session.trimmed_turns} oldest exchange(s) were dropped to fit the model's context "
+              f"of {session.context_length} tokens)")
+    write("bimedix> ", end="", flush=True)
+    for piece in itertools.chain([first] if first is not None else [], reply):
+        write(piece, end="", flush=True)
+    write()
+
+
+def _join(thread: threading.Thread) -> None:
+    """Join ``thread`` even through Ctrl-C (it ends at the next token), then re-raise the interrupt: a new
+    turn never starts while the last one still generates."""
+    interrupted = False
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _is_utf8(text: str) -> bool:

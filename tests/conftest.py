@@ -66,7 +66,9 @@ def tiny_adapter_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from bimedix.hub_kernels import load_pretrained
+
+    model = load_pretrained(AutoModelForCausalLM, tiny_model_dir)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj",

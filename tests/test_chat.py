@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
+from process_support import WatchedProcess
 
 from bimedix.chat import NOTICE, SYSTEM_PROMPTS, ChatSession, detect_language, run_chat
 from bimedix.cli import main
@@ -206,26 +207,44 @@ def test_closing_a_reply_early_stops_generation_and_keeps_history(session):
 
 
 def test_ctrl_c_in_the_terminal_chat_stops_the_reply_and_returns_to_the_prompt(tiny_model_dir):
-    """A real SIGINT while a long reply streams, then a non-UTF-8 line, then /exit: no traceback, exit 0."""
+    """A real SIGINT once the reply has started streaming, then a non-UTF-8 line, then /exit: no traceback,
+    exit 0."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "bimedix", "chat", "--model", str(tiny_model_dir),
-                                "--device",
-                                "cpu", "--max-new-tokens", "3000"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=env)
-    process.stdin.write(b"What is anemia?\n")
-    process.stdin.flush()
-    seen = b""
-    deadline = time.monotonic() + 120
-    while b"bimedix> " not in seen and time.monotonic() < deadline:
-        seen += os.read(process.stdout.fileno(), 4096)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(b"\xff\xfe caf\xe9\n/exit\n", timeout=120)
-    out = (seen + out).decode("utf-8", "replace")
-    assert process.returncode == 0, err.decode()[-2000:]
-    assert "Traceback" not in err.decode()
-    assert "(reply stopped; it is not kept in the conversation)" in out
-    assert "not valid UTF-8 text and was skipped" in out
+    command = [sys.executable, "-m", "bimedix", "chat", "--model", str(tiny_model_dir), "--device", "cpu",
+               "--max-new-tokens", "3000"]
+    with WatchedProcess(command, stdin=subprocess.PIPE, env=env) as chat:
+        chat.write(b"What is anemia?\n")
+        chat.wait_for_output(re.compile(r"bimedix> \S"))  # printed with the first piece of the reply
+        chat.send_signal(signal.SIGINT)
+        result = chat.finish(b"\xff\xfe caf\xe9\n/exit\n")
+    assert result.returncode == 0, chat.output()
+    assert "Traceback" not in result.stderr
+    assert "(reply stopped; it is not kept in the conversation)" in result.stdout
+    assert "not valid UTF-8 text and was skipped" in result.stdout
+
+
+@pytest.mark.parametrize("moment", ["fit_history", "bimedix> ", "piece"])
+def test_ctrl_c_at_any_point_of_a_turn_returns_to_the_prompt(session, monkeypatch, moment):
+    """Ctrl-C before generation starts (fitting the history), as the reply's label prints, or while a piece
+    prints: the turn ends with one notice, the history is unchanged, and the chat goes on to /exit."""
+    session.reset()
+    if moment == "fit_history":
+        monkeypatch.setattr(session, "fit_history", lambda text: (_ for _ in ()).throw(KeyboardInterrupt))
+    lines = iter(["What is anemia?", "/exit"])
+    out, interrupts = [], []
+
+    def write(*args, **kwargs):
+        text = "".join(map(str, args))
+        if not interrupts and (moment == text or (moment == "piece" and out and out[-1] == "bimedix> ")):
+            interrupts.append(text)
+            raise KeyboardInterrupt
+        out.append(text)
+
+    run_chat(session, read=lambda prompt: next(lines), write=write)
+    assert len(interrupts) == (moment != "fit_history")
+    assert out[-1] == "\n(reply stopped; it is not kept in the conversation)"
+    assert session.history == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "bimedix-chat-generate"]
 
 
 @pytest.mark.parametrize("flags, system", [([], None), (["--system-prompt"], SYSTEM_PROMPTS),

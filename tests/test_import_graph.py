@@ -13,11 +13,10 @@ REPO_DIR = PACKAGE_DIR.parent
 
 #: The bimedix packages (and top-level modules) each one may import besides itself: data flows one way, from
 #: original files to records, dataset, trainer, adapter, eval, card and chat (docs: STYLE.md). ``core`` and
-#: ``resources`` are the base layer; nothing imports ``cli``.
-BASE = {"core", "resources"}
+#: the top-level helpers in `BASE` are the base layer; nothing imports ``cli``.
+BASE = {"core", "resources", "deprecations", "hub_kernels"}
 LAYERS = {
-    "core": set(),
-    "resources": set(),
+    **{base: set() for base in BASE},
     "data": BASE,
     "llm": BASE | {"data"},
     "training": BASE | {"data"},
@@ -64,7 +63,7 @@ def _layer(module: str) -> str:
 
 def _deprecated_modules() -> set[str]:
     """The old module paths kept for one release: modules whose ``__getattr__`` is made by
-    `bimedix.core.deprecation.moved`."""
+    `bimedix.core.moved.moved`."""
     found = set()
     for path in PACKAGE_DIR.rglob("*.py"):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:

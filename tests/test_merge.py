@@ -92,3 +92,23 @@ def test_cli_merge_uses_the_adapters_recorded_tiny_base(tmp_path, capsys):
     assert "max |merged - adapter| logit difference" in capsys.readouterr().out
     assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_merge_chat_and_sft_give_no_peft_checkpointing_deprecation(tiny_model_dir, tiny_adapter_dir,
+                                                                   tmp_path):
+    """PEFT reads `is_gradient_checkpointing`, which transformers 5.25 deprecates with a FutureWarning."""
+    import warnings
+
+    from bimedix.chat import ChatSession
+    from bimedix.resources import resource_path
+    from bimedix.training.sft import main, parse_args
+
+    recipe = str(resource_path("recipes", "tiny", "sft.yaml"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_adapter(str(tiny_model_dir), tiny_adapter_dir, tmp_path / "merged")
+        ChatSession.from_pretrained(str(tiny_model_dir), peft=str(tiny_adapter_dir), device="cpu")
+        main(*parse_args(["--config", recipe, "--output_dir", str(tmp_path / "sft"), "--max_steps", "1",
+                          "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                          "--max_length", "64", "--save_strategy", "no", "--router_report", "false"]))
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []

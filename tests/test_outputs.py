@@ -91,6 +91,41 @@ def test_build_data_into_project_root_never_deletes_the_sources(tmp_path, monkey
     assert all((project / "data" / path).read_bytes() == data for path, data in before.items())
 
 
+@pytest.mark.parametrize("output, overwrite", [("src/out", []), ("src", ["--overwrite"])])
+def test_build_data_never_writes_inside_its_sources(tmp_path, capsys, output, overwrite):
+    """Repro: `--sources src --output src/out` was accepted; `--sources src --output src --overwrite`
+    replaced src/README.md, the sources' licence and attribution file."""
+    recipe = write_sources(tmp_path / "src")
+    (tmp_path / "src" / "README.md").write_text("Licence and attribution of these sources.\n")
+    before = _snapshot(tmp_path / "src")
+    code = main(["build-data", "--recipe", str(recipe), "--sources", str(tmp_path / "src"), "--output",
+                 str(tmp_path / output), "--on-error", "skip", "--no-progress", *overwrite])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"would overwrite the input --sources {tmp_path / 'src'}" in err
+    assert _snapshot(tmp_path / "src") == before
+
+
+@pytest.mark.parametrize("kind", ["source", "benchmark"])
+def test_build_data_refuses_a_fifo_or_device_as_an_input(tmp_path, kind):
+    """Repro: a recipe whose benchmark path is /dev/zero made build-data read forever."""
+    recipe = write_sources(tmp_path / "src")
+    os.mkfifo(tmp_path / "src" / "pipe")
+    text = recipe.read_text(encoding="utf-8")
+    if kind == "source":
+        text = text.replace("path: chat.jsonl}", "path: pipe}")
+    else:
+        text = text.replace("path: benchmarks/medqa_test.jsonl}", "path: /dev/zero}")
+    recipe.write_text(text, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "bimedix", "build-data", "--recipe", str(recipe),
+                             "--output", str(tmp_path / "out"), "--no-progress", "--on-error", "skip"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    name, path = ("chat", tmp_path / "src" / "pipe") if kind == "source" else ("medqa-test", "/dev/zero")
+    assert f"{name}: {path} is not a regular file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_build_data_keeps_a_users_files_in_an_existing_folder(tmp_path, mixtral_tokenizer):
     """Repro: building into an existing folder deleted the user's Parquet file and overwrote their
     README.md."""

@@ -177,6 +177,29 @@ def test_review_csv_saved_as_windows_1256_is_named_with_its_line(files, tmp_path
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize("command", ["import", "serve"])
+def test_review_csv_with_a_cell_over_131072_characters_is_read(files, tmp_path, monkeypatch, capsys, command):
+    """Python's csv module stops at 131,072 characters a cell by default (`_csv.Error` and a traceback)."""
+    import bimedix.llm.review_session
+
+    english, translated = files
+    queue = tmp_path / "queue.csv"
+    export_review_queue(translated, queue, source=english, fraction=1.0, seed=0)
+    with open(queue, encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    long_answer = "نص طويل " * 20_000  # 160,000 characters: a long edited answer
+    _review(rows, queue, {(rows[0]["id"], rows[0]["field"]): ("edit", long_answer)})
+    if command == "import":
+        code = main(["review", "import", "--input", str(translated), "--reviews", str(queue),
+                     "--output", str(tmp_path / "out.jsonl"), "--reviewer", "r"])
+        assert code == 0, capsys.readouterr().err
+        assert max(map(len, (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines())) > 160_000
+    else:
+        session = bimedix.llm.review_session.ReviewSession(translated, tmp_path / "reviewed.jsonl",
+                                                           source=english, queue=queue)
+        assert session.progress()["total"] == len({row["id"] for row in rows})
+
+
 def test_cli_export(files, tmp_path, capsys):
     english, translated = files
     assert main(["review", "export", "--input", str(translated), "--output", str(tmp_path / "q.jsonl"),

@@ -13,6 +13,7 @@ from bimedix.eval.rubric_scores import axis_scores, bootstrap, example_score, la
 from bimedix.llm.client import Completion
 from bimedix.llm.fake_server import FakeOpenAIServer, Reply, default_responder
 from bimedix.llm.grading import GradingConfig, RubricGrader, grader_conversation, parse_verdict
+from bimedix.llm.prompts import load_prompt
 
 PROMPT = [{"role": "user", "content": "My chest hurts when I climb stairs."}]
 CRITERION = Criterion("Advises seeing a doctor soon", 6, ("axis:accuracy",))
@@ -47,11 +48,7 @@ def test_cut_off_verdict_is_malformed():
 
 
 def test_grader_prompt_is_healthbench_template():
-    grader = RubricGrader.__new__(RubricGrader)
-    from bimedix.llm.prompts import load_prompt
-
-    grader.prompt = load_prompt("grader")
-    messages = grader.prompt.render(
+    messages = load_prompt("grader").render(
         {"conversation": grader_conversation(PROMPT, "See a doctor."), "rubric_item": str(CRITERION)}
     )
     assert messages[0] == {"role": "system", "content": "You are a helpful assistant."}

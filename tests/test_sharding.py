@@ -126,6 +126,56 @@ def test_one_job_passes(monkeypatch):
 
 # --- 2 processes on CPU (gloo) --------------------------------------------------------------------------
 
+GRADIENTS_WORKER = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+from test_sharding import _tiny_4bit_model
+from bimedix.training.sharding import make_experts_shardable
+
+def build(mode, checkpointing):
+    torch.manual_seed(0)
+    model = _tiny_4bit_model(mode)
+    for name, param in model.named_parameters():  # non-zero B: gradients flow through every adapter
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model.train()
+
+dist.init_process_group("gloo")
+ids = torch.randint(3, 32000, (2, 16), generator=torch.Generator().manual_seed(1))
+for mode, checkpointing in (("folded", False), ("peft", True)):  # the recipe runs test folded + checkpointing
+    reference = build(mode, checkpointing)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    model = build(mode, checkpointing)
+    make_experts_shardable(model)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+            torch.testing.assert_close(grad, expected[name], rtol=0, atol=0, msg=f"{mode} {name}")
+    print("equal", mode, checkpointing, flush=True)
+"""
+
+
+def test_sharded_4bit_experts_give_the_gradients_of_one_process(tmp_path):
+    """Folded expert LoRA without checkpointing, PEFT's path with it: FSDP over 2 processes = one process."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRADIENTS_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(worker), str(Path(__file__).parent)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert result.stdout.count("equal") == 2 * 2, result.stdout
+
+
 
 def _fsdp_recipe(tmp_path: Path) -> Path:
     """The tiny 4-bit-experts recipe with `fsdp: true`, as the issue's test recipe."""
@@ -190,7 +240,16 @@ def test_fsdp_matches_one_process_shards_the_experts_and_merges(quantization, tm
         assert _kib(experts_held) == pytest.approx(_kib(experts_whole) / 2, rel=0.02)
         assert _kib(held) < _kib(whole)
 
-    if not quantization:  # the adapter of a sharded run is a normal PEFT adapter: merge checks its logits
+    # the adapter of a sharded run is a normal PEFT adapter: the same tensors as one process's, whole
+    from safetensors.torch import load_file
+
+    whole, gathered = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("p1", "p2"))
+    assert {k: v.shape for k, v in gathered.items()} == {k: v.shape for k, v in whole.items()}
+    configs = [{key: sorted(value) if isinstance(value, list) else value  # PEFT writes sets as lists
+                for key, value in json.loads((tmp_path / run / "adapter_config.json").read_text()).items()}
+               for run in ("p1", "p2")]
+    assert configs[0] == configs[1]
+    if not quantization:  # and `bimedix merge` checks its logits
         from bimedix.training.merge import merge_adapter
 
         report = merge_adapter("tiny:mixtral:42", tmp_path / "p2", tmp_path / "merged",

@@ -92,3 +92,23 @@ def test_render_vicuna_matches_template(index):
     assert text == render(to_messages(record, system="default system"))
     answers = [turn["value"].strip() for turn in record["conversations"][1::2]]
     assert [text[start:end] for start, end in spans] == [f" {answer}</s>" for answer in answers]
+
+
+@pytest.mark.parametrize("conversations, message", [
+    (None, "field `conversations` is missing (columns: ['task', 'language', 'system', 'text'])"),
+    (['[{"from": "human", "value": "Hi"}]'],
+     "field `conversations` is `string`, not a list of {from, value}"),
+], ids=["missing", "string"])
+def test_stats_on_parquet_without_conversations_is_one_line_naming_file_and_field(tmp_path, capsys,
+                                                                                   conversations, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bimedix.cli import main
+
+    columns = {"task": ["qa"], "language": ["en"], "system": [None]}
+    columns.update({"text": ["Hi"]} if conversations is None else {"conversations": conversations})
+    pq.write_table(pa.table(columns), tmp_path / "part.parquet")
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'part.parquet'}: {message}" in err

@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                              "system prompt, normally none; the not-medical-advice "
                              "notice is shown to you either way)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
+                        help="load the model with transformers' hub kernels (the `kernels` package; fused "
+                             "RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     if args.system is not None:
         options["system"] = SYSTEM_PROMPTS if args.system is _PER_LANGUAGE else args.system
-    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device, **options)
+    session = ChatSession.from_pretrained(args.model, args.peft, device=args.device,
+                                          use_kernels=args.use_kernels, **options)
     if args.web:
         session.launch(args.host, args.port, block=True, token=args.token)
     else:

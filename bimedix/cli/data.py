@@ -114,13 +114,12 @@ def _stats(args: argparse.Namespace) -> int:
         if not files:
             raise FileNotFoundError(f"{args.directory} has neither stats.json nor Parquet files; "
                                     "build it with `bimedix build-data`")
-        import pyarrow.parquet as pq
+        from ..core.io import iter_parquet_records
 
         def rows():
             for file in files:
-                for batch in pq.ParquetFile(file).iter_batches(columns=["task", "language", "system",
-                                                                        "conversations"]):
-                    yield from batch.to_pylist()
+                yield from iter_parquet_records(file, ["task", "language", "conversations"],
+                                                optional=["system"])
 
         stats = compute_stats(rows())
         summary, equation = stats.to_dict(), None

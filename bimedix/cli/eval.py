@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="write into a non-empty --output that no "
                           "evaluation made (its other files are kept)")
+    run.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
+                     help="hf backend: load the model with transformers' hub kernels (the `kernels` package; "
+                          "fused RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -77,7 +80,7 @@ def _eval(args: argparse.Namespace) -> int:
     kwargs = dict(tasks=args.tasks, backend=args.backend, data_dir=args.data_dir, limit=limit,
                   num_fewshot=args.num_fewshot, batch_size=batch_size, device=args.device,
                   output_dir=args.output,
-                  cache=args.cache, overwrite=args.overwrite)
+                  cache=args.cache, overwrite=args.overwrite, use_kernels=args.use_kernels)
     if args.backend == "vllm" and args.peft and expert_lora_targets(check_adapter(args.model, args.peft)):
         results = _evaluate_merged(args.model, args.peft, args.output, kwargs)
     else:
@@ -102,7 +105,7 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
     print(f"{adapter} adapts fused MoE experts, which vLLM may not apply as LoRA: merging it into {model} "
           f"first (logit-checked, as `bimedix merge`), in {merged} (removed afterwards)")
     try:
-        report = merge_adapter(model, adapter, merged)
+        report = merge_adapter(model, adapter, merged, use_kernels=kwargs["use_kernels"])
         print("merged: max |merged - adapter| logit difference "
               f"{report['max_abs_diff_merged_vs_adapter']:.3g}")
         return evaluate(str(merged), **kwargs)

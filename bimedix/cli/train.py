@@ -59,6 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --output that no "
                         "merge made (never the base or adapter folder)")
+    p.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
+                   help="load the base with transformers' hub kernels (the `kernels` package; fused "
+                        "RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory",
@@ -170,7 +173,8 @@ def _merge(args) -> int:
     if not base:
         raise ValueError(f"{args.adapter}/adapter_config.json names no base model: pass --base.")
     report = merge_adapter(base, args.adapter, args.output, tolerance=args.tolerance, dtype=args.dtype,
-                           quantize_experts=args.quantize_experts, force=args.force, overwrite=args.overwrite)
+                           quantize_experts=args.quantize_experts, force=args.force, overwrite=args.overwrite,
+                           use_kernels=args.use_kernels)
     print(f"merged {args.adapter} into {base} -> {args.output}")
     print(f"max |merged - adapter| logit difference: {report['max_abs_diff_merged_vs_adapter']:.3g} "
           f"(tolerance {args.tolerance:g}); max |merged - base|: {report['max_abs_diff_merged_vs_base']:.3g}")

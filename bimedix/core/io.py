@@ -74,6 +74,10 @@ class RecordError(ValueError):
 #: What to do with a bad record: ``None`` raises it, a callable receives it and reading goes on.
 OnError = Callable[[RecordError], None] | None
 
+#: The largest CSV/TSV cell the readers accept, in characters: Python's default (131,072) is below what a long
+# medical answer or a reviewer's edit can hold.
+CSV_FIELD_LIMIT = 64 * 2**20
+
 
 def report(error: RecordError, on_error: OnError) -> None:
     """Apply the on-error policy to one bad record: raise ``error`` or pass it to ``on_error``."""
@@ -160,7 +164,7 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
                 bad_lines[line_no] = not_utf8_message(err)
                 yield raw.decode("utf-8", "replace")
 
-    reader = csv.reader(lines(), delimiter=delimiter)
+    reader = csv_reader(lines(), delimiter=delimiter)
     start = 1
     while True:
         try:
@@ -179,6 +183,44 @@ def read_delimited(path: str | os.PathLike, *, delimiter: str = ",",
         elif row:
             yield start, [cell.replace("\r\n", "\n").replace("\r", "\n") for cell in row]
         start = end + 1
+
+
+def csv_reader(lines: Iterable[str], *, dict_rows: bool = False, **kwargs):
+    """`csv.reader` (or `csv.DictReader`) over ``lines`` that accepts cells up to `CSV_FIELD_LIMIT`
+    characters."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide; only ever raised
+    return csv.DictReader(lines, **kwargs) if dict_rows else csv.reader(lines, **kwargs)
+
+
+def iter_parquet_records(path: str | os.PathLike, columns: Iterable[str],
+                         optional: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield the rows of a Parquet file of schema records, reading only ``columns`` (and ``optional`` ones,
+    ``None`` where absent).
+
+    Raises:
+        `ValueError`: naming the file and field when a column is missing, or ``conversations`` is not a list
+            of ``{from, value}`` turns (e.g. a JSON string).
+    """
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    for name in columns:
+        if name not in schema.names:
+            raise ValueError(f"{path}: field `{name}` is missing (columns: {schema.names}); expected schema "
+                             "records as `bimedix build-data` writes them")
+    if "conversations" in columns:
+        kind = schema.field("conversations").type
+        turn = getattr(kind, "value_type", None)
+        if turn is None or not hasattr(turn, "get_field_index") or \
+                min(turn.get_field_index("from"), turn.get_field_index("value")) < 0:
+            raise ValueError(f"{path}: field `conversations` is `{kind}`, not a list of {{from, value}} "
+                             "turns; expected schema records as `bimedix build-data` writes them")
+    present = [*columns, *(name for name in optional if name in schema.names)]
+    absent = dict.fromkeys(name for name in optional if name not in schema.names)
+    for batch in parquet.iter_batches(columns=present):
+        for row in batch.to_pylist():
+            yield {**row, **absent}
 
 
 @contextlib.contextmanager

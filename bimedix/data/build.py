@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..core.conventions import LANGUAGES
 from ..core.io import atomic_open, iter_jsonl, raw_lines, report, write_json
-from ..core.outputs import OutputFolder
+from ..core.outputs import OutputFolder, check_outputs
 from .composition import composition
 from .dataset_readme import configs_readme
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
@@ -191,8 +191,9 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         recipe = load_data_recipe(recipe)
     recipe = recipe.rooted(sources_dir)
     output = Path(output)
-    folder = OutputFolder(output, "build-data", inputs=recipe_inputs(recipe),
-                          overwrite=overwrite)
+    inputs = recipe_inputs(recipe, sources_dir)
+    check_outputs({"--output": output, "--output's data folder": output / "data"}, inputs)  # before any work
+    folder = OutputFolder(output, "build-data", inputs=inputs, overwrite=overwrite)
     work_dir = folder.folder(WORK_DIR)
     try:
         prepared = prepare(recipe, work_dir, on_error=on_error, progress=progress,
@@ -242,13 +243,16 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
 
 
 def recipe_inputs(recipe: DataRecipe, sources_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Label → path of every file a recipe reads: the recipe itself, each source's files and benchmarks."""
+    """Label → path of everything a recipe reads: the recipe itself, each source's files and benchmarks, and
+    the ``--sources`` folder when given (the whole folder is an input: its README and licence files too)."""
     recipe = recipe.rooted(sources_dir)
     inputs = {"--recipe": Path(recipe.recipe_path)} if recipe.recipe_path else {}
     for kind, specs in (("source", recipe.sources), ("benchmark", recipe.decontaminate.benchmarks)):
         for spec in specs:
             for key, path in [("path", spec.path), *spec.files.items()]:
                 inputs[f"{kind} {spec.name!r} {key}"] = Path(path)
+    if sources_dir is not None:  # named last: a file's own label is the clearer one
+        inputs["--sources"] = recipe.root(sources_dir)
     return inputs
 
 
@@ -281,6 +285,12 @@ def prepare(recipe: DataRecipe, work_dir: str | os.PathLike, *, sources_dir: str
         raise FileNotFoundError(f"{len(missing)} input(s) of recipe {recipe.name!r} do not exist under "
                                 f"{recipe.sources_dir} (check the paths and --sources):\n  "
                                 + "\n  ".join(missing))
+    resolved = [(name, Path(path)) for name, path in wanted]
+    special = [f"{name}: {path}" for name, path in resolved if not (path.is_file() or path.is_dir())]
+    if special:
+        raise ValueError(f"recipe {recipe.name!r}: {'; '.join(special)} is not a regular file or folder (a "
+                         "device such as /dev/zero, a FIFO or a socket never ends or blocks); point the "
+                         "recipe at files")
     num_proc = default_num_proc() if num_proc is None else num_proc
     folder = work_dir / "sources"
     converted = [index for index, spec in enumerate(recipe.sources) if spec.converter != RECORDS_CONVERTER]

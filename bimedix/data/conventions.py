@@ -1,5 +1,5 @@
 """Deprecated: moved to `bimedix.core.conventions`; this path goes in the next release."""
 
-from ..core.deprecation import moved
+from ..core.moved import moved
 
 __getattr__ = moved(__name__, "bimedix.core.conventions")

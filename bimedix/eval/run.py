@@ -20,6 +20,8 @@ from bimedix.core.io import atomic_open, write_json
 from bimedix.core.outputs import OutputFolder, safe_name
 from bimedix.resources import resource_path
 
+from ..deprecations import quiet_peft_checkpointing_warning
+from ..hub_kernels import hub_kernel_errors
 from ..resources import check_model_folder
 from .bench import PAPER_SUBSETS, available_configs, subset_path
 from .consistency import bilingual_consistency
@@ -44,7 +46,7 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
              backend: str = "hf", data_dir: str | Path | None = None, limit: int | float | None = None,
              num_fewshot: int | None = None, batch_size: int | str = 1, device: str | None = None,
              model_args: dict[str, Any] | None = None, output_dir: str | Path | None = None,
-             cache: str | Path | None = None, overwrite: bool = False) -> dict:
+             cache: str | Path | None = None, overwrite: bool = False, use_kernels: bool = False) -> dict:
     """Evaluate a model on bimedix tasks with lm-eval and return lm-eval's results (with per-sample logs).
 
     Args:
@@ -67,6 +69,8 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
             are stored as they finish, so an interrupted run resumes where it stopped.
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no evaluation
             made (checked before evaluating; the model, adapter, data and cache are never written).
+        use_kernels (`bool`, *optional*, defaults to `False`): load the model (hf backend) with hub kernels
+            (`bimedix.hub_kernels`); off, it loads offline and without the `kernels` package.
 
     Returns:
         `dict`: lm-eval's results dict plus ``"bimedix_consistency"`` (see `bimedix.eval.consistency`).
@@ -101,12 +105,17 @@ def evaluate(model: Any, *, peft: str | None = None, tasks: str | Iterable[str] 
         check_model_folder(str(model))
         if peft is not None:
             check_adapter(model, peft)
-        lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args)
+        lm, lm_args = backend, backend_model_args(backend, model, peft=peft, device=device, extra=model_args,
+                                                  use_kernels=use_kernels)
     logging.getLogger("lm_eval.api.task").addFilter(_quiet_custom_dataset_notice)
-    results = lm_eval.simple_evaluate(
-        model=lm, model_args=lm_args, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-        batch_size=batch_size, device=None if backend == "vllm" else (device or _default_device()),
-        log_samples=True, use_cache=None if cache is None else str(cache))
+    # lm-eval wraps an adapter in PEFT
+    with hub_kernel_errors(use_kernels and lm_args is not None and backend == "hf"), \
+            quiet_peft_checkpointing_warning():
+        results = lm_eval.simple_evaluate(
+            model=lm, model_args=lm_args, tasks=names, task_manager=manager, limit=limit,
+            num_fewshot=num_fewshot, batch_size=batch_size,
+            device=None if backend == "vllm" else (device or _default_device()),
+            log_samples=True, use_cache=None if cache is None else str(cache))
     if results is None:  # only non-zero ranks of a distributed run get None
         return {}
     results["bimedix_consistency"] = bilingual_consistency(results.get("samples", {}))
@@ -218,8 +227,11 @@ def check_adapter(model: str, adapter: str) -> dict:
 
 
 def backend_model_args(backend: str, model: str, *, peft: str | None = None, device: str | None = None,
-                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                       extra: dict[str, Any] | None = None, use_kernels: bool = False) -> dict[str, Any]:
     """lm-eval ``model_args`` for the hf or vllm backend, with the adapter wired in.
+
+    The hf backend loads through `from_pretrained` with ``use_kernels`` passed explicitly (hub kernels off
+    unless asked, `bimedix.hub_kernels`).
 
     vLLM needs ``max_lora_rank`` at least the adapter's rank (lm-eval defaults to 16; BiMediX uses 128):
     it is set to the smallest rank vLLM accepts that covers ``r`` and every ``rank_pattern`` value.
@@ -227,6 +239,7 @@ def backend_model_args(backend: str, model: str, *, peft: str | None = None, dev
     args: dict[str, Any] = {"pretrained": str(model)}
     if backend == "hf":
         args["dtype"] = "auto"
+        args["use_kernels"] = use_kernels
         if peft is not None:
             args["peft"] = str(peft)
     elif backend == "vllm":

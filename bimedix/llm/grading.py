@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from ..data.rubric import Criterion
 from .client import Completion, LLMClient
 from .prompts import load_prompt
-from .runner import engine_fingerprint
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
@@ -100,11 +99,6 @@ class RubricGrader:
         self.config = config
         self.prompt = load_prompt("grader", config.prompts_dir)
         self.response_format = {"type": "json_object"} if config.json_mode else None
-
-    @property
-    def fingerprint(self) -> str:
-        """Judge model, settings and prompt: what a verdict depends on besides its inputs."""
-        return engine_fingerprint("grade", self.client.config.model, self.config, [self.prompt])
 
     async def grade(self, prompt: list[dict], reply: str, criterion: Criterion) -> Verdict:
         """Ask the judge whether ``reply`` (the answer to ``prompt``) meets ``criterion``.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..core.io import atomic_open, iter_jsonl, write_jsonl
+from ..core.io import atomic_open, csv_reader, iter_jsonl, write_jsonl
 from ..core.outputs import check_outputs
 from ..data.schema import read_records, validate_record
 from .invariants import arabic_option_letters
@@ -372,16 +372,24 @@ def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     if path.suffix != ".csv":
         raise ValueError(f"{path}: the review file must be a .csv or .jsonl file")
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}:row 1: column `{missing[0]}` is missing from the header "
-                             f"(found: {reader.fieldnames}); nothing was applied")
-        rows = []
-        for index, row in enumerate(reader, start=2):
-            if None in row:
-                raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: "
-                                 "the row has more cells than the header "
-                                 "(an unquoted comma?); nothing was applied")
-            rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
-        return rows
+        reader = csv_reader(handle, dict_rows=True)
+        try:
+            return _csv_rows(path, reader)
+        except csv.Error as err:  # e.g. a cell over CSV_FIELD_LIMIT characters, a NUL byte
+            raise ValueError(f"{path}:line {reader.line_num}: malformed CSV ({err}); nothing was applied") \
+                from None
+
+
+def _csv_rows(path: Path, reader) -> list[tuple[int, dict]]:
+    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}:row 1: column `{missing[0]}` is missing from the header "
+                         f"(found: {reader.fieldnames}); nothing was applied")
+    rows = []
+    for index, row in enumerate(reader, start=2):
+        if None in row:
+            raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: "
+                             "the row has more cells than the header "
+                             "(an unquoted comma?); nothing was applied")
+        rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
+    return rows

@@ -18,6 +18,7 @@ import torch
 
 from ..core.io import give_default_mode, write_json
 from ..core.outputs import OutputFolder
+from ..deprecations import quiet_peft_checkpointing_warning
 from .provenance import MERGE_REPORT, check_merge
 from .template import load_chat_settings, save_chat_settings
 
@@ -34,7 +35,8 @@ SAMPLE_PROMPTS = (
 
 def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike | None, *,
                   tolerance: float = 1e-3, dtype: str = "float32", prompts: tuple[str, ...] = SAMPLE_PROMPTS,
-                  quantize_experts: str | None = None, force: bool = False, overwrite: bool = False) -> dict:
+                  quantize_experts: str | None = None, force: bool = False, overwrite: bool = False,
+                  use_kernels: bool = False) -> dict:
     """Merge ``adapter_dir`` into ``base``, check the logits, and save the merged model with safetensors.
 
     Args:
@@ -54,6 +56,8 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
             `bimedix.training.provenance.check_merge` finds the adapter was trained on another base or is
             merged into ``base`` already (with a warning).
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output_dir`` no merge made.
+        use_kernels (`bool`, *optional*, defaults to `False`): load the base with hub kernels
+            (`bimedix.hub_kernels`).
 
     Returns:
         `dict`: the report (``max_abs_diff_merged_vs_adapter``, ``max_abs_diff_merged_vs_base``,
@@ -73,13 +77,14 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     inputs = {"--adapter": adapter_dir, **({"--base": Path(base)} if Path(base).exists() else {})}
     folder = OutputFolder(output_dir, "merge", inputs=inputs,
                           overwrite=overwrite) if output_dir is not None else None
-    model = load_base_model(base, getattr(torch, dtype))
+    model = load_base_model(base, getattr(torch, dtype), use_kernels=use_kernels)
     provenance = check_merge(base, model, adapter_dir, force=force)
     tokenizer = _load_tokenizer(adapter_dir, base)
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     with torch.no_grad():
         base_logits = _logits(model, batch)
-        peft_model = PeftModel.from_pretrained(model, adapter_dir)
+        with quiet_peft_checkpointing_warning():
+            peft_model = PeftModel.from_pretrained(model, adapter_dir)
         if quantize_experts:
             from . import quantize
 
@@ -127,16 +132,21 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     return report
 
 
-def load_base_model(base: str, dtype: torch.dtype = torch.float32):
-    """Load a base model by name: ``tiny:<arch>[:<seed>]``, a local folder or a cached Hub id."""
+def load_base_model(base: str, dtype: torch.dtype = torch.float32, *, use_kernels: bool = False):
+    """Load a base model by name: ``tiny:<arch>[:<seed>]``, a local folder or a cached Hub id (hub kernels
+    only with ``use_kernels``, see `bimedix.hub_kernels`)."""
     from transformers import AutoModelForCausalLM
 
+    from ..hub_kernels import apply_kernels, load_pretrained
     from .tiny import build_tiny_model
 
     if base.startswith("tiny:"):
         arch, _, seed = base.removeprefix("tiny:").partition(":")
-        return build_tiny_model(arch, seed=int(seed or 0)).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = build_tiny_model(arch, seed=int(seed or 0)).to(dtype)
+        if use_kernels:
+            apply_kernels(model)
+        return model
+    return load_pretrained(AutoModelForCausalLM, base, use_kernels=use_kernels, dtype=dtype)
 
 
 def _load_tokenizer(adapter_dir: Path, base: str):

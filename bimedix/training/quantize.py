@@ -110,6 +110,7 @@ def load_model_with_4bit_experts(
     peft_config=None,
     adapter: str | os.PathLike | None = None,
     quant_type: str = "nf4",
+    use_kernels: bool = False,
     **from_pretrained_kwargs,
 ) -> nn.Module:
     """Load a causal LM on CPU, add LoRA, and bring it to ``device`` with its experts packed to 4 bit layer by
@@ -126,6 +127,7 @@ def load_model_with_4bit_experts(
         peft_config (`peft.LoraConfig`, *optional*): new LoRA adapters to add before quantizing.
         adapter (`str` or `os.PathLike`, *optional*): a saved adapter to load (trainable) before quantizing.
         quant_type (`str`, *optional*, defaults to `"nf4"`): see `quantize_experts`.
+        use_kernels (`bool`, *optional*, defaults to `False`): load with hub kernels (`bimedix.hub_kernels`).
         **from_pretrained_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (not `device_map`).
 
     Returns:
@@ -133,20 +135,25 @@ def load_model_with_4bit_experts(
     """
     from transformers import AutoModelForCausalLM
 
+    from ..deprecations import quiet_peft_checkpointing_warning
+    from ..hub_kernels import load_pretrained
+
     _check_bitsandbytes()
     if peft_config is not None and adapter is not None:
         raise ValueError("Give `peft_config` (new adapters) or `adapter` (a saved one), not both.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, device_map="cpu",
-                                                 **from_pretrained_kwargs)
+    model = load_pretrained(AutoModelForCausalLM, model_name_or_path, use_kernels=use_kernels, dtype=dtype,
+                            device_map="cpu", **from_pretrained_kwargs)
     if peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config)
+        with quiet_peft_checkpointing_warning():
+            model = get_peft_model(model, peft_config)
     elif adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with quiet_peft_checkpointing_warning():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     quantize_experts(model, quant_type=quant_type, device=device)
     return model.to(device)
 

@@ -36,6 +36,7 @@ from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
 from ..core.outputs import check_outputs
+from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
 from .quantize import fused_experts, quantize_experts
@@ -108,6 +109,13 @@ class BimedixArguments:
                           "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The "
                           "model loads on CPU, gets its LoRA, then "
                           "reaches the device one packed layer at a time."},
+    )
+    use_kernels: bool = field(
+        default=False,
+        metadata={"help": "Load the model with transformers' hub kernels (the `kernels` package): on CUDA, "
+                          "fused RMSNorm and rotary kernels fetched from the Hub or its cache (fewer kernel "
+                          "launches, a little less activation memory; nothing changes on CPU). Off by "
+                          "default, so runs work offline and without `kernels` (`bimedix.hub_kernels`)."},
     )
     expert_lora: str = field(
         default="peft",
@@ -316,9 +324,10 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
     padding_free = bool(training_args.padding_free and not training_args.packing)
     training_args.padding_free = training_args.padding_free and not padding_free
     try:
-        trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                             eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=callbacks)
+        with quiet_peft_checkpointing_warning():  # TRL wraps the model in PEFT
+            trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                                 eval_dataset=eval_dataset, processing_class=tokenizer,
+                                 peft_config=peft_config, callbacks=callbacks)
     finally:
         training_args.padding_free = training_args.padding_free or padding_free
     _check_rows_left(trainer, train_dataset, training_args)
@@ -370,6 +379,7 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     """
     from transformers import AutoModelForCausalLM
 
+    from ..hub_kernels import apply_kernels, load_pretrained
     from .tiny import build_tiny_model
 
     quantization_config = get_quantization_config(model_args)
@@ -382,7 +392,10 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
         name = (None if bimedix_args.tiny_model_config
                 else f"tiny:{bimedix_args.tiny_model}:{training_args.seed}")
         if quantization_config is not None:
-            model = _reload_quantized(model, quantization_config, device_map, model_args.dtype)
+            model = _reload_quantized(model, quantization_config, device_map, model_args.dtype,
+                                      use_kernels=bimedix_args.use_kernels)
+        elif bimedix_args.use_kernels:
+            apply_kernels(model)
         if name:  # PEFT records it as the base model, which `bimedix merge` rebuilds
             model.name_or_path = model.config.name_or_path = name
         return model
@@ -392,7 +405,9 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
                   trust_remote_code=getattr(training_args, "trust_remote_code", False),
                   quantization_config=quantization_config, device_map=device_map)
     kwargs.update(training_args.model_init_kwargs or {})
-    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    use_kernels = bool(kwargs.pop("use_kernels", False)) or bimedix_args.use_kernels
+    return load_pretrained(AutoModelForCausalLM, model_args.model_name_or_path, use_kernels=use_kernels,
+                           **kwargs)
 
 
 def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
@@ -596,7 +611,8 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
     """
     from peft import get_peft_model
 
-    model = get_peft_model(model, peft_config)
+    with quiet_peft_checkpointing_warning():
+        model = get_peft_model(model, peft_config)
     if plugin is not None:
         from .sharding import shard_4bit_experts
 
@@ -615,11 +631,14 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
     return model, None
 
 
-def _reload_quantized(model, quantization_config, device_map, dtype: str | None):
+def _reload_quantized(model, quantization_config, device_map, dtype: str | None, *,
+                      use_kernels: bool = False):
     """Load an in-process model again through `from_pretrained` with a `BitsAndBytesConfig` (tiny runs)."""
 
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+
+    from ..hub_kernels import load_pretrained
 
     with tempfile.TemporaryDirectory(prefix="bimedix-tiny-") as folder:
         # written by every process: `save_pretrained` writes on rank 0 only once torch.distributed is
@@ -627,9 +646,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None)
         model.config.save_pretrained(folder)
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                    quantization_config=quantization_config,
-                                                    device_map=device_map)
+        return load_pretrained(AutoModelForCausalLM, folder, use_kernels=use_kernels, dtype=dtype,
+                               quantization_config=quantization_config, device_map=device_map)
 
 
 def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..deprecations import PEFT_CHECKPOINTING_WARNING
 from ..resources import resource_path
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def lora_table(model: nn.Module, lora_config) -> tuple[list[dict], int, int]:
         # PEFT 0.21 checks rank/alpha pattern keys against target_modules only and warns wrongly for parameter
         # keys
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_WARNING, category=FutureWarning)
         peft_model = get_peft_model(model, lora_config)  # adapters of a meta model: no memory
     rows = []
     for module_name, module in peft_model.named_modules():

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Speed of the shipped recipes on one GPU (issue 19), offline, about 8 minutes on an H200 (budget: 9.5):
+#   1. recipes/bimedix-mixtral/sft_qlora.yaml as shipped (folded expert LoRA, 2 samples per padding-free
+#      micro-batch), Mixtral-8x7B dimensions at 1 and 3 layers, extrapolated to 32;
+#   2. the same recipe as it was before the speed work (PEFT's expert path, 1 sample x 2 accumulation steps,
+#      router_aux_loss_coef 0.02): the reference the changes are measured against;
+#   3. recipes/qwen3-30b-a3b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 48);
+#   4. recipes/olmoe-1b-7b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 16).
+# Each prints non-padding tokens/s, MFU, peak memory vs estimate-memory, projected hours and a profile
+# (benchmarks/recipe_speed.py); everything goes to DIR/speed.log, the figures to DIR/*.json.
+#
+#   bash benchmarks/gpu_speed.sh [--output DIR]          # on the GPU machine (default DIR: runs/gpu-speed)
+#   bash benchmarks/gpu_speed.sh --cpu [--output DIR]    # the same runs at toy sizes on CPU (a dry run)
+#
+# On the lent GPU machine (../shared/gpu/README.md): build the wheels here once
+#   bash ../shared/gpu/make_wheels.sh .whl && echo /.whl/ >> .git/info/exclude
+# then run, carrying `.whl`, with a timeout_s of 600:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+#     && PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH bash benchmarks/gpu_speed.sh --output $OUT/speed
+# The checkout's own bimedix is used (this script puts the repository first on PYTHONPATH).
+set -uo pipefail
+
+mode=gpu
+output=runs/gpu-speed
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu) mode=cpu; shift ;;
+    --output) output="$2"; shift 2 ;;
+    *) echo "usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR]" >&2; exit 2 ;;
+  esac
+done
+if [ -e "$output" ]; then
+  echo "$output exists: pass a new --output folder (this script does not write over earlier results)" >&2
+  exit 2
+fi
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 USE_HUB_KERNELS=0
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+python="${PYTHON:-python3}"
+mkdir -p "$output"
+log="$output/speed.log"
+SECONDS=0
+failed=0
+step() { echo; echo "== [$SECONDS s] $*"; } >> "$log"
+
+if [ "$mode" = gpu ]; then
+  "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --cpu")' \
+    || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$log" 2>&1 || true
+  timed=(--warmup 2 --steps 6 --profile_steps 1)
+  deep=(1 3); shallow=(2 4); limit=(150 130 140 100)
+else
+  timed=(--cpu --warmup 1 --steps 1 --profile_steps 1)
+  deep=(1 2); shallow=(1 2); limit=(600 600 600 600)
+fi
+"$python" -c 'import torch, transformers, peft, trl, bitsandbytes as b; print("torch", torch.__version__,
+  "transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__, "bitsandbytes",
+  b.__version__)' >> "$log" 2>&1
+
+speed() {  # name, seconds, recipe, layers..., [-- recipe flags]
+  local name="$1" seconds="$2" recipe="$3"; shift 3
+  step "$name: $recipe $*"
+  timeout "$seconds" "$python" "$here/recipe_speed.py" --recipe "$repo/$recipe" "${timed[@]}" \
+    --json "$output/$name.json" --layers "$@" >> "$log" 2>&1
+  local status=$?
+  [ $status -eq 0 ] || { echo "!! $name failed or timed out (exit $status)" >> "$log"; failed=1; }
+}
+
+speed mixtral "${limit[0]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}"
+speed mixtral-before "${limit[1]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}" -- --expert_lora peft \
+  --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false --router_aux_loss_coef 0.02
+speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}"
+speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}"
+step "done (failures: $failed)"
+grep -E "^(Recipe|Settings|Extrapolation|Throughput|MFU|Memory at|Projected|==|!!)" "$log"
+exit $failed
