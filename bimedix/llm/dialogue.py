@@ -45,7 +45,7 @@ _NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrec
 _SENTENCE = re.compile(r"(?<=[.!?؟])\s+|\n+")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DialogueConfig(EngineConfig):
     """Dialogue generation settings, with the request settings of `EngineConfig` (attempt k uses seed
     ``seed + k``).

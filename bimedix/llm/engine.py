@@ -23,9 +23,10 @@ T = TypeVar("T")
 RESAMPLE_TEMPERATURE = 0.7
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineConfig:
-    """The request settings every engine has; each engine's config adds its own.
+    """The request settings every engine has; each engine's config adds its own. Configs take keyword
+    arguments only (their fields come from two classes, so positions would mislead).
 
     Args:
         seed (`int`, *optional*, defaults to `0`): request seed of the first attempt (+1 per re-ask).

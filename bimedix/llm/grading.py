@@ -24,7 +24,7 @@ from .prompts import PromptTemplate
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GradingConfig(EngineConfig):
     """Judge settings, with the request settings of `EngineConfig` (``temperature`` is the first attempt's;
     re-asks use at least 0.7).

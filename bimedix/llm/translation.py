@@ -34,7 +34,7 @@ from .runner import Accepted, Rejected, RunSummary
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TranslationConfig(EngineConfig):
     """Translation loop settings, with the request settings of `EngineConfig` (``seed`` also seeds the review
     sample; ``max_tokens`` is the limit of translation requests; judge re-asks use a temperature of at least
