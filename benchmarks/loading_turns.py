@@ -79,6 +79,7 @@ def load(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from bimedix.hub_kernels import load_pretrained
     from bimedix.training.quantize import quantize_experts
     from bimedix.training.sharding import load_in_turns
 
@@ -87,7 +88,7 @@ def load(args: argparse.Namespace) -> dict:
     baseline = current_rss()
     sampler = RssSampler()
     with load_in_turns() if mode == "turns" else contextlib.nullcontext():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu")
+        model = load_pretrained(AutoModelForCausalLM, folder, dtype=torch.bfloat16, device_map="cpu")
         quantize_experts(model)
     dist.barrier()
     figures = {"baseline": baseline, "peak": sampler.stop() - baseline, "after": current_rss() - baseline}

@@ -64,17 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True,
                         help="a YAML recipe, e.g. recipes/bimedix-mixtral/sft_qlora.yaml")
     parser.add_argument("--layers", type=int, nargs="+",
-                        help="decoder layers: one depth, or two to extrapolate (default: the model's)")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing")
-    parser.add_argument("--profile_steps", type=int, default=2,
-                        help="optimizer steps under torch.profiler (after the timed ones)")
+                        help="decoder layers: one depth, or two to extrapolate (default: the model's; 1 2 "
+                             "with --cpu)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps after the warm-up (default 8; 2 "
+                                                  "with --cpu)")
+    parser.add_argument("--warmup", type=int, help="optimizer steps before timing (default 2; 1 with --cpu)")
+    parser.add_argument("--profile_steps", type=int,
+                        help="optimizer steps under torch.profiler after the timed ones (default 2; 1 with "
+                             "--cpu)")
     parser.add_argument("--cpu", action="store_true", help="toy sizes on CPU (tests, dry runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file (must not exist)")
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # one depth, in this process
     args = parser.parse_args(argv)
     args.overrides = overrides
+    for key, gpu, cpu in (("steps", 8, 2), ("warmup", 2, 1), ("profile_steps", 2, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, cpu if args.cpu else gpu)
+    if args.cpu and not args.layers and args.depth is None:
+        args.layers = [1, 2]
     if args.layers and len(args.layers) > 2:
         parser.error("--layers takes one depth or two (to extrapolate)")
     if not args.cpu and args.depth is None and not torch.cuda.is_available():
@@ -446,7 +454,7 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
     tokens_per_s = tokens / step
     if len(runs) == 2:
         (a, ta), (b, tb) = [(run["depth"], run["median_step_s"]) for run in runs]
-        per_layer = (tb - ta) / (b - a)
+        per_layer = max((tb - ta) / (b - a), 0.0)
         print(f"Extrapolation: step(L) = {ta - per_layer * a:.4f} s + L x {per_layer:.4f} s "
               f"(from {a} and {b} layers) -> {step:.3f} s at {full_depth} layers")
     flops = flops_per_token(config, full_depth, statistics.mean(run["context_per_token"] for run in runs),
@@ -496,10 +504,13 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
 def _extrapolate(runs: list[dict], full_depth: int):
     """Step time, peak memory and estimate at ``full_depth`` (linear in the depth from two runs)."""
     def at_full(values: list[float]) -> float:
-        if len(runs) == 1:
-            return values[0] * full_depth / runs[0]["depth"]
-        (a, va), (b, vb) = zip([run["depth"] for run in runs], values)
+        (a, va), (b, vb) = zip([run["depth"] for run in runs], values) if len(runs) == 2 else [(0, 0)] * 2
+        if len(runs) == 1 or vb <= va:  # one depth, or noise larger than a layer's cost: scale the deeper run
+            return values[-1] * full_depth / runs[-1]["depth"]
         return va + (vb - va) / (b - a) * (full_depth - a)
+
+    if len(runs) == 2 and runs[1]["median_step_s"] <= runs[0]["median_step_s"]:
+        print("  !! the deeper run was not slower (timing noise): its step time is scaled by depth instead")
 
     if len(runs) == 1 and runs[0]["depth"] != full_depth:
         print(f"  (one depth only: step time scaled by {full_depth}/{runs[0]['depth']}; pass two depths to "
@@ -561,10 +572,12 @@ def _run_in_subprocess(args: argparse.Namespace, depth: int) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--profile_steps", str(args.profile_steps),
                "--seed", str(args.seed), *(["--cpu"] if args.cpu else []), "--", *args.overrides]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # the run's own log (progress, warnings, errors) goes straight to this process's stderr
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        raise SystemExit(f"the {depth}-layer run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise SystemExit(f"the {depth}-layer run failed (exit {done.returncode}); its log is above:\n"
+                         f"{done.stdout[-2000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 

@@ -24,7 +24,7 @@ def quiet_peft_checkpointing_warning() -> Iterator[None]:
     Examples:
 
     ```python
-    >>> with quiet_peft_checkpointing_warning():
+    >>> with quiet_peft_checkpointing_warning():  # doctest: +SKIP
     ...     model = PeftModel.from_pretrained(base, adapter_dir)
     ```
     """

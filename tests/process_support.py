@@ -59,8 +59,16 @@ class WatchedProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM (a launcher such as torchrun passes it to its workers), then SIGKILL after 10 s."""
         if self.process.poll() is None:
-            self.process.kill()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait()
 
     @property
@@ -119,22 +127,27 @@ class WatchedProcess:
         self.wait_until(is_open, f"port {host}:{port} to open", timeout=timeout, poll=0.05)
 
     def wait_until(self, predicate: Callable[[], bool], what: str, *, timeout: float = TIMEOUT,
-                   poll: float = 0.01) -> None:
-        """Wait until ``predicate()`` is true (checked at each output and every ``poll`` seconds).
+                   poll: float = 0.01, exit_ok: bool = False) -> bool:
+        """Wait until ``predicate()`` is true (checked at each output and every ``poll`` seconds); return
+        True.
 
-        Fails the test at once, with the output, when the process exits before, or after ``timeout`` seconds.
+        Fails the test at once, with the output, when the process exits before (unless ``exit_ok``: then it
+        returns False), or after ``timeout`` seconds.
         """
         deadline = time.monotonic() + timeout
         with self._changed:
             while not predicate():
                 if self.process.poll() is not None and not any(reader.is_alive() for reader in self._readers):
                     if predicate():
-                        return
+                        return True
+                    if exit_ok:
+                        return False
                     pytest.fail(f"the process exited (rc {self.process.returncode}) before {what}\n"
                                 f"{self.output()}")
                 if time.monotonic() > deadline:
                     pytest.fail(f"no {what} after {timeout:.0f} s\n{self.output()}")
                 self._changed.wait(poll)
+        return True
 
     def finish(self, stdin: bytes | None = None, *, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
         """Write ``stdin`` (then close it), wait for the exit, and return rc, stdout and stderr as text.
@@ -151,8 +164,7 @@ class WatchedProcess:
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.stop()
             pytest.fail(f"the process did not exit within {timeout:.0f} s\n{self.output()}")
         for reader in self._readers:
             reader.join()

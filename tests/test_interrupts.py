@@ -8,25 +8,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from llm_support import MODEL, PRICES, SECRET, mcqa_record, read_jsonl, write_jsonl
+from process_support import WatchedProcess
 
 from bimedix.cli import INTERRUPTED
 from bimedix.llm.fake_server import FakeOpenAIServer
 
 
-def _interrupt(command: list[str], ready, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Start ``command``, send SIGINT once ``ready()`` is true, and return the finished process."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 120
-    while not ready() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert process.poll() is None, "the command finished before it could be interrupted"
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, out.decode(), err.decode())
+def _interrupt(command: list[str], ready, what: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start ``command``, send SIGINT once ``ready()`` is true (failing at once, with the output, if the
+    command ends first), and return the finished process."""
+    with WatchedProcess(command, env=env) as run:
+        run.wait_until(ready, what)
+        run.send_signal(signal.SIGINT)
+        return run.finish()
 
 
 def _assert_clean_interrupt(result: subprocess.CompletedProcess, command: str, output: Path) -> None:
@@ -40,7 +37,7 @@ def _assert_clean_interrupt(result: subprocess.CompletedProcess, command: str, o
 def test_ctrl_c_in_build_data_then_rerun(tmp_path):
     output = tmp_path / "data"
     command = [sys.executable, "-m", "bimedix", "build-data", "--recipe", "mini", "--output", str(output)]
-    result = _interrupt(command, lambda: (output / ".work" / "sources").exists())
+    result = _interrupt(command, lambda: (output / ".work" / "sources").exists(), "the convert stage")
     _assert_clean_interrupt(result, "build-data", output)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -56,7 +53,7 @@ def test_ctrl_c_in_translate_then_rerun(tmp_path):
                    "--output", str(tmp_path / "out" / "ar.jsonl"), "--base-url", server.base_url, "--model",
                    MODEL,
                    "--prices", str(tmp_path / "prices.json"), "--concurrency", "2"]
-        result = _interrupt(command, lambda: server.count() >= 3, env)
+        result = _interrupt(command, lambda: server.count() >= 3, "3 requests", env)
         _assert_clean_interrupt(result, "translate", tmp_path / "out")
         rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from llm_support import (
@@ -22,6 +21,7 @@ from llm_support import (
     run_closing,
     write_jsonl,
 )
+from process_support import WatchedProcess
 
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.dialogue import DialogueConfig, generate_chats_file
@@ -45,12 +45,6 @@ def _command(engine: str, base_url: str, tmp_path) -> list[str]:
             "--prices", str(tmp_path / "prices.json"), "--concurrency", str(CONCURRENCY), "--timeout", "10"]
 
 
-def _wait_for(predicate, process, timeout=60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_kill9_at_random_points_then_resume(api_key, tmp_path, engine):
     records, step, source_id_of, run_in_process = ENGINES[engine]
@@ -64,14 +58,16 @@ def test_kill9_at_random_points_then_resume(api_key, tmp_path, engine):
         command = _command(engine, server.base_url, tmp_path)
         for _ in range(3):
             target = server.count() + rng.randint(2, step)
-            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            _wait_for(lambda: server.count() >= target, process)
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-            out, err = process.communicate()
-            stderr.append(out + err)
-            time.sleep(0.1)  # let requests in flight at the kill reach the server log
+            with WatchedProcess(command, env=env) as run:
+                # it may finish all its work first: then there is nothing to kill
+                if run.wait_until(lambda: server.count() >= target, f"{target} requests", poll=0.005,
+                                  exit_ok=True):
+                    run.send_signal(signal.SIGKILL)
+                    kills += 1
+                result = run.finish()
+            stderr.append((result.stdout + result.stderr).encode())
+            # The server logs a request before it answers, so everything the cache holds is in the log by
+            # now; requests still in flight land later and were not recorded (nothing to wait for).
             snapshots.append((server.count(), RequestCache(cache_path).keys()))
         final = subprocess.run(command, env=env, capture_output=True, timeout=120)
         stderr.append(final.stdout + final.stderr)

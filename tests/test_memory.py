@@ -245,3 +245,12 @@ def test_mixtral_8x22b_recipe_fits_8x80gb_under_fsdp_and_not_under_ddp():
     ddp = estimate_memory(recipe, accelerate_config=CONFIGS / "ddp.yaml", gpu=80)
     assert not ddp["stated_gpu"]["fits"]
     assert any("fsdp.yaml" in change for change in ddp["stated_gpu"]["suggestion"]["changes"])
+
+
+def test_a_recipe_with_fsdp_is_estimated_sharded_without_an_accelerate_config(tmp_path):
+    recipe = tmp_path / "fsdp.yaml"
+    shipped = resource_path("recipes", "mixtral-8x22b", "sft_qlora.yaml")
+    recipe.write_text(shipped.read_text() + "fsdp: true\n")
+    report = estimate_memory(recipe, num_processes=8, gpu=80)
+    assert report["settings"]["sharding"]["kind"] == "fsdp" and report["stated_gpu"]["fits"]
+    assert estimate_memory(recipe, gpu=80)["settings"]["sharding"]["kind"] == "single"  # one process

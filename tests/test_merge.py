@@ -112,3 +112,31 @@ def test_merge_chat_and_sft_give_no_peft_checkpointing_deprecation(tiny_model_di
                           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                           "--max_length", "64", "--save_strategy", "no", "--router_report", "false"]))
     assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+
+
+def test_a_remerge_killed_mid_write_leaves_the_old_merge_whole(tiny_model_dir, tmp_path):
+    """Repro: re-merge into a merge folder with another adapter and kill -9 right after model.safetensors is
+    replaced: the weights were the new merge, but merge_report.json (which drives provenance and the card)
+    still named the old adapter."""
+    import os
+    import subprocess
+    import sys
+
+    _, first = _adapter(tmp_path / "first", ["experts"], seed=0)
+    _, second = _adapter(tmp_path / "second", ["router"], seed=1)
+    out = tmp_path / "merged"
+    merge_adapter(str(tiny_model_dir), first, out)
+    (out / "notes.txt").write_text("the user's own file")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    killed = ("import os, signal, sys\nimport bimedix.training.merge as merge\n"
+              "merge.write_json = lambda path, obj: os.kill(os.getpid(), signal.SIGKILL)  # the report\n"
+              "merge.merge_adapter(sys.argv[1], sys.argv[2], sys.argv[3])\n")
+    result = subprocess.run([sys.executable, "-c", killed, str(tiny_model_dir), str(second), str(out)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            timeout=600)
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # the old merge, whole
+    report = merge_adapter(str(tiny_model_dir), second, out)  # the next run completes and tidies up
+    assert json.loads((out / "merge_report.json").read_text())["adapter"] == report["adapter"] == str(second)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first", "merged", "second"]

@@ -285,3 +285,48 @@ def test_remove_tree_clears_folders_made_inside_a_folder_it_created(tmp_path):
     folder.path("hub", "dataset", "data", "en", "train.parquet")
     again = OutputFolder(tmp_path / "out", "quickstart")
     assert again.remove_tree("hub") == 1 and not (tmp_path / "out" / "hub").exists()
+
+
+def test_sft_keeps_a_users_readme_in_output_dir_without_overwrite(tmp_path, capsys):
+    """Repro: `sft --output_dir d` replaced the user's d/README.md with the model card."""
+    from bimedix.resources import resource_path
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "README.md").write_text("My notes.\n")
+    args = ["sft", "--config", str(resource_path("recipes", "tiny", "sft.yaml")), "--output_dir", str(out),
+            "--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--max_length", "64", "--save_strategy", "no", "--router_report", "false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--output_dir {out} is not empty and was not made by `bimedix sft`" \
+        in err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    assert (out / "README.md").read_text() == "My notes.\n"
+    assert main([*args, "--overwrite", "true"]) == 0  # asked for: the card replaces it, other files stay
+    assert (out / "README.md").read_text() != "My notes.\n" and (out / "adapter_config.json").is_file()
+    assert main(args) == 0  # a folder a run made: no --overwrite needed to run again
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "rename aside"])
+def test_staged_folder_swaps_in_a_whole_folder_and_keeps_a_users_files(tmp_path, monkeypatch, exchange):
+    from bimedix.core.outputs import staged_folder
+
+    if exchange == "rename aside":  # no renameat2 (not Linux, or a file system without RENAME_EXCHANGE)
+        monkeypatch.setattr("bimedix.core.outputs._exchange", lambda first, second: False)
+    out = tmp_path / "out"
+    with staged_folder(OutputFolder(out, "merge")) as staging:
+        staging.path("weights").write_text("1")
+        staging.path("report").write_text("1")
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(RuntimeError), staged_folder(OutputFolder(out, "merge")) as staging:
+        staging.path("weights").write_text("2")
+        raise RuntimeError("killed before the report")
+    assert {path.name: path.read_text() for path in out.iterdir() if path.suffix != ".jsonl"} == \
+        {"weights": "1", "report": "1", "notes.txt": "the user's"}
+    with staged_folder(OutputFolder(out, "merge")) as staging:
+        staging.path("weights").write_text("3")
+        staging.path("report").write_text("3")
+    assert {path.name: path.read_text() for path in out.iterdir() if path.suffix != ".jsonl"} == \
+        {"weights": "3", "report": "3", "notes.txt": "the user's"}
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging or old folder left

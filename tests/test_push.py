@@ -260,3 +260,28 @@ def test_dry_run_folder_may_not_be_inside_what_is_pushed(tmp_path, dataset_dir):
     with pytest.raises(ValueError, match=r"--dry-run .* would overwrite the input PATH"):
         push("dataset", dataset_dir, repo_id="me/bimed", dry_run=dataset_dir / "staged")
     assert sorted(p.relative_to(dataset_dir) for p in dataset_dir.rglob("*")) == before
+
+
+def test_an_interrupted_dry_run_leaves_no_partial_folder(tmp_path, tiny_adapter_dir, hub, monkeypatch):
+    """The dry-run folder is written whole beside its path and swapped in: stopped half-way, it leaves nothing
+    (before, a partial folder that the next dry run refused as not empty)."""
+    import shutil
+
+    copy, copies = shutil.copy2, []
+
+    def interrupted(source, target, **kwargs):
+        copies.append(target)
+        if len(copies) == 2:
+            raise KeyboardInterrupt
+        return copy(source, target, **kwargs)
+
+    (tmp_path / "dry-runs").mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "copy2", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            push("adapter", tiny_adapter_dir, repo_id="me/tiny", dry_run=tmp_path / "dry-runs" / "dry",
+                 base_model=BASE)
+    assert list((tmp_path / "dry-runs").iterdir()) == []
+    dry = push("adapter", tiny_adapter_dir, repo_id="me/tiny", dry_run=tmp_path / "dry-runs" / "dry",
+               base_model=BASE)
+    assert "README.md" in dry.files and [p.name for p in (tmp_path / "dry-runs").iterdir()] == ["dry"]

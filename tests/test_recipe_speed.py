@@ -32,9 +32,11 @@ def test_recipe_speed_cpu_prints_every_figure(tmp_path):
     runs, summary = result["runs"], result["summary"]
     assert [run["depth"] for run in runs] == [1, 2] and summary["full_depth"] == 32
     assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] and summary["hours_8"] > 0
-    # the recipe's optimization semantics: 1 sample x 2 accumulation steps per device, LR schedule kept
+    # the recipe's optimization semantics: 2 samples per device and step in one padding-free micro-batch
     settings = runs[0]["settings"]
-    assert (settings["per_device_train_batch_size"], settings["gradient_accumulation_steps"]) == (1, 2)
+    assert (settings["per_device_train_batch_size"], settings["gradient_accumulation_steps"]) == (2, 1)
+    assert settings["padding_free"] and settings["expert_lora"] == "folded"
+    assert runs[0]["slots_per_step"] == runs[0]["tokens_per_step"]  # no pad token
     assert settings["learning_rate"] == 2e-4 and settings["lr_scheduler_type"] == "cosine"
     assert settings["quantize_experts"] == "nf4" and settings["load_in_4bit"]
     # rows follow the BiMed1.3M histogram, scaled by 1/8 on CPU: mean 482 -> about 60 tokens

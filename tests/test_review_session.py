@@ -1,6 +1,7 @@
 """ReviewSession (what `review serve` runs on), judge-vs-reviewer statistics, and the web server's guards:
-token (non-ASCII, attempt limit), Host names, body size, stale decisions, ids with `/`, audit path, busy
-port, missing extra, bad inputs. The browser itself is driven in tests/test_review_app.py."""
+token (non-ASCII, attempt limit), Host names, body size, security headers on every answer, stale decisions,
+ids with `/`, audit path, busy port, missing extra, bad inputs; the pages' shared base. The browser itself is
+driven in tests/test_review_app.py."""
 
 from __future__ import annotations
 
@@ -197,6 +198,38 @@ def test_request_bodies_are_limited(review_server):
     assert not session.audit.exists()
     status, body = _call(server, "GET", "/api/nothing-here")
     assert status == 404 and body == {"error": "Not Found"}
+
+
+def test_every_answer_carries_the_security_headers(review_server):
+    from bimedix.web.server import SECURITY_HEADERS
+
+    _, server = review_server
+    requests = [("GET", "/", {}), ("GET", "/api/state", {}), ("GET", "/api/item/demo-ar-000", {}),
+                ("GET", "/api/item/no-such-id", {}), ("GET", "/api/nothing-here", {}),
+                ("POST", "/api/item/demo-ar-000", {}),  # no body: 422
+                ("GET", "/api/state", {"Host": "evil.example.com"})]
+    statuses = []
+    for method, path, headers in requests:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        try:
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+        finally:
+            connection.close()
+        statuses.append(response.status)
+        assert {name: response.getheader(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS, path
+    assert statuses == [200, 200, 200, 404, 404, 422, 400]
+
+
+@pytest.mark.parametrize("name, title", [("chat.html", "BiMediX chat"), ("review.html", "bimedix review")])
+def test_pages_extend_the_shared_base(name, title):
+    from bimedix.web.server import page
+
+    html = page(name)
+    assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
+    assert f"<title>{title}</title>" in html and "--ar-font" in html  # the base's head and CSS
+    assert "{%" not in html and html.count("<style>") == 1 and html.count("<body>") == 1
 
 
 def test_a_decision_on_a_stale_page_is_refused(review_server):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from process_support import WatchedProcess, free_port
 
 pytest.importorskip("fastapi",
                     reason="`transformers serve` needs the serve extra: pip install 'bimedix[serve]'")
@@ -18,38 +16,19 @@ pytest.importorskip("uvicorn",
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     executable = shutil.which("transformers", path=str(Path(sys.executable).parent))
     if executable is None:
         pytest.skip("the `transformers` CLI is not installed next to this Python")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([executable, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port",
-                                    str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                           timeout=60)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
+    port = free_port()
+    with WatchedProcess([executable, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+                         "--device", "cpu"]) as server:
+        server.wait_for_port(port)  # fails at once, with its output, if it exits first
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        client.models.list()
         yield client, str(tiny_model_dir)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _greedy_reply(model_dir: str, messages: list[dict], max_new_tokens: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from lora_support import updated_lora_groups
+from process_support import WatchedProcess
 from transformers import TrainerCallback
 
 from bimedix.resources import resource_path
@@ -195,12 +196,12 @@ def test_dataset_sources_mixture_and_bad_records(tmp_path):
 
 def test_two_processes_both_ranks_finish(full_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "recipes" / "sft.py"), "--config", RECIPE, "--output_dir", str(tmp_path), *SMALL,
                "--max_steps", "2", "--save_strategy", "no"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    with WatchedProcess(command, env=env, cwd=tmp_path) as run:
+        result = run.finish()
+        assert result.returncode == 0, run.output(3000)
     assert (tmp_path / "adapter_model.safetensors").is_file()
     epochs = re.findall(r"'epoch': '([0-9.]+)'", result.stdout + result.stderr)
     # each step consumes twice the rows of the single-process run: both ranks trained

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from peft import PeftModel  # noqa: E402
+from process_support import WatchedProcess  # noqa: E402
 
 from bimedix.resources import resource_path  # noqa: E402
 from bimedix.training.quantize import fused_experts, is_quantized  # noqa: E402
@@ -167,15 +167,6 @@ def test_zero3_from_a_deepspeed_file_is_refused_and_zero2_is_not(tmp_path):
     check_compatible(training, model_args, bimedix_args)
 
 
-def _free_port() -> int:
-    """A port no other job on this machine listens on (several test runs may share it)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_ddp_with_4bit_experts_matches_one_process(tmp_path):
     """2 gloo processes x 2 rows = 1 process x 4 rows: same samples per step, same loss within tolerance."""
     common = ["--config", RECIPE, *QLORA, "--max_length", "96", "--logging_steps", "1", "--warmup_steps", "1",
@@ -185,11 +176,13 @@ def test_ddp_with_4bit_experts_matches_one_process(tmp_path):
     losses = {}
     for processes, rows in ((1, 4), (2, 2)):
         output = tmp_path / f"p{processes}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(_free_port()), str(REPO / "recipes" / "sft.py"), *common,
+        # --standalone: the rendezvous picks a free port itself (no port chosen here, then taken by another)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), str(REPO / "recipes" / "sft.py"), *common,
                    "--output_dir", str(output), "--per_device_train_batch_size", str(rows)]
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-6000:]
+        with WatchedProcess(command, env=env, cwd=tmp_path) as run:
+            result = run.finish()
+            assert result.returncode == 0, run.output(6000)
         state = json.loads((output / "trainer_state.json").read_text())
         losses[processes] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
         assert re.search(r"train_loss", result.stdout + result.stderr)

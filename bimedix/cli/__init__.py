@@ -16,6 +16,8 @@ import sys
 from .. import __version__
 from ..core.command import INTERRUPTED, run_command
 
+INCOMPLETE = 3  # exit status of a run that stopped early (budget, transient errors): re-running continues it
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every sub-command registered."""
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{module.name}").register(subparsers)
+        if not module.name.startswith("_"):  # _options: the shared flags, no command
+            importlib.import_module(f"{__name__}.{module.name}").register(subparsers)
     return parser
 
 

@@ -4,10 +4,10 @@ page."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..resources import check_model_folder
+from . import _options
 
 _PER_LANGUAGE = object()  # `--system-prompt` given without text
 
@@ -18,29 +18,17 @@ def register(subparsers) -> None:
         description="Streaming multi-turn chat, prompted as the model was trained (the adapter's "
                     "bimedix_chat.json: template and system prompt, normally none); the "
                     "not-medical-advice notice is printed for you.")
-    parser.add_argument("--model", required=True,
-                        help="model folder or Hub id (the base model when --peft is given)")
-    parser.add_argument("--peft", metavar="ADAPTER", help="PEFT LoRA adapter folder or Hub id to load on top")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: 0)")
+    _options.add_model(parser, max_new_tokens=256)
     parser.add_argument("--system-prompt", "--system", dest="system", nargs="?", const=_PER_LANGUAGE,
                         metavar="TEXT",
                         help="system prompt for every turn; without TEXT, a short one in each turn's "
                              "language saying the model is not a doctor (default: the adapter's training "
                              "system prompt, normally none; the not-medical-advice "
                              "notice is shown to you either way)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
-                        help="load the model with transformers' hub kernels (the `kernels` package; fused "
-                             "RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
+    _options.add_use_kernels(parser)
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="with --web: address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="with --web: port (default 7860)")
-    parser.add_argument("--token", default=os.environ.get("BIMEDIX_CHAT_TOKEN"),
-                        help="with --web: shared secret the browser must give (/?token=...); required with a "
-                             "non-local --host (default: $BIMEDIX_CHAT_TOKEN)")
+    _options.add_server(parser, "BIMEDIX_CHAT_TOKEN", when="with --web: ")
     parser.set_defaults(func=run)
 
 

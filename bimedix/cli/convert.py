@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..core.conventions import LANGUAGES, ON_ERROR_POLICIES
+from ..core.conventions import LANGUAGES
 from ..core.outputs import check_outputs
+from . import _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,11 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "healthcaremagic, icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
     parser.add_argument("--input", required=True, type=Path,
                         help="the original file (a folder for mmlu / mmlu-ar)")
-    parser.add_argument("--output", required=True, type=Path, help="where to write the records (.jsonl)")
+    _options.add_output(parser, "where to write the records (.jsonl)")
     parser.add_argument("--language", choices=LANGUAGES, help="record language (default: the source's)")
-    parser.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
-                        help="on a bad record: stop (raise, default) "
-                             "or write it to the rejects file and go on")
+    _options.add_on_error(parser, "raise", "the --rejects file")
     parser.add_argument("--rejects", type=Path,
                         help="rejects file for --on-error skip (default: OUTPUT with .rejects.jsonl)")
     parser.add_argument("--ground-truth", type=Path,

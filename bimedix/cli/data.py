@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..core.conventions import ON_ERROR_POLICIES
+from . import _options
 
 
 def register(subparsers) -> None:
@@ -20,23 +20,16 @@ def register(subparsers) -> None:
                     "composition and reports. Re-running resumes.")
     build.add_argument("--recipe", required=True,
                        help="data recipe YAML, or a shipped recipe name: mini, bimed1.3m (see recipes/data/)")
-    build.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
+    _options.add_output(build, "dataset folder to create or resume")
     build.add_argument("--sources", type=Path, default=None,
                        help="folder holding the original source files (overrides the recipe's sources_dir)")
-    build.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="raise",
-                       help="raise: stop at the first malformed record (file:record:field); "
-                            "skip: write it to OUTPUT/rejects.jsonl and go on (default: raise)")
-    build.add_argument("--include-unreviewed", action="store_true",
-                       help="also use machine translations still pending human review or scoring below the "
-                            "judge threshold (default: left out; rejected "
-                            "ones are never used); counted in stats.json")
-    build.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _options.add_on_error(build, "raise", "OUTPUT/rejects.jsonl")
+    _options.add_include_unreviewed(build)
+    _options.add_no_progress(build)
     build.add_argument("--num-proc", type=int, default=None, metavar="N",
                        help="processes for the convert and clean stages (default: all cores); the output is "
                             "byte-identical for any N")
-    build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty OUTPUT that no build made (its other files are kept; "
-                            "inputs are never written)")
+    _options.add_overwrite(build, "build-data")
     build.set_defaults(func=_build_data)
 
     select = subparsers.add_parser(
@@ -50,21 +43,20 @@ def register(subparsers) -> None:
     select.add_argument("--input", required=True, type=Path,
                         help="a JSON Lines file of bimedix records, or "
                              "a folder of them (*.jsonl, recursively)")
-    select.add_argument("--output", required=True, type=Path,
-                        help="where to write the picks (.jsonl; must not "
-                             "exist); the table goes to OUTPUT.summary.md")
+    _options.add_output(select, "where to write the picks (.jsonl; must not exist); "
+                       "the table goes to OUTPUT.summary.md")
     select.add_argument("--target", required=True, type=float,
                         help="how many to pick: a count (444995) or a fraction of the English pool (0.51)")
     select.add_argument("--by", default="task,source", help="fields to stratify by: task, source or both "
                                                              "(default: task,source)")
-    select.add_argument("--seed", type=int, default=42, help="selection seed (default: 42)")
+    _options.add_seed(select, 42, "the selection")
     select.set_defaults(func=_select_for_translation)
 
     stats = subparsers.add_parser("stats",
                                   help="print the statistics table (Fig. 3 style) of a built dataset folder")
     stats.add_argument("directory", type=Path, help="a folder made by `bimedix build-data` (or any folder of "
                                                      "bimedix Parquet files)")
-    stats.add_argument("--json", action="store_true", help="print stats.json instead of the table")
+    _options.add_json(stats)
     stats.set_defaults(func=_stats)
 
 

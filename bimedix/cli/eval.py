@@ -6,9 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bimedix.core.outputs import OutputFolder
+from bimedix.core.outputs import OutputFolder, staged_folder
 
-from ..core.conventions import ON_ERROR_POLICIES
+from . import _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a model on the English / Arabic / bilingual medical benchmarks (lm-eval)",
         description="Run the packaged lm-eval tasks, write lm-eval's JSON, print tables shaped like the "
                     "paper's Tables 2-4 next to its reported rows, and write them as markdown (tables.md).")
-    run.add_argument("--model", required=True, help="local model folder or Hub id")
-    run.add_argument("--peft", default=None, metavar="ADAPTER", help="PEFT adapter folder trained on --model")
+    _options.add_model(run)
     run.add_argument("--tasks", default="auto",
                      help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
                           "bimedix_table2|3|4, bimedix_<subset>_<en|ar>, or lm-eval tasks such as "
@@ -31,17 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="folder written by `bimedix build-bench` "
                           "(or its Hub id); default: the bundled slice")
     run.add_argument("--batch-size", default="1", help="lm-eval batch size, or 'auto'")
-    run.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    run.add_argument("--output", required=True,
-                     help="folder for results.json, samples, consistency.json, tables.md")
+    _options.add_output(run, "folder for results.json, samples, consistency.json, tables.md", path=False)
     run.add_argument("--cache", default=None, metavar="PATH",
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
-    run.add_argument("--overwrite", action="store_true",
-                     help="write into a non-empty --output that no "
-                          "evaluation made (its other files are kept)")
-    run.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
-                     help="hf backend: load the model with transformers' hub kernels (the `kernels` package; "
-                          "fused RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
+    _options.add_overwrite(run, "eval")
+    _options.add_use_kernels(run, when="hf backend: ")
     run.set_defaults(func=_eval)
 
     build = subparsers.add_parser(
@@ -50,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder "
                     "is the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
     build.add_argument("--sources", required=True, help="folder holding the original benchmark files")
-    build.add_argument("--output", required=True, help="evaluation data folder to write")
+    _options.add_output(build, "evaluation data folder to write", path=False)
     build.add_argument("--translations", default=None,
                        help="JSON Lines of translated Arabic MCQA records (from the translation pipeline)")
     build.add_argument("--bimedix-arabic", default=None,
@@ -59,15 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--subsets", default=None,
                        help="comma-separated subsets to build (default: all found)")
     build.add_argument("--limit", type=int, default=None, help="keep the first N questions per subset")
-    build.add_argument("--on-error", choices=ON_ERROR_POLICIES, default="skip",
-                       help="bad source records: skip them into OUTPUT/rejects.jsonl (default) or stop")
-    build.add_argument("--include-unreviewed", action="store_true",
-                       help="--translations: also use translations pending human review or below the judge "
-                            "threshold (default: left out; rejected ones "
-                            "never enter); their rows say 'unreviewed'")
-    build.add_argument("--overwrite", action="store_true",
-                       help="write into a non-empty OUTPUT that no "
-                            "build-bench made (its other files are kept)")
+    _options.add_on_error(build, "skip", "OUTPUT/rejects.jsonl")
+    _options.add_include_unreviewed(build, "--translations: ")
+    _options.add_overwrite(build, "build-bench")
     build.set_defaults(func=_build_bench)
 
 
@@ -131,17 +118,19 @@ def _build_bench(args: argparse.Namespace) -> int:
         arabic = list(collect_arabic_rows(translations=args.translations, bimedix_arabic=args.bimedix_arabic,
                                           review=review))
     subsets = args.subsets.split(",") if args.subsets else None
-    with RejectLog(folder.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
-        counts = build_bench(args.sources, folder, limit=args.limit, subsets=subsets, arabic_rows=arabic,
-                             on_error=on_error_for(args.on_error, rejects))
+    with staged_folder(folder) as staging:  # written whole beside OUTPUT, then swapped in
+        with RejectLog(staging.path("rejects.jsonl") if args.on_error == "skip" else None) as rejects:
+            counts = build_bench(args.sources, staging, limit=args.limit, subsets=subsets, arabic_rows=arabic,
+                                 on_error=on_error_for(args.on_error, rejects))
+        if args.translations:
+            write_json(staging.path("review.json"), review.summary())
+        save_bench_cards(staging.root, name=output)
     for config, n in sorted(counts.items()):
         print(f"{config:32s} {n:6d}")
     if args.translations:
-        write_json(output / "review.json", review.summary())
         print(f"translations by review status (written to {output / 'review.json'}):\n{review.table()}")
     if rejects.count:
         print(f"skipped {rejects.count} bad source records (see {output / 'rejects.jsonl'})")
-    save_bench_cards(output)
     arabic = output / "arabic-bench"
     print(f"wrote {output}" + (f" (Arabic benchmark: {arabic})" if (arabic / "README.md").exists() else ""))
     return 0

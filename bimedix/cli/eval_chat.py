@@ -15,9 +15,8 @@ import os
 import random
 from pathlib import Path
 
-from ..core.conventions import LANGUAGES, ON_ERROR_POLICIES
-
-INCOMPLETE = 3
+from ..core.conventions import LANGUAGES
+from . import INCOMPLETE, _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,12 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", type=Path, help="HealthBench-format JSON Lines (prompt, rubrics, example_tags)"
     )
-    parser.add_argument(
-        "--output",
-        required=True,
-        type=Path,
-        help="folder for results.json, examples.jsonl, table.md (re-run to resume)",
-    )
+    _options.add_output(parser, "folder for results.json, examples.jsonl, table.md (re-run to resume)")
     parser.add_argument("--languages", default="en", help="comma-separated: en, ar or en,ar (default en)")
     parser.add_argument(
         "--data-ar",
@@ -47,12 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="an already reviewed Arabic set (same prompt_ids and criteria as --data) instead of "
         "machine translation",
     )
-    parser.add_argument(
-        "--on-error",
-        choices=ON_ERROR_POLICIES,
-        default="raise",
-        help="bad input lines: stop at the first (default) or skip them into OUTPUT/rejects.jsonl",
-    )
+    _options.add_on_error(parser, "raise", "OUTPUT/rejects.jsonl")
     parser.add_argument(
         "--limit",
         type=int,
@@ -60,37 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a seeded random sample of N examples (as HealthBench's num_examples; --seed), in file "
         "order: a cheap first look before the full run",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty --output that no eval-chat made (its other files are kept)",
-    )
+    _options.add_overwrite(parser, "eval-chat")
     model = parser.add_argument_group("model under test")
-    model.add_argument(
-        "--model", help="local model folder or Hub id; with --base-url, the served model's name"
-    )
-    model.add_argument("--peft", metavar="ADAPTER", help="PEFT adapter on top of a local --model")
-    model.add_argument(
-        "--base-url", help="OpenAI-compatible endpoint serving --model (vLLM, transformers serve)"
-    )
-    model.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable with the --base-url key (default OPENAI_API_KEY)",
-    )
-    model.add_argument("--max-new-tokens", type=int, default=1024, help="reply length limit (default 1024)")
-    model.add_argument(
-        "--temperature", type=float, default=0.0, help="reply sampling temperature (default 0)"
-    )
-    model.add_argument("--device", help="torch device for a local model (default: cuda if available)")
-    judge = parser.add_argument_group("judge")
-    judge.add_argument("--judge-base-url", help="OpenAI-compatible endpoint of the grader")
-    judge.add_argument("--judge-model", help="grader model name")
-    judge.add_argument(
-        "--judge-api-key-env",
-        default="OPENAI_API_KEY",
-        help="environment variable with the judge's key (default OPENAI_API_KEY)",
-    )
+    _options.add_model(model, required=False, served=True, max_new_tokens=1024)
+    _options.add_endpoint(model, model=False)  # vLLM, transformers serve, ... serving --model
+    judge = parser.add_argument_group("judge (the grader)")
+    _options.add_endpoint(judge, "judge-")
     judge.add_argument(
         "--judge-attempts",
         type=int,
@@ -106,57 +70,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send response_format=json_object to the judge (HealthBench does not)",
     )
     translate = parser.add_argument_group("Arabic translation (--languages with ar, no --data-ar)")
-    translate.add_argument("--translate-base-url", help="translation endpoint (default: the judge's)")
-    translate.add_argument("--translate-model", help="translation model (default: the judge's)")
-    translate.add_argument("--translate-api-key-env", help="its key variable (default: the judge's)")
-    translate.add_argument(
-        "--threshold", type=float, default=80.0, help="translation judge score to reach (default 80)"
+    _options.add_endpoint(translate, "translate-", fallback="the judge's")
+    _options.add_translation_options(translate)
+    engine = parser.add_argument_group(
+        "engine", "requests to the judge and the translator (the model under test is asked directly)"
     )
-    translate.add_argument("--max-rounds", type=int, default=3, help="translate + refine rounds (default 3)")
-    translate.add_argument(
-        "--review-fraction",
-        type=float,
-        default=0.05,
-        help="share of passing translations queued for clinician review (default 0.05)",
-    )
-    engine = parser.add_argument_group("engine")
-    engine.add_argument(
-        "--concurrency", type=int, default=32, help="requests in flight per endpoint (default 32)"
-    )
-    engine.add_argument("--rpm", type=int, help="requests-per-minute limit")
-    engine.add_argument("--tpm", type=int, help="tokens-per-minute limit")
-    engine.add_argument("--timeout", type=float, default=120.0, help="seconds per attempt (default 120)")
-    engine.add_argument(
-        "--max-retries", type=int, default=6, help="retries on transient failures (default 6)"
-    )
-    engine.add_argument("--budget-usd", type=float, help="stop before the run's ledger exceeds this")
-    engine.add_argument(
-        "--prices", type=Path, help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides'
-    )
-    engine.add_argument(
-        "--cache", type=Path, help="request cache and ledger (default OUTPUT/eval-chat.llm.sqlite)"
-    )
-    engine.add_argument(
-        "--prompts", help="folder with prompt YAMLs overriding the shipped ones (grader.yaml, ...)"
-    )
-    engine.add_argument(
-        "--max-tokens-field",
-        choices=["max_tokens", "max_completion_tokens"],
-        default="max_tokens",
-        help="request field carrying the completion limit (OpenAI reasoning models: max_completion_tokens)",
-    )
-    engine.add_argument(
-        "--batch-api",
-        action="store_true",
-        help="send the judge's and the translator's requests through the OpenAI Batch API (half price, "
-        "slower; the model under test is asked directly)",
-    )
-    engine.add_argument(
-        "--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls (default 30)"
-    )
-    engine.add_argument(
-        "--seed", type=int, default=0, help="request, sampling and bootstrap seed (default 0)"
-    )
+    _options.add_engine(engine, "OUTPUT/eval-chat.llm.sqlite")
+    _options.add_seed(engine, 0, "the requests, the sampling and the bootstrap")
     engine.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)"
     )

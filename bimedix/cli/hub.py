@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import _options
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -22,9 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--acknowledge-research-only", action="store_true",
                         help="allow data from sources without a "
                              "redistribution licence (you must have the right)")
-    parser.add_argument("--include-unreviewed", action="store_true",
-                        help="dataset: allow machine translations pending review or below the judge "
-                             "threshold (reviewer-rejected ones are always refused)")
+    _options.add_include_unreviewed(parser, "dataset: ")
     parser.add_argument("--eval", dest="eval_dir", metavar="DIR",
                         help="`bimedix eval` output for the model card")
     parser.add_argument("--eval-chat", dest="eval_chat_dir", metavar="DIR",

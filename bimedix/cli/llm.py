@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from ..core.outputs import check_outputs
 from ..llm.review_stats import VERDICTS, review_agreement
-
-INCOMPLETE = 3
+from . import INCOMPLETE, _options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "0-100 with an LLM judge, refine below --threshold for up to --max-rounds. Resumable; "
                     "outputs are machine translations marked in meta.translation.")
     _endpoint_arguments(translate)
-    translate.add_argument("--threshold", type=float, default=80.0,
-                           help="judge score to reach (0-100, default 80)")
-    translate.add_argument("--max-rounds", type=int, default=3,
-                           help="translate + refine rounds per record (default 3)")
+    _options.add_translation_options(translate)
     translate.add_argument("--judge-attempts", type=int, default=3,
                            help="tries to get a well-formed judgement per round (default 3)")
-    translate.add_argument("--review-fraction", type=float, default=0.05,
-                           help="share of passing records queued for human review (default 0.05)")
     translate.add_argument("--drug-names", type=Path,
                            help="text file, one drug name per line, that must survive verbatim")
     translate.set_defaults(func=_translate)
@@ -60,14 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description="Queue every translation below --threshold plus a seeded "
                                             "--fraction of the rest, one row per turn and option.")
     export.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
-    export.add_argument("--output", required=True, type=Path, help="the queue, .csv or .jsonl")
+    _options.add_output(export, "the queue, .csv or .jsonl")
     export.add_argument("--source", type=Path,
                         help="the English input, to show originals next to translations")
-    export.add_argument("--fraction", type=float, default=0.05,
-                        help="share of passing records sampled (default 0.05)")
-    export.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    export.add_argument("--threshold", type=float, default=80.0,
-                        help="score below which all are queued (default 80)")
+    _options.add_review_sampling(export)
     export.set_defaults(func=_review_export)
     apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
                                description="Check the whole review file (nothing is applied if any row is "
@@ -75,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                            "reviewed, append the audit trail.")
     apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
-    apply.add_argument("--output", required=True, type=Path, help="all records with reviews applied (.jsonl)")
+    _options.add_output(apply, "all records with reviews applied (.jsonl)")
     apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
     apply.add_argument("--audit", type=Path,
                        help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
@@ -91,31 +80,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--source", type=Path, help="the English input, shown next to each translation")
     serve.add_argument("--queue", type=Path,
                        help="a queue from `review export` (default: draw it as export does)")
-    serve.add_argument("--output", type=Path,
-                       help="all records with the decisions applied (default: INPUT.reviewed.jsonl)")
+    _options.add_output(serve, "all records with the decisions applied (default: INPUT.reviewed.jsonl)",
+               required=False)
     serve.add_argument("--audit", type=Path,
                        help="audit trail, the decision store (default: OUTPUT with .audit.jsonl); never an "
                             "input or the output")
     serve.add_argument("--reviewer", default="",
                        help="your name, pre-filled in the page (recorded with each decision)")
-    serve.add_argument("--fraction", type=float, default=0.05,
-                       help="share of passing records sampled (default 0.05)")
-    serve.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    serve.add_argument("--threshold", type=float, default=80.0,
-                       help="score below which all are queued (default 80)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    serve.add_argument("--token", default=os.environ.get("BIMEDIX_REVIEW_TOKEN"),
-                       help="shared secret the browser must give (/?token=...); required with a non-local "
-                            "--host (default: $BIMEDIX_REVIEW_TOKEN)")
+    _options.add_review_sampling(serve)
+    _options.add_server(serve, "BIMEDIX_REVIEW_TOKEN")
     serve.set_defaults(func=_review_serve)
     stats = actions.add_parser(
         "stats", help="how well the LLM judge's scores agree with the reviewers",
         description="Per score bucket, the share of reviewed translations approved / edited / rejected, and "
                     "the ROC AUC of the score separating approved from edited-or-rejected.")
     stats.add_argument("--input", required=True, type=Path, help="reviewed records (.jsonl)")
-    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _options.add_json(stats)
     stats.set_defaults(func=_review_stats)
 
     server = subparsers.add_parser(
@@ -132,37 +112,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path,
                         help="input records (.jsonl, .parquet or a saved dataset)")
-    parser.add_argument("--output", required=True, type=Path,
-                        help="output records (.jsonl); re-run to resume")
-    parser.add_argument("--base-url", required=True,
-                        help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
-    parser.add_argument("--model", required=True, help="model name sent with each request")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key (default OPENAI_API_KEY)")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
-    parser.add_argument("--rpm", type=int, help="requests-per-minute limit")
-    parser.add_argument("--tpm", type=int, help="tokens-per-minute limit")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds one attempt may take, from connecting to the last byte (default 120)")
-    parser.add_argument("--max-retries", type=int, default=6,
-                        help="retries on transient failures (default 6)")
-    parser.add_argument("--budget-usd", type=float,
-                        help="stop before the ledger of this run's cache exceeds this")
-    parser.add_argument("--prices", type=Path,
-                        help='JSON {"model": {"input": USD/1M, "output": USD/1M}} overrides')
-    parser.add_argument("--batch-api", action="store_true",
-                        help="use the OpenAI Batch API (half price, slower)")
-    parser.add_argument("--batch-poll-interval", type=float, default=30.0, help="seconds between batch polls")
-    parser.add_argument("--cache", type=Path,
-                        help="request cache and ledger (default: OUTPUT with .llm.sqlite)")
-    parser.add_argument("--prompts", help="folder with prompt YAMLs overriding the shipped ones")
-    parser.add_argument("--seed", type=int, default=0, help="request and sampling seed (default 0)")
+    _options.add_output(parser, "output records (.jsonl); re-run to resume")
+    _options.add_endpoint(parser, required=True)
+    _options.add_engine(parser, "OUTPUT with .llm.sqlite")
+    _options.add_seed(parser, 0, "the requests and the sampling")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="completion limit per request (default 4096)")
-    parser.add_argument("--max-tokens-field", choices=["max_tokens", "max_completion_tokens"],
-                        default="max_tokens",
-                        help="request field carrying --max-tokens (OpenAI "
-                             "reasoning models: max_completion_tokens)")
     parser.add_argument("--no-json-mode", action="store_true",
                         help="do not send response_format=json_object (for servers without it)")
 

@@ -28,6 +28,7 @@ from ..core.outputs import OutputFolder
 from ..resources import resource_path
 from ..training.masking import assistant_token_mask, mask_summary, render_mask
 from ..training.template import apply_vicuna_template, to_messages
+from . import _options
 
 DEFAULT_REPO = "your-name/bimedix-tiny-quickstart"
 EAGER_EXPERTS = {"experts_implementation": "eager"}
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
                     "on attention + router + experts (and its output head), evaluate it in English and "
                     "Arabic, render its card and write a dry-run Hub push. A "
                     "few minutes on 2 CPU cores; nothing is downloaded.")
-    parser.add_argument("--output", required=True, type=Path, help="folder for everything the run writes")
+    _options.add_output(parser, "folder for everything the run writes")
     parser.add_argument("--max-steps", type=int, default=30,
                         help="optimizer steps of the LoRA run (default: 30)")
     parser.add_argument("--limit", type=int, default=10,
@@ -53,12 +54,9 @@ def register(subparsers) -> None:
                              "subset, bilingual where both languages ship)")
     parser.add_argument("--repo-id", default=DEFAULT_REPO,
                         help=f"repo id written into the cards (default: {DEFAULT_REPO})")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the tiny model and of training (default: 42)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --output that no "
-                             "quickstart made (its other files are kept)")
+    _options.add_seed(parser, 42, "the tiny model and of training")
+    _options.add_no_progress(parser)
+    _options.add_overwrite(parser, "quickstart")
     parser.set_defaults(func=run)
 
 
@@ -94,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.tables import format_tables
 
     results = evaluate(str(paths["base-model"]), peft=str(paths["adapter"]), tasks=args.tasks,
-                       limit=args.limit,
-                       device="cpu", batch_size=8, model_args=EAGER_EXPERTS, output_dir=paths["eval"])
+                       limit=args.limit, device="cpu", batch_size=8, model_args=EAGER_EXPERTS,
+                       output_dir=paths["eval"])
     print(format_tables(results, model_name="quickstart (tiny random MoE + LoRA)"))
 
     _step(5, "Render the model and dataset cards and write the dry-run Hub pushes")
@@ -172,7 +170,9 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
              "1",
              # transformers' default grouped_mm experts are ~10x slower than eager ones on CPU at this size.
              "--model_init_kwargs", json.dumps(EAGER_EXPERTS),
-             "--disable_tqdm", str(args.no_progress).lower()]
+             "--disable_tqdm", str(args.no_progress).lower(),
+             # an adapter/ folder no sft run made (an older quickstart's) is written into only when asked
+             "--overwrite", str(args.overwrite).lower()]
     script_args, training_args, model_args, mixture_args, bimedix_args = parse_args(flags)
     # Train the saved base model (so the adapter names a folder `eval`, `chat` and `merge` can load) on the
     # built data.

@@ -8,6 +8,8 @@ import logging
 
 from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
 
+from . import _options
+
 
 def register(subparsers) -> None:
     """Add the training sub-commands."""
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="paper", help="paper | attention | experts | all (default: paper)")
     p.add_argument("--r", type=int, default=128, help="LoRA rank (default: 128, the paper's)")
     p.add_argument("--alpha", type=int, default=64, help="LoRA alpha (default: 64)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _options.add_json(p)
     p.set_defaults(func=_targets)
 
     p = subparsers.add_parser("show-mask", help="print a training sample with its trained tokens highlighted")
@@ -31,14 +33,14 @@ def register(subparsers) -> None:
     source.add_argument("--data", help="a schema-record JSONL file (or anything `datasets` loads)")
     p.add_argument("--index", type=int, default=0, help="row to show (default: 0)")
     p.add_argument("--model", help="tokenizer to use with --data (default: the Mixtral tokenizer)")
-    p.add_argument("--max_length", type=int, help="truncate like SFTConfig.max_length")
+    flag = p.add_argument("--max-length", type=int, help="truncate like SFTConfig.max_length")
+    _options.add_hidden_alias(p, flag, "--max_length")
     p.add_argument("--plain", action="store_true", help="mark trained spans with [[ ]] instead of colour")
     p.set_defaults(func=_show_mask)
 
     # '-' is not an option prefix here, so every flag reaches TrlParser untouched (it owns --help too)
     p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)",
-                              add_help=False,
-                              prefix_chars="+",
+                              add_help=False, prefix_chars="+",
                               description="Run `bimedix sft --config RECIPE.yaml [--key value ...]`; "
                                           "`bimedix sft --help` lists every key.")
     p.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE and --key value flags")
@@ -48,20 +50,18 @@ def register(subparsers) -> None:
     p.add_argument("--base",
                    help="base model (folder, Hub id, or tiny:<arch>:<seed>); default: the adapter's")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
-    p.add_argument("--output", required=True, help="output folder for the merged safetensors model")
+    _options.add_output(p, "output folder for the merged safetensors model", path=False)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max |merged - adapter| logit difference")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize_experts", choices=["nf4", "fp4"],
-                   help="the adapter was trained on 4-bit experts: merge into those (dequantized) experts")
+    flag = p.add_argument("--quantize-experts", choices=["nf4", "fp4"],
+                          help="the adapter was trained on 4-bit experts: merge into those (dequantized) "
+                               "experts")
+    _options.add_hidden_alias(p, flag, "--quantize_experts")
     p.add_argument("--force", action="store_true",
                    help="merge even if the adapter was trained on "
                         "another base or is already merged into --base")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --output that no "
-                        "merge made (never the base or adapter folder)")
-    p.add_argument("--use-kernels", "--use_kernels", dest="use_kernels", action="store_true",
-                   help="load the base with transformers' hub kernels (the `kernels` package; fused "
-                        "RMSNorm/rotary on CUDA, fetched from the Hub or its cache); off by default")
+    _options.add_overwrite(p, "merge")
+    _options.add_use_kernels(p, "the base")
     p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("estimate-memory",
@@ -71,16 +71,18 @@ def register(subparsers) -> None:
                                           "accelerate config. Recipe keys can be overridden after `--`, "
                                           "e.g. `-- --quantize_experts nf4`.")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
-    p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=int,
-                   help="processes (GPUs); default: the accelerate config's, else 1")
-    p.add_argument("--accelerate-config", "--accelerate_config", dest="accelerate_config",
-                   help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml) or "
-                        "one of single, ddp, zero1, zero2, zero3, "
-                        "fsdp; default: DDP when --num-processes > 1")
+    flag = p.add_argument("--num-processes", type=int,
+                          help="processes (GPUs); default: the accelerate config's, else 1")
+    _options.add_hidden_alias(p, flag, "--num_processes")
+    flag = p.add_argument("--accelerate-config",
+                          help="accelerate config YAML (e.g. recipes/accelerate_configs/deepspeed_zero2.yaml)"
+                               " or one of single, ddp, zero1, zero2, zero3, fsdp; default: DDP when "
+                               "--num-processes > 1")
+    _options.add_hidden_alias(p, flag, "--accelerate_config")
     p.add_argument("--gpu", type=float,
                    help="GPU memory in GB (16, 24, 48, 80, 141 or any size): say whether the run "
                                              "fits and, when not, the nearest setting that does")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _options.add_json(p)
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="-- then recipe flags, e.g. -- --max_length 4096")
     p.set_defaults(func=_estimate_memory)

@@ -12,6 +12,8 @@
 - Temporaries left by a killed run (`bimedix.core.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
   and by the next run that owns their folder.
+- A folder that must never be seen half-written (a merged model, its report) is written whole in a hidden
+  sibling and swapped into place (`staged_folder`): a kill leaves either the old folder or the new one.
 
 Examples:
 
@@ -25,15 +27,21 @@ folder.remove_tree("data")  # only the files this command wrote there
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import re
-from collections.abc import Mapping
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
+STAGING = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.staging")
 
 PathLike = str | os.PathLike
 
@@ -125,7 +133,9 @@ class OutputFolder:
     def __init__(self, root: PathLike, command: str, *, inputs: Mapping[str, PathLike | None] | None = None,
                  overwrite: bool = False, flag: str = "--output"):
         self.root = Path(root)
+        self.command = command
         self.flag = flag
+        self.overwrite = overwrite
         self.inputs = {label: path for label, path in (inputs or {}).items() if path is not None}
         if self.root.exists() and not self.root.is_dir():
             raise OutputError(f"{flag} {self.root} is a file; give a folder.")
@@ -250,6 +260,91 @@ class OutputFolder:
             return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return None
+
+
+@contextlib.contextmanager
+def staged_folder(final: OutputFolder) -> Iterator[OutputFolder]:
+    """Write a whole output folder in a hidden sibling, then swap it into ``final.root`` in one step.
+
+    Yields an `OutputFolder` for the sibling (``.NAME.PID.XXXXXXXX.staging``, same command and inputs). When
+    the block ends, the files of ``final.root`` the command does not own (a user's, kept under
+    ``overwrite``) are carried into it (hard links, else copies), the two folders are exchanged atomically
+    (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old folder is first renamed aside to
+    ``.NAME.PID.XXXXXXXX.old``), and the old one is deleted. A kill at any point leaves ``final.root``
+    wholly old or wholly new; the next staging of the same folder removes what a killed run left. If the
+    block raises, the sibling is deleted and ``final.root`` is untouched.
+
+    Examples:
+
+    ```python
+    folder = OutputFolder(args.output, "merge", inputs=inputs, overwrite=args.overwrite)  # checked first
+    with staged_folder(folder) as staging:
+        model.save_pretrained(staging.root)
+        write_json(staging.path("merge_report.json"), report)
+    ```
+    """
+    target = final.root
+    parent = target.parent if str(target.parent) else Path(".")
+    _remove_stale_stagings(target)
+    staging = parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.staging"
+    try:
+        yield OutputFolder(staging, final.command, inputs=final.inputs, flag=final.flag)
+        if target.is_dir():
+            _carry_foreign_files(final, staging)
+            if not _exchange(staging, target):
+                # not a `.staging` name: a kill between the two renames leaves it for the user to recover
+                aside = parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old"
+                os.rename(target, aside)
+                os.rename(staging, target)
+                staging = aside
+        else:
+            os.rename(staging, target)
+            return
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # wholly this run's: nothing else is in it
+        raise
+    shutil.rmtree(staging)  # the old folder: this command's files, and links to the user's files carried over
+
+
+def _carry_foreign_files(final: OutputFolder, staging: Path) -> None:
+    """Link (or copy) into ``staging`` every file of ``final.root`` the command neither owns nor rewrote."""
+    for path in sorted(final.root.rglob("*")):
+        relative = path.relative_to(final.root)
+        new = staging / relative
+        if path.is_dir() and not path.is_symlink() or new.exists() or new.is_symlink() \
+                or path.name == final.manifest.name or final.owns(path):
+            continue
+        new.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            os.symlink(os.readlink(path), new)
+            continue
+        try:
+            os.link(path, new)
+        except OSError:
+            shutil.copy2(path, new)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two paths with Linux's ``renameat2(RENAME_EXCHANGE)``; False where it is missing."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _remove_stale_stagings(target: Path) -> None:
+    """Delete the staging siblings of ``target`` that killed runs (processes now gone) left."""
+    parent = target.parent if str(target.parent) else Path(".")
+    for candidate in parent.glob(f".{glob_escape(target.name)}.*.staging"):
+        match = STAGING.fullmatch(candidate.name)
+        if match and match["name"] == target.name and candidate.is_dir() and not _alive(int(match["pid"])):
+            shutil.rmtree(candidate)
 
 
 def _component(part: str) -> str:

@@ -174,18 +174,15 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
             ``stats.json``.
         num_proc (`int`, *optional*, defaults to all cores): processes for the convert and clean stages; the
             output is byte-identical to ``num_proc=1``.
-
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output`` that no build made
             (its other files are kept).
-
 
     Returns:
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
 
     Raises:
         `bimedix.core.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a
-        foreign
-            non-empty folder without ``overwrite``.
+        foreign non-empty folder without ``overwrite``.
     """
     if not isinstance(recipe, DataRecipe):
         recipe = load_data_recipe(recipe)

@@ -315,18 +315,23 @@ def render_bench_card(bench_dir: str | os.PathLike, *, repo_id: str | None = Non
     )
 
 
-def save_bench_cards(bench_dir: str | os.PathLike) -> list[Path]:
+def save_bench_cards(bench_dir: str | os.PathLike, *, name: str | os.PathLike | None = None) -> list[Path]:
     """Render the cards of a ``bimedix build-bench`` folder into its READMEs (whole folder,
     ``arabic-bench/``).
 
-    The builder wrote only their ``configs:``; the cards keep them. Returns the READMEs written.
+    The builder wrote only their ``configs:``; the cards keep them. ``name`` is the folder the cards name
+    (default ``bench_dir``; the final path when ``bench_dir`` is a staging folder). Returns the READMEs
+    written.
     """
     bench_dir = Path(bench_dir)
+    name = Path(name or bench_dir)
     written = []
-    for folder, pretty_name in ((bench_dir, "BiMediX evaluation benchmark (English and Arabic)"),
-                                (bench_dir / "arabic-bench", "BiMediX Arabic medical benchmark")):
+    for sub, pretty_name in (("", "BiMediX evaluation benchmark (English and Arabic)"),
+                             ("arabic-bench", "BiMediX Arabic medical benchmark")):
+        folder = bench_dir / sub if sub else bench_dir
         if (folder / "README.md").is_file():
-            render_bench_card(folder, pretty_name=pretty_name).save(folder / "README.md")
+            render_bench_card(folder, pretty_name=pretty_name,
+                              repo_id=str(name / sub if sub else name)).save(folder / "README.md")
             written.append(folder / "README.md")
     return written
 

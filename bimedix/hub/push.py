@@ -45,7 +45,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.hf_api import RepoFile
 
-from ..core.outputs import check_outputs
+from ..core.outputs import OutputFolder, check_outputs, staged_folder
 from ..data.review_policy import UNREVIEWED
 from .cards import (
     DatasetSummary,
@@ -177,10 +177,12 @@ def push(
                                               "--eval-chat": eval_chat_dir})
         if folder.exists() and any(folder.iterdir()):
             raise FileExistsError(f"--dry-run folder {folder} is not empty; pass a new or empty folder.")
-        warnings = stage(kind, source, folder, repo_id=repo_id,
-                         acknowledge_research_only=acknowledge_research_only,
-                         eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
-                         include_unreviewed=include_unreviewed, eval_chat_dir=eval_chat_dir)
+        inputs = {"PATH": source, "--eval": eval_dir, "--data": data_dir, "--eval-chat": eval_chat_dir}
+        with staged_folder(OutputFolder(folder, "push", inputs=inputs, flag="--dry-run")) as staging:
+            warnings = stage(kind, source, staging.root, repo_id=repo_id,  # whole, then swapped in
+                             acknowledge_research_only=acknowledge_research_only,
+                             eval_dir=eval_dir, data_dir=data_dir, base_model=base_model, license=license,
+                             include_unreviewed=include_unreviewed, eval_chat_dir=eval_chat_dir)
         return PushResult(folder=folder, files=_list_files(folder), warnings=warnings)
     with tempfile.TemporaryDirectory(prefix="bimedix-push-") as tmp:
         folder = Path(tmp)

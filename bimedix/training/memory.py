@@ -107,7 +107,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         overrides (`list[str]`, *optional*): extra ``--key value`` recipe flags, as on the command line.
         num_processes (`int`, *optional*): processes (GPUs); default: the accelerate config's, else 1.
         accelerate_config (`str | os.PathLike`, *optional*): an accelerate YAML (its path), or a `STRATEGIES`
-            name; default: DDP when ``num_processes`` > 1, else one process.
+            name; default: FSDP when the recipe sets ``fsdp``, else DDP, when ``num_processes`` > 1; else one
+            process.
         gpu (`float`, *optional*): the GPU the run is meant for, in GB (see `gpu_memory`).
 
     Returns:
@@ -122,6 +123,10 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
     model = _meta_model(model_args, bimedix)
     facts = model_facts(model, model_args, bimedix)
     sharding, config_processes = read_accelerate_config(accelerate_config, num_processes)
+    if accelerate_config is None and training.fsdp and (num_processes or 1) > 1:  # `fsdp: true` in the recipe
+        resharded = str((training.fsdp_config or {}).get("reshard_after_forward", True)).lower() == "true"
+        sharding = STRATEGIES["fsdp"] if resharded else Sharding("FSDP SHARD_GRAD_OP", "fsdp", gradients=True,
+                                                                  optimizer=True)
     settings = Settings(
         compute_dtype=model_args.dtype or "bfloat16",
         quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.io import give_default_mode, write_json
-from ..core.outputs import OutputFolder
+from ..core.outputs import OutputFolder, staged_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from .provenance import MERGE_REPORT, check_merge
 from .template import load_chat_settings, save_chat_settings
@@ -116,19 +116,20 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         logger.warning("The adapter in %s does not change the base model's logits (untrained adapter?).",
                        adapter_dir)
     if folder is not None:
-        output_dir = folder.root
-        merged.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        settings = load_chat_settings(adapter_dir)
-        if settings is not None:
-            save_chat_settings(output_dir, **settings)
-        report["output_dir"] = str(output_dir)
-        write_json(folder.path(MERGE_REPORT), report)
-        # record what the merge wrote; safetensors writes its file with mode 0600
-        for path in output_dir.iterdir():
-            if path.is_file() and path.name != folder.manifest.name:
-                give_default_mode(folder.path(path.name))
-        logger.info("Merged model written to %s", output_dir)
+        report["output_dir"] = str(folder.root)
+        # written whole beside the output, then swapped in: weights and report always belong together
+        with staged_folder(folder) as staging:
+            merged.save_pretrained(staging.root)
+            tokenizer.save_pretrained(staging.root)
+            settings = load_chat_settings(adapter_dir)
+            if settings is not None:
+                save_chat_settings(staging.root, **settings)
+            write_json(staging.path(MERGE_REPORT), report)
+            # record what the merge wrote; safetensors writes its file with mode 0600
+            for path in staging.root.iterdir():
+                if path.is_file() and path.name != staging.manifest.name:
+                    give_default_mode(staging.path(path.name))
+        logger.info("Merged model written to %s", folder.root)
     return report
 
 

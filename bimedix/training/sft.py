@@ -35,7 +35,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
-from ..core.outputs import check_outputs
+from ..core.outputs import OutputFolder, check_outputs
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
@@ -116,6 +116,12 @@ class BimedixArguments:
                           "fused RMSNorm and rotary kernels fetched from the Hub or its cache (fewer kernel "
                           "launches, a little less activation memory; nothing changes on CPU). Off by "
                           "default, so runs work offline and without `kernels` (`bimedix.hub_kernels`)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Write into a non-empty `output_dir` that no `bimedix sft` run made (its other "
+                          "files are kept; files with the names a run writes, such as README.md, are "
+                          "replaced)."},
     )
     expert_lora: str = field(
         default="peft",
@@ -267,8 +273,11 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     inputs = [model_args.model_name_or_path, script_args.dataset_name,
               *(config.path for config in mixture_args.datasets
                 or [])]  # the local ones: Hub ids are not paths
-    check_outputs({"--output_dir": training_args.output_dir},
-                  {f"input {path}": path for path in inputs if path and os.path.exists(path)})
+    inputs = {f"input {path}": path for path in inputs if path and os.path.exists(path)}
+    check_outputs({"--output_dir": training_args.output_dir}, inputs)
+    # a non-empty folder no run made (the user's README.md...) needs `overwrite`; the model card is this run's
+    OutputFolder(training_args.output_dir, "sft", inputs=inputs, overwrite=bimedix_args.overwrite,
+                 flag="--output_dir").path("README.md")
     tokenizer = load_tokenizer(model_args, bimedix_args)
     dataset = load_sft_dataset(script_args, mixture_args, system_prompt=bimedix_args.system_prompt)
     plugin = fsdp_plugin(training_args) if fsdp and training_args.world_size > 1 else None
@@ -304,8 +313,10 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    if hasattr(trainer, "end"):
-        trainer.end()
+    # No `trainer.end()`: it unregisters the gloo process group, whose last owner is then DDP's reducer,
+    # freed with the trainer while holding the GIL; ~ProcessGroupGloo joins a gloo thread that is still
+    # freeing an all-gather's tensors and waits for the GIL: a deadlock at the end of 2-process CPU runs
+    # (1 run in 4 here). The group is released at exit.
     return trainer
 
 

@@ -60,9 +60,11 @@ def create_chat_app(session, *, notice: str, language_of: Callable[[str], str], 
     app = make_app("the chat page", host=host, token=token, cookie=COOKIE, token_env=TOKEN_ENV)
     lock = asyncio.Lock()  # one generation at a time on the one model
 
+    html = page("chat.html")
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        return page("chat.html")
+        return html
 
     @app.get("/api/info")
     def info() -> dict:

@@ -51,9 +51,11 @@ def create_review_app(session: ReviewSession, *, reviewer: str = "", token: str 
                    lifespan=lifespan)
     lock = threading.Lock()  # one request at a time on the session
 
+    html = page("review.html")
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        return page("review.html")
+        return html
 
     @app.get("/api/state")
     def state(filter_state: str = "", min_score: float | None = None, max_score: float | None = None) -> dict:

@@ -31,7 +31,6 @@ import socket
 import threading
 import time
 from collections import deque
-from importlib import resources
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +104,14 @@ def check_port(host: str, port: int) -> None:
 
 
 def page(name: str) -> str:
-    """The text of a page shipped in ``bimedix/web/static``."""
-    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+    """A page shipped in ``bimedix/web/static``, rendered: each page extends ``base.html``, which holds the
+    head and the CSS they share (inline, as the CSP of `SECURITY_HEADERS` allows; nothing else is fetched)."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "static"), autoescape=True,
+                                      undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                      keep_trailing_newline=True)
+    return environment.get_template(name).render()
 
 
 def make_app(title: str, *, host: str, token: str | None, cookie: str, token_env: str, lifespan=None,
