@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bimedix.data.io import write_jsonl
+from bimedix.core.io import write_jsonl
 from bimedix.data.schema import make_record
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import ClientConfig, LLMClient

@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FEATURES": "bimedix.data.schema",
-    "RecordError": "bimedix.data.schema",
+    "RecordError": "bimedix.core.io",
     "make_record": "bimedix.data.schema",
     "validate_record": "bimedix.data.schema",
-    "read_records": "bimedix.data.io",
-    "write_jsonl": "bimedix.data.io",
-    "OutputFolder": "bimedix.data.outputs",
-    "check_outputs": "bimedix.data.outputs",
+    "read_records": "bimedix.data.schema",
+    "write_jsonl": "bimedix.core.io",
+    "OutputFolder": "bimedix.core.outputs",
+    "check_outputs": "bimedix.core.outputs",
     "load_mixtral_tokenizer": "bimedix.data.tokenizer",
     "VICUNA_TEMPLATE": "bimedix.training.template",
     "to_messages": "bimedix.training.template",

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from bimedix.cli import run_command
+from bimedix.core.command import run_command
 from bimedix.hub.cards import save_model_card
 from bimedix.training.sft import main, make_parser
 

@@ -1,5 +1,5 @@
 """One convention from data to evaluation: a translated Arabic MCQA training record, a converted Arabic record
-and the Arabic lm-eval prompt of the same item letter the options alike (`bimedix.data.conventions`)."""
+and the Arabic lm-eval prompt of the same item letter the options alike (`bimedix.core.conventions`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from llm_support import (
     write_jsonl,
 )
 
-from bimedix.data.conventions import ANSWER_CUES, OPTION_LETTERS
+from bimedix.core.conventions import ANSWER_CUES, OPTION_LETTERS
 from bimedix.data.mcqa import MCQAItem, item_to_record
 from bimedix.eval.bench import make_row
 from bimedix.eval.tasks.utils import doc_to_choice, doc_to_target, doc_to_text

@@ -9,9 +9,8 @@ import pytest
 
 from bimedix.cli import main
 from bimedix.data.converters import BUNDLED, CONVERTERS, SOURCE_INFO, bundled_path, convert
-from bimedix.data.io import read_records
 from bimedix.data.rejects import RejectLog
-from bimedix.data.schema import RecordError, validate_record
+from bimedix.data.schema import RecordError, read_records, validate_record
 
 LIVEQA = "liveqa_medical_trec2017/TestDataset/TREC-2017-LiveQA-Medical-Test.xml"
 MEDQA = "medqa_usmle/data_clean/questions/US/4_options/phrases_no_exclude_test.jsonl"

@@ -1,4 +1,4 @@
-"""Output safety (`bimedix.data.outputs`): no command writes over its inputs or deletes what it did not
+"""Output safety (`bimedix.core.outputs`): no command writes over its inputs or deletes what it did not
 write."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from bimed_sources import write_sources
 
 from bimedix.cli import main
+from bimedix.core.outputs import OutputError, OutputFolder, check_outputs, safe_name
 from bimedix.data.build import build_data
-from bimedix.data.outputs import OutputError, OutputFolder, check_outputs, safe_name
 from bimedix.data.recipe import load_data_recipe
 
 
@@ -67,7 +67,7 @@ def test_output_folder_deletes_only_what_it_wrote(tmp_path):
 
 def _kill_mid_write(target) -> None:
     """Run `atomic_open` in a child process that `kill -9`s itself mid-write, leaving its temporary behind."""
-    code = ("import os, signal, sys\nfrom bimedix.data.io import atomic_open\n"
+    code = ("import os, signal, sys\nfrom bimedix.core.io import atomic_open\n"
             "with atomic_open(sys.argv[1], 'wb') as handle:\n"
             "    handle.write(b'partial'); handle.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", code, str(target)], check=False).returncode == -9
@@ -310,10 +310,10 @@ def test_sft_keeps_a_users_readme_in_output_dir_without_overwrite(tmp_path, caps
 
 @pytest.mark.parametrize("exchange", ["renameat2", "rename aside"])
 def test_staged_folder_swaps_in_a_whole_folder_and_keeps_a_users_files(tmp_path, monkeypatch, exchange):
-    from bimedix.data.outputs import staged_folder
+    from bimedix.core.outputs import staged_folder
 
     if exchange == "rename aside":  # no renameat2 (not Linux, or a file system without RENAME_EXCHANGE)
-        monkeypatch.setattr("bimedix.data.outputs._exchange", lambda first, second: False)
+        monkeypatch.setattr("bimedix.core.outputs._exchange", lambda first, second: False)
     out = tmp_path / "out"
     with staged_folder(OutputFolder(out, "merge")) as staging:
         staging.path("weights").write_text("1")

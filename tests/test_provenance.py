@@ -9,7 +9,7 @@ import stat
 import pytest
 from peft import get_peft_model
 
-from bimedix.data.outputs import OutputError
+from bimedix.core.outputs import OutputError
 from bimedix.training.merge import merge_adapter
 from bimedix.training.provenance import BASE_RECORD, ProvenanceError, base_fingerprint, write_base_record
 from bimedix.training.targets import build_lora_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bimedix.data.io import iter_jsonl, read_delimited, read_json
+from bimedix.core.io import iter_jsonl, read_delimited, read_json
 from bimedix.data.rejects import RejectLog, failer, flat_map_records, map_records, on_error_for
 from bimedix.data.schema import RecordError, validate_record
 

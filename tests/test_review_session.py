@@ -19,7 +19,7 @@ from llm_support import mcqa_record, read_jsonl, write_jsonl
 from test_review import SCORES, _translated
 
 from bimedix.cli import main
-from bimedix.data.outputs import OutputError
+from bimedix.core.outputs import OutputError
 from bimedix.llm.review import import_reviews, read_audit
 from bimedix.llm.review_session import ReviewSession
 from bimedix.llm.review_stats import review_agreement, roc_auc

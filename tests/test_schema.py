@@ -8,8 +8,8 @@ import os
 import pytest
 from datasets import Dataset
 
-from bimedix.data.io import iter_jsonl, read_records, write_jsonl
-from bimedix.data.schema import FEATURES, RecordError, make_record, validate_record
+from bimedix.core.io import iter_jsonl, write_jsonl
+from bimedix.data.schema import FEATURES, RecordError, make_record, read_records, validate_record
 
 
 def _record(**overrides):

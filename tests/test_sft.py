@@ -109,7 +109,7 @@ def test_router_load_by_language_is_logged_and_reported(full_run):
 
 
 def test_language_of_a_sample_is_read_from_its_tokens(mixtral_tokenizer):
-    from bimedix.data.io import read_records
+    from bimedix.data.schema import read_records
     from bimedix.training.router_stats import arabic_token_table, sample_languages
     from bimedix.training.template import to_messages
 
@@ -174,8 +174,7 @@ def test_dataset_sources_mixture_and_bad_records(tmp_path):
     from trl import DatasetMixtureConfig, ScriptArguments
     from trl.scripts.utils import DatasetConfig
 
-    from bimedix.data.io import read_records
-    from bimedix.data.schema import FEATURES, RecordError, normalize_record
+    from bimedix.data.schema import FEATURES, RecordError, normalize_record, read_records
     from bimedix.training.sft import load_sft_dataset
 
     jsonl = resource_path("recipes", "tiny", "data", "train.jsonl")

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..data.conventions import ON_ERROR_POLICIES
+from ..core.conventions import ON_ERROR_POLICIES
 
 SERVER_HOST = "127.0.0.1"
 SERVER_PORT = 7860

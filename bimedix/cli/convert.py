@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data.conventions import LANGUAGES
-from ..data.outputs import check_outputs
+from ..core.conventions import LANGUAGES
+from ..core.outputs import check_outputs
 from . import _options
 
 
@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert, write atomically, print read / written / rejected counts."""
     from tqdm.auto import tqdm
 
+    from ..core.io import write_jsonl
     from ..data.converters import convert
-    from ..data.io import write_jsonl
     from ..data.rejects import RejectLog, on_error_for
     from ..data.schema import RecordError
 

@@ -86,7 +86,7 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from ..data.io import read_json
+    from ..core.io import read_json
     from ..data.stats import DataStats, compute_stats
 
     path = args.directory / "stats.json"
@@ -106,7 +106,7 @@ def _stats(args: argparse.Namespace) -> int:
         if not files:
             raise FileNotFoundError(f"{args.directory} has neither stats.json nor Parquet files; "
                                     "build it with `bimedix build-data`")
-        from ..data.io import iter_parquet_records
+        from ..core.io import iter_parquet_records
 
         def rows():
             for file in files:

@@ -6,7 +6,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from bimedix.data.outputs import OutputFolder, staged_folder
+from bimedix.core.outputs import OutputFolder, staged_folder
 
 from . import _options
 
@@ -101,7 +101,7 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
 
 
 def _build_bench(args: argparse.Namespace) -> int:
-    from bimedix.data.io import write_json
+    from bimedix.core.io import write_json
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.data.review_policy import ReviewPolicy
     from bimedix.eval.arabic_bench import collect_arabic_rows

@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-from ..data.conventions import LANGUAGES
+from ..core.conventions import LANGUAGES
 from . import INCOMPLETE, _options
 
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return _agreement(args)
     if args.apply_review:
         return _apply_review(args)
-    from ..data.outputs import OutputFolder, check_outputs
+    from ..core.outputs import OutputFolder, check_outputs
     from ..data.rejects import RejectLog, on_error_for
     from ..data.rubric import read_rubric_examples
     from ..eval.chat_eval import CACHE_NAME
@@ -407,8 +407,8 @@ def _local_fingerprint(args) -> str:
 
 
 def _agreement(args: argparse.Namespace) -> int:
-    from ..data.io import write_json
-    from ..data.outputs import OutputFolder, check_outputs
+    from ..core.io import write_json
+    from ..core.outputs import OutputFolder, check_outputs
     from ..eval.judge_agreement import format_agreement, judge_agreement, read_examples
 
     examples_path = args.output / "examples.jsonl"
@@ -430,7 +430,7 @@ def _agreement(args: argparse.Namespace) -> int:
 
 
 def _apply_review(args: argparse.Namespace) -> int:
-    from ..data.outputs import OutputFolder
+    from ..core.outputs import OutputFolder
     from ..eval.rubric_review import apply_arabic_review
 
     data_ar = args.output / "data_ar.jsonl"

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data.outputs import check_outputs
+from ..core.outputs import check_outputs
 from ..llm.review_stats import VERDICTS, review_agreement
 from . import INCOMPLETE, _options
 
@@ -242,7 +242,7 @@ def _review_serve(args: argparse.Namespace) -> int:
 
 
 def _review_stats(args: argparse.Namespace) -> int:
-    from ..data.io import read_records
+    from ..data.schema import read_records
 
     stats = review_agreement(read_records(args.input))
     if args.json:

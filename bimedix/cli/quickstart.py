@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.outputs import OutputFolder
+from ..core.outputs import OutputFolder
 from ..resources import resource_path
 from ..training.masking import assistant_token_mask, mask_summary, render_mask
 from ..training.template import apply_vicuna_template, to_messages

@@ -41,19 +41,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..core.conventions import LANGUAGES
+from ..core.io import atomic_open, iter_jsonl, raw_lines, report, write_json
+from ..core.outputs import OutputFolder, check_outputs
 from .composition import composition
-from .conventions import LANGUAGES
 from .dataset_readme import configs_readme
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
 from .dedup import Deduplicator, Signature, record_text
-from .io import atomic_open, iter_jsonl, raw_lines, read_records_lines, report, write_json
 from .mixing import RatioPlanner, keep_by_weight, keeps
-from .outputs import OutputFolder, check_outputs
 from .parallel import OffsetReader, OrderedPool, default_num_proc, ordered_map
 from .recipe import RECORDS_CONVERTER, DataRecipe, SourceSpec, load_data_recipe
 from .rejects import RejectLog, on_error_for
 from .review_policy import ReviewPolicy
-from .schema import FEATURES, TASKS, RecordError
+from .schema import FEATURES, TASKS, RecordError, read_records_lines
 from .stats import DataStats
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
                overwrite: bool = False) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
 
-    The folder is an `bimedix.data.outputs.OutputFolder`: no input is ever written or deleted, and a rebuild
+    The folder is an `bimedix.core.outputs.OutputFolder`: no input is ever written or deleted, and a rebuild
     deletes only the files an earlier build recorded writing there.
 
     Args:
@@ -181,7 +181,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
 
     Raises:
-        `bimedix.data.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a
+        `bimedix.core.outputs.OutputError`: ``output`` is or holds an input it would overwrite, or is a
         foreign non-empty folder without ``overwrite``.
     """
     if not isinstance(recipe, DataRecipe):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .conventions import LANGUAGES
+from ..core.conventions import LANGUAGES
 from .schema import TASKS
 from .stats import DataStats
 

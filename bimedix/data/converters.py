@@ -41,8 +41,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..core.io import OnError, iter_jsonl, read_delimited, read_json
 from ..resources import resource_path
-from .io import OnError, iter_jsonl, read_delimited, read_json
 from .mcqa import (
     LICENSES,
     item_to_record,

@@ -15,7 +15,7 @@ A record the reader cannot turn into an item raises `RecordError` naming ``file:
 with ``on_error`` set, is handed to it and skipped (see `bimedix.data.rejects`).
 
 `render_mcqa` turns an item into Vicuna turns with the prompts in `PROMPTS` (English and Arabic; Arabic
-prompts letter the options أ ب ج د هـ و, `bimedix.data.conventions.OPTION_LETTERS`, while
+prompts letter the options أ ب ج د هـ و, `bimedix.core.conventions.OPTION_LETTERS`, while
 ``meta.answer`` stays a Latin letter), and `item_to_record` into a schema record.
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conventions import LANGUAGES, PUBMEDQA_ANSWERS
-from .conventions import OPTION_LETTERS as LETTERS
-from .io import OnError, iter_jsonl, read_delimited, read_json
+from ..core.conventions import LANGUAGES, PUBMEDQA_ANSWERS
+from ..core.conventions import OPTION_LETTERS as LETTERS
+from ..core.io import OnError, iter_jsonl, read_delimited, read_json
 from .rejects import failer, flat_map_records
 from .schema import OPTION_LETTERS, RecordError, make_record
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.conventions import LANGUAGES, ON_ERROR_POLICIES
+from ..core.outputs import safe_name
 from ..resources import RESOURCE_PREFIXES, resolve_resource
-from .conventions import LANGUAGES, ON_ERROR_POLICIES
-from .outputs import safe_name
 from .schema import TASKS
 
 RECORDS_CONVERTER = "records"

@@ -1,6 +1,6 @@
 """What happens to a bad source record: stop (the default) or set it aside in a rejects file and go on.
 
-Every reader and converter in bimedix takes one ``on_error`` argument, a `bimedix.data.io.OnError`:
+Every reader and converter in bimedix takes one ``on_error`` argument, a `bimedix.core.io.OnError`:
 
 - ``None`` — raise the `RecordError` (its message names ``file:record: field``);
 - a callable — hand it the `RecordError` and continue with the next record. `RejectLog` is that
@@ -8,7 +8,7 @@ Every reader and converter in bimedix takes one ``on_error`` argument, a `bimedi
   and field, to a JSON Lines file and counts them, so that callers can print
   ``read = written + rejected + ...``.
 
-The tolerant file readers (`bimedix.data.io.iter_jsonl`, `bimedix.data.io.read_delimited`) apply the policy
+The tolerant file readers (`bimedix.core.io.iter_jsonl`, `bimedix.core.io.read_delimited`) apply the policy
 record by record, so one bad line (invalid JSON, bytes that are not UTF-8) does not end the file.
 
 Examples:
@@ -33,8 +33,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .conventions import ON_ERROR_POLICIES
-from .io import OnError, atomic_open, report
+from ..core.conventions import ON_ERROR_POLICIES
+from ..core.io import OnError, atomic_open, report
 from .schema import RecordError
 
 logger = logging.getLogger(__name__)

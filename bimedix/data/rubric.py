@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import OnError, iter_jsonl, raw_lines, report
+from ..core.io import OnError, iter_jsonl, raw_lines, report
 from .schema import RecordError
 
 #: Tag families HealthBench uses on examples and on criteria, and the values of the two that are reported.

@@ -1,4 +1,5 @@
-"""The one conversation schema every BiMed1.3M sample converts into, and its validator.
+"""The one conversation schema every BiMed1.3M sample converts into, its validator, and the readers of
+record files that apply it.
 
 A record is a plain ``dict``::
 
@@ -22,14 +23,16 @@ records of all sources share one Arrow schema.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from datasets import Features, List, Value
 
-from . import conventions
-from .conventions import LANGUAGES
+from ..core import conventions
+from ..core.conventions import LANGUAGES
+from ..core.io import BLANK, RecordError, decode_jsonl_line, iter_jsonl
 
 ROLES = ("human", "gpt")
 TASKS = ("mcqa", "qa", "chat")
@@ -76,49 +79,6 @@ META_FIELDS = tuple(META_FEATURES)
 REQUIRED_FIELDS = ("id", "source", "task", "language", "conversations")
 #: The Latin option letters answers are stored as (``meta.answer``), whatever the record language.
 OPTION_LETTERS = "".join(conventions.OPTION_LETTERS["en"])
-
-
-class RecordError(ValueError):
-    """A record that breaks the schema; its message names the file, the record and the field.
-
-    Args:
-        message (`str`): what is wrong and, where possible, how to fix it.
-        path (`str`, *optional*): the file the record came from.
-        record (`str | int`, *optional*): the record's line number (int) or id (str).
-        field (`str`, *optional*): the dotted field name, e.g. ``conversations[2].from``.
-        raw (`Any`, *optional*): the offending record as read (written to rejects files).
-    """
-
-    def __init__(self, message: str, *, path: str | None = None, record: str | int | None = None,
-                 field: str | None = None, raw: Any = None):
-        self.reason = message
-        self.path = path
-        self.record = record
-        self.field = field
-        self.raw = raw  # the offending record as read, kept for rejects files
-        super().__init__(self._format())
-
-    def __reduce__(self):
-        # rebuilt from its parts (not from the formatted message) when it crosses a process boundary
-        return functools.partial(type(self), self.reason, path=self.path, record=self.record,
-                                 field=self.field,
-                                 raw=self.raw), ()
-
-    def _format(self) -> str:
-        where = str(self.path) if self.path else "<input>"
-        if isinstance(self.record, int):
-            where += f":{self.record}"
-        elif self.record is not None:
-            where += f": record {self.record!r}"
-        if self.field:
-            where += f": field `{self.field}`"
-        return f"{where}: {self.reason}"
-
-    def located(self, *, path: str | None = None, record: str | int | None = None) -> RecordError:
-        """Return a copy with the file and record filled in where they were unknown."""
-        return RecordError(self.reason, path=self.path or path,
-                           record=self.record if self.record is not None else record, field=self.field,
-                           raw=self.raw)
 
 
 def validate_record(record: Any, *, path: str | None = None, line: int | None = None) -> dict:
@@ -232,6 +192,36 @@ def make_record(
     )
 
 
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield validated, normalised schema records from a JSON Lines file."""
+    for line_no, obj in iter_jsonl(path):
+        yield validate_record(obj, path=str(path), line=line_no)
+
+
+def read_records_lines(path: str | os.PathLike,
+                       lines: list[tuple[int, bytes]]) -> list[tuple[str | None, RecordError | None]]:
+    """Validate numbered raw lines of a schema-record JSON Lines file (a chunk, for worker processes).
+
+    Returns:
+        `list`: per non-blank line, ``(the record as one JSON line, None)`` or ``(None, the RecordError)``.
+    """
+    results = []
+    for line_no, raw in lines:
+        obj, error = decode_jsonl_line(path, line_no, raw)
+        if obj is BLANK:
+            continue
+        if error is None:
+            try:
+                record = validate_record(obj, path=str(path), line=line_no)
+            except RecordError as err:
+                error = RecordError(err.reason, path=err.path, record=err.record, field=err.field, raw=obj)
+            else:
+                results.append((json.dumps(record, ensure_ascii=False) + "\n", None))
+                continue
+        results.append((None, error))
+    return results
+
+
 def _validate_conversations(conversations: Any, fail) -> None:
     if not isinstance(conversations, list) or not conversations:
         raise fail("conversations", f"must be a non-empty list of turns, got {conversations!r:.80}")
@@ -249,3 +239,4 @@ def _validate_conversations(conversations: Any, fail) -> None:
     if conversations[-1]["from"] != "gpt":
         raise fail(f"conversations[{len(conversations) - 1}].from",
                    "a conversation must end with a `gpt` turn")
+

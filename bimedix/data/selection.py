@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_open, iter_jsonl
+from ..core.io import atomic_open, iter_jsonl
 from .mixing import apportion, selection_key
 from .schema import validate_record
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
-from .conventions import LANGUAGES
+from ..core.conventions import LANGUAGES
 from .encode import encode_conversations
 from .schema import TASKS
 

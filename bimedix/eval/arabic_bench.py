@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from bimedix.data.conventions import OPTION_LETTERS
+from bimedix.core.conventions import OPTION_LETTERS
 from bimedix.data.mcqa import PROMPTS
 from bimedix.data.review_policy import ReviewPolicy
 
@@ -168,7 +168,7 @@ def collect_arabic_rows(sources: str | Path | None = None, translations: str | P
             if language == "ar":
                 rows |= {row["id"]: row for row in subset_rows}
     if translations is not None:
-        from bimedix.data.io import read_records
+        from bimedix.data.schema import read_records
 
         rows |= {row["id"]: row for row in rows_from_records(read_records(translations), review,
                                                              translations)}

@@ -26,10 +26,10 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from bimedix.data import mcqa
 from bimedix.resources import resource_path
 
-from ..data.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
+from ..core.conventions import LANGUAGES, OPTION_LETTERS, PUBMEDQA_ANSWERS
+from ..core.io import atomic_open
+from ..core.outputs import OutputFolder, safe_name
 from ..data.dataset_readme import configs_readme
-from ..data.io import atomic_open
-from ..data.outputs import OutputFolder, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def write_bench(tables: dict[tuple[str, str], list[dict]], output: str | Path
     """Write ``{(subset, language): rows}`` as a bench folder with its two dataset cards; return rows per
     config.
 
-    ``output`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one): subset names must be safe
+    ``output`` is an `bimedix.core.outputs.OutputFolder` (a path is opened as one): subset names must be safe
     file names, and only Parquet files an earlier build wrote are removed.
     """
     import pyarrow.parquet as pq

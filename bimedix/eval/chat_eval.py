@@ -31,8 +31,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data.io import atomic_open, write_json, write_jsonl
-from ..data.outputs import OutputFolder
+from ..core.io import atomic_open, write_json, write_jsonl
+from ..core.outputs import OutputFolder
 from ..data.rubric import Criterion, RubricExample
 from ..llm.cache import RequestCache
 from ..llm.client import LLMClient

@@ -20,7 +20,7 @@ import os
 import random
 from pathlib import Path
 
-from ..data.io import atomic_open, iter_jsonl, write_jsonl
+from ..core.io import atomic_open, iter_jsonl, write_jsonl
 from ..llm.grading import grader_conversation
 from ..llm.review import neutralize_cell, restore_cell
 

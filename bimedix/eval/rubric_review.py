@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..data.io import write_jsonl
-from ..data.outputs import check_outputs
+from ..core.io import write_jsonl
+from ..core.outputs import check_outputs
 from ..data.rubric import Criterion, RubricExample, read_rubric_examples
 from ..llm.review import DECISIONS, append_audit, read_review_rows
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bimedix.data.conventions import LANGUAGES
-from bimedix.data.io import atomic_open, write_json
-from bimedix.data.outputs import OutputFolder, safe_name
+from bimedix.core.conventions import LANGUAGES
+from bimedix.core.io import atomic_open, write_json
+from bimedix.core.outputs import OutputFolder, safe_name
 from bimedix.resources import resource_path
 
 from ..deprecations import quiet_peft_checkpointing_warning
@@ -289,7 +289,7 @@ def write_results(results: dict, output_dir: str | Path | OutputFolder, *, model
     """Write lm-eval's JSON (``results.json``), per-sample logs, the consistency metric and the markdown
     tables.
 
-    ``output_dir`` is an `bimedix.data.outputs.OutputFolder` (a path is opened as one); task names must be
+    ``output_dir`` is an `bimedix.core.outputs.OutputFolder` (a path is opened as one); task names must be
     safe file names.
     """
     from lm_eval.utils import handle_non_serializable

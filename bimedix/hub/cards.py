@@ -29,8 +29,8 @@ from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
+from ..core.conventions import LANGUAGES
 from ..data.composition import composition_markdown, has_targets
-from ..data.conventions import LANGUAGES
 from ..data.review_policy import ReviewPolicy
 from ..resources import resource_path
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.hf_api import RepoFile
 
-from ..data.outputs import OutputFolder, check_outputs, staged_folder
+from ..core.outputs import OutputFolder, check_outputs, staged_folder
 from ..data.review_policy import UNREVIEWED
 from .cards import (
     DatasetSummary,

@@ -22,12 +22,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..core.conventions import OPTION_LETTERS as LETTERS
 from ..data.arabic import normalize_for_match
-from ..data.conventions import OPTION_LETTERS as LETTERS
 from ..data.schema import OPTION_LETTERS, make_record
-from .client import LLMClient
-from .prompts import load_prompt
-from .runner import Accepted, Rejected, RunSummary, engine_fingerprint, run_records
+from .client import Completion, LLMClient
+from .engine import EngineConfig, RecordEngine
+from .runner import Accepted, Rejected, RunSummary
 from .translation import parse_json_object
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,10 @@ _NEGATE = re.compile(r"\b(?:not|unlikely|less likely|rule out|ruled out|incorrec
 _SENTENCE = re.compile(r"(?<=[.!?؟])\s+|\n+")
 
 
-@dataclass
-class DialogueConfig:
-    """Dialogue generation settings.
+@dataclass(kw_only=True)
+class DialogueConfig(EngineConfig):
+    """Dialogue generation settings, with the request settings of `EngineConfig` (attempt k uses seed
+    ``seed + k``).
 
     Args:
         min_turns (`int`, *optional*, defaults to `4`): fewest human/gpt exchanges accepted.
@@ -56,11 +57,7 @@ class DialogueConfig:
         min_turn_chars (`int`, *optional*, defaults to `2`): shortest accepted turn.
         max_turn_chars (`int`, *optional*, defaults to `3000`): longest accepted turn.
         max_total_chars (`int`, *optional*, defaults to `16000`): longest accepted conversation.
-        seed (`int`, *optional*, defaults to `0`): seed of the first attempt (attempt k uses ``seed + k``).
-        max_tokens (`int`, *optional*, defaults to `4096`): completion limit.
         temperature (`float`, *optional*, defaults to `0.7`): sampling temperature.
-        json_mode (`bool`, *optional*, defaults to `True`): send ``response_format={"type": "json_object"}``.
-        prompts_dir (`str`, *optional*): folder overriding the shipped prompt templates.
     """
 
     min_turns: int = 4
@@ -69,11 +66,7 @@ class DialogueConfig:
     min_turn_chars: int = 2
     max_turn_chars: int = 3000
     max_total_chars: int = 16000
-    seed: int = 0
-    max_tokens: int = 4096
     temperature: float = 0.7
-    json_mode: bool = True
-    prompts_dir: str | None = None
 
     def __post_init__(self):
         if not 1 <= self.min_turns <= self.max_turns:
@@ -127,7 +120,7 @@ def validate_dialogue(conversation: object, options: list[str], answer: str,
     return problems
 
 
-class DialogueGenerator:
+class DialogueGenerator(RecordEngine):
     """Generate one chat from one MCQA record (an awaitable callable for `run_records`).
 
     Args:
@@ -135,16 +128,9 @@ class DialogueGenerator:
         config (`DialogueConfig`): generation settings.
     """
 
-    def __init__(self, client: LLMClient, config: DialogueConfig):
-        self.client = client
-        self.config = config
-        self.prompt = load_prompt("dialogue", config.prompts_dir)
-        self.response_format = {"type": "json_object"} if config.json_mode else None
-
-    @property
-    def fingerprint(self) -> str:
-        """Model, settings and prompt: what a record's result depends on besides the record."""
-        return engine_fingerprint("generate-chats", self.client.config.model, self.config, [self.prompt])
+    name = "generate-chats"
+    prompt_names = ("dialogue",)
+    meta_field = "generation"
 
     async def __call__(self, record: dict) -> Accepted | Rejected:
         meta, config = record["meta"], self.config
@@ -157,27 +143,23 @@ class DialogueGenerator:
                    "explanation": record["conversations"][-1]["value"],
                    "min_turns": config.min_turns, "max_turns": config.max_turns,
                    "language": record["language"]}
-        messages = self.prompt.render(payload)
-        cost, reasons = 0.0, []
-        for attempt in range(config.max_attempts):
-            completion = await self.client.complete(messages, max_tokens=config.max_tokens,
-                                                    temperature=config.temperature, seed=config.seed
-                                                    + attempt,
-                                                    response_format=self.response_format)
-            cost += completion.cost_usd
-            if completion.finish_reason == "length":
-                reasons.append(f"attempt {attempt + 1}: cut off at max_tokens (finish_reason=length)")
-                continue
-            data = parse_json_object(completion.text)
-            if data is None:
-                reasons.append(f"attempt {attempt + 1}: not a JSON object")
-                continue
-            problems = validate_dialogue(data.get("conversation"), options, answer, config)
-            if problems:
-                reasons.append(f"attempt {attempt + 1}: " + "; ".join(problems))
-                continue
-            return Accepted(self._output(record, data["conversation"], cost))
-        return Rejected(record["id"], " | ".join(reasons), cost)
+        generated = await self.ask(self.prompts["dialogue"].render(payload),
+                                   lambda completion: self._parse(completion, options, answer),
+                                   attempts=config.max_attempts, max_tokens=config.max_tokens, resample=False)
+        if generated.value is not None:
+            return Accepted(self._output(record, generated.value, generated.cost_usd))
+        reasons = [f"attempt {number}: {reason}" for number, reason in enumerate(generated.reasons, start=1)]
+        return Rejected(record["id"], " | ".join(reasons), generated.cost_usd)
+
+    def _parse(self, completion: Completion, options: list[str], answer: str) -> list[dict] | str:
+        """The generated conversation, or why it is refused."""
+        if completion.finish_reason == "length":
+            return "cut off at max_tokens (finish_reason=length)"
+        data = parse_json_object(completion.text)
+        if data is None:
+            return "not a JSON object"
+        problems = validate_dialogue(data.get("conversation"), options, answer, self.config)
+        return "; ".join(problems) if problems else data["conversation"]
 
     def _output(self, record: dict, conversation: list[dict], cost: float) -> dict:
         turns = [{"from": "human" if index % 2 == 0 else "gpt", "value": turn["value"].strip()}
@@ -187,7 +169,7 @@ class DialogueGenerator:
                            language=record["language"], conversations=turns, license=record["license"],
                            original_id=meta.get("original_id"), subject=meta.get("subject"),
                            generation={"model": self.client.config.model,
-                                       "prompt_version": self.prompt.version,
+                                       "prompt_version": self.prompts["dialogue"].version,
                                        "source_id": record["id"], "cost_usd": cost})
 
 
@@ -205,10 +187,7 @@ async def generate_chats_file(input_path: str | os.PathLike, output_path: str | 
     Returns:
         `RunSummary`: what the run did.
     """
-    generator = DialogueGenerator(client, config)
-    return await run_records(input_path, generator, output=output_path, client=client, desc="generate-chats",
-                             fingerprint=generator.fingerprint,
-                             source_id_of=lambda record: record["meta"]["generation"]["source_id"])
+    return await DialogueGenerator(client, config).run_file(input_path, output_path)
 
 
 def _endorsed_wrong_options(assistant: list[str], options: list[str], correct: str) -> list[str]:

@@ -17,32 +17,28 @@ import re
 from dataclasses import dataclass
 
 from ..data.rubric import Criterion
-from .client import Completion, LLMClient
-from .prompts import load_prompt
+from .client import Completion
+from .engine import Engine, EngineConfig
+from .prompts import PromptTemplate
 
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
-@dataclass
-class GradingConfig:
-    """Judge settings.
+@dataclass(kw_only=True)
+class GradingConfig(EngineConfig):
+    """Judge settings, with the request settings of `EngineConfig` (``temperature`` is the first attempt's;
+    re-asks use at least 0.7).
 
     Args:
         judge_attempts (`int`, *optional*, defaults to `3`): tries to get a well-formed verdict per criterion.
         max_tokens (`int`, *optional*, defaults to `2048`): completion limit (HealthBench's grader uses 2048).
-        temperature (`float`, *optional*, defaults to `0`): first attempt; re-asks use at least 0.7.
-        seed (`int`, *optional*, defaults to `0`): request seed of the first attempt (+1 per re-ask).
         json_mode (`bool`, *optional*, defaults to `False`): send ``response_format={"type": "json_object"}``
             (HealthBench does not).
-        prompts_dir (`str`, *optional*): folder overriding the shipped ``grader.yaml``.
     """
 
     judge_attempts: int = 3
     max_tokens: int = 2048
-    temperature: float = 0.0
-    seed: int = 0
     json_mode: bool = False
-    prompts_dir: str | None = None
 
     def __post_init__(self):
         if self.judge_attempts < 1:
@@ -86,7 +82,7 @@ def parse_verdict(completion: Completion) -> tuple[bool, str] | str:
     return met, explanation if isinstance(explanation, str) else json.dumps(explanation, ensure_ascii=False)
 
 
-class RubricGrader:
+class RubricGrader(Engine):
     """Grade replies criterion by criterion with an LLM judge.
 
     Args:
@@ -94,11 +90,13 @@ class RubricGrader:
         config (`GradingConfig`): judge settings.
     """
 
-    def __init__(self, client: LLMClient, config: GradingConfig):
-        self.client = client
-        self.config = config
-        self.prompt = load_prompt("grader", config.prompts_dir)
-        self.response_format = {"type": "json_object"} if config.json_mode else None
+    name = "grade"
+    prompt_names = ("grader",)
+
+    @property
+    def prompt(self) -> PromptTemplate:
+        """The grader prompt (``grader.yaml``)."""
+        return self.prompts["grader"]
 
     async def grade(self, prompt: list[dict], reply: str, criterion: Criterion) -> Verdict:
         """Ask the judge whether ``reply`` (the answer to ``prompt``) meets ``criterion``.
@@ -106,23 +104,12 @@ class RubricGrader:
         Raises:
             The client's exceptions (`LLMError`, `BudgetExceeded`, `Deferred`); malformed answers do not.
         """
-        config = self.config
         messages = self.prompt.render(
             {"conversation": grader_conversation(prompt, reply), "rubric_item": str(criterion)}
         )
-        cost, reasons = 0.0, []
-        for attempt in range(config.judge_attempts):
-            temperature = config.temperature if attempt == 0 else max(config.temperature, 0.7)
-            completion = await self.client.complete(
-                messages,
-                max_tokens=config.max_tokens,
-                temperature=temperature,
-                seed=config.seed + attempt,
-                response_format=self.response_format,
-            )
-            cost += completion.cost_usd
-            parsed = parse_verdict(completion)
-            if not isinstance(parsed, str):
-                return Verdict(parsed[0], parsed[1], None, attempt + 1, cost)
-            reasons.append(f"attempt {attempt + 1}: {parsed}")
-        return Verdict(None, "", "; ".join(reasons), config.judge_attempts, cost)
+        answer = await self.ask(messages, parse_verdict, attempts=self.config.judge_attempts,
+                                max_tokens=self.config.max_tokens, resample=True)
+        if answer.value is not None:
+            return Verdict(answer.value[0], answer.value[1], None, answer.attempts, answer.cost_usd)
+        reasons = [f"attempt {number}: {reason}" for number, reason in enumerate(answer.reasons, start=1)]
+        return Verdict(None, "", "; ".join(reasons), answer.attempts, answer.cost_usd)

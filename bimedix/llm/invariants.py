@@ -9,7 +9,7 @@
 
 `protected_terms` lists what a record must keep; the translation prompt sends that list to the model.
 `arabic_option_letters` rewrites a translation's option markers with the Arabic letters of
-`bimedix.data.conventions.OPTION_LETTERS`, the letters Arabic training data and evaluation share.
+`bimedix.core.conventions.OPTION_LETTERS`, the letters Arabic training data and evaluation share.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import functools
 import re
 from collections import Counter
 
+from ..core.conventions import ANSWER_WORDS, OPTION_LETTERS
 from ..data.arabic import normalize_arabic
-from ..data.conventions import ANSWER_WORDS, OPTION_LETTERS
 
 UNITS = ("mg", "mcg", "µg", "ug", "g", "kg", "ng", "pg", "mL", "ml", "L", "dL", "dl", "mmHg", "cmH2O", "mmol",
          "µmol",
@@ -100,7 +100,7 @@ def arabic_option_letters(text: str) -> str:
     letters.
 
     Translated MCQA turns then letter their options as the Arabic evaluation tasks and the Arabic converters
-    do (`bimedix.data.conventions.OPTION_LETTERS`), whichever letters the translator wrote.
+    do (`bimedix.core.conventions.OPTION_LETTERS`), whichever letters the translator wrote.
 
     Examples:
 

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..data.io import atomic_open, csv_reader, iter_jsonl, read_records, write_jsonl
-from ..data.outputs import check_outputs
-from ..data.schema import validate_record
+from ..core.io import atomic_open, csv_reader, iter_jsonl, write_jsonl
+from ..core.outputs import check_outputs
+from ..data.schema import read_records, validate_record
 from .invariants import arabic_option_letters
 
 COLUMNS = ("id", "field", "score", "review_state", "english", "arabic", "decision", "comment")
@@ -84,7 +84,7 @@ def export_review_queue(translated: str | os.PathLike, queue: str | os.PathLike,
         threshold (`float`, *optional*, defaults to `80`): records scoring below it are always queued.
 
     Raises:
-        `bimedix.data.outputs.OutputError`: ``queue`` is ``translated`` or ``source``.
+        `bimedix.core.outputs.OutputError`: ``queue`` is ``translated`` or ``source``.
     """
     check_outputs({"--output": queue}, {"--input": translated, "--source": source})
     rows = queue_rows(read_records(translated), source=source, fraction=fraction, seed=seed,
@@ -137,7 +137,7 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
 
     Raises:
         `ValueError`: ``reviews:row N: column `c`: ...`` for the first bad rows; nothing is written then.
-        `bimedix.data.outputs.OutputError`: ``output`` or ``audit`` is an input, or they are the same file.
+        `bimedix.core.outputs.OutputError`: ``output`` or ``audit`` is an input, or they are the same file.
     """
     if not reviewer.strip():
         raise ValueError("--reviewer must name who reviewed")

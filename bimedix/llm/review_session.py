@@ -9,7 +9,7 @@ nothing decided; on start the trail is read back and the latest decision on each
 on start after an earlier run) with `apply_decisions`, the code ``review import`` uses, so the result is
 the one ``review import`` gives for the same decisions. Each item has a `version` (its decision entries so
 far); a decision naming an older one is refused (`StaleDecision`), so nobody reverts a decision unseen. The
-output and the audit trail are checked against the inputs by `bimedix.data.outputs.check_outputs`.
+output and the audit trail are checked against the inputs by `bimedix.core.outputs.check_outputs`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..data.io import read_records, write_jsonl
+from ..core.io import write_jsonl
+from ..core.outputs import check_outputs
 from ..data.mcqa import LETTERS
-from ..data.outputs import check_outputs
+from ..data.schema import read_records
 from .invariants import check_invariants, protected_terms
 from .review import (
     append_audit,
@@ -70,7 +71,7 @@ class ReviewSession:
 
     Raises:
         `ValueError`: for a queue row naming an unknown record or text, or an empty queue.
-        `bimedix.data.outputs.OutputError`: the output or the audit trail is an input, or they are one file.
+        `bimedix.core.outputs.OutputError`: the output or the audit trail is an input, or they are one file.
     """
 
     def __init__(self, translated: str | os.PathLike, output: str | os.PathLike, *,

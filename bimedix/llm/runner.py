@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ..data.io import raw_lines
-from ..data.outputs import check_outputs
+from ..core.io import raw_lines
+from ..core.outputs import check_outputs
 from ..data.schema import RecordError, validate_record
 from .client import BudgetExceeded, Deferred, LLMClient, LLMError
 

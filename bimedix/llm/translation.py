@@ -26,43 +26,35 @@ from dataclasses import dataclass
 
 from ..data.schema import make_record
 from .client import Completion, LLMClient
+from .engine import EngineConfig, RecordEngine
 from .invariants import arabic_option_letters, check_invariants, protected_terms
-from .prompts import load_prompt
 from .review import sampled_for_review
-from .runner import Accepted, Rejected, RunSummary, engine_fingerprint, run_records
+from .runner import Accepted, Rejected, RunSummary
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TranslationConfig:
-    """Translation loop settings.
+@dataclass(kw_only=True)
+class TranslationConfig(EngineConfig):
+    """Translation loop settings, with the request settings of `EngineConfig` (``seed`` also seeds the review
+    sample; ``max_tokens`` is the limit of translation requests; judge re-asks use a temperature of at least
+    0.7).
 
     Args:
         threshold (`float`, *optional*, defaults to `80`): judge score (0–100) a translation must reach.
         max_rounds (`int`, *optional*, defaults to `3`): translation + refinement rounds per record.
         judge_attempts (`int`, *optional*, defaults to `3`): tries to get a well-formed judgement per round.
         review_fraction (`float`, *optional*, defaults to `0.05`): share of passing records queued for review.
-        seed (`int`, *optional*, defaults to `0`): review sampling and request seed.
         drug_names (`frozenset[str]`, *optional*): names that must survive verbatim.
-        max_tokens (`int`, *optional*, defaults to `4096`): completion limit of translation requests.
         judge_max_tokens (`int`, *optional*, defaults to `512`): completion limit of judge requests.
-        temperature (`float`, *optional*, defaults to `0`): sampling temperature (re-asks use at least 0.7).
-        json_mode (`bool`, *optional*, defaults to `True`): send ``response_format={"type": "json_object"}``.
-        prompts_dir (`str`, *optional*): folder overriding the shipped prompt templates.
     """
 
     threshold: float = 80.0
     max_rounds: int = 3
     judge_attempts: int = 3
     review_fraction: float = 0.05
-    seed: int = 0
     drug_names: frozenset[str] = frozenset()
-    max_tokens: int = 4096
     judge_max_tokens: int = 512
-    temperature: float = 0.0
-    json_mode: bool = True
-    prompts_dir: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.threshold <= 100:
@@ -93,7 +85,7 @@ def arabic_id(english_id: str) -> str:
     return replaced if replaced != english_id else f"{english_id}-ar"
 
 
-class Translator:
+class Translator(RecordEngine):
     """Translate one English record (an awaitable callable for `run_records`).
 
     Args:
@@ -101,17 +93,9 @@ class Translator:
         config (`TranslationConfig`): loop settings.
     """
 
-    def __init__(self, client: LLMClient, config: TranslationConfig):
-        self.client = client
-        self.config = config
-        self.prompts = {name: load_prompt(name, config.prompts_dir)
-                        for name in ("translate", "refine", "judge")}
-        self.response_format = {"type": "json_object"} if config.json_mode else None
-
-    @property
-    def fingerprint(self) -> str:
-        """Model, settings and prompts: what a record's result depends on besides the record."""
-        return engine_fingerprint("translate", self.client.config.model, self.config, self.prompts.values())
+    name = "translate"
+    prompt_names = ("translate", "refine", "judge")
+    meta_field = "translation"
 
     async def __call__(self, record: dict) -> Accepted | Rejected:
         if record["language"] != "en":
@@ -146,8 +130,8 @@ class Translator:
                 payload = {"task": "refine", **source, "keep": keep, "translation": current, "score": score,
                            "comments": feedback or "The previous attempt failed; translate again."}
                 prompt = self.prompts["refine"]
-            completion = await self._ask(prompt.render(payload), config.max_tokens, seed=config.seed
-                                         + round_no - 1)
+            completion = await self.complete(prompt.render(payload), config.max_tokens,
+                                             seed=config.seed + round_no - 1)
             cost += completion.cost_usd
             candidate, problem = _parse_translation(completion, source)
             if problem is None:
@@ -175,28 +159,15 @@ class Translator:
             return TranslationResult(None, None, "", rounds, cost, failures)
         return TranslationResult(best[0], float(best[1]), best[2], rounds, cost, failures)
 
-    async def _ask(self, messages: list[dict], max_tokens: int, *, seed: int,
-                   resample: bool = False) -> Completion:
-        """One request; ``resample`` (a re-ask) raises the temperature to at least 0.7 for a different
-        answer."""
-        temperature = max(self.config.temperature, 0.7) if resample else self.config.temperature
-        return await self.client.complete(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                          response_format=self.response_format)
-
     async def _judge(self, source: dict, candidate: dict) -> tuple[tuple[float, str] | str, float]:
         """Return ``((score, comments), cost)``, or ``(reason, cost)`` if every attempt was malformed."""
         messages = self.prompts["judge"].render({"task": "judge", "source": source, "translation": candidate})
-        cost, reasons = 0.0, []
-        for attempt in range(self.config.judge_attempts):
-            completion = await self._ask(messages, self.config.judge_max_tokens, seed=self.config.seed
-                                         + attempt,
-                                         resample=attempt > 0)
-            cost += completion.cost_usd
-            judged = _parse_judgement(completion)
-            if not isinstance(judged, str):
-                return judged, cost
-            reasons.append(judged)
-        return f"judge output malformed {self.config.judge_attempts} times ({'; '.join(reasons)})", cost
+        answer = await self.ask(messages, _parse_judgement, attempts=self.config.judge_attempts,
+                                max_tokens=self.config.judge_max_tokens, resample=True)
+        if answer.value is not None:
+            return answer.value, answer.cost_usd
+        return (f"judge output malformed {answer.attempts} times ({'; '.join(answer.reasons)})",
+                answer.cost_usd)
 
     def _output(self, record: dict, translation: dict, score: float, comments: str, rounds: int,
                 cost: float) -> dict:
@@ -231,10 +202,7 @@ async def translate_file(input_path: str | os.PathLike, output_path: str | os.Pa
     Returns:
         `RunSummary`: what the run did.
     """
-    translator = Translator(client, config)
-    return await run_records(input_path, translator, output=output_path, client=client, desc="translate",
-                             fingerprint=translator.fingerprint,
-                             source_id_of=lambda record: record["meta"]["translation"]["source_id"])
+    return await Translator(client, config).run_file(input_path, output_path)
 
 
 def parse_json_object(text: str) -> dict | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.io import give_default_mode, write_json
-from ..data.outputs import OutputFolder, staged_folder
+from ..core.io import give_default_mode, write_json
+from ..core.outputs import OutputFolder, staged_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from .provenance import MERGE_REPORT, check_merge
 from .template import load_chat_settings, save_chat_settings
@@ -67,7 +67,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
     Raises:
         `RuntimeError`: when the merged model does not reproduce the adapter model; nothing is written.
         `bimedix.training.provenance.ProvenanceError`: the adapter does not belong on ``base`` (see
-        ``force``). `bimedix.data.outputs.OutputError`: ``output_dir`` is the base or adapter folder (or
+        ``force``). `bimedix.core.outputs.OutputError`: ``output_dir`` is the base or adapter folder (or
         inside one).
     """
     from peft import PeftModel

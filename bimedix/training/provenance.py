@@ -75,7 +75,7 @@ def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
 def write_base_record(adapter_dir: str | os.PathLike, base: str | None, fingerprint: dict[str, str]) -> Path:
     """Write ``bimedix_base.json`` (base name and fingerprint) into a saved adapter folder; return its
     path."""
-    from ..data.io import write_json
+    from ..core.io import write_json
 
     path = Path(adapter_dir) / BASE_RECORD
     write_json(path, {"base_model": base, "fingerprint": fingerprint})

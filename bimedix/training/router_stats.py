@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..data.conventions import LANGUAGES
-from ..data.io import write_json
+from ..core.conventions import LANGUAGES
+from ..core.io import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
-from ..data.outputs import OutputFolder, check_outputs
+from ..core.outputs import OutputFolder, check_outputs
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
@@ -730,8 +730,7 @@ def _load_one(config):
     """One mixture entry as a `Dataset`."""
     from datasets import Dataset, load_dataset
 
-    from ..data.io import read_records
-    from ..data.schema import FEATURES, normalize_record
+    from ..data.schema import FEATURES, normalize_record, read_records
 
     path = resolve_resource(config.path)
     record_files = []

@@ -93,7 +93,7 @@ def save_chat_settings(folder: str | os.PathLike, *, chat_template: str, system_
             saved with the tokenizer in the same folder).
         system_prompt (`str`, *optional*): the system prompt given to records without one; `None` for none.
     """
-    from ..data.io import write_json
+    from ..core.io import write_json
 
     path = Path(folder) / CHAT_SETTINGS_FILE
     write_json(path, {"chat_template": chat_template, "system_prompt": system_prompt})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bimedix.data.conventions import LANGUAGES
+from bimedix.core.conventions import LANGUAGES
 from bimedix.eval.bench import EXTRA_SUBSETS, PAPER_SUBSETS
 
 TASKS_DIR = Path(__file__).parent

@@ -14,7 +14,7 @@ Prompts (log-likelihood of each choice after the prompt; ``acc`` and ``acc_norm`
       ...
       Answer:            -> choices " A", " B", ...
 
-Letters and cues come from `bimedix.data.conventions` (the training data uses the same ones).
+Letters and cues come from `bimedix.core.conventions` (the training data uses the same ones).
 
 - multiple choice, Arabic (Arabic option letters, right-to-left text)::
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bimedix.data.conventions import ANSWER_CUES, OPTION_LETTERS
+from bimedix.core.conventions import ANSWER_CUES, OPTION_LETTERS
 
 _PUBMEDQA_CUES = {"en": ("Abstract:", "Question:"), "ar": ("الملخص:", "السؤال:")}
 

@@ -4,7 +4,7 @@ Each ``<name>.yaml`` holds ``version`` (recorded in the output's provenance), ``
 both Jinja templates. They are rendered with ``payload`` (the task's JSON, which the user template must
 include unless the file lists the variables it uses instead under ``inputs``, as ``grader.yaml``,
 HealthBench's grader prompt, does), every top-level key of the task payload (e.g. ``min_turns``) and
-``arabic_option_letters`` (``A → أ, B → ب, ...`` from `bimedix.data.conventions.OPTION_LETTERS`). To
+``arabic_option_letters`` (``A → أ, B → ب, ...`` from `bimedix.core.conventions.OPTION_LETTERS`). To
 change a prompt, copy the shipped file into a folder, edit it (and its ``version``), and pass that folder
 with ``--prompts DIR``; names missing there fall back to the shipped ones.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from ...data.conventions import OPTION_LETTERS
+from ...core.conventions import OPTION_LETTERS
 from ...resources import resource_path
 
 PROMPT_NAMES = ("translate", "refine", "judge", "dialogue", "grader")
