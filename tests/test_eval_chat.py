@@ -11,10 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from llm_support import MODEL, PRICES, SECRET, read_jsonl
+from process_support import WatchedProcess
 
 from bimedix.cli import main
 from bimedix.llm.cache import RequestCache
@@ -282,14 +282,13 @@ def test_kill9_resumes_without_paying_twice(api_key, tmp_path):
             *command(server.base_url, tmp_path, "out", "--languages", "en,ar"),
         ]
         cache_path = tmp_path / "out" / "eval-chat.llm.sqlite"
-        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while server.count() < 40 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)  # the signal: requests reaching the server
-        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
-        process.send_signal(signal.SIGKILL)
-        process.communicate()
-        time.sleep(0.1)  # let requests in flight at the kill reach the server log
+        with WatchedProcess(argv, env=env) as run:
+            # the signal: requests reaching the server; fails at once, with the output, if it ends first
+            run.wait_until(lambda: server.count() >= 40, "40 requests", poll=0.005)
+            run.send_signal(signal.SIGKILL)
+            run.finish()
+        # The server logs a request before it answers, so everything the cache holds is in the log by now;
+        # requests still in flight land later and were not recorded (nothing to wait for).
         recorded = RequestCache(cache_path).keys()
         count_at_kill = server.count()
         assert 0 < len(recorded) <= count_at_kill
