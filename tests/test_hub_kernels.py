@@ -99,3 +99,17 @@ def test_a_kernel_missing_from_the_cache_offline_is_one_line_with_the_fix(tiny_m
     # not asked: the same load works offline
     model = load_pretrained(AutoModelForCausalLM, tiny_model_dir)
     assert not model.use_kernels
+
+
+def test_kernels_are_used_only_when_asked(tiny_model_dir):
+    pytest.importorskip("kernels")
+    from transformers import AutoModelForCausalLM
+
+    from bimedix.hub_kernels import apply_kernels, load_pretrained
+    from bimedix.training.tiny import build_tiny_model
+
+    assert not load_pretrained(AutoModelForCausalLM, tiny_model_dir).use_kernels
+    assert load_pretrained(AutoModelForCausalLM, tiny_model_dir, use_kernels=True).use_kernels
+    tiny = build_tiny_model("mixtral", seed=0)  # the in-process models of tiny recipes and `tiny:` bases
+    apply_kernels(tiny)
+    assert tiny.use_kernels
