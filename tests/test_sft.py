@@ -138,6 +138,33 @@ def test_resume_from_checkpoint_is_exact(full_run, tmp_path):
     assert _losses(stopped) == {1: expected[1], 2: expected[2]}
 
 
+def test_final_files_are_swapped_in_whole(full_run, tmp_path, monkeypatch):
+    """A run that dies while saving its final files leaves the earlier run's files whole (no new weights
+    beside an old base record), keeps the checkpoints, and leaves no staging folder behind."""
+    import bimedix.training.sft as sft
+
+    output = tmp_path / "run"
+    _run(output, "--max_steps", "2", "--save_steps", "2")
+    before = {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()}
+    assert "adapter_model.safetensors" in before and (output / "checkpoint-2").is_dir()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill between the adapter and the base record
+
+    monkeypatch.setattr(sft, "write_base_record", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _run(output, "--max_steps", "2", "--save_strategy", "no", "--seed", "7")
+    assert {path.name: path.read_bytes() for path in output.iterdir() if path.is_file()} == before
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not list(tmp_path.glob(".*staging"))
+
+    monkeypatch.undo()
+    _run(output, "--max_steps", "2", "--save_strategy", "no", "--seed", "7")
+    after = (output / "adapter_model.safetensors").read_bytes()
+    assert after != before["adapter_model.safetensors"] and (output / "checkpoint-2").is_dir()
+    assert not list(tmp_path.glob(".*staging"))
+
+
 def test_unknown_keys_are_errors(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(Path(RECIPE).read_text() + "\nlora_rank: 16\n")

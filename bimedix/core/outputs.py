@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -284,35 +284,57 @@ def staged_folder(final: OutputFolder) -> Iterator[OutputFolder]:
     ```
     """
     target = final.root
-    parent = target.parent if str(target.parent) else Path(".")
-    _remove_stale_stagings(target)
-    staging = parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.staging"
+    staging = staging_path(target)
     try:
         yield OutputFolder(staging, final.command, inputs=final.inputs, flag=final.flag)
-        if target.is_dir():
-            _carry_foreign_files(final, staging)
-            if not _exchange(staging, target):
-                # not a `.staging` name: a kill between the two renames leaves it for the user to recover
-                aside = parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old"
-                os.rename(target, aside)
-                os.rename(staging, target)
-                staging = aside
-        else:
-            os.rename(staging, target)
-            return
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # wholly this run's: nothing else is in it
         raise
-    shutil.rmtree(staging)  # the old folder: this command's files, and links to the user's files carried over
+    # the user's files are carried over; this command's are all in the staging
+    swap_in_folder(staging, target, lambda path: path.name != final.manifest.name and not final.owns(path))
 
 
-def _carry_foreign_files(final: OutputFolder, staging: Path) -> None:
-    """Link (or copy) into ``staging`` every file of ``final.root`` the command neither owns nor rewrote."""
-    for path in sorted(final.root.rglob("*")):
-        relative = path.relative_to(final.root)
+def staging_path(target: Path, pid: int | None = None) -> Path:
+    """A new hidden sibling of ``target`` to write its next version in (``.NAME.PID.XXXXXXXX.staging``); the
+    stagings that killed runs left beside it are deleted first."""
+    _remove_stale_stagings(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    return parent / f".{target.name}.{pid or os.getpid()}.{uuid.uuid4().hex[:8]}.staging"
+
+
+def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -> None:
+    """Replace folder ``target`` by ``staging`` in one step, keeping the files of ``target`` that ``staging``
+    does not rewrite and ``carry`` accepts (hard links, else copies).
+
+    The folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old folder
+    is first renamed aside to ``.NAME.PID.XXXXXXXX.old``), then the old one is deleted. A kill at any point
+    leaves ``target`` wholly old or wholly new. If carrying fails, ``staging`` is deleted and ``target`` is
+    untouched.
+    """
+    parent = target.parent if str(target.parent) else Path(".")
+    try:
+        if not target.is_dir():
+            os.rename(staging, target)
+            return
+        _carry_files(target, staging, carry)
+        if not _exchange(staging, target):
+            # not a `.staging` name: a kill between the two renames leaves it for the user to recover
+            aside = parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old"
+            os.rename(target, aside)
+            os.rename(staging, target)
+            staging = aside
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging)  # the old folder: the files it kept are linked into the new one
+
+
+def _carry_files(source: Path, staging: Path, carry: Callable[[Path], bool]) -> None:
+    """Link (or copy) into ``staging`` the files of ``source`` it lacks that ``carry`` accepts."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
         new = staging / relative
-        if path.is_dir() and not path.is_symlink() or new.exists() or new.is_symlink() \
-                or path.name == final.manifest.name or final.owns(path):
+        if path.is_dir() and not path.is_symlink() or new.exists() or new.is_symlink() or not carry(path):
             continue
         new.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():

@@ -22,10 +22,11 @@ import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, S
 from trl.scripts.utils import DatasetConfig
 from trl.trainer.utils import get_quantization_config
 
-from ..core.outputs import OutputFolder, check_outputs
+from ..core.outputs import OutputFolder, check_outputs, staging_path, swap_in_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
 from .provenance import base_fingerprint, write_base_record
@@ -292,24 +293,27 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         if bimedix_args.quantize_experts:
             model, peft_config = _quantize_experts(model, peft_config, model_args, training_args,
                                                    bimedix_args, plugin if shard_experts else None)
+    staging = _final_staging(training_args.output_dir)
     trainer = make_trainer(training_args, model_args, bimedix_args, model, tokenizer,
                            dataset[script_args.dataset_train_split], peft_config=peft_config,
                            eval_dataset=dataset[script_args.dataset_test_split]
-                           if training_args.eval_strategy != "no" else None, callbacks=callbacks)
+                           if training_args.eval_strategy != "no" else None, callbacks=callbacks,
+                           router_report_path=staging / "router_load.json")
     if plugin is not None:
         enable_fsdp_on_cpu(trainer, plugin)
     trainer.add_callback(PlacementReport(trainer.accelerator))
     train_result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint,
                                                                       training_args.output_dir))
-    _save_run(trainer, train_result)
-    if trainer.accelerator.is_main_process:
-        from .template import save_chat_settings
+    with _staged_output_dir(trainer, staging):
+        _save_run(trainer, train_result)
+        if trainer.accelerator.is_main_process:
+            from .template import save_chat_settings
 
-        tokenizer.save_pretrained(training_args.output_dir)
-        save_chat_settings(training_args.output_dir, chat_template=bimedix_args.chat_template,
-                           system_prompt=bimedix_args.system_prompt)
-        if model_args.use_peft:  # what `bimedix merge` checks --base against
-            write_base_record(training_args.output_dir, model.name_or_path or None, fingerprint)
+            tokenizer.save_pretrained(staging)
+            save_chat_settings(staging, chat_template=bimedix_args.chat_template,
+                               system_prompt=bimedix_args.system_prompt)
+            if model_args.use_peft:  # what `bimedix merge` checks --base against
+                write_base_record(staging, model.name_or_path or None, fingerprint)
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
@@ -322,7 +326,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
 
 def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args: BimedixArguments, model,
                  tokenizer, train_dataset, peft_config=None, eval_dataset=None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, router_report_path: str | os.PathLike | None = None):
     """TRL's `SFTTrainer` for a loaded model plus what bimedix adds: the trained-token check on every batch,
     the folded expert LoRA, the router report, padding-free micro-batches without packing. `main` and
     ``benchmarks/recipe_speed.py`` build trainers here.
@@ -360,7 +364,8 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
 
         # transformers' own `log`: TRL's would copy its step metrics (entropy, aux_loss...) into this entry
         # too
-        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer)))
+        trainer.add_callback(RouterLoadCallback(tokenizer, log=functools.partial(Trainer.log, trainer),
+                                                report_path=router_report_path))
     return trainer
 
 
@@ -692,6 +697,41 @@ def _is_peft(model) -> bool:
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _final_staging(output_dir: str | os.PathLike) -> Path:
+    """The hidden sibling of ``output_dir`` that the run's final files are written in (`_staged_output_dir`);
+    every process gets rank 0's name."""
+    import torch.distributed as dist
+
+    name = [staging_path(Path(output_dir)).name]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(output_dir).parent / name[0]
+
+
+@contextlib.contextmanager
+def _staged_output_dir(trainer, staging: Path) -> Iterator[Path]:
+    """Point the trainer's ``output_dir`` at ``staging`` for the run's final files (metrics, state, adapter,
+    tokenizer, chat settings, base record; the router report is written there at the end of training), then
+    swap it in whole, carrying over the checkpoints and logs (`bimedix.core.outputs.swap_in_folder`): a kill
+    while saving leaves the earlier final files or the new ones, never a mix."""
+    output_dir = Path(trainer.args.output_dir)
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        staging.mkdir(exist_ok=True)
+    trainer.args.output_dir = str(staging)
+    try:
+        yield staging
+        trainer.accelerator.wait_for_everyone()
+        if main_process:
+            swap_in_folder(staging, output_dir, carry=lambda path: True)
+    except BaseException:
+        if main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        trainer.args.output_dir = str(output_dir)
 
 
 def _save_run(trainer, train_result) -> None:
