@@ -20,10 +20,8 @@ from bimedix.training.sft import main, make_parser
 
 
 def sft() -> None:
-    """Parse the recipe and flags, train, and write the model card (main process)."""
-    trainer = main(*make_parser().parse_args_and_config())
-    if trainer.accelerator.is_main_process:
-        save_model_card(trainer.args.output_dir)
+    """Parse the recipe and flags, train, and write the model card with the final files."""
+    main(*make_parser().parse_args_and_config(), finish=save_model_card)
 
 
 if __name__ == "__main__":

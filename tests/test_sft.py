@@ -236,6 +236,18 @@ def test_two_processes_both_ranks_finish(full_run, tmp_path):
     assert float(epochs[-1]) == pytest.approx(2 * single, abs=1e-3)
 
 
+def test_bimedix_sft_writes_the_model_card_with_the_final_files(tmp_path, capsys):
+    from bimedix.cli import main as cli
+
+    output = tmp_path / "run"
+    assert cli(["sft", "--config", RECIPE, "--output_dir", str(output), *SMALL, "--max_steps", "1",
+                "--save_strategy", "no"]) == 0
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert "library_name: peft" in card and "not medical advice" in card.lower()
+    assert f"model card: {output / 'README.md'}" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*staging"))
+
+
 def test_every_row_masked_after_truncation_says_all_rows_were_dropped(tmp_path, capsys):
     from bimedix.cli import main as cli
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from bimedix.training.masking import assistant_token_mask, mask_summary, render_mask
 
@@ -162,9 +163,9 @@ def _sft(args) -> int:
     logging.getLogger("bimedix").setLevel(logging.INFO)
     parser = make_parser()
     parser.prog = "bimedix sft"
-    trainer = main(*parser.parse_args_and_config(args.args))
+    trainer = main(*parser.parse_args_and_config(args.args), finish=save_model_card)
     if trainer.accelerator.is_main_process:
-        print(f"model card: {save_model_card(trainer.args.output_dir)}")
+        print(f"model card: {Path(trainer.args.output_dir) / 'README.md'}")
     return 0
 
 

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,13 +255,17 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> 
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
-         mixture_args: DatasetMixtureConfig, bimedix_args: BimedixArguments, callbacks: list | None = None):
+         mixture_args: DatasetMixtureConfig, bimedix_args: BimedixArguments, callbacks: list | None = None,
+         finish: Callable[[str], object] | None = None):
     """Train, save the adapter (or model) and the router report; return the trainer.
 
     Args:
         script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe (see
         `parse_args`).
         callbacks (`list[TrainerCallback]`, *optional*): extra trainer callbacks.
+        finish (`Callable[[str], object]`, *optional*): called on the main process with the folder of the
+            final files before they are swapped into ``output_dir``, to add to them (``bimedix sft`` and
+            ``recipes/sft.py`` write the model card, `bimedix.hub.cards.save_model_card`).
     """
 
     check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
@@ -314,6 +318,8 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
                                system_prompt=bimedix_args.system_prompt)
             if model_args.use_peft:  # what `bimedix merge` checks --base against
                 write_base_record(staging, model.name_or_path or None, fingerprint)
+            if finish is not None:
+                finish(str(staging))
     logger.info("Saved to %s", training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
