@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         return load(args)
     from transformers import AutoModelForCausalLM
 
-    from bimedix.training.targets import load_model_config
+    from bimedix.training.moe.targets import load_model_config
 
     config = load_model_config(MODEL, num_hidden_layers=args.layers, hidden_size=args.hidden,
                                intermediate_size=args.intermediate)
@@ -80,7 +80,7 @@ def load(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from bimedix.hub_kernels import load_pretrained
-    from bimedix.training.quantize import quantize_experts
+    from bimedix.training.moe.quantize import quantize_experts
     from bimedix.training.sharding import load_in_turns
 
     folder, mode = args.child.split("|")

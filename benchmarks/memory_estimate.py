@@ -3,8 +3,8 @@
 The model is `MixtralForCausalLM` with Mixtral-8x7B's shipped config (hidden 4096, intermediate 14336, 8
 experts, top-2, vocabulary 32,000) cut to ``--layers`` layers, random bf16 weights allocated a layer at a
 time, the paper's LoRA (r=128, alpha=64 on q, k, v + router + experts, built by
-`bimedix.training.targets.build_lora_config` as the recipes do), by default bf16 experts (``--experts nf4``:
-bimedix's 4-bit experts; packing one real-size layer on CPU takes about 11 GB, so use it at reduced
+`bimedix.training.moe.targets.build_lora_config` as the recipes do), by default bf16 experts (``--experts
+nf4``: bimedix's 4-bit experts; packing one real-size layer on CPU takes about 11 GB, so use it at reduced
 ``--hidden``/``--intermediate``) with the folded expert LoRA, activation checkpointing and torch AdamW with
 ``foreach=True`` (what CUDA runs by default). It runs ``--steps`` training steps on ``--tokens`` tokens in a
 child process and samples its resident set size every millisecond (glibc told to return freed memory, as in
@@ -112,7 +112,7 @@ def estimate(args: argparse.Namespace) -> dict:
     """`bimedix.training.memory.estimate` for the benchmark's model and settings."""
     from bimedix.training.memory import STRATEGIES, Settings, model_facts
     from bimedix.training.memory import estimate as estimate_bytes
-    from bimedix.training.targets import build_lora_config, meta_model
+    from bimedix.training.moe.targets import build_lora_config, meta_model
 
     model = meta_model(MODEL, **_dims(args))
     peft_config = build_lora_config(model, "paper", r=args.rank, alpha=args.alpha)
@@ -130,10 +130,10 @@ def measure(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from bimedix.training.expert_lora import set_expert_lora_mode
-    from bimedix.training.quantize import quantize_experts
+    from bimedix.training.moe.expert_lora import set_expert_lora_mode
+    from bimedix.training.moe.quantize import quantize_experts
+    from bimedix.training.moe.targets import build_lora_config, load_model_config
     from bimedix.training.sharding import make_experts_shardable, shard_model
-    from bimedix.training.targets import build_lora_config, load_model_config
 
     baseline = current_rss()
     config = load_model_config(MODEL, **_dims(args))

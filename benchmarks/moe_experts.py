@@ -102,8 +102,8 @@ def run_config(args: argparse.Namespace, experts: str, lora: str, implementation
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from bimedix.training.expert_lora import set_expert_lora_mode
-    from bimedix.training.quantize import expert_parameter_bytes, quantize_experts
+    from bimedix.training.moe.expert_lora import set_expert_lora_mode
+    from bimedix.training.moe.quantize import expert_parameter_bytes, quantize_experts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     baseline = current_rss()

@@ -190,8 +190,8 @@ def recipe_args(args: argparse.Namespace, output_dir: str, steps: int):
 
 def recipe_config(args: argparse.Namespace, layers: int | None):
     """The recipe model's config (shipped with bimedix: offline) with ``layers`` layers, toy sizes on CPU."""
+    from bimedix.training.moe.targets import load_model_config
     from bimedix.training.sft import parse_args as parse_recipe
-    from bimedix.training.targets import load_model_config
 
     _, _, model_args, _, bimedix = parse_recipe(["--config", args.recipe, "--use_cpu", "true",
                                                  *args.overrides])
@@ -217,7 +217,7 @@ def build_model(config, model_args, bimedix, device: torch.device):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from bimedix.training.quantize import quantize_experts
+    from bimedix.training.moe.quantize import quantize_experts
     from bimedix.training.sft import make_peft_config
 
     dtype = getattr(torch, model_args.dtype or "bfloat16")

@@ -13,6 +13,10 @@ import bimedix.core.conventions
 import bimedix.core.io
 import bimedix.core.outputs
 import bimedix.data.schema
+import bimedix.training.moe.expert_lora
+import bimedix.training.moe.experts
+import bimedix.training.moe.quantize
+import bimedix.training.moe.targets
 
 
 @pytest.mark.parametrize(("old", "name", "new"), [
@@ -21,6 +25,10 @@ import bimedix.data.schema
     ("bimedix.data.io", "read_records", bimedix.data.schema),
     ("bimedix.data.outputs", "OutputFolder", bimedix.core.outputs),
     ("bimedix.data.conventions", "OPTION_LETTERS", bimedix.core.conventions),
+    ("bimedix.training.targets", "build_lora_config", bimedix.training.moe.targets),
+    ("bimedix.training.experts", "fused_experts", bimedix.training.moe.experts),
+    ("bimedix.training.expert_lora", "set_expert_lora_mode", bimedix.training.moe.expert_lora),
+    ("bimedix.training.quantize", "quantize_experts", bimedix.training.moe.quantize),
 ])
 def test_old_path_forwards_with_a_warning_naming_the_new_one(old, name, new):
     module = importlib.import_module(old)

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import ParamWrapper
 
-from bimedix.training.expert_lora import ExpertLoraWrapper, set_expert_lora_mode
+from bimedix.training.moe.expert_lora import ExpertLoraWrapper, set_expert_lora_mode
 from bimedix.training.tiny import build_tiny_model
 
 TARGET_PARAMETERS = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -23,7 +23,7 @@ def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = 
                         lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(model, config)
     if quantize:
-        from bimedix.training.quantize import quantize_experts
+        from bimedix.training.moe.quantize import quantize_experts
 
         quantize_experts(model)
     return model

@@ -142,8 +142,8 @@ def test_router_counts_match_reference_and_never_sync(mixtral_tokenizer):
 def _folded_4bit_model():
     from peft import LoraConfig, get_peft_model
 
-    from bimedix.training.expert_lora import set_expert_lora_mode
-    from bimedix.training.quantize import quantize_experts
+    from bimedix.training.moe.expert_lora import set_expert_lora_mode
+    from bimedix.training.moe.quantize import quantize_experts
 
     model = build_tiny_model("mixtral", seed=0)
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_checkpointed_4bit_experts_dequantize_twice_not_three_times(monkeypatch)
     """Under activation checkpointing the recomputation's dequantized experts serve backward: 2
     dequantizations per expert parameter and micro-step instead of 3 (the gradients of no checkpointing)."""
     pytest.importorskip("bitsandbytes")
-    from bimedix.training import experts
+    from bimedix.training.moe import experts
 
     calls = []
 

@@ -26,7 +26,7 @@ from bimedix.training.memory import (
     read_accelerate_config,
     suggest,
 )
-from bimedix.training.targets import build_lora_config, meta_model
+from bimedix.training.moe.targets import build_lora_config, meta_model
 
 PAPER = resource_path("recipes", "bimedix-mixtral", "sft_qlora.yaml")
 TINY = resource_path("recipes", "tiny", "sft.yaml")

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from bimedix.training.merge import merge_adapter
-from bimedix.training.targets import build_lora_config
+from bimedix.training.moe.targets import build_lora_config
 from bimedix.training.tiny import build_tiny_model
 
 IDS = torch.tensor([[1, 2223, 725, 28747, 6312, 28709, 13, 330]])

@@ -11,8 +11,8 @@ from peft import get_peft_model
 
 from bimedix.core.outputs import OutputError
 from bimedix.training.merge import merge_adapter
+from bimedix.training.moe.targets import build_lora_config
 from bimedix.training.provenance import BASE_RECORD, ProvenanceError, base_fingerprint, write_base_record
-from bimedix.training.targets import build_lora_config
 from bimedix.training.tiny import build_tiny_model
 
 

@@ -14,8 +14,8 @@ from lora_support import updated_lora_groups  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
-from bimedix.training.expert_lora import set_expert_lora_mode  # noqa: E402
-from bimedix.training.quantize import (  # noqa: E402
+from bimedix.training.moe.expert_lora import set_expert_lora_mode  # noqa: E402
+from bimedix.training.moe.quantize import (  # noqa: E402
     dequantize_experts,
     expert_parameter_bytes,
     fused_experts,
@@ -212,8 +212,8 @@ def test_clear_errors(monkeypatch):
 
 def test_tiny_recipe_with_4bit_experts_trains_every_group(tmp_path):
     from bimedix.resources import resource_path
-    from bimedix.training.expert_lora import ExpertLoraWrapper
     from bimedix.training.memory import estimate_memory
+    from bimedix.training.moe.expert_lora import ExpertLoraWrapper
     from bimedix.training.sft import main, parse_args
 
     recipe = str(resource_path("recipes", "tiny", "sft_4bit_experts.yaml"))

@@ -18,7 +18,7 @@ from peft import PeftModel  # noqa: E402
 from process_support import WatchedProcess  # noqa: E402
 
 from bimedix.resources import resource_path  # noqa: E402
-from bimedix.training.quantize import fused_experts, is_quantized  # noqa: E402
+from bimedix.training.moe.quantize import fused_experts, is_quantized  # noqa: E402
 from bimedix.training.sft import check_compatible, main, make_parser, parse_args  # noqa: E402
 from bimedix.training.tiny import save_tiny_model  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_full_qlora_adapter_reloads_on_the_same_4bit_base(qlora_run):
 def _run_load(adapter_dir: Path):
     """The same base the run trained on (tiny weights, bnb 4-bit Linears, NF4 experts), with the saved
     adapter."""
-    from bimedix.training.quantize import quantize_experts
+    from bimedix.training.moe.quantize import quantize_experts
     from bimedix.training.sft import load_model
 
     script, training, model_args, mixture, bimedix_args = parse_args(["--config", RECIPE, *QLORA])

@@ -32,9 +32,9 @@ SHORT = ["--max_length", "96", "--logging_steps", "1", "--warmup_steps", "1", "-
 def _tiny_4bit_model(mode: str):
     from peft import get_peft_model
 
-    from bimedix.training.expert_lora import set_expert_lora_mode
-    from bimedix.training.quantize import quantize_experts
-    from bimedix.training.targets import build_lora_config
+    from bimedix.training.moe.expert_lora import set_expert_lora_mode
+    from bimedix.training.moe.quantize import quantize_experts
+    from bimedix.training.moe.targets import build_lora_config
     from bimedix.training.tiny import build_tiny_model
 
     model = build_tiny_model("mixtral", seed=0)

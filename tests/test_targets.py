@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from bimedix.training.targets import build_lora_config, describe_targets, find_targets, lora_table, meta_model
+from bimedix.training.moe.targets import (
+    build_lora_config,
+    describe_targets,
+    find_targets,
+    lora_table,
+    meta_model,
+)
 from bimedix.training.tiny import build_tiny_model
 
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}

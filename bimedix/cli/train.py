@@ -90,7 +90,7 @@ def register(subparsers) -> None:
 
 
 def _targets(args) -> int:
-    from bimedix.training.targets import build_lora_config, describe_targets, lora_table, meta_model
+    from bimedix.training.moe.targets import build_lora_config, describe_targets, lora_table, meta_model
 
     if args.recipe:
         from bimedix.training.sft import make_peft_config, parse_args

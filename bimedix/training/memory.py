@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .targets import ATTENTION_NAMES, find_targets, lora_table, meta_model
+from .moe.targets import ATTENTION_NAMES, find_targets, lora_table, meta_model
 
 PARTS = ("attention", "router", "experts", "shared_experts", "mlp", "embeddings", "other")
 GIB = 1024**3

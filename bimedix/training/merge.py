@@ -51,7 +51,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         prompts (`tuple[str, ...]`, *optional*): the texts whose logits are compared.
         quantize_experts (`str`, *optional*): ``"nf4"``/``"fp4"`` for an adapter trained on 4-bit experts
             (``quantize_experts`` in the recipe): merge into the dequantized 4-bit experts it was trained
-            against (`bimedix.training.quantize.dequantize_experts`) instead of the original weights.
+            against (`bimedix.training.moe.quantize.dequantize_experts`) instead of the original weights.
         force (`bool`, *optional*, defaults to `False`): merge even when
             `bimedix.training.provenance.check_merge` finds the adapter was trained on another base or is
             merged into ``base`` already (with a warning).
@@ -86,7 +86,7 @@ def merge_adapter(base: str, adapter_dir: str | os.PathLike, output_dir: str | o
         with quiet_peft_checkpointing_warning():
             peft_model = PeftModel.from_pretrained(model, adapter_dir)
         if quantize_experts:
-            from . import quantize
+            from .moe import quantize
 
             quantize.quantize_experts(peft_model, quant_type=quantize_experts)
         adapter_logits = _logits(peft_model, batch)

@@ -6,7 +6,7 @@ Configuration is TRL's own dataclasses plus `BimedixArguments` for what TRL lack
     accelerate launch recipes/sft.py --config recipes/tiny/sft.yaml [--key value ...]
     bimedix sft --config recipes/tiny/sft.yaml [--key value ...]
 
-What bimedix adds to TRL: LoRA targets from a preset (`bimedix.training.targets`), the Vicuna chat
+What bimedix adds to TRL: LoRA targets from a preset (`bimedix.training.moe.targets`), the Vicuna chat
 template with ``{% generation %}`` markers for ``assistant_only_loss``, schema-record datasets turned
 into ``messages``, a tiny random MoE for CPU runs, a check that every batch has trained tokens, and
 the router load by language (`bimedix.training.router_stats`).
@@ -39,8 +39,9 @@ from trl.trainer.utils import get_quantization_config
 from ..core.outputs import OutputFolder, check_outputs, staging_path, swap_in_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
+from .moe.quantize import fused_experts, quantize_experts
+from .moe.targets import PRESETS, build_lora_config, meta_model
 from .provenance import base_fingerprint, write_base_record
-from .quantize import fused_experts, quantize_experts
 from .sharding import (
     PlacementReport,
     check_one_job,
@@ -49,7 +50,6 @@ from .sharding import (
     load_in_turns,
     save_sharded_adapter,
 )
-from .targets import PRESETS, build_lora_config, meta_model
 from .template import apply_vicuna_template, to_messages
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class BimedixArguments:
     quantize_experts: str | None = field(
         default=None,
         metadata={"help": "`nf4` (or `fp4`): store the fused MoE experts in 4 bit with double quantization "
-                          "(`bimedix.training.quantize`); `load_in_4bit` alone leaves them in bf16. The "
+                          "(`bimedix.training.moe.quantize`); `load_in_4bit` alone leaves them in bf16. The "
                           "model loads on CPU, gets its LoRA, then "
                           "reaches the device one packed layer at a time."},
     )
@@ -128,7 +128,7 @@ class BimedixArguments:
         default="peft",
         metadata={"help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on "
                           "every forward) or `folded` (x·Wᵀ + s·(x·Aᵀ)·Bᵀ per routed expert: same adapter, "
-                          "less time and memory; `bimedix.training.expert_lora`)."},
+                          "less time and memory; `bimedix.training.moe.expert_lora`)."},
     )
 
     def __post_init__(self):
@@ -360,7 +360,7 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
             pad_to_multiple_of=training_args.pad_to_multiple_of)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
-        from .expert_lora import set_expert_lora_mode
+        from .moe.expert_lora import set_expert_lora_mode
 
         set_expert_lora_mode(trainer.model, "folded")
     if bimedix_args.router_report and is_moe(trainer.model):

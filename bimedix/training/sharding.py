@@ -1,6 +1,6 @@
 """4-bit experts under FSDP: packed NF4 bytes and their statistics as parameters FSDP can shard.
 
-bitsandbytes' parametrization (`bimedix.training.quantize`) keeps an expert stack's packed bytes in the
+bitsandbytes' parametrization (`bimedix.training.moe.quantize`) keeps an expert stack's packed bytes in the
 parameter ``parametrizations.<name>.original`` but its block statistics (absmax, double-quant absmax and
 offset) in a `QuantState` object that FSDP never sees: sharding the bytes alone would separate them from
 their scales. `make_experts_shardable` moves the statistics into parameters of the parametrization itself
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .experts import EXPERT_PARAMETERS, bnb_parametrization, flat_dequantize, fused_experts
+from .moe.experts import EXPERT_PARAMETERS, bnb_parametrization, flat_dequantize, fused_experts
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +204,11 @@ def shard_4bit_experts(model: nn.Module, quant_type: str, device, plugin) -> nn.
 
     Args:
         model (`nn.Module`): the model with its LoRA adapters (`peft.get_peft_model`), on CPU.
-        quant_type (`str`): `"nf4"` or `"fp4"` (see `bimedix.training.quantize.quantize_experts`).
+        quant_type (`str`): `"nf4"` or `"fp4"` (see `bimedix.training.moe.quantize.quantize_experts`).
         device (`torch.device`): this process's device.
         plugin (`accelerate.FullyShardedDataParallelPlugin`): see `fsdp_plugin`.
     """
-    from .quantize import quantize_experts
+    from .moe.quantize import quantize_experts
 
     def pack(layer: nn.Module) -> None:
         if fused_experts(layer):
