@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue", type=Path,
                        help="a queue from `review export` (default: draw it as export does)")
     _options.add_output(serve, "all records with the decisions applied (default: INPUT.reviewed.jsonl)",
-               required=False)
+                        required=False)
     serve.add_argument("--audit", type=Path,
                        help="audit trail, the decision store (default: OUTPUT with .audit.jsonl); never an "
                             "input or the output")
