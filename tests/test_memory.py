@@ -254,3 +254,14 @@ def test_a_recipe_with_fsdp_is_estimated_sharded_without_an_accelerate_config(tm
     report = estimate_memory(recipe, num_processes=8, gpu=80)
     assert report["settings"]["sharding"]["kind"] == "fsdp" and report["stated_gpu"]["fits"]
     assert estimate_memory(recipe, gpu=80)["settings"]["sharding"]["kind"] == "single"  # one process
+
+
+def test_recipe_meta_model_builds_the_tiny_config_with_its_overrides_or_names_the_missing_model():
+    from bimedix.training.sft import BimedixArguments
+
+    recipe = BimedixArguments(tiny_model="mixtral", tiny_model_config={"num_local_experts": 8})
+    model = recipe.meta_model(None)
+    assert model.config.num_local_experts == 8
+    assert next(model.parameters()).device.type == "meta"
+    with pytest.raises(ValueError, match="neither `model_name_or_path` nor `tiny_model`"):
+        BimedixArguments().meta_model(None)

@@ -100,8 +100,7 @@ def _targets(args) -> int:
         _, _, model_args, _, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])
         if not model_args.use_peft:
             raise ValueError(f"{args.recipe}: use_peft is false, so the recipe trains no adapter.")
-        model = meta_model(bimedix.tiny_model or model_args.model_name_or_path,
-                           **(bimedix.tiny_model_config or {}) if bimedix.tiny_model else {})
+        model = bimedix.meta_model(model_args.model_name_or_path)
         config = make_peft_config(model, model_args, bimedix)
     elif args.model:
         model = meta_model(args.model)

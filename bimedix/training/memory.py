@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .moe.targets import ATTENTION_NAMES, find_targets, lora_table, meta_model
+from .moe.targets import ATTENTION_NAMES, find_targets, lora_table
 
 PARTS = ("attention", "router", "experts", "shared_experts", "mlp", "embeddings", "other")
 GIB = 1024**3
@@ -120,7 +120,7 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
     # `use_cpu` lets a bf16 GPU recipe parse on a machine without the GPU; nothing runs here
     _, training, model_args, _, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true",
                                                       *(overrides or [])])
-    model = _meta_model(model_args, bimedix)
+    model = bimedix.meta_model(model_args.model_name_or_path)
     facts = model_facts(model, model_args, bimedix)
     sharding, config_processes = read_accelerate_config(accelerate_config, num_processes)
     if accelerate_config is None and training.fsdp and (num_processes or 1) > 1:  # `fsdp: true` in the recipe
@@ -567,9 +567,3 @@ def _gib(size: float) -> str:
 def _count(n: float) -> str:
     return f"{n / 1e9:9.3f} B" if n >= 1e8 else f"{n / 1e6:9.3f} M"
 
-
-def _meta_model(model_args, bimedix) -> torch.nn.Module:
-    name = bimedix.tiny_model or model_args.model_name_or_path
-    if not name:
-        raise ValueError("The recipe sets neither `model_name_or_path` nor `tiny_model`.")
-    return meta_model(name, **(bimedix.tiny_model_config or {}) if bimedix.tiny_model else {})

@@ -14,7 +14,6 @@ the router load by language (`bimedix.training.router_stats`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import enum
@@ -131,6 +130,13 @@ class BimedixArguments:
                           "less time and memory; `bimedix.training.moe.expert_lora`)."},
     )
 
+    def meta_model(self, model_name_or_path: str | None) -> torch.nn.Module:
+        """The recipe's model on the meta device: `tiny_model` (with its overrides), else the named model."""
+        name = self.tiny_model or model_name_or_path
+        if not name:
+            raise ValueError("The recipe sets neither `model_name_or_path` nor `tiny_model`.")
+        return meta_model(name, **(self.tiny_model_config or {}) if self.tiny_model else {})
+
     def __post_init__(self):
         from .tiny import TINY_CONFIGS
 
@@ -168,12 +174,9 @@ class BimedixArguments:
 DATACLASS_TYPES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, BimedixArguments)
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None) -> TrlParser:
+def make_parser() -> TrlParser:
     """Return the `TrlParser` shared by ``recipes/sft.py`` and ``bimedix sft`` (YAML, then CLI overrides)."""
-    if subparsers is not None:
-        parser = subparsers.add_parser("sft", help="Fine-tune an MoE model", dataclass_types=DATACLASS_TYPES)
-    else:
-        parser = TrlParser(DATACLASS_TYPES)
+    parser = TrlParser(DATACLASS_TYPES)
     for action in parser._actions:
         if action.dest == "fsdp":  # transformers' `--fsdp` takes legacy strings only: accept `--fsdp true`
             action.type = _fsdp_flag
@@ -532,8 +535,7 @@ def check_lora_patterns(model_args: ModelConfig, bimedix_args: BimedixArguments)
         return
 
     try:
-        model = meta_model(bimedix_args.tiny_model or model_args.model_name_or_path,
-                           **(bimedix_args.tiny_model_config or {}) if bimedix_args.tiny_model else {})
+        model = bimedix_args.meta_model(model_args.model_name_or_path)
     except (OSError, ValueError, TypeError):
         return
     make_peft_config(model, model_args, bimedix_args)
