@@ -26,6 +26,14 @@ def test_sft_recipe_parses(recipe):
     assert model.model_name_or_path or bimedix.tiny_model
 
 
+def test_load_recipe_names_the_parts_and_applies_overrides_after_the_file():
+    from bimedix.training.sft import SFTRecipe, load_recipe
+
+    recipe = load_recipe(RECIPES / "tiny" / "sft.yaml", ["--learning_rate", "0.125"], use_cpu=True)
+    assert isinstance(recipe, SFTRecipe) and recipe.training.learning_rate == 0.125
+    assert recipe.training.use_cpu and recipe.bimedix.tiny_model and recipe.model is recipe[2]
+
+
 def test_paper_recipe_has_the_papers_hyper_parameters():
     from bimedix.training.sft import parse_args
 

@@ -93,11 +93,11 @@ def _targets(args) -> int:
     from bimedix.training.moe.targets import build_lora_config, describe_targets, lora_table, meta_model
 
     if args.recipe:
-        from bimedix.training.sft import make_peft_config, parse_args
+        from bimedix.training.sft import load_recipe, make_peft_config
 
         if args.model:
             raise ValueError("Give MODEL or --recipe, not both.")
-        _, _, model_args, _, bimedix = parse_args(["--config", args.recipe, "--use_cpu", "true"])
+        _, _, model_args, _, bimedix = load_recipe(args.recipe, use_cpu=True)
         if not model_args.use_peft:
             raise ValueError(f"{args.recipe}: use_peft is false, so the recipe trains no adapter.")
         model = bimedix.meta_model(model_args.model_name_or_path)
@@ -132,11 +132,10 @@ def _show_mask(args) -> int:
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     from trl.scripts.utils import DatasetConfig
 
-    from bimedix.training.sft import BimedixArguments, load_sft_dataset, load_tokenizer, parse_args
+    from bimedix.training.sft import BimedixArguments, load_recipe, load_sft_dataset, load_tokenizer
 
     if args.recipe:
-        script, training, model_args, mixture, bimedix = parse_args(["--config", args.recipe, "--use_cpu",
-                                                                     "true"])
+        script, training, model_args, mixture, bimedix = load_recipe(args.recipe, use_cpu=True)
         max_length = args.max_length or training.max_length
     else:
         script, model_args = ScriptArguments(), ModelConfig(model_name_or_path=args.model)

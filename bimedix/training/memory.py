@@ -115,11 +115,9 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``,
         ``memory``, ``fits`` and ``suggestion`` (see `suggest`; None when it fits or nothing tried fits).
     """
-    from .sft import parse_args
+    from .sft import load_recipe
 
-    # `use_cpu` lets a bf16 GPU recipe parse on a machine without the GPU; nothing runs here
-    _, training, model_args, _, bimedix = parse_args(["--config", str(recipe), "--use_cpu", "true",
-                                                      *(overrides or [])])
+    _, training, model_args, _, bimedix = load_recipe(recipe, overrides or (), use_cpu=True)
     model = bimedix.meta_model(model_args.model_name_or_path)
     facts = model_facts(model, model_args, bimedix)
     sharding, config_processes = read_accelerate_config(accelerate_config, num_processes)

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,12 +183,29 @@ def make_parser() -> TrlParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse ``--config FILE`` and flags into ``(script, training, model, mixture, bimedix)`` arguments."""
-    parsed = make_parser().parse_args_and_config(argv)
-    check_value_types(*parsed)
-    check_conflicts(parsed[2], parsed[4])
-    return parsed
+class SFTRecipe(typing.NamedTuple):
+    """A parsed SFT recipe; unpacks as ``script, training, model, mixture, bimedix`` (``main(*recipe)``)."""
+
+    script: ScriptArguments
+    training: SFTConfig
+    model: ModelConfig
+    mixture: DatasetMixtureConfig
+    bimedix: BimedixArguments
+
+
+def parse_args(argv: list[str] | None = None) -> SFTRecipe:
+    """Parse ``--config FILE`` and flags into an `SFTRecipe`, checked for value types and conflicts."""
+    recipe = SFTRecipe(*make_parser().parse_args_and_config(argv))
+    check_value_types(*recipe)
+    check_conflicts(recipe.model, recipe.bimedix)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                use_cpu: bool = False) -> SFTRecipe:
+    """Load the YAML recipe at `path` with CLI-style `overrides` (``["--learning_rate", "1e-4"]``);
+    `use_cpu` lets a GPU recipe parse on a machine without one, for commands that train nothing."""
+    return parse_args(["--config", str(path), *(["--use_cpu", "true"] if use_cpu else []), *overrides])
 
 
 def check_value_types(*configs) -> None:
