@@ -92,14 +92,15 @@ def _in_subprocess(function, spec: dict):
         return pool.apply(function, (spec,))
 
 
-def _sft_flags(spec: dict, output_dir: str) -> list[str]:
+def _sft_recipe(spec: dict, output_dir: str):
     from bimedix.resources import resource_path
+    from bimedix.training.sft import load_recipe
 
-    return ["--config", str(resource_path("recipes", "tiny", "sft.yaml")), "--output_dir", output_dir,
-            "--tiny_model_config", json.dumps(spec["model_config"]), "--lora_preset", spec["preset"],
-            "--max_steps", str(spec["steps"]), "--save_strategy", "no", "--logging_steps", str(spec["steps"]),
-            "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-            "--dataloader_num_workers", "0"]
+    return load_recipe(resource_path("recipes", "tiny", "sft.yaml"), [
+        "--output_dir", output_dir, "--tiny_model_config", json.dumps(spec["model_config"]),
+        "--lora_preset", spec["preset"], "--max_steps", str(spec["steps"]), "--save_strategy", "no",
+        "--logging_steps", str(spec["steps"]), "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0"])
 
 
 def _train(spec: dict) -> dict:
@@ -107,7 +108,7 @@ def _train(spec: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from bimedix.training.sft import load_sft_dataset, load_tokenizer, make_peft_config, parse_args
+    from bimedix.training.sft import load_sft_dataset, load_tokenizer, make_peft_config
     from bimedix.training.tiny import build_tiny_model
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -124,7 +125,7 @@ def _train(spec: dict) -> dict:
     clock = Clock()
     # trainer logs
     with tempfile.TemporaryDirectory() as output_dir, contextlib.redirect_stdout(io.StringIO()):
-        script, training, model_args, mixture, bimedix = parse_args(_sft_flags(spec, output_dir))
+        script, training, model_args, mixture, bimedix = _sft_recipe(spec, output_dir)
         # LoRA only: the tiny recipe's fully trained head would dominate
         model_args.lora_modules_to_save = None
         training.include_num_input_tokens_seen = "non_padding"  # the CLI parser only takes a bool here
@@ -151,13 +152,13 @@ def _packing_shares(spec: dict) -> dict[str, tuple[int, int]]:
     """Count real vs padded token slots in the batches TRL's collator builds, packed and padded."""
     from trl import SFTConfig, SFTTrainer
 
-    from bimedix.training.sft import load_sft_dataset, load_tokenizer, parse_args
+    from bimedix.training.sft import load_sft_dataset, load_tokenizer
     from bimedix.training.tiny import build_tiny_model
 
     shares = {}
     with tempfile.TemporaryDirectory() as output_dir:
-        script, training, model_args, mixture, bimedix = parse_args(
-            _sft_flags({**spec, "preset": "paper", "steps": 1}, output_dir))
+        script, training, model_args, mixture, bimedix = _sft_recipe(
+            {**spec, "preset": "paper", "steps": 1}, output_dir)
         tokenizer = load_tokenizer(model_args, bimedix)
         dataset = load_sft_dataset(script, mixture)["train"]
         model = build_tiny_model("mixtral", **spec["model_config"])
