@@ -174,15 +174,14 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
 
 def recipe_args(args: argparse.Namespace, output_dir: str, steps: int):
     """The recipe's parsed arguments for a benchmark run: no saving, no logging backends, ``steps`` steps."""
-    from bimedix.training.sft import parse_args as parse_recipe
+    from bimedix.training.sft import load_recipe
 
-    flags = ["--config", args.recipe, "--output_dir", output_dir, "--max_steps", str(steps),
-             "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed),
-             "--dataloader_num_workers", "0"]
+    flags = ["--output_dir", output_dir, "--max_steps", str(steps), "--save_strategy", "no", "--report_to",
+             "none", "--seed", str(args.seed), "--dataloader_num_workers", "0"]
     if args.cpu:
-        flags += ["--use_cpu", "true", "--bf16", "false"]
-    parsed = parse_recipe(flags + list(args.overrides))
-    training = parsed[1]
+        flags += ["--bf16", "false"]
+    parsed = load_recipe(args.recipe, flags + list(args.overrides), use_cpu=args.cpu)
+    training = parsed.training
     if args.cpu and "paged" in str(getattr(training.optim, "value", training.optim)):
         training.optim = "adamw_torch"  # bitsandbytes' paged optimizers need CUDA
     return parsed
@@ -191,10 +190,9 @@ def recipe_args(args: argparse.Namespace, output_dir: str, steps: int):
 def recipe_config(args: argparse.Namespace, layers: int | None):
     """The recipe model's config (shipped with bimedix: offline) with ``layers`` layers, toy sizes on CPU."""
     from bimedix.training.moe.targets import load_model_config
-    from bimedix.training.sft import parse_args as parse_recipe
+    from bimedix.training.sft import load_recipe
 
-    _, _, model_args, _, bimedix = parse_recipe(["--config", args.recipe, "--use_cpu", "true",
-                                                 *args.overrides])
+    _, _, model_args, _, bimedix = load_recipe(args.recipe, args.overrides, use_cpu=True)
     name = bimedix.tiny_model or model_args.model_name_or_path
     overrides = dict(bimedix.tiny_model_config or {}) if bimedix.tiny_model else {}
     config = load_model_config(name, **overrides)
