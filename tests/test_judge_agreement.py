@@ -62,3 +62,12 @@ def test_unknown_pair_is_reported_with_its_row(tmp_path):
     (tmp_path / "s.jsonl").write_text(json.dumps({"pair_id": "en:p9:0", "clinician_met": "yes"}) + "\n")
     with pytest.raises(ValueError, match=r"s.jsonl:row 1: column `pair_id`: 'en:p9:0' is not a graded pair"):
         judge_agreement(EXAMPLES, [tmp_path / "s.jsonl"])
+
+
+def test_a_sheet_saved_in_another_encoding_or_with_a_missing_column_is_named(tmp_path):
+    (tmp_path / "cp.csv").write_bytes("pair_id,clinician_met\nar:p1:0,لا\n".encode("cp1256"))
+    with pytest.raises(ValueError, match=r"cp\.csv: line 2: byte 0x.* is not UTF-8 text"):
+        read_sheet(tmp_path / "cp.csv")
+    (tmp_path / "short.csv").write_text("pair_id,clinician\nen:p1:0,a\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"short\.csv:row 1: column `clinician_met` is missing"):
+        read_sheet(tmp_path / "short.csv")

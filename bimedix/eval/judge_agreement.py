@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..core.io import atomic_open, iter_jsonl, write_jsonl
 from ..llm.grading import grader_conversation
-from ..llm.review import neutralize_cell, restore_cell
+from ..llm.review import neutralize_cell, read_sheet_rows
 
 SHEET_COLUMNS = (
     "pair_id",
@@ -103,32 +103,11 @@ def pair_id(language: str, prompt_id: str, index: int) -> str:
 
 
 def read_sheet(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(row_number, row)`` of a filled sheet (``.csv``: spreadsheet rows, header = 1; ``.jsonl``: lines)."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = []
-        for line_no, row in iter_jsonl(path):
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:row {line_no}: expected a JSON object with {list(SHEET_COLUMNS)}")
-            rows.append((line_no, {k: "" if v is None else str(v) for k, v in row.items()}))
-        return rows
-    if path.suffix != ".csv":
-        raise ValueError(f"{path}: a calibration sheet must be a .csv or .jsonl file")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in ("pair_id", "clinician_met") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(
-                    f"{path}:row 1: column `{missing[0]}` is missing from the header "
-                    f"(found: {reader.fieldnames})"
-                )
-            return [
-                (index, {k: restore_cell(v or "") for k, v in row.items() if k is not None})
-                for index, row in enumerate(reader, start=2)
-            ]
-    except UnicodeDecodeError:
-        raise ValueError(f'{path}: not UTF-8 text; save it again as "CSV UTF-8"') from None
+    """``(row_number, row)`` of a filled sheet (``.csv``: spreadsheet rows, header = 1; ``.jsonl``: lines),
+    every cell a string."""
+    rows = read_sheet_rows(path, columns=SHEET_COLUMNS, required=("pair_id", "clinician_met"),
+                           kind="a calibration sheet")
+    return [(row_no, {key: str(value) for key, value in row.items()}) for row_no, row in rows]
 
 
 def judge_agreement(examples: list[dict], sheets: list[str | os.PathLike]) -> dict:

@@ -147,10 +147,7 @@ def import_reviews(translated: str | os.PathLike, reviews: str | os.PathLike, ou
     check_outputs({"--output": output, "--audit": audit_path}, {"--input": translated, "--reviews": reviews})
     records = list(read_records(translated))
     by_id = {record["id"]: record for record in records}
-    try:
-        rows = read_review_rows(reviews)
-    except UnicodeDecodeError:
-        raise ValueError(_not_utf8(Path(reviews))) from None
+    rows = read_review_rows(reviews)
     decided: dict[str, list[tuple[int, dict]]] = {}
     undecided: set[str] = set()
     errors, seen = [], set()
@@ -293,8 +290,8 @@ def read_audit(path: str | os.PathLike) -> list[dict]:
     return entries
 
 
-def _not_utf8(path: Path) -> str:
-    """Where a review file stops being UTF-8, and how to re-save it."""
+def _not_utf8(path: Path, consequence: str) -> str:
+    """Where a sheet stops being UTF-8, and how to re-save it."""
     data = path.read_bytes()
     try:
         data.decode("utf-8")
@@ -303,7 +300,7 @@ def _not_utf8(path: Path) -> str:
         line = data[:err.start].count(b"\n") + 1
         where = f"line {line}: byte {data[err.start]:#04x} at offset {err.start}: "
     return (f"{path}: {where}the file is not UTF-8 text (a spreadsheet saved it in another encoding, such as "
-            "Windows-1256); save it again as \"CSV UTF-8\" and re-run; nothing was applied")
+            f"Windows-1256); save it again as \"CSV UTF-8\" and re-run{consequence}")
 
 
 def neutralize_cell(value):
@@ -361,35 +358,53 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 def read_review_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """``(row_number, row)`` pairs of a review file: the line number for JSONL, the spreadsheet row (header =
     1) for CSV."""
+    return read_sheet_rows(path, columns=COLUMNS, required=REQUIRED_COLUMNS, kind="the review file",
+                           consequence="; nothing was applied")
+
+
+def read_sheet_rows(path: str | os.PathLike, *, columns: Iterable[str], required: Iterable[str], kind: str,
+                    consequence: str = "") -> list[tuple[int, dict]]:
+    """``(row_number, row)`` pairs of a sheet that people edit in a spreadsheet (review queues, calibration
+    sheets): ``.jsonl`` rows by line number, ``.csv`` rows by spreadsheet row (header = 1), with the cells
+    `neutralize_cell` protected restored.
+
+    Raises:
+        `ValueError`: ``path:row N: ...`` naming the row (and column) at fault, followed by ``consequence``.
+    """
     path = Path(path)
+    columns = list(columns)
     if path.suffix == ".jsonl":
         rows = []
         for line_no, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:row {line_no}: expected a JSON object with columns {list(COLUMNS)}")
+                raise ValueError(f"{path}:row {line_no}: expected a JSON object with columns {columns}"
+                                 f"{consequence}")
             rows.append((line_no, {k: "" if v is None else v for k, v in row.items()}))
         return rows
     if path.suffix != ".csv":
-        raise ValueError(f"{path}: the review file must be a .csv or .jsonl file")
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv_reader(handle, dict_rows=True)
-        try:
-            return _csv_rows(path, reader)
-        except csv.Error as err:  # e.g. a cell over CSV_FIELD_LIMIT characters, a NUL byte
-            raise ValueError(f"{path}:line {reader.line_num}: malformed CSV ({err}); nothing was applied") \
-                from None
+        raise ValueError(f"{path}: {kind} must be a .csv or .jsonl file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv_reader(handle, dict_rows=True)
+            try:
+                return _csv_rows(path, reader, columns, list(required), consequence)
+            except csv.Error as err:  # e.g. a cell over CSV_FIELD_LIMIT characters, a NUL byte
+                raise ValueError(f"{path}:line {reader.line_num}: malformed CSV ({err}){consequence}") \
+                    from None
+    except UnicodeDecodeError:
+        raise ValueError(_not_utf8(path, consequence)) from None
 
 
-def _csv_rows(path: Path, reader) -> list[tuple[int, dict]]:
-    missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
+def _csv_rows(path: Path, reader, columns: list[str], required: list[str],
+              consequence: str) -> list[tuple[int, dict]]:
+    missing = [column for column in required if column not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{path}:row 1: column `{missing[0]}` is missing from the header "
-                         f"(found: {reader.fieldnames}); nothing was applied")
+                         f"(found: {reader.fieldnames}){consequence}")
     rows = []
     for index, row in enumerate(reader, start=2):
         if None in row:
-            raise ValueError(f"{path}:row {index}: column `{COLUMNS[-1]}`: "
-                             "the row has more cells than the header "
-                             "(an unquoted comma?); nothing was applied")
+            raise ValueError(f"{path}:row {index}: column `{columns[-1]}`: the row has more cells than the "
+                             f"header (an unquoted comma?){consequence}")
         rows.append((index, {k: restore_cell(v or "") for k, v in row.items()}))
     return rows
