@@ -53,7 +53,7 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .rejects import failer, flat_map_records, map_records
+from .rejects import failer, flat_map_records, map_records, row_cells
 from .schema import RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -364,10 +364,7 @@ def convert_mentalqa(path: str | os.PathLike, *, language: str | None = None,
 
     def parse(line_row: tuple[int, list[str]]) -> Iterator[dict]:
         line, row = line_row
-        cell = dict(zip(header, row))
-        fail = failer(path, line, cell)
-        if len(row) != len(header):
-            raise fail(None, f"expected {len(header)} tab-separated columns, got {len(row)}")
+        cell, fail = row_cells(path, header, line, row, kind="tab-separated ")
         question = _required(cell, "question", fail)
         answer = _required(cell, "answer", fail)
         types = _mentalqa_types(cell["final_QT"], fail) if "final_QT" in cell else None

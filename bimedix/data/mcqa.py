@@ -34,7 +34,7 @@ from typing import Any
 from ..core.conventions import LANGUAGES, PUBMEDQA_ANSWERS
 from ..core.conventions import OPTION_LETTERS as LETTERS
 from ..core.io import OnError, iter_jsonl, read_delimited, read_json
-from .rejects import failer, flat_map_records
+from .rejects import failer, flat_map_records, row_cells
 from .schema import OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -319,10 +319,7 @@ def read_medarabench(path: str | os.PathLike, *, on_error: OnError = None) -> It
 
     def parse(line_row: tuple[int, list[str]]) -> Iterator[MCQAItem]:
         line, row = line_row
-        cell = dict(zip(header, row))
-        fail = failer(path, line, cell)
-        if len(row) != len(header):
-            raise fail(None, f"expected {len(header)} columns, got {len(row)}")
+        cell, fail = row_cells(path, header, line, row)
         number = cell["Question Number"].strip()
         if not number:
             raise fail("Question Number", "is empty")

@@ -51,6 +51,17 @@ def failer(path: str | os.PathLike, record: str | int | None,
     return fail
 
 
+def row_cells(path: str | os.PathLike, header: list[str], line: int, row: list[str], *,
+              kind: str = "") -> tuple[dict[str, str], Callable[[str | None, str], RecordError]]:
+    """The cells of one delimited row by column name and its ``fail`` (see `failer`); a row whose width is not
+    the header's is a bad record (``kind`` names the columns, e.g. ``"tab-separated "``)."""
+    cell = dict(zip(header, row))
+    fail = failer(path, line, cell)
+    if len(row) != len(header):
+        raise fail(None, f"expected {len(header)} {kind}columns, got {len(row)}")
+    return cell, fail
+
+
 def map_records(func: Callable[[Any], Any], items: Iterable[Any], *,
                 on_error: OnError = None) -> Iterator[Any]:
     """Yield ``func(item)`` for every item, routing each `RecordError` through the policy.
