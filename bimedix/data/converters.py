@@ -53,7 +53,7 @@ from .mcqa import (
     read_pubmedqa,
     stable_id,
 )
-from .rejects import failer, flat_map_records, map_records, row_cells
+from .rejects import failer, flat_map_records, map_records, object_failer, row_cells
 from .schema import RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -423,9 +423,7 @@ def _json_qa(path, source: str, language: str | None, on_error: OnError,
 
     def parse(where_obj: tuple[str | int, Any]) -> Iterator[dict]:
         where, obj = where_obj
-        fail = failer(path, where, obj)
-        if not isinstance(obj, dict):
-            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        fail = object_failer(path, where, obj)
         found = fields(obj, fail)
         if found is None:
             return

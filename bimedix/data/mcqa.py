@@ -34,7 +34,7 @@ from typing import Any
 from ..core.conventions import LANGUAGES, PUBMEDQA_ANSWERS
 from ..core.conventions import OPTION_LETTERS as LETTERS
 from ..core.io import OnError, iter_jsonl, read_delimited, read_json
-from .rejects import failer, flat_map_records, row_cells
+from .rejects import failer, flat_map_records, object_failer, row_cells
 from .schema import OPTION_LETTERS, RecordError, make_record
 
 logger = logging.getLogger(__name__)
@@ -145,9 +145,7 @@ def read_pubmedqa(path: str | os.PathLike, ground_truth: str | os.PathLike | Non
     def parse(pmid_entry: tuple[str, Any]) -> Iterator[MCQAItem]:
         nonlocal unlabeled
         pmid, entry = pmid_entry
-        fail = failer(path, pmid, entry)
-        if not isinstance(entry, dict):
-            raise fail(None, f"expected an object, got {type(entry).__name__}")
+        fail = object_failer(path, pmid, entry)
         question = _text(entry, "QUESTION", fail)
         contexts = entry.get("CONTEXTS")
         if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts) or not contexts:
@@ -191,9 +189,7 @@ def read_medmcqa(path: str | os.PathLike, *, cop_base: int = 1,
 
     def parse(line_obj: tuple[int, Any]) -> Iterator[MCQAItem]:
         line, obj = line_obj
-        fail = failer(path, line, obj)
-        if not isinstance(obj, dict):
-            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        fail = object_failer(path, line, obj)
         original_id = _text(obj, "id", fail)
         options = _options([(name, obj.get(name)) for name in ("opa", "opb", "opc", "opd")], fail)
         cop = obj.get("cop")
@@ -223,9 +219,7 @@ def read_medqa(path: str | os.PathLike, *, on_error: OnError = None) -> Iterator
 
     def parse(line_obj: tuple[int, Any]) -> Iterator[MCQAItem]:
         line, obj = line_obj
-        fail = failer(path, line, obj)
-        if not isinstance(obj, dict):
-            raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+        fail = object_failer(path, line, obj)
         question = _text(obj, "question", fail)
         raw_options = obj.get("options")
         if not isinstance(raw_options, dict) or not raw_options:

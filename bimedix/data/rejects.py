@@ -51,6 +51,15 @@ def failer(path: str | os.PathLike, record: str | int | None,
     return fail
 
 
+def object_failer(path: str | os.PathLike, record: str | int | None,
+                  obj: Any) -> Callable[[str | None, str], RecordError]:
+    """`failer` for a record that must be a JSON object: anything else is a bad record at once."""
+    fail = failer(path, record, obj)
+    if not isinstance(obj, dict):
+        raise fail(None, f"expected a JSON object, got {type(obj).__name__}")
+    return fail
+
+
 def row_cells(path: str | os.PathLike, header: list[str], line: int, row: list[str], *,
               kind: str = "") -> tuple[dict[str, str], Callable[[str | None, str], RecordError]]:
     """The cells of one delimited row by column name and its ``fail`` (see `failer`); a row whose width is not
