@@ -174,19 +174,9 @@ class DialogueGenerator(RecordEngine):
 
 
 async def generate_chats_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
-                              client: LLMClient,
-                              config: DialogueConfig) -> RunSummary:
-    """Generate a chat for every MCQA record of ``input_path`` into ``output_path``, resuming a previous run.
-
-    Args:
-        input_path (`str | os.PathLike`): MCQA records (JSON Lines, Parquet or a saved dataset).
-        output_path (`str | os.PathLike`): chat records, JSON Lines; rejects go to ``OUT.rejects.jsonl``.
-        client (`LLMClient`): the endpoint, cache and ledger.
-        config (`DialogueConfig`): generation settings.
-
-    Returns:
-        `RunSummary`: what the run did.
-    """
+                              client: LLMClient, config: DialogueConfig) -> RunSummary:
+    """`DialogueGenerator.run_file`: a chat for every MCQA record of ``input_path`` (JSON Lines, Parquet or a
+    saved dataset) into ``output_path`` (JSON Lines; rejects in ``OUT.rejects.jsonl``), resuming a run."""
     return await DialogueGenerator(client, config).run_file(input_path, output_path)
 
 

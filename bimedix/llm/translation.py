@@ -191,17 +191,8 @@ class Translator(RecordEngine):
 
 async def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, client: LLMClient,
                          config: TranslationConfig) -> RunSummary:
-    """Translate every English record of ``input_path`` into ``output_path``, resuming a previous run.
-
-    Args:
-        input_path (`str | os.PathLike`): English records (JSON Lines, Parquet or a saved dataset).
-        output_path (`str | os.PathLike`): Arabic records, JSON Lines; rejects go to ``OUT.rejects.jsonl``.
-        client (`LLMClient`): the endpoint, cache and ledger.
-        config (`TranslationConfig`): loop settings.
-
-    Returns:
-        `RunSummary`: what the run did.
-    """
+    """`Translator.run_file`: every English record of ``input_path`` (JSON Lines, Parquet or a saved dataset)
+    into Arabic in ``output_path`` (JSON Lines; rejects in ``OUT.rejects.jsonl``), resuming a previous run."""
     return await Translator(client, config).run_file(input_path, output_path)
 
 
