@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.conventions import ON_ERROR_POLICIES
@@ -16,6 +17,15 @@ from ..core.conventions import ON_ERROR_POLICIES
 SERVER_HOST = "127.0.0.1"
 SERVER_PORT = 7860
 API_KEY_ENV = "OPENAI_API_KEY"
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, run: Callable[[argparse.Namespace], int],
+                **kwargs) -> argparse.ArgumentParser:
+    """Add the sub-command ``name``, run by ``run(args)`` (its exit status); ``kwargs`` go to ``add_parser``
+    (``help``, ...). ``run``'s docstring is the ``--help`` description."""
+    parser = subparsers.add_parser(name, description=" ".join((run.__doc__ or "").split()) or None, **kwargs)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_hidden_alias(parser, action: argparse.Action, alias: str) -> None:

@@ -13,11 +13,9 @@ _PER_LANGUAGE = object()  # `--system-prompt` given without text
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "chat", help="chat with a model in the terminal (English or Arabic; /reset, /exit)",
-        description="Streaming multi-turn chat, prompted as the model was trained (the adapter's "
-                    "bimedix_chat.json: template and system prompt, normally none); the "
-                    "not-medical-advice notice is printed for you.")
+    parser = _options.add_command(
+        subparsers, "chat", run,
+        help="chat with a model in the terminal (English or Arabic; /reset, /exit)")
     _options.add_model(parser, max_new_tokens=256)
     parser.add_argument("--system-prompt", "--system", dest="system", nargs="?", const=_PER_LANGUAGE,
                         metavar="TEXT",
@@ -29,10 +27,11 @@ def register(subparsers) -> None:
     parser.add_argument("--web", action="store_true",
                         help="serve a chat page in the browser instead (needs `pip install 'bimedix[web]'`)")
     _options.add_server(parser, "BIMEDIX_CHAT_TOKEN", when="with --web: ")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Streaming multi-turn chat, prompted as the model was trained (the adapter's bimedix_chat.json: template
+    and system prompt, normally none); the not-medical-advice notice is printed for you."""
     from ..chat import SYSTEM_PROMPTS, ChatSession, run_chat  # looked up at call time: tests replace run_chat
 
     check_model_folder(args.model)

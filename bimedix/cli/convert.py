@@ -12,12 +12,9 @@ from . import _options
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` sub-command."""
-    parser = subparsers.add_parser(
-        "convert", help="convert an original source file into BiMed records (JSON Lines)",
-        description="Stream an original public source file (PubMedQA, MedMCQA, MedQA, MMLU, LiveQA, ...) "
-                    "into the bimedix conversation schema. Bad records stop the run (naming file:record: "
-                    "field) unless --on-error skip, which writes each "
-                    "of them with its reason to the rejects file.")
+    parser = _options.add_command(
+        subparsers, "convert", run,
+        help="convert an original source file into BiMed records (JSON Lines)")
     parser.add_argument("source", metavar="SOURCE",
                         help="source name: pubmedqa, medmcqa, medqa, mmlu, mmlu-ar, medarabench, "
                              "healthcaremagic, icliniq, meadow, umls, liveqa, medicationqa, mentalqa")
@@ -34,11 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(test = those in --ground-truth)")
     parser.add_argument("--cop-base", type=int, choices=[0, 1],
                         help="medmcqa: 1 for the original files (default), 0 for the Hugging Face export")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert, write atomically, print read / written / rejected counts."""
+    """Stream an original public source file (PubMedQA, MedMCQA, MedQA, MMLU, LiveQA, ...) into the bimedix
+    conversation schema. Bad records stop the run (naming file:record: field) unless --on-error skip, which
+    writes each of them with its reason to the rejects file."""
     from tqdm.auto import tqdm
 
     from ..core.io import write_jsonl

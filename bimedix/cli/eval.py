@@ -13,10 +13,9 @@ from . import _options
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``build-bench``."""
-    run = subparsers.add_parser(
-        "eval", help="evaluate a model on the English / Arabic / bilingual medical benchmarks (lm-eval)",
-        description="Run the packaged lm-eval tasks, write lm-eval's JSON, print tables shaped like the "
-                    "paper's Tables 2-4 next to its reported rows, and write them as markdown (tables.md).")
+    run = _options.add_command(
+        subparsers, "eval", _eval,
+        help="evaluate a model on the English / Arabic / bilingual medical benchmarks (lm-eval)")
     _options.add_model(run)
     run.add_argument("--tasks", default="auto",
                      help="comma-separated tasks/groups: bimedix_bilingual, bimedix_en, bimedix_ar, "
@@ -35,13 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="lm-eval request cache (SQLite path prefix): rerun the same command to resume")
     _options.add_overwrite(run, "eval")
     _options.add_use_kernels(run, when="hf backend: ")
-    run.set_defaults(func=_eval)
 
-    build = subparsers.add_parser(
-        "build-bench", help="build the evaluation data (English + the Arabic benchmark) from original files",
-        description="Read the original benchmark files under their original relative paths (the layout of "
-                    "../shared/data) and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder "
-                    "is the Arabic benchmark (Parquet + README configs, one per subset plus 'all').")
+    build = _options.add_command(
+        subparsers, "build-bench", _build_bench,
+        help="build the evaluation data (English + the Arabic benchmark) from original files")
     build.add_argument("--sources", required=True, help="folder holding the original benchmark files")
     _options.add_output(build, "evaluation data folder to write", path=False)
     build.add_argument("--translations", default=None,
@@ -55,10 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _options.add_on_error(build, "skip", "OUTPUT/rejects.jsonl")
     _options.add_include_unreviewed(build, "--translations: ")
     _options.add_overwrite(build, "build-bench")
-    build.set_defaults(func=_build_bench)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """Run the packaged lm-eval tasks, write lm-eval's JSON, print tables shaped like the paper's Tables 2-4
+    next to its reported rows, and write them as markdown (tables.md)."""
     from bimedix.eval.run import check_adapter, evaluate, expert_lora_targets
     from bimedix.eval.tables import format_tables
 
@@ -101,6 +98,9 @@ def _evaluate_merged(model: str, adapter: str, output: str, kwargs: dict) -> dic
 
 
 def _build_bench(args: argparse.Namespace) -> int:
+    """Read the original benchmark files under their original relative paths (the layout of ../shared/data)
+    and write a Hub-ready evaluation folder; its arabic-bench/ sub-folder is the Arabic benchmark (Parquet +
+    README configs, one per subset plus 'all')."""
     from bimedix.core.io import write_json
     from bimedix.data.rejects import RejectLog, on_error_for
     from bimedix.data.review_policy import ReviewPolicy

@@ -21,15 +21,9 @@ from . import INCOMPLETE, _options
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval-chat``."""
-    parser = subparsers.add_parser(
-        "eval-chat",
-        help="grade open-ended replies against rubrics with an LLM judge (HealthBench format, EN+AR)",
-        description="Generate a reply to each conversation of a HealthBench-format file with the model under "
-        "test (a local model, or --base-url), grade it criterion by criterion with an LLM judge "
-        "(HealthBench's grader prompt), and report the rubric score with bootstrap 95%% CIs, per "
-        "theme and per axis, in English and Arabic side by side. Resumable: a re-run pays nothing. "
-        "With --agreement, report judge-vs-clinician agreement from filled calibration sheets.",
-    )
+    parser = _options.add_command(
+        subparsers, "eval-chat", run,
+        help="grade open-ended replies against rubrics with an LLM judge (HealthBench format, EN+AR)")
     parser.add_argument(
         "--data", type=Path, help="HealthBench-format JSON Lines (prompt, rubrics, example_tags)"
     )
@@ -106,10 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="filled calibration sheets (.csv/.jsonl): report judge-vs-clinician macro F1 "
         "per language for the run in --output, and write OUTPUT/agreement.json",
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Generate a reply to each conversation of a HealthBench-format file with the model under test (a local
+    model, or --base-url), grade it criterion by criterion with an LLM judge (HealthBench's grader prompt),
+    and report the rubric score with bootstrap 95% CIs, per theme and per axis, in English and Arabic side by
+    side. Resumable: a re-run pays nothing. With --agreement, report judge-vs-clinician agreement from filled
+    calibration sheets."""
     if args.agreement:
         return _agreement(args)
     if args.apply_review:

@@ -8,11 +8,9 @@ from . import _options
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "push",
-        help="push an adapter, merged model, dataset or benchmark to the Hugging Face Hub with its card",
-        description="Stage PATH with a card rendered from its artefacts and push it; unchanged content makes "
-                    "no commit. The token comes from HF_TOKEN or `hf auth login` and is never printed.")
+    parser = _options.add_command(
+        subparsers, "push", run_push,
+        help="push an adapter, merged model, dataset or benchmark to the Hugging Face Hub with its card")
     parser.add_argument("kind", choices=["adapter", "model", "dataset", "bench"], help="what PATH holds")
     parser.add_argument("path", help="adapter/model folder, `build-data` output or `build-bench` output")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
@@ -34,10 +32,11 @@ def register(subparsers) -> None:
     parser.add_argument("--base-model", help="Hub id of the base model (defaults to the adapter's)")
     parser.add_argument("--license", default="apache-2.0",
                         help="licence of the pushed weights (default: apache-2.0)")
-    parser.set_defaults(func=run_push)
 
 
 def run_push(args: argparse.Namespace) -> int:
+    """Stage PATH with a card rendered from its artefacts and push it; unchanged content makes no commit. The
+    token comes from HF_TOKEN or `hf auth login` and is never printed."""
     from ..hub.push import push
 
     result = push(args.kind, args.path, repo_id=args.repo_id, private=args.private, revision=args.revision,

@@ -20,62 +20,47 @@ from . import INCOMPLETE, _options
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``translate``, ``generate-chats``, ``review`` and ``fake-openai-server`` sub-commands."""
-    translate = subparsers.add_parser(
-        "translate",
-        help="translate English records into Arabic with an LLM (score, refine, queue for review)",
-        description="English->Arabic translation over any OpenAI-compatible endpoint: translate each whole "
-                    "conversation, check invariants (option letters, numbers, units, drug names), score "
-                    "0-100 with an LLM judge, refine below --threshold for up to --max-rounds. Resumable; "
-                    "outputs are machine translations marked in meta.translation.")
+    translate = _options.add_command(
+        subparsers, "translate", _translate,
+        help="translate English records into Arabic with an LLM (score, refine, queue for review)")
     _endpoint_arguments(translate)
     _options.add_translation_options(translate)
     translate.add_argument("--judge-attempts", type=int, default=3,
                            help="tries to get a well-formed judgement per round (default 3)")
     translate.add_argument("--drug-names", type=Path,
                            help="text file, one drug name per line, that must survive verbatim")
-    translate.set_defaults(func=_translate)
 
-    chats = subparsers.add_parser(
-        "generate-chats", help="generate MCQA-grounded doctor-patient chats with an LLM",
-        description="For every MCQA record, generate a multi-turn chat grounded in the question, options, "
-                    "answer and explanation (paper §3.1.1), until a logical conclusion; validate "
-                    "it and regenerate up to --max-attempts times. Resumable.")
+    chats = _options.add_command(
+        subparsers, "generate-chats", _generate_chats,
+        help="generate MCQA-grounded doctor-patient chats with an LLM")
     _endpoint_arguments(chats)
     chats.add_argument("--min-turns", type=int, default=4, help="fewest human/gpt exchanges (default 4)")
     chats.add_argument("--max-turns", type=int, default=8, help="most human/gpt exchanges (default 8)")
     chats.add_argument("--max-attempts", type=int, default=3,
                        help="generations per record before rejecting (default 3)")
-    chats.set_defaults(func=_generate_chats)
 
     review = subparsers.add_parser("review", help="export translations for human review, import the reviews")
     actions = review.add_subparsers(dest="action", metavar="ACTION", required=True)
-    export = actions.add_parser("export", help="write the review queue (CSV or JSONL)",
-                                description="Queue every translation below --threshold plus a seeded "
-                                            "--fraction of the rest, one row per turn and option.")
+    export = _options.add_command(
+        actions, "export", _review_export,
+        help="write the review queue (CSV or JSONL)")
     export.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     _options.add_output(export, "the queue, .csv or .jsonl")
     export.add_argument("--source", type=Path,
                         help="the English input, to show originals next to translations")
     _options.add_review_sampling(export)
-    export.set_defaults(func=_review_export)
-    apply = actions.add_parser("import", help="apply a reviewed queue, with an audit trail",
-                               description="Check the whole review file (nothing is applied if any row is "
-                                           "bad), apply edits and decisions, mark records "
-                                           "reviewed, append the audit trail.")
+    apply = _options.add_command(
+        actions, "import", _review_import,
+        help="apply a reviewed queue, with an audit trail")
     apply.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     apply.add_argument("--reviews", required=True, type=Path, help="the reviewed queue, .csv or .jsonl")
     _options.add_output(apply, "all records with reviews applied (.jsonl)")
     apply.add_argument("--reviewer", required=True, help="who reviewed (recorded in the audit trail)")
     apply.add_argument("--audit", type=Path,
                        help="audit trail to append to (default: OUTPUT with .audit.jsonl)")
-    apply.set_defaults(func=_review_import)
-    serve = actions.add_parser(
-        "serve", help="review the queue in the browser (same queue, audit trail and result as export/import)",
-        description="A local web app: one record at a time, English next to the editable Arabic, judge "
-                    "score, comments and invariant warnings; approve / edit / reject with keyboard "
-                    "shortcuts. Every decision is appended to the audit trail at once (a killed server loses "
-                    "nothing) and the reviewed records are written to --output as `review import` would "
-                    "write them. Needs `pip install 'bimedix[web]'`.")
+    serve = _options.add_command(
+        actions, "serve", _review_serve,
+        help="review the queue in the browser (same queue, audit trail and result as export/import)")
     serve.add_argument("--input", required=True, type=Path, help="translated records (.jsonl)")
     serve.add_argument("--source", type=Path, help="the English input, shown next to each translation")
     serve.add_argument("--queue", type=Path,
@@ -89,24 +74,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="your name, pre-filled in the page (recorded with each decision)")
     _options.add_review_sampling(serve)
     _options.add_server(serve, "BIMEDIX_REVIEW_TOKEN")
-    serve.set_defaults(func=_review_serve)
-    stats = actions.add_parser(
-        "stats", help="how well the LLM judge's scores agree with the reviewers",
-        description="Per score bucket, the share of reviewed translations approved / edited / rejected, and "
-                    "the ROC AUC of the score separating approved from edited-or-rejected.")
+    stats = _options.add_command(
+        actions, "stats", _review_stats,
+        help="how well the LLM judge's scores agree with the reviewers")
     stats.add_argument("--input", required=True, type=Path, help="reviewed records (.jsonl)")
     _options.add_json(stats)
-    stats.set_defaults(func=_review_stats)
 
-    server = subparsers.add_parser(
-        "fake-openai-server", help="run a scripted local OpenAI-compatible server (dry runs, no real model)",
-        description="Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry "
-                    "runs of translate / generate-chats. Not a "
-                    "model: its Arabic is letter-substituted English.")
+    server = _options.add_command(
+        subparsers, "fake-openai-server", _fake_server,
+        help="run a scripted local OpenAI-compatible server (dry runs, no real model)")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--latency", type=float, default=0.0,
                         help="seconds each completion waits (default 0)")
-    server.set_defaults(func=_fake_server)
 
 
 def _endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +151,10 @@ def _run(args: argparse.Namespace, engine) -> int:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    """English->Arabic translation over any OpenAI-compatible endpoint: translate each whole conversation,
+    check invariants (option letters, numbers, units, drug names), score 0-100 with an LLM judge, refine below
+    --threshold for up to --max-rounds. Resumable; outputs are machine translations marked in
+    meta.translation."""
     from ..llm.translation import TranslationConfig, translate_file
 
     drugs = frozenset()
@@ -187,6 +170,9 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def _generate_chats(args: argparse.Namespace) -> int:
+    """For every MCQA record, generate a multi-turn chat grounded in the question, options, answer and
+    explanation (paper §3.1.1), until a logical conclusion; validate it and regenerate up to --max-attempts
+    times. Resumable."""
     from ..llm.dialogue import DialogueConfig, generate_chats_file
 
     config = DialogueConfig(min_turns=args.min_turns, max_turns=args.max_turns,
@@ -197,6 +183,8 @@ def _generate_chats(args: argparse.Namespace) -> int:
 
 
 def _review_export(args: argparse.Namespace) -> int:
+    """Queue every translation below --threshold plus a seeded --fraction of the rest, one row per turn and
+    option."""
     from ..llm.review import export_review_queue
 
     count = export_review_queue(args.input, args.output, source=args.source, fraction=args.fraction,
@@ -207,6 +195,8 @@ def _review_export(args: argparse.Namespace) -> int:
 
 
 def _review_import(args: argparse.Namespace) -> int:
+    """Check the whole review file (nothing is applied if any row is bad), apply edits and decisions, mark
+    records reviewed, append the audit trail."""
     from ..llm.review import import_reviews
 
     summary = import_reviews(args.input, args.reviews, args.output, reviewer=args.reviewer, audit=args.audit)
@@ -217,6 +207,10 @@ def _review_import(args: argparse.Namespace) -> int:
 
 
 def _review_serve(args: argparse.Namespace) -> int:
+    """A local web app: one record at a time, English next to the editable Arabic, judge score, comments and
+    invariant warnings; approve / edit / reject with keyboard shortcuts. Every decision is appended to the
+    audit trail at once (a killed server loses nothing) and the reviewed records are written to --output as
+    `review import` would write them. Needs `pip install 'bimedix[web]'`."""
     from ..llm.review_session import ReviewSession
     from ..web.server import WebServer, check_exposure, require_web
 
@@ -242,6 +236,8 @@ def _review_serve(args: argparse.Namespace) -> int:
 
 
 def _review_stats(args: argparse.Namespace) -> int:
+    """Per score bucket, the share of reviewed translations approved / edited / rejected, and the ROC AUC of
+    the score separating approved from edited-or-rejected."""
     from ..data.schema import read_records
 
     stats = review_agreement(read_records(args.input))
@@ -265,6 +261,8 @@ def _review_stats(args: argparse.Namespace) -> int:
 
 
 def _fake_server(args: argparse.Namespace) -> int:
+    """Serve deterministic fake translations, judgements and dialogues on 127.0.0.1 for dry runs of translate
+    / generate-chats. Not a model: its Arabic is letter-substituted English."""
     from ..llm.fake_server import FakeOpenAIServer
 
     server = FakeOpenAIServer(latency=args.latency, port=args.port)

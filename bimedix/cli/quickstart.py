@@ -35,14 +35,10 @@ EAGER_EXPERTS = {"experts_implementation": "eager"}
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "quickstart",
+    parser = _options.add_command(
+        subparsers, "quickstart", run,
         help="run the whole pipeline on CPU: data, masked sample, tiny MoE LoRA training, EN/AR eval, "
-                           "model card, dry-run push",
-        description="Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA "
-                    "on attention + router + experts (and its output head), evaluate it in English and "
-                    "Arabic, render its card and write a dry-run Hub push. A "
-                    "few minutes on 2 CPU cores; nothing is downloaded.")
+             "model card, dry-run push")
     _options.add_output(parser, "folder for everything the run writes")
     parser.add_argument("--max-steps", type=int, default=30,
                         help="optimizer steps of the LoRA run (default: 30)")
@@ -57,10 +53,12 @@ def register(subparsers) -> None:
     _options.add_seed(parser, 42, "the tiny model and of training")
     _options.add_no_progress(parser)
     _options.add_overwrite(parser, "quickstart")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Build the mini BiMed dataset from bundled real data, train a tiny random MoE with LoRA on attention +
+    router + experts (and its output head), evaluate it in English and Arabic, render its card and write a
+    dry-run Hub push. A few minutes on 2 CPU cores; nothing is downloaded."""
     start = time.monotonic()
 
     out = args.output
