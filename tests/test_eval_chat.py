@@ -25,6 +25,9 @@ EXAMPLES = resource_path("bimedix", "eval", "rubric_examples")
 JUDGE = "test-judge"
 
 
+REVIEWED_ARABIC = ("--languages", "en,ar", "--data-ar", str(EXAMPLES / "examples_ar.jsonl"))
+
+
 def command(base_url: str, tmp_path, out: str = "out", *extra: str) -> list[str]:
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({**PRICES, JUDGE: {"input": 2.0, "output": 8.0}}))
@@ -193,10 +196,7 @@ def test_reviewed_arabic_set_and_judge_agreement(server, api_key, tmp_path, caps
         server.base_url,
         tmp_path,
         "out",
-        "--languages",
-        "en,ar",
-        "--data-ar",
-        str(EXAMPLES / "examples_ar.jsonl"),
+        *REVIEWED_ARABIC,
         "--calibration-sample",
         "30",
     )
@@ -345,10 +345,7 @@ def test_push_dry_run_puts_the_table_in_the_model_card(server, api_key, tmp_path
                 server.base_url,
                 tmp_path,
                 "out",
-                "--languages",
-                "en,ar",
-                "--data-ar",
-                str(EXAMPLES / "examples_ar.jsonl"),
+                *REVIEWED_ARABIC,
             )
         )
         == 0
