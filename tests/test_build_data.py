@@ -98,7 +98,7 @@ def test_crash_mid_write_leaves_no_partial_shard(built, tmp_path, mixtral_tokeni
     monkeypatch.setattr(build_module.DataStats, "update", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
-    finished = sorted(out.glob(".work/shards/*.parquet"))  # the resumable work; no dataset is there yet
+    finished = sorted(out.glob(".work/shards/*.shard"))  # the resumable work; no dataset is there yet
     assert len(finished) == 1 and pq.read_table(finished[0]).num_rows > 0
     assert not (out / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -12,8 +12,9 @@
 - Temporaries left by a killed run (`bimedix.core.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
   and by the next run that owns their folder.
-- A folder that must never be seen half-written (a merged model, its report) is written whole in a hidden
-  sibling and swapped into place (`staged_folder`): a kill leaves either the old folder or the new one.
+- A folder that must never be seen half-written (a merged model and its report, a built dataset) is written
+  whole in a hidden sibling and swapped into place (`staged_folder`): a kill leaves either the old folder or
+  the new one.
 
 Examples:
 

@@ -10,9 +10,9 @@ Stages, each cached under ``<output>/.work`` and skipped when its inputs have no
    benchmark (`decontam`), exact and near duplicates (`dedup`) and duplicate ids, in recipe order, into
    ``.work/clean-<key>.jsonl``, and plan the mix (`mixing`: keep everything, or an explicit
    ``mix.ar_en_ratio``);
-3. **write** the records the plan keeps as Parquet shards (`bimedix.data.schema.FEATURES`) under
-   ``.work/shards``, each written atomically with its statistics in a sidecar, so a re-run skips finished
-   shards;
+3. **write** the records the plan keeps as Parquet shards (`bimedix.data.schema.FEATURES`) as
+   ``.work/shards/<language>-<task>-NNNNN.shard``, each written atomically with its statistics in a
+   sidecar, so a re-run skips finished shards;
 4. **finish** the dataset in a hidden sibling of the output (`bimedix.core.outputs.staged_folder`): the
    shards linked in as ``data/<language>/<task>/train-NNNNN.parquet``, ``stats.{json,md,png}`` (with the
    review counts and the target vs achieved composition, `composition`), ``decontamination.jsonl``,
@@ -581,7 +581,9 @@ class _ShardWriter:
             link_or_copy(self._path(index), dataset.path("data", *self.group, f"train-{index:05d}.parquet"))
 
     def _path(self, index: int | None = None) -> Path:
-        return self._sidecar(index).with_suffix(".parquet")
+        """The Parquet shard, named ``.shard`` so that nothing globbing ``*.parquet`` in the output (`push
+        dataset`, a folder upload) picks up this second name of ``data/``'s files."""
+        return self._sidecar(index).with_suffix(".shard")
 
     def _sidecar(self, index: int | None = None) -> Path:
         index = self.index if index is None else index
