@@ -322,8 +322,9 @@ def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -
 
     The folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old folder
     is first renamed aside to ``.NAME.PID.XXXXXXXX.old``), then the old one is deleted. A kill at any point
-    leaves ``target`` wholly old or wholly new. If carrying fails, ``staging`` is deleted and ``target`` is
-    untouched.
+    leaves ``target`` wholly old or wholly new. If carrying fails (or ``target`` holds a mount point, whose
+    files deleting the old folder would reach: `OutputError`), ``staging`` is deleted and ``target`` is
+    untouched. A process whose working folder was in ``target`` is moved to the same path in the new one.
     """
     parent = target.parent if str(target.parent) else Path(".")
     cwd = Path.cwd()
@@ -357,6 +358,9 @@ def link_or_copy(source: Path, target: Path) -> None:
 def _carry_files(source: Path, staging: Path, carry: Callable[[Path], bool]) -> None:
     """Link (or copy) into ``staging`` the files of ``source`` it lacks that ``carry`` accepts."""
     for path in sorted(source.rglob("*")):
+        if path.is_dir() and os.path.ismount(path):  # deleting the old folder would empty that file system
+            raise OutputError(f"{path} is a mount point inside the output folder {source}, which is replaced "
+                              "whole; choose an output folder without mounted file systems inside.")
         relative = path.relative_to(source)
         new = staging / relative
         if path.is_dir() and not path.is_symlink() or new.exists() or new.is_symlink() or not carry(path):
