@@ -98,8 +98,9 @@ def test_crash_mid_write_leaves_no_partial_shard(built, tmp_path, mixtral_tokeni
     monkeypatch.setattr(build_module.DataStats, "update", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
-    finished = sorted(out.glob("data/**/*.parquet"))
+    finished = sorted(out.glob(".work/shards/*.shard"))  # the resumable work; no dataset is there yet
     assert len(finished) == 1 and pq.read_table(finished[0]).num_rows > 0
+    assert not (out / "data").exists() and [p.name for p in tmp_path.iterdir()] == ["out"]
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.setattr(build_module.DataStats, "update", original)
     resumed = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
@@ -343,3 +344,76 @@ def _configs(folder: Path) -> list[dict]:
     from huggingface_hub import DatasetCard
 
     return DatasetCard.load(folder / "README.md").data.to_dict()["configs"]
+
+
+_KILL_AFTER_THE_REPORTS = """
+import os, signal, sys
+from bimedix.cli import main
+from bimedix.data import build
+
+write_reports = build._write_reports
+
+def killed(*args, **kwargs):  # the new shards and statistics are written: the last step of a build
+    write_reports(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+build._write_reports = killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop", ["exception", "kill -9"])
+def test_a_rebuild_stopped_late_leaves_the_earlier_dataset_whole(tmp_path, mixtral_tokenizer, monkeypatch,
+                                                                 capsys, stop):
+    """Repro (issue 20, probe item 4): a rebuild with a changed recipe removed the old shards first, so a
+    build stopped late left new shards beside the old statistics until a rerun finished."""
+    import subprocess
+    import sys
+
+    import datasets
+
+    recipe = write_sources(tmp_path / "sources")
+    out = tmp_path / "out"
+    first = build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    before = _dataset_files(out)
+    recipe.write_text(recipe.read_text().replace("shard_size: 4\n", "shard_size: 3\n"))  # new shards
+    args = ["build-data", "--recipe", str(recipe), "--output", str(out), "--on-error", "skip",
+            "--no-progress"]
+    if stop == "exception":
+        from bimedix.data import build as build_module
+
+        write_reports = build_module._write_reports
+
+        def fail(*args, **kwargs) -> None:
+            write_reports(*args, **kwargs)
+            raise RuntimeError("stopped after writing the new dataset")
+
+        with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="stopped after"):
+            patch.setattr(build_module, "_write_reports", fail)
+            build_data(recipe, out, on_error="skip", tokenizer=mixtral_tokenizer, progress=False)
+    else:
+        killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_THE_REPORTS, *args], capture_output=True,
+                                text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _dataset_files(out) == before
+    assert len(list(tmp_path.glob(".out.*.staging"))) == (stop == "kill -9")  # the new one, never swapped in
+    loaded = datasets.load_dataset(str(out), "all", split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert len(loaded) == first.counts.written
+    monkeypatch.setattr("bimedix.data.tokenizer.load_mixtral_tokenizer", lambda: mixtral_tokenizer)
+    from bimedix.cli import main
+
+    assert main(args) == 0
+    assert "Shards: 0 written, 8 already finished (skipped)" in capsys.readouterr().out  # resumed from .work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-cache", "out", "sources"]
+    fresh = build_data(recipe, tmp_path / "fresh", on_error="skip", tokenizer=mixtral_tokenizer,
+                       progress=False)
+    resumed, rebuilt = _dataset_files(out), _dataset_files(tmp_path / "fresh")
+    assert resumed.pop("README.md") != rebuilt.pop("README.md")  # the prose card the CLI adds
+    assert resumed == rebuilt and resumed != {k: v for k, v in before.items() if k != "README.md"}
+    assert _configs(out) == _configs(tmp_path / "fresh") and fresh.counts == first.counts
+
+
+def _dataset_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of a built folder's files, without the build's own hidden work and manifest."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.relative_to(folder).parts[0].startswith(".")}

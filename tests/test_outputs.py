@@ -330,3 +330,33 @@ def test_staged_folder_swaps_in_a_whole_folder_and_keeps_a_users_files(tmp_path,
     assert {path.name: path.read_text() for path in out.iterdir() if path.suffix != ".jsonl"} == \
         {"weights": "3", "report": "3", "notes.txt": "the user's"}
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging or old folder left
+
+
+def test_staged_folder_keeps_a_cache_as_its_own_and_swaps_the_working_folder(tmp_path, monkeypatch):
+    """`keep` carries a resumable cache written in place (build-data's `.work`) with its manifest entries;
+    `.` swaps the folder itself and the process stays in it; a mount point inside is refused whole."""
+    from bimedix.core.outputs import staged_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    folder = OutputFolder(out, "build-data", overwrite=True)
+    folder.path(".work", "cache.json").write_text("resumable")
+    with staged_folder(folder, keep=(".work",)) as staging:
+        staging.path("stats.json").write_text("1")
+    again = OutputFolder(out, "build-data")  # no --overwrite needed: its manifest came along
+    assert again.owns(out / ".work" / "cache.json") and again.owns(out / "stats.json")
+    assert not again.owns(out / "mine.txt")
+    assert '{"path": "./"}' not in again.manifest.read_text()  # the folder is still the user's
+    monkeypatch.chdir(out)
+    with staged_folder(OutputFolder(Path("."), "build-data"), keep=(".work",)) as staging:
+        staging.path("stats.json").write_text("2")
+    assert Path.cwd() == out and Path("stats.json").read_text() == "2"
+    assert sorted(p.name for p in out.iterdir()) == [".bimedix-build-data.jsonl", ".work", "mine.txt",
+                                                     "stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.setattr("os.path.ismount", lambda path: Path(path).name == ".work")
+    with pytest.raises(OutputError, match=r"\.work is a mount point inside the output folder"), \
+            staged_folder(OutputFolder(out, "build-data")) as staging:
+        staging.path("stats.json").write_text("3")
+    assert (out / "stats.json").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -68,8 +68,8 @@ def _build_data(args: argparse.Namespace) -> int:
 
     result = build_data(args.recipe, args.output, sources_dir=args.sources, on_error=args.on_error,
                         progress=not args.no_progress, include_unreviewed=args.include_unreviewed,
-                        num_proc=args.num_proc, overwrite=args.overwrite)
-    save_dataset_card(result.output)
+                        num_proc=args.num_proc, overwrite=args.overwrite,
+                        finish=lambda staging: save_dataset_card(staging, name=args.output))
     print(result.stats.to_markdown())
     if has_targets(result.composition):
         print("Composition (achieved vs the recipe's targets):\n" + composition_markdown(result.composition))

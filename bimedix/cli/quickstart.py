@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data.build import build_data
     from ..hub.cards import save_dataset_card
 
-    built = build_data("mini", paths["data"], progress=not args.no_progress)
-    save_dataset_card(paths["data"])  # as `bimedix build-data` does
+    built = build_data("mini", paths["data"], progress=not args.no_progress,  # with its card, as build-data
+                       finish=lambda staging: save_dataset_card(staging, name=paths["data"]))
     print(built.stats.to_markdown())
     print(f"\n{built.counts.equation()}")
 

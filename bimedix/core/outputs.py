@@ -12,8 +12,9 @@
 - Temporaries left by a killed run (`bimedix.core.io.atomic_open` names them ``.NAME.PID.XXXXXXXX.tmp``)
   are removed, once their process is gone, by the next write of ``NAME`` (`remove_stale_temporaries_of`)
   and by the next run that owns their folder.
-- A folder that must never be seen half-written (a merged model, its report) is written whole in a hidden
-  sibling and swapped into place (`staged_folder`): a kill leaves either the old folder or the new one.
+- A folder that must never be seen half-written (a merged model and its report, a built dataset) is written
+  whole in a hidden sibling and swapped into place (`staged_folder`): a kill leaves either the old folder or
+  the new one.
 
 Examples:
 
@@ -35,7 +36,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
 
@@ -263,16 +264,23 @@ class OutputFolder:
 
 
 @contextlib.contextmanager
-def staged_folder(final: OutputFolder) -> Iterator[OutputFolder]:
+def staged_folder(final: OutputFolder, *, keep: Collection[str] = ()) -> Iterator[OutputFolder]:
     """Write a whole output folder in a hidden sibling, then swap it into ``final.root`` in one step.
 
-    Yields an `OutputFolder` for the sibling (``.NAME.PID.XXXXXXXX.staging``, same command and inputs). When
-    the block ends, the files of ``final.root`` the command does not own (a user's, kept under
-    ``overwrite``) are carried into it (hard links, else copies), the two folders are exchanged atomically
-    (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old folder is first renamed aside to
-    ``.NAME.PID.XXXXXXXX.old``), and the old one is deleted. A kill at any point leaves ``final.root``
-    wholly old or wholly new; the next staging of the same folder removes what a killed run left. If the
-    block raises, the sibling is deleted and ``final.root`` is untouched.
+    Yields an `OutputFolder` for the sibling (``.NAME.PID.XXXXXXXX.staging`` beside the resolved
+    ``final.root``, same command and inputs). When the block ends, the files of ``final.root`` the command
+    does not own (a user's, kept under ``overwrite``) and those under ``keep`` are carried into it (hard
+    links, else copies), the two folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux;
+    elsewhere the old folder is first renamed aside to ``.NAME.PID.XXXXXXXX.old``), and the old one is
+    deleted. A kill at any point leaves ``final.root`` wholly old or wholly new; the next staging of the same
+    folder removes what a killed run left. If the block raises, the sibling is deleted and ``final.root`` is
+    untouched.
+
+    Args:
+        final (`OutputFolder`): the output folder, checked (inputs, ``overwrite``) before any work.
+        keep (`Collection[str]`, *optional*): top-level names in ``final.root`` of the command's own files or
+            folders that the new folder keeps as its own (a resumable cache written in place, such as
+            build-data's ``.work``).
 
     Examples:
 
@@ -283,15 +291,21 @@ def staged_folder(final: OutputFolder) -> Iterator[OutputFolder]:
         write_json(staging.path("merge_report.json"), report)
     ```
     """
-    target = final.root
+    target = final.root.resolve()  # `.` and symbolic links: swap the folder itself
     staging = staging_path(target)
     try:
-        yield OutputFolder(staging, final.command, inputs=final.inputs, flag=final.flag)
+        new = OutputFolder(staging, final.command, inputs=final.inputs, flag=final.flag)
+        new._created_root = final._created(final.root)  # a user's folder (--overwrite) stays theirs
+        yield new
+        for entry in sorted(final._entries):
+            if entry != "./" and entry.split("/")[0] in keep:
+                new._record(entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # wholly this run's: nothing else is in it
         raise
-    # the user's files are carried over; this command's are all in the staging
-    swap_in_folder(staging, target, lambda path: path.name != final.manifest.name and not final.owns(path))
+    # the user's files and the kept ones are carried over; this command's others are all in the staging
+    swap_in_folder(staging, target, lambda path: path.name != final.manifest.name and (
+        not final.owns(path) or path.relative_to(target).parts[0] in keep))
 
 
 def staging_path(target: Path, pid: int | None = None) -> Path:
@@ -308,10 +322,12 @@ def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -
 
     The folders are exchanged atomically (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old folder
     is first renamed aside to ``.NAME.PID.XXXXXXXX.old``), then the old one is deleted. A kill at any point
-    leaves ``target`` wholly old or wholly new. If carrying fails, ``staging`` is deleted and ``target`` is
-    untouched.
+    leaves ``target`` wholly old or wholly new. If carrying fails (or ``target`` holds a mount point, whose
+    files deleting the old folder would reach: `OutputError`), ``staging`` is deleted and ``target`` is
+    untouched. A process whose working folder was in ``target`` is moved to the same path in the new one.
     """
     parent = target.parent if str(target.parent) else Path(".")
+    cwd = Path.cwd()
     try:
         if not target.is_dir():
             os.rename(staging, target)
@@ -326,12 +342,25 @@ def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if cwd == target.resolve() or target.resolve() in cwd.parents:  # the working folder was in the old one
+        os.chdir(cwd if cwd.is_dir() else target)
     shutil.rmtree(staging)  # the old folder: the files it kept are linked into the new one
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to the file ``source`` (the same bytes, no copy), else a copy of it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _carry_files(source: Path, staging: Path, carry: Callable[[Path], bool]) -> None:
     """Link (or copy) into ``staging`` the files of ``source`` it lacks that ``carry`` accepts."""
     for path in sorted(source.rglob("*")):
+        if path.is_dir() and os.path.ismount(path):  # deleting the old folder would empty that file system
+            raise OutputError(f"{path} is a mount point inside the output folder {source}, which is replaced "
+                              "whole; choose an output folder without mounted file systems inside.")
         relative = path.relative_to(source)
         new = staging / relative
         if path.is_dir() and not path.is_symlink() or new.exists() or new.is_symlink() or not carry(path):
@@ -340,10 +369,7 @@ def _carry_files(source: Path, staging: Path, carry: Callable[[Path], bool]) -> 
         if path.is_symlink():
             os.symlink(os.readlink(path), new)
             continue
-        try:
-            os.link(path, new)
-        except OSError:
-            shutil.copy2(path, new)
+        link_or_copy(path, new)
 
 
 def _exchange(first: Path, second: Path) -> bool:

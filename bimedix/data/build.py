@@ -10,14 +10,18 @@ Stages, each cached under ``<output>/.work`` and skipped when its inputs have no
    benchmark (`decontam`), exact and near duplicates (`dedup`) and duplicate ids, in recipe order, into
    ``.work/clean-<key>.jsonl``, and plan the mix (`mixing`: keep everything, or an explicit
    ``mix.ar_en_ratio``);
-3. **write** the records the plan keeps as Parquet shards ``data/<language>/<task>/train-NNNNN.parquet``
-   (`bimedix.data.schema.FEATURES`), each written atomically with its statistics in a sidecar, so a
-   re-run skips finished shards; then ``stats.{json,md,png}`` (with the review counts and the target vs
-   achieved composition, `composition`), ``decontamination.jsonl``,
+3. **write** the records the plan keeps as Parquet shards (`bimedix.data.schema.FEATURES`) as
+   ``.work/shards/<language>-<task>-NNNNN.shard``, each written atomically with its statistics in a
+   sidecar, so a re-run skips finished shards;
+4. **finish** the dataset in a hidden sibling of the output (`bimedix.core.outputs.staged_folder`): the
+   shards linked in as ``data/<language>/<task>/train-NNNNN.parquet``, ``stats.{json,md,png}`` (with the
+   review counts and the target vs achieved composition, `composition`), ``decontamination.jsonl``,
    ``duplicates.jsonl``, ``rejects.jsonl`` and a ``README.md`` whose ``configs:`` (``all``, ``en``,
    ``ar``, ``mcqa``, ``qa``, ``chat``; a config with no rows is left out, since ``datasets`` cannot load an
    empty split) make ``datasets.load_dataset(output, "ar", split="train")`` work (the command
-   ``bimedix build-data`` then renders the prose dataset card into it, `bimedix.hub.cards.save_dataset_card`).
+   ``bimedix build-data`` renders the prose dataset card into it there,
+   `bimedix.hub.cards.save_dataset_card`); then swap it in whole. Until then a folder an earlier build
+   finished stays as it was, and loadable.
 
 The counts always balance: ``read = written + rejected + excluded_review + deduplicated + decontaminated +
 dropped_weight + dropped_ratio``.
@@ -34,7 +38,7 @@ import os
 import re
 import shutil
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..core.conventions import LANGUAGES
 from ..core.io import atomic_open, iter_jsonl, raw_lines, report, write_json
-from ..core.outputs import OutputFolder, check_outputs
+from ..core.outputs import OutputFolder, check_outputs, link_or_copy, staged_folder
 from .composition import composition
 from .dataset_readme import configs_readme
 from .decontam import BenchmarkIndex, load_benchmark_items, report_entry
@@ -155,11 +159,13 @@ class BuildResult:
 def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike, *,
                sources_dir: str | os.PathLike | None = None, on_error: str = "raise", tokenizer=None,
                progress: bool = True, include_unreviewed: bool = False, num_proc: int | None = None,
-               overwrite: bool = False) -> BuildResult:
+               overwrite: bool = False, finish: Callable[[Path], object] | None = None) -> BuildResult:
     """Build a BiMed1.3M-style dataset folder from a data recipe.
 
     The folder is an `bimedix.core.outputs.OutputFolder`: no input is ever written or deleted, and a rebuild
-    deletes only the files an earlier build recorded writing there.
+    deletes only the files an earlier build recorded writing there. The dataset is written whole in a hidden
+    sibling and swapped in at the end (`bimedix.core.outputs.staged_folder`), keeping the resumable work in
+    ``output/.work``: a build killed at any point leaves the earlier dataset as it was.
 
     Args:
         recipe (`DataRecipe | str | os.PathLike`): a recipe, a YAML path, or a shipped recipe name (``mini``).
@@ -176,6 +182,8 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
             output is byte-identical to ``num_proc=1``.
         overwrite (`bool`, *optional*, defaults to `False`): allow a non-empty ``output`` that no build made
             (its other files are kept).
+        finish (`Callable[[Path], object]`, *optional*): called with the staging folder once the dataset is
+            written in it, before it is swapped in (the CLI renders the dataset card there).
 
     Returns:
         `BuildResult`: counts (balanced), per-source counts, statistics, review counts and composition.
@@ -206,8 +214,7 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     build_key = _digest([prepared.key, recipe.shard_size, _FORMAT_VERSION])
     marker = work_dir / "build.json"
     if not marker.is_file() or json.loads(marker.read_text())["key"] != build_key:
-        folder.remove_tree("data")
-        folder.remove_tree(WORK_DIR, "shards")
+        folder.remove_tree(WORK_DIR, "shards")  # the dataset itself is replaced whole at the end
         write_json(folder.path(WORK_DIR, marker.name), {"key": build_key})
     per_source = {name: dataclasses.replace(counts) for name, counts in prepared.counts.items()}
     stats = DataStats()
@@ -233,7 +240,12 @@ def build_data(recipe: DataRecipe | str | os.PathLike, output: str | os.PathLike
     for counts in per_source.values():
         total.add(counts)
     mix = composition(stats, recipe.mix.targets, recipe.mix.target_tokens)
-    _write_reports(folder, recipe, prepared, total, per_source, stats, mix)
+    with staged_folder(folder, keep=(WORK_DIR,)) as staging:
+        for writer in writers.values():
+            writer.link_into(staging)
+        _write_reports(staging, recipe, prepared, total, per_source, stats, mix)
+        if finish is not None:
+            finish(staging.root)
     logger.info("%s", total.equation())
     return BuildResult(output, total, per_source, stats, sum(w.written for w in writers.values()),
                        sum(w.skipped for w in writers.values()), prepared.review, mix)
@@ -519,7 +531,8 @@ def _clean_task(context: tuple, task: tuple) -> list:
 
 
 class _ShardWriter:
-    """Writes one language × task group as Parquet shards of ``shard_size`` rows, atomically, with stats."""
+    """Writes one language × task group as Parquet shards of ``shard_size`` rows under ``.work/shards``,
+    atomically, each with a stats sidecar."""
 
     def __init__(self, output: OutputFolder, group: tuple[str, str], shard_size: int, tokenizer):
         self.output = output
@@ -561,21 +574,27 @@ class _ShardWriter:
             self._context.__exit__(*sys.exc_info())
             self._context = self._writer = None
 
-    def _path(self) -> Path:
-        return self.output.root / "data" / self.group[0] / self.group[1] / self._name()
+    def link_into(self, dataset: OutputFolder) -> None:
+        """Link (or copy) the finished shards into ``dataset`` as
+        ``data/<language>/<task>/train-NNNNN.parquet``."""
+        for index in range(self.index):
+            link_or_copy(self._path(index), dataset.path("data", *self.group, f"train-{index:05d}.parquet"))
 
-    def _name(self) -> str:
-        return f"train-{self.index:05d}.parquet"
+    def _path(self, index: int | None = None) -> Path:
+        """The Parquet shard, named ``.shard`` so that nothing globbing ``*.parquet`` in the output (`push
+        dataset`, a folder upload) picks up this second name of ``data/``'s files."""
+        return self._sidecar(index).with_suffix(".shard")
 
-    def _sidecar(self) -> Path:
-        return self.output.root / WORK_DIR / "shards" / f"{self.prefix}-{self.index:05d}.json"
+    def _sidecar(self, index: int | None = None) -> Path:
+        index = self.index if index is None else index
+        return self.output.root / WORK_DIR / "shards" / f"{self.prefix}-{index:05d}.json"
 
     def _flush(self) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self._writer is None:
-            self._context = atomic_open(self.output.path("data", *self.group, self._name()), "wb")
+            self._context = atomic_open(self.output.path(WORK_DIR, "shards", self._path().name), "wb")
             self._writer = pq.ParquetWriter(self._context.__enter__(), FEATURES.arrow_schema)
         if not self._buffer:
             return

@@ -275,14 +275,15 @@ def render_dataset_card(data_dir: str | os.PathLike, *, repo_id: str | None = No
     )
 
 
-def save_dataset_card(data_dir: str | os.PathLike) -> Path:
+def save_dataset_card(data_dir: str | os.PathLike, *, name: str | os.PathLike | None = None) -> Path:
     """Render the card of a ``bimedix build-data`` folder (see `render_dataset_card`) into its README; return
     it.
 
-    The builder wrote only the README's ``configs:``; the card keeps them.
+    The builder wrote only the README's ``configs:``; the card keeps them. ``name`` is the folder the card
+    names (default ``data_dir``; the final path when ``data_dir`` is a staging folder).
     """
     path = Path(data_dir) / "README.md"
-    render_dataset_card(data_dir).save(path)
+    render_dataset_card(data_dir, repo_id=str(name or data_dir)).save(path)
     return path
 
 
