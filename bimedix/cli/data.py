@@ -12,12 +12,9 @@ from . import _options
 
 def register(subparsers) -> None:
     """Add ``build-data``, ``select-for-translation`` and ``stats`` to the ``bimedix`` command line."""
-    build = subparsers.add_parser(
-        "build-data", help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe",
-        description="Convert the recipe's sources, apply the translation review policy, drop benchmark "
-                    "overlaps and duplicates, keep English whole (or sample to the recipe's explicit "
-                    "mix.ar_en_ratio), write Parquet shards, statistics, target vs achieved "
-                    "composition and reports. Re-running resumes.")
+    build = _options.add_command(
+        subparsers, "build-data", _build_data,
+        help="build a BiMed1.3M-style dataset (Parquet + README configs) from a data recipe")
     build.add_argument("--recipe", required=True,
                        help="data recipe YAML, or a shipped recipe name: mini, bimed1.3m (see recipes/data/)")
     _options.add_output(build, "dataset folder to create or resume")
@@ -30,16 +27,10 @@ def register(subparsers) -> None:
                        help="processes for the convert and clean stages (default: all cores); the output is "
                             "byte-identical for any N")
     _options.add_overwrite(build, "build-data")
-    build.set_defaults(func=_build_data)
 
-    select = subparsers.add_parser(
-        "select-for-translation",
-        help="pick the English records to translate (stratified, seeded, reproducible)",
-        description="Pick a target number (or fraction) of English records for translation, stratified by "
-                    "task and source in proportion to their sizes, by a seeded hash of the record id; write "
-                    "the picks and a summary table. The paper translates 444,995 of its ~866.6K English "
-                    "records (--target 444995, or about --target "
-                    "0.51); English itself is never down-sampled.")
+    select = _options.add_command(
+        subparsers, "select-for-translation", _select_for_translation,
+        help="pick the English records to translate (stratified, seeded, reproducible)")
     select.add_argument("--input", required=True, type=Path,
                         help="a JSON Lines file of bimedix records, or "
                              "a folder of them (*.jsonl, recursively)")
@@ -50,17 +41,19 @@ def register(subparsers) -> None:
     select.add_argument("--by", default="task,source", help="fields to stratify by: task, source or both "
                                                              "(default: task,source)")
     _options.add_seed(select, 42, "the selection")
-    select.set_defaults(func=_select_for_translation)
 
-    stats = subparsers.add_parser("stats",
-                                  help="print the statistics table (Fig. 3 style) of a built dataset folder")
+    stats = _options.add_command(
+        subparsers, "stats", _stats,
+        help="print the statistics table (Fig. 3 style) of a built dataset folder")
     stats.add_argument("directory", type=Path, help="a folder made by `bimedix build-data` (or any folder of "
                                                      "bimedix Parquet files)")
     _options.add_json(stats)
-    stats.set_defaults(func=_stats)
 
 
 def _build_data(args: argparse.Namespace) -> int:
+    """Convert the recipe's sources, apply the translation review policy, drop benchmark overlaps and
+    duplicates, keep English whole (or sample to the recipe's explicit mix.ar_en_ratio), write Parquet shards,
+    statistics, target vs achieved composition and reports. Re-running resumes."""
     from ..data.build import build_data
     from ..data.composition import composition_markdown, has_targets
     from ..data.review_policy import ReviewPolicy
@@ -86,6 +79,8 @@ def _build_data(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    """Print the statistics table (Fig. 3 style) of a dataset folder made by `bimedix build-data`: samples and
+    tokens per task and language; --json prints them as JSON."""
     from ..core.io import read_json
     from ..data.stats import DataStats, compute_stats
 
@@ -125,6 +120,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _select_for_translation(args: argparse.Namespace) -> int:
+    """Pick a target number (or fraction) of English records for translation, stratified by task and source in
+    proportion to their sizes, by a seeded hash of the record id; write the picks and a summary table. The
+    paper translates 444,995 of its ~866.6K English records (--target 444995, or about --target 0.51); English
+    itself is never down-sampled."""
     from ..data.selection import select_for_translation, summary_path
 
     by = [name.strip() for name in args.by.split(",") if name.strip()]
