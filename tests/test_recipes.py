@@ -82,6 +82,16 @@ def test_conflicting_recipe_keys_are_errors_naming_both(flags, named):
     assert all(name in str(error.value) for name in named), str(error.value)
 
 
+def test_tiny_model_config_without_tiny_model_is_a_conflict_naming_the_file():
+    from bimedix.training.sft import load_recipe
+
+    recipe = RECIPES / "bimedix-mixtral" / "sft_qlora.yaml"
+    with pytest.raises(ValueError, match="contradict") as error:
+        load_recipe(recipe, ["--tiny_model_config", '{"hidden_size": 32}'], use_cpu=True)
+    assert str(error.value).startswith(f"{recipe}: the recipe") and "`tiny_model`, which is not set" in str(
+        error.value)
+
+
 @pytest.mark.parametrize("key, value, allowed", [
     ("chat_template", "chatml", "['vicuna', 'model']"),  # a `Literal` type
     ("quantize_experts", "int3", "['nf4', 'fp4'] (or unset)"),  # an optional `Literal`

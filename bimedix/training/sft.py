@@ -145,8 +145,6 @@ class BimedixArguments:
     def __post_init__(self):
         if isinstance(self.tiny_model_config, str):
             self.tiny_model_config = json.loads(self.tiny_model_config)
-        if self.tiny_model_config and not self.tiny_model:
-            raise ValueError("tiny_model_config is set but tiny_model is not.")
         for key in ("lora_rank_pattern", "lora_alpha_pattern"):
             value = getattr(self, key)
             if isinstance(value, str):
@@ -247,7 +245,8 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments, *,
     `source` when given).
 
     Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so
-    ``model_name_or_path`` and ``model_revision`` would have no effect; explicit
+    ``model_name_or_path`` and ``model_revision`` would have no effect, and ``tiny_model_config`` has none
+    without it; explicit
     ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``; ``expert_lora`` and
     ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its default (YAML or
     command line alike). Combinations that are consistent but unsupported (e.g. ``quantize_experts`` with
@@ -263,6 +262,8 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments, *,
                                  f"so `{key}: {value}` would be ignored; "
                                  "remove one of the two (to train your own "
                                  "model, use a recipe without `tiny_model`)")
+    elif bimedix_args.tiny_model_config:
+        conflicts.append("`tiny_model_config` configures `tiny_model`, which is not set: set both or neither")
     targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
     if targets and bimedix_args.lora_preset != "paper":
         conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored "
