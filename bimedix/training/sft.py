@@ -230,8 +230,8 @@ def check_values(*configs, source: str | None = None) -> None:
             allowed = _allowed_values(item, options)
             if allowed is None:
                 problem = _type_problem(item.name, options, value)
-            elif value is None and type(None) in options or value in allowed:
-                continue
+            elif value in allowed or value is None and type(None) in options:
+                problem = None
             else:
                 problem = (f"{item.name}={value!r:.80} is not one of {list(allowed)}"
                            + (" (or unset)" if type(None) in options else ""))
@@ -246,11 +246,10 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments, *,
 
     Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so
     ``model_name_or_path`` and ``model_revision`` would have no effect, and ``tiny_model_config`` has none
-    without it; explicit
-    ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``; ``expert_lora`` and
-    ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its default (YAML or
-    command line alike). Combinations that are consistent but unsupported (e.g. ``quantize_experts`` with
-    ``load_in_8bit``) are refused by `check_compatible`.
+    without it; explicit ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``;
+    ``expert_lora`` and ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its
+    default (YAML or command line alike). Combinations that are consistent but unsupported (e.g.
+    ``quantize_experts`` with ``load_in_8bit``) are refused by `check_compatible`.
     """
     conflicts = []
     if bimedix_args.tiny_model:
@@ -429,6 +428,7 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     from transformers import AutoModelForCausalLM
 
     from ..hub_kernels import apply_kernels, load_pretrained
+
     quantization_config = get_quantization_config(model_args)
     device_map = None
     if quantization_config is not None:
