@@ -16,12 +16,12 @@ import sys
 
 from bimedix.core.command import run_command
 from bimedix.hub.cards import save_model_card
-from bimedix.training.sft import main, make_parser
+from bimedix.training.sft import main, parse_args
 
 
 def sft() -> None:
     """Parse the recipe and flags, train, and write the model card with the final files."""
-    main(*make_parser().parse_args_and_config(), finish=save_model_card)
+    main(*parse_args(), finish=save_model_card)
 
 
 if __name__ == "__main__":

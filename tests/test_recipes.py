@@ -80,3 +80,49 @@ def test_conflicting_recipe_keys_are_errors_naming_both(flags, named):
     with pytest.raises(ValueError, match="contradict") as error:
         parse_args(["--config", str(RECIPES / "tiny" / "sft.yaml"), "--use_cpu", "true", *flags])
     assert all(name in str(error.value) for name in named), str(error.value)
+
+
+def test_tiny_model_config_without_tiny_model_is_a_conflict_naming_the_file():
+    from bimedix.training.sft import load_recipe
+
+    recipe = RECIPES / "bimedix-mixtral" / "sft_qlora.yaml"
+    with pytest.raises(ValueError, match="contradict") as error:
+        load_recipe(recipe, ["--tiny_model_config", '{"hidden_size": 32}'], use_cpu=True)
+    assert str(error.value).startswith(f"{recipe}: the recipe") and "`tiny_model`, which is not set" in str(
+        error.value)
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("chat_template", "chatml", "['vicuna', 'model']"),  # a `Literal` type
+    ("quantize_experts", "int3", "['nf4', 'fp4'] (or unset)"),  # an optional `Literal`
+    ("lora_preset", "experts_only", "['paper', 'attention', 'experts', 'all']"),  # `choices` from PRESETS
+    ("packing_strategy", "bdf", "['bfd', 'bfd_split', 'wrapped']"),  # TRL's own `choices` metadata
+])
+def test_undeclared_values_are_errors_in_the_file_and_on_the_command_line(tmp_path, key, value, allowed):
+    import yaml
+
+    from bimedix.training.sft import load_recipe
+
+    tiny = RECIPES / "tiny" / "sft.yaml"
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(tiny.read_text(encoding="utf-8")), key: value}),
+                      encoding="utf-8")
+    # argparse never checks `choices` against YAML values; on the command line the message is the same one
+    for path, flags in ((recipe, []), (tiny, [f"--{key}", value])):
+        with pytest.raises(ValueError) as error:
+            load_recipe(path, flags, use_cpu=True)
+        assert str(error.value).startswith(f"{path}: {key}={value!r} is not one of {allowed}; "), error.value
+
+
+def test_recipes_sft_help_lists_the_flags_and_their_declared_values():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "recipes" / "sft.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    flags = ("--lora_preset {paper,attention,experts,all}", "--chat_template {vicuna,model}",
+             "--quantize_experts {nf4,fp4}", "--learning_rate", "--lora_r", "--dataset_name")
+    assert result.stdout.startswith("usage: sft.py") and all(flag in result.stdout for flag in flags)

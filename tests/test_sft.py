@@ -165,6 +165,22 @@ def test_final_files_are_swapped_in_whole(full_run, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*staging"))
 
 
+def test_a_recipe_is_checked_once_when_loaded_and_main_checks_what_needs_the_model(tmp_path, monkeypatch):
+    import bimedix.training.sft as sft
+
+    calls = []
+    for name in ("check_values", "check_conflicts", "check_lora_patterns", "check_compatible"):
+        def spy(*args, _name=name, _check=getattr(sft, name), **kwargs):
+            calls.append(_name)
+            return _check(*args, **kwargs)
+
+        monkeypatch.setattr(sft, name, spy)
+    (tmp_path / "notes.txt").write_text("not a run's")  # stops `main` before anything loads
+    with pytest.raises(ValueError, match="is not empty and was not made by `bimedix sft`"):
+        main(*parse_args(["--config", RECIPE, "--output_dir", str(tmp_path)]))
+    assert calls == ["check_values", "check_conflicts", "check_lora_patterns", "check_compatible"]
+
+
 def test_unknown_keys_are_errors(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(Path(RECIPE).read_text() + "\nlora_rank: 16\n")

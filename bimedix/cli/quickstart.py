@@ -155,7 +155,7 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
     """Run the tiny SFT recipe on the built dataset with a saved tiny base model; return the trainer."""
     from trl.scripts.utils import DatasetConfig
 
-    from ..training.sft import main, make_parser
+    from ..training.sft import main, parse_args
     from ..training.tiny import save_tiny_model
 
     save_tiny_model(paths["base-model"], arch="mixtral", seed=args.seed)
@@ -171,9 +171,7 @@ def _train(paths: dict[str, Path], args: argparse.Namespace):
              "--disable_tqdm", str(args.no_progress).lower(),
              # an adapter/ folder no sft run made (an older quickstart's) is written into only when asked
              "--overwrite", str(args.overwrite).lower()]
-    # unchecked here: `main` checks the recipe once, after the edits below
-    script_args, training_args, model_args, mixture_args, bimedix_args = \
-        make_parser().parse_args_and_config(flags)
+    script_args, training_args, model_args, mixture_args, bimedix_args = parse_args(flags)
     # Train the saved base model (so the adapter names a folder `eval`, `chat` and `merge` can load) on the
     # built data.
     bimedix_args.tiny_model = None

@@ -155,13 +155,11 @@ def _show_mask(args) -> int:
 
 def _sft(args) -> int:
     from bimedix.hub.cards import save_model_card
-    from bimedix.training.sft import main, make_parser
+    from bimedix.training.sft import main, parse_args
 
     # start-up lines a user checks before a long run (how the model is placed, what was quantized)
     logging.getLogger("bimedix").setLevel(logging.INFO)
-    parser = make_parser()
-    parser.prog = "bimedix sft"
-    trainer = main(*parser.parse_args_and_config(args.args), finish=save_model_card)
+    trainer = main(*parse_args(args.args, prog="bimedix sft"), finish=save_model_card)
     if trainer.accelerator.is_main_process:
         print(f"model card: {Path(trainer.args.output_dir) / 'README.md'}")
     return 0

@@ -22,12 +22,14 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import set_seed
@@ -38,6 +40,7 @@ from trl.trainer.utils import get_quantization_config
 from ..core.outputs import OutputFolder, check_outputs, staging_path, swap_in_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
+from .moe.expert_lora import EXPERT_LORA_MODES, set_expert_lora_mode
 from .moe.quantize import fused_experts, quantize_experts
 from .moe.targets import PRESETS, build_lora_config, meta_model
 from .provenance import base_fingerprint, write_base_record
@@ -50,10 +53,9 @@ from .sharding import (
     save_sharded_adapter,
 )
 from .template import apply_vicuna_template, to_messages
+from .tiny import TINY_CONFIGS, build_tiny_model, tiny_config
 
 logger = logging.getLogger(__name__)
-
-CHAT_TEMPLATES = ("vicuna", "model")
 
 
 @dataclass
@@ -62,9 +64,10 @@ class BimedixArguments:
 
     tiny_model: str | None = field(
         default=None,
-        metadata={"help": "Train a tiny random model of this architecture (mixtral, qwen2_moe, qwen3_moe, "
-                          "olmoe, llama) built in-process with the Mixtral tokenizer, instead of "
-                          "`model_name_or_path`. For CPU runs and tests; nothing is downloaded."},
+        metadata={"choices": tuple(TINY_CONFIGS),
+                  "help": "Train a tiny random model of this architecture, built in-process with the Mixtral "
+                          "tokenizer, instead of `model_name_or_path`. For CPU runs and tests; nothing is "
+                          "downloaded."},
     )
     tiny_model_config: dict | str | None = field(
         default=None,
@@ -74,8 +77,9 @@ class BimedixArguments:
     )
     lora_preset: str = field(
         default="paper",
-        metadata={"help": f"LoRA targets when `lora_target_modules`/`lora_target_parameters` are unset: "
-                          f"{', '.join(PRESETS)} (paper = q,k,v + router + experts)."},
+        metadata={"choices": tuple(PRESETS),
+                  "help": "LoRA targets when `lora_target_modules`/`lora_target_parameters` are unset "
+                          "(paper = q,k,v + router + experts)."},
     )
     lora_rank_pattern: dict | str | None = field(
         default=None,
@@ -89,7 +93,7 @@ class BimedixArguments:
         default=None,
         metadata={"help": "Per-weight LoRA alphas (PEFT `alpha_pattern`), keyed like `lora_rank_pattern`."},
     )
-    chat_template: str = field(
+    chat_template: Literal["vicuna", "model"] = field(
         default="vicuna",
         metadata={"help": "`vicuna`: the BiMediX Vicuna v1.1 template with generation markers; `model`: keep "
                           "the tokenizer's own template."},
@@ -103,7 +107,7 @@ class BimedixArguments:
         metadata={"help": "For MoE models, log the expert load per layer by sample language and write "
                           "`router_load.json` in `output_dir`."},
     )
-    quantize_experts: str | None = field(
+    quantize_experts: Literal["nf4", "fp4"] | None = field(
         default=None,
         metadata={"help": "`nf4` (or `fp4`): store the fused MoE experts in 4 bit with double quantization "
                           "(`bimedix.training.moe.quantize`); `load_in_4bit` alone leaves them in bf16. The "
@@ -125,7 +129,8 @@ class BimedixArguments:
     )
     expert_lora: str = field(
         default="peft",
-        metadata={"help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on "
+        metadata={"choices": EXPERT_LORA_MODES,
+                  "help": "LoRA on fused experts: `peft` (PEFT's path, W + ΔW for the whole expert stack on "
                           "every forward) or `folded` (x·Wᵀ + s·(x·Aᵀ)·Bᵀ per routed expert: same adapter, "
                           "less time and memory; `bimedix.training.moe.expert_lora`)."},
     )
@@ -138,14 +143,8 @@ class BimedixArguments:
         return meta_model(name, **(self.tiny_model_config or {}) if self.tiny_model else {})
 
     def __post_init__(self):
-        from .tiny import TINY_CONFIGS
-
-        if self.tiny_model is not None and self.tiny_model not in TINY_CONFIGS:
-            raise ValueError(f"tiny_model={self.tiny_model!r} is not one of {sorted(TINY_CONFIGS)}.")
         if isinstance(self.tiny_model_config, str):
             self.tiny_model_config = json.loads(self.tiny_model_config)
-        if self.tiny_model_config and not self.tiny_model:
-            raise ValueError("tiny_model_config is set but tiny_model is not.")
         for key in ("lora_rank_pattern", "lora_alpha_pattern"):
             value = getattr(self, key)
             if isinstance(value, str):
@@ -160,26 +159,24 @@ class BimedixArguments:
                                  "module/parameter name (or regex) to a positive "
                                  "integer, e.g. {\"experts.down_proj\": 8}.")
             setattr(self, key, value)
-        if self.lora_preset not in PRESETS:
-            raise ValueError(f"lora_preset={self.lora_preset!r} is not one of {sorted(PRESETS)}.")
-        if self.chat_template not in CHAT_TEMPLATES:
-            raise ValueError(f"chat_template={self.chat_template!r} is not one of {list(CHAT_TEMPLATES)}.")
-        if self.quantize_experts not in (None, "nf4", "fp4"):
-            raise ValueError(f"quantize_experts={self.quantize_experts!r}: "
-                             "use `nf4` (or `fp4`), or leave it unset.")
-        if self.expert_lora not in ("peft", "folded"):
-            raise ValueError(f"expert_lora={self.expert_lora!r} is not one of ['peft', 'folded'].")
 
 
 DATACLASS_TYPES = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, BimedixArguments)
 
 
-def make_parser() -> TrlParser:
-    """Return the `TrlParser` shared by ``recipes/sft.py`` and ``bimedix sft`` (YAML, then CLI overrides)."""
-    parser = TrlParser(DATACLASS_TYPES)
+def make_parser(prog: str | None = None) -> TrlParser:
+    """Return the `TrlParser` shared by ``recipes/sft.py`` and ``bimedix sft`` (YAML, then CLI overrides).
+
+    Flags with declared values (a `Literal` type or ``choices`` metadata) keep them in ``--help`` but leave
+    the check to `check_values`, which checks the recipe's values too: one check, one message for both.
+    """
+    parser = TrlParser(DATACLASS_TYPES, prog=prog)
     for action in parser._actions:
         if action.dest == "fsdp":  # transformers' `--fsdp` takes legacy strings only: accept `--fsdp true`
             action.type = _fsdp_flag
+        if action.choices is not None:
+            action.metavar = action.metavar or "{" + ",".join(map(str, action.choices)) + "}"
+            action.choices = None
     return parser
 
 
@@ -193,11 +190,17 @@ class SFTRecipe(typing.NamedTuple):
     bimedix: BimedixArguments
 
 
-def parse_args(argv: list[str] | None = None) -> SFTRecipe:
-    """Parse ``--config FILE`` and flags into an `SFTRecipe`, checked for value types and conflicts."""
-    recipe = SFTRecipe(*make_parser().parse_args_and_config(argv))
-    check_value_types(*recipe)
-    check_conflicts(recipe.model, recipe.bimedix)
+def parse_args(argv: Iterable[str] | None = None, *, prog: str | None = None) -> SFTRecipe:
+    """Parse ``--config FILE`` and flags (default: ``sys.argv[1:]``) into an `SFTRecipe`, checked once for
+    value types, allowed values (`check_values`) and keys that contradict each other (`check_conflicts`).
+
+    ``recipes/sft.py``, ``bimedix sft`` and `load_recipe` all parse here; `main` trusts what this returns.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    source = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    recipe = SFTRecipe(*make_parser(prog).parse_args_and_config(argv))
+    check_values(*recipe, source=source)
+    check_conflicts(recipe.model, recipe.bimedix, source=source)
     return recipe
 
 
@@ -208,44 +211,45 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), *,
     return parse_args(["--config", str(path), *(["--use_cpu", "true"] if use_cpu else []), *overrides])
 
 
-def check_value_types(*configs) -> None:
-    """Refuse recipe values of the wrong type that argparse lets through from YAML (``seed: 1.5``, ``lora_r:
-    [8]``).
+def check_values(*configs, source: str | None = None) -> None:
+    """Refuse recipe values that argparse lets through unchecked from YAML (it takes them as defaults): a
+    value outside a field's declared ones (a `Literal` type or ``choices`` metadata: ``lora_preset:
+    experts_only``), or of the wrong type (``seed: 1.5``, ``lora_r: [8]``).
 
-    Only ``int``, ``float``, ``bool`` and ``str`` fields (optional or not) are checked; the message names the
-    key.
+    Types are checked for ``int``, ``float``, ``bool`` and ``str`` fields (optional or not); lists, dicts,
+    enums and mixed unions are checked by their owners. The message names the key, the value, what is
+    allowed, and the recipe file `source` when given.
     """
-
-    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    where = f"{source}: " if source else ""
     for config in configs:
         hints = typing.get_type_hints(type(config))
         for item in dataclasses.fields(config):
             hint, value = hints.get(item.name), getattr(config, item.name)
             options = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
                 typing.get_origin(hint) is typing.Union else (hint,)
-            scalars = [kind for kind in options if kind in expected]
-            if not scalars or len(scalars) + (type(None) in options) != len(options):
-                continue  # lists, dicts, enums and mixed unions are checked by their owners
-            if value is None and type(None) in options or isinstance(value, enum.Enum):
-                continue
-            if item.name == "fsdp" and isinstance(value, bool):  # `fsdp: true` (transformers: str | bool)
-                continue
-            accepted = tuple(scalars) + ((int,) if float in scalars else ())
-            if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
-                raise ValueError(f"`{item.name}` must be {' or '.join(expected[kind] for kind in scalars)}, "
-                                 f"got {value!r:.80} ({type(value).__name__}); "
-                                 "fix it in the recipe or on the command line")
+            allowed = _allowed_values(item, options)
+            if allowed is None:
+                problem = _type_problem(item.name, options, value)
+            elif value in allowed or value is None and type(None) in options:
+                problem = None
+            else:
+                problem = (f"{item.name}={value!r:.80} is not one of {list(allowed)}"
+                           + (" (or unset)" if type(None) in options else ""))
+            if problem:
+                raise ValueError(f"{where}{problem}; fix it in the recipe or on the command line")
 
 
-def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> None:
-    """Raise one `ValueError` naming every pair of recipe keys that contradict each other.
+def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments, *,
+                    source: str | None = None) -> None:
+    """Raise one `ValueError` naming every pair of recipe keys that contradict each other (and the recipe file
+    `source` when given).
 
     Such keys would otherwise be silently ignored: ``tiny_model`` builds its own model, so
-    ``model_name_or_path`` and ``model_revision`` would have no effect; explicit
-    ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``; ``expert_lora`` and
-    ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its default (YAML or
-    command line alike). Combinations that are consistent but unsupported (e.g. ``quantize_experts`` with
-    ``load_in_8bit``) are refused by `check_compatible`.
+    ``model_name_or_path`` and ``model_revision`` would have no effect, and ``tiny_model_config`` has none
+    without it; explicit ``lora_target_modules``/``lora_target_parameters`` replace ``lora_preset``;
+    ``expert_lora`` and ``quantize_experts`` act on LoRA only. A key counts as set when it differs from its
+    default (YAML or command line alike). Combinations that are consistent but unsupported (e.g.
+    ``quantize_experts`` with ``load_in_8bit``) are refused by `check_compatible`.
     """
     conflicts = []
     if bimedix_args.tiny_model:
@@ -257,6 +261,8 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> 
                                  f"so `{key}: {value}` would be ignored; "
                                  "remove one of the two (to train your own "
                                  "model, use a recipe without `tiny_model`)")
+    elif bimedix_args.tiny_model_config:
+        conflicts.append("`tiny_model_config` configures `tiny_model`, which is not set: set both or neither")
     targets = [key for key in ("lora_target_modules", "lora_target_parameters") if getattr(model_args, key)]
     if targets and bimedix_args.lora_preset != "paper":
         conflicts.append(f"`lora_preset: {bimedix_args.lora_preset}` is ignored "
@@ -271,7 +277,8 @@ def check_conflicts(model_args: ModelConfig, bimedix_args: BimedixArguments) -> 
                              "needs LoRA (`use_peft: true`): "
                              "4-bit experts cannot be trained directly")
     if conflicts:
-        raise ValueError("The recipe sets keys that contradict each other:\n  - " + "\n  - ".join(conflicts))
+        raise ValueError((f"{source}: the" if source else "The") + " recipe sets keys that contradict each "
+                         "other:" + "".join(f"\n  - {conflict}" for conflict in conflicts))
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig,
@@ -279,17 +286,18 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
          finish: Callable[[str], object] | None = None):
     """Train, save the adapter (or model) and the router report; return the trainer.
 
+    The recipe's values were checked when it was loaded (`parse_args`, `load_recipe`); what depends on the
+    model and the launch (`check_lora_patterns`, `check_compatible`, one job per output) is checked here.
+
     Args:
-        script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe (see
-        `parse_args`).
+        script_args, training_args, model_args, mixture_args, bimedix_args: the parsed recipe, an `SFTRecipe`
+            (``main(*load_recipe(path))``).
         callbacks (`list[TrainerCallback]`, *optional*): extra trainer callbacks.
         finish (`Callable[[str], object]`, *optional*): called on the main process with the folder of the
             final files before they are swapped into ``output_dir``, to add to them (``bimedix sft`` and
             ``recipes/sft.py`` write the model card, `bimedix.hub.cards.save_model_card`).
     """
 
-    check_value_types(script_args, training_args, model_args, mixture_args, bimedix_args)
-    check_conflicts(model_args, bimedix_args)
     check_lora_patterns(model_args, bimedix_args)
     check_compatible(training_args, model_args, bimedix_args)
     fsdp = parameter_sharding(training_args) == "FSDP"
@@ -380,8 +388,6 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
             pad_to_multiple_of=training_args.pad_to_multiple_of)
     trainer.data_collator = RequireTrainedTokens(trainer.data_collator)
     if model_args.use_peft and bimedix_args.expert_lora == "folded":
-        from .moe.expert_lora import set_expert_lora_mode
-
         set_expert_lora_mode(trainer.model, "folded")
     if bimedix_args.router_report and is_moe(trainer.model):
         from transformers import Trainer
@@ -422,7 +428,6 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     from transformers import AutoModelForCausalLM
 
     from ..hub_kernels import apply_kernels, load_pretrained
-    from .tiny import build_tiny_model
 
     quantization_config = get_quantization_config(model_args)
     device_map = None
@@ -696,8 +701,6 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
     """Whether the model's architecture has fused experts, built from its config on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .tiny import tiny_config
-
     if bimedix_args.tiny_model:
         config = tiny_config(name, **(bimedix_args.tiny_model_config or {}))
     else:
@@ -706,6 +709,31 @@ def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: Mo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         return bool(fused_experts(model))
+
+
+def _allowed_values(item: dataclasses.Field, options: tuple) -> tuple | None:
+    """The values a field declares (its `Literal` type, or its ``choices`` metadata), else None."""
+    literals = [option for option in options if typing.get_origin(option) is Literal]
+    if literals and len(literals) + (type(None) in options) == len(options):
+        return tuple(value for literal in literals for value in typing.get_args(literal))
+    return tuple(item.metadata["choices"]) if "choices" in item.metadata else None
+
+
+def _type_problem(name: str, options: tuple, value) -> str | None:
+    """What is wrong with the type of ``value`` for a field typed as the union of ``options``, if anything."""
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    scalars = [kind for kind in options if kind in expected]
+    if not scalars or len(scalars) + (type(None) in options) != len(options):
+        return None  # lists, dicts, enums and mixed unions are checked by their owners
+    if value is None and type(None) in options or isinstance(value, enum.Enum):
+        return None
+    if name == "fsdp" and isinstance(value, bool):  # `fsdp: true` (transformers: str | bool)
+        return None
+    accepted = tuple(scalars) + ((int,) if float in scalars else ())
+    if isinstance(value, bool) and bool not in scalars or not isinstance(value, accepted):
+        return (f"`{name}` must be {' or '.join(expected[kind] for kind in scalars)}, "
+                f"got {value!r:.80} ({type(value).__name__})")
+    return None
 
 
 def _fsdp_flag(value: str) -> str | bool | None:
