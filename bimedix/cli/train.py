@@ -14,8 +14,9 @@ from . import _options
 
 def register(subparsers) -> None:
     """Add the training sub-commands."""
-    p = subparsers.add_parser("targets",
-                              help="show which weights a LoRA preset adapts and the trainable share")
+    p = _options.add_command(
+        subparsers, "targets", _targets,
+        help="show which weights a LoRA preset adapts and the trainable share")
     p.add_argument("model", nargs="?",
                    help="tiny arch name (mixtral, qwen2_moe, ...), "
                         "local model folder, or cached/shipped Hub id")
@@ -25,9 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--r", type=int, default=128, help="LoRA rank (default: 128, the paper's)")
     p.add_argument("--alpha", type=int, default=64, help="LoRA alpha (default: 64)")
     _options.add_json(p)
-    p.set_defaults(func=_targets)
 
-    p = subparsers.add_parser("show-mask", help="print a training sample with its trained tokens highlighted")
+    p = _options.add_command(
+        subparsers, "show-mask", _show_mask,
+        help="print a training sample with its trained tokens highlighted")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--recipe",
                         help="an SFT recipe YAML: its data, template, system prompt and max_length")
@@ -37,17 +39,17 @@ def register(subparsers) -> None:
     flag = p.add_argument("--max-length", type=int, help="truncate like SFTConfig.max_length")
     _options.add_hidden_alias(p, flag, "--max_length")
     p.add_argument("--plain", action="store_true", help="mark trained spans with [[ ]] instead of colour")
-    p.set_defaults(func=_show_mask)
 
     # '-' is not an option prefix here, so every flag reaches TrlParser untouched (it owns --help too)
-    p = subparsers.add_parser("sft", help="fine-tune an MoE model (same flags as recipes/sft.py)",
-                              add_help=False, prefix_chars="+",
-                              description="Run `bimedix sft --config RECIPE.yaml [--key value ...]`; "
-                                          "`bimedix sft --help` lists every key.")
+    p = _options.add_command(
+        subparsers, "sft", _sft,
+        help="fine-tune an MoE model (same flags as recipes/sft.py)",
+        add_help=False, prefix_chars="+")
     p.add_argument("args", nargs=argparse.REMAINDER, help="--config FILE and --key value flags")
-    p.set_defaults(func=_sft)
 
-    p = subparsers.add_parser("merge", help="merge a LoRA adapter into its base model after a logit check")
+    p = _options.add_command(
+        subparsers, "merge", _merge,
+        help="merge a LoRA adapter into its base model after a logit check")
     p.add_argument("--base",
                    help="base model (folder, Hub id, or tiny:<arch>:<seed>); default: the adapter's")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
@@ -63,14 +65,10 @@ def register(subparsers) -> None:
                         "another base or is already merged into --base")
     _options.add_overwrite(p, "merge")
     _options.add_use_kernels(p, "the base")
-    p.set_defaults(func=_merge)
 
-    p = subparsers.add_parser("estimate-memory",
-                              help="GPU memory a recipe needs per process, from the model config only",
-                              description="Per-GPU memory of a recipe: frozen weights, adapter states, "
-                                          "activations and step transients, after the sharding of the "
-                                          "accelerate config. Recipe keys can be overridden after `--`, "
-                                          "e.g. `-- --quantize_experts nf4`.")
+    p = _options.add_command(
+        subparsers, "estimate-memory", _estimate_memory,
+        help="GPU memory a recipe needs per process, from the model config only")
     p.add_argument("--recipe", required=True, help="an SFT recipe YAML")
     flag = p.add_argument("--num-processes", type=int,
                           help="processes (GPUs); default: the accelerate config's, else 1")
@@ -86,10 +84,11 @@ def register(subparsers) -> None:
     _options.add_json(p)
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="-- then recipe flags, e.g. -- --max_length 4096")
-    p.set_defaults(func=_estimate_memory)
 
 
 def _targets(args) -> int:
+    """Show which weights a LoRA preset adapts on a model (attention, router gate, expert projections) and the
+    trainable share, from the model's config alone (nothing is downloaded or loaded)."""
     from bimedix.training.moe.targets import build_lora_config, describe_targets, lora_table, meta_model
 
     if args.recipe:
@@ -129,6 +128,8 @@ def _targets(args) -> int:
 
 
 def _show_mask(args) -> int:
+    """Print a training sample as TRL will see it, with the tokens that carry loss (the assistant turns)
+    highlighted."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
     from trl.scripts.utils import DatasetConfig
 
@@ -154,6 +155,7 @@ def _show_mask(args) -> int:
 
 
 def _sft(args) -> int:
+    """Run `bimedix sft --config RECIPE.yaml [--key value ...]`; `bimedix sft --help` lists every key."""
     from bimedix.hub.cards import save_model_card
     from bimedix.training.sft import main, parse_args
 
@@ -166,6 +168,8 @@ def _sft(args) -> int:
 
 
 def _merge(args) -> int:
+    """Merge a LoRA adapter (expert LoRA included) into its base model after a logit check, and write the
+    merged model with a merge report; optionally store the merged experts in 4 bits."""
     from bimedix.training.merge import adapter_base_name, merge_adapter
 
     base = args.base or adapter_base_name(args.adapter)
@@ -181,6 +185,9 @@ def _merge(args) -> int:
 
 
 def _estimate_memory(args) -> int:
+    """Per-GPU memory of a recipe: frozen weights, adapter states, activations and step transients, after the
+    sharding of the accelerate config. Recipe keys can be overridden after `--`, e.g. `-- --quantize_experts
+    nf4`."""
     from bimedix.training.memory import estimate_memory, format_report
 
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
