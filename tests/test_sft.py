@@ -165,6 +165,21 @@ def test_final_files_are_swapped_in_whole(full_run, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*staging"))
 
 
+def test_output_dir_dot_and_a_link_get_their_final_files_beside_not_inside(tmp_path, monkeypatch):
+    """``--output_dir .`` (run from inside the folder) and a symlinked folder stage beside the real folder,
+    and the final files land in it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    monkeypatch.chdir(real)
+    _run(".", "--max_steps", "1", "--save_strategy", "no")
+    assert Path.cwd() == real and (real / "adapter_model.safetensors").is_file()
+    assert not list(real.glob(".*staging")) and not list(tmp_path.glob(".*staging"))
+    (tmp_path / "link").symlink_to(real)
+    _run(tmp_path / "link", "--max_steps", "1", "--save_strategy", "no", "--seed", "3")
+    assert (tmp_path / "link").is_symlink() and (real / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*staging")) and not list(real.glob(".*staging"))
+
+
 def test_a_recipe_is_checked_once_when_loaded_and_main_checks_what_needs_the_model(tmp_path, monkeypatch):
     import bimedix.training.sft as sft
 

@@ -757,10 +757,11 @@ def _final_staging(output_dir: str | os.PathLike) -> Path:
     every process gets rank 0's name."""
     import torch.distributed as dist
 
-    name = [staging_path(Path(output_dir)).name]
+    output_dir = Path(output_dir).resolve()  # `.` or a link: stage beside the real folder
+    name = [staging_path(output_dir).name]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(name, src=0)
-    return Path(output_dir).parent / name[0]
+    return output_dir.parent / name[0]
 
 
 @contextlib.contextmanager
@@ -769,7 +770,7 @@ def _staged_output_dir(trainer, staging: Path) -> Iterator[Path]:
     tokenizer, chat settings, base record; the router report is written there at the end of training), then
     swap it in whole, carrying over the checkpoints and logs (`bimedix.core.outputs.swap_in_folder`): a kill
     while saving leaves the earlier final files or the new ones, never a mix."""
-    output_dir = Path(trainer.args.output_dir)
+    output_dir = trainer.args.output_dir
     main_process = trainer.accelerator.is_main_process
     if main_process:
         staging.mkdir(exist_ok=True)
@@ -778,13 +779,13 @@ def _staged_output_dir(trainer, staging: Path) -> Iterator[Path]:
         yield staging
         trainer.accelerator.wait_for_everyone()
         if main_process:
-            swap_in_folder(staging, output_dir, carry=lambda path: True)
+            swap_in_folder(staging, Path(output_dir).resolve(), carry=lambda path: True)
     except BaseException:
         if main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        trainer.args.output_dir = str(output_dir)
+        trainer.args.output_dir = output_dir
 
 
 def _save_run(trainer, train_result) -> None:
