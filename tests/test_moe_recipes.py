@@ -55,6 +55,8 @@ def test_bad_rank_patterns_are_refused_at_start_up_naming_the_key(tmp_path, caps
     assert "lora_alpha_pattern={'q_proj': 0}: give a mapping" in capsys.readouterr().err
     assert main(["sft", "--config", twin, "--lora_rank_pattern", "{q_proj: 4}"]) == 2
     assert "lora_rank_pattern='{q_proj: 4}' is not a JSON object" in capsys.readouterr().err
+    assert main(["sft", "--config", twin, "--tiny_model_config", "{layers: 2}"]) == 2
+    assert "tiny_model_config='{layers: 2}' is not a JSON object" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -144,7 +144,14 @@ class BimedixArguments:
 
     def __post_init__(self):
         if isinstance(self.tiny_model_config, str):
-            self.tiny_model_config = json.loads(self.tiny_model_config)
+            try:
+                self.tiny_model_config = json.loads(self.tiny_model_config)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"tiny_model_config={self.tiny_model_config!r:.80} is not a JSON object "
+                                 f"({err}).") from None
+        if self.tiny_model_config is not None and not isinstance(self.tiny_model_config, dict):
+            raise ValueError(f"tiny_model_config={self.tiny_model_config!r:.80}: give a mapping of config "
+                             "key to value, e.g. {\"num_hidden_layers\": 2}.")
         for key in ("lora_rank_pattern", "lora_alpha_pattern"):
             value = getattr(self, key)
             if isinstance(value, str):
