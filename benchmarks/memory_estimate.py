@@ -130,6 +130,7 @@ def measure(args: argparse.Namespace) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from bimedix.deprecations import quiet_peft_checkpointing_warning
     from bimedix.training.moe.expert_lora import set_expert_lora_mode
     from bimedix.training.moe.quantize import quantize_experts
     from bimedix.training.moe.targets import build_lora_config, load_model_config
@@ -141,7 +142,8 @@ def measure(args: argparse.Namespace) -> dict:
     # LoRA first, then pack, as `bimedix sft` does; allocated a layer at a time below
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model = get_peft_model(model, build_lora_config(model, "paper", r=args.rank, alpha=args.alpha))
+        with quiet_peft_checkpointing_warning():
+            model = get_peft_model(model, build_lora_config(model, "paper", r=args.rank, alpha=args.alpha))
     decoder = model.get_base_model().model
     decoder.rotary_emb = type(decoder.rotary_emb)(config)  # its buffers are computed, not random
 

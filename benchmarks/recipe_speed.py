@@ -215,6 +215,7 @@ def build_model(config, model_args, bimedix, device: torch.device):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from bimedix.deprecations import quiet_peft_checkpointing_warning
     from bimedix.training.moe.quantize import quantize_experts
     from bimedix.training.sft import make_peft_config
 
@@ -232,7 +233,8 @@ def build_model(config, model_args, bimedix, device: torch.device):
         model.is_loaded_in_4bit = True  # what `from_pretrained` sets; TRL reads it
     peft_config = make_peft_config(model, model_args, bimedix)
     if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+        with quiet_peft_checkpointing_warning():
+            model = get_peft_model(model, peft_config)
     base = model.get_base_model() if peft_config is not None else model
     for name, sub in list(base.named_modules()):
         if getattr(sub, "inv_freq", None) is not None and sub.inv_freq.is_meta:  # rotary tables: rebuild
