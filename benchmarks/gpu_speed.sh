@@ -70,7 +70,8 @@ speed() {  # name, seconds, recipe, layers..., [-- recipe flags]
 
 speed mixtral "${limit[0]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}"
 speed mixtral-before "${limit[1]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}" -- --expert_lora peft \
-  --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false --router_aux_loss_coef 0.02
+  --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false --router_aux_loss_coef 0.02 \
+  --logging_nan_inf_filter true
 speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}"
 speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}"
 step "done (failures: $failed)"

@@ -16,9 +16,9 @@ see ``length_histogram.py``), each with its first third masked as the prompt (as
 
 It prints non-padding tokens/s, MFU (formula printed), peak allocated / reserved memory against
 `bimedix.training.memory.estimate` for the same depth and the longest micro-batch of the run, a
-`torch.profiler` summary (top kernels, host-device syncs per step, dequantization share) and the projected
-wall-clock of BiMed1.3M x 2 epochs. With two depths the step time and memory are extrapolated linearly to the
-full depth.
+`torch.profiler` summary (top kernels, dequantization share), the ops that make the host wait for the device
+per step by caller (`bimedix.training.device_waits`) and the projected wall-clock of BiMed1.3M x 2 epochs.
+With two depths the step time and memory are extrapolated linearly to the full depth.
 
 ``--cpu`` runs the same code on CPU at toy sizes (hidden 64, rows 1/8 as long): figures are for the test
 suite, not for planning. Recipe flags after ``--`` override the recipe (e.g. ``-- --expert_lora peft``).
@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from bimedix.training.device_waits import StepWaits
+
 HISTOGRAM = Path(__file__).parent / "data" / "bimed1.3m_lengths.json"
 BIMED_SAMPLES, BIMED_TOKENS, EPOCHS = 1_311_600, 632_300_000, 2  # the paper's Fig. 3 and §4.1
 PROJECTED_GPUS = 8
@@ -52,8 +54,7 @@ NOMINAL_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A
 TOY = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 32000}
 TOY_LENGTH_SCALE = 8
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "cudaStreamSynchronize",
-            "cudaDeviceSynchronize", "cudaEventSynchronize")
+CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,9 +135,10 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
         if bimedix.chat_template == "vicuna":
             apply_vicuna_template(tokenizer)
         clock = StepClock(args.warmup, args.steps, device)
+        waits = StepWaits(first_step=args.warmup + args.steps)  # the profiled steps
         training.assistant_only_loss = False  # the rows carry their labels (see `draw_rows`)
         trainer = make_trainer(training, model_args, bimedix, model, tokenizer, Dataset.from_dict(rows),
-                               callbacks=[clock])
+                               callbacks=[waits, clock])
         counter = TokenCounter(trainer.data_collator)
         trainer.data_collator = counter
         if device.type == "cuda":
@@ -159,7 +161,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
         "context_per_token": counter.context_per_token(), "longest_micro_batch": longest, "peak": peak,
         "estimate": estimate_bytes(config, training, model_args, bimedix, longest),
         "estimate_max_length": estimate_bytes(config, training, model_args, bimedix, None),
-        "profile": clock.profile,
+        "profile": {**clock.profile, "syncs_per_step": waits.by_source()} if clock.profile else {},
         "losses": [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry],
         "settings": {"per_device_train_batch_size": training.per_device_train_batch_size,
                      "gradient_accumulation_steps": accumulation, "learning_rate": training.learning_rate,
@@ -377,7 +379,8 @@ class StepClock(TrainerCallback):
 
 
 def summarize_profile(profiler, steps: int, device: torch.device, top: int = 8) -> dict:
-    """Top kernels (CUDA) or ops (CPU) by self time, syncs per step, dequantization share of the time."""
+    """Top kernels (CUDA) or ops (CPU) by self time, CUDA runtime synchronizations per step, dequantization
+    share of the time. The Python dispatch mode that counts waits for the device (`StepWaits`) is left out."""
     averages = profiler.key_averages()
 
     def device_time(event) -> float:
@@ -387,18 +390,18 @@ def summarize_profile(profiler, steps: int, device: torch.device, top: int = 8) 
         timed = [(event.key, device_time(event), event.count) for event in averages if device_time(event) > 0]
     else:
         timed = [(event.key, event.self_cpu_time_total, event.count) for event in averages
-                 if event.self_cpu_time_total > 0]
+                 if event.self_cpu_time_total > 0 and event.key != "PythonDispatchMode"]
     total = sum(t for _, t, _ in timed) or 1
     timed.sort(key=lambda item: -item[1])
     dequantize = sum(t for key, t, _ in timed if "dequant" in key.lower())
     dequantize_calls = sum(count for key, _, count in timed if "dequant" in key.lower())
-    syncs = {event.key: event.count / steps for event in averages if event.key in SYNC_OPS}
+    cuda_syncs = {event.key: event.count / steps for event in averages if event.key in CUDA_SYNCS}
     return {
         "steps": steps, "time_basis": "device kernels" if device.type == "cuda" else "CPU ops (self time)",
         "total_ms_per_step": round(total / 1000 / steps, 2),
         "top": [{"name": key[:90], "share": round(t / total, 4), "calls_per_step": count / steps}
                 for key, t, count in timed[:top]],
-        "syncs_per_step": syncs, "dequantize_share": round(dequantize / total, 4),
+        "cuda_syncs_per_step": cuda_syncs, "dequantize_share": round(dequantize / total, 4),
         "dequantize_calls_per_step": dequantize_calls / steps,
     }
 
@@ -492,7 +495,10 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
         for item in profile["top"]:
             print(f"    {100 * item['share']:5.1f}%  {item['calls_per_step']:8.1f} calls/step  "
                   f"{item['name']}")
-        print(f"  host-device syncs per step: {json.dumps(profile['syncs_per_step'])}")
+        print(f"  host-device syncs per step (ops that wait for the device, by caller): "
+              f"{json.dumps(profile['syncs_per_step'])}")
+        if profile["time_basis"] == "device kernels":
+            print(f"  CUDA runtime synchronizations per step: {json.dumps(profile['cuda_syncs_per_step'])}")
         print(f"  dequantization share: {100 * profile['dequantize_share']:.1f}% "
               f"({profile.get('dequantize_calls_per_step', 0):.0f} dequantize ops or kernels per step; "
               "double quantization runs 2 per dequantized weight)")

@@ -42,7 +42,9 @@ def test_recipe_speed_cpu_prints_every_figure(tmp_path):
     # rows follow the BiMed1.3M histogram, scaled by 1/8 on CPU: mean 482 -> about 60 tokens
     assert 20 < runs[0]["tokens_per_step"] / 2 < 150
     profile = summary["profile"]
-    assert profile["top"] and "aten::_local_scalar_dense" in profile["syncs_per_step"]
+    # waits for the device per step, by caller: TRL's metric reads are left, none is bimedix's
+    assert profile["top"] and any(source.startswith("trl/") for source in profile["syncs_per_step"])
+    assert not any(source.startswith(("bimedix/", "benchmarks/")) for source in profile["syncs_per_step"])
     assert 0 < profile["dequantize_share"] < 1  # NF4 experts and Linear4bit weights dequantize every step
     assert runs[1]["estimate"]["all"] > runs[0]["estimate"]["all"]
     again = subprocess.run([sys.executable, str(SCRIPT), "--recipe", str(RECIPE), "--cpu", "--json",

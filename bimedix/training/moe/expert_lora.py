@@ -167,8 +167,10 @@ def folded_experts_forward(
     up_name = "gate_up_proj" if has_gate else "up_proj"
 
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
-    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    # rows up to each expert's last: a search of the sorted ids, not `bincount`, whose GPU kernel copies
+    # the ids' min and max to the host, so each MoE layer waited for the device (`training.device_waits`)
+    upper = torch.arange(1, experts.num_experts + 1, device=expert_ids.device, dtype=expert_ids.dtype)
+    offsets = torch.searchsorted(expert_ids, upper, out_int32=True)
     current = hidden_states[perm // num_top_k]
 
     current = _lora_grouped_linear(experts, up_name, lora.get(up_name, []), current, offsets, expert_ids)
