@@ -6,11 +6,16 @@
 #      router_aux_loss_coef 0.02): the reference the changes are measured against;
 #   3. recipes/qwen3-30b-a3b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 48);
 #   4. recipes/olmoe-1b-7b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 16).
+# Two more runs are there to be picked with --runs: mixtral-no-recompute and qwen3-no-recompute, the recipes
+# with activation checkpointing off (what `bimedix estimate-memory --gpu 80` calls faster: no layer's forward
+# runs again in backward), measuring the speed that buys and the memory of layers kept whole against the
+# estimate.
 # Each prints non-padding tokens/s, MFU, peak memory vs estimate-memory, projected hours and a profile
 # (benchmarks/recipe_speed.py); everything goes to DIR/speed.log, the figures to DIR/*.json.
 #
 #   bash benchmarks/gpu_speed.sh [--output DIR]          # on the GPU machine (default DIR: runs/gpu-speed)
 #   bash benchmarks/gpu_speed.sh --cpu [--output DIR]    # the same runs at toy sizes on CPU (a dry run)
+#   bash benchmarks/gpu_speed.sh --runs mixtral,mixtral-no-recompute    # these runs only, in this order
 #
 # On the lent GPU machine (../shared/gpu/README.md): build the wheels here once
 #   bash ../shared/gpu/make_wheels.sh .whl && echo /.whl/ >> .git/info/exclude
@@ -22,12 +27,19 @@ set -uo pipefail
 
 mode=gpu
 output=runs/gpu-speed
+runs=mixtral,mixtral-before,qwen3-30b-a3b,olmoe-1b-7b
+known=" mixtral mixtral-before qwen3-30b-a3b olmoe-1b-7b mixtral-no-recompute qwen3-no-recompute "
+usage="usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR] [--runs NAME,...] (names:$known)"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu) mode=cpu; shift ;;
     --output) output="$2"; shift 2 ;;
-    *) echo "usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR]" >&2; exit 2 ;;
+    --runs) runs="$2"; shift 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
+done
+for name in ${runs//,/ }; do
+  [[ "$known" == *" $name "* ]] || { echo "unknown run $name; $usage" >&2; exit 2; }
 done
 if [ -e "$output" ]; then
   echo "$output exists: pass a new --output folder (this script does not write over earlier results)" >&2
@@ -49,7 +61,7 @@ if [ "$mode" = gpu ]; then
     || exit 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$log" 2>&1 || true
   timed=(--warmup 2 --steps 5 --profile_steps 1)
-  deep=(1 3); shallow=(2 4); limit=(150 130 130 110)  # seconds per recipe, 520 in all
+  deep=(1 3); shallow=(2 4 --); limit=(150 130 130 110)  # seconds per recipe, 520 in all for the default runs
 else
   timed=(--cpu --warmup 1 --steps 1 --profile_steps 1)
   # 128 and 64 experts loop on CPU: the dry run takes 2 samples per step there instead of 16
@@ -68,12 +80,21 @@ speed() {  # name, seconds, recipe, layers..., [-- recipe flags]
   [ $status -eq 0 ] || { echo "!! $name failed or timed out (exit $status)" >> "$log"; failed=1; }
 }
 
-speed mixtral "${limit[0]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}"
-speed mixtral-before "${limit[1]}" recipes/bimedix-mixtral/sft_qlora.yaml "${deep[@]}" -- --expert_lora peft \
-  --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false --router_aux_loss_coef 0.02 \
-  --logging_nan_inf_filter true
-speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}"
-speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}"
+paper=recipes/bimedix-mixtral/sft_qlora.yaml
+for name in ${runs//,/ }; do
+  case "$name" in
+    mixtral) speed mixtral "${limit[0]}" $paper "${deep[@]}" ;;
+    mixtral-before) speed mixtral-before "${limit[1]}" $paper "${deep[@]}" -- --expert_lora peft \
+      --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false \
+      --router_aux_loss_coef 0.02 --logging_nan_inf_filter true ;;
+    qwen3-30b-a3b) speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" ;;
+    olmoe-1b-7b) speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}" ;;
+    mixtral-no-recompute) speed mixtral-no-recompute "${limit[1]}" $paper "${deep[@]}" -- \
+      --activation_checkpointing false ;;
+    qwen3-no-recompute) speed qwen3-no-recompute "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml \
+      "${shallow[@]}" --activation_checkpointing false ;;
+  esac
+done
 step "done (failures: $failed)"
 grep -E "^(Recipe|Settings|Extrapolation|Throughput|MFU|Memory at|Projected|==|!!)" "$log"
 exit $failed

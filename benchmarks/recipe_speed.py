@@ -43,6 +43,7 @@ import torch
 from transformers import TrainerCallback
 
 from bimedix.training.device_waits import StepWaits
+from bimedix.training.memory import checkpointed_layers, settings_from_recipe
 
 HISTOGRAM = Path(__file__).parent / "data" / "bimed1.3m_lengths.json"
 BIMED_SAMPLES, BIMED_TOKENS, EPOCHS = 1_311_600, 632_300_000, 2  # the paper's Fig. 3 and §4.1
@@ -170,6 +171,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
                      "warmup_steps": training.warmup_steps, "max_length": training.max_length,
                      "expert_lora": bimedix.expert_lora, "padding_free": bool(training.padding_free),
                      "activation_checkpointing": bool(training.activation_checkpointing),
+                     "every_n_layers": settings_from_recipe(training, model_args, bimedix).checkpoint_every,
                      "quantize_experts": bimedix.quantize_experts, "load_in_4bit": model_args.load_in_4bit},
     }
 
@@ -411,20 +413,13 @@ def estimate_bytes(config, training, model_args, bimedix, longest: int | None) -
     (``None``: the recipe's batch x max_length, what ``bimedix estimate-memory`` assumes)."""
     from transformers import AutoModelForCausalLM
 
-    from bimedix.training.memory import STRATEGIES, Settings, estimate, model_facts
+    from bimedix.training.memory import estimate, model_facts
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     facts = model_facts(meta, model_args, bimedix)
-    settings = Settings(
-        compute_dtype=model_args.dtype or "bfloat16",
-        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
-        quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
-        batch_size=1 if longest else training.per_device_train_batch_size,
-        max_length=longest or training.max_length or 1024,
-        checkpointing=bool(training.activation_checkpointing),
-        optim=str(getattr(training.optim, "value", training.optim)), num_processes=1,
-        sharding=STRATEGIES["single"])
+    settings = settings_from_recipe(training, model_args, bimedix, batch_size=1 if longest else None,
+                                    max_length=longest)
     return {key: int(value) for key, value in estimate(facts, settings)["totals"].items()}
 
 
@@ -460,8 +455,10 @@ def summarize(args: argparse.Namespace, runs: list[dict], full_depth: int) -> di
         per_layer = max((tb - ta) / (b - a), 0.0)
         print(f"Extrapolation: step(L) = {ta - per_layer * a:.4f} s + L x {per_layer:.4f} s "
               f"(from {a} and {b} layers) -> {step:.3f} s at {full_depth} layers")
+    recomputed = checkpointed_layers(full_depth, settings["every_n_layers"]) / full_depth \
+        if settings["activation_checkpointing"] else 0.0
     flops = flops_per_token(config, full_depth, statistics.mean(run["context_per_token"] for run in runs),
-                            settings["activation_checkpointing"])
+                            recomputed)
     peak_flops, basis = peak_tflops(runs[0]["device"], args.cpu)
     mfu = flops["model"] * tokens_per_s / (peak_flops * 1e12)
     print(f"Throughput at {full_depth} layers: {tokens_per_s:,.0f} non-padding tokens/s per device")
@@ -529,9 +526,10 @@ def _extrapolate(runs: list[dict], full_depth: int):
     return step, peak, estimate
 
 
-def flops_per_token(config, layers: int, context: float, recompute: bool) -> dict:
+def flops_per_token(config, layers: int, context: float, recomputed: float) -> dict:
     """Matmul FLOPs per trained token: active parameters (experts x top-k / E; embeddings excluded) and
-    causal attention over ``context`` keys; ``hardware`` adds the checkpoint recomputation's forward."""
+    causal attention over ``context`` keys; ``hardware`` adds the forward of the ``recomputed`` share of the
+    layers (activation checkpointing)."""
     from transformers import AutoModelForCausalLM
 
     full = type(config).from_dict(config.to_dict())
@@ -549,7 +547,7 @@ def flops_per_token(config, layers: int, context: float, recompute: bool) -> dic
     attention = 4 * layers * full.num_attention_heads * head_dim * context  # forward: scores + values
     model = 4 * active + 3 * attention
     return {"active_parameters": active, "context": context, "model": model,
-            "hardware": model + (2 * active + attention if recompute else 0)}
+            "hardware": model + recomputed * (2 * active + attention)}
 
 
 def peak_tflops(device_name: str, cpu: bool) -> tuple[float, str]:

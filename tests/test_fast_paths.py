@@ -160,7 +160,9 @@ def _folded_4bit_model():
 
 def test_checkpointed_4bit_experts_dequantize_twice_not_three_times(monkeypatch):
     """Under activation checkpointing the recomputation's dequantized experts serve backward: 2
-    dequantizations per expert parameter and micro-step instead of 3 (the gradients of no checkpointing)."""
+    dequantizations per expert parameter and micro-step instead of 3 (the gradients of no checkpointing),
+    also with transformers' ``every_n_layers`` checkpointing only some layers (the others save packed bytes
+    and dequantize again in backward)."""
     pytest.importorskip("bitsandbytes")
     from bimedix.training.moe import experts
 
@@ -174,19 +176,24 @@ def test_checkpointed_4bit_experts_dequantize_twice_not_three_times(monkeypatch)
     monkeypatch.setattr(experts, "flat_dequantize", counted)
     ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
     results = {}
-    for checkpointing in (False, True):
+    for every_n_layers in (None, 1, 2):  # no checkpointing, every layer, layer 0 of 2
         model = _folded_4bit_model()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if every_n_layers:
+            model.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers)
+        checkpointed = [layer.gradient_checkpointing for layer in model.get_decoder().layers]
+        assert checkpointed == {None: [False, False], 1: [True, True], 2: [True, False]}[every_n_layers]
         calls.clear()
         model(input_ids=ids, labels=ids).loss.backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results[checkpointing] = (len(calls), grads)
+        results[every_n_layers] = (len(calls), grads)
     quantized = 2 * model.config.num_hidden_layers  # gate_up_proj and down_proj per layer
-    assert results[False][0] == 2 * quantized  # forward + backward, packed bytes saved in between
-    assert results[True][0] == 2 * quantized  # forward + recomputation; backward reuses the recomputation's
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    # forward + backward (packed bytes saved in between), or forward + recomputation (backward reuses it)
+    assert {key: count for key, (count, _) in results.items()} == {None: 2 * quantized, 1: 2 * quantized,
+                                                                    2: 2 * quantized}
+    for key in (1, 2):
+        for name, grad in results[None][1].items():
+            torch.testing.assert_close(results[key][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_checkpointed_4bit_folded_experts_never_wait_for_the_device():

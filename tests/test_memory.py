@@ -18,8 +18,10 @@ from bimedix.training.memory import (
     STRATEGIES,
     Settings,
     activation_bytes,
+    checkpointed_layers,
     estimate,
     estimate_memory,
+    faster_checkpointing,
     format_report,
     gpu_memory,
     model_facts,
@@ -176,6 +178,53 @@ def test_fold_and_quantize_change_the_expert_transient(mixtral_facts):
                                                  checkpointing=False))
     assert unchecked["transients"]["expert_weights"] == largest * 2
     assert "expert_weights" not in folded_bf16["transients"]
+
+
+def test_every_n_layers_keeps_the_other_layers_whole_and_offload_moves_inputs_to_the_host(mixtral_facts):
+    import torch
+
+    dims = mixtral_facts["dims"]
+    tokens, size = 2 * 2048, 2
+    layer_input = tokens * dims["hidden"] * size
+    every = {n: activation_bytes(dims, 2, 2048, torch.bfloat16, every=n)["checkpointed"] for n in (1, 2, 32)}
+    base = activation_bytes(dims, 2, 2048, torch.bfloat16)
+    layer, logits = base["per_layer"], base["logits"]
+    assert every[1] == base["checkpointed"] == 32 * layer_input + layer + logits
+    assert every[2] == 16 * layer_input + 16 * layer + layer + logits  # layers 0, 2, 4... checkpointed
+    assert every[32] == layer_input + 31 * layer + layer + logits  # layer 0 only
+    offloaded = activation_bytes(dims, 2, 2048, torch.bfloat16, every=2, offload=True)["checkpointed"]
+    assert offloaded == every[2] - 16 * layer_input
+
+
+def test_paper_recipe_on_80gb_is_told_the_fewest_recomputed_layers_leaving_10_percent(mixtral_facts, capsys):
+    report = estimate_memory(PAPER, num_processes=8, accelerate_config=CONFIGS / "deepspeed_zero2.yaml",
+                             gpu=80)
+    assert report["recomputed_layers"] == 32  # the recipe checkpoints every layer
+    faster = report["stated_gpu"]["faster"]
+    assert faster["recomputed"] < 32 and "every_n_layers" in faster["change"]
+    assert faster["total"] + CUDA_RESERVE <= 0.9 * gpu_memory(80)
+    # the next setting with fewer recomputed layers would not leave 10% free
+    settings = Settings(**{**report["settings"], "sharding": STRATEGIES["zero2"]})
+    found = faster_checkpointing(mixtral_facts, settings, gpu_memory(80))
+    assert found["total"] == faster["total"]
+    fewer = [replace(settings, checkpointing=False)] + [
+        replace(settings, checkpoint_every=every) for every in range(2, 33)
+        if checkpointed_layers(32, every) < faster["recomputed"]]
+    for setting in fewer:
+        assert estimate(mixtral_facts, setting)["totals"]["all"] + CUDA_RESERVE > 0.9 * gpu_memory(80)
+    # the recipe key is read: half the layers checkpointed needs more memory than all
+    every_2 = estimate_memory(PAPER, ["--activation_checkpointing_kwargs", '{"every_n_layers": 2}'],
+                              num_processes=8, accelerate_config="zero2")
+    assert every_2["recomputed_layers"] == 16
+    assert every_2["totals"]["activations"] > report["totals"]["activations"]
+    # a 48 GB GPU has no room to keep any layer whole
+    on_48gb = estimate_memory(PAPER, num_processes=8, accelerate_config="zero2", gpu=48)
+    assert on_48gb["stated_gpu"]["fits"] and on_48gb["stated_gpu"]["faster"] is None
+    from bimedix.cli import main
+
+    assert main(["estimate-memory", "--recipe", str(PAPER), "--num-processes", "8", "--accelerate-config",
+                 "zero2", "--gpu", "80"]) == 0
+    assert "Faster and still 10% of the GPU free: every_n_layers" in capsys.readouterr().out
 
 
 def test_tiny_recipe_full_precision_adapter_states():

@@ -24,6 +24,7 @@ validation in ``benchmarks/memory_estimate.py`` say what was measured.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +41,8 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES = 1 + 4 / 4096  # int8 codes + row-wise fp32 scales (rough)
 # CUDA context, cuBLAS/NCCL workspaces and allocator slack, added before comparing to a GPU
 CUDA_RESERVE = 1.0 * GIB
+#: Share of a GPU a faster checkpointing setting must leave free (the estimate's measured error is within 5%).
+HEADROOM = 0.10
 #: Common GPUs by nominal size: (label, examples, memory nvidia-smi reports in MiB).
 GPUS = (
     ("16 GB", "V100-16GB, RTX 4080", 16384),
@@ -92,6 +95,8 @@ class Settings:
     batch_size: int = 1
     max_length: int = 1024
     checkpointing: bool = True
+    checkpoint_every: int = 1  # transformers' `every_n_layers`: layers 0, n, 2n... are checkpointed
+    checkpoint_offload: bool = False  # transformers' `offload`: checkpointed layers' inputs in host memory
     optim: str = "adamw_torch"
     num_processes: int = 1
     sharding: Sharding = STRATEGIES["single"]
@@ -113,7 +118,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
 
     Returns:
         `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``,
-        ``memory``, ``fits`` and ``suggestion`` (see `suggest`; None when it fits or nothing tried fits).
+        ``memory``, ``fits``, ``suggestion`` (see `suggest`; None when it fits or nothing tried fits) and
+        ``faster`` (see `faster_checkpointing`; None when it does not fit or nothing faster fits).
     """
     from .sft import load_recipe
 
@@ -125,14 +131,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         resharded = str((training.fsdp_config or {}).get("reshard_after_forward", True)).lower() == "true"
         sharding = STRATEGIES["fsdp"] if resharded else Sharding("FSDP SHARD_GRAD_OP", "fsdp", gradients=True,
                                                                   optimizer=True)
-    settings = Settings(
-        compute_dtype=model_args.dtype or "bfloat16",
-        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
-        quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
-        batch_size=training.per_device_train_batch_size, max_length=training.max_length or 1024,
-        checkpointing=bool(training.activation_checkpointing),
-        optim=str(getattr(training.optim, "value", training.optim)),
-        num_processes=num_processes or config_processes, sharding=sharding)
+    settings = settings_from_recipe(training, model_args, bimedix, sharding=sharding,
+                                    num_processes=num_processes or config_processes)
     report = estimate(facts, settings)
     report["model"] = model_args.model_name_or_path or f"tiny:{bimedix.tiny_model}"
     report["recipe"] = str(recipe)
@@ -140,9 +140,30 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         memory = gpu_memory(gpu)
         fit = report["totals"]["all"] + CUDA_RESERVE <= memory
         found = None if fit else suggest(facts, settings, memory)
+        faster = faster_checkpointing(facts, settings, memory) if fit else None
         report["stated_gpu"] = {"gb": gpu, "memory": memory, "fits": fit, "suggestion": found and {
-            "changes": found["changes"], "total": found["total"]}}
+            "changes": found["changes"], "total": found["total"]}, "faster": faster and {
+            key: faster[key] for key in ("change", "recomputed", "total")}}
     return report
+
+
+def settings_from_recipe(training, model_args, bimedix, *, num_processes: int = 1,
+                         sharding: Sharding = STRATEGIES["single"], batch_size: int | None = None,
+                         max_length: int | None = None) -> Settings:
+    """The `Settings` of a recipe's `SFTConfig`, `ModelConfig` and `BimedixArguments`; ``batch_size`` and
+    ``max_length`` replace the recipe's micro-batch (e.g. 1 x the longest row actually drawn)."""
+    checkpoint_kwargs = training.activation_checkpointing_kwargs or {}
+    return Settings(
+        compute_dtype=model_args.dtype or "bfloat16",
+        quantization="4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else None,
+        quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
+        batch_size=batch_size or training.per_device_train_batch_size,
+        max_length=max_length or training.max_length or 1024,
+        checkpointing=bool(training.activation_checkpointing),
+        checkpoint_every=int(checkpoint_kwargs.get("every_n_layers", 1)),
+        checkpoint_offload=bool(checkpoint_kwargs.get("offload", False)),
+        optim=str(getattr(training.optim, "value", training.optim)), num_processes=num_processes,
+        sharding=sharding)
 
 
 def model_facts(model: torch.nn.Module, model_args=None, bimedix=None, peft_config=None) -> dict:
@@ -200,14 +221,16 @@ def estimate(facts: dict, settings: Settings) -> dict:
     Returns:
         `dict`: ``settings``, ``parameters`` (``by_part``, ``by_storage``, ``counts``, ``total``),
         ``trainable``, ``activations``, ``transients``, ``totals`` (``parameters``, ``trainable_states``,
-        ``activations``, ``transients``, ``all``), ``gpus`` (see `fits`) and ``notes``.
+        ``activations``, ``transients``, ``all``), ``gpus`` (see `fits`), ``notes``, ``layers`` and
+        ``recomputed_layers`` (checkpointed ones, whose forward runs again in backward).
     """
     dtype = _DTYPES.get(settings.compute_dtype, torch.bfloat16)
     n, shard = max(settings.num_processes, 1), settings.sharding
     params = parameter_bytes(facts, dtype, settings.quantization, settings.quantize_experts)
     trainable = trainable_bytes(facts, settings, dtype)
     activations = activation_bytes(facts["dims"], settings.batch_size, settings.max_length, dtype,
-                                   adapter_bytes=trainable["bytes_per_weight"] if facts["peft"] else 0)
+                                   adapter_bytes=trainable["bytes_per_weight"] if facts["peft"] else 0,
+                                   every=settings.checkpoint_every, offload=settings.checkpoint_offload)
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
@@ -222,7 +245,9 @@ def estimate(facts: dict, settings: Settings) -> dict:
     return {"model_type": facts["model_type"], "settings": {**asdict(settings), "sharding": asdict(shard)},
             "parameters": params, "trainable": trainable, "activations": activations,
             "transients": transients,
-            "totals": totals, "gpus": fits(totals["all"]), "notes": _notes(params, settings)}
+            "totals": totals, "gpus": fits(totals["all"]), "notes": _notes(params, settings),
+            "layers": facts["dims"]["layers"], "recomputed_layers": checkpointed_layers(
+                facts["dims"]["layers"], settings.checkpoint_every) if settings.checkpointing else 0}
 
 
 def parameter_parts(model: torch.nn.Module) -> dict[str, str]:
@@ -299,7 +324,7 @@ def trainable_bytes(facts: dict, settings: Settings, dtype: torch.dtype) -> dict
 
 
 def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype,
-                     adapter_bytes: int = 0) -> dict:
+                     adapter_bytes: int = 0, every: int = 1, offload: bool = False) -> dict:
     """Activation memory of one micro-batch kept for backward (SDPA attention: no stored attention matrix).
 
     Per token and layer, in the compute dtype unless said: attention keeps its input, the normed input, q, k,
@@ -307,9 +332,10 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     adapters keeps its input cast to fp32 and its rank-r product (``3 (4H + 4r)`` bytes); an MoE layer keeps
     its input and normed input (``2H``), fp32 router logits and probabilities (``8E`` bytes), and per routed
     copy the gathered input, the gate and up projections, the activation, the gated product and the down
-    projection (``k (2H + 4I)``); a dense MLP ``2H + 4I``. With checkpointing each layer keeps its input and
-    one layer is recomputed at a time. Logits: the bf16 logits plus the fp32 copy and its gradient the loss
-    makes (``V (2 + 8)`` bytes).
+    projection (``k (2H + 4I)``); a dense MLP ``2H + 4I``. With checkpointing each checkpointed layer keeps
+    its input (none on the device with ``offload``), the others everything (``every``: transformers'
+    ``every_n_layers``, layers 0, n, 2n... are checkpointed), and one layer is recomputed at a time. Logits:
+    the bf16 logits plus the fp32 copy and its gradient the loss makes (``V (2 + 8)`` bytes).
     """
     hidden, vocab, layers = dims["hidden"], dims["vocab"], dims["layers"]
     inter, experts, top_k = dims["intermediate"], dims["experts"], dims["top_k"]
@@ -323,11 +349,18 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
         mlp = (2 * hidden + 4 * inter) * size
     layer = tokens * (attention + mlp)
     logits = tokens * vocab * (size + 8)
+    checkpointed = checkpointed_layers(layers, every)
+    kept_input = 0 if offload else tokens * hidden * size
     return {
         "per_layer": layer, "logits": logits,
         "full": layers * layer + logits,
-        "checkpointed": layers * tokens * hidden * size + layer + logits,
+        "checkpointed": checkpointed * kept_input + (layers - checkpointed) * layer + layer + logits,
     }
+
+
+def checkpointed_layers(layers: int, every: int = 1) -> int:
+    """How many of ``layers`` decoder layers transformers checkpoints with ``every_n_layers=every``."""
+    return math.ceil(layers / max(every, 1))
 
 
 def transient_bytes(facts: dict, settings: Settings, dtype: torch.dtype, params: dict,
@@ -405,6 +438,34 @@ def suggest(facts: dict, settings: Settings, memory: float, reserve: float = CUD
     return None
 
 
+def faster_checkpointing(facts: dict, settings: Settings, memory: float, reserve: float = CUDA_RESERVE,
+                         headroom: float = HEADROOM) -> dict | None:
+    """The activation checkpointing that recomputes the fewest layers and still leaves ``headroom`` of
+    ``memory`` free: off, else transformers' ``every_n_layers`` as large as fits. Recomputing a layer repeats
+    its forward in backward (with a frozen base, forward + input gradients + recomputation: 3 passes for 2).
+
+    Returns:
+        `dict`: ``change`` (what to set), ``recomputed`` layers, ``total`` bytes and ``settings``; None when
+        no setting recomputes fewer layers than ``settings`` and fits.
+    """
+    if not settings.checkpointing:
+        return None
+    layers = facts["dims"]["layers"]
+    now = checkpointed_layers(layers, settings.checkpoint_every)
+    candidates = [(0, "activation_checkpointing: false", replace(settings, checkpointing=False))]
+    for every in range(layers, 1, -1):  # fewest checkpointed layers first
+        if checkpointed_layers(layers, every) != candidates[-1][0]:
+            candidates.append((checkpointed_layers(layers, every), f"every_n_layers: {every} in "
+                               "activation_checkpointing_kwargs", replace(settings, checkpoint_every=every)))
+    for recomputed, change, new in candidates:
+        if recomputed >= now:
+            break
+        total = estimate(facts, new)["totals"]["all"]
+        if total + reserve <= (1 - headroom) * memory:
+            return {"change": change, "recomputed": recomputed, "total": total, "settings": new}
+    return None
+
+
 def read_accelerate_config(config: str | os.PathLike | None, num_processes: int
                            | None = None) -> tuple[Sharding, int]:
     """The `Sharding` and process count of an accelerate config file (or a `STRATEGIES` name).
@@ -475,7 +536,9 @@ def format_report(report: dict) -> str:
               "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
               f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
               (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
-               f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
+               + (f" (every_n_layers {s['checkpoint_every']})" if s["checkpoint_every"] > 1 else "")
+               + (" (inputs in host memory)" if s["checkpoint_offload"] else "")
+               + f"  (recipe: {'on' if s['checkpointing'] else 'off'})"),
               "Step transients: " + (", ".join(f"{k.replace('_', ' ')} {_gib(v).strip()}"
                                                for k, v in report["transients"].items()) or "none")]
     totals = report["totals"]
@@ -495,6 +558,11 @@ def format_report(report: dict) -> str:
         lines += ["", f"Stated GPU ({stated['gb']:g} GB = {_gib(stated['memory']).strip()}): "
                   + (f"fits, {_gib(room).strip()} to spare." if room >= 0
                      else f"does NOT fit ({_gib(-room).strip()} short).")]
+        if room >= 0 and stated["faster"]:
+            faster = stated["faster"]
+            lines.append(f"  Faster and still {HEADROOM:.0%} of the GPU free: {faster['change']} "
+                         f"({faster['recomputed']} of {report['layers']} layers recomputed instead of "
+                         f"{report['recomputed_layers']}, {_gib(faster['total']).strip()} per GPU)")
         if room < 0 and stated["suggestion"]:
             lines.append("  Nearest setting that fits "
                          f"({_gib(stated['suggestion']['total']).strip()} per GPU): "
@@ -513,6 +581,9 @@ def _changes(facts: dict, settings: Settings) -> list[tuple[str, dict]]:
     changes = []
     if not settings.checkpointing:
         changes.append(("--activation_checkpointing true", {"checkpointing": True}))
+    elif settings.checkpoint_every > 1:
+        changes.append(("every_n_layers: 1 in activation_checkpointing_kwargs (every layer)",
+                        {"checkpoint_every": 1}))
     if facts["counts"].get("experts") and not settings.quantize_experts:
         changes.append(("--quantize_experts nf4 (bimedix 4-bit experts)", {"quantize_experts": True}))
     if settings.quantization != "4bit":
