@@ -309,11 +309,12 @@ def staged_folder(final: OutputFolder, *, keep: Collection[str] = ()) -> Iterato
 
 
 def staging_path(target: Path, pid: int | None = None) -> Path:
-    """A new hidden sibling of ``target`` to write its next version in (``.NAME.PID.XXXXXXXX.staging``); the
-    stagings that killed runs left beside it are deleted first."""
+    """A new hidden sibling of ``target`` to write its next version in (``.NAME.PID.XXXXXXXX.staging``,
+    beside the real folder when ``target`` is ``.`` or a link); the stagings that killed runs left beside it
+    are deleted first."""
+    target = target.resolve()
     _remove_stale_stagings(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    return parent / f".{target.name}.{pid or os.getpid()}.{uuid.uuid4().hex[:8]}.staging"
+    return target.parent / f".{target.name}.{pid or os.getpid()}.{uuid.uuid4().hex[:8]}.staging"
 
 
 def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -> None:
@@ -325,8 +326,10 @@ def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -
     leaves ``target`` wholly old or wholly new. If carrying fails (or ``target`` holds a mount point, whose
     files deleting the old folder would reach: `OutputError`), ``staging`` is deleted and ``target`` is
     untouched. A process whose working folder was in ``target`` is moved to the same path in the new one.
+    ``target`` may be ``.`` or a link: the real folder is swapped.
     """
-    parent = target.parent if str(target.parent) else Path(".")
+    target = target.resolve()
+    parent = target.parent
     cwd = Path.cwd()
     try:
         if not target.is_dir():
@@ -342,7 +345,7 @@ def swap_in_folder(staging: Path, target: Path, carry: Callable[[Path], bool]) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if cwd == target.resolve() or target.resolve() in cwd.parents:  # the working folder was in the old one
+    if cwd == target or target in cwd.parents:  # the working folder was in the old one
         os.chdir(cwd if cwd.is_dir() else target)
     shutil.rmtree(staging)  # the old folder: the files it kept are linked into the new one
 

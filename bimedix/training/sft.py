@@ -761,14 +761,13 @@ def _env_true(name: str) -> bool:
 
 def _final_staging(output_dir: str | os.PathLike) -> Path:
     """The hidden sibling of ``output_dir`` that the run's final files are written in (`_staged_output_dir`);
-    every process gets rank 0's name."""
+    every process gets rank 0's."""
     import torch.distributed as dist
 
-    output_dir = Path(output_dir).resolve()  # `.` or a link: stage beside the real folder
-    name = [staging_path(output_dir).name]
+    path = [str(staging_path(Path(output_dir)))]
     if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(name, src=0)
-    return output_dir.parent / name[0]
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
 
 
 @contextlib.contextmanager
@@ -786,7 +785,7 @@ def _staged_output_dir(trainer, staging: Path) -> Iterator[Path]:
         yield staging
         trainer.accelerator.wait_for_everyone()
         if main_process:
-            swap_in_folder(staging, Path(output_dir).resolve(), carry=lambda path: True)
+            swap_in_folder(staging, Path(output_dir), carry=lambda path: True)
     except BaseException:
         if main_process:
             shutil.rmtree(staging, ignore_errors=True)
