@@ -390,9 +390,9 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def _remove_stale_stagings(target: Path) -> None:
-    """Delete the staging siblings of ``target`` that killed runs (processes now gone) left."""
-    parent = target.parent if str(target.parent) else Path(".")
-    for candidate in parent.glob(f".{glob_escape(target.name)}.*.staging"):
+    """Delete the staging siblings of ``target`` (a resolved path) that killed runs (processes now gone)
+    left."""
+    for candidate in target.parent.glob(f".{glob_escape(target.name)}.*.staging"):
         match = STAGING.fullmatch(candidate.name)
         if match and match["name"] == target.name and candidate.is_dir() and not _alive(int(match["pid"])):
             shutil.rmtree(candidate)
