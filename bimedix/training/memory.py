@@ -454,9 +454,10 @@ def faster_checkpointing(facts: dict, settings: Settings, memory: float, reserve
     now = checkpointed_layers(layers, settings.checkpoint_every)
     candidates = [(0, "activation_checkpointing: false", replace(settings, checkpointing=False))]
     for every in range(layers, 1, -1):  # fewest checkpointed layers first
-        if checkpointed_layers(layers, every) != candidates[-1][0]:
-            candidates.append((checkpointed_layers(layers, every), f"every_n_layers: {every} in "
-                               "activation_checkpointing_kwargs", replace(settings, checkpoint_every=every)))
+        count = checkpointed_layers(layers, every)
+        if count != candidates[-1][0]:
+            candidates.append((count, f"every_n_layers: {every} in activation_checkpointing_kwargs",
+                               replace(settings, checkpoint_every=every)))
     for recomputed, change, new in candidates:
         if recomputed >= now:
             break
