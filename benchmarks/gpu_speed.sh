@@ -6,10 +6,14 @@
 #      router_aux_loss_coef 0.02): the reference the changes are measured against;
 #   3. recipes/qwen3-30b-a3b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 48);
 #   4. recipes/olmoe-1b-7b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 16).
-# Two more runs are there to be picked with --runs: mixtral-no-recompute and qwen3-no-recompute, the recipes
-# with activation checkpointing off (what `bimedix estimate-memory --gpu 80` calls faster: no layer's forward
-# runs again in backward), measuring the speed that buys and the memory of layers kept whole against the
-# estimate.
+# More runs are there to be picked with --runs:
+#   mixtral-no-recompute, qwen3-no-recompute: the recipes with activation checkpointing off (what `bimedix
+#     estimate-memory --gpu 80` calls faster: no layer's forward runs again in backward), measuring the speed
+#     that buys and the memory of layers kept whole against the estimate;
+#   mixtral-no-liger: the paper recipe with `fused_kernels: off`, against `mixtral` (Liger's RMSNorm and RoPE
+#     kernels when liger-kernel is carried);
+#   liger-equivalence: `pytest -m gpu tests/test_fused_kernels.py`, Liger's losses and gradients against
+#     transformers' layers on tiny Mixtral and Qwen3-MoE models (about a minute).
 # Each prints non-padding tokens/s, MFU, peak memory vs estimate-memory, projected hours and a profile
 # (benchmarks/recipe_speed.py); everything goes to DIR/speed.log, the figures to DIR/*.json.
 #
@@ -17,8 +21,11 @@
 #   bash benchmarks/gpu_speed.sh --cpu [--output DIR]    # the same runs at toy sizes on CPU (a dry run)
 #   bash benchmarks/gpu_speed.sh --runs mixtral,mixtral-no-recompute    # these runs only, in this order
 #
-# On the lent GPU machine (../shared/gpu/README.md): build the wheels here once
+# On the lent GPU machine (../shared/gpu/README.md): build the wheels here once, with Liger (pure Python; the
+# machine's torch brings Triton) and pytest for the equivalence run
 #   bash ../shared/gpu/make_wheels.sh .whl && echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download -q --no-deps -d .whl liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 \
+#     iniconfig==2.3.1 pygments==2.21.0
 # then run, carrying `.whl`, with a timeout_s of 600:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH bash benchmarks/gpu_speed.sh --output $OUT/speed
@@ -29,6 +36,7 @@ mode=gpu
 output=runs/gpu-speed
 runs=mixtral,mixtral-before,qwen3-30b-a3b,olmoe-1b-7b
 known=" mixtral mixtral-before qwen3-30b-a3b olmoe-1b-7b mixtral-no-recompute qwen3-no-recompute "
+known+="mixtral-no-liger liger-equivalence "
 usage="usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR] [--runs NAME,...] (names:$known)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -86,15 +94,22 @@ for name in ${runs//,/ }; do
     mixtral) speed mixtral "${limit[0]}" $paper "${deep[@]}" ;;
     mixtral-before) speed mixtral-before "${limit[1]}" $paper "${deep[@]}" -- --expert_lora peft \
       --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false \
-      --router_aux_loss_coef 0.02 --logging_nan_inf_filter true ;;
+      --router_aux_loss_coef 0.02 --logging_nan_inf_filter true --fused_kernels off ;;
     qwen3-30b-a3b) speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" ;;
     olmoe-1b-7b) speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}" ;;
     mixtral-no-recompute) speed mixtral-no-recompute "${limit[1]}" $paper "${deep[@]}" -- \
       --activation_checkpointing false ;;
     qwen3-no-recompute) speed qwen3-no-recompute "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml \
       "${shallow[@]}" --activation_checkpointing false ;;
+    mixtral-no-liger) speed mixtral-no-liger "${limit[0]}" $paper "${deep[@]}" -- --fused_kernels off ;;
+    liger-equivalence)
+      step "liger-equivalence: pytest -m gpu tests/test_fused_kernels.py"
+      # on CPU the CUDA tests skip: the dry run checks that they are collected
+      timeout 150 "$python" -m pytest -q -m gpu -p no:cacheprovider "$repo/tests/test_fused_kernels.py" \
+        >> "$log" 2>&1 || { echo "!! liger-equivalence failed or timed out" >> "$log"; failed=1; } ;;
   esac
 done
 step "done (failures: $failed)"
-grep -E "^(Recipe|Settings|Extrapolation|Throughput|MFU|Memory at|Projected|==|!!)" "$log"
+grep -E "^(Recipe|Settings|Extrapolation|Throughput|MFU|Memory at|Projected|==|!!)|(passed|failed|skipped).* in " \
+  "$log"
 exit $failed

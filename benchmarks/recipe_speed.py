@@ -10,9 +10,10 @@ recipe's LoRA (and bitsandbytes `Linear4bit` layers with `load_in_4bit`), then e
 the device and packed at once (NF4 `Linear4bit` weights, `quantize_experts` for the fused experts), so a
 32-layer Mixtral-8x7B needs no checkpoint and never holds more than one bf16 layer. The trainer is the one
 ``bimedix sft`` builds (`bimedix.training.sft.make_trainer`: TRL's `SFTTrainer`, the recipe's batch,
-accumulation, optimizer, LR schedule, checkpointing, expert LoRA path and router report). Rows are random
-tokens whose lengths are drawn from BiMed1.3M's length histogram (``benchmarks/data/bimed1.3m_lengths.json``,
-see ``length_histogram.py``), each with its first third masked as the prompt (assistant-only loss).
+accumulation, optimizer, LR schedule, checkpointing, expert LoRA path, fused kernels and router report).
+Rows are random tokens whose lengths are drawn from BiMed1.3M's length histogram
+(``benchmarks/data/bimed1.3m_lengths.json``, see ``length_histogram.py``), each with its first third masked
+as the prompt (assistant-only loss).
 
 It prints non-padding tokens/s, MFU (formula printed), peak allocated / reserved memory against
 `bimedix.training.memory.estimate` for the same depth and the longest micro-batch of the run, a
@@ -117,6 +118,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     from datasets import Dataset
 
     from bimedix.data.tokenizer import load_mixtral_tokenizer
+    from bimedix.training.fused_kernels import hub_kernels_on, plan_fused_kernels, requested_kernels
     from bimedix.training.sft import make_trainer
     from bimedix.training.template import apply_vicuna_template
 
@@ -138,6 +140,9 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
         clock = StepClock(args.warmup, args.steps, device)
         waits = StepWaits(first_step=args.warmup + args.steps)  # the profiled steps
         training.assistant_only_loss = False  # the rows carry their labels (see `draw_rows`)
+        mode, kernels = requested_kernels(training, bimedix)
+        fused = plan_fused_kernels(model, mode, device, kernels, hub_kernels=hub_kernels_on(training,
+                                                                                            bimedix))
         trainer = make_trainer(training, model_args, bimedix, model, tokenizer, Dataset.from_dict(rows),
                                callbacks=[waits, clock])
         counter = TokenCounter(trainer.data_collator)
@@ -172,7 +177,8 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
                      "expert_lora": bimedix.expert_lora, "padding_free": bool(training.padding_free),
                      "activation_checkpointing": bool(training.activation_checkpointing),
                      "every_n_layers": settings_from_recipe(training, model_args, bimedix).checkpoint_every,
-                     "quantize_experts": bimedix.quantize_experts, "load_in_4bit": model_args.load_in_4bit},
+                     "quantize_experts": bimedix.quantize_experts, "load_in_4bit": model_args.load_in_4bit,
+                     "fused_kernels": str(fused)},
     }
 
 

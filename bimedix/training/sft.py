@@ -40,6 +40,7 @@ from trl.trainer.utils import get_quantization_config
 from ..core.outputs import OutputFolder, check_outputs, staging_path, swap_in_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
+from .fused_kernels import apply_fused_kernels, check_fused_kernels, hub_kernels_on, requested_kernels
 from .moe.expert_lora import EXPERT_LORA_MODES, set_expert_lora_mode
 from .moe.quantize import fused_experts, quantize_experts
 from .moe.targets import PRESETS, build_lora_config, meta_model
@@ -120,6 +121,14 @@ class BimedixArguments:
                           "fused RMSNorm and rotary kernels fetched from the Hub or its cache (fewer kernel "
                           "launches, a little less activation memory; nothing changes on CPU). Off by "
                           "default, so runs work offline and without `kernels` (`bimedix.hub_kernels`)."},
+    )
+    fused_kernels: Literal["auto", "liger", "off"] = field(
+        default="auto",
+        metadata={"help": "Liger's fused Triton RMSNorm and rotary kernels: `auto` uses them when "
+                          "liger-kernel is installed (`pip install 'bimedix[liger]'`), the run trains on "
+                          "CUDA and Liger supports the model type, else transformers' own layers (the log "
+                          "says why); `liger` requires them; `off`. The MoE experts and the loss keep "
+                          "bimedix's and TRL's paths (`bimedix.training.fused_kernels`)."},
     )
     overwrite: bool = field(
         default=False,
@@ -369,7 +378,8 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
                  tokenizer, train_dataset, peft_config=None, eval_dataset=None,
                  callbacks: list | None = None, router_report_path: str | os.PathLike | None = None):
     """TRL's `SFTTrainer` for a loaded model plus what bimedix adds: the trained-token check on every batch,
-    the folded expert LoRA, the router report, padding-free micro-batches without packing. `main` and
+    the folded expert LoRA, Liger's fused kernels where they apply (`bimedix.training.fused_kernels`), the
+    router report, padding-free micro-batches without packing. `main` and
     ``benchmarks/recipe_speed.py`` build trainers here.
 
     ``padding_free: true`` with ``packing: false``: TRL refuses it when ``max_length`` is set (it would not
@@ -377,6 +387,10 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
     the samples of each micro-batch into one row whose ``position_ids`` restart at every sample, so that the
     attention kernel keeps samples apart and no pad token is computed.
     """
+    mode, kernels = requested_kernels(training_args, bimedix_args)
+    apply_fused_kernels(model, mode, training_args.device, kernels,
+                        hub_kernels=hub_kernels_on(training_args, bimedix_args))
+    training_args.use_liger_kernel = False  # applied above: the Trainer's own call would swap the experts too
     padding_free = bool(training_args.padding_free and not training_args.packing)
     training_args.padding_free = training_args.padding_free and not padding_free
     try:
@@ -476,6 +490,7 @@ def check_compatible(training_args: SFTConfig, model_args: ModelConfig,
     Raises:
         `ValueError`: naming the recipe keys at fault and what to do.
     """
+    check_fused_kernels(training_args, bimedix_args)
     if not bimedix_args.quantize_experts:
         return
     key = f"`quantize_experts: {bimedix_args.quantize_experts}`"
