@@ -3,8 +3,13 @@ replace, and (on CUDA) that training with them gives the reference losses and gr
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +38,6 @@ NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kern
 @pytest.fixture
 def restore_modeling(monkeypatch):
     """Undo Liger's module-wide patches (and the ForCausalLM forwards) when the test ends."""
-    import importlib
-
     for module_name, names in PATCHED.values():
         module = importlib.import_module(module_name)
         for name in names:
@@ -92,8 +95,6 @@ def test_liger_replaces_the_norms_and_rope_only(arch, restore_modeling, monkeypa
     every RMSNorm (with the model's epsilon) and the rotary function; the experts, the model's forward and
     TRL's fused LM head stay as they were."""
     pytest.importorskip("liger_kernel.transformers.monkey_patch")
-    import importlib
-
     from datasets import Dataset
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -159,24 +160,38 @@ def test_sft_with_use_liger_kernel_on_cpu_stops_before_loading(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-# --- on CUDA: the same losses and gradients -----------------------------------------------------------------
+# --- the same losses and gradients --------------------------------------------------------------------------
 
 
-def _loss_and_grads(arch: str, dtype: torch.dtype, liger: bool) -> tuple[torch.Tensor, dict]:
+def _loss_and_grads(arch: str, dtype: torch.dtype, kernels: tuple[str, ...], device: str = "cuda"
+                    ) -> tuple[torch.Tensor, dict]:
     """One padding-free row of three samples (positions restart at each), checkpointed, through the model
-    with or without Liger's kernels."""
-    model = build_tiny_model(arch, seed=3).to("cuda", dtype)
-    if liger:
-        assert apply_fused_kernels(model, "liger", "cuda").kernels == ("rms_norm", "rope")
+    with Liger's ``kernels`` (none: transformers' layers)."""
+    model = build_tiny_model(arch, seed=3).to(device, dtype)
+    if kernels:  # planned as on CUDA: under the Triton interpreter the kernels run on CPU tensors too
+        assert apply_fused_kernels(model, "liger", "cuda", kernels).kernels == kernels
+        rope = importlib.import_module(PATCHED[arch][0]).apply_rotary_pos_emb
+        assert rope.__module__.startswith("liger_kernel") == ("rope" in kernels)
     model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     generator = torch.Generator().manual_seed(0)
     lengths = (7, 12, 5)
-    input_ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)), generator=generator).cuda()
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+    input_ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)), generator=generator).to(device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
     loss = model(input_ids=input_ids, position_ids=position_ids, labels=input_ids).loss
     loss.backward()
     return loss.detach().float(), {name: p.grad.float() for name, p in model.named_parameters()}
+
+
+def _differences(arch: str, dtype: torch.dtype, kernels: tuple[str, ...], device: str = "cuda"
+                 ) -> tuple[float, dict[str, float]]:
+    """The loss's relative difference with Liger's ``kernels`` and without, and each parameter's largest
+    gradient difference relative to its largest gradient."""
+    loss, grads = _loss_and_grads(arch, dtype, (), device)
+    liger_loss, liger_grads = _loss_and_grads(arch, dtype, kernels, device)
+    return abs(liger_loss / loss - 1).item(), {
+        name: ((liger_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-12)).item()
+        for name, grad in grads.items()}
 
 
 @pytest.mark.gpu  # pytest -m gpu tests/test_fused_kernels.py (benchmarks/gpu_speed.sh runs it)
@@ -187,9 +202,27 @@ def test_liger_gives_the_reference_losses_and_gradients_on_cuda(arch, dtype, tol
     """Tolerance: on the loss, and relative to the largest gradient of each parameter (fp32 1e-4, bf16 5e-2:
     rounding only)."""
     pytest.importorskip("liger_kernel.transformers.monkey_patch")
-    loss, grads = _loss_and_grads(arch, dtype, liger=False)
-    liger_loss, liger_grads = _loss_and_grads(arch, dtype, liger=True)
-    assert torch.allclose(liger_loss, loss, rtol=tolerance, atol=0)
-    for name, grad in grads.items():
-        scale = grad.abs().max().clamp_min(1e-12)
-        assert ((liger_grads[name] - grad).abs().max() / scale).item() <= tolerance, name
+    loss, grads = _differences(arch, dtype, ("rms_norm", "rope"))
+    assert loss <= tolerance
+    assert {name: diff for name, diff in grads.items() if diff > tolerance} == {}
+
+
+def test_liger_rope_gives_the_reference_losses_and_gradients_under_the_triton_interpreter(tmp_path):
+    """Liger's RoPE kernel itself, run by Triton's interpreter on CPU (``TRITON_INTERPRET=1``, in a fresh
+    process: it must be set before the kernels are defined), through bimedix's swap on both model types:
+    within 1e-6. (Liger's RMSNorm kernel does not run under the interpreter, which passes float arguments as
+    Python floats and has no libdevice ``rsqrt``: it is compared on CUDA only, above.)"""
+    pytest.importorskip("triton")
+    pytest.importorskip("liger_kernel.transformers.monkey_patch")
+    script = ("import json, torch, test_fused_kernels as t\n"
+              "print(json.dumps({arch: t._differences(arch, torch.float32, ('rope',), 'cpu')"
+              " for arch in ('mixtral', 'qwen3_moe')}))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for arch, (loss, grads) in results.items():
+        assert loss <= 1e-6, arch
+        assert len(grads) > 10 and max(grads.values()) <= 1e-6, (arch, grads)
