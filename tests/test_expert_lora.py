@@ -14,11 +14,12 @@ from bimedix.training.tiny import build_tiny_model
 TARGET_PARAMETERS = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = False, **overrides):
+def _peft_model(arch: str, dtype: torch.dtype = torch.float32, quantize: bool = False, rank: int = 4,
+                **overrides):
     """Tiny model with LoRA (random A and B, so that ΔW ≠ 0) on attention, router and experts."""
     model = build_tiny_model(arch, seed=0, **overrides).to(dtype)
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
                         target_parameters=TARGET_PARAMETERS,
                         lora_dropout=0.0, init_lora_weights=False)
     model = get_peft_model(model, config)
@@ -42,19 +43,20 @@ def _experts_module(model, layer: int = 0):
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["fp32", "nf4"])
-@pytest.mark.parametrize("arch, overrides", [
-    ("mixtral", {}),
-    ("qwen2_moe", {}),
+@pytest.mark.parametrize("arch, overrides, rank", [
+    ("mixtral", {}, 4),
+    ("mixtral", {}, 8),  # a rank the grouped GEMMs take as it is (4 is padded to 8)
+    ("qwen2_moe", {}, 4),
     # gate_up_proj wide enough (E·r ≤ out/4) for the dense down-to-rank GEMM; down_proj stays grouped
-    ("mixtral", {"hidden_size": 64, "intermediate_size": 256}),
-], ids=["mixtral", "qwen2_moe", "mixtral-wide"])
-def test_folded_equals_peft_path_fp32(arch, overrides, quantize):
+    ("mixtral", {"hidden_size": 64, "intermediate_size": 256}, 4),
+], ids=["mixtral", "mixtral-rank8", "qwen2_moe", "mixtral-wide"])
+def test_folded_equals_peft_path_fp32(arch, overrides, rank, quantize):
     if quantize:
         pytest.importorskip("bitsandbytes")
     ids = torch.randint(3, 32000, (2, 10), generator=torch.Generator().manual_seed(0))
-    peft_model = _peft_model(arch, quantize=quantize, **overrides)
+    peft_model = _peft_model(arch, quantize=quantize, rank=rank, **overrides)
     # no deepcopy: copies of parametrized modules share a cache
-    folded = _peft_model(arch, quantize=quantize, **overrides)
+    folded = _peft_model(arch, quantize=quantize, rank=rank, **overrides)
     set_expert_lora_mode(folded, "folded")
 
     logits, grads = _loss_and_grads(peft_model, ids)

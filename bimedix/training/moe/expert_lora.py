@@ -190,10 +190,14 @@ def _lora_grouped_linear(experts: nn.Module, param_name: str, factors: list, x: 
     if getattr(experts, "has_bias", False):
         out = out + getattr(experts, f"{param_name}_bias")[expert_ids]
     for weight_a, weight_b, scaling in factors:
-        # grouped GEMMs need 16-byte aligned strides: pad the rank to a multiple of 8 with zeros (exact)
+        # grouped GEMMs need 16-byte aligned strides: pad the rank to a multiple of 8 with zeros (exact); a
+        # rank that is one already (the recipes' 128, 64, 16) is used as it is, without a copy
         pad = -weight_a.shape[1] % 8
-        weight_a = nn.functional.pad(weight_a.to(out.dtype), (0, 0, 0, pad)).contiguous()  # (E, r, in)
-        weight_b = nn.functional.pad(weight_b.to(out.dtype), (0, pad)).contiguous()  # (E, out, r)
+        if pad:
+            weight_a = nn.functional.pad(weight_a, (0, 0, 0, pad))
+            weight_b = nn.functional.pad(weight_b, (0, pad))
+        weight_a = weight_a.to(out.dtype).contiguous()  # (E, r, in)
+        weight_b = weight_b.to(out.dtype).contiguous()  # (E, out, r)
         low_rank = _down_to_rank(x.to(out.dtype), weight_a, offsets, expert_ids, out.shape[-1])
         out = out + grouped_mm(low_rank, weight_b.transpose(-2, -1), offsets) * scaling
     return out
