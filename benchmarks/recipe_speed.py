@@ -118,7 +118,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
     from datasets import Dataset
 
     from bimedix.data.tokenizer import load_mixtral_tokenizer
-    from bimedix.training.fused_kernels import hub_kernels_on, plan_fused_kernels, requested_kernels
+    from bimedix.training.fused_kernels import plan_fused_kernels, recipe_request
     from bimedix.training.sft import make_trainer
     from bimedix.training.template import apply_vicuna_template
 
@@ -140,9 +140,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
         clock = StepClock(args.warmup, args.steps, device)
         waits = StepWaits(first_step=args.warmup + args.steps)  # the profiled steps
         training.assistant_only_loss = False  # the rows carry their labels (see `draw_rows`)
-        mode, kernels = requested_kernels(training, bimedix)
-        fused = plan_fused_kernels(model, mode, device, kernels, hub_kernels=hub_kernels_on(training,
-                                                                                            bimedix))
+        fused = plan_fused_kernels(model, **recipe_request(training, bimedix))  # what make_trainer applies
         trainer = make_trainer(training, model_args, bimedix, model, tokenizer, Dataset.from_dict(rows),
                                callbacks=[waits, clock])
         counter = TokenCounter(trainer.data_collator)

@@ -59,7 +59,15 @@ def requested_kernels(training_args, bimedix_args) -> tuple[str, tuple[str, ...]
     return "liger", tuple(kernel for kernel in KERNELS if config.get(kernel, True))
 
 
-def hub_kernels_on(training_args, bimedix_args) -> bool:
+def recipe_request(training_args, bimedix_args) -> dict:
+    """The keyword arguments of `plan_fused_kernels` / `apply_fused_kernels` for a recipe's run: its mode and
+    kernels (`requested_kernels`), its training device and whether hub kernels are on."""
+    mode, kernels = requested_kernels(training_args, bimedix_args)
+    return {"mode": mode, "device": training_args.device, "kernels": kernels,
+            "hub_kernels": _hub_kernels_on(training_args, bimedix_args)}
+
+
+def _hub_kernels_on(training_args, bimedix_args) -> bool:
     """Whether the recipe loads the model with transformers' hub kernels (``use_kernels``, in bimedix's keys
     or in ``model_init_kwargs``)."""
     return bool(bimedix_args.use_kernels or (training_args.model_init_kwargs or {}).get("use_kernels"))
@@ -86,7 +94,7 @@ def check_fused_kernels(training_args, bimedix_args) -> None:
     mode, kernels = requested_kernels(training_args, bimedix_args)
     if mode != "liger":
         return
-    if hub_kernels_on(training_args, bimedix_args):
+    if _hub_kernels_on(training_args, bimedix_args):
         raise ValueError("`use_kernels: true` (transformers' hub kernels) and Liger's kernels "
                          "(`fused_kernels: liger` or `use_liger_kernel: true`) replace the same RMSNorm and "
                          "rotary layers: keep one of the two.")

@@ -40,7 +40,7 @@ from trl.trainer.utils import get_quantization_config
 from ..core.outputs import OutputFolder, check_outputs, staging_path, swap_in_folder
 from ..deprecations import quiet_peft_checkpointing_warning
 from ..resources import check_model_folder, resolve_resource
-from .fused_kernels import apply_fused_kernels, check_fused_kernels, hub_kernels_on, requested_kernels
+from .fused_kernels import apply_fused_kernels, check_fused_kernels, recipe_request
 from .moe.expert_lora import EXPERT_LORA_MODES, set_expert_lora_mode
 from .moe.quantize import fused_experts, quantize_experts
 from .moe.targets import PRESETS, build_lora_config, meta_model
@@ -387,9 +387,7 @@ def make_trainer(training_args: SFTConfig, model_args: ModelConfig, bimedix_args
     the samples of each micro-batch into one row whose ``position_ids`` restart at every sample, so that the
     attention kernel keeps samples apart and no pad token is computed.
     """
-    mode, kernels = requested_kernels(training_args, bimedix_args)
-    apply_fused_kernels(model, mode, training_args.device, kernels,
-                        hub_kernels=hub_kernels_on(training_args, bimedix_args))
+    apply_fused_kernels(model, **recipe_request(training_args, bimedix_args))
     training_args.use_liger_kernel = False  # applied above: the Trainer's own call would swap the experts too
     padding_free = bool(training_args.padding_free and not training_args.packing)
     training_args.padding_free = training_args.padding_free and not padding_free
