@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bimedix.llm.cache import RequestCache
+from bimedix.llm.fake_server import fake_server_process
 from bimedix.resources import resource_path
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         examples, criteria = _data(tmp / "data.jsonl", args.criteria)
         (tmp / "prices.json").write_text(json.dumps({"bench-judge": {"input": 2.0, "output": 8.0},
                                                       "bench-model": {"input": 0.0, "output": 0.0}}))
-        with _server(args.latency) as base_url:
+        with fake_server_process(args.latency) as base_url:
             command = [sys.executable, "-m", "bimedix", "eval-chat", "--data", str(tmp / "data.jsonl"),
                        "--output", str(tmp / "out"), "--model", "bench-model", "--base-url", base_url,
                        "--judge-base-url", base_url, "--judge-model", "bench-judge", "--prices",
@@ -93,27 +93,6 @@ def _timed(command: list[str], env: dict) -> float:
     if result.returncode != 0:
         raise SystemExit(f"eval-chat failed ({result.returncode}):\n{result.stderr[-2000:]}")
     return time.perf_counter() - start
-
-
-class _server:
-    """The fake server in its own process (so its threads do not compete with the client for the GIL)."""
-
-    def __init__(self, latency: float):
-        self.latency = latency
-
-    def __enter__(self) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, "-m", "bimedix", "fake-openai-server", "--port",
-                                         str(port), "--latency", str(self.latency)], stdout=subprocess.PIPE,
-                                        text=True)
-        self.process.stdout.readline()  # "fake OpenAI-compatible server on ..."
-        return f"http://127.0.0.1:{port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait()
 
 
 if __name__ == "__main__":

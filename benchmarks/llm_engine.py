@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from bimedix.core.io import write_jsonl
 from bimedix.data.schema import make_record
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import ClientConfig, LLMClient
+from bimedix.llm.fake_server import fake_server_process
 from bimedix.llm.translation import TranslationConfig, translate_file
 
 PRICES = {"bench": {"input": 1.0, "output": 2.0}}
@@ -40,7 +38,7 @@ def main() -> None:
     os.environ.setdefault("OPENAI_API_KEY", "benchmark")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with _server(args.latency) as base_url:
+        with fake_server_process(args.latency) as base_url:
             seconds, cpu = asyncio.run(_concurrency(base_url, tmp / "concurrency.sqlite", args.concurrency,
                                                     args.requests))
         achieved, ideal = args.requests / seconds, args.concurrency / args.latency
@@ -50,7 +48,7 @@ def main() -> None:
 
         records = [_record(i) for i in range(args.records)]
         write_jsonl(tmp / "en.jsonl", records)
-        with _server(0.0) as base_url:
+        with fake_server_process(0.0) as base_url:
             fill = asyncio.run(_translate(base_url, tmp, args.concurrency))
             (tmp / "ar.jsonl").unlink()
             (tmp / "ar.rejects.jsonl").unlink()
@@ -101,27 +99,6 @@ def _record(index: int) -> dict:
     turns = [{"from": "human", "value": human}, {"from": "gpt", "value": "B. Insulin glargine"}]
     return make_record(id=f"bench-en-{index:06d}", source="bench", task="mcqa", language="en", license="MIT",
                        conversations=turns, options=options, answer="B")
-
-
-class _server:
-    """The fake server in its own process (so its threads do not compete with the client for the GIL)."""
-
-    def __init__(self, latency: float):
-        self.latency = latency
-
-    def __enter__(self) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, "-m", "bimedix", "fake-openai-server", "--port",
-                                         str(port),
-                                         "--latency", str(self.latency)], stdout=subprocess.PIPE, text=True)
-        self.process.stdout.readline()  # "fake OpenAI-compatible server on ..."
-        return f"http://127.0.0.1:{port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from llm_support import (
 
 from bimedix.llm.cache import RequestCache
 from bimedix.llm.client import BudgetExceeded, ClientConfig, Deferred, LLMClient, LLMError, load_prices
-from bimedix.llm.fake_server import FakeOpenAIServer, Fault
+from bimedix.llm.fake_server import FakeOpenAIServer, Fault, fake_server_process
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -359,3 +359,11 @@ def test_batch_management_calls_have_a_deadline_too(api_key, tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_fake_server_process_serves_on_a_free_port_until_the_block_ends(api_key, tmp_path):
+    with fake_server_process() as base_url:
+        completion = _complete(make_client(base_url, tmp_path / "c.sqlite"))
+        assert completion.text == "echo: Say hello."
+    with pytest.raises(LLMError):  # the process is gone with the block
+        _complete(make_client(base_url, tmp_path / "other.sqlite", max_retries=0, timeout=3.0))

@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     server = _options.add_command(
         subparsers, "fake-openai-server", _fake_server,
         help="run a scripted local OpenAI-compatible server (dry runs, no real model)")
-    server.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
+    server.add_argument("--port", type=int, default=8000,
+                        help="port on 127.0.0.1, 0 for a free one (default 8000)")
     server.add_argument("--latency", type=float, default=0.0,
                         help="seconds each completion waits (default 0)")
 

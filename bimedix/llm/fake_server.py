@@ -27,9 +27,12 @@ import logging
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -202,6 +205,24 @@ class FakeOpenAIServer:
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
+
+
+@contextmanager
+def fake_server_process(latency: float = 0.0) -> Iterator[str]:
+    """Run ``bimedix fake-openai-server`` on a free port in its own process (so its threads do not compete
+    with the caller's for the GIL) and yield its ``base_url``; the process is stopped on exit."""
+    process = subprocess.Popen([sys.executable, "-m", "bimedix", "fake-openai-server", "--port", "0",
+                                "--latency", str(latency)], stdout=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()  # "fake OpenAI-compatible server on http://127.0.0.1:PORT/v1 ..."
+        url = re.search(r"http://\S+/v1", banner)
+        if url is None:
+            raise RuntimeError(f"bimedix fake-openai-server did not start (exit code {process.poll()}): "
+                               f"{banner!r}")
+        yield url.group(0)
+    finally:
+        process.terminate()
+        process.wait()
 
 
 class _Server(ThreadingHTTPServer):
