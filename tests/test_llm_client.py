@@ -181,19 +181,34 @@ def test_price_table_override(tmp_path):
         load_prices(path)
 
 
-def test_rate_limiter_spaces_requests_and_tokens():
+def test_rate_limiter_spaces_requests_and_tokens(monkeypatch):
     from bimedix.llm.client import _RateLimiter
 
-    async def timed(limiter, tokens):
-        start = time.monotonic()
-        for amount in tokens:
-            await limiter.acquire(amount)
-        return time.monotonic() - start
+    waits = []
+    real_sleep = asyncio.sleep
 
-    assert asyncio.run(timed(_RateLimiter(None, None), [10] * 50)) < 0.05
-    assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1])) < 0.05
-    assert asyncio.run(timed(_RateLimiter(2, None, window=0.2), [1, 1, 1])) >= 0.2
-    assert asyncio.run(timed(_RateLimiter(None, 100, window=0.2), [60, 60])) >= 0.2
+    async def recorded_sleep(seconds):
+        waits.append(seconds)
+        await real_sleep(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+
+    def timed(limiter, tokens):
+        """(seconds taken, waits the limiter asked for) to acquire ``tokens`` one request after another."""
+        async def go():
+            start = time.monotonic()
+            for amount in tokens:
+                await limiter.acquire(amount)
+            return time.monotonic() - start
+        waits.clear()
+        return asyncio.run(go()), list(waits)
+
+    assert timed(_RateLimiter(None, None), [10] * 50)[1] == []  # no limits: never waits
+    assert timed(_RateLimiter(2, None, window=0.2), [1, 1])[1] == []  # within the request limit
+    seconds, asked = timed(_RateLimiter(2, None, window=0.2), [1, 1, 1])  # the third waits for the window
+    assert seconds >= 0.2 and asked and all(0 < wait <= 0.201 for wait in asked)
+    seconds, asked = timed(_RateLimiter(None, 100, window=0.2), [60, 60])  # over the token limit
+    assert seconds >= 0.2 and asked
 
 
 def test_batch_killed_while_waiting_is_polled_not_resubmitted(api_key, tmp_path):
