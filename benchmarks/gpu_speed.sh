@@ -3,7 +3,7 @@
 #   1. recipes/bimedix-mixtral/sft_qlora.yaml as shipped (folded expert LoRA, 2 samples per padding-free
 #      micro-batch), Mixtral-8x7B dimensions at 1 and 3 layers, extrapolated to 32;
 #   2. the same recipe as it was before the speed work (PEFT's expert path, 1 sample x 2 accumulation steps,
-#      router_aux_loss_coef 0.02): the reference the changes are measured against;
+#      transformers' layers): the reference the changes are measured against;
 #   3. recipes/qwen3-30b-a3b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 48);
 #   4. recipes/olmoe-1b-7b/sft_qlora.yaml at 2 and 4 layers (extrapolated to 16).
 # More runs are there to be picked with --runs:
@@ -94,7 +94,7 @@ for name in ${runs//,/ }; do
     mixtral) speed mixtral "${limit[0]}" $paper "${deep[@]}" ;;
     mixtral-before) speed mixtral-before "${limit[1]}" $paper "${deep[@]}" -- --expert_lora peft \
       --per_device_train_batch_size 1 --gradient_accumulation_steps 2 --padding_free false \
-      --router_aux_loss_coef 0.02 --logging_nan_inf_filter true --fused_kernels off ;;
+      --logging_nan_inf_filter true --fused_kernels off ;;
     qwen3-30b-a3b) speed qwen3-30b-a3b "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" ;;
     olmoe-1b-7b) speed olmoe-1b-7b "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}" ;;
     mixtral-no-recompute) speed mixtral-no-recompute "${limit[1]}" $paper "${deep[@]}" -- \

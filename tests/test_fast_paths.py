@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +81,45 @@ def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path):
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert fast.args.padding_free and not fast.args.packing and fast.data_collator.collator.padding_free
+
+def test_load_balancing_loss_weighs_the_same_per_step_whatever_the_split(tmp_path):
+    """TRL adds the router aux loss as its mean over a step's micro-batches, so a recipe that packs the
+    1 x 2 step into one 2 x 1 micro-batch keeps the model's own ``router_aux_loss_coef`` (the paper recipe:
+    Mixtral's 0.02). On identical samples a packed row's aux loss equals each sample's, so the two splits
+    must agree."""
+    recipe = yaml.safe_load(Path(TINY_RECIPE).read_text(encoding="utf-8"))
+    record = (resource_path("recipes", "tiny", "data", "train.jsonl").read_text(encoding="utf-8")
+              .splitlines()[0])
+    (tmp_path / "same.jsonl").write_text((record + "\n") * 8, encoding="utf-8")
+    recipe["datasets"] = [{"path": str(tmp_path / "same.jsonl")}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+    def train(name, coefficient, *flags):
+        trainer = main(*parse_args(["--config", str(tmp_path / "recipe.yaml"), "--output_dir",
+                                    str(tmp_path / name), "--max_steps", "3", "--max_length", "96",
+                                    "--logging_steps", "1", "--warmup_steps", "1", "--save_strategy", "no",
+                                    "--router_report", "false", "--router_aux_loss_coef", str(coefficient),
+                                    *flags]))
+        history = [entry for entry in trainer.state.log_history if "loss" in entry]
+        return ([entry["loss"] for entry in history], [entry["aux_loss"] for entry in history],
+                {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad})
+
+    packed = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--padding_free",
+              "true")
+    losses, aux, weights = train("ref", 0.5, "--per_device_train_batch_size", "1",
+                                 "--gradient_accumulation_steps", "2")
+    same_losses, _, same_weights = train("packed", 0.5, *packed)
+    doubled_losses, _, _ = train("doubled", 1.0, *packed)
+    assert min(aux) > 1.0  # the aux loss is there to be weighed (8 experts, top-2: 2 when balanced)
+    torch.testing.assert_close(torch.tensor(same_losses), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(same_weights[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    # twice the coefficient adds 0.5 x aux to the first step's loss (same weights so far): weighed per step
+    assert doubled_losses[0] == pytest.approx(losses[0] + 0.5 * aux[0], abs=1e-5)
+    paper = yaml.safe_load(resource_path("recipes", "bimedix-mixtral", "sft_qlora.yaml").read_text(
+        encoding="utf-8"))
+    assert paper["router_aux_loss_coef"] == 0.02  # Mixtral's own coefficient, as with the paper's 1 x 2 steps
+
 
 def _reference_counts(model, inputs, token_languages, top_k=2):
     """Per (language, layer, expert) counts by plain loops over the router logits of the same forward."""
