@@ -221,14 +221,17 @@ def _kib(text: str) -> float:
     return float(number) * {"B": 1 / 1024, "KiB": 1, "MiB": 1024, "GiB": 1024**2}[unit]
 
 
-@pytest.mark.parametrize("quantization", [[], QLORA], ids=["4bit-experts", "full-qlora"])
-def test_fsdp_matches_one_process_shards_the_experts_and_merges(quantization, tmp_path):
-    """2 processes x 2 rows under FSDP = 1 process x 4 rows: same losses; half the expert bytes per rank."""
+@pytest.mark.parametrize(("quantization", "batching"), [([], []), (QLORA, ["--padding_free", "true"])],
+                         ids=["4bit-experts", "full-qlora-padding-free"])
+def test_fsdp_matches_one_process_shards_the_experts_and_merges(quantization, batching, tmp_path):
+    """2 processes x 2 rows under FSDP (padded, or padding-free as recipes/mixtral-8x22b) = 1 process x 4
+    padded rows: same losses; half the expert bytes per rank."""
     recipe = _fsdp_recipe(tmp_path)
     steps = ["--max_steps", "2", "--save_strategy", "no"]
     _train(1, recipe, tmp_path / "p1", *quantization, *steps, "--fsdp", "false",
            "--per_device_train_batch_size", "4")
-    log = _train(2, recipe, tmp_path / "p2", *quantization, *steps, "--per_device_train_batch_size", "2")
+    log = _train(2, recipe, tmp_path / "p2", *quantization, *steps, "--per_device_train_batch_size", "2",
+                 *batching)
     one, two = _losses(tmp_path / "p1"), _losses(tmp_path / "p2")
     assert len(one) == len(two) == 2
     assert two[0] == pytest.approx(one[0], rel=1e-4), (one, two)  # measured: equal to ~1e-7
