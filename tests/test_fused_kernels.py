@@ -15,6 +15,7 @@ import pytest
 import torch
 from trl import SFTConfig
 
+import bimedix.training.fused_kernels as fused_kernels
 import bimedix.training.sft as sft
 from bimedix.resources import resource_path
 from bimedix.training.fused_kernels import (
@@ -77,6 +78,33 @@ def test_liger_mode_stops_with_the_reason_and_the_fix(monkeypatch):
         plan_fused_kernels(model, "fast", "cuda")
 
 
+def test_a_kernel_that_fails_its_self_test_is_not_used(restore_modeling, monkeypatch):
+    """``auto`` falls back, with the self-test's reason, when a kernel does not compile or does not give
+    transformers' results on the run's device (e.g. a Triton the installed Liger does not fit); ``liger``
+    stops with it."""
+    pytest.importorskip("liger_kernel.transformers.monkey_patch")
+    from transformers.models.mixtral import modeling_mixtral
+
+    tested = []
+
+    def failing(kernels, device, dtype):
+        tested.append((kernels, device, dtype))
+        return f"Liger's rope kernel failed its self-test on {device} in {dtype} (RuntimeError: no driver)"
+
+    monkeypatch.setattr(fused_kernels, "_self_test", failing)
+    model = build_tiny_model("mixtral")  # float32
+    rope = modeling_mixtral.apply_rotary_pos_emb
+    chosen = apply_fused_kernels(model, "auto", "cuda")
+    assert chosen.kernels == () and chosen.reason == ("auto: Liger's rope kernel failed its self-test on "
+                                                      "cuda in torch.float32 (RuntimeError: no driver)")
+    assert tested == [(("rms_norm", "rope"), "cuda", torch.float32)]
+    assert modeling_mixtral.apply_rotary_pos_emb is rope
+    assert all("forward" not in vars(norm) for norm in _norms(model))
+    with pytest.raises(ValueError, match=r"fused_kernels: liger.*failed its self-test.*fused_kernels: auto"):
+        plan_fused_kernels(model.to(torch.bfloat16), "liger", "cuda:0")
+    assert tested[-1] == (("rms_norm", "rope"), "cuda:0", torch.bfloat16)  # the model's dtype and device
+
+
 def test_models_liger_does_not_cover_fall_back():
     pytest.importorskip("liger_kernel.transformers.monkey_patch")
     olmoe = build_tiny_model("olmoe")
@@ -105,9 +133,10 @@ def test_liger_replaces_the_norms_and_rope_only(arch, restore_modeling, monkeypa
                          "--expert_lora", "folded", "--report_to", "none", "--fused_kernels", "auto"])
     model = build_tiny_model(arch)
     forward = type(model).forward
-    # decide as on a GPU (the run's own device is the CPU here)
+    # decide as on a GPU (the run's own device is the CPU here), whose self-test passed
     monkeypatch.setattr(sft, "apply_fused_kernels", lambda model, mode, device, kernels, **kw:
                         apply_fused_kernels(model, mode, "cuda", kernels, **kw))
+    monkeypatch.setattr(fused_kernels, "_self_test", lambda *args: None)
     rows = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"},
                                             {"role": "assistant", "content": "hello"}]]})
     trainer = make_trainer(recipe.training, recipe.model, recipe.bimedix, model,
@@ -209,20 +238,34 @@ def test_liger_gives_the_reference_losses_and_gradients_on_cuda(arch, dtype, tol
 
 def test_liger_rope_gives_the_reference_losses_and_gradients_under_the_triton_interpreter(tmp_path):
     """Liger's RoPE kernel itself, run by Triton's interpreter on CPU (``TRITON_INTERPRET=1``, in a fresh
-    process: it must be set before the kernels are defined), through bimedix's swap on both model types:
-    within 1e-6. (Liger's RMSNorm kernel does not run under the interpreter, which passes float arguments as
-    Python floats and has no libdevice ``rsqrt``: it is compared on CUDA only, above.)"""
+    process: it must be set before the kernels are defined): it passes bimedix's self-test (which fails a
+    kernel 1% off), and through bimedix's swap on both model types gives the reference within 1e-6.
+    (Liger's RMSNorm kernel does not run under the interpreter, which passes float arguments as Python floats
+    and has no libdevice ``rsqrt``; nor does bf16: it gives NaN there. Both are compared on CUDA only.)"""
     pytest.importorskip("triton")
     pytest.importorskip("liger_kernel.transformers.monkey_patch")
     script = ("import json, torch, test_fused_kernels as t\n"
-              "print(json.dumps({arch: t._differences(arch, torch.float32, ('rope',), 'cpu')"
-              " for arch in ('mixtral', 'qwen3_moe')}))\n")
+              "import bimedix.training.fused_kernels as f\n"
+              "import liger_kernel.transformers.rope as rope\n"
+              "passed = f._self_test(('rope',), 'cpu', torch.float32)\n"
+              "real = rope.liger_rotary_pos_emb\n"  # a kernel 1% off must fail the self-test
+              "rope.liger_rotary_pos_emb = lambda *args: tuple(1.01 * x for x in real(*args))\n"
+              "f._self_test.cache_clear()\n"
+              "failed = f._self_test(('rope',), 'cpu', torch.float32)\n"
+              "rope.liger_rotary_pos_emb = real\n"
+              "f._self_test = lambda *args: None\n"  # the swap below plans as on CUDA
+              "print(json.dumps({'self_test': [passed, failed], 'runs': {arch: t._differences("
+              "arch, torch.float32, ('rope',), 'cpu') for arch in ('mixtral', 'qwen3_moe')}}))\n")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    for arch, (loss, grads) in results.items():
+    passed, failed = results["self_test"]
+    assert passed is None, passed
+    assert failed.startswith("Liger's rope kernel failed its self-test on cpu in torch.float32: results "
+                             "differ from transformers' by 0.01"), failed
+    for arch, (loss, grads) in results["runs"].items():
         assert loss <= 1e-6, arch
         assert len(grads) > 10 and max(grads.values()) <= 1e-6, (arch, grads)

@@ -1,9 +1,11 @@
 """Fused training kernels: Liger's Triton RMSNorm and rotary embeddings where they apply, else transformers'.
 
 ``fused_kernels: auto`` (the default) swaps them in when the `liger-kernel` package is importable
-(``pip install 'bimedix[liger]'``), the run trains on CUDA and Liger supports the model type (Mixtral,
-Qwen3-MoE and others, not OLMoE); otherwise the run goes on with transformers' own layers and the log says
-why.
+(``pip install 'bimedix[liger]'``), the run trains on CUDA, Liger supports the model type (Mixtral,
+Qwen3-MoE and others, not OLMoE) and its kernels pass a self-test on the run's device and dtype (they compile
+and give transformers' results on small tensors, forward and backward: a Triton that does not fit the
+installed Liger is caught here, not mid-run); otherwise the run goes on with transformers' own layers and
+the log says why.
 ``fused_kernels: liger`` requires them and stops, before training, with the reason; ``off`` never uses them.
 The results are the same up to rounding (``tests/test_fused_kernels.py`` compares losses and gradients on
 CUDA); the gain is fewer kernel launches per layer.
@@ -24,6 +26,7 @@ of that type built later in the same process use them as well.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -120,7 +123,9 @@ def plan_fused_kernels(model, mode: str, device: torch.device | str, kernels: tu
     if problem is None:
         problem, usable = _model_problem(_base_model(model), kernels)
     if problem is None:
-        return FusedKernels(usable, f"liger-kernel {_distribution_version('liger-kernel')}")
+        problem = _self_test(usable, str(torch.device(device)), _compute_dtype(_base_model(model)))
+    if problem is None:
+        return FusedKernels(usable, f"liger-kernel {_distribution_version('liger-kernel')}, self-test passed")
     if mode == "liger":
         raise ValueError(_required_message(problem))
     return FusedKernels((), f"auto: {problem}")
@@ -170,6 +175,70 @@ def _model_problem(model, kernels: tuple[str, ...]) -> tuple[str | None, tuple[s
     if not usable:
         return f"Liger has no {' or '.join(kernels)} kernel for model type {model_type!r}", ()
     return None, usable
+
+
+@functools.cache
+def _self_test(kernels: tuple[str, ...], device: str, dtype: torch.dtype) -> str | None:
+    """Why Liger's ``kernels`` cannot be trusted on ``device`` in ``dtype`` (None when they can): each runs
+    forward and backward on small random tensors and must give transformers' results (relative to the largest
+    value: 1e-4 in fp32, 5e-2 in half precision) without raising."""
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype).requires_grad_()
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+    def rms_norm(liger: bool, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if liger:  # as Liger patches a model's norms: llama casting, gradient computed in place
+            from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+            norm = LigerRMSNorm(x.shape[-1], eps=1e-6, casting_mode="llama", in_place=True)
+            return torch.func.functional_call(norm, {"weight": weight}, (x,))
+        hidden = x.float()
+        return weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    def rope(liger: bool, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if liger:
+            from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+            return liger_rotary_pos_emb(q, k, cos, sin)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    angles = torch.arange(16, dtype=torch.float32)[:, None] * torch.rand(32, generator=generator)[None]
+    angles = torch.cat((angles, angles), dim=-1)[None]  # (1, positions, head_dim)
+    cases = {"rms_norm": (rms_norm, lambda: (tensor(2, 16, 256), tensor(256))),
+             "rope": (rope, lambda: (tensor(1, 4, 16, 64), tensor(1, 2, 16, 64),
+                                     angles.cos().to(device, dtype), angles.sin().to(device, dtype)))}
+    for name in kernels:
+        function, make_inputs = cases[name]
+        try:
+            results, shared = [], make_inputs()
+            for liger in (False, True):
+                inputs = [x.detach().clone().requires_grad_(x.requires_grad) for x in shared]
+                outputs = function(liger, *inputs)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+                results.append([out.detach().float() for out in outputs]
+                               + [x.grad.float() for x in inputs if x.grad is not None])
+            for reference, fused in zip(*results):
+                error = ((fused - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()
+                if not error <= tolerance:
+                    return (f"Liger's {name} kernel failed its self-test on {device} in {dtype}: results "
+                            f"differ from transformers' by {error:.2g} (tolerance {tolerance:g})")
+        except Exception as err:  # noqa: BLE001 - any failure of the kernel means: do not use it
+            return (f"Liger's {name} kernel failed its self-test on {device} in {dtype} "
+                    f"({type(err).__name__}: {err})")
+    return None
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The floating dtype the model computes in (bf16 for a model whose first weights are packed 4-bit)."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if dtype.is_floating_point else torch.bfloat16
 
 
 def _required_message(problem: str) -> str:

@@ -126,8 +126,9 @@ class BimedixArguments:
         default="auto",
         metadata={"help": "Liger's fused Triton RMSNorm and rotary kernels: `auto` uses them when "
                           "liger-kernel is installed (`pip install 'bimedix[liger]'`), the run trains on "
-                          "CUDA and Liger supports the model type, else transformers' own layers (the log "
-                          "says why); `liger` requires them; `off`. The MoE experts and the loss keep "
+                          "CUDA, Liger supports the model type and its kernels pass a self-test on the "
+                          "device, else transformers' own layers (the log says why); `liger` requires them; "
+                          "`off`. The MoE experts and the loss keep "
                           "bimedix's and TRL's paths (`bimedix.training.fused_kernels`)."},
     )
     overwrite: bool = field(
