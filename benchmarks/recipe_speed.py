@@ -49,9 +49,11 @@ from bimedix.training.memory import checkpointed_layers, settings_from_recipe
 HISTOGRAM = Path(__file__).parent / "data" / "bimed1.3m_lengths.json"
 BIMED_SAMPLES, BIMED_TOKENS, EPOCHS = 1_311_600, 632_300_000, 2  # the paper's Fig. 3 and §4.1
 PROJECTED_GPUS = 8
-#: Dense bf16 peak of accelerators in TFLOP/s (datasheets, no sparsity); matched in the device name.
-NOMINAL_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
-                  "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "B200": 2250.0}
+#: Dense bf16 peak of accelerators in TFLOP/s (datasheets, no sparsity); the first key found in the device
+#: name wins (so the PCIe and NVL H100s come before the SXM one).
+NOMINAL_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H800": 989.4,
+                  "A100": 312.0, "A800": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2,
+                  "B200": 2250.0}
 #: Toy dimensions of ``--cpu`` runs (the recipe's expert count, top-k, LoRA and training settings stay).
 TOY = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_attention_heads": 4,
        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 32000}
