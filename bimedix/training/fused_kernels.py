@@ -224,6 +224,8 @@ def _self_test(kernels: tuple[str, ...], device: str, dtype: torch.dtype) -> str
                 torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
                 results.append([out.detach().float() for out in outputs]
                                + [x.grad.float() for x in inputs if x.grad is not None])
+            if len(results[1]) != len(results[0]):
+                return f"Liger's {name} kernel failed its self-test on {device} in {dtype}: gradients missing"
             for reference, fused in zip(*results):
                 error = ((fused - reference).abs().max() / reference.abs().max().clamp_min(1e-6)).item()
                 if not error <= tolerance:
