@@ -12,9 +12,10 @@
 #     that buys and the memory of layers kept whole against the estimate;
 #   mixtral-no-liger: the paper recipe with `fused_kernels: off`, against `mixtral` (Liger's RMSNorm and RoPE
 #     kernels when liger-kernel is carried);
-#   qwen3-4x4: the Qwen3-30B-A3B recipe with its 16 samples per step as 4 padding-free micro-batches of 4
-#     instead of 16 of 1 (a quarter of the NF4 dequantizations), measuring the speed that buys and the peak
-#     memory of 4-sample rows against the estimate (which counts full logits; TRL's fused LM head makes none);
+#   qwen3-4x4, olmoe-4x4: the Qwen3-30B-A3B and OLMoE-1B-7B recipes with their 16 samples per step as 4
+#     padding-free micro-batches of 4 instead of 16 of 1 (a quarter of the NF4 dequantizations; sdpa attends
+#     over the packed row with a block-diagonal mask), measuring the speed that buys and the peak memory of
+#     4-sample rows against the estimate (which counts full logits; TRL's fused LM head makes none);
 #   liger-equivalence: `pytest -m gpu tests/test_fused_kernels.py`, Liger's losses and gradients against
 #     transformers' layers on tiny Mixtral and Qwen3-MoE models (about a minute).
 # Each prints non-padding tokens/s, MFU, peak memory vs estimate-memory, projected hours and a profile
@@ -39,7 +40,7 @@ mode=gpu
 output=runs/gpu-speed
 runs=mixtral,mixtral-before,qwen3-30b-a3b,olmoe-1b-7b
 known=" mixtral mixtral-before qwen3-30b-a3b olmoe-1b-7b mixtral-no-recompute qwen3-no-recompute "
-known+="mixtral-no-liger liger-equivalence qwen3-4x4 "
+known+="mixtral-no-liger liger-equivalence qwen3-4x4 olmoe-4x4 "
 usage="usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR] [--runs NAME,...] (names:$known)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -108,6 +109,7 @@ for name in ${runs//,/ }; do
       "${shallow[@]}" --activation_checkpointing false ;;
     mixtral-no-liger) speed mixtral-no-liger "${limit[0]}" $paper "${deep[@]}" -- --fused_kernels off ;;
     qwen3-4x4) speed qwen3-4x4 "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" "${packed[@]}" ;;
+    olmoe-4x4) speed olmoe-4x4 "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}" "${packed[@]}" ;;
     liger-equivalence)
       step "liger-equivalence: pytest -m gpu tests/test_fused_kernels.py"
       # on CPU the CUDA tests skip: the dry run checks that they are collected
