@@ -118,12 +118,13 @@ def plan_fused_kernels(model, mode: str, device: torch.device | str, kernels: tu
         raise ValueError(f"fused_kernels={mode!r} is not one of {list(MODES)}")
     if mode == "off":
         return FusedKernels((), "fused_kernels: off")
-    problem = _setting_problem(torch.device(device), kernels, hub_kernels)
+    device, base = torch.device(device), _base_model(model)
+    problem = _setting_problem(device, kernels, hub_kernels)
     usable = ()
     if problem is None:
-        problem, usable = _model_problem(_base_model(model), kernels)
+        problem, usable = _model_problem(base, kernels)
     if problem is None:
-        problem = _self_test(usable, str(torch.device(device)), _compute_dtype(_base_model(model)))
+        problem = _self_test(usable, str(device), _compute_dtype(base))
     if problem is None:
         return FusedKernels(usable, f"liger-kernel {_distribution_version('liger-kernel')}, self-test passed")
     if mode == "liger":
@@ -250,8 +251,7 @@ def _required_message(problem: str) -> str:
 
 def _base_model(model):
     """The transformers model inside a PEFT wrapper (or ``model`` itself)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) and hasattr(model, "peft_config") else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _distribution_version(name: str) -> str:
