@@ -59,11 +59,16 @@ def test_padding_free_row_equals_each_sample_alone(arch, attention):
     assert torch.equal(torch.cat(targets_packed), torch.cat(targets_padded))
 
 
-def _train(output_dir, *flags):
-    return main(*parse_args(["--config", TINY_RECIPE, "--output_dir", str(output_dir), "--max_steps", "3",
+def _train(output_dir, *flags, config=TINY_RECIPE):
+    """3 steps of a tiny recipe, aux loss off (later ``flags`` win, e.g. ``--router_aux_loss_coef``)."""
+    return main(*parse_args(["--config", str(config), "--output_dir", str(output_dir), "--max_steps", "3",
                              "--max_length", "96", "--logging_steps", "1", "--warmup_steps", "1",
                              "--router_aux_loss_coef", "0", "--save_strategy", "no",
                              "--router_report", "false", *flags]))
+
+
+def _adapter_weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: param.detach() for name, param in trainer.model.named_parameters() if param.requires_grad}
 
 
 def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path):
@@ -75,12 +80,12 @@ def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path):
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reference, fast)]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=1e-5)
-    weights = [{n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad}
-               for t in (reference, fast)]
+    weights = [_adapter_weights(t) for t in (reference, fast)]
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
         torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert fast.args.padding_free and not fast.args.packing and fast.data_collator.collator.padding_free
+
 
 def test_load_balancing_loss_weighs_the_same_per_step_whatever_the_split(tmp_path):
     """TRL adds the router aux loss as its mean over a step's micro-batches, so a recipe that packs the
@@ -95,14 +100,11 @@ def test_load_balancing_loss_weighs_the_same_per_step_whatever_the_split(tmp_pat
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
 
     def train(name, coefficient, *flags):
-        trainer = main(*parse_args(["--config", str(tmp_path / "recipe.yaml"), "--output_dir",
-                                    str(tmp_path / name), "--max_steps", "3", "--max_length", "96",
-                                    "--logging_steps", "1", "--warmup_steps", "1", "--save_strategy", "no",
-                                    "--router_report", "false", "--router_aux_loss_coef", str(coefficient),
-                                    *flags]))
+        trainer = _train(tmp_path / name, "--router_aux_loss_coef", str(coefficient), *flags,
+                         config=tmp_path / "recipe.yaml")
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
         return ([entry["loss"] for entry in history], [entry["aux_loss"] for entry in history],
-                {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad})
+                _adapter_weights(trainer))
 
     packed = ("--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--padding_free",
               "true")
