@@ -5,12 +5,13 @@
     python benchmarks/recipe_speed.py --recipe recipes/bimedix-mixtral/sft_qlora.yaml --cpu   # toy sizes
 
 For each depth (decoder layers; default: the model's own) a fresh process builds the recipe's model with
-random weights layer by layer, directly in the recipe's storage format: a meta-device model gets the
-recipe's LoRA (and bitsandbytes `Linear4bit` layers with `load_in_4bit`), then every layer is materialized on
-the device and packed at once (NF4 `Linear4bit` weights, `quantize_experts` for the fused experts), so a
-32-layer Mixtral-8x7B needs no checkpoint and never holds more than one bf16 layer. The trainer is the one
-``bimedix sft`` builds (`bimedix.training.sft.make_trainer`: TRL's `SFTTrainer`, the recipe's batch,
-accumulation, optimizer, LR schedule, checkpointing, expert LoRA path, fused kernels and router report).
+random weights layer by layer, directly in the recipe's storage format: a meta-device model (with the recipe's
+`attn_implementation`) gets the recipe's LoRA (and bitsandbytes `Linear4bit` layers with `load_in_4bit`), then
+every layer is materialized on the device and packed at once (NF4 `Linear4bit` weights, `quantize_experts` for
+the fused experts), so a 32-layer Mixtral-8x7B needs no checkpoint and never holds more than one bf16 layer.
+The trainer is the one ``bimedix sft`` builds (`bimedix.training.sft.make_trainer`: TRL's `SFTTrainer`, the
+recipe's batch, accumulation, optimizer, LR schedule, checkpointing, expert LoRA path, fused kernels and
+router report).
 Rows are random tokens whose lengths are drawn from BiMed1.3M's length histogram
 (``benchmarks/data/bimed1.3m_lengths.json``, see ``length_histogram.py``), each with its first third masked
 as the prompt (assistant-only loss).
@@ -178,7 +179,7 @@ def run_depth(args: argparse.Namespace, depth: int) -> dict:
                      "activation_checkpointing": bool(training.activation_checkpointing),
                      "every_n_layers": settings_from_recipe(training, model_args, bimedix).checkpoint_every,
                      "quantize_experts": bimedix.quantize_experts, "load_in_4bit": model_args.load_in_4bit,
-                     "fused_kernels": str(fused)},
+                     "attn_implementation": model.config._attn_implementation, "fused_kernels": str(fused)},
     }
 
 
@@ -230,8 +231,9 @@ def build_model(config, model_args, bimedix, device: torch.device):
     from bimedix.training.sft import make_peft_config
 
     dtype = getattr(torch, model_args.dtype or "bfloat16")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):  # the recipe's attention kernel (None: transformers' default, sdpa)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=model_args.attn_implementation)
     if model_args.load_in_4bit:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 

@@ -290,6 +290,20 @@ def test_every_row_masked_after_truncation_says_all_rows_were_dropped(tmp_path, 
     assert "Raise `max_length`" in err and "num_samples" not in err
 
 
+@pytest.mark.parametrize("flags, expected", [([], "sdpa"), (["--attn_implementation", "eager"], "eager"),
+                                             (["--attn_implementation", "eager", "--load_in_4bit", "true"],
+                                              "eager")])
+def test_tiny_model_uses_the_recipes_attention_kernel(tmp_path, flags, expected):
+    pytest.importorskip("bitsandbytes")
+    from bimedix.training.sft import load_model
+
+    _, training, model_args, _, bimedix = parse_args(["--config", RECIPE, "--output_dir", str(tmp_path),
+                                                      "--use_cpu", "true", *flags])
+    model = load_model(model_args, training, bimedix)
+    assert model.config._attn_implementation == expected
+    assert model.model.layers[0].self_attn.config._attn_implementation == expected
+
+
 def test_missing_model_folder_is_named(tmp_path, capsys):
     from bimedix.cli import main as cli
 

@@ -454,13 +454,16 @@ def load_model(model_args: ModelConfig, training_args: SFTConfig, bimedix_args: 
     if quantization_config is not None:
         device_map = "cpu" if bimedix_args.quantize_experts else {"": training_args.device}
     if bimedix_args.tiny_model:
+        attention = {"attn_implementation": model_args.attn_implementation} \
+            if model_args.attn_implementation else {}  # the recipe's kernel, as `from_pretrained` takes it
         model = build_tiny_model(bimedix_args.tiny_model, seed=training_args.seed,
-                                 **(bimedix_args.tiny_model_config or {}))
+                                 **{**attention, **(bimedix_args.tiny_model_config or {})})
         name = (None if bimedix_args.tiny_model_config
                 else f"tiny:{bimedix_args.tiny_model}:{training_args.seed}")
         if quantization_config is not None:
             model = _reload_quantized(model, quantization_config, device_map, model_args.dtype,
-                                      use_kernels=bimedix_args.use_kernels)
+                                      use_kernels=bimedix_args.use_kernels,
+                                      attn_implementation=model.config._attn_implementation)
         elif bimedix_args.use_kernels:
             apply_kernels(model)
         if name:  # PEFT records it as the base model, which `bimedix merge` rebuilds
@@ -699,7 +702,7 @@ def _quantize_experts(model, peft_config, model_args: ModelConfig, training_args
 
 
 def _reload_quantized(model, quantization_config, device_map, dtype: str | None, *,
-                      use_kernels: bool = False):
+                      use_kernels: bool = False, attn_implementation: str | None = None):
     """Load an in-process model again through `from_pretrained` with a `BitsAndBytesConfig` (tiny runs)."""
 
     from safetensors.torch import save_file
@@ -714,7 +717,8 @@ def _reload_quantized(model, quantization_config, device_map, dtype: str | None,
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         return load_pretrained(AutoModelForCausalLM, folder, use_kernels=use_kernels, dtype=dtype,
-                               quantization_config=quantization_config, device_map=device_map)
+                               quantization_config=quantization_config, device_map=device_map,
+                               attn_implementation=attn_implementation)
 
 
 def _has_fused_experts(name: str, bimedix_args: BimedixArguments, model_args: ModelConfig,
