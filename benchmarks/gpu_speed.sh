@@ -16,6 +16,11 @@
 #     padding-free micro-batches of 4 instead of 16 of 1 (a quarter of the NF4 dequantizations; sdpa attends
 #     over the packed row with a block-diagonal mask), measuring the speed that buys and the peak memory of
 #     4-sample rows against the estimate (which counts full logits; TRL's fused LM head makes none);
+#   qwen3-4x4-flex: qwen3-4x4 with `attn_implementation: flex_attention`, which attends within each sample's
+#     blocks of the packed row instead of over the whole row (compiled by torch; its backward needs CUDA, so
+#     the CPU dry run skips it);
+#   flex-equivalence: `pytest -m gpu tests/test_fast_paths.py`, padding-free 2 x 1 under flex attention against
+#     1 x 2 padded under sdpa, losses and adapter weights, on the tiny model (about a minute);
 #   liger-equivalence: `pytest -m gpu tests/test_fused_kernels.py`, Liger's losses and gradients against
 #     transformers' layers on tiny Mixtral and Qwen3-MoE models (about a minute).
 # Each prints non-padding tokens/s, MFU, peak memory vs estimate-memory, projected hours and a profile
@@ -40,7 +45,7 @@ mode=gpu
 output=runs/gpu-speed
 runs=mixtral,mixtral-before,qwen3-30b-a3b,olmoe-1b-7b
 known=" mixtral mixtral-before qwen3-30b-a3b olmoe-1b-7b mixtral-no-recompute qwen3-no-recompute "
-known+="mixtral-no-liger liger-equivalence qwen3-4x4 olmoe-4x4 "
+known+="mixtral-no-liger liger-equivalence qwen3-4x4 olmoe-4x4 qwen3-4x4-flex flex-equivalence "
 usage="usage: bash benchmarks/gpu_speed.sh [--cpu] [--output DIR] [--runs NAME,...] (names:$known)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -110,11 +115,19 @@ for name in ${runs//,/ }; do
     mixtral-no-liger) speed mixtral-no-liger "${limit[0]}" $paper "${deep[@]}" -- --fused_kernels off ;;
     qwen3-4x4) speed qwen3-4x4 "${limit[2]}" recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" "${packed[@]}" ;;
     olmoe-4x4) speed olmoe-4x4 "${limit[3]}" recipes/olmoe-1b-7b/sft_qlora.yaml "${shallow[@]}" "${packed[@]}" ;;
-    liger-equivalence)
-      step "liger-equivalence: pytest -m gpu tests/test_fused_kernels.py"
+    qwen3-4x4-flex)
+      if [ "$mode" = gpu ]; then
+        speed qwen3-4x4-flex 200 recipes/qwen3-30b-a3b/sft_qlora.yaml "${shallow[@]}" "${packed[@]}" \
+          --attn_implementation flex_attention
+      else
+        step "qwen3-4x4-flex: skipped on CPU (flex attention's backward needs CUDA)"
+      fi ;;
+    liger-equivalence | flex-equivalence)
+      tests=$([ "$name" = liger-equivalence ] && echo test_fused_kernels.py || echo test_fast_paths.py)
+      step "$name: pytest -m gpu tests/$tests"
       # on CPU the CUDA tests skip: the dry run checks that they are collected
-      timeout 150 "$python" -m pytest -q -m gpu -p no:cacheprovider "$repo/tests/test_fused_kernels.py" \
-        >> "$log" 2>&1 || { echo "!! liger-equivalence failed or timed out" >> "$log"; failed=1; } ;;
+      timeout 150 "$python" -m pytest -q -m gpu -p no:cacheprovider "$repo/tests/$tests" \
+        >> "$log" 2>&1 || { echo "!! $name failed or timed out" >> "$log"; failed=1; } ;;
   esac
 done
 step "done (failures: $failed)"

@@ -31,8 +31,10 @@ from bimedix.training.tiny import build_tiny_model
 TINY_RECIPE = str(resource_path("recipes", "tiny", "sft.yaml"))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch, attention", [
+    *[(arch, attention) for attention in ("sdpa", "eager") for arch in ("mixtral", "qwen3_moe", "olmoe")],
+    ("mixtral", "flex_attention"),  # torch's own (compiled: ~30 s here); its backward needs CUDA, see below
+])
 def test_padding_free_row_equals_each_sample_alone(arch, attention):
     model = build_tiny_model(arch, seed=0, attn_implementation=attention).eval()
     generator = torch.Generator().manual_seed(0)
@@ -71,12 +73,22 @@ def _adapter_weights(trainer) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in trainer.model.named_parameters() if param.requires_grad}
 
 
-def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path):
-    """2 samples per optimizer step either way: loss per step and adapter weights after 3 steps agree."""
+@pytest.mark.parametrize("device_flags, attention", [
+    pytest.param([], "sdpa", id="sdpa-cpu"),
+    # pytest -m gpu tests/test_fast_paths.py (benchmarks/gpu_speed.sh --runs flex-equivalence)
+    pytest.param(["--use_cpu", "false"], "flex_attention", id="flex-attention-cuda",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                            reason="flex attention's backward needs CUDA")]),
+])
+def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path, device_flags, attention):
+    """2 samples per optimizer step either way: loss per step and adapter weights after 3 steps agree (the
+    reference: 1 x 2 padded, sdpa)."""
     reference = _train(tmp_path / "ref", "--per_device_train_batch_size", "1",
-                       "--gradient_accumulation_steps", "2")
+                       "--gradient_accumulation_steps", "2", *device_flags)
     fast = _train(tmp_path / "fast", "--per_device_train_batch_size", "2",
-                  "--gradient_accumulation_steps", "1", "--padding_free", "true")
+                  "--gradient_accumulation_steps", "1", "--padding_free", "true", *device_flags,
+                  "--attn_implementation", attention)
+    assert fast.model.config._attn_implementation == attention
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reference, fast)]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=1e-5)
