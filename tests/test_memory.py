@@ -22,6 +22,7 @@ from bimedix.training.memory import (
     estimate,
     estimate_memory,
     faster_checkpointing,
+    fewer_micro_batches,
     format_report,
     gpu_memory,
     model_facts,
@@ -227,6 +228,50 @@ def test_paper_recipe_on_80gb_is_told_the_fewest_recomputed_layers_leaving_10_pe
     assert "Faster and still 10% of the GPU free: every_n_layers" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("recipe, gb, samples", [("qwen3-30b-a3b", 80, 16), ("qwen3-30b-a3b", 24, 2),
+                                                 ("olmoe-1b-7b", 16, 8)])
+def test_the_largest_padding_free_micro_batch_that_leaves_10_percent_is_named(recipe, gb, samples, capsys):
+    """The recipes' 16 samples per step in as few micro-batches as fit (a divisor of 16, each sample counted
+    at max_length), so every NF4 expert is dequantized fewer times per step; the training is the same."""
+    path = resource_path("recipes", recipe, "sft_qlora.yaml")
+    report = estimate_memory(path, gpu=gb)
+    assert report["micro_batches"] == 16 and report["settings"]["batch_size"] == 1
+    fewer = report["stated_gpu"]["fewer_micro_batches"]
+    assert fewer["samples"] == samples and fewer["micro_batches"] == 16 // samples
+    assert fewer["change"] == (f"--per_device_train_batch_size {samples} --gradient_accumulation_steps "
+                               f"{16 // samples} --padding_free true")
+    assert fewer["total"] + CUDA_RESERVE <= 0.9 * gpu_memory(gb)
+    # what the change gives, estimated from the recipe with those flags: the same bytes
+    changed = estimate_memory(path, fewer["change"].split(), gpu=gb)
+    assert changed["totals"]["all"] == fewer["total"] and changed["settings"]["padding_free"]
+    assert changed["stated_gpu"]["fewer_micro_batches"] is None or samples < 16  # nothing larger fits
+    if samples < 16:  # the next divisor of 16 does not leave 10% free
+        larger = estimate_memory(path, ["--per_device_train_batch_size", str(2 * samples),
+                                        "--gradient_accumulation_steps", str(8 // samples), "--padding_free",
+                                        "true"])
+        assert larger["totals"]["all"] + CUDA_RESERVE > 0.9 * gpu_memory(gb)
+    from bimedix.cli import main
+
+    assert main(["estimate-memory", "--recipe", str(path), "--gpu", str(gb)]) == 0
+    out = capsys.readouterr().out
+    assert (f"Fewer micro-batches, still 10% of the GPU free: {fewer['change']} ({16 // samples} per "
+            "optimizer step instead of 16, the same samples;") in out
+
+
+def test_fewer_micro_batches_is_silent_with_one_micro_batch_and_keeps_packing(mixtral_facts):
+    # the paper recipe trains its 2 samples per step and GPU in one micro-batch already
+    assert estimate_memory(PAPER, num_processes=8, accelerate_config="zero2",
+                           gpu=80)["stated_gpu"]["fewer_micro_batches"] is None
+    settings = Settings(batch_size=1, max_length=512, quantize_experts=True, quantization="4bit",
+                        expert_lora="folded")
+    packed = fewer_micro_batches(mixtral_facts, settings, gpu_memory(80), 4, packing=True)
+    assert packed["change"] == "--per_device_train_batch_size 4 --gradient_accumulation_steps 1"
+    assert packed["settings"].batch_size == 4 and not packed["settings"].padding_free
+    # TRL's bfd packing flattens a micro-batch's rows into one padding-free row: masked like one
+    report = estimate_memory(TINY, ["--packing", "true", "--per_device_train_batch_size", "4"])
+    assert report["settings"]["padding_free"]
+
+
 def test_tiny_recipe_full_precision_adapter_states():
     report = estimate_memory(TINY)
     assert report["settings"]["quantization"] is None
@@ -238,13 +283,26 @@ def test_tiny_recipe_full_precision_adapter_states():
     assert "Per GPU:" in text and "141 GB" in text and "H200" in text
 
 
-def test_activation_estimate_scales_with_tokens(mixtral_facts):
+def test_activation_estimate_scales_with_tokens_and_the_lm_head_never_holds_the_logits(mixtral_facts):
     import torch
 
     dims = mixtral_facts["dims"]
     one = activation_bytes(dims, 1, 128, torch.bfloat16)
     four = activation_bytes(dims, 4, 128, torch.bfloat16)
-    assert four["per_layer"] == 4 * one["per_layer"] and four["logits"] == 4 * 128 * 32000 * 10
+    assert four["per_layer"] == 4 * one["per_layer"]
+    # TRL's fused LM head: per token the kept hidden state, its fp32 gradient and bf16 cast, fp32 statistics;
+    # plus one logits tile of at most 4096 tokens x 32768 pieces (Mixtral: 32000), never the whole logits
+    per_token = 4096 * (2 + 4 + 2) + 32
+    assert one["logits"] == 128 * per_token + 128 * 32000 * 2
+    long = activation_bytes(dims, 4, 2048, torch.bfloat16)
+    assert long["logits"] == 8192 * per_token + 4096 * 32000 * 2
+    assert long["logits"] < 8192 * 32000 * 10 / 4  # bf16 logits, the loss's fp32 copy and its gradient
+    # padding-free: the 4 samples share one row of 8192 tokens, masked by a boolean row x row mask, which sdpa
+    # copies as an additive bf16 mask while it attends
+    packed = activation_bytes(dims, 4, 2048, torch.bfloat16, packed=True)
+    assert packed["logits"] - long["logits"] == 8192 * 8192 * 3 and packed["per_layer"] == long["per_layer"]
+    alone = activation_bytes(dims, 1, 2048, torch.bfloat16, packed=True)  # one sample: a plain causal row
+    assert alone["logits"] == activation_bytes(dims, 1, 2048, torch.bfloat16)["logits"]
 
 
 def test_cli_estimate_memory(capsys, tmp_path):

@@ -52,6 +52,10 @@ GPUS = (
     ("141 GB", "H200", 143771),
 )
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`, always on in `SFTTrainer`'s loss) projects
+#: tiles of at most this many tokens x vocabulary pieces (`trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`,
+#: `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`) and never holds the micro-batch's logits.
+LM_HEAD_TILE = (4096, 32768)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Settings:
     expert_lora: str = "peft"  # "peft" | "folded"
     batch_size: int = 1
     max_length: int = 1024
+    padding_free: bool = False  # a micro-batch's samples in one row: sdpa then builds a row x row mask
     checkpointing: bool = True
     checkpoint_every: int = 1  # transformers' `every_n_layers`: layers 0, n, 2n... are checkpointed
     checkpoint_offload: bool = False  # transformers' `offload`: checkpointed layers' inputs in host memory
@@ -119,7 +124,8 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
     Returns:
         `dict`: see `estimate`, plus ``model``, ``recipe`` and, with ``gpu``, ``stated_gpu``: ``gb``,
         ``memory``, ``fits``, ``suggestion`` (see `suggest`; None when it fits or nothing tried fits) and
-        ``faster`` (see `faster_checkpointing`; None when it does not fit or nothing faster fits).
+        ``faster`` (see `faster_checkpointing`; None when it does not fit or nothing faster fits) and
+        ``fewer_micro_batches`` (see `fewer_micro_batches`; None likewise).
     """
     from .sft import load_recipe
 
@@ -141,9 +147,16 @@ def estimate_memory(recipe: str | os.PathLike, overrides: list[str] | None = Non
         fit = report["totals"]["all"] + CUDA_RESERVE <= memory
         found = None if fit else suggest(facts, settings, memory)
         faster = faster_checkpointing(facts, settings, memory) if fit else None
-        report["stated_gpu"] = {"gb": gpu, "memory": memory, "fits": fit, "suggestion": found and {
-            "changes": found["changes"], "total": found["total"]}, "faster": faster and {
-            key: faster[key] for key in ("change", "recomputed", "total")}}
+        samples = training.per_device_train_batch_size * training.gradient_accumulation_steps
+        batching = fewer_micro_batches(facts, settings, memory, samples,
+                                       packing=bool(training.packing)) if fit else None
+        report["stated_gpu"] = {
+            "gb": gpu, "memory": memory, "fits": fit,
+            "suggestion": found and {"changes": found["changes"], "total": found["total"]},
+            "faster": faster and {key: faster[key] for key in ("change", "recomputed", "total")},
+            "fewer_micro_batches": batching and {key: batching[key] for key in ("change", "micro_batches",
+                                                                                 "samples", "total")}}
+    report["micro_batches"] = training.gradient_accumulation_steps
     return report
 
 
@@ -159,6 +172,8 @@ def settings_from_recipe(training, model_args, bimedix, *, num_processes: int = 
         quantize_experts=bool(bimedix.quantize_experts), expert_lora=bimedix.expert_lora,
         batch_size=batch_size or training.per_device_train_batch_size,
         max_length=max_length or training.max_length or 1024,
+        padding_free=bool(training.padding_free or (training.packing and getattr(  # TRL's own for bfd packing
+            training, "packing_strategy", "bfd") in ("bfd", "bfd_split"))),
         checkpointing=bool(training.activation_checkpointing),
         checkpoint_every=int(checkpoint_kwargs.get("every_n_layers", 1)),
         checkpoint_offload=bool(checkpoint_kwargs.get("offload", False)),
@@ -230,7 +245,8 @@ def estimate(facts: dict, settings: Settings) -> dict:
     trainable = trainable_bytes(facts, settings, dtype)
     activations = activation_bytes(facts["dims"], settings.batch_size, settings.max_length, dtype,
                                    adapter_bytes=trainable["bytes_per_weight"] if facts["peft"] else 0,
-                                   every=settings.checkpoint_every, offload=settings.checkpoint_offload)
+                                   every=settings.checkpoint_every, offload=settings.checkpoint_offload,
+                                   packed=settings.padding_free)
     transients = transient_bytes(facts, settings, dtype, params, trainable)
     param_total = 0 if shard.offload_parameters else params["total"] / (n if shard.parameters else 1)
     act_total = activations["checkpointed" if settings.checkpointing else "full"]
@@ -324,7 +340,8 @@ def trainable_bytes(facts: dict, settings: Settings, dtype: torch.dtype) -> dict
 
 
 def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dtype,
-                     adapter_bytes: int = 0, every: int = 1, offload: bool = False) -> dict:
+                     adapter_bytes: int = 0, every: int = 1, offload: bool = False,
+                     packed: bool = False) -> dict:
     """Activation memory of one micro-batch kept for backward (SDPA attention: no stored attention matrix).
 
     Per token and layer, in the compute dtype unless said: attention keeps its input, the normed input, q, k,
@@ -334,8 +351,12 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     copy the gathered input, the gate and up projections, the activation, the gated product and the down
     projection (``k (2H + 4I)``); a dense MLP ``2H + 4I``. With checkpointing each checkpointed layer keeps
     its input (none on the device with ``offload``), the others everything (``every``: transformers'
-    ``every_n_layers``, layers 0, n, 2n... are checkpointed), and one layer is recomputed at a time. Logits:
-    the bf16 logits plus the fp32 copy and its gradient the loss makes (``V (2 + 8)`` bytes).
+    ``every_n_layers``, layers 0, n, 2n... are checkpointed), and one layer is recomputed at a time. The LM
+    head (``logits``: TRL's fused, chunked log-probabilities, `LM_HEAD_TILE`) keeps the trained positions'
+    hidden states and fp32 per-token statistics, and in backward holds one logits tile plus the hidden states'
+    fp32 gradient and its cast (``H (2 size + 4) + 32`` bytes per token, plus the tile). With ``packed``
+    (padding-free) the micro-batch's samples share one row, for which transformers builds a boolean row x row
+    mask, and sdpa an additive copy of it in the compute dtype while it attends.
     """
     hidden, vocab, layers = dims["hidden"], dims["vocab"], dims["layers"]
     inter, experts, top_k = dims["intermediate"], dims["experts"], dims["top_k"]
@@ -348,7 +369,10 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     else:
         mlp = (2 * hidden + 4 * inter) * size
     layer = tokens * (attention + mlp)
-    logits = tokens * vocab * (size + 8)
+    tile = min(tokens, LM_HEAD_TILE[0]) * min(vocab, LM_HEAD_TILE[1]) * size
+    logits = tokens * (hidden * (2 * size + 4) + 32) + tile
+    if packed and batch_size > 1:  # the mask lives as long as the activations (checkpointed layers read it);
+        logits += tokens * tokens * (1 + size)  # sdpa adds its additive float copy during each attention call
     checkpointed = checkpointed_layers(layers, every)
     kept_input = 0 if offload else tokens * hidden * size
     return {
@@ -467,6 +491,32 @@ def faster_checkpointing(facts: dict, settings: Settings, memory: float, reserve
     return None
 
 
+def fewer_micro_batches(facts: dict, settings: Settings, memory: float, samples: int, *,
+                        packing: bool = False, reserve: float = CUDA_RESERVE,
+                        headroom: float = HEADROOM) -> dict | None:
+    """The fewest micro-batches per optimizer step that still leave ``headroom`` of ``memory`` free: the
+    ``samples`` a process trains per step (micro-batch x accumulation steps) in padding-free micro-batches of
+    as many samples as fit (a divisor of ``samples``, estimated at ``max_length`` tokens each). Costs paid
+    per micro-batch (every NF4 expert dequantized, FSDP's layer gathers, kernel launches) then come fewer
+    times per step. The training is the same: TRL averages the loss over the step's tokens and the
+    load-balancing loss over its micro-batches (``tests/test_fast_paths.py``).
+
+    Returns:
+        `dict`: ``change`` (the recipe flags), ``micro_batches`` per step, ``samples`` per micro-batch,
+        ``total`` bytes and ``settings``; None when no larger micro-batch fits.
+    """
+    sizes = [size for size in range(samples, settings.batch_size, -1) if samples % size == 0]
+    for size in sizes:
+        new = replace(settings, batch_size=size, padding_free=settings.padding_free or not packing)
+        total = estimate(facts, new)["totals"]["all"]
+        if total + reserve <= (1 - headroom) * memory:
+            change = (f"--per_device_train_batch_size {size} --gradient_accumulation_steps {samples // size}"
+                      + ("" if packing else " --padding_free true"))
+            return {"change": change, "micro_batches": samples // size, "samples": size, "total": total,
+                    "settings": new}
+    return None
+
+
 def read_accelerate_config(config: str | os.PathLike | None, num_processes: int
                            | None = None) -> tuple[Sharding, int]:
     """The `Sharding` and process count of an accelerate config file (or a `STRATEGIES` name).
@@ -564,6 +614,13 @@ def format_report(report: dict) -> str:
             lines.append(f"  Faster and still {HEADROOM:.0%} of the GPU free: {faster['change']} "
                          f"({faster['recomputed']} of {report['layers']} layers recomputed instead of "
                          f"{report['recomputed_layers']}, {_gib(faster['total']).strip()} per GPU)")
+        if room >= 0 and stated.get("fewer_micro_batches"):
+            fewer = stated["fewer_micro_batches"]
+            lines.append(f"  Fewer micro-batches, still {HEADROOM:.0%} of the GPU free: {fewer['change']} "
+                         f"({fewer['micro_batches']} per optimizer step instead of "
+                         f"{report['micro_batches']}, the same samples; "
+                         f"{_gib(fewer['total']).strip()} per GPU"
+                         + ("; alone, not with the checkpointing above)" if stated["faster"] else ")"))
         if room < 0 and stated["suggestion"]:
             lines.append("  Nearest setting that fits "
                          f"({_gib(stated['suggestion']['total']).strip()} per GPU): "
