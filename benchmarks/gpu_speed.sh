@@ -15,7 +15,8 @@
 #   qwen3-4x4, olmoe-4x4: the Qwen3-30B-A3B and OLMoE-1B-7B recipes with their 16 samples per step as 4
 #     padding-free micro-batches of 4 instead of 16 of 1 (a quarter of the NF4 dequantizations; sdpa attends
 #     over the packed row with a block-diagonal mask), measuring the speed that buys and the peak memory of
-#     4-sample rows against the estimate (which counts full logits; TRL's fused LM head makes none);
+#     4-sample rows (with their row x row sdpa mask) against the estimate, which says 4 x 4 fits 24 GB for
+#     Qwen3 (21.9 GiB) and 16 GB for OLMoE (7.7 GiB);
 #   qwen3-4x4-flex: qwen3-4x4 with `attn_implementation: flex_attention`, which attends within each sample's
 #     blocks of the packed row instead of over the whole row (compiled by torch; its backward needs CUDA, so
 #     the CPU dry run skips it);
