@@ -417,8 +417,9 @@ def summarize_profile(profiler, steps: int, device: torch.device, top: int = 8) 
 
 
 def estimate_bytes(config, training, model_args, bimedix, longest: int | None) -> dict:
-    """`bimedix.training.memory.estimate` for this depth, one process, micro-batch of ``longest`` tokens
-    (``None``: the recipe's batch x max_length, what ``bimedix estimate-memory`` assumes)."""
+    """`bimedix.training.memory.estimate` for this depth, one process, a micro-batch of ``longest`` tokens in
+    the recipe's samples per micro-batch (so a padding-free row's mask counts; ``None``: the recipe's batch x
+    max_length, what ``bimedix estimate-memory`` assumes)."""
     from transformers import AutoModelForCausalLM
 
     from bimedix.training.memory import estimate, model_facts
@@ -426,8 +427,8 @@ def estimate_bytes(config, training, model_args, bimedix, longest: int | None) -
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     facts = model_facts(meta, model_args, bimedix)
-    settings = settings_from_recipe(training, model_args, bimedix, batch_size=1 if longest else None,
-                                    max_length=longest)
+    length = longest and math.ceil(longest / training.per_device_train_batch_size)
+    settings = settings_from_recipe(training, model_args, bimedix, max_length=length)
     return {key: int(value) for key, value in estimate(facts, settings)["totals"].items()}
 
 
