@@ -300,9 +300,9 @@ def test_activation_estimate_scales_with_tokens_and_the_lm_head_never_holds_the_
     # padding-free: the 4 samples share one row of 8192 tokens, masked by a boolean row x row mask, which sdpa
     # copies as an additive bf16 mask while it attends
     packed = activation_bytes(dims, 4, 2048, torch.bfloat16, packed=True)
-    assert packed["logits"] - long["logits"] == 8192 * 8192 * 3 and packed["per_layer"] == long["per_layer"]
-    alone = activation_bytes(dims, 1, 2048, torch.bfloat16, packed=True)  # one sample: a plain causal row
-    assert alone["logits"] == activation_bytes(dims, 1, 2048, torch.bfloat16)["logits"]
+    assert packed["mask"] == 8192 * 8192 * 3 and long["mask"] == 0
+    assert packed["checkpointed"] - long["checkpointed"] == packed["mask"] == packed["full"] - long["full"]
+    assert activation_bytes(dims, 1, 2048, torch.bfloat16, packed=True)["mask"] == 0  # one sample: causal
 
 
 def test_cli_estimate_memory(capsys, tmp_path):

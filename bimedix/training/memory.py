@@ -356,7 +356,7 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     hidden states and fp32 per-token statistics, and in backward holds one logits tile plus the hidden states'
     fp32 gradient and its cast (``H (2 size + 4) + 32`` bytes per token, plus the tile). With ``packed``
     (padding-free) the micro-batch's samples share one row, for which transformers builds a boolean row x row
-    mask, and sdpa an additive copy of it in the compute dtype while it attends.
+    mask (``mask``), and sdpa an additive copy of it in the compute dtype while it attends.
     """
     hidden, vocab, layers = dims["hidden"], dims["vocab"], dims["layers"]
     inter, experts, top_k = dims["intermediate"], dims["experts"], dims["top_k"]
@@ -371,14 +371,14 @@ def activation_bytes(dims: dict, batch_size: int, seq_len: int, dtype: torch.dty
     layer = tokens * (attention + mlp)
     tile = min(tokens, LM_HEAD_TILE[0]) * min(vocab, LM_HEAD_TILE[1]) * size
     logits = tokens * (hidden * (2 * size + 4) + 32) + tile
-    if packed and batch_size > 1:  # the mask lives as long as the activations (checkpointed layers read it);
-        logits += tokens * tokens * (1 + size)  # sdpa adds its additive float copy during each attention call
+    # kept as long as the activations (the recomputed layers read it), plus sdpa's copy while it attends
+    mask = tokens * tokens * (1 + size) if packed and batch_size > 1 else 0
     checkpointed = checkpointed_layers(layers, every)
     kept_input = 0 if offload else tokens * hidden * size
     return {
-        "per_layer": layer, "logits": logits,
-        "full": layers * layer + logits,
-        "checkpointed": checkpointed * kept_input + (layers - checkpointed) * layer + layer + logits,
+        "per_layer": layer, "logits": logits, "mask": mask,
+        "full": layers * layer + logits + mask,
+        "checkpointed": checkpointed * kept_input + (layers - checkpointed) * layer + layer + logits + mask,
     }
 
 
@@ -585,7 +585,8 @@ def format_report(report: dict) -> str:
               f"{_gib(t['gradients'])}  optimizer {_gib(t['optimizer'])}"
               + (f"  DDP buckets {_gib(t['ddp_buckets'])}" if t["ddp_buckets"] else ""),
               "", f"Activations per micro-batch ({s['batch_size']} x {s['max_length']} tokens):",
-              f"  one layer {_gib(a['per_layer'])}  logits {_gib(a['logits'])}",
+              f"  one layer {_gib(a['per_layer'])}  LM head {_gib(a['logits'])}"
+              + (f"  packed-row mask {_gib(a['mask'])}" if a["mask"] else ""),
               (f"  all layers kept {_gib(a['full'])}  with activation checkpointing {_gib(a['checkpointed'])}"
                + (f" (every_n_layers {s['checkpoint_every']})" if s["checkpoint_every"] > 1 else "")
                + (" (inputs in host memory)" if s["checkpoint_offload"] else "")
