@@ -177,9 +177,9 @@ def measure(args: argparse.Namespace) -> dict:
     ids = torch.randint(3, config.vocab_size, (1, args.tokens))
 
     def step():
-        # transformers' loss (whole logits), not TRL's fused LM head, whose CPU fallback makes fp32 temporaries
-        # per logits tile that its CUDA kernels do not (the estimate counts the CUDA path: `activation_bytes`);
-        # at 128 tokens the two differ by a few MiB
+        # transformers' loss (whole logits), not TRL's fused LM head, whose CPU fallback makes fp32
+        # temporaries per logits tile that its CUDA kernels do not (the estimate counts the CUDA path:
+        # `activation_bytes`); at 128 tokens the two differ by a few MiB
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
