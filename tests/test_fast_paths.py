@@ -73,14 +73,16 @@ def _adapter_weights(trainer) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in trainer.model.named_parameters() if param.requires_grad}
 
 
-@pytest.mark.parametrize("device_flags, attention", [
-    pytest.param([], "sdpa", id="sdpa-cpu"),
-    # pytest -m gpu tests/test_fast_paths.py (benchmarks/gpu_speed.sh --runs flex-equivalence)
-    pytest.param(["--use_cpu", "false"], "flex_attention", id="flex-attention-cuda",
+@pytest.mark.parametrize("device_flags, attention, tolerance", [
+    pytest.param([], "sdpa", 1e-5, id="sdpa-cpu"),
+    # pytest -m gpu tests/test_fast_paths.py (benchmarks/gpu_speed.sh --runs flex-equivalence); another kernel
+    # than the reference's, so rounding differs more
+    pytest.param(["--use_cpu", "false"], "flex_attention", 1e-4, id="flex-attention-cuda",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                             reason="flex attention's backward needs CUDA")]),
 ])
-def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path, device_flags, attention):
+def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path, device_flags, attention,
+                                                                   tolerance):
     """2 samples per optimizer step either way: loss per step and adapter weights after 3 steps agree (the
     reference: 1 x 2 padded, sdpa)."""
     reference = _train(tmp_path / "ref", "--per_device_train_batch_size", "1",
@@ -91,11 +93,13 @@ def test_padding_free_batch_trains_like_accumulated_padded_batches(tmp_path, dev
     assert fast.model.config._attn_implementation == attention
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reference, fast)]
     assert len(losses[0]) == 3
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=tolerance,
+                               rtol=tolerance)
     weights = [_adapter_weights(t) for t in (reference, fast)]
     assert weights[0].keys() == weights[1].keys()
     for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(weights[1][name], value, atol=tolerance, rtol=max(tolerance, 1e-4),
+                                   msg=name)
     assert fast.args.padding_free and not fast.args.packing and fast.data_collator.collator.padding_free
 
 
