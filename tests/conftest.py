@@ -4,6 +4,7 @@ OpenAI-compatible server and a headless browser."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+
+# A runner that started pytest in the background (`cmd &` in a script, nohup) may pass SIGINT down ignored,
+# and an ignored signal stays ignored across exec: the child commands the Ctrl-C tests interrupt would not
+# stop. A caught signal resets to the default on exec, so catching it here gives every child Python's usual
+# handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
